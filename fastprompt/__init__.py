@@ -1,6 +1,7 @@
 """fastprompt: fast, exact visual prompt tuning of frozen timm vision transformers."""
 
 from fastprompt import ops
+from fastprompt import vpt as vpt_module
 from fastprompt.checkpoint import load_prompts, save_prompts
 from fastprompt.ops import prompt_attention
 from fastprompt.vpt import PromptedViT, VPTConfig, vpt
@@ -16,4 +17,5 @@ __all__ = [
     "prompt_attention",
     "save_prompts",
     "vpt",
+    "vpt_module",
 ]

@@ -93,11 +93,15 @@ def _read_folder(path) -> tuple[dict[str, Tensor], dict]:
 
     cfg = os.path.join(path, _CONFIG)
     if not os.path.isfile(cfg):
-        raise FileNotFoundError(f"load_prompts: {path} holds no {_CONFIG}; is it a save_prompts folder?")
+        raise FileNotFoundError(
+            f"load_prompts: {path} holds no {_CONFIG}; is it a save_prompts folder?"
+        )
     with open(cfg) as f:
         saved = json.load(f)
     if saved.get("format") != _FORMAT:
-        raise ValueError(f"load_prompts: {cfg} has format {saved.get('format')!r}, need {_FORMAT!r}")
+        raise ValueError(
+            f"load_prompts: {cfg} has format {saved.get('format')!r}, need {_FORMAT!r}"
+        )
     return load_file(os.path.join(path, _TENSORS)), saved
 
 
@@ -107,8 +111,11 @@ def _check_signature(saved: dict, model: nn.Module, path) -> None:
             f"load_prompts: model must be a timm VisionTransformer, got {type(model).__name__}"
         )
     have = _model_signature(model)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}" for k in have
-            if k != "class" and saved.get(k) != have[k]]
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}"
+        for k in have
+        if k != "class" and saved.get(k) != have[k]
+    ]
     if diff:
         raise ValueError(
             f"load_prompts: {path} was saved from another model shape ({'; '.join(diff)})"
@@ -168,7 +175,9 @@ def _copy_into(prompted: PromptedViT, state: dict[str, Tensor], path) -> None:
         raise ValueError(f"load_prompts: {path} lacks {missing}")
     for name, tensor in state.items():
         if name not in own:
-            raise ValueError(f"load_prompts: {path} holds {name!r}, which this model does not train")
+            raise ValueError(
+                f"load_prompts: {path} holds {name!r}, which this model does not train"
+            )
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise ValueError(
                 f"load_prompts: {name} has shape {tuple(tensor.shape)} in {path}, but this model "

@@ -128,7 +128,9 @@ def _check_args(num_prompts, deep, dropout, project, readout, impl) -> None:
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"fastprompt.vpt: dropout must be in [0, 1), got {dropout}")
     if isinstance(project, bool) or not isinstance(project, int) or (project < 1 and project != -1):
-        raise ValueError(f"fastprompt.vpt: project must be -1 (none) or a width >= 1, got {project!r}")
+        raise ValueError(
+            f"fastprompt.vpt: project must be -1 (none) or a width >= 1, got {project!r}"
+        )
     if readout not in READOUTS:
         raise ValueError(f"fastprompt.vpt: readout must be one of {READOUTS}, got {readout!r}")
     if impl not in _IMPLS:
@@ -162,11 +164,14 @@ class PromptedViT(nn.Module):
         head_init: str = "vpt",
     ) -> None:
         super().__init__()
-        _check_args(config.num_prompts, config.deep, config.dropout, config.project,
-                    config.readout, impl)
+        _check_args(
+            config.num_prompts, config.deep, config.dropout, config.project, config.readout, impl
+        )
         _check_wrappable(model, impl, config.deep)
         if head_init not in ("vpt", "keep"):
-            raise ValueError(f"fastprompt.vpt: head_init must be 'vpt' or 'keep', got {head_init!r}")
+            raise ValueError(
+                f"fastprompt.vpt: head_init must be 'vpt' or 'keep', got {head_init!r}"
+            )
         if config.readout == "cls" and model.cls_token is None:
             raise ValueError("fastprompt.vpt: readout='cls' needs a model with a class token")
         # Kept out of the module tree: its children are registered below under their own names.
@@ -187,11 +192,15 @@ class PromptedViT(nn.Module):
         prompt_dim = dim if config.project == -1 else config.project
         p = config.num_prompts
         depth = len(model.blocks)
-        ref = model.patch_embed.proj.weight if hasattr(model.patch_embed, "proj") else model.pos_embed
+        ref = (
+            model.patch_embed.proj.weight if hasattr(model.patch_embed, "proj") else model.pos_embed
+        )
         kw = {"device": ref.device, "dtype": ref.dtype}
         ph, pw = _patch_size(model)
         val = math.sqrt(6.0 / float(3 * ph * pw + prompt_dim))
-        self.prompt_embeddings = nn.Parameter(torch.empty(1, p, prompt_dim, **kw).uniform_(-val, val))
+        self.prompt_embeddings = nn.Parameter(
+            torch.empty(1, p, prompt_dim, **kw).uniform_(-val, val)
+        )
         if config.deep:
             self.deep_prompt_embeddings = nn.Parameter(
                 torch.empty(max(depth - 1, 0), p, prompt_dim, **kw).uniform_(-val, val)
@@ -265,8 +274,10 @@ class PromptedViT(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        return (f"num_prompts={c.num_prompts}, deep={c.deep}, dropout={c.dropout}, "
-                f"project={c.project}, readout={c.readout!r}, impl={self.impl!r}")
+        return (
+            f"num_prompts={c.num_prompts}, deep={c.deep}, dropout={c.dropout}, "
+            f"project={c.project}, readout={c.readout!r}, impl={self.impl!r}"
+        )
 
     # -- prompts --------------------------------------------------------------------------------
 
@@ -393,8 +404,11 @@ class PromptedViT(nn.Module):
         if self.deep_prompt_embeddings is not None:
             tensors.append(self.deep_prompt_embeddings)
         for blk in m.blocks:
-            tensors += [*blk.norm1.parameters(), *blk.attn.qkv.parameters(),
-                        *blk.attn.k_norm.parameters()]
+            tensors += [
+                *blk.norm1.parameters(),
+                *blk.attn.qkv.parameters(),
+                *blk.attn.k_norm.parameters(),
+            ]
         device = tensors[0].device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         return (autocast, *((t.data_ptr(), t._version, t.dtype) for t in tensors))

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastprompt.ops._dispatch import Backend, choose
 
-__all__ = ["prompt_attention", "prompt_attention_ref", "BACKENDS"]
+__all__ = ["BACKENDS", "prompt_attention", "prompt_attention_ref"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -69,8 +69,9 @@ def prompt_attention_ref(
     """
     acc = torch.promote_types(q.dtype, torch.float32)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys, values = _with_prompts(q, k.to(acc), v.to(acc), prompt_k.to(acc), prompt_v.to(acc),
-                                 prompt_index)
+    keys, values = _with_prompts(
+        q, k.to(acc), v.to(acc), prompt_k.to(acc), prompt_v.to(acc), prompt_index
+    )
     s = (q.to(acc) @ keys.transpose(-1, -2)) * scale
     bias = _key_bias(q, prompt_k.shape[2], k.shape[2], prompt_index, prompt_lengths, acc)
     if bias is not None:
@@ -138,7 +139,7 @@ def _cpu_flash(q: Tensor) -> bool:
 
 def _torch_fwd(q, k, v, pk, pv, prompt_index, prompt_lengths, scale):
     if _cpu_flash(q):
-        keys, values = _with_prompts(q, k, v, pk, pv, prompt_index)
+        keys, values = (k, v) if pk.shape[2] == 0 else _with_prompts(q, k, v, pk, pv, prompt_index)
         bias = _key_bias(q, pk.shape[2], k.shape[2], prompt_index, prompt_lengths, q.dtype)
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, keys, values, attn_mask=bias, scale=scale
@@ -149,8 +150,8 @@ def _torch_fwd(q, k, v, pk, pv, prompt_index, prompt_lengths, scale):
 
 def _torch_bwd_per_seq(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale):
     """dq, dk, dv and the *per-sequence* prompt gradients (B, H, P, d), before any reduction."""
-    keys, values = _with_prompts(q, k, v, pk, pv, prompt_index)
     num_prompts = pk.shape[2]
+    keys, values = (k, v) if num_prompts == 0 else _with_prompts(q, k, v, pk, pv, prompt_index)
     if _cpu_flash(q):
         bias = _key_bias(q, num_prompts, k.shape[2], prompt_index, prompt_lengths, q.dtype)
         dq, dkeys, dvalues = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -218,7 +219,7 @@ def _prompt_attention_op(
 ) -> tuple[Tensor, Tensor]:
     fwd, _ = _kernels(backend)
     out, lse = fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)
-    if out.transpose(1, 2).is_contiguous() and out._base is None:
+    if out.transpose(1, 2).is_contiguous():
         return out, lse.contiguous()
     layout = _empty_out(q)
     layout.copy_(out)
@@ -282,8 +283,18 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, dlse):
     q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse = ctx.saved_tensors
     dq, dk, dv, dpk, dpv = _prompt_attention_backward_op(
-        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse,
-        ctx.scale, ctx.backend,
+        dout,
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        out,
+        lse,
+        ctx.scale,
+        ctx.backend,
     )
     return dq, dk, dv, dpk, dpv, None, None, None, None
 
@@ -354,7 +365,9 @@ def _check_inputs(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths) -> 
         if t.dim() != 4:
             fail(f"{name} must be 4-D, got shape {tuple(t.shape)}")
         if t.dtype != q.dtype or t.device != q.device:
-            fail(f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}; they must match")
+            fail(
+                f"{name} is {t.dtype} on {t.device}; q is {q.dtype} on {q.device}; they must match"
+            )
     b, h, _, d = q.shape
     if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
         fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={b}, H={h}, N, d={d})")

@@ -9,7 +9,7 @@ def _import_error() -> str | None:
     # A plain list as cache: torch.compile traces this function, and it warns on lru_cache.
     if not _IMPORT_ERROR:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
 
             _IMPORT_ERROR.append(None)

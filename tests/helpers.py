@@ -1,0 +1,86 @@
+"""Shared test helpers: tolerances, the reference-vs-kernel rule, input makers, tiny models.
+
+Nothing here touches CUDA at import, so collection works on any machine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Shapes shared with benchmarks/: (B, H, N, d) of ViT-S/B and the prompt counts to cover.
+VIT_SHAPES = {"vit_s16": (2, 6, 197, 64), "vit_b16": (2, 12, 197, 64)}
+PROMPT_COUNTS = (0, 1, 7, 50, 200)
+
+# Floor tolerances per dtype for comparisons against the fp32 reference.
+TOL = {
+    torch.float64: dict(atol=1e-10, rtol=1e-8),
+    torch.float32: dict(atol=2e-5, rtol=2e-5),
+    torch.float16: dict(atol=1e-3, rtol=1e-3),
+    torch.bfloat16: dict(atol=8e-3, rtol=8e-3),
+}
+
+
+def describe_mismatch(actual: torch.Tensor, expected: torch.Tensor, name: str) -> str:
+    """The worst element, its index and both values."""
+    diff = (actual.double() - expected.double()).abs()
+    flat = int(diff.argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), diff.shape))
+    return (
+        f"{name}: max abs error {diff.max().item():.3e} at {idx}: "
+        f"got {actual[idx].item():.6g}, expected {expected[idx].item():.6g}"
+    )
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "tensor", **tol) -> None:
+    tol = tol or TOL[actual.dtype]
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    ok = torch.allclose(actual.double(), expected.double(), **tol)
+    assert ok, describe_mismatch(actual, expected, name)
+
+
+def assert_close_vs_ref(
+    actual: torch.Tensor,
+    ref_fp32: torch.Tensor,
+    torch_same_dtype: torch.Tensor,
+    name: str = "tensor",
+    factor: float = 2.0,
+) -> None:
+    """flash-attention's rule: error vs the fp32 reference ≤ factor × PyTorch's same-dtype error.
+
+    ``factor`` is 2 for values and 3 for gradients; a small floor absorbs exact ties.
+    """
+    err = (actual.double() - ref_fp32.double()).abs().max().item()
+    base = (torch_same_dtype.double() - ref_fp32.double()).abs().max().item()
+    floor = TOL[actual.dtype]["atol"]
+    assert err <= factor * base + floor, (
+        f"{name}: error {err:.3e} > {factor} × PyTorch's {base:.3e} (+{floor:.0e}); "
+        + describe_mismatch(actual, ref_fp32, name)
+    )
+
+
+def make_qkv(b, h, n, d, dtype=torch.float32, non_contiguous=False, seed=0, device="cpu"):
+    """q, k, v (B, H, N, d); non-contiguous ones are views into a (B, N, 3, H, d) buffer as timm's."""
+    g = torch.Generator().manual_seed(seed)
+    if non_contiguous:
+        qkv = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype).permute(2, 0, 3, 1, 4)
+        return tuple(t for t in qkv.unbind(0))
+    return tuple(torch.randn(b, h, n, d, generator=g).to(device, dtype) for _ in range(3))
+
+
+def make_prompts(t, h, p, d, dtype=torch.float32, seed=1, device="cpu"):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(t, h, p, d, generator=g).to(device, dtype) for _ in range(2))
+
+
+def tiny_vit(seed: int = 0, **kw):
+    """A small random-init timm ViT (32×32 images, patch 8 → 16 patches)."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(seed)
+    args = dict(img_size=32, patch_size=8, embed_dim=64, depth=3, num_heads=4, num_classes=5)
+    args.update(kw)
+    return VisionTransformer(**args)
+
+
+def images(b: int = 3) -> torch.Tensor:
+    return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(7))
