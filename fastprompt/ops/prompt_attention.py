@@ -180,19 +180,10 @@ def _torch_bwd_per_seq(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out,
     )
 
 
-def _torch_bwd(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale):
-    dq, dk, dv, dpk, dpv = _torch_bwd_per_seq(
-        dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale
-    )
-    num_sets = pk.shape[0]
-    dpk = _reduce_over_sets(dpk, prompt_index, num_sets).to(pk.dtype)
-    dpv = _reduce_over_sets(dpv, prompt_index, num_sets).to(pv.dtype)
-    return dq, dk, dv, dpk, dpv
-
-
 def _kernels(backend: str):
+    """(forward, backward) of a backend; backward returns *per-sequence* prompt gradients."""
     if backend == "torch":
-        return _torch_fwd, _torch_bwd
+        return _torch_fwd, _torch_bwd_per_seq
     if backend == "triton":
         from fastprompt.kernels.triton import prompt_attention as tk
 
@@ -254,7 +245,13 @@ def _prompt_attention_backward_op(
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _, bwd = _kernels(backend)
-    grads = bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale)
+    dq, dk, dv, dpk, dpv = bwd(
+        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
+    )
+    num_sets = prompt_k.shape[0]
+    dpk = _reduce_over_sets(dpk, prompt_index, num_sets).to(prompt_k.dtype)
+    dpv = _reduce_over_sets(dpv, prompt_index, num_sets).to(prompt_v.dtype)
+    grads = (dq, dk, dv, dpk, dpv)
     # custom_op outputs may not alias inputs or each other; slices of one buffer would.
     return tuple(g.clone() if g._base is not None else g for g in grads)
 

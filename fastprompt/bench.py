@@ -1,0 +1,307 @@
+"""Measurements behind ``fastprompt bench`` and ``benchmarks/``: latency, activation memory, FLOPs.
+
+Every figure is taken side by side in one process on the same weights and inputs: the prompt-free
+timm model, naive VPT (``impl="naive"``) and fastprompt (``impl="fused"``). Ratios between them
+are what a report should quote; absolute times depend on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import platform
+import statistics
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+import fastprompt
+
+__all__ = [
+    "BenchConfig",
+    "activation_bytes",
+    "environment",
+    "flops",
+    "run",
+    "time_fn",
+]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Device name, library versions, git commit and date, recorded with every result."""
+    import timm
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            cwd=__file__.rsplit("/", 2)[0],
+        ).stdout.strip() or None
+    except Exception:
+        commit = None
+    return {
+        "device": name,
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": triton_version,
+        "timm": timm.__version__,
+        "fastprompt": fastprompt.__version__,
+        "python": platform.python_version(),
+        "commit": commit,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    """Seconds per call, ``reps`` times after ``warmup`` calls (CUDA events on a GPU)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(reps):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def activation_bytes(fn: Callable[[], torch.Tensor], exclude: list[torch.Tensor]) -> int:
+    """Bytes autograd saves for backward while ``fn`` runs; each storage counted once.
+
+    Parameters' storages (``exclude``) are not activations and are left out.
+    """
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr not in skip and ptr != 0:
+            seen[ptr] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    del out
+    return sum(seen.values())
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+
+
+def _attention_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    """MACs of attention: q·kᵀ and p·v, 2·B·H·N·M·d (fvcore counts one MAC as one flop)."""
+    from fvcore.nn.jit_handles import get_shape
+
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    b, h, n, d = q
+    return 2 * b * h * n * k[-2] * d
+
+
+def _prompt_attention_flops(inputs: list[Any], outputs: list[Any]) -> int:
+    from fvcore.nn.jit_handles import get_shape
+
+    b, h, n, d = get_shape(inputs[0])
+    keys = get_shape(inputs[1])[-2] + get_shape(inputs[3])[-2]
+    return 2 * b * h * n * keys * d
+
+
+FLOP_HANDLES: dict[str, Callable] = {
+    "aten::scaled_dot_product_attention": _attention_flops,
+    "aten::_scaled_dot_product_flash_attention_for_cpu": _attention_flops,
+    "fastprompt::prompt_attention": _prompt_attention_flops,
+}
+
+
+def flops(model: nn.Module, x: torch.Tensor) -> float:
+    """Forward GFLOPs (fvcore convention: multiply-adds) with handles for attention ops.
+
+    A prompted model in eval mode is run once first, so its cached prompt K/V (computed once per
+    model, not per image) are not counted as per-image work.
+    """
+    from fvcore.nn import FlopCountAnalysis
+
+    with torch.no_grad():
+        model(x)
+        analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**FLOP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return analysis.total() / 1e9
+
+
+# -- the benchmark -----------------------------------------------------------------------------
+
+
+@dataclass
+class BenchConfig:
+    """What ``fastprompt bench`` measures.
+
+    Attributes
+    ----------
+    model : str
+        timm model name, random init (nothing is downloaded).
+    prompts : list of int
+        Prompt counts; 0 is reported once as the prompt-free model.
+    deep : bool
+        VPT-deep or shallow.
+    batch : int
+    dtype : str
+        ``float32``, ``float16`` or ``bfloat16``.
+    device : str
+    backend : str or None
+    reps : int
+        Timed repetitions per figure (median and spread reported).
+    train : bool
+        Also time a training step (forward + backward to prompts and head).
+    memory : bool
+        Also count activation memory.
+    count_flops : bool
+        Also count FLOPs with fvcore.
+    img_size : int or None
+        Image size override (tiny models in tests).
+    """
+
+    model: str = "vit_base_patch16_224"
+    prompts: list[int] = field(default_factory=lambda: [50, 100, 200])
+    deep: bool = True
+    batch: int = 8
+    dtype: str = "float32"
+    device: str = "cpu"
+    backend: str | None = None
+    reps: int = 5
+    train: bool = True
+    memory: bool = True
+    count_flops: bool = True
+    img_size: int | None = None
+
+
+def _summary(times: list[float]) -> dict[str, float]:
+    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    return {"median_s": statistics.median(times), "p20_s": qs[0], "p80_s": qs[3], "reps": len(times)}
+
+
+@contextlib.contextmanager
+def _full_backward(model: nn.Module) -> Iterator[None]:
+    """Every backbone weight trainable: the prompt-free model's full fine-tuning backward."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(True)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure the prompt-free model, naive VPT and fastprompt for each prompt count.
+
+    Returns
+    -------
+    dict
+        ``{"config", "env", "rows"}``; each row holds one (prompts, variant) with latency for
+        inference and training, activation bytes and GFLOPs where asked.
+    """
+    import timm
+
+    device = torch.device(cfg.device)
+    dtype = getattr(torch, cfg.dtype)
+    torch.manual_seed(0)
+    kw = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    model = timm.create_model(cfg.model, pretrained=False, num_classes=100, **kw)
+    model = model.to(device, dtype).eval()
+    size = model.patch_embed.img_size
+    x = torch.randn(cfg.batch, 3, *size, device=device, dtype=dtype)
+    say = progress or (lambda _msg: None)
+    rows = []
+
+    def train_step(m: nn.Module) -> Callable[[], None]:
+        def step() -> None:
+            out = m(x)
+            out.float().logsumexp(-1).mean().backward()
+            for p in m.parameters():
+                p.grad = None
+
+        return step
+
+    say(f"{cfg.model}: prompt-free")
+    free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
+    with torch.inference_mode():
+        free["infer"] = _summary(time_fn(lambda: model(x), device, cfg.reps))
+    with _full_backward(model):
+        if cfg.train:
+            free["train"] = _summary(time_fn(train_step(model), device, cfg.reps))
+        if cfg.memory:
+            params = list(model.parameters())
+            free["activation_bytes"] = activation_bytes(lambda: model(x), params)
+    if cfg.count_flops:
+        free["gflops"] = flops(model, x)
+    rows.append(free)
+
+    for p in cfg.prompts:
+        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend, readout="cls")
+        params = list(prompted.parameters())
+        for impl in ("naive", "fused"):
+            say(f"{cfg.model}: {p} prompts, {impl}")
+            prompted.impl = impl
+            row: dict[str, Any] = {"prompts": p, "variant": impl}
+            prompted.eval()
+            with torch.inference_mode():
+                row["infer"] = _summary(time_fn(lambda: prompted(x), device, cfg.reps))
+            prompted.train()
+            if cfg.train:
+                row["train"] = _summary(time_fn(train_step(prompted), device, cfg.reps))
+            if cfg.memory:
+                row["activation_bytes"] = activation_bytes(lambda: prompted(x), params)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                    train_step(prompted)()
+                    row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+            if cfg.count_flops:
+                prompted.eval()
+                row["gflops"] = flops(prompted, x)
+            rows.append(row)
+        prompted.unwrap()
+    _add_ratios(rows)
+    return {"config": cfg.__dict__.copy(), "env": environment(device), "rows": rows}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    free = rows[0]
+    by_key = {(r["prompts"], r["variant"]): r for r in rows}
+    for r in rows[1:]:
+        naive = by_key[(r["prompts"], "naive")]
+        for kind in ("infer", "train"):
+            if kind in r:
+                r[f"{kind}_vs_free"] = r[kind]["median_s"] / free[kind]["median_s"]
+                r[f"{kind}_vs_naive"] = r[kind]["median_s"] / naive[kind]["median_s"]
+        if "activation_bytes" in r:
+            r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]
+            r["memory_vs_naive"] = r["activation_bytes"] / naive["activation_bytes"]

@@ -1,0 +1,137 @@
+"""``fastprompt`` command line: ``bench`` (latency, FLOPs, memory report) and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+__all__ = ["main"]
+
+
+def _bench_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency, FLOPs and memory of VPT: prompt-free vs naive vs fastprompt")
+    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
+    p.add_argument("--prompts", type=int, nargs="+", default=None,
+                   help="prompt counts (default 50 100 200; the prompt-free model is always measured)")
+    p.add_argument("--shallow", action="store_true", help="VPT-shallow instead of deep")
+    p.add_argument("--batch", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default=None, help="default cuda if available, else cpu")
+    p.add_argument("--backend", default=None, choices=["torch", "triton"])
+    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 GPU, 5 CPU)")
+    p.add_argument("--img-size", type=int, default=None, help="image size override")
+    p.add_argument("--quick", action="store_true", help="batch 2, 2 reps, prompts 50 200")
+    p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
+    p.add_argument("--no-memory", action="store_true", help="skip activation memory")
+    p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument("--out", default="fastprompt-report", help="report folder")
+    p.add_argument("--compare", default=None, help="an earlier report.json to set beside this one")
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastprompt import bench
+    from fastprompt.report import compare_table, markdown_table, plot, print_table
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    on_gpu = device.startswith("cuda")
+    cfg = bench.BenchConfig(
+        model=args.model,
+        prompts=args.prompts or ([50, 200] if args.quick else [50, 100, 200]),
+        deep=not args.shallow,
+        batch=args.batch or (2 if args.quick else (64 if on_gpu else 8)),
+        dtype=args.dtype,
+        device=device,
+        backend=args.backend,
+        reps=args.reps or (2 if args.quick else (10 if on_gpu else 5)),
+        train=not args.no_train,
+        memory=not args.no_memory,
+        count_flops=not args.no_flops,
+        img_size=args.img_size,
+    )
+    cfg.prompts = [p for p in cfg.prompts if p > 0]
+    steps = 1 + 2 * len(cfg.prompts)
+    try:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="fastprompt bench", file=sys.stderr)
+
+        def progress(msg: str) -> None:
+            bar.set_postfix_str(msg)
+            bar.update(1)
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        bar = None
+
+        def progress(msg: str) -> None:
+            print(msg, file=sys.stderr)
+
+    result = bench.run(cfg, progress)
+    if bar is not None:
+        bar.close()
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "report.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    md = markdown_table(result)
+    if args.compare:
+        with open(args.compare) as f:
+            old = json.load(f)
+        cmp = compare_table(old, result)
+        md += "\n\n" + cmp
+    with open(os.path.join(args.out, "report.md"), "w") as f:
+        f.write(md + "\n")
+    print_table(result)
+    if args.compare:
+        print("\n" + cmp)
+    for path in plot(result, args.out):
+        print(f"wrote {path}")
+    print(f"wrote {os.path.join(args.out, 'report.json')} and report.md")
+    return 0
+
+
+def _info(_args: argparse.Namespace) -> int:
+    import platform
+
+    import torch
+
+    import fastprompt
+    from fastprompt.ops._dispatch import describe
+    from fastprompt.ops.prompt_attention import BACKENDS
+
+    rows: list[tuple[str, Any]] = [
+        ("fastprompt", fastprompt.__version__),
+        ("python", platform.python_version()),
+        ("torch", torch.__version__),
+        ("cuda (torch built with)", torch.version.cuda),
+        ("cuda device", torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
+    ]
+    for name in ("timm", "triton", "fvcore", "safetensors"):
+        try:
+            rows.append((name, __import__(name).__version__))
+        except Exception as e:
+            rows.append((name, f"missing ({type(e).__name__})"))
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+    print("\nprompt_attention backends (in order of preference):")
+    for row in describe(BACKENDS):
+        print(f"  {row['backend']:<7} devices={row['devices']:<24} head_dims={row['head_dims']:<22}"
+              f" available: {row['available']}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fastprompt`` command."""
+    parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _bench_parser(sub)
+    sub.add_parser("info", help="versions, device and which backends can run here")
+    args = parser.parse_args(argv)
+    return {"bench": _bench, "info": _info}[args.command](args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,146 @@
+"""Turn a ``fastprompt bench`` result into tables and plots a person can paste into a paper."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Any
+
+__all__ = ["compare_table", "markdown_table", "plot", "print_table"]
+
+_COLUMNS = (
+    ("prompts", "prompts"),
+    ("variant", "variant"),
+    ("infer ms", "infer"),
+    ("img/s", "ips"),
+    ("infer vs naive", "infer_vs_naive"),
+    ("infer vs free", "infer_vs_free"),
+    ("train ms", "train"),
+    ("train vs naive", "train_vs_naive"),
+    ("act. MiB", "activation_bytes"),
+    ("mem vs naive", "memory_vs_naive"),
+    ("mem vs free", "memory_vs_free"),
+    ("GFLOPs/img", "gflops"),
+)
+
+
+def _cell(row: dict[str, Any], key: str, batch: int) -> str:
+    if key in ("infer", "train"):
+        if key not in row:
+            return "-"
+        s = row[key]
+        return f"{1e3 * s['median_s']:.1f} [{1e3 * s['p20_s']:.1f}, {1e3 * s['p80_s']:.1f}]"
+    if key == "ips":
+        return f"{batch / row['infer']['median_s']:.1f}" if "infer" in row else "-"
+    if key == "activation_bytes":
+        return f"{row[key] / 2**20:.1f}" if key in row else "-"
+    if key == "gflops":
+        return f"{row[key] / batch:.2f}" if key in row else "-"
+    value = row.get(key)
+    if value is None:
+        return "-"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _rows(result: dict[str, Any]) -> list[list[str]]:
+    batch = result["config"]["batch"]
+    return [[_cell(r, key, batch) for _, key in _COLUMNS] for r in result["rows"]]
+
+
+def _header(result: dict[str, Any]) -> str:
+    env, cfg = result["env"], result["config"]
+    return (
+        f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}, "
+        f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"timm {env['timm']}, fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
+        "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
+        "same run."
+    )
+
+
+def markdown_table(result: dict[str, Any]) -> str:
+    """The report as a Markdown table with a one-line header naming device and versions."""
+    names = [name for name, _ in _COLUMNS]
+    lines = [_header(result), "", "| " + " | ".join(names) + " |",
+             "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
+    return "\n".join(lines)
+
+
+def print_table(result: dict[str, Any]) -> None:
+    """The report as a fixed-width table on stdout."""
+    names = [name for name, _ in _COLUMNS]
+    rows = _rows(result)
+    widths = [max(len(n), *(len(r[i]) for r in rows)) for i, n in enumerate(names)]
+    print(_header(result))
+    print("  ".join(n.rjust(w) for n, w in zip(names, widths)))
+    for r in rows:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+
+
+def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """Two reports side by side (Markdown): median inference/training times and their ratio."""
+    def index(result):
+        return {(r["prompts"], r["variant"]): r for r in result["rows"]}
+
+    a, b = index(old), index(new)
+    lines = [
+        f"Compared: A = {old['env']['device']} ({old['env']['date']}), "
+        f"B = {new['env']['device']} ({new['env']['date']})",
+        "",
+        "| prompts | variant | infer ms A | infer ms B | B/A | train ms A | train ms B | B/A |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for key in sorted(set(a) & set(b)):
+        cells = [str(key[0]), key[1]]
+        for kind in ("infer", "train"):
+            if kind in a[key] and kind in b[key]:
+                ta, tb = a[key][kind]["median_s"], b[key][kind]["median_s"]
+                cells += [f"{1e3 * ta:.1f}", f"{1e3 * tb:.1f}", f"{tb / ta:.2f}"]
+            else:
+                cells += ["-", "-", "-"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], folder: str) -> list[str]:
+    """PNG plots of latency and GFLOPs against prompt count; returns the paths written."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("fastprompt bench: matplotlib is not installed, so no plots", stacklevel=2)
+        return []
+    rows = result["rows"]
+    free = rows[0]
+    prompts = sorted({r["prompts"] for r in rows[1:]})
+    paths = []
+    figures = [("latency.png", "infer", "inference latency (ms)"),
+               ("train_latency.png", "train", "training step (ms)"),
+               ("gflops.png", "gflops", "GFLOPs per image")]
+    batch = result["config"]["batch"]
+    for name, key, label in figures:
+        if key not in free:
+            continue
+
+        def value(r, key=key):
+            return 1e3 * r[key]["median_s"] if key != "gflops" else r[key] / batch
+
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for variant, style in (("naive", "o-"), ("fused", "s-")):
+            ys = [value(r) for p in prompts for r in rows if r["prompts"] == p and r["variant"] == variant]
+            ax.plot([0, *prompts], [value(free), *ys], style,
+                    label="naive VPT" if variant == "naive" else "fastprompt")
+        ax.axhline(value(free), color="gray", ls="--", label="prompt-free")
+        ax.set_xlabel("prompts per block" if result["config"]["deep"] else "prompts")
+        ax.set_ylabel(label)
+        ax.set_title(f"{result['config']['model']} on {result['env']['device']}", fontsize=8)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(folder, name)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
