@@ -45,12 +45,20 @@ def environment(device: torch.device) -> dict[str, Any]:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        name = (
+            f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+        )
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-            cwd=__file__.rsplit("/", 2)[0],
-        ).stdout.strip() or None
+        commit = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=__file__.rsplit("/", 2)[0],
+            ).stdout.strip()
+            or None
+        )
     except Exception:
         commit = None
     return {
@@ -72,7 +80,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_fn(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+def time_fn(
+    fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1
+) -> list[float]:
     """Seconds per call, ``reps`` times after ``warmup`` calls (CUDA events on a GPU)."""
     for _ in range(warmup):
         fn()
@@ -204,7 +214,12 @@ class BenchConfig:
 
 def _summary(times: list[float]) -> dict[str, float]:
     qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
-    return {"median_s": statistics.median(times), "p20_s": qs[0], "p80_s": qs[3], "reps": len(times)}
+    return {
+        "median_s": statistics.median(times),
+        "p20_s": qs[0],
+        "p80_s": qs[3],
+        "reps": len(times),
+    }
 
 
 @contextlib.contextmanager

@@ -61,8 +61,7 @@ def _header(result: dict[str, Any]) -> str:
 def markdown_table(result: dict[str, Any]) -> str:
     """The report as a Markdown table with a one-line header naming device and versions."""
     names = [name for name, _ in _COLUMNS]
-    lines = [_header(result), "", "| " + " | ".join(names) + " |",
-             "|" + "---|" * len(names)]
+    lines = [_header(result), "", "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join(r) + " |" for r in _rows(result)]
     return "\n".join(lines)
 
@@ -80,6 +79,7 @@ def print_table(result: dict[str, Any]) -> None:
 
 def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
     """Two reports side by side (Markdown): median inference/training times and their ratio."""
+
     def index(result):
         return {(r["prompts"], r["variant"]): r for r in result["rows"]}
 
@@ -117,9 +117,11 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
     free = rows[0]
     prompts = sorted({r["prompts"] for r in rows[1:]})
     paths = []
-    figures = [("latency.png", "infer", "inference latency (ms)"),
-               ("train_latency.png", "train", "training step (ms)"),
-               ("gflops.png", "gflops", "GFLOPs per image")]
+    figures = [
+        ("latency.png", "infer", "inference latency (ms)"),
+        ("train_latency.png", "train", "training step (ms)"),
+        ("gflops.png", "gflops", "GFLOPs per image"),
+    ]
     batch = result["config"]["batch"]
     for name, key, label in figures:
         if key not in free:
@@ -130,9 +132,18 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for variant, style in (("naive", "o-"), ("fused", "s-")):
-            ys = [value(r) for p in prompts for r in rows if r["prompts"] == p and r["variant"] == variant]
-            ax.plot([0, *prompts], [value(free), *ys], style,
-                    label="naive VPT" if variant == "naive" else "fastprompt")
+            ys = [
+                value(r)
+                for p in prompts
+                for r in rows
+                if r["prompts"] == p and r["variant"] == variant
+            ]
+            ax.plot(
+                [0, *prompts],
+                [value(free), *ys],
+                style,
+                label="naive VPT" if variant == "naive" else "fastprompt",
+            )
         ax.axhline(value(free), color="gray", ls="--", label="prompt-free")
         ax.set_xlabel("prompts per block" if result["config"]["deep"] else "prompts")
         ax.set_ylabel(label)

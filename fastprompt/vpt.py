@@ -291,7 +291,7 @@ class PromptedViT(nn.Module):
         return self.prompt_proj(raw)
 
     def _prompts_for(self, block: int, batch: int) -> Tensor:
-        """Prompt tokens for ``block``: (1, P, D) shared, or (B, P, D) with a per-image dropout mask.
+        """Prompt tokens of ``block``: (1, P, D) shared, or (B, P, D) with a dropout mask per image.
 
         Dropout is drawn after expanding over the batch, in block order, as the official code
         does, so the same seed gives the same masks in the naive and fused paths.

@@ -59,7 +59,7 @@ def assert_close_vs_ref(
 
 
 def make_qkv(b, h, n, d, dtype=torch.float32, non_contiguous=False, seed=0, device="cpu"):
-    """q, k, v (B, H, N, d); non-contiguous ones are views into a (B, N, 3, H, d) buffer as timm's."""
+    """q, k, v (B, H, N, d); non-contiguous ones view a (B, N, 3, H, d) buffer, as timm's do."""
     g = torch.Generator().manual_seed(seed)
     if non_contiguous:
         qkv = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype).permute(2, 0, 3, 1, 4)

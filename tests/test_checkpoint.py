@@ -1,4 +1,4 @@
-"""Prompt checkpoints round-trip exactly, official VPT checkpoints load, wrong models are refused."""
+"""Prompt checkpoints round-trip exactly, official VPT ones load, wrong models are refused."""
 
 from __future__ import annotations
 
@@ -48,7 +48,10 @@ def test_official_vpt_checkpoint_loads(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     _trained().save_prompts(tmp_path / "run")
-    with pytest.raises(ValueError, match="another model shape.*embed_dim: checkpoint 64, model 32"):
+    with pytest.raises(
+        ValueError,
+        match=r"another model shape.*embed_dim: checkpoint 64, model 32",
+    ):
         fastprompt.load_prompts(tiny_vit(embed_dim=32), tmp_path / "run")
     with pytest.raises(ValueError, match="num_classes"):
         fastprompt.load_prompts(tiny_vit(num_classes=7), tmp_path / "run")

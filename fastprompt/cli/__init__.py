@@ -12,16 +12,25 @@ __all__ = ["main"]
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency, FLOPs and memory of VPT: prompt-free vs naive vs fastprompt")
+    p = sub.add_parser(
+        "bench", help="latency, FLOPs and memory of VPT: prompt-free vs naive vs fastprompt"
+    )
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
-    p.add_argument("--prompts", type=int, nargs="+", default=None,
-                   help="prompt counts (default 50 100 200; the prompt-free model is always measured)")
+    p.add_argument(
+        "--prompts",
+        type=int,
+        nargs="+",
+        default=None,
+        help="prompt counts (default 50 100 200; the prompt-free model is always measured)",
+    )
     p.add_argument("--shallow", action="store_true", help="VPT-shallow instead of deep")
     p.add_argument("--batch", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
     p.add_argument("--backend", default=None, choices=["torch", "triton"])
-    p.add_argument("--reps", type=int, default=None, help="timed repetitions (default 10 GPU, 5 CPU)")
+    p.add_argument(
+        "--reps", type=int, default=None, help="timed repetitions (default 10 GPU, 5 CPU)"
+    )
     p.add_argument("--img-size", type=int, default=None, help="image size override")
     p.add_argument("--quick", action="store_true", help="batch 2, 2 reps, prompts 50 200")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
@@ -118,8 +127,10 @@ def _info(_args: argparse.Namespace) -> int:
         print(f"{k:<{width}}  {v}")
     print("\nprompt_attention backends (in order of preference):")
     for row in describe(BACKENDS):
-        print(f"  {row['backend']:<7} devices={row['devices']:<24} head_dims={row['head_dims']:<22}"
-              f" available: {row['available']}")
+        print(
+            f"  {row['backend']:<7} devices={row['devices']:<24} head_dims={row['head_dims']:<22}"
+            f" available: {row['available']}"
+        )
     return 0
 
 

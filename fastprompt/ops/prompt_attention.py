@@ -3,10 +3,10 @@
 One op, one file: the fp32 reference, the ``torch`` backend, the registered ``torch.library`` ops
 with fakes, autograd, backend choice and the public :func:`prompt_attention`.
 
-Contract (DESIGN.md): ``out = softmax(scale · q [K_p; K]ᵀ) [V_p; V]`` where ``K_p`` is the prompt set
-``prompt_index[b]`` of ``prompt_k``, cut to ``prompt_lengths[set]`` keys. ``lse`` is the natural-log
-log-sum-exp of each query's scores, fp32. Backward returns d prompt_k/v summed over the sequences
-that share a set, reduced in fp32 in a fixed order (deterministic).
+Contract (DESIGN.md): ``out = softmax(scale · q [K_p; K]ᵀ) [V_p; V]`` where ``K_p`` is the prompt
+set ``prompt_index[b]`` of ``prompt_k``, cut to ``prompt_lengths[set]`` keys. ``lse`` is the
+natural-log log-sum-exp of each query's scores, fp32. Backward returns d prompt_k/v summed over
+the sequences that share a set, reduced in fp32 in a fixed order (deterministic).
 """
 
 from __future__ import annotations

@@ -91,8 +91,9 @@ def test_dispatch_picks_triton_on_cuda():
 
 
 def test_vpt_on_the_triton_backend_matches_naive_vpt():
-    import fastprompt
     from helpers import images, tiny_vit
+
+    import fastprompt
 
     prompted = fastprompt.vpt(tiny_vit(embed_dim=128, num_heads=4), 5, backend="triton").train()
     naive = fastprompt.vpt(tiny_vit(embed_dim=128, num_heads=4), 5, impl="naive").train()

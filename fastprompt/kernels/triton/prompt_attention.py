@@ -24,8 +24,24 @@ def _load_keys(base, offs_n, offs_d, s_n, s_d, n_valid, D: tl.constexpr):
 
 
 @triton.jit
-def _attend(q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, n_valid, m_i, l_i, acc, qk_scale,
-            offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+def _attend(
+    q,
+    k_base,
+    v_base,
+    s_kn,
+    s_kd,
+    s_vn,
+    s_vd,
+    n_valid,
+    m_i,
+    l_i,
+    acc,
+    qk_scale,
+    offs_d,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     """Online-softmax accumulation of q against keys/values [0, n_valid)."""
     for start in range(0, n_valid, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
@@ -44,16 +60,49 @@ def _attend(q, k_base, v_base, s_kn, s_kd, s_vn, s_vd, n_valid, m_i, l_i, acc, q
 
 @triton.jit
 def _prompt_attention_fwd_kernel(
-    Q, K, V, PK, PV, IDX, LENS, OUT, LSE,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_pkt, s_pkh, s_pkn, s_pkd,
-    s_pvt, s_pvh, s_pvn, s_pvd,
-    s_ob, s_oh, s_on, s_od,
-    H, N, P, qk_scale,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    IDX,
+    LENS,
+    OUT,
+    LSE,
+    s_qb,
+    s_qh,
+    s_qn,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_vd,
+    s_pkt,
+    s_pkh,
+    s_pkn,
+    s_pkd,
+    s_pvt,
+    s_pvh,
+    s_pvn,
+    s_pvd,
+    s_ob,
+    s_oh,
+    s_on,
+    s_od,
+    H,
+    N,
+    P,
+    qk_scale,
+    HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -70,12 +119,42 @@ def _prompt_attention_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    m_i, l_i, acc = _attend(q, PK + t * s_pkt + h * s_pkh, PV + t * s_pvt + h * s_pvh,
-                            s_pkn, s_pkd, s_pvn, s_pvd, plen, m_i, l_i, acc, qk_scale,
-                            offs_d, BLOCK_N, D, PRECISION)
-    m_i, l_i, acc = _attend(q, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh,
-                            s_kn, s_kd, s_vn, s_vd, N, m_i, l_i, acc, qk_scale,
-                            offs_d, BLOCK_N, D, PRECISION)
+    m_i, l_i, acc = _attend(
+        q,
+        PK + t * s_pkt + h * s_pkh,
+        PV + t * s_pvt + h * s_pvh,
+        s_pkn,
+        s_pkd,
+        s_pvn,
+        s_pvd,
+        plen,
+        m_i,
+        l_i,
+        acc,
+        qk_scale,
+        offs_d,
+        BLOCK_N,
+        D,
+        PRECISION,
+    )
+    m_i, l_i, acc = _attend(
+        q,
+        K + b * s_kb + h * s_kh,
+        V + b * s_vb + h * s_vh,
+        s_kn,
+        s_kd,
+        s_vn,
+        s_vd,
+        N,
+        m_i,
+        l_i,
+        acc,
+        qk_scale,
+        offs_d,
+        BLOCK_N,
+        D,
+        PRECISION,
+    )
     out = acc / l_i[:, None]
     o_ptrs = OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od
     tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=q_mask)
@@ -85,15 +164,48 @@ def _prompt_attention_fwd_kernel(
 
 @triton.jit
 def _prompt_attention_bwd_kv_kernel(
-    Q, K, V, DO, LSE, DELTA, IDX, LENS, DK, DV,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_dob, s_doh, s_don, s_dod,
-    s_dkb, s_dkh, s_dkn, s_dkd,
-    H, N, NK, qk_scale, scale,
-    PROMPTS: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    IDX,
+    LENS,
+    DK,
+    DV,
+    s_qb,
+    s_qh,
+    s_qn,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_vd,
+    s_dob,
+    s_doh,
+    s_don,
+    s_dod,
+    s_dkb,
+    s_dkh,
+    s_dkn,
+    s_dkd,
+    H,
+    N,
+    NK,
+    qk_scale,
+    scale,
+    PROMPTS: tl.constexpr,
+    HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """dK, dV of one block of keys of one sequence·head. With PROMPTS, the keys are the
@@ -139,17 +251,56 @@ def _prompt_attention_bwd_kv_kernel(
 
 @triton.jit
 def _prompt_attention_bwd_q_kernel(
-    Q, K, V, PK, PV, DO, LSE, DELTA, IDX, LENS, DQ,
-    s_qb, s_qh, s_qn, s_qd,
-    s_kb, s_kh, s_kn, s_kd,
-    s_vb, s_vh, s_vn, s_vd,
-    s_pkt, s_pkh, s_pkn, s_pkd,
-    s_pvt, s_pvh, s_pvn, s_pvd,
-    s_dob, s_doh, s_don, s_dod,
-    s_dqb, s_dqh, s_dqn, s_dqd,
-    H, N, P, qk_scale, scale,
-    HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, D: tl.constexpr,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    DO,
+    LSE,
+    DELTA,
+    IDX,
+    LENS,
+    DQ,
+    s_qb,
+    s_qh,
+    s_qn,
+    s_qd,
+    s_kb,
+    s_kh,
+    s_kn,
+    s_kd,
+    s_vb,
+    s_vh,
+    s_vn,
+    s_vd,
+    s_pkt,
+    s_pkh,
+    s_pkn,
+    s_pkd,
+    s_pvt,
+    s_pvh,
+    s_pvn,
+    s_pvd,
+    s_dob,
+    s_doh,
+    s_don,
+    s_dod,
+    s_dqb,
+    s_dqh,
+    s_dqn,
+    s_dqd,
+    H,
+    N,
+    P,
+    qk_scale,
+    scale,
+    HAS_INDEX: tl.constexpr,
+    HAS_LENGTHS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    D: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -166,18 +317,69 @@ def _prompt_attention_bwd_q_kernel(
     lse2 = tl.load(LSE + pid_bh * N + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + pid_bh * N + offs_m, mask=m_mask, other=0.0)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    dq = _dq_over(q, do, lse2, delta, dq, PK + t * s_pkt + h * s_pkh, PV + t * s_pvt + h * s_pvh,
-                  s_pkn, s_pkd, s_pvn, s_pvd, plen, qk_scale, offs_d, BLOCK_N, D, PRECISION)
-    dq = _dq_over(q, do, lse2, delta, dq, K + b * s_kb + h * s_kh, V + b * s_vb + h * s_vh,
-                  s_kn, s_kd, s_vn, s_vd, N, qk_scale, offs_d, BLOCK_N, D, PRECISION)
+    dq = _dq_over(
+        q,
+        do,
+        lse2,
+        delta,
+        dq,
+        PK + t * s_pkt + h * s_pkh,
+        PV + t * s_pvt + h * s_pvh,
+        s_pkn,
+        s_pkd,
+        s_pvn,
+        s_pvd,
+        plen,
+        qk_scale,
+        offs_d,
+        BLOCK_N,
+        D,
+        PRECISION,
+    )
+    dq = _dq_over(
+        q,
+        do,
+        lse2,
+        delta,
+        dq,
+        K + b * s_kb + h * s_kh,
+        V + b * s_vb + h * s_vh,
+        s_kn,
+        s_kd,
+        s_vn,
+        s_vd,
+        N,
+        qk_scale,
+        offs_d,
+        BLOCK_N,
+        D,
+        PRECISION,
+    )
     dq = dq * scale
     ptrs = DQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqn + offs_d[None, :] * s_dqd
     tl.store(ptrs, dq.to(DQ.dtype.element_ty), mask=m_mask[:, None] & (offs_d[None, :] < D))
 
 
 @triton.jit
-def _dq_over(q, do, lse2, delta, dq, k_base, v_base, s_kn, s_kd, s_vn, s_vd, n_valid, qk_scale,
-             offs_d, BLOCK_N: tl.constexpr, D: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_over(
+    q,
+    do,
+    lse2,
+    delta,
+    dq,
+    k_base,
+    v_base,
+    s_kn,
+    s_kd,
+    s_vn,
+    s_vd,
+    n_valid,
+    qk_scale,
+    offs_d,
+    BLOCK_N: tl.constexpr,
+    D: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
     for start in range(0, n_valid, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         k = _load_keys(k_base, offs_n, offs_d, s_kn, s_kd, n_valid, D)
@@ -200,8 +402,13 @@ def _config(q: torch.Tensor) -> dict:
     d = q.shape[-1]
     block_d = max(16, triton.next_power_of_2(d))
     precision = "ieee" if q.dtype == torch.float32 else "tf32"
-    return {"BLOCK_M": 64 if d <= 64 else 32, "BLOCK_N": 32, "BLOCK_D": block_d, "D": d,
-            "PRECISION": precision}
+    return {
+        "BLOCK_M": 64 if d <= 64 else 32,
+        "BLOCK_N": 32,
+        "BLOCK_D": block_d,
+        "D": d,
+        "PRECISION": precision,
+    }
 
 
 def _index_args(prompt_index, prompt_lengths, q):
@@ -223,16 +430,35 @@ def prompt_attention_fwd_triton(q, k, v, pk, pv, prompt_index, prompt_lengths, s
     cfg = _config(q)
     grid = (triton.cdiv(n, cfg["BLOCK_M"]), b * h)
     _prompt_attention_fwd_kernel[grid](
-        q, k, v, pk, pv, idx, lens, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *out.stride(),
-        h, n, pk.shape[2], scale * _LOG2E,
-        HAS_INDEX=has_idx, HAS_LENGTHS=has_lens, **cfg,
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        idx,
+        lens,
+        out,
+        lse,
+        *q.stride(),
+        *k.stride(),
+        *v.stride(),
+        *pk.stride(),
+        *pv.stride(),
+        *out.stride(),
+        h,
+        n,
+        pk.shape[2],
+        scale * _LOG2E,
+        HAS_INDEX=has_idx,
+        HAS_LENGTHS=has_lens,
+        **cfg,
     )
     return out, lse
 
 
-def prompt_attention_bwd_triton(dout, q, k, v, pk, pv, prompt_index, prompt_lengths,
-                                        out, lse, scale):
+def prompt_attention_bwd_triton(
+    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale
+):
     """Backward launcher: dq, dk, dv and per-sequence fp32 prompt gradients (B, H, P, d).
 
     The op sums the per-sequence prompt gradients per set (in a fixed order) afterwards.
@@ -252,19 +478,78 @@ def prompt_attention_bwd_triton(dout, q, k, v, pk, pv, prompt_index, prompt_leng
     dpv = torch.zeros_like(dpk)
     common = (*q.stride(),)
     _prompt_attention_bwd_kv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
-        q, k, v, dout, lse, delta, idx, lens, dk, dv,
-        *common, *k.stride(), *v.stride(), *dout.stride(), *dk.stride(),
-        h, n, n, scale * _LOG2E, scale, PROMPTS=False, **flags,
+        q,
+        k,
+        v,
+        dout,
+        lse,
+        delta,
+        idx,
+        lens,
+        dk,
+        dv,
+        *common,
+        *k.stride(),
+        *v.stride(),
+        *dout.stride(),
+        *dk.stride(),
+        h,
+        n,
+        n,
+        scale * _LOG2E,
+        scale,
+        PROMPTS=False,
+        **flags,
     )
     if p > 0:
         _prompt_attention_bwd_kv_kernel[(triton.cdiv(p, cfg["BLOCK_N"]), b * h)](
-            q, pk, pv, dout, lse, delta, idx, lens, dpk, dpv,
-            *common, *pk.stride(), *pv.stride(), *dout.stride(), *dpk.stride(),
-            h, n, p, scale * _LOG2E, scale, PROMPTS=True, **flags,
+            q,
+            pk,
+            pv,
+            dout,
+            lse,
+            delta,
+            idx,
+            lens,
+            dpk,
+            dpv,
+            *common,
+            *pk.stride(),
+            *pv.stride(),
+            *dout.stride(),
+            *dpk.stride(),
+            h,
+            n,
+            p,
+            scale * _LOG2E,
+            scale,
+            PROMPTS=True,
+            **flags,
         )
     _prompt_attention_bwd_q_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
-        q, k, v, pk, pv, dout, lse, delta, idx, lens, dq,
-        *common, *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
-        *dq.stride(), h, n, p, scale * _LOG2E, scale, **flags,
+        q,
+        k,
+        v,
+        pk,
+        pv,
+        dout,
+        lse,
+        delta,
+        idx,
+        lens,
+        dq,
+        *common,
+        *k.stride(),
+        *v.stride(),
+        *pk.stride(),
+        *pv.stride(),
+        *dout.stride(),
+        *dq.stride(),
+        h,
+        n,
+        p,
+        scale * _LOG2E,
+        scale,
+        **flags,
     )
     return dq, dk, dv, dpk, dpv

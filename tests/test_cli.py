@@ -1,0 +1,115 @@
+"""``fastprompt bench`` end to end on a tiny model, the FLOP handles, ``--compare`` and ``info``."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import tiny_vit
+
+import fastprompt
+from fastprompt.bench import activation_bytes, flops
+from fastprompt.cli import main
+
+
+def _bench(tmp_path, name, *extra):
+    out = tmp_path / name
+    args = [
+        "bench",
+        "--quick",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--img-size",
+        "32",
+        "--prompts",
+        "4",
+        "--device",
+        "cpu",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    assert main(args) == 0
+    return out
+
+
+def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
+    out = _bench(tmp_path, "a")
+    report = json.loads((out / "report.json").read_text())
+    assert {"device", "torch", "timm", "triton", "commit", "date"} <= set(report["env"])
+    variants = [(r["prompts"], r["variant"]) for r in report["rows"]]
+    assert variants == [(0, "prompt-free"), (4, "naive"), (4, "fused")]
+    for row in report["rows"]:
+        assert row["infer"]["median_s"] > 0 and row["train"]["median_s"] > 0
+        assert row["activation_bytes"] > 0 and row["gflops"] > 0
+    assert report["rows"][1]["infer_vs_naive"] == 1.0
+    assert "| prompts | variant |" in (out / "report.md").read_text()
+    assert (out / "latency.png").stat().st_size > 0
+    assert "fused" in capsys.readouterr().out
+
+
+def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
+    first = _bench(tmp_path, "a", "--no-memory", "--no-flops", "--no-train")
+    second = _bench(
+        tmp_path,
+        "b",
+        "--no-memory",
+        "--no-flops",
+        "--no-train",
+        "--compare",
+        str(first / "report.json"),
+    )
+    text = (second / "report.md").read_text()
+    assert "infer ms A | infer ms B | B/A" in text and "| 4 | fused |" in text
+
+
+def test_info_lists_backends(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torch" in out and "triton" in out and "available" in out
+
+
+def test_flop_handles_match_hand_counts():
+    """fvcore convention (1 multiply-add = 1 flop). Tiny ViT: 17 tokens, D=64, 3 blocks."""
+    model = tiny_vit(num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    n, d, depth, patches, patch_dim = 17, 64, 3, 16, 3 * 8 * 8
+    linear = depth * (n * d * 3 * d + n * d * d + 2 * n * d * 4 * d)
+    attention = depth * 2 * n * n * d
+    norms = (2 * depth + 1) * n * d * 5  # fvcore counts LayerNorm as 5 flops per element
+    expected = linear + attention + patches * patch_dim * d + d * 5 + norms
+    assert abs(flops(model, x) * 1e9 - expected) / expected < 1e-6
+    prompted = fastprompt.vpt(model, 7, impl="naive").eval()
+    m = n + 7
+    expected_naive = (
+        expected
+        - linear
+        - attention
+        - norms
+        + depth * (m * d * 3 * d + m * d * d + 2 * m * d * 4 * d + 2 * m * m * d)
+        + (2 * depth + 1) * m * d * 5
+    )
+    assert abs(flops(prompted, x) * 1e9 - expected_naive) / expected_naive < 1e-6
+    prompted.impl = "fused"
+    # Fused at inference: image rows only, attending to 7 extra keys; prompt K/V are cached.
+    expected_fused = expected + depth * 2 * n * 7 * d
+    assert abs(flops(prompted, x) * 1e9 - expected_fused) / expected_fused < 1e-6
+
+
+def test_activation_bytes_counts_storages_once():
+    w = torch.randn(8, 8, requires_grad=True)
+    x = torch.randn(4, 8)
+    # mm saves x for w's grad; w itself is excluded as a parameter.
+    assert activation_bytes(lambda: (x @ w).sum(), [w]) == x.numel() * 4
+
+
+def test_naive_vpt_reproduces_the_papers_gflops():
+    """Prompt Condensation's table for ViT-B/16: 17.6/22.2/26.9/31.8/36.7 GFLOPs, within 2 %."""
+    import timm
+
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).eval()
+    x = torch.randn(1, 3, 224, 224)
+    for prompts, paper in zip((0, 50, 100, 150, 200), (17.6, 22.2, 26.9, 31.8, 36.7)):
+        prompted = fastprompt.vpt(model, prompts, impl="naive").eval()
+        assert abs(flops(prompted, x) - paper) / paper < 0.02, prompts
+        prompted.unwrap()
