@@ -76,14 +76,22 @@ def load_prompts(
 
     if isinstance(path, Mapping) or os.path.isfile(path):
         state = _official_state(path)
-        kwargs = _config_from_shapes(state, model)
+        prompted = vpt(model, head_init="keep", **{**_config_from_shapes(state, model), **overrides})
     else:
         state, saved = _read_folder(path)
         _check_signature(saved["model"], model, path)
-        kwargs = {f.name: saved["vpt"][f.name] for f in fields(VPTConfig)}
-        kwargs["impl"] = saved.get("impl", "fused")
-    kwargs.update(overrides)
-    prompted = vpt(model, head_init="keep", **kwargs)
+        cfg = {f.name: saved["vpt"].get(f.name) for f in fields(VPTConfig)}
+        if cfg["layer_counts"] is not None:
+            cfg["layer_counts"] = tuple(cfg["layer_counts"])
+        run = {"impl": saved.get("impl", "fused"), "backend": None}
+        for key, value in overrides.items():
+            if key in run:
+                run[key] = value
+            elif key in ("dropout", "readout"):
+                cfg[key] = value
+            else:
+                raise TypeError(f"load_prompts: {key!r} cannot be overridden")
+        prompted = PromptedViT(model, VPTConfig(**cfg), head_init="keep", **run)
     _copy_into(prompted, state, path)
     return prompted
 

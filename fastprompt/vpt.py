@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,6 +51,9 @@ class VPTConfig:
         Prompt dimension before a Linear projection to the model width; -1 means no projection.
     readout : str
         ``"cls"``, ``"patches"`` or ``"patches+prompts"`` (the official avg-pool path).
+    layer_counts : tuple of int, optional
+        Prompts per block after condensation (deep only); None means ``num_prompts`` in every
+        block. Deep prompts of blocks ≥ 1 are then packed in one (Σ counts, D) parameter.
     """
 
     num_prompts: int
@@ -57,6 +61,7 @@ class VPTConfig:
     dropout: float = 0.0
     project: int = -1
     readout: str = "cls"
+    layer_counts: tuple[int, ...] | None = None
 
 
 def _model_signature(model: nn.Module) -> dict[str, Any]:
@@ -113,6 +118,21 @@ def _check_wrappable(model: nn.Module, impl: str, deep: bool) -> None:
                 f"{type(attn).__name__}; the fused path reproduces timm's vision_transformer."
                 "Block/Attention only. Use impl='naive' for other blocks."
             )
+
+
+def _check_counts(config: VPTConfig, depth: int) -> list[int]:
+    counts = config.layer_counts
+    if counts is None:
+        return [config.num_prompts] * max(depth, 1)
+    if not config.deep:
+        raise ValueError("fastprompt: layer_counts needs deep prompts")
+    if len(counts) != depth or any(
+        isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts
+    ):
+        raise ValueError(
+            f"fastprompt: layer_counts must hold {depth} ints >= 0 (one per block), got {counts}"
+        )
+    return list(counts)
 
 
 def _check_args(num_prompts, deep, dropout, project, readout, impl) -> None:
@@ -190,8 +210,11 @@ class PromptedViT(nn.Module):
 
         dim = model.embed_dim
         prompt_dim = dim if config.project == -1 else config.project
-        p = config.num_prompts
         depth = len(model.blocks)
+        counts = _check_counts(config, depth)
+        self._offsets = [0]
+        for n in counts[1:]:
+            self._offsets.append(self._offsets[-1] + n)
         ref = (
             model.patch_embed.proj.weight if hasattr(model.patch_embed, "proj") else model.pos_embed
         )
@@ -199,11 +222,17 @@ class PromptedViT(nn.Module):
         ph, pw = _patch_size(model)
         val = math.sqrt(6.0 / float(3 * ph * pw + prompt_dim))
         self.prompt_embeddings = nn.Parameter(
-            torch.empty(1, p, prompt_dim, **kw).uniform_(-val, val)
+            torch.empty(1, counts[0], prompt_dim, **kw).uniform_(-val, val)
         )
-        if config.deep:
+        if config.layer_counts is not None:
             self.deep_prompt_embeddings = nn.Parameter(
-                torch.empty(max(depth - 1, 0), p, prompt_dim, **kw).uniform_(-val, val)
+                torch.empty(self._offsets[-1], prompt_dim, **kw).uniform_(-val, val)
+            )
+        elif config.deep:
+            self.deep_prompt_embeddings = nn.Parameter(
+                torch.empty(max(depth - 1, 0), config.num_prompts, prompt_dim, **kw).uniform_(
+                    -val, val
+                )
             )
         else:
             self.deep_prompt_embeddings = None
@@ -224,6 +253,8 @@ class PromptedViT(nn.Module):
                     nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
             head.requires_grad_(True)
         self._kv_cache: tuple[tuple, list[tuple[Tensor, Tensor]]] | None = None
+        # Set by methods (Prompt Condensation's scoring) to see each block's prompt attention.
+        self.attention_hook: Callable[..., Tensor] | None = None
         self.train(model.training)
 
     # -- modes and bookkeeping ------------------------------------------------------------------
@@ -274,8 +305,9 @@ class PromptedViT(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
+        counts = "" if c.layer_counts is None else f", layer_counts={list(c.layer_counts)}"
         return (
-            f"num_prompts={c.num_prompts}, deep={c.deep}, dropout={c.dropout}, "
+            f"num_prompts={c.num_prompts}{counts}, deep={c.deep}, dropout={c.dropout}, "
             f"project={c.project}, readout={c.readout!r}, impl={self.impl!r}"
         )
 
@@ -285,9 +317,22 @@ class PromptedViT(nn.Module):
     def num_prompts(self) -> int:
         return self.config.num_prompts
 
+    def prompt_count(self, block: int) -> int:
+        """Prompts that ``block`` receives (its own set when deep, block 0's when shallow)."""
+        counts = self.config.layer_counts
+        if counts is not None:
+            return counts[block]
+        return self.config.num_prompts
+
     def _prompt_set(self, block: int) -> Tensor:
-        """Prompt set of ``block`` before dropout, shape (P, D)."""
-        raw = self.prompt_embeddings[0] if block == 0 else self.deep_prompt_embeddings[block - 1]
+        """Prompt set of ``block`` before dropout, shape (P_block, D)."""
+        if block == 0:
+            raw = self.prompt_embeddings[0]
+        elif self.config.layer_counts is not None:
+            start = self._offsets[block - 1]
+            raw = self.deep_prompt_embeddings[start : start + self.config.layer_counts[block]]
+        else:
+            raw = self.deep_prompt_embeddings[block - 1]
         return self.prompt_proj(raw)
 
     def _prompts_for(self, block: int, batch: int) -> Tensor:
@@ -324,13 +369,13 @@ class PromptedViT(nn.Module):
 
     def _naive_blocks(self, x: Tensor) -> Tensor:
         m = self._model
-        b, npre, p = x.shape[0], m.num_prefix_tokens, self.num_prompts
+        b, npre = x.shape[0], m.num_prefix_tokens
         x = torch.cat([x[:, :npre], self._prompts_for(0, b).expand(b, -1, -1), x[:, npre:]], 1)
         x = m.norm_pre(x)
         for i, blk in enumerate(m.blocks):
             if i > 0 and self.config.deep:
                 prompts = self._prompts_for(i, b).expand(b, -1, -1)
-                x = torch.cat([x[:, :npre], prompts, x[:, npre + p :]], dim=1)
+                x = torch.cat([x[:, :npre], prompts, x[:, npre + self.prompt_count(i - 1) :]], 1)
             x = blk(x)
         return x
 
@@ -351,7 +396,7 @@ class PromptedViT(nn.Module):
             else:
                 prompts = self._prompts_for(i, b)
                 pk, pv = _prompt_kv(blk, m.norm_pre(prompts) if i == 0 else prompts)
-            x = self._fused_block(blk, x, pk, pv)
+            x = self._fused_block(blk, x, pk, pv, i)
         return x
 
     @property
@@ -359,9 +404,13 @@ class PromptedViT(nn.Module):
         """Whether ``forward_features`` returns prompt tokens between prefix and patches."""
         if self.impl == "naive" or not self.config.deep:
             return True
-        return self.config.readout == "patches+prompts" and self.num_prompts > 0
+        return self.config.readout == "patches+prompts" and self._last_count > 0
 
-    def _fused_block(self, blk: nn.Module, x: Tensor, pk: Tensor, pv: Tensor) -> Tensor:
+    @property
+    def _last_count(self) -> int:
+        return self.prompt_count(len(self._model.blocks) - 1 if self.config.deep else 0)
+
+    def _fused_block(self, blk: nn.Module, x: Tensor, pk: Tensor, pv: Tensor, i: int) -> Tensor:
         """timm ``Block.forward`` on image tokens, their queries attending to ``[K_p; K]``."""
         attn = blk.attn
         b, n, _ = x.shape
@@ -370,7 +419,10 @@ class PromptedViT(nn.Module):
         q, k, v = qkv.unbind(0)
         q, k = attn.q_norm(q), attn.k_norm(k)
         index = None if pk.shape[0] == 1 else torch.arange(b, device=x.device)
-        o, _ = prompt_attention(q, k, v, pk, pv, index, scale=attn.scale, backend=self.backend)
+        if self.attention_hook is not None:
+            o = self.attention_hook(i, q, k, v, pk, pv, index, attn.scale, self.backend)
+        else:
+            o, _ = prompt_attention(q, k, v, pk, pv, index, scale=attn.scale, backend=self.backend)
         o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
         gate = getattr(attn, "gate", None)
         if gate is not None:
@@ -386,7 +438,7 @@ class PromptedViT(nn.Module):
         holds every tensor's storage pointer and version counter, so an optimizer step, a
         ``load_state_dict`` or a ``.to()`` invalidates it.
         """
-        if self.training or torch.is_grad_enabled() or self.num_prompts == 0:
+        if self.training or torch.is_grad_enabled():
             return None
         key = self._kv_key()
         if self._kv_cache is None or self._kv_cache[0] != key:
@@ -421,7 +473,7 @@ class PromptedViT(nn.Module):
         if readout == "cls":
             x = x[:, 0]
         else:
-            skip = self.num_prompts if readout == "patches" and self._prompts_in_output else 0
+            skip = self._last_count if readout == "patches" and self._prompts_in_output else 0
             x = x[:, npre + skip :].mean(dim=1)
         x = m.head_drop(m.fc_norm(x))
         return x if pre_logits else m.head(x)
