@@ -41,6 +41,8 @@ def save_prompts(prompted: PromptedViT, path: str | os.PathLike) -> None:
     tensors = {n: p.detach().contiguous().cpu() for n, p in prompted.trainable_parameters().items()}
     save_file(tensors, os.path.join(path, _TENSORS), metadata={"format": _FORMAT})
     meta = {"format": _FORMAT, **config_dict(prompted), "impl": prompted.impl}
+    if prompted.condensed_from is not None:
+        meta["kept"] = [row.nonzero().flatten().tolist() for row in prompted.condensed_from]
     with open(os.path.join(path, _CONFIG), "w") as f:
         json.dump(meta, f, indent=2)
 
@@ -76,7 +78,9 @@ def load_prompts(
 
     if isinstance(path, Mapping) or os.path.isfile(path):
         state = _official_state(path)
-        prompted = vpt(model, head_init="keep", **{**_config_from_shapes(state, model), **overrides})
+        prompted = vpt(
+            model, head_init="keep", **{**_config_from_shapes(state, model), **overrides}
+        )
     else:
         state, saved = _read_folder(path)
         _check_signature(saved["model"], model, path)
@@ -92,6 +96,11 @@ def load_prompts(
             else:
                 raise TypeError(f"load_prompts: {key!r} cannot be overridden")
         prompted = PromptedViT(model, VPTConfig(**cfg), head_init="keep", **run)
+        if "kept" in saved:
+            kept = torch.zeros(len(saved["kept"]), cfg["num_prompts"], dtype=torch.bool)
+            for layer, rows in enumerate(saved["kept"]):
+                kept[layer, rows] = True
+            prompted.condensed_from = kept
     _copy_into(prompted, state, path)
     return prompted
 

@@ -19,8 +19,8 @@ Two implementations share the same parameters and give the same logits:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
 from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -255,6 +255,8 @@ class PromptedViT(nn.Module):
         self._kv_cache: tuple[tuple, list[tuple[Tensor, Tensor]]] | None = None
         # Set by methods (Prompt Condensation's scoring) to see each block's prompt attention.
         self.attention_hook: Callable[..., Tensor] | None = None
+        # (L, P) bool mask of the prompts kept from the model this one was condensed from.
+        self.condensed_from: Tensor | None = None
         self.train(model.training)
 
     # -- modes and bookkeeping ------------------------------------------------------------------
@@ -493,15 +495,20 @@ class PromptedViT(nn.Module):
 
 
 def _prompt_kv(blk: nn.Module, prompts: Tensor) -> tuple[Tensor, Tensor]:
-    """Keys and values of prompt tokens in one block: (T, H, P, d) each.
+    """Keys and values of prompt tokens (T, P, D) in one block: (T, H, P, d) each."""
+    return kv_from_normed(blk, blk.norm1(prompts))
+
+
+def kv_from_normed(blk: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values from normalised prompt tokens ``h = LN1(p)`` (T, P, D): (T, H, P, d) each.
 
     Only the K and V rows of the qkv projection are applied; prompt queries are never needed.
     """
     attn = blk.attn
-    t, p, _ = prompts.shape
+    t, p, _ = h.shape
     width = attn.num_heads * attn.head_dim
     bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
-    kv = F.linear(blk.norm1(prompts), attn.qkv.weight[width:], bias)
+    kv = F.linear(h, attn.qkv.weight[width:], bias)
     kv = kv.reshape(t, p, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     k, v = kv.unbind(0)
     return attn.k_norm(k), v

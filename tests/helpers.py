@@ -84,3 +84,66 @@ def tiny_vit(seed: int = 0, **kw):
 
 def images(b: int = 3) -> torch.Tensor:
     return torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+
+
+def naive_vpt(model, sets, deep, proj, dropout, training, readout, x, attn_masks=None):
+    """Official VPT (KMnP/vpt), written out: prompts are real tokens after the CLS (and registers).
+
+    sets: prompt sets per block, each (P_l, Dp) (only sets[0] when shallow); proj: Dp -> D.
+    Dropout is drawn after expanding over the batch (a mask per image), block after block.
+    attn_masks: optional additive attention bias per block (the gate oracle uses it).
+    """
+    import torch.nn.functional as F
+
+    b = x.shape[0]
+    npre = model.num_prefix_tokens
+
+    def prompt_tokens(raw):
+        return F.dropout(proj(raw).unsqueeze(0).expand(b, -1, -1), dropout, training)
+
+    tokens = model._pos_embed(model.patch_embed(x))
+    tokens = torch.cat([tokens[:, :npre], prompt_tokens(sets[0]), tokens[:, npre:]], dim=1)
+    tokens = model.norm_pre(tokens)
+    p_prev = sets[0].shape[0]
+    for i, block in enumerate(model.blocks):
+        if deep and i > 0:
+            rest = tokens[:, npre + p_prev :]
+            tokens = torch.cat([tokens[:, :npre], prompt_tokens(sets[i]), rest], 1)
+            p_prev = sets[i].shape[0]
+        mask = None if attn_masks is None else attn_masks[i]
+        tokens = block(tokens) if mask is None else block(tokens, attn_mask=mask)
+    tokens = model.norm(tokens)
+    if readout == "cls":
+        pooled = tokens[:, 0]
+    elif readout == "patches":
+        pooled = tokens[:, npre + p_prev :].mean(1)
+    else:
+        pooled = tokens[:, npre:].mean(1)
+    return model.head(model.fc_norm(pooled))
+
+
+def prompt_sets(prompted):
+    """The prompt parameters of a PromptedViT as one (P_l, Dp) tensor per block."""
+    sets = [prompted.prompt_embeddings[0]]
+    deep = prompted.deep_prompt_embeddings
+    if deep is None:
+        return sets
+    counts = prompted.config.layer_counts
+    if counts is None:
+        return sets + list(deep.unbind(0))
+    return sets + list(deep.split(list(counts[1:]), 0))
+
+
+def naive_vpt_of(prompted, x, **kw):
+    c = prompted.config
+    return naive_vpt(
+        prompted.model,
+        prompt_sets(prompted),
+        c.deep,
+        prompted.prompt_proj,
+        c.dropout,
+        prompted.training,
+        c.readout,
+        x,
+        **kw,
+    )

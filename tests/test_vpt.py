@@ -4,56 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import assert_close, images, tiny_vit
+from helpers import assert_close, images, naive_vpt_of, tiny_vit
 
 import fastprompt
 
 
-def naive_vpt(model, shallow, deep, proj, dropout, training, readout, x):
-    """Official VPT (KMnP/vpt), written out: prompts are real tokens after the CLS (and registers).
-
-    shallow: (1, P, Dp); deep: (L-1, P, Dp) or None; proj: callable Dp -> D.
-    """
-    b = x.shape[0]
-    npre = model.num_prefix_tokens
-    p = shallow.shape[1]
-
-    def prompt_tokens(raw):  # dropout after expanding over the batch: a mask per image
-        return F.dropout(proj(raw).expand(b, -1, -1), dropout, training)
-
-    tokens = model._pos_embed(model.patch_embed(x))
-    tokens = torch.cat([tokens[:, :npre], prompt_tokens(shallow), tokens[:, npre:]], dim=1)
-    tokens = model.norm_pre(tokens)
-    for i, block in enumerate(model.blocks):
-        if deep is not None and i > 0:
-            prev = tokens
-            tokens = torch.cat(
-                [prev[:, :npre], prompt_tokens(deep[i - 1 : i]), prev[:, npre + p :]], 1
-            )
-        tokens = block(tokens)
-    tokens = model.norm(tokens)
-    if readout == "cls":
-        pooled = tokens[:, 0]
-    elif readout == "patches":
-        pooled = tokens[:, npre + p :].mean(1)
-    else:
-        pooled = tokens[:, npre:].mean(1)
-    return model.head(model.fc_norm(pooled))
-
-
 def _naive_for(prompted, x):
-    c = prompted.config
-    return naive_vpt(
-        prompted.model,
-        prompted.prompt_embeddings,
-        prompted.deep_prompt_embeddings,
-        prompted.prompt_proj,
-        c.dropout,
-        prompted.training,
-        c.readout,
-        x,
-    )
+    return naive_vpt_of(prompted, x)
 
 
 def _compare(prompted, x, seed=0):

@@ -1,0 +1,214 @@
+"""``prompt_scores``: per-(sequence, prompt) importance terms from the prompt-attention backward.
+
+Prompt Condensation scores every prompt with a first-order term per sample. All of them need only
+what the attention backward already has per sequence, before it sums over the batch
+(DESIGN.md, "the two facts"):
+
+- ``terms[s, b, i] = Σ_{h,d} ∂L_b/∂k_{p,i} · u_k[s, i] + ∂L_b/∂v_{p,i} · u_v[s, i]``: a dot of the
+  per-sample prompt K/V gradients with a per-prompt vector (the paper's Taylor score with
+  ``u = J_kv(p) p``, the normalised one with ``u = J_kv(h) (h − β)``);
+- ``gate[b, i] = Σ_{h, n} dS[b, h, n, i]``: the gradient of the loss with respect to a log-gate on
+  prompt key i, i.e. the first-order effect of removing the prompt from attention. With
+  ``dS = P ∘ (dP − Δ)``: ``Σ_n dS[n, i] = v_i · dV_i − Σ_n P[n, i] Δ_n``.
+
+:class:`ScoredPromptAttention` is prompt attention whose backward also emits these terms, so a
+whole dataset is scored with one backward per batch and no per-sample gradient of a prompt is
+ever materialised.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fastprompt.ops._dispatch import choose
+from fastprompt.ops.prompt_attention import (
+    BACKENDS,
+    _kernels,
+    _key_bias,
+    _prompt_attention_op,
+    _reduce_over_sets,
+)
+
+__all__ = ["ScoredPromptAttention", "prompt_scores", "prompt_scores_ref"]
+
+
+def _per_sequence(table: Tensor, prompt_index: Tensor | None, b: int) -> Tensor:
+    """(T, ...) → (B, ...) by set index (set 0 for all when None)."""
+    return table[:1].expand(b, *table.shape[1:]) if prompt_index is None else table[prompt_index]
+
+
+def prompt_scores_ref(
+    q: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dprompt_k: Tensor,
+    dprompt_v: Tensor,
+    u_k: Tensor,
+    u_v: Tensor,
+    scale: float,
+    prompt_index: Tensor | None = None,
+    prompt_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Reference scores in fp32 from per-sequence prompt gradients.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, H, N, d)
+    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
+    lse : Tensor, shape (B, H, N)
+        Forward log-sum-exp.
+    delta : Tensor, shape (B, H, N)
+        ``Σ_d dout · out`` per query.
+    dprompt_k, dprompt_v : Tensor, shape (B, H, P, d)
+        Per-sequence gradients of the loss with respect to the sequence's prompt keys/values.
+    u_k, u_v : Tensor, shape (S, T, H, P, d)
+        S per-prompt vectors to dot with the gradients (S may be 0).
+    scale : float
+    prompt_index, prompt_lengths
+        As in :func:`fastprompt.ops.prompt_attention`.
+
+    Returns
+    -------
+    terms : Tensor, shape (S, B, P), float32
+    gate : Tensor, shape (B, P), float32
+    """
+    b, _, n, _ = q.shape
+    p = prompt_k.shape[2]
+    f = torch.float32 if q.dtype != torch.float64 else torch.float64
+    pk = _per_sequence(prompt_k, prompt_index, b).to(f)
+    pv = _per_sequence(prompt_v, prompt_index, b).to(f)
+    probs = torch.exp((q.to(f) @ pk.transpose(-1, -2)) * scale - lse.to(f).unsqueeze(-1))
+    bias = _key_bias(q, p, 0, prompt_index, prompt_lengths, f)
+    if bias is not None:
+        probs = probs.masked_fill(torch.isinf(bias), 0.0)
+    dpv = dprompt_v.to(f)
+    gate = (pv * dpv).sum(-1).sum(1) - torch.einsum("bhnp,bhn->bp", probs, delta.to(f))
+    uk = u_k.to(f)[:, prompt_index] if prompt_index is not None else u_k.to(f)[:, :1]
+    uv = u_v.to(f)[:, prompt_index] if prompt_index is not None else u_v.to(f)[:, :1]
+    terms = torch.einsum("bhpd,sbhpd->sbp", dprompt_k.to(f), uk.expand(-1, b, -1, -1, -1))
+    terms = terms + torch.einsum("bhpd,sbhpd->sbp", dpv, uv.expand(-1, b, -1, -1, -1))
+    return terms, gate
+
+
+def prompt_scores(
+    q: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dprompt_k: Tensor,
+    dprompt_v: Tensor,
+    u_k: Tensor,
+    u_v: Tensor,
+    scale: float,
+    prompt_index: Tensor | None = None,
+    prompt_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-(sequence, prompt) score terms; standalone form (see :func:`prompt_scores_ref`).
+
+    The Triton backend computes the same terms inside its backward kernel
+    (:class:`ScoredPromptAttention`); this standalone op serves every other backend.
+    """
+    return prompt_scores_ref(
+        q,
+        prompt_k,
+        prompt_v,
+        lse,
+        delta,
+        dprompt_k,
+        dprompt_v,
+        u_k,
+        u_v,
+        scale,
+        prompt_index,
+        prompt_lengths,
+    )
+
+
+ScoreSink = Callable[[Tensor, Tensor], None]
+
+
+class ScoredPromptAttention(torch.autograd.Function):
+    """Prompt attention whose backward also hands per-(sample, prompt) terms to ``sink``.
+
+    ``forward(q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, backend, sink)``
+    returns ``(out, lse)`` like :func:`fastprompt.ops.prompt_attention`; its backward returns
+    the same gradients and calls ``sink(terms (S, B, P), gate (B, P))`` once.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, backend, sink):
+        out, lse = _prompt_attention_op(
+            q, k, v, prompt_k, prompt_v, prompt_index, None, scale, backend
+        )
+        ctx.save_for_backward(q, k, v, prompt_k, prompt_v, prompt_index, out, lse, u_k, u_v)
+        ctx.scale, ctx.backend, ctx.sink = scale, backend, sink
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, _dlse):
+        q, k, v, pk, pv, index, out, lse, u_k, u_v = ctx.saved_tensors
+        _, bwd = _kernels(ctx.backend)
+        dout = dout.contiguous() if dout.stride(-1) != 1 else dout
+        if ctx.backend == "triton":
+            from fastprompt.kernels.triton.prompt_attention import prompt_attention_bwd_triton
+
+            dq, dk, dv, dpk, dpv, terms, gate = prompt_attention_bwd_triton(
+                dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k=u_k, u_v=u_v
+            )
+        else:
+            dq, dk, dv, dpk, dpv = bwd(dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale)
+            delta = (dout.float() * out.float()).sum(-1)
+            terms, gate = prompt_scores(
+                q, pk, pv, lse, delta, dpk, dpv, u_k, u_v, ctx.scale, index, None
+            )
+        ctx.sink(terms, gate)
+        t = pk.shape[0]
+        dpk = _reduce_over_sets(dpk, index, t).to(pk.dtype)
+        dpv = _reduce_over_sets(dpv, index, t).to(pv.dtype)
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+
+
+def scored_prompt_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    u_k: Tensor,
+    u_v: Tensor,
+    sink: ScoreSink,
+    prompt_index: Tensor | None = None,
+    scale: float | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`fastprompt.ops.prompt_attention` whose backward reports score terms to ``sink``.
+
+    Parameters
+    ----------
+    q, k, v : Tensor, shape (B, H, N, d)
+    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
+    u_k, u_v : Tensor, shape (S, T, H, P, d)
+        Per-prompt vectors for the S dot-product terms.
+    sink : callable
+        Called in backward with ``terms`` (S, B, P) and ``gate`` (B, P), float32.
+    prompt_index : Tensor, shape (B,), optional
+    scale : float, optional
+    backend : str, optional
+
+    Returns
+    -------
+    out : Tensor, shape (B, H, N, d)
+    lse : Tensor, shape (B, H, N)
+    """
+    name = choose("prompt_scores", BACKENDS, q.device, q.dtype, q.shape[-1], backend)
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return ScoredPromptAttention.apply(
+        q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, name, sink
+    )
