@@ -282,7 +282,7 @@ def select_prompts(scores: Tensor, keep: float | int, scope: str = "global") -> 
     if isinstance(keep, float):
         if not 0.0 <= keep <= 1.0:
             raise ValueError(f"select_prompts: a keep ratio must be in [0, 1], got {keep}")
-        count = int(round(keep * pool))
+        count = round(keep * pool)
     else:
         if not 0 <= keep <= pool:
             raise ValueError(f"select_prompts: keep count must be in [0, {pool}], got {keep}")

@@ -77,7 +77,7 @@ def prompt_scores_ref(
     terms : Tensor, shape (S, B, P), float32
     gate : Tensor, shape (B, P), float32
     """
-    b, _, n, _ = q.shape
+    b = q.shape[0]
     p = prompt_k.shape[2]
     f = torch.float32 if q.dtype != torch.float64 else torch.float64
     pk = _per_sequence(prompt_k, prompt_index, b).to(f)
