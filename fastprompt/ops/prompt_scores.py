@@ -157,10 +157,12 @@ class ScoredPromptAttention(torch.autograd.Function):
         _, bwd = _kernels(ctx.backend)
         dout = dout.contiguous() if dout.stride(-1) != 1 else dout
         if ctx.backend == "triton":
-            from fastprompt.kernels.triton.prompt_attention import prompt_attention_bwd_triton
+            from fastprompt.kernels.triton.prompt_attention import (
+                prompt_attention_bwd_scores_triton,
+            )
 
-            dq, dk, dv, dpk, dpv, terms, gate = prompt_attention_bwd_triton(
-                dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k=u_k, u_v=u_v
+            dq, dk, dv, dpk, dpv, terms, gate = prompt_attention_bwd_scores_triton(
+                dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k, u_v
             )
         else:
             dq, dk, dv, dpk, dpv = bwd(dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale)

@@ -104,3 +104,48 @@ def test_vpt_on_the_triton_backend_matches_naive_vpt():
     gb = torch.autograd.grad(b.sum(), naive.deep_prompt_embeddings)[0]
     assert_close(a, b, "logits", atol=1e-4, rtol=1e-4)
     assert_close(ga, gb, "grad deep prompts", atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("indexed", [False, True])
+def test_score_epilogue_matches_reference_scores(indexed):
+    from fastprompt.ops.prompt_scores import scored_prompt_attention
+
+    b, h, n, d, p = 3, 2, 21, 32, 7
+    t = 2 if indexed else 1
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True, device=DEVICE)
+    pk, pv = make_prompts(t, h, p, d, device=DEVICE)
+    g = torch.Generator().manual_seed(5)
+    u_k, u_v = (torch.randn(2, t, h, p, d, generator=g).to(DEVICE) for _ in range(2))
+    index = torch.tensor([1, 0, 1], device=DEVICE) if indexed else None
+    dout = torch.randn(b, h, n, d, device=DEVICE)
+    results = {}
+    for backend in ("triton", "torch"):
+        got = {}
+        inputs = [x.detach().clone().requires_grad_() for x in (q, k, v, pk, pv)]
+        out, _ = scored_prompt_attention(
+            *inputs,
+            u_k,
+            u_v,
+            lambda terms, gate, got=got: got.update(terms=terms, gate=gate),
+            prompt_index=index,
+            backend=backend,
+        )
+        grads = torch.autograd.grad(out, inputs, dout)
+        results[backend] = (got["terms"], got["gate"], *grads)
+    names = ("terms", "gate", "dq", "dk", "dv", "dprompt_k", "dprompt_v")
+    for name, a, e in zip(names, results["triton"], results["torch"]):
+        assert_close(a, e, name, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["taylor_normed", "gate"])
+def test_scoring_a_model_on_triton_matches_torch(method):
+    import fastprompt
+    from helpers import images, tiny_vit
+
+    x, y = images(2), torch.tensor([1, 3])
+    scores = {}
+    for backend in ("triton", "torch"):
+        prompted = fastprompt.vpt(tiny_vit(embed_dim=128, num_heads=4), 5, backend=backend)
+        scores[backend] = fastprompt.score_prompts(prompted, [(x, y)], method, progress=False)
+    scale = scores["torch"].abs().max()
+    assert_close(scores["triton"] / scale, scores["torch"] / scale, method, atol=1e-4, rtol=1e-3)

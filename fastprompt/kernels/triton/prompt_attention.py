@@ -174,6 +174,10 @@ def _prompt_attention_bwd_kv_kernel(
     LENS,
     DK,
     DV,
+    UK,
+    UV,
+    TERMS,
+    GATE,
     s_qb,
     s_qh,
     s_qn,
@@ -194,12 +198,20 @@ def _prompt_attention_bwd_kv_kernel(
     s_dkh,
     s_dkn,
     s_dkd,
+    s_us,
+    s_ut,
+    s_uh,
+    s_up,
+    s_ud,
     H,
     N,
     NK,
+    BH,
     qk_scale,
     scale,
     PROMPTS: tl.constexpr,
+    NUM_U: tl.constexpr,
+    SCORES: tl.constexpr,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -210,7 +222,12 @@ def _prompt_attention_bwd_kv_kernel(
 ):
     """dK, dV of one block of keys of one sequence·head. With PROMPTS, the keys are the
     sequence's prompt set (K/V are the tables, K's batch stride is the set stride) and dK/dV are
-    per-sequence fp32 partials; DK and DV share strides."""
+    per-sequence fp32 partials; DK and DV share strides.
+
+    With SCORES (prompt keys only), the epilogue also writes Prompt Condensation's terms while the
+    per-sequence gradients are in registers: GATE (B, H, P) = Σ_queries dS, and for each of the
+    NUM_U vectors u (UK/UV: (S, T, H, P, d), shared strides) TERMS (S, B, H, P) =
+    Σ_d dK·u_k + dV·u_v. Heads are summed by the launcher."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
@@ -227,6 +244,7 @@ def _prompt_attention_bwd_kv_kernel(
     v = _load_keys(V + t * s_vb + h * s_vh, offs_n, offs_d, s_vn, s_vd, n_valid, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    gate = tl.zeros([BLOCK_N], tl.float32)
     for start in range(0, N, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         m_mask = offs_m < N
@@ -240,8 +258,19 @@ def _prompt_attention_bwd_kv_kernel(
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PRECISION)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
+        if SCORES:
+            gate += tl.sum(ds, 0)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
     dk = dk * scale
+    if SCORES:
+        n_mask = offs_n < n_valid
+        tl.store(GATE + pid_bh * NK + offs_n, gate, mask=n_mask)
+        for s_i in tl.static_range(NUM_U):
+            u_base = s_i * s_us + t * s_ut + h * s_uh
+            uk = _load_keys(UK + u_base, offs_n, offs_d, s_up, s_ud, n_valid, D).to(tl.float32)
+            uv = _load_keys(UV + u_base, offs_n, offs_d, s_up, s_ud, n_valid, D).to(tl.float32)
+            term = tl.sum(dk * uk + dv * uv, 1)
+            tl.store(TERMS + (s_i * BH + pid_bh) * NK + offs_n, term, mask=n_mask)
     mask = (offs_n[:, None] < n_valid) & (offs_d[None, :] < D)
     ptrs = b * s_dkb + h * s_dkh + offs_n[:, None] * s_dkn + offs_d[None, :] * s_dkd
     # Rows past a prompt set's length stay zero (the buffers are zero-initialised).
@@ -463,6 +492,20 @@ def prompt_attention_bwd_triton(
 
     The op sums the per-sequence prompt gradients per set (in a fixed order) afterwards.
     """
+    return _bwd(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, None, None)[
+        :5
+    ]
+
+
+def prompt_attention_bwd_scores_triton(
+    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
+):
+    """Backward launcher with the score epilogue: the five gradients of
+    :func:`prompt_attention_bwd_triton`, then ``terms`` (S, B, P) and ``gate`` (B, P), fp32."""
+    return _bwd(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v)
+
+
+def _bwd(dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v):
     b, h, n, d = q.shape
     p = pk.shape[2]
     delta = (dout.float() * out.float()).sum(-1).contiguous()
@@ -476,6 +519,15 @@ def prompt_attention_bwd_triton(
     dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
     dpk = torch.zeros((b, h, p, d), device=q.device, dtype=torch.float32)
     dpv = torch.zeros_like(dpk)
+    scores = u_k is not None
+    if scores:
+        u_k, u_v = u_k.contiguous(), u_v.contiguous()
+        terms = torch.zeros((u_k.shape[0], b, h, p), device=q.device, dtype=torch.float32)
+        gate = torch.zeros((b, h, p), device=q.device, dtype=torch.float32)
+        u_strides = u_k.stride()
+    else:
+        u_k = u_v = terms = gate = dpk
+        u_strides = (0, 0, 0, 0, 0)
     common = (*q.stride(),)
     _prompt_attention_bwd_kv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), b * h)](
         q,
@@ -488,17 +540,29 @@ def prompt_attention_bwd_triton(
         lens,
         dk,
         dv,
+        dk,
+        dv,
+        dk,
+        dk,
         *common,
         *k.stride(),
         *v.stride(),
         *dout.stride(),
         *dk.stride(),
+        0,
+        0,
+        0,
+        0,
+        0,
         h,
         n,
         n,
+        b * h,
         scale * _LOG2E,
         scale,
         PROMPTS=False,
+        NUM_U=0,
+        SCORES=False,
         **flags,
     )
     if p > 0:
@@ -513,17 +577,25 @@ def prompt_attention_bwd_triton(
             lens,
             dpk,
             dpv,
+            u_k,
+            u_v,
+            terms,
+            gate,
             *common,
             *pk.stride(),
             *pv.stride(),
             *dout.stride(),
             *dpk.stride(),
+            *u_strides,
             h,
             n,
             p,
+            b * h,
             scale * _LOG2E,
             scale,
             PROMPTS=True,
+            NUM_U=u_k.shape[0] if scores else 0,
+            SCORES=scores,
             **flags,
         )
     _prompt_attention_bwd_q_kernel[(triton.cdiv(n, cfg["BLOCK_M"]), b * h)](
@@ -552,4 +624,6 @@ def prompt_attention_bwd_triton(
         scale,
         **flags,
     )
-    return dq, dk, dv, dpk, dpv
+    if scores:
+        return dq, dk, dv, dpk, dpv, terms.sum(2), gate.sum(1)
+    return dq, dk, dv, dpk, dpv, None, None
