@@ -139,8 +139,9 @@ def test_score_epilogue_matches_reference_scores(indexed):
 
 @pytest.mark.parametrize("method", ["taylor_normed", "gate"])
 def test_scoring_a_model_on_triton_matches_torch(method):
-    import fastprompt
     from helpers import images, tiny_vit
+
+    import fastprompt
 
     x, y = images(2), torch.tensor([1, 3])
     scores = {}
