@@ -28,6 +28,7 @@ __all__ = [
     "environment",
     "flops",
     "run",
+    "summarize",
     "time_fn",
 ]
 
@@ -212,7 +213,8 @@ class BenchConfig:
     img_size: int | None = None
 
 
-def _summary(times: list[float]) -> dict[str, float]:
+def summarize(times: list[float]) -> dict[str, float]:
+    """Median, p20 and p80 of repeated timings, in seconds."""
     qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
     return {
         "median_s": statistics.median(times),
@@ -269,10 +271,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     say(f"{cfg.model}: prompt-free")
     free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
     with torch.inference_mode():
-        free["infer"] = _summary(time_fn(lambda: model(x), device, cfg.reps))
+        free["infer"] = summarize(time_fn(lambda: model(x), device, cfg.reps))
     with _full_backward(model):
         if cfg.train:
-            free["train"] = _summary(time_fn(train_step(model), device, cfg.reps))
+            free["train"] = summarize(time_fn(train_step(model), device, cfg.reps))
         if cfg.memory:
             params = list(model.parameters())
             free["activation_bytes"] = activation_bytes(lambda: model(x), params)
@@ -289,10 +291,10 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
             row: dict[str, Any] = {"prompts": p, "variant": impl}
             prompted.eval()
             with torch.inference_mode():
-                row["infer"] = _summary(time_fn(lambda: prompted(x), device, cfg.reps))
+                row["infer"] = summarize(time_fn(lambda: prompted(x), device, cfg.reps))
             prompted.train()
             if cfg.train:
-                row["train"] = _summary(time_fn(train_step(prompted), device, cfg.reps))
+                row["train"] = summarize(time_fn(train_step(prompted), device, cfg.reps))
             if cfg.memory:
                 row["activation_bytes"] = activation_bytes(lambda: prompted(x), params)
                 if device.type == "cuda":
