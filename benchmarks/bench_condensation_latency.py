@@ -76,7 +76,8 @@ def main() -> None:
         f"{env['device']}; torch {env['torch']}, timm {env['timm']}, commit {env['commit']}, "
         f"{env['date']}. Median latency [p20, p80] over {reps} runs.",
         "",
-        "| keep | scope | naive VPT ms | fastprompt ms | fastprompt / naive | fastprompt / prompt-free |",
+        "| keep | scope | naive VPT ms | fastprompt ms | fastprompt / naive "
+        "| fastprompt / prompt-free |",
         "|---|---|---|---|---|---|",
         f"| 0 | - | {1e3 * free:.1f} (prompt-free) | | | 1 |",
     ]
