@@ -30,6 +30,7 @@ __all__ = [
     "run",
     "summarize",
     "time_fn",
+    "time_interleaved",
 ]
 
 
@@ -101,6 +102,20 @@ def time_fn(
             t0 = time.perf_counter()
             fn()
             times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per call of several functions, timed in turn within each repetition."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            times[name] += time_fn(fn, device, 1, warmup=0)
     return times
 
 
@@ -270,33 +285,62 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
 
     say(f"{cfg.model}: prompt-free")
     free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
-    with torch.inference_mode():
-        free["infer"] = summarize(time_fn(lambda: model(x), device, cfg.reps))
-    with _full_backward(model):
-        if cfg.train:
-            free["train"] = summarize(time_fn(train_step(model), device, cfg.reps))
-        if cfg.memory:
-            params = list(model.parameters())
-            free["activation_bytes"] = activation_bytes(lambda: model(x), params)
+    if cfg.memory:
+        with _full_backward(model):
+            free["activation_bytes"] = activation_bytes(lambda: model(x), list(model.parameters()))
     if cfg.count_flops:
         free["gflops"] = flops(model, x)
     rows.append(free)
+    free_times: dict[str, list[float]] = {"infer": [], "train": []}
 
     for p in cfg.prompts:
+        say(f"{cfg.model}: {p} prompts")
         prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend, readout="cls")
-        params = list(prompted.parameters())
-        for impl in ("naive", "fused"):
-            say(f"{cfg.model}: {p} prompts, {impl}")
+        group = {impl: {"prompts": p, "variant": impl} for impl in ("naive", "fused")}
+
+        def infer(impl: str) -> Callable[[], object]:
+            def call() -> object:
+                prompted.impl = impl
+                return prompted(x)
+
+            return call
+
+        def step(impl: str) -> Callable[[], None]:
+            def call() -> None:
+                prompted.impl = impl
+                train_step(prompted)()
+
+            return call
+
+        def free_step() -> None:
+            with _full_backward(model):
+                train_step(model)()
+
+        # Interleaved: each repetition times the three variants back to back, so drift in the
+        # machine's speed (other load, clocks) hits all of them alike.
+        prompted.eval()
+        with torch.inference_mode():
+            times = time_interleaved(
+                {"free": lambda: model(x), "naive": infer("naive"), "fused": infer("fused")},
+                device,
+                cfg.reps,
+            )
+        _store(group, free_times, "infer", times)
+        prompted.train()
+        if cfg.train:
+            times = time_interleaved(
+                {"free": free_step, "naive": step("naive"), "fused": step("fused")},
+                device,
+                cfg.reps,
+            )
+            _store(group, free_times, "train", times)
+        for impl, row in group.items():
             prompted.impl = impl
-            row: dict[str, Any] = {"prompts": p, "variant": impl}
-            prompted.eval()
-            with torch.inference_mode():
-                row["infer"] = summarize(time_fn(lambda: prompted(x), device, cfg.reps))
-            prompted.train()
-            if cfg.train:
-                row["train"] = summarize(time_fn(train_step(prompted), device, cfg.reps))
             if cfg.memory:
-                row["activation_bytes"] = activation_bytes(lambda: prompted(x), params)
+                prompted.train()
+                row["activation_bytes"] = activation_bytes(
+                    lambda: prompted(x), list(prompted.parameters())
+                )
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                     train_step(prompted)()
@@ -306,8 +350,20 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
                 row["gflops"] = flops(prompted, x)
             rows.append(row)
         prompted.unwrap()
+    for kind, times in free_times.items():
+        if times:
+            free[kind] = summarize(times)
     _add_ratios(rows)
     return {"config": cfg.__dict__.copy(), "env": environment(device), "rows": rows}
+
+
+def _store(group: dict, free_times: dict, kind: str, times: dict[str, list[float]]) -> None:
+    """Put interleaved timings into rows; the prompt-free median of the same group is kept
+    beside each row so ratios compare measurements taken together."""
+    free_times[kind] += times["free"]
+    for impl, row in group.items():
+        row[kind] = summarize(times[impl])
+        row[f"{kind}_free_median_s"] = statistics.median(times["free"])
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -317,7 +373,7 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         naive = by_key[(r["prompts"], "naive")]
         for kind in ("infer", "train"):
             if kind in r:
-                r[f"{kind}_vs_free"] = r[kind]["median_s"] / free[kind]["median_s"]
+                r[f"{kind}_vs_free"] = r[kind]["median_s"] / r[f"{kind}_free_median_s"]
                 r[f"{kind}_vs_naive"] = r[kind]["median_s"] / naive[kind]["median_s"]
         if "activation_bytes" in r:
             r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]

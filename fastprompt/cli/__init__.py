@@ -63,7 +63,7 @@ def _bench(args: argparse.Namespace) -> int:
         img_size=args.img_size,
     )
     cfg.prompts = [p for p in cfg.prompts if p > 0]
-    steps = 1 + 2 * len(cfg.prompts)
+    steps = 1 + len(cfg.prompts)
     try:
         from tqdm import tqdm
 
