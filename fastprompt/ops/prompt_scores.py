@@ -95,39 +95,9 @@ def prompt_scores_ref(
     return terms, gate
 
 
-def prompt_scores(
-    q: Tensor,
-    prompt_k: Tensor,
-    prompt_v: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    dprompt_k: Tensor,
-    dprompt_v: Tensor,
-    u_k: Tensor,
-    u_v: Tensor,
-    scale: float,
-    prompt_index: Tensor | None = None,
-    prompt_lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Per-(sequence, prompt) score terms; standalone form (see :func:`prompt_scores_ref`).
-
-    The Triton backend computes the same terms inside its backward kernel
-    (:class:`ScoredPromptAttention`); this standalone op serves every other backend.
-    """
-    return prompt_scores_ref(
-        q,
-        prompt_k,
-        prompt_v,
-        lse,
-        delta,
-        dprompt_k,
-        dprompt_v,
-        u_k,
-        u_v,
-        scale,
-        prompt_index,
-        prompt_lengths,
-    )
+# The standalone op has one implementation, the reference; the Triton backend computes the same
+# terms inside its backward kernel (see ScoredPromptAttention) rather than as a separate call.
+prompt_scores = prompt_scores_ref
 
 
 ScoreSink = Callable[[Tensor, Tensor], None]
