@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from helpers import assert_close, images, naive_vpt, naive_vpt_of, prompt_sets, tiny_vit
 
 import fastprompt
-from fastprompt.condensation import _score_vectors, layer_summary
-from fastprompt.ops.gather_prompts import gather_prompts, gather_prompts_ref
+from fastprompt.methods.condensation import _score_vectors, layer_summary
+from fastprompt.ops.gather import gather_prompts, gather_prompts_ref
 
 P = 6
 
@@ -230,7 +230,7 @@ def test_condensed_checkpoint_round_trips(tmp_path):
     condensed.save_prompts(tmp_path / "pc")
     loaded = fastprompt.load_prompts(tiny_vit(depth=3), tmp_path / "pc")
     assert loaded.config.layer_counts == condensed.config.layer_counts
-    assert torch.equal(loaded.condensed_from, keep)
+    assert torch.equal(fastprompt.kept_prompts(loaded), keep)
     for name, p in condensed.trainable_parameters().items():
         assert torch.equal(p, loaded.trainable_parameters()[name]), name
 
@@ -244,7 +244,7 @@ def test_prompt_condensation_runner(capsys):
     assert sum(condensed.config.layer_counts) == 9
     out = capsys.readouterr().out
     assert "block  0" in out and "total   :    9 / 18" in out
-    assert layer_summary(condensed.condensed_from).endswith("(50.0 %)")
+    assert layer_summary(fastprompt.kept_prompts(condensed)).endswith("(50.0 %)")
 
 
 def test_bad_inputs():

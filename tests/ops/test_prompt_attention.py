@@ -11,7 +11,7 @@ from helpers import assert_close, make_prompts, make_qkv
 
 from fastprompt.ops import prompt_attention, prompt_attention_ref
 
-op_module = sys.modules["fastprompt.ops.prompt_attention"]
+op_module = sys.modules["fastprompt.ops.attention"]
 
 # (B, H, N, d, T, P): odd N, P over {0, 1, 7, 50}.
 SHAPES = [

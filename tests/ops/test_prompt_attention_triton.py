@@ -121,7 +121,7 @@ def test_vpt_on_the_triton_backend_matches_naive_vpt():
 
 @pytest.mark.parametrize("indexed", [False, True])
 def test_score_epilogue_matches_reference_scores(indexed):
-    from fastprompt.ops.prompt_scores import scored_prompt_attention
+    from fastprompt.ops.scores import scored_prompt_attention
 
     b, h, n, d, p = 3, 2, 21, 32, 7
     t = 2 if indexed else 1
