@@ -1,12 +1,12 @@
 """Prompt checkpoints: ours (safetensors + json, bit-exact, any method) and the official VPT code's.
 
 A folder written by :func:`save_prompts` holds ``prompts.safetensors`` (what trains: the prompt
-source's parameters and buffers, and the head) and ``config.json`` (the method, its config and the model it was
-trained on). The same description is stored inside the safetensors file's metadata, so the file
-alone is a complete checkpoint and replacing it (atomically) replaces the checkpoint as a whole;
-``config.json`` is the copy a person reads. :func:`load_prompts` rebuilds the model through the
-method registry (:mod:`fastprompt.methods`), and also reads a state dict or ``.pth`` file of the
-official VPT code (keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``,
+source's parameters and buffers, and the head) and ``config.json`` (the method, its config and the
+model it was trained on). The same description is stored inside the safetensors file's metadata,
+so the file alone is a complete checkpoint and replacing it (atomically) replaces the checkpoint
+as a whole; ``config.json`` is the copy a person reads. :func:`load_prompts` rebuilds the model
+through the method registry (:mod:`fastprompt.methods`), and also reads a state dict or ``.pth``
+file of the official VPT code (keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``,
 ``prompt_proj.*``, ``head.last_layer.*``).
 """
 

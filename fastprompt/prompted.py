@@ -1,4 +1,4 @@
-"""The prompted ViT core: a timm ``VisionTransformer`` plus a prompt source, nothing method-specific.
+"""The prompted ViT core: a timm ``VisionTransformer`` plus a prompt source; no method in it.
 
 :class:`PromptedViT` wraps a timm model without patching it. It registers the model's submodules
 and parameters under their own names, and those of its prompt source (:mod:`fastprompt.sources`)

@@ -79,7 +79,7 @@ def check_wrappable(model: nn.Module, who: str) -> None:
 
 
 def fused_unsupported_reasons(model: nn.Module) -> list[str]:
-    """Why the fused path (image rows only, prompt K/V per block) cannot run ``model``; [] if it can.
+    """Why the fused path (image rows, prompt K/V per block) cannot run ``model``; [] if it can.
 
     The fused block reproduces timm's ``vision_transformer.Block`` and ``Attention`` forwards; a
     subclass that overrides either (even keeping the attribute names) computes something else.
