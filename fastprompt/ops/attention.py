@@ -81,18 +81,22 @@ def _prompt_attention_op(
     out, lse = kernels.prompt_attention_fwd(
         q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale
     )
-    lse = lse.contiguous()
-    if out.transpose(1, 2).is_contiguous():
-        return out, lse
-    layout = empty_out(q)
-    layout.copy_(out)
-    return layout, lse
+    return heads_last(out), lse.contiguous()
 
 
 def empty_out(q: Tensor) -> Tensor:
     """(B, H, N, d) output stored as (B, N, H, d): heads merge into (B, N, H·d) without a copy."""
     b, h, n, d = q.shape
     return q.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+def heads_last(t: Tensor) -> Tensor:
+    """``t`` (B, H, N, d) in the (B, N, H, d) storage of :func:`empty_out` (a copy only if not)."""
+    if t.transpose(1, 2).is_contiguous():
+        return t
+    layout = empty_out(t)
+    layout.copy_(t)
+    return layout
 
 
 @_prompt_attention_op.register_fake
@@ -120,19 +124,26 @@ def _prompt_attention_backward_op(
     dq, dk, dv, dpk, dpv = kernels.prompt_attention_bwd(
         dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
     )
-    grads = (dq, dk, dv, dpk.to(prompt_k.dtype), dpv.to(prompt_v.dtype))
-    # custom_op outputs may not alias inputs or each other; slices of one buffer would.
-    return tuple(g.clone() if g._base is not None else g for g in grads)
+    # Fixed layouts whatever the backend (the fake must predict them), and no output aliasing an
+    # input or another output (slices of one buffer would).
+    grads = [heads_last(g) for g in (dq, dk, dv)]
+    grads += [dpk.to(prompt_k.dtype).contiguous(), dpv.to(prompt_v.dtype).contiguous()]
+    taken = {t.untyped_storage().data_ptr() for t in (dout, q, k, v, prompt_k, prompt_v, out)}
+    for i, g in enumerate(grads):
+        if g.numel() and g.untyped_storage().data_ptr() in taken:
+            grads[i] = g = g.clone()  # preserves the layout of a dense tensor
+        taken.add(g.untyped_storage().data_ptr())
+    return tuple(grads)
 
 
 @_prompt_attention_backward_op.register_fake
 def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, backend):
     return (
-        torch.empty_like(q),
-        torch.empty_like(k),
-        torch.empty_like(v),
-        torch.empty_like(prompt_k),
-        torch.empty_like(prompt_v),
+        empty_out(q),
+        empty_out(k),
+        empty_out(v),
+        prompt_k.new_empty(prompt_k.shape),
+        prompt_v.new_empty(prompt_v.shape),
     )
 
 
