@@ -6,7 +6,7 @@ head dims, features) and the folder implements the kernel contract below; nothin
 package names a backend. The environment override, the CLI choices, ``fastprompt info`` and the
 scoring path all read this registry.
 
-Kernel contract (``docs/design.md``, "Backends"). A kernels folder's ``__init__`` exposes:
+Kernel contract (``docs/design.md`` §6). A kernels folder's ``__init__`` exposes:
 
 - ``availability() -> str | None``: None when the backend can run in this process, else why not.
 - ``prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)``

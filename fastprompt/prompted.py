@@ -15,7 +15,7 @@ Two computations share the parameters and give the same logits:
 - fused (deep sources only): per block only the prompts' keys/values matter, so they are computed
   once (shared by the batch, or per image) and the image queries attend to ``[K_p; K_img]``
   through :func:`fastprompt.ops.prompt_attention`; prompt rows of Q, attention output,
-  projection, LN2 and MLP are never computed (``docs/design.md``, "The two facts").
+  projection, LN2 and MLP are never computed (``docs/design.md`` §3).
 
 Prompt keys/values can be computed once and reused at inference inside
 :meth:`PromptedViT.frozen_prompts`; methods that need to see each block's prompt attention

@@ -43,7 +43,9 @@ def test_cpu_picks_torch_silently(no_gpu_no_interpreter):
 
 def test_fallback_from_a_better_backend_is_said_once(no_gpu_no_interpreter):
     call = Call(CUDA, torch.bfloat16, 64)
-    with pytest.warns(RuntimeWarning, match="uses backend 'torch' because 'triton' cannot run: no CUDA"):
+    with pytest.warns(
+        RuntimeWarning, match="uses backend 'torch' because 'triton' cannot run: no CUDA"
+    ):
         assert choose("op", call).name == "torch"
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -92,8 +92,14 @@ def test_format_1_folders_still_load(tmp_path):
     save_file(tensors, folder / "prompts.safetensors", metadata={"format": "fastprompt.prompts/1"})
     config = {
         "format": "fastprompt.prompts/1",
-        "vpt": {"num_prompts": 5, "deep": True, "dropout": 0.0, "project": -1,
-                "readout": "cls", "layer_counts": None},
+        "vpt": {
+            "num_prompts": 5,
+            "deep": True,
+            "dropout": 0.0,
+            "project": -1,
+            "readout": "cls",
+            "layer_counts": None,
+        },
         "model": fastprompt.models.vit.signature(prompted.model),
         "impl": "fused",
     }

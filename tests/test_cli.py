@@ -77,7 +77,9 @@ def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
     from fastprompt import backends
 
     monkeypatch.setattr(
-        backends.Backend, "availability", lambda self: None if self.name == "torch" else "switched off"
+        backends.Backend,
+        "availability",
+        lambda self: None if self.name == "torch" else "switched off",
     )
     assert main(["info"]) == 0
     out = capsys.readouterr().out

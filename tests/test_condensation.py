@@ -107,7 +107,7 @@ def test_gradient_scores_equal_per_sample_oracle(method, oracle, model_kw):
 
 
 def test_taylor_vectors_equal_the_closed_form():
-    """J_LN(p) p = γ ⊙ x̂ · ε / (var + ε), then the K/V rows of qkv (DESIGN.md, fact 2)."""
+    """J_LN(p) p = γ ⊙ x̂ · ε / (var + ε), then the K/V rows of qkv (docs/design.md §3, fact 2)."""
     prompted = _trained()
     vectors = _score_vectors(prompted)
     for i, blk in enumerate(prompted.model.blocks):
@@ -166,7 +166,9 @@ def test_leave_one_out_is_the_loss_change_of_removing_the_prompt():
         for layer, j in ((0, 0), (1, 4), (2, 5)):
             cut = list(sets)
             cut[layer] = torch.cat([sets[layer][:j], sets[layer][j + 1 :]])
-            logits = naive_vpt(prompted.model, cut, True, prompted.prompt_proj, 0.0, False, "cls", x)
+            logits = naive_vpt(
+                prompted.model, cut, True, prompted.prompt_proj, 0.0, False, "cls", x
+            )
             removed = F.cross_entropy(logits, y, reduction="sum")
             assert abs(float(loo[layer, j]) - float(removed - base) / 3) < 1e-5
 
@@ -243,7 +245,10 @@ def test_empty_data_and_nan_scores_are_refused():
     x, y = _data(2)
     with pytest.raises(ValueError, match="scores are NaN"):
         fastprompt.score_prompts(
-            prompted, _loader(x, y), "gate", loss_fn=lambda o, t: o.sum() * float("nan"),
+            prompted,
+            _loader(x, y),
+            "gate",
+            loss_fn=lambda o, t: o.sum() * float("nan"),
             progress=False,
         )
     scores = torch.rand(3, P)

@@ -1,7 +1,7 @@
 """Prompt Condensation (Kim et al.): score prompts, keep the top k %, fine-tune what is kept.
 
 Algorithm 1 of the paper, with its Taylor score computed exactly and with scores that measure what
-removing a prompt really does (``docs/design.md``, "The two facts"):
+removing a prompt really does (``docs/design.md`` §3):
 
 - ``taylor``: mean over samples of ``|p_i · ∂L_b/∂p_i|`` (the paper's Eq. 13-16). For a pre-LN
   block this is ``|δ_{b,i} · W_kv J_LN(p_i) p_i|`` with ``J_LN(p) p = γ ⊙ x̂ · ε / (var + ε)``, tiny

@@ -4,7 +4,7 @@ One op, one file: the fp32 reference, the registered ``torch.library`` ops with 
 backend choice and the public :func:`prompt_attention`. The backends' kernels live in
 ``fastprompt/kernels/<backend>/`` and follow the contract in :mod:`fastprompt.backends`.
 
-Contract (``docs/design.md``, "The op"): ``out = softmax(scale · q [K_p; K]ᵀ) [V_p; V]`` where
+Contract (``docs/design.md`` §5): ``out = softmax(scale · q [K_p; K]ᵀ) [V_p; V]`` where
 ``K_p`` is the prompt set ``prompt_index[b]`` of ``prompt_k``, cut to ``prompt_lengths[set]``
 keys. ``lse`` is the natural-log log-sum-exp of each query's scores, fp32. Backward returns
 d prompt_k/v summed over the sequences that share a set, reduced in fp32 in a fixed order

@@ -2,7 +2,7 @@
 
 Prompt Condensation scores every prompt with a first-order term per sample. All of them need only
 what the attention backward already has per sequence, before it sums over the batch
-(``docs/design.md``, "The two facts"):
+(``docs/design.md`` §3):
 
 - ``terms[s, b, i] = Σ_{h,d} ∂L_b/∂k_{p,i} · u_k[s, i] + ∂L_b/∂v_{p,i} · u_v[s, i]``: a dot of the
   per-sample prompt K/V gradients with a per-prompt vector (the paper's Taylor score with

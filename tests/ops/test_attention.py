@@ -188,7 +188,9 @@ def test_index_and_lengths_against_an_independent_oracle(case):
     assert_close(got.double(), expected, "out", atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n, p", [(0, 3), (0, 0), (5, 0)], ids=["no-queries", "nothing", "no-prompts"])
+@pytest.mark.parametrize(
+    "n, p", [(0, 3), (0, 0), (5, 0)], ids=["no-queries", "nothing", "no-prompts"]
+)
 @pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "no-image-keys"])
 def test_empty_shapes_do_not_crash(n, p, with_keys):
     q = torch.randn(2, 2, n, 8, requires_grad=True)
@@ -214,7 +216,9 @@ def test_masked_prompt_slots_never_influence_anything():
     poisoned_k[0, :, 2:], poisoned_v[0, :, 2:] = float("nan"), float("inf")
     poisoned_k[1, :, 3:], poisoned_v[1, :, 3:] = float("nan"), float("nan")
     dout = torch.randn(3, 2, 7, 8)
-    got = _grads(lambda *a: prompt_attention(*a, index, lengths), (q, k, v, poisoned_k, poisoned_v), dout)
+    got = _grads(
+        lambda *a: prompt_attention(*a, index, lengths), (q, k, v, poisoned_k, poisoned_v), dout
+    )
     ref = _grads(lambda *a: prompt_attention_ref(*a, index, lengths), (q, k, v, pk, pv), dout)
     for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dprompt_k", "dprompt_v"), got, ref):
         assert_close(a, e, name)
@@ -223,7 +227,9 @@ def test_masked_prompt_slots_never_influence_anything():
 def test_prompt_index_given_as_a_list_gets_a_clear_error():
     q, k, v = make_qkv(2, 2, 5, 8)
     pk, pv = make_prompts(2, 2, 3, 8)
-    with pytest.raises(TypeError, match="prompt_index must be an int tensor of shape \\(2,\\) or None, got list"):
+    with pytest.raises(
+        TypeError, match="prompt_index must be an int tensor of shape \\(2,\\) or None, got list"
+    ):
         prompt_attention(q, k, v, pk, pv, [0, 1])
 
 
