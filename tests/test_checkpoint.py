@@ -143,5 +143,5 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path):
     _trained().save_prompts(tmp_path / "run")
     with pytest.raises(ValueError, match="holds a 'vpt' model, not 'pgn'"):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "run", method="pgn")
-    with pytest.raises(FileNotFoundError, match="holds no prompts.safetensors"):
+    with pytest.raises(FileNotFoundError, match=r"holds no prompts\.safetensors"):
         fastprompt.load_prompts(tiny_vit(), tmp_path)
