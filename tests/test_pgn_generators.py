@@ -57,26 +57,48 @@ def test_resnet18_parameter_count():
 def test_resnet10_architecture_and_init():
     torch.manual_seed(0)
     g = ResNet10Generator()
-    conv, bn, _, pool = g.stem
+    conv, bn, _, pool = g.input_net
     assert (conv.kernel_size, conv.stride, conv.padding) == ((3, 3), (2, 2), (1, 1))
     assert conv.bias is None and isinstance(bn, nn.BatchNorm2d)
     assert isinstance(pool, nn.MaxPool2d) and (pool.kernel_size, pool.stride) == (3, 2)
-    assert len(ResNet10Generator(max_pool=False).stem) == 3
-    assert [b.conv2.out_channels for b in g.blocks] == [16, 32, 64, 128]
-    assert g.blocks[0].shortcut is None
+    assert len(ResNet10Generator(max_pool=False).input_net) == 3
+    assert [b.net[3].out_channels for b in g.blocks] == [16, 32, 64, 128]
+    assert g.blocks[0].downsample is None
     for b in g.blocks[1:]:
-        sc = b.shortcut
+        sc = b.downsample
         assert isinstance(sc, nn.Conv2d) and sc.kernel_size == (1, 1) and sc.stride == (2, 2)
         assert sc.bias is not None
-        assert b.conv1.stride == (2, 2) and b.conv1.bias is None and b.conv2.bias is None
+        assert b.net[0].stride == (2, 2) and b.net[0].bias is None and b.net[3].bias is None
     bns = [m for m in g.modules() if isinstance(m, nn.BatchNorm2d)]
     assert len(bns) == 9  # stem + 2 per block; none in the shortcuts
     assert all(bool((m.weight == 1).all()) and bool((m.bias == 0).all()) for m in bns)
     # kaiming normal, fan-out, ReLU gain: std = sqrt(2 / (out_channels · k²)).
-    w = g.blocks[3].conv2.weight
+    w = g.blocks[3].net[3].weight
     assert abs(w.std().item() / (2 / (128 * 9)) ** 0.5 - 1) < 0.03
     assert abs(w.mean().item()) < 3e-3
-    assert g.fc.in_features == 128 and g.fc.out_features == 16 * 256
+    fc = g.output_net[-1]
+    assert isinstance(fc, nn.Linear) and (fc.in_features, fc.out_features) == (128, 16 * 256)
+
+
+def test_state_dict_keys_follow_the_official_code():
+    """The released PGN checkpoints (keys under ``model.``) load without renaming."""
+    keys = set(ResNet10Generator(16, 256).state_dict())
+    for k in (
+        "input_net.0.weight",
+        "input_net.1.running_var",
+        "blocks.0.net.0.weight",
+        "blocks.0.net.4.bias",
+        "blocks.3.net.3.weight",
+        "blocks.3.downsample.weight",
+        "blocks.3.downsample.bias",
+        "output_net.2.weight",
+    ):
+        assert k in keys
+    assert "blocks.0.downsample.weight" not in keys
+    r18 = set(ResNet18Generator(2, 4).state_dict())
+    assert {"conv1.weight", "layer4.1.bn2.running_mean", "fc.weight", "fc.bias"} <= r18
+    tv = pytest.importorskip("torchvision.models")
+    assert r18 == set(tv.resnet18(weights=None).state_dict())
 
 
 @pytest.mark.parametrize("name", GENERATORS)

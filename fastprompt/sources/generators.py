@@ -134,23 +134,26 @@ class _BasicBlock(nn.Module):
     """3×3 conv-BN-ReLU, 3×3 conv-BN, plus the shortcut, then ReLU.
 
     A downsampling block halves the resolution in its first convolution and takes a biased 1×1
-    stride-2 convolution (no BatchNorm) as its shortcut; otherwise the shortcut is the identity.
+    stride-2 convolution (no BatchNorm) as its shortcut (``downsample``); otherwise the shortcut
+    is the identity.
     """
 
     def __init__(self, c_in: int, c_out: int, downsample: bool) -> None:
         super().__init__()
         stride = 2 if downsample else 1
-        # Registration order matters: it fixes the order in which the random init is drawn.
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride=2) if downsample else None
+        # Registration order fixes the order in which the random init is drawn.
+        self.net = nn.Sequential(
+            nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+            nn.ReLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+        self.downsample = nn.Conv2d(c_in, c_out, 1, stride=2) if downsample else None
 
     def forward(self, x: Tensor) -> Tensor:
-        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
-        skip = x if self.shortcut is None else self.shortcut(x)
-        return F.relu(out + skip)
+        skip = x if self.downsample is None else self.downsample(x)
+        return F.relu(self.net(x) + skip)
 
 
 class ResNet10Generator(_Generator):
@@ -173,8 +176,10 @@ class ResNet10Generator(_Generator):
 
     Notes
     -----
-    Modules are registered and initialised in the same order as in the official code, so under
-    the same seed the initial weights are the official ones.
+    Module names follow the official code (``input_net``, ``blocks.<i>.net``,
+    ``blocks.<i>.downsample``, ``output_net``), so its state dicts, e.g. the released PGN
+    checkpoints (keys under ``model.``), load directly. Modules are registered and initialised
+    in the official order, so under the same seed the initial weights are the official ones.
     """
 
     def __init__(
@@ -205,7 +210,7 @@ class ResNet10Generator(_Generator):
         stem += [nn.BatchNorm2d(widths[0]), nn.ReLU()]
         if self.max_pool:
             stem.append(nn.MaxPool2d(3, stride=2, padding=1))
-        self.stem = nn.Sequential(*stem)
+        self.input_net = nn.Sequential(*stem)
         blocks = []
         for stage, width in enumerate(widths):
             for i in range(blocks_per_stage):
@@ -213,7 +218,11 @@ class ResNet10Generator(_Generator):
                 c_in = widths[stage - 1] if downsample else width
                 blocks.append(_BasicBlock(c_in, width, downsample))
         self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(widths[-1], self.num_prompts * self.library_size)
+        self.output_net = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(widths[-1], self.num_prompts * self.library_size),
+        )
 
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
@@ -223,8 +232,7 @@ class ResNet10Generator(_Generator):
                 nn.init.zeros_(m.bias)
 
     def _features(self, images: Tensor) -> Tensor:
-        x = self.blocks(self.stem(images))
-        return self.fc(x.mean(dim=(2, 3)))
+        return self.output_net(self.blocks(self.input_net(images)))
 
 
 class ResNet18Generator(_Generator):
@@ -239,9 +247,10 @@ class ResNet18Generator(_Generator):
 
     Notes
     -----
-    The network is ``self.net`` (torchvision's module names below it). The official code can
-    also start from ImageNet weights (``pretrained_pgn``, off by default); load them into
-    ``self.net`` yourself if wanted, the ``fc`` excepted.
+    torchvision's modules are registered directly on this module (``conv1``, ``bn1``,
+    ``layer1``-``layer4``, ``fc``), so the state dict has torchvision's (and the official
+    code's) keys. The official code can also start from ImageNet weights (``pretrained_pgn``, off
+    by default); torchvision's ImageNet state dict, ``fc`` excepted, loads into this module.
     """
 
     def __init__(self, num_prompts: int = 16, library_size: int = 256) -> None:
@@ -257,10 +266,13 @@ class ResNet18Generator(_Generator):
             raise ImportError(f"{who} needs torchvision installed") from e
         net = resnet18(weights=None)
         net.fc = nn.Linear(net.fc.in_features, self.num_prompts * self.library_size)
-        self.net = net
+        for name, child in net.named_children():
+            self.add_module(name, child)
 
     def _features(self, images: Tensor) -> Tensor:
-        return self.net(images)
+        x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(self.avgpool(x).flatten(1))
 
 
 _BUILDERS = {"resnet10": ResNet10Generator, "resnet18": ResNet18Generator}
