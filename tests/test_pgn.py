@@ -194,5 +194,5 @@ def test_models_pgn_cannot_wrap_are_refused():
         fastprompt.pgn(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="global_pool='map'"):
         fastprompt.pgn(tiny_vit(global_pool="map"))
-    with pytest.raises(TypeError, match="expected a model from fastprompt.pgn"):
+    with pytest.raises(TypeError, match=r"expected a model from fastprompt\.pgn"):
         fastprompt.invert_prompts(fastprompt.vpt(tiny_vit(), 2), images(1))
