@@ -10,11 +10,10 @@
 #include <string>
 
 // float32, bfloat16 and float16, the dtypes every kernel takes (scalar_t inside the lambda).
-#define FP_DISPATCH_FLOATS(TYPE, NAME, ...)               \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)    \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+#define FP_DISPATCH_FLOATS(TYPE, NAME, ...)                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
 
 namespace fastprompt {
 
@@ -62,8 +61,8 @@ inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const
   TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == s.B && k.size(1) == s.H && k.size(3) == s.d,
               op, ": k ", k.sizes(), " and v ", v.sizes(), " must be (B=", s.B, ", H=", s.H,
               ", N, d=", s.d, ")");
-  TORCH_CHECK(pk.sizes() == pv.sizes(), op, ": prompt_k ", pk.sizes(), " and prompt_v ",
-              pv.sizes(), " differ");
+  TORCH_CHECK(pk.sizes() == pv.sizes(), op, ": prompt_k ", pk.sizes(), " and prompt_v ", pv.sizes(),
+              " differ");
   TORCH_CHECK(s.T >= 1 && pk.size(1) == s.H && pk.size(3) == s.d, op,
               ": prompt_k must be (T>=1, H=", s.H, ", P, d=", s.d, "), got ", pk.sizes());
   check_index(index, "prompt_index", s.B, q, op);
@@ -73,8 +72,7 @@ inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const
 
 inline void check_exact(const at::Tensor& t, at::IntArrayRef sizes, const char* name,
                         const char* op) {
-  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ",
-              t.sizes());
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
 }
 
 }  // namespace fastprompt

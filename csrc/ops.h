@@ -16,17 +16,15 @@ using OptTensor = std::optional<at::Tensor>;
 using Tensor = at::Tensor;
 
 std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q, const Tensor& k,
-                                                     const Tensor& v, const Tensor& prompt_k,
-                                                     const Tensor& prompt_v,
-                                                     const OptTensor& prompt_index,
-                                                     const OptTensor& prompt_lengths,
-                                                     double scale);
+                                                    const Tensor& v, const Tensor& prompt_k,
+                                                    const Tensor& prompt_v,
+                                                    const OptTensor& prompt_index,
+                                                    const OptTensor& prompt_lengths, double scale);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cpu(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& prompt_k, const Tensor& prompt_v, const OptTensor& prompt_index,
-    const OptTensor& prompt_lengths, const Tensor& out, const Tensor& lse, double scale,
-    const OptTensor& u_k, const OptTensor& u_v);
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prompt_k,
+    const Tensor& prompt_v, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
+    const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k, const OptTensor& u_v);
 
 std::tuple<Tensor, Tensor> prompt_scores_cpu(const Tensor& q, const Tensor& prompt_k,
                                              const Tensor& prompt_v, const Tensor& lse,
@@ -41,17 +39,15 @@ Tensor gather_prompts_backward_cpu(const Tensor& grad_packed, const Tensor& keep
 
 #ifdef FASTPROMPT_WITH_CUDA
 std::tuple<Tensor, Tensor> prompt_attention_fwd_cuda(const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& prompt_k,
-                                                      const Tensor& prompt_v,
-                                                      const OptTensor& prompt_index,
-                                                      const OptTensor& prompt_lengths,
-                                                      double scale);
+                                                     const Tensor& v, const Tensor& prompt_k,
+                                                     const Tensor& prompt_v,
+                                                     const OptTensor& prompt_index,
+                                                     const OptTensor& prompt_lengths, double scale);
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cuda(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& prompt_k, const Tensor& prompt_v, const OptTensor& prompt_index,
-    const OptTensor& prompt_lengths, const Tensor& out, const Tensor& lse, double scale,
-    const OptTensor& u_k, const OptTensor& u_v);
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prompt_k,
+    const Tensor& prompt_v, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
+    const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k, const OptTensor& u_v);
 
 std::tuple<Tensor, Tensor> prompt_scores_cuda(const Tensor& q, const Tensor& prompt_k,
                                               const Tensor& prompt_v, const Tensor& lse,

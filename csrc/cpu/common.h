@@ -30,16 +30,16 @@ struct Sets {
   int64_t length_of(int64_t t, int64_t P) const { return lengths.empty() ? P : lengths[t]; }
 };
 
-inline Sets read_sets(const std::optional<at::Tensor>& index, const std::optional<at::Tensor>& lengths, const AttnShape& s,
-               const char* op) {
+inline Sets read_sets(const std::optional<at::Tensor>& index,
+                      const std::optional<at::Tensor>& lengths, const AttnShape& s,
+                      const char* op) {
   Sets sets{to_vector(index), to_vector(lengths)};
   for (int64_t i : sets.index) {
-    TORCH_CHECK(i >= 0 && i < s.T, op, ": prompt_index values must lie in [0, ", s.T, "), got ",
-                i);
+    TORCH_CHECK(i >= 0 && i < s.T, op, ": prompt_index values must lie in [0, ", s.T, "), got ", i);
   }
   for (int64_t n : sets.lengths) {
-    TORCH_CHECK(n >= 0 && n <= s.P, op, ": prompt_lengths values must lie in [0, ", s.P,
-                "], got ", n);
+    TORCH_CHECK(n >= 0 && n <= s.P, op, ": prompt_lengths values must lie in [0, ", s.P, "], got ",
+                n);
   }
   return sets;
 }

@@ -54,9 +54,9 @@ int pieces_of(int64_t c0, int64_t cols, int64_t np, Piece out[2]) {
 int64_t row_blocks(int64_t n) { return std::max<int64_t>(1, (n + kRowBlock - 1) / kRowBlock); }
 
 template <typename T>
-void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-             const at::Tensor& pk, const at::Tensor& pv, const Sets& sets, const AttnShape& s,
-             float scale, at::Tensor& out, at::Tensor& lse) {
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
+             const at::Tensor& pv, const Sets& sets, const AttnShape& s, float scale,
+             at::Tensor& out, at::Tensor& lse) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
@@ -125,10 +125,10 @@ struct BwdBuffers {
 };
 
 template <typename T>
-void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
-              const at::Tensor& v, const at::Tensor& pk, const at::Tensor& pv,
-              const at::Tensor& out, const at::Tensor& lse, const Sets& sets, const AttnShape& s,
-              float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const BwdBuffers& buf) {
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
+              const at::Tensor& lse, const Sets& sets, const AttnShape& s, float scale,
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const BwdBuffers& buf) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
@@ -176,12 +176,17 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k,
           const int npc = pieces_of(c0, cols, np, pcs);
           auto keys = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PK : K; };
           auto vals = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PV : V; };
-          auto dkey = [&](const Piece& pc) { return (pc.segment == 0 ? dpk : dk_img) + pc.start * d; };
-          auto dval = [&](const Piece& pc) { return (pc.segment == 0 ? dpv : dv_img) + pc.start * d; };
+          auto dkey = [&](const Piece& pc) {
+            return (pc.segment == 0 ? dpk : dk_img) + pc.start * d;
+          };
+          auto dval = [&](const Piece& pc) {
+            return (pc.segment == 0 ? dpv : dv_img) + pc.start * d;
+          };
           // P = exp(scale q k^T - lse)
           for (int i = 0; i < npc; ++i) {
-            gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld, keys(pcs[i]).row(pcs[i].start),
-                 keys(pcs[i]).ld, 0.0f, pbuf.data() + pcs[i].col, cols);
+            gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld,
+                 keys(pcs[i]).row(pcs[i].start), keys(pcs[i]).ld, 0.0f, pbuf.data() + pcs[i].col,
+                 cols);
           }
           for (int64_t r = 0; r < rows; ++r) {
             exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
@@ -258,11 +263,10 @@ namespace fastprompt {
 using namespace fastprompt::cpu;
 
 std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tensor& k_,
-                                                     const Tensor& v_, const Tensor& pk_,
-                                                     const Tensor& pv_,
-                                                     const OptTensor& prompt_index,
-                                                     const OptTensor& prompt_lengths,
-                                                     double scale) {
+                                                    const Tensor& v_, const Tensor& pk_,
+                                                    const Tensor& pv_,
+                                                    const OptTensor& prompt_index,
+                                                    const OptTensor& prompt_lengths, double scale) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_fwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
   const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
@@ -279,10 +283,10 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cpu(
-    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
-    const Tensor& pk_, const Tensor& pv_, const OptTensor& prompt_index,
-    const OptTensor& prompt_lengths, const Tensor& out_, const Tensor& lse_, double scale,
-    const OptTensor& u_k_, const OptTensor& u_v_) {
+    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
+    const Tensor& pv_, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
+    const Tensor& out_, const Tensor& lse_, double scale, const OptTensor& u_k_,
+    const OptTensor& u_v_) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
   check_exact(dout_, q_.sizes(), "dout", op);

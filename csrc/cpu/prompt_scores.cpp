@@ -56,9 +56,9 @@ namespace {
 // gate_part[b, h, i] = v_i . dV_i - sum_n P[n, i] delta_n for one head, P from q, the prompt keys
 // and the forward lse (masked past the set's length).
 template <typename T>
-void gate_parts(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv,
-                const float* lse, const float* delta, const float* dpv_seq, const Sets& sets,
-                const AttnShape& s, float scale, float* gate_part) {
+void gate_parts(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv, const float* lse,
+                const float* delta, const float* dpv_seq, const Sets& sets, const AttnShape& s,
+                float scale, float* gate_part) {
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     BlasThreadGuard blas_threads;
     std::vector<float> probs(std::max<int64_t>(1, s.Nq * s.P)), pdelta(std::max<int64_t>(1, s.P));
@@ -75,7 +75,8 @@ void gate_parts(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv,
              probs.data(), np);
         for (int64_t n = 0; n < s.Nq; ++n) exp_sub(probs.data() + n * np, np, lrow[n]);
         // pdelta = P^T delta, summed over queries in order.
-        for (int64_t n = 0; n < s.Nq; ++n) axpy_row(pdelta.data(), probs.data() + n * np, drow[n], np);
+        for (int64_t n = 0; n < s.Nq; ++n)
+          axpy_row(pdelta.data(), probs.data() + n * np, drow[n], np);
       }
       float* g = gate_part + task * s.P;
       const float* gv = dpv_seq + task * s.P * s.d;
@@ -93,11 +94,10 @@ void gate_parts(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv,
 namespace fastprompt {
 using namespace fastprompt::cpu;
 
-std::tuple<Tensor, Tensor> prompt_scores_cpu(const Tensor& q_, const Tensor& pk_,
-                                             const Tensor& pv_, const Tensor& lse,
-                                             const Tensor& delta, const Tensor& dprompt_k,
-                                             const Tensor& dprompt_v, const Tensor& u_k,
-                                             const Tensor& u_v, double scale,
+std::tuple<Tensor, Tensor> prompt_scores_cpu(const Tensor& q_, const Tensor& pk_, const Tensor& pv_,
+                                             const Tensor& lse, const Tensor& delta,
+                                             const Tensor& dprompt_k, const Tensor& dprompt_v,
+                                             const Tensor& u_k, const Tensor& u_v, double scale,
                                              const OptTensor& prompt_index,
                                              const OptTensor& prompt_lengths) {
   constexpr const char* op = "fastprompt_ext::prompt_scores";

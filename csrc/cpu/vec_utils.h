@@ -24,8 +24,7 @@ inline float row_max(const float* x, int64_t n) {
     for (i = Vec::size(); i + Vec::size() <= n; i += Vec::size()) {
       vm = at::vec::maximum(vm, Vec::loadu(x + i));
     }
-    m = at::vec::vec_reduce_all<float>(
-        [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
+    m = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vm);
   }
   for (; i < n; ++i) m = std::max(m, x[i]);
   return m;

@@ -16,9 +16,13 @@ constexpr unsigned kFullMask = 0xffffffffu;
 template <typename T>
 __device__ __forceinline__ float to_f32(T x);
 template <>
-__device__ __forceinline__ float to_f32<float>(float x) { return x; }
+__device__ __forceinline__ float to_f32<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f32<__half>(__half x) {
+  return __half2float(x);
+}
 template <>
 __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
   return __bfloat162float(x);
@@ -27,9 +31,13 @@ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 x) {
 template <typename T>
 __device__ __forceinline__ T from_f32(float x);
 template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
+__device__ __forceinline__ float from_f32<float>(float x) {
+  return x;
+}
 template <>
-__device__ __forceinline__ __half from_f32<__half>(float x) { return __float2half_rn(x); }
+__device__ __forceinline__ __half from_f32<__half>(float x) {
+  return __float2half_rn(x);
+}
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) {
   return __float2bfloat16_rn(x);

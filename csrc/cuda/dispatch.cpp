@@ -35,7 +35,9 @@ cuda::DType dtype_of(const at::Tensor& t) {
 // Unit stride along d is what the kernels need; other layouts are copied once.
 at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-View4 view(const at::Tensor& t) { return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)}; }
+View4 view(const at::Tensor& t) {
+  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
+}
 
 const int64_t* index_ptr(const OptTensor& t, at::Tensor& keep_alive) {
   if (!t.has_value()) return nullptr;
@@ -56,8 +58,7 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                  const at::Tensor& pk, const at::Tensor& pv, const OptTensor& index,
                  const OptTensor& lengths, double scale, const char* op) {
   const AttnShape s = check_attention(q, k, v, pk, pv, index, lengths, op);
-  TORCH_CHECK(s.d >= 1 && s.d <= 128, op, ": the CUDA kernels take head dims 1 to 128, got ",
-              s.d);
+  TORCH_CHECK(s.d >= 1 && s.d <= 128, op, ": the CUDA kernels take head dims 1 to 128, got ", s.d);
   Prepared r;
   r.q = unit_last(q);
   r.k = unit_last(k);
@@ -87,11 +88,11 @@ Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
 }  // namespace
 
 std::tuple<Tensor, Tensor> prompt_attention_fwd_cuda(const Tensor& q, const Tensor& k,
-                                                      const Tensor& v, const Tensor& prompt_k,
-                                                      const Tensor& prompt_v,
-                                                      const OptTensor& prompt_index,
-                                                      const OptTensor& prompt_lengths,
-                                                      double scale) {
+                                                     const Tensor& v, const Tensor& prompt_k,
+                                                     const Tensor& prompt_v,
+                                                     const OptTensor& prompt_index,
+                                                     const OptTensor& prompt_lengths,
+                                                     double scale) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_fwd";
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared in = prepare(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, op);
@@ -104,10 +105,10 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cuda(const Tensor& q, const Tens
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cuda(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
-    const Tensor& prompt_k, const Tensor& prompt_v, const OptTensor& prompt_index,
-    const OptTensor& prompt_lengths, const Tensor& out, const Tensor& lse, double scale,
-    const OptTensor& u_k, const OptTensor& u_v) {
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prompt_k,
+    const Tensor& prompt_v, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
+    const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k,
+    const OptTensor& u_v) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
   const c10::cuda::CUDAGuard guard(q.device());
   Prepared in = prepare(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, op);
@@ -156,10 +157,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attent
   at::Tensor gate = at::empty({a.B, a.P}, f32);
   const at::Tensor uk = S > 0 ? u_k->to(at::kFloat).contiguous() : at::empty({0}, f32);
   const at::Tensor uv = S > 0 ? u_v->to(at::kFloat).contiguous() : at::empty({0}, f32);
-  cuda::TermsParams tp{static_cast<int>(S), a.B, a.T, a.H, a.P, a.d, a.index,
-                       dpk_seq.const_data_ptr<float>(), dpv_seq.const_data_ptr<float>(),
-                       gate_part.const_data_ptr<float>(), uk.const_data_ptr<float>(),
-                       uv.const_data_ptr<float>(), terms.data_ptr<float>(),
+  cuda::TermsParams tp{static_cast<int>(S),
+                       a.B,
+                       a.T,
+                       a.H,
+                       a.P,
+                       a.d,
+                       a.index,
+                       dpk_seq.const_data_ptr<float>(),
+                       dpv_seq.const_data_ptr<float>(),
+                       gate_part.const_data_ptr<float>(),
+                       uk.const_data_ptr<float>(),
+                       uv.const_data_ptr<float>(),
+                       terms.data_ptr<float>(),
                        gate.data_ptr<float>()};
   check_launch(cuda::launch_score_terms(tp, stream), op);
   return {dq, dk, dv, dpk, dpv, terms, gate};
@@ -199,10 +209,19 @@ std::tuple<Tensor, Tensor> prompt_scores_cuda(const Tensor& q, const Tensor& pro
   check_launch(cuda::launch_prompt_gate(gp, stream), op);
   at::Tensor terms = at::empty({S, a.B, a.P}, f32);
   at::Tensor gate = at::empty({a.B, a.P}, f32);
-  cuda::TermsParams tp{static_cast<int>(S), a.B, a.T, a.H, a.P, a.d, a.index,
-                       dpk.const_data_ptr<float>(), dpv.const_data_ptr<float>(),
-                       gate_part.const_data_ptr<float>(), uk.const_data_ptr<float>(),
-                       uv.const_data_ptr<float>(), terms.data_ptr<float>(),
+  cuda::TermsParams tp{static_cast<int>(S),
+                       a.B,
+                       a.T,
+                       a.H,
+                       a.P,
+                       a.d,
+                       a.index,
+                       dpk.const_data_ptr<float>(),
+                       dpv.const_data_ptr<float>(),
+                       gate_part.const_data_ptr<float>(),
+                       uk.const_data_ptr<float>(),
+                       uv.const_data_ptr<float>(),
+                       terms.data_ptr<float>(),
                        gate.data_ptr<float>()};
   check_launch(cuda::launch_score_terms(tp, stream), op);
   return {terms, gate};
@@ -234,11 +253,11 @@ std::tuple<Tensor, Tensor> gather_prompts_cuda(const Tensor& table, const Tensor
   const at::Tensor counts = keep.sum(1).to(at::kLong).cpu();
   const at::Tensor src = table.reshape({L * P, D}).contiguous();
   at::Tensor packed = at::empty({rows.size(0), D}, table.options());
-  check_launch(cuda::launch_copy_rows(src.const_data_ptr(), packed.data_ptr(),
-                                      rows.const_data_ptr<int64_t>(), rows.size(0),
-                                      D * table.element_size(), false,
-                                      c10::cuda::getCurrentCUDAStream()),
-               op);
+  check_launch(
+      cuda::launch_copy_rows(src.const_data_ptr(), packed.data_ptr(),
+                             rows.const_data_ptr<int64_t>(), rows.size(0), D * table.element_size(),
+                             false, c10::cuda::getCurrentCUDAStream()),
+      op);
   return {packed, counts};
 }
 
@@ -254,11 +273,11 @@ Tensor gather_prompts_backward_cuda(const Tensor& grad_packed, const Tensor& kee
               " rows but keep selects ", rows.size(0));
   at::Tensor grad = at::zeros({L * P, D}, grad_packed.options());
   const at::Tensor src = grad_packed.contiguous();
-  check_launch(cuda::launch_copy_rows(src.const_data_ptr(), grad.data_ptr(),
-                                      rows.const_data_ptr<int64_t>(), rows.size(0),
-                                      D * grad_packed.element_size(), true,
-                                      c10::cuda::getCurrentCUDAStream()),
-               op);
+  check_launch(
+      cuda::launch_copy_rows(src.const_data_ptr(), grad.data_ptr(), rows.const_data_ptr<int64_t>(),
+                             rows.size(0), D * grad_packed.element_size(), true,
+                             c10::cuda::getCurrentCUDAStream()),
+      op);
   return grad.view({L, P, D});
 }
 

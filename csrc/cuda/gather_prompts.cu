@@ -43,8 +43,10 @@ cudaError_t launch_copy_rows(const void* src, void* dst, const int64_t* rows, in
   // The widest word that divides the row keeps the copy coalesced.
   if (row_bytes % 16 == 0) return launch<uint4>(src, dst, rows, n_rows, row_bytes, scatter, stream);
   if (row_bytes % 8 == 0) return launch<uint2>(src, dst, rows, n_rows, row_bytes, scatter, stream);
-  if (row_bytes % 4 == 0) return launch<uint32_t>(src, dst, rows, n_rows, row_bytes, scatter, stream);
-  if (row_bytes % 2 == 0) return launch<uint16_t>(src, dst, rows, n_rows, row_bytes, scatter, stream);
+  if (row_bytes % 4 == 0)
+    return launch<uint32_t>(src, dst, rows, n_rows, row_bytes, scatter, stream);
+  if (row_bytes % 2 == 0)
+    return launch<uint16_t>(src, dst, rows, n_rows, row_bytes, scatter, stream);
   return launch<uint8_t>(src, dst, rows, n_rows, row_bytes, scatter, stream);
 }
 

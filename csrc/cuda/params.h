@@ -42,7 +42,7 @@ struct BwdParams {
   void* dq;          // (B, H, Nq, d) contiguous, dtype
   void* dk;          // (B, H, Nk, d) contiguous, dtype
   void* dv;
-  float* dpk_seq;    // (B, H, P, d) per-sequence prompt gradients
+  float* dpk_seq;  // (B, H, P, d) per-sequence prompt gradients
   float* dpv_seq;
   float* gate_part;  // (B, H, P): sum over queries of dS, per head
   float* dpk;        // (T, H, P, d) per-set sums

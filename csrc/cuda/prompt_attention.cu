@@ -20,8 +20,11 @@ namespace fastprompt::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+// Four resident blocks per SM: caps registers at 128 per thread (the budget the ptxas test
+// enforces). Without a minimum, ptxas picked lower counts and spilled a few bytes.
+constexpr int kMinBlocks = 4;
 constexpr int kWarps = kThreads / 32;
-constexpr int kTile = 32;                // rows of a shared-memory tile (queries or keys)
+constexpr int kTile = 32;                 // rows of a shared-memory tile (queries or keys)
 constexpr int kPerWarp = kTile / kWarps;  // rows each warp owns within a tile
 
 __device__ __forceinline__ float dot_smem(const float* a, const float* b, int d) {
@@ -34,7 +37,7 @@ __device__ __forceinline__ float dot_smem(const float* a, const float* b, int d)
 // Forward: one block per (32 queries, head, sequence).
 // ---------------------------------------------------------------------------------------------
 template <typename T, int FPL>
-__global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) fwd_kernel(const FwdParams p) {
   const AttnParams& a = p.a;
   extern __shared__ float smem[];
   const int ld = a.d + 1;
@@ -111,7 +114,7 @@ __global__ void __launch_bounds__(kThreads, 1) fwd_kernel(const FwdParams p) {
 
 // delta[b, h, n] = sum_f dout * out: one warp per query row.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) delta_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) delta_kernel(const BwdParams p) {
   const AttnParams& a = p.a;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -129,7 +132,7 @@ __global__ void __launch_bounds__(kThreads, 1) delta_kernel(const BwdParams p) {
 
 // dq: one block per (32 queries, head, sequence), keys streamed as in the forward.
 template <typename T, int FPL>
-__global__ void __launch_bounds__(kThreads, 1) dq_kernel(const BwdParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) dq_kernel(const BwdParams p) {
   const AttnParams& a = p.a;
   extern __shared__ float smem[];
   const int ld = a.d + 1;
@@ -208,7 +211,8 @@ __global__ void __launch_bounds__(kThreads, 1) dq_kernel(const BwdParams p) {
 // one block per (32 keys of one segment, head, sequence), queries streamed in tiles. Blocks
 // [0, prompt_blocks) take prompt keys, the rest image keys.
 template <typename T, int FPL>
-__global__ void __launch_bounds__(kThreads, 1) dkv_kernel(const BwdParams p, int prompt_blocks) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks)
+    dkv_kernel(const BwdParams p, int prompt_blocks) {
   const AttnParams& a = p.a;
   extern __shared__ float smem[];
   const int ld = a.d + 1;
@@ -354,8 +358,8 @@ cudaError_t bwd(const BwdParams& p, cudaStream_t stream) {
   const AttnParams& a = p.a;
   const int64_t rows = static_cast<int64_t>(a.B) * a.H * a.Nq;
   if (rows > 0) {
-    delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-        p);
+    delta_kernel<T>
+        <<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(p);
     const dim3 grid((a.Nq + kTile - 1) / kTile, a.H, a.B);
     const size_t smem = tile_bytes(4, a.d);
     if (cudaError_t e = allow_smem(dq_kernel<T, FPL>, smem); e != cudaSuccess) return e;
@@ -378,27 +382,27 @@ cudaError_t bwd(const BwdParams& p, cudaStream_t stream) {
 }
 
 // Instantiations: dtype x features per lane (head dims up to 32, 64, 96, 128).
-#define FP_CUDA_DISPATCH(DTYPE, D, FN, ...)                                               \
-  [&]() -> cudaError_t {                                                                  \
-    const int fpl = ((D) + 31) / 32;                                                      \
-    switch (DTYPE) {                                                                      \
-      case DType::f32:                                                                    \
-        return fpl <= 1   ? FN<float, 1>(__VA_ARGS__)                                     \
-               : fpl == 2 ? FN<float, 2>(__VA_ARGS__)                                     \
-               : fpl == 3 ? FN<float, 3>(__VA_ARGS__)                                     \
-                          : FN<float, 4>(__VA_ARGS__);                                    \
-      case DType::f16:                                                                    \
-        return fpl <= 1   ? FN<__half, 1>(__VA_ARGS__)                                    \
-               : fpl == 2 ? FN<__half, 2>(__VA_ARGS__)                                    \
-               : fpl == 3 ? FN<__half, 3>(__VA_ARGS__)                                    \
-                          : FN<__half, 4>(__VA_ARGS__);                                   \
-      case DType::bf16:                                                                   \
-        return fpl <= 1   ? FN<__nv_bfloat16, 1>(__VA_ARGS__)                             \
-               : fpl == 2 ? FN<__nv_bfloat16, 2>(__VA_ARGS__)                             \
-               : fpl == 3 ? FN<__nv_bfloat16, 3>(__VA_ARGS__)                             \
-                          : FN<__nv_bfloat16, 4>(__VA_ARGS__);                            \
-    }                                                                                     \
-    return cudaErrorInvalidValue;                                                         \
+#define FP_CUDA_DISPATCH(DTYPE, D, FN, ...)                    \
+  [&]() -> cudaError_t {                                       \
+    const int fpl = ((D) + 31) / 32;                           \
+    switch (DTYPE) {                                           \
+      case DType::f32:                                         \
+        return fpl <= 1   ? FN<float, 1>(__VA_ARGS__)          \
+               : fpl == 2 ? FN<float, 2>(__VA_ARGS__)          \
+               : fpl == 3 ? FN<float, 3>(__VA_ARGS__)          \
+                          : FN<float, 4>(__VA_ARGS__);         \
+      case DType::f16:                                         \
+        return fpl <= 1   ? FN<__half, 1>(__VA_ARGS__)         \
+               : fpl == 2 ? FN<__half, 2>(__VA_ARGS__)         \
+               : fpl == 3 ? FN<__half, 3>(__VA_ARGS__)         \
+                          : FN<__half, 4>(__VA_ARGS__);        \
+      case DType::bf16:                                        \
+        return fpl <= 1   ? FN<__nv_bfloat16, 1>(__VA_ARGS__)  \
+               : fpl == 2 ? FN<__nv_bfloat16, 2>(__VA_ARGS__)  \
+               : fpl == 3 ? FN<__nv_bfloat16, 3>(__VA_ARGS__)  \
+                          : FN<__nv_bfloat16, 4>(__VA_ARGS__); \
+    }                                                          \
+    return cudaErrorInvalidValue;                              \
   }()
 
 }  // namespace

@@ -14,12 +14,15 @@ namespace fastprompt::cuda {
 namespace {
 
 constexpr int kThreads = 128;
+// Four resident blocks per SM: caps registers at 128 per thread (the budget the ptxas test
+// enforces). Without a minimum, ptxas picked lower counts and spilled a few bytes.
+constexpr int kMinBlocks = 4;
 constexpr int kWarps = kThreads / 32;
 constexpr int kTile = 32;
 constexpr int kPerWarp = kTile / kWarps;
 
 // One warp per (sequence, prompt): gate = sum over heads; terms[s] = sum over heads and features.
-__global__ void __launch_bounds__(kThreads, 1) score_terms_kernel(const TermsParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) score_terms_kernel(const TermsParams p) {
   const int64_t item = static_cast<int64_t>(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (item >= static_cast<int64_t>(p.B) * p.P) return;
@@ -37,8 +40,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_terms_kernel(const TermsPar
       const int64_t g0 = ((static_cast<int64_t>(b) * p.H + h) * p.P + i) * p.d;
       const int64_t u0 = (((static_cast<int64_t>(s) * p.T + t) * p.H + h) * p.P + i) * p.d;
       for (int c = lane; c < p.d; c += 32) {
-        acc = score_term_fma(acc, p.dpk_seq[g0 + c], p.uk[u0 + c], p.dpv_seq[g0 + c],
-                             p.uv[u0 + c]);
+        acc = score_term_fma(acc, p.dpk_seq[g0 + c], p.uk[u0 + c], p.dpv_seq[g0 + c], p.uv[u0 + c]);
       }
     }
     acc = warp_sum(acc);
@@ -48,7 +50,7 @@ __global__ void __launch_bounds__(kThreads, 1) score_terms_kernel(const TermsPar
 
 // One block per (32 prompt keys, head, sequence); queries streamed in tiles of 32.
 template <typename T>
-__global__ void __launch_bounds__(kThreads, 1) gate_kernel(const GateParams p) {
+__global__ void __launch_bounds__(kThreads, kMinBlocks) gate_kernel(const GateParams p) {
   const AttnParams& a = p.a;
   extern __shared__ float smem[];
   const int ld = a.d + 1;
@@ -105,8 +107,8 @@ __global__ void __launch_bounds__(kThreads, 1) gate_kernel(const GateParams p) {
 cudaError_t launch_score_terms(const TermsParams& p, cudaStream_t stream) {
   const int64_t items = static_cast<int64_t>(p.B) * p.P;
   if (items == 0) return cudaSuccess;
-  score_terms_kernel<<<static_cast<unsigned>((items + kWarps - 1) / kWarps), kThreads, 0,
-                       stream>>>(p);
+  score_terms_kernel<<<static_cast<unsigned>((items + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
+      p);
   return cudaGetLastError();
 }
 

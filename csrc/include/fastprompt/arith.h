@@ -67,9 +67,7 @@ FP_HD float row_rescale(RowState& st, float block_max) {
 FP_HD void row_add(RowState& st, float block_sum) { st.l += block_sum; }
 
 // Natural-log log-sum-exp of the row; -inf for a row that attended to no key.
-FP_HD float row_lse(const RowState& st) {
-  return st.l > 0.0f ? st.m + fp_log(st.l) : -INFINITY;
-}
+FP_HD float row_lse(const RowState& st) { return st.l > 0.0f ? st.m + fp_log(st.l) : -INFINITY; }
 
 // Factor turning the accumulated (unnormalised) output into the attention output; 0 for a row
 // with no key, so its output is 0 rather than NaN.
