@@ -131,7 +131,41 @@ def _info(_args: argparse.Namespace) -> int:
             f"  {row['backend']:<7} devices={row['devices']:<24} head_dims={row['head_dims']:<22}"
             f" available: {row['available']}"
         )
+    _print_extension_info()
     return 0
+
+
+def _print_extension_info() -> None:
+    """Build status of the C++/CUDA extension; describes, never compiles."""
+    try:
+        from fastprompt.kernels import cpp
+
+        info = cpp.build_info()
+    except Exception as e:  # info must print whatever is broken
+        print(f"\nC++/CUDA extension: cannot describe it ({type(e).__name__}: {e})")
+        return
+    print("\nC++/CUDA extension (csrc/, backend 'cpp'):")
+    keys = (
+        "compiler",
+        "ninja",
+        "cuda_toolkit",
+        "cuda_kernels",
+        "archs",
+        "cpu_isa",
+        "cache",
+        "build_seconds",
+        "aot",
+        "library",
+        "how",
+        "build",
+        "last_error",
+    )
+    for key in keys:
+        if key in info:
+            value = info[key] if info[key] is not None else "not found"
+            print(f"  {key:<13} {value}")
+    if not info.get("loaded"):
+        print("  (not loaded in this process; it builds on first use, or see setup.py)")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -405,6 +405,54 @@ def test_bad_inputs_name_the_argument(change, match):
         )
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_kernels_match_triton(dtype):
+    """The CUDA kernels against the Triton backend (both against the fp32 reference)."""
+    assert cpp.device_availability("cuda") is None, cpp.device_availability("cuda")
+    from fastprompt.ops import prompt_attention
+
+    b, h, n, d, t, p = 4, 6, 197, 64, 2, 50
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True, device="cuda")
+    pk, pv = make_prompts(t, h, p, d, device="cuda")
+    dout = torch.randn(b, h, n, d, device="cuda")
+    index = torch.tensor([0, 1, 1, 0], device="cuda")
+    low = [x.to(dtype) for x in (q, k, v, pk, pv)]
+    ref = _run(
+        lambda *a: prompt_attention_ref(*a, index), [x.float() for x in low], dout.to(dtype).float()
+    )
+    got = _run(lambda *a: _ext(*a, index), low, dout.to(dtype))
+    tri = _run(lambda *a: prompt_attention(*a, index, backend="triton"), low, dout.to(dtype))
+    for i, name in enumerate(NAMES):
+        if dtype == torch.float32:
+            assert_close(got[i], tri[i], name, atol=1e-4, rtol=1e-4)
+        else:
+            assert_close_vs_ref(got[i], ref[i], tri[i], name, factor=2.0 if i < 2 else 3.0)
+
+
+@pytest.mark.gpu
+def test_cuda_backward_is_deterministic_and_scores_match_cpu():
+    b, h, n, d, t, p = 6, 4, 97, 64, 3, 50
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(t, h, p, d)
+    index, lengths = torch.tensor([0, 2, 1, 1, 0, 2]), torch.tensor([50, 20, 7])
+    u = torch.randn(2, t, h, p, d)
+    dout = torch.randn(b, h, n, d)
+    args = (q, k, v, pk, pv, index, lengths)
+
+    def scored(device):
+        a = [x.to(device) for x in args]
+        out, lse = cpp.prompt_attention_fwd(*a, 0.125)
+        uk = u.to(device)
+        grads = cpp.prompt_attention_bwd_scored(dout.to(device), *a, out, lse, 0.125, uk, uk)
+        return (out, lse, *grads)
+
+    first, second, on_cpu = scored("cuda"), scored("cuda"), scored("cpu")
+    for name, x, y, z in zip(("out", "lse", *NAMES[2:], "terms", "gate"), first, second, on_cpu):
+        assert torch.equal(x, y), name
+        assert_close(x.cpu(), z, name, atol=1e-4, rtol=1e-4)
+
+
 def test_build_info_describes_the_build():
     info = cpp.build_info()
     assert info["loaded"] is True and info["compiler"]

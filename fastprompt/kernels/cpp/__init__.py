@@ -26,6 +26,7 @@ from fastprompt.kernels.cpp import _build
 __all__ = [
     "availability",
     "build_info",
+    "device_availability",
     "gather_prompts",
     "gather_prompts_backward",
     "prompt_attention_bwd",
@@ -110,6 +111,24 @@ def _locate_or_build() -> Path:
 def availability() -> str | None:
     """None when the extension is loaded (building it on first use if needed), else why not."""
     return _load()
+
+
+def device_availability(device_type: str) -> str | None:
+    """None when the loaded extension has kernels for ``device_type`` usable here, else why not.
+
+    The CPU kernels are always built; the CUDA ones only where a toolkit was found (and a GPU
+    was visible or ``FASTPROMPT_FORCE_CUDA`` was set) at build time.
+    """
+    why = _load()
+    if why is not None or device_type == "cpu":
+        return why
+    if device_type == "cuda":
+        if "cuda=yes" not in torch.ops.fastprompt_ext.build_info():
+            return "the extension was built without its CUDA kernels (see `fastprompt info`)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return f"the extension has no kernels for device type {device_type!r}"
 
 
 def build_info() -> dict[str, Any]:
