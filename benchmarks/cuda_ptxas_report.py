@@ -135,8 +135,8 @@ def _markdown(report: dict) -> str:
         f"{report['date']}, {report['cpu_count']}-core host `{report['host']}`. "
         f"Flags: `{' '.join(report['nvcc_flags'])}`.",
         "",
-        "Blocks of 128 threads; `T` is the dtype, the second template argument the features per "
-        "lane (head dim <= 32 x that). Shared memory is dynamic, sized by the head dim d; the "
+        "Blocks of 128 threads; the first template argument is the dtype, the second the "
+        "features per lane (head dim <= 32 x that). Shared memory is dynamic, sized by the head dim d; the "
         "columns give it at d = 64 and d = 128. Register budget "
         f"{report['register_budget']} per thread (4 blocks per SM); no kernel may spill.",
         "",
