@@ -136,8 +136,8 @@ def _markdown(report: dict) -> str:
         f"Flags: `{' '.join(report['nvcc_flags'])}`.",
         "",
         "Blocks of 128 threads; the first template argument is the dtype, the second the "
-        "features per lane (head dim <= 32 x that). Shared memory is dynamic, sized by the head dim d; the "
-        "columns give it at d = 64 and d = 128. Register budget "
+        "features per lane (head dim <= 32 x that). Shared memory is dynamic, sized by the "
+        "head dim d; the columns give it at d = 64 and d = 128. Register budget "
         f"{report['register_budget']} per thread (4 blocks per SM); no kernel may spill.",
         "",
     ]
