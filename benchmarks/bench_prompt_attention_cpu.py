@@ -10,6 +10,10 @@ backend of the same repetition.
 
     python benchmarks/bench_prompt_attention_cpu.py                 # full run (~10 min, 2 cores)
     python benchmarks/bench_prompt_attention_cpu.py --quick         # 3 reps, P 200, fp32 only
+    python benchmarks/bench_prompt_attention_cpu.py --threads 1 --cpu-time   # on a busy machine
+
+``--cpu-time`` (with one thread) times the calling thread's CPU time instead of the wall clock:
+on a shared machine, time spent preempted by other processes is then not counted.
 
 Writes ``report.json`` and ``report.md`` to ``benchmarks/results/cpu-2core/prompt_attention_cpu``
 (``--out`` to change). The C++ backend goes through ``fastprompt.ops.prompt_attention(...,
@@ -104,7 +108,7 @@ def _stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs), "p20": qs[0], "p80": qs[3]}
 
 
-def run_case(impls, case, reps, warmup):
+def run_case(impls, case, reps, warmup, clock=time.perf_counter):
     b, h, n, d, t, p, dtype, backward = case
     qkv, pk, pv, index, dout = _inputs(b, h, n, d, t, p, dtype, backward)
     names = list(impls)
@@ -115,9 +119,9 @@ def run_case(impls, case, reps, warmup):
     for rep in range(reps):
         order = names[rep % len(names) :] + names[: rep % len(names)]
         for name in order:
-            start = time.perf_counter()
+            start = clock()
             _step(impls[name], qkv, pk, pv, index, dout, backward)
-            times[name].append((time.perf_counter() - start) * 1e3)
+            times[name].append((clock() - start) * 1e3)
     result = {name: _stats(ts) for name, ts in times.items()}
     for name in names:
         ratios = [tt / tc for tt, tc in zip(times["torch"], times[name])]
@@ -159,6 +163,7 @@ def _meta(args, how) -> dict:
         "warmup": args.warmup,
         "cpp_called_through": how,
         "cpp_build": cpp.build_info().get("build"),
+        "clock": "thread CPU time" if args.cpu_time else "wall clock",
         "loadavg_start": os.getloadavg(),
     }
 
@@ -169,8 +174,8 @@ def _markdown(report) -> str:
         "# prompt_attention on the CPU: C++ extension vs torch backend vs reference",
         "",
         f"{m['device']}, {m['torch_threads']} torch threads; torch {m['torch']}, commit "
-        f"{m['commit']}, {m['date']}; {m['reps']} interleaved repetitions (median [p20, p80] "
-        f"ms); load average {m['loadavg_start'][0]:.1f} at start, "
+        f"{m['commit']}, {m['date']}; {m['reps']} interleaved repetitions, {m['clock']} "
+        f"(median [p20, p80] ms); load average {m['loadavg_start'][0]:.1f} at start, "
         f"{m['loadavg_end'][0]:.1f} at end. C++ called through {m['cpp_called_through']}.",
         "",
         "| dtype | P | sets | pass | C++ ms | torch ms | reference ms | torch / C++ |",
@@ -199,6 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--quick", action="store_true", help="3 reps, P 200, fp32")
     parser.add_argument(
+        "--cpu-time", action="store_true", help="time thread CPU time (needs --threads 1)"
+    )
+    parser.add_argument(
         "--out", default=str(ROOT / "benchmarks" / "results" / "cpu-2core" / "prompt_attention_cpu")
     )
     args = parser.parse_args(argv)
@@ -206,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
         args.reps, args.warmup, args.prompts, args.dtypes = 3, 1, [200], ["float32"]
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.cpu_time and torch.get_num_threads() != 1:
+        parser.error("--cpu-time measures one thread: add --threads 1")
+    clock = time.thread_time if args.cpu_time else time.perf_counter
     why = cpp.availability()
     if why is not None:
         print(why, file=sys.stderr)
@@ -220,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             for t, sets in ((1, "shared"), (b, "per-image")):
                 for backward in (False, True):
                     case = (b, h, n, d, t, p, dtype, backward)
-                    stats, raw = run_case(impls, case, args.reps, args.warmup)
+                    stats, raw = run_case(impls, case, args.reps, args.warmup, clock)
                     row = {
                         "dtype": dtype_name,
                         "P": p,
