@@ -3,6 +3,9 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
+#include <cstdlib>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -43,6 +46,31 @@ inline Sets read_sets(const std::optional<at::Tensor>& index,
   }
   return sets;
 }
+
+// A zero-initialised scratch array aligned to 64 bytes. The BLAS may pick its code path by the
+// alignment of its operands; a fixed alignment keeps the GEMMs, and so the backward, bitwise
+// reproducible from run to run (std::vector's alignment depends on the allocator's state).
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : n_(n) {
+    const size_t bytes = (static_cast<size_t>(std::max<int64_t>(n, 1)) * sizeof(T) + 63) / 64 * 64;
+    p_.reset(static_cast<T*>(std::aligned_alloc(64, bytes)));
+    TORCH_CHECK(p_ != nullptr, "fastprompt_ext: out of memory allocating ", bytes, " bytes");
+    std::fill(p_.get(), p_.get() + n, T(0));
+  }
+  T* data() { return p_.get(); }
+  T* begin() { return p_.get(); }
+  T* end() { return p_.get() + n_; }
+  T& operator[](int64_t i) { return p_.get()[i]; }
+
+ private:
+  struct Free {
+    void operator()(T* p) const { std::free(p); }
+  };
+  std::unique_ptr<T, Free> p_;
+  int64_t n_;
+};
 
 // Row-major (rows x d) matrix of one (sequence or set, head) with its row stride.
 template <typename T>

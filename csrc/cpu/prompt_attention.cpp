@@ -66,8 +66,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
   at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
     BlasThreadGuard blas_threads;
-    std::vector<float> sbuf(bm * kKeyGroup), acc(bm * d);
-    std::vector<T> plow(kLowp ? bm * kKeyGroup : 0);
+    Scratch<float> sbuf(bm * kKeyGroup), acc(bm * d);
+    Scratch<T> plow(kLowp ? bm * kKeyGroup : 0);
     std::vector<RowState> st(bm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s.H * nqb), h = (task / nqb) % s.H, qb = task % nqb;
@@ -137,11 +137,10 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     BlasThreadGuard blas_threads;
-    std::vector<float> pbuf(bm * kKeyGroup), dsbuf(bm * kKeyGroup), dq_acc(bm * d);
-    std::vector<float> delta(bm);
-    std::vector<T> plow(kLowp ? bm * kKeyGroup : 0), dslow(kLowp ? bm * kKeyGroup : 0);
+    Scratch<float> pbuf(bm * kKeyGroup), dsbuf(bm * kKeyGroup), dq_acc(bm * d), delta(bm);
+    Scratch<T> plow(kLowp ? bm * kKeyGroup : 0), dslow(kLowp ? bm * kKeyGroup : 0);
     // fp32 inputs accumulate straight into dk/dv (contiguous fp32); others in these buffers.
-    std::vector<float> dk_acc(kLowp ? s.Nk * d : 0), dv_acc(kLowp ? s.Nk * d : 0);
+    Scratch<float> dk_acc(kLowp ? s.Nk * d : 0), dv_acc(kLowp ? s.Nk * d : 0);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.H, h = task % s.H;
       const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);

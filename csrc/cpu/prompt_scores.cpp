@@ -61,8 +61,7 @@ void gate_parts(const at::Tensor& q, const at::Tensor& pk, const at::Tensor& pv,
                 float scale, float* gate_part) {
   at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
     BlasThreadGuard blas_threads;
-    std::vector<float> probs(std::max<int64_t>(1, s.Nq * s.P)), pdelta(std::max<int64_t>(1, s.P));
-    std::vector<float> vrow(s.d);
+    Scratch<float> probs(s.Nq * s.P), pdelta(s.P), vrow(s.d);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.H, h = task % s.H;
       const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);

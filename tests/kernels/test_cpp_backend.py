@@ -210,6 +210,42 @@ def test_backward_is_deterministic():
         assert torch.equal(a, b), name
 
 
+_DIGEST = """
+import hashlib, sys, torch
+sys.path.insert(0, "tests")
+from helpers import make_prompts, make_qkv
+from fastprompt.kernels import cpp
+q, k, v = make_qkv(4, 3, 67, 64, dtype=DTYPE, non_contiguous=True)
+pk, pv = make_prompts(2, 3, 50, 64, dtype=DTYPE)
+index = torch.tensor([1, 0, 1, 1])
+dout = torch.randn(4, 3, 67, 64, generator=torch.Generator().manual_seed(3)).to(DTYPE)
+out, lse = cpp.prompt_attention_fwd(q, k, v, pk, pv, index, None, 0.125)
+grads = cpp.prompt_attention_bwd(dout, q, k, v, pk, pv, index, None, out, lse, 0.125)
+h = hashlib.sha256()
+for t in (out, lse, *grads):
+    h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+print(h.hexdigest())
+"""
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_results_are_bitwise_reproducible_across_processes(dtype):
+    """Run to run, not only call to call: fresh processes give the same bytes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = _DIGEST.replace("DTYPE", dtype)
+    root = Path(__file__).resolve().parents[2]
+    digests = {
+        subprocess.run(
+            [sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
+    assert len(digests) == 1, digests
+
+
 # ----------------------------------------------------------------------------------------------
 # Prompt Condensation scores
 # ----------------------------------------------------------------------------------------------
