@@ -158,6 +158,7 @@ def _print_extension_info() -> None:
         "library",
         "how",
         "build",
+        "cuda_build_error",
         "last_error",
     )
     for key in keys:

@@ -155,3 +155,11 @@ def test_jit_can_be_forbidden(tmp_path):
 def test_file_lock_serialises(tmp_path):
     with _build.file_lock(tmp_path / "x.lock"):
         assert (tmp_path / "x.lock").exists()
+
+
+def test_a_failed_build_is_not_retried_in_every_process(tmp_path):
+    plan = _build.plan(skip_cuda=True, force_cuda=False, arch_list=None)
+    (tmp_path / plan.key).mkdir()
+    (tmp_path / plan.key / "error.txt").write_text("RuntimeError: boom\n")
+    with pytest.raises(RuntimeError, match=r"delete that folder to try again.*boom"):
+        _build.build(plan, tmp_path)

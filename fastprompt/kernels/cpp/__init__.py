@@ -99,7 +99,20 @@ def _locate_or_build() -> Path:
             root / plan.key,
         )
     start = time.perf_counter()
-    lib = _build.build(plan, root, verbose=settings.verbose)
+    try:
+        lib = _build.build(plan, root, verbose=settings.verbose)
+    except RuntimeError as e:
+        if not plan.with_cuda:
+            raise
+        # The CPU kernels need not wait for a broken CUDA toolchain: build them alone, and say so.
+        _INFO["cuda_build_error"] = str(e)[-2000:]
+        logging.getLogger("fastprompt").warning(
+            "fastprompt: the C++ extension's CUDA kernels failed to build (%s); building its CPU "
+            "kernels only. `fastprompt info` shows the error.",
+            str(e).splitlines()[0][:200],
+        )
+        plan = _build.plan(True, False, settings.cuda_arch_list)
+        lib = _build.build(plan, root, verbose=settings.verbose)
     _INFO.update(
         library=str(lib),
         how="first-use build" if fresh else "cached first-use build",

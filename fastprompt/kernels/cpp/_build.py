@@ -293,6 +293,14 @@ def plan(
         with_cuda, why = False, "this torch has no CUDA support"
     elif toolkit is None:
         with_cuda, why = False, how
+    elif toolkit.version.split(".")[0] != str(torch.version.cuda).split(".")[0]:
+        with_cuda, why = (
+            False,
+            (
+                f"the CUDA {toolkit.version} toolkit at {toolkit.home} does not match torch's CUDA "
+                f"{torch.version.cuda} (the major versions must agree)"
+            ),
+        )
     elif not (force_cuda or torch.cuda.is_available()):
         with_cuda, why = False, "no GPU visible (FASTPROMPT_FORCE_CUDA=1 builds the kernels anyway)"
     else:
@@ -370,13 +378,20 @@ def build(p: BuildPlan, cache_root: Path, verbose: bool = False) -> Path:
     """Build (or find already built) the library for plan ``p``; returns its path.
 
     Raises RuntimeError with the compiler's output when the build fails; the message is also
-    kept in ``error.txt`` of the build directory.
+    kept in ``error.txt`` of the build directory, and later calls fail at once with it (rather
+    than spend minutes failing again in every process) until that directory is deleted.
     """
     build_dir = cache_root / p.key
     lib = library_path(build_dir)
     with file_lock(cache_root / f"{p.key}.lock"):
         if lib.is_file() and (build_dir / "build.json").is_file():
             return lib
+        error = build_dir / "error.txt"
+        if error.is_file():
+            raise RuntimeError(
+                f"an earlier build in {build_dir} failed (delete that folder to try again): "
+                + error.read_text().strip()[-2000:]
+            )
         build_dir.mkdir(parents=True, exist_ok=True)
         write_config_header(build_dir, p.isa, p.archs if p.with_cuda else None)
         _use_toolkit(p.toolkit)
