@@ -1,6 +1,19 @@
-"""Triton kernels and their launchers."""
+"""Triton backend: prompt-attention kernels and their launchers.
+
+The backend contract (what ``fastprompt.ops`` calls): :func:`availability`,
+:func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32 prompt gradients) and
+:func:`prompt_attention_bwd_scored`. Kernel modules are imported on first use, so importing
+``fastprompt`` never imports Triton.
+"""
 
 from __future__ import annotations
+
+__all__ = [
+    "availability",
+    "prompt_attention_bwd",
+    "prompt_attention_bwd_scored",
+    "prompt_attention_fwd",
+]
 
 _IMPORT_ERROR: list[str | None] = []
 
@@ -30,3 +43,32 @@ def availability() -> str | None:
     if not torch.cuda.is_available() and not _config.get().triton_interpret:
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
     return None
+
+
+def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
+    """See :func:`fastprompt.kernels.triton.prompt_attention.prompt_attention_fwd`."""
+    from fastprompt.kernels.triton.prompt_attention import prompt_attention_fwd as fwd
+
+    return fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)
+
+
+def prompt_attention_bwd(
+    dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
+):
+    """See :func:`.prompt_attention_backward.prompt_attention_bwd`."""
+    from fastprompt.kernels.triton.prompt_attention_backward import prompt_attention_bwd as bwd
+
+    return bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale)
+
+
+def prompt_attention_bwd_scored(
+    dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
+):
+    """See :func:`.prompt_attention_backward.prompt_attention_bwd_scored`."""
+    from fastprompt.kernels.triton.prompt_attention_backward import (
+        prompt_attention_bwd_scored as bws,
+    )
+
+    return bws(
+        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
+    )
