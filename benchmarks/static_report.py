@@ -29,9 +29,11 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from fastprompt.kernels.triton._capability import AUTO_HEAD_DIMS
+
 ARCHS = (80, 90)
 DTYPES = ("float16", "bfloat16")
-DIMS = (32, 64, 80, 96, 128)
+DIMS = AUTO_HEAD_DIMS  # every head dim chosen automatically
 VARIANTS = {
     "": {},
     "indexed+lengths": {"t": 3, "indexed": True, "lengths": True},
@@ -77,23 +79,27 @@ def riskiest(d: int, wgmma: bool):
 
 
 def subset() -> list[dict]:
-    """What the static test compiles: the default and riskiest admissible configs of each tuned
-    kernel at d = 128 bf16 and d = 80 fp16, on both targets."""
+    """What the static test compiles: the default and the riskiest admissible config of each
+    tuned kernel at d = 128 bf16 on both targets, and the default at d = 80 fp16 (the two-chunk
+    head dim) on sm_90."""
     from fastprompt.kernels.triton import _aot
 
     rows = []
+    tuned = ("fwd", "dkdv", "dq")
     for arch in ARCHS:
-        for dtype, d in ((torch.bfloat16, 128), (torch.float16, 80)):
-            select = riskiest(d, arch >= 90)
-            rows += _aot.compile_plan(arch, dtype, d, select=select, roles=("fwd", "dkdv", "dq"))
+        select = riskiest(128, arch >= 90)
+        rows += _aot.compile_plan(arch, torch.bfloat16, 128, select=select, roles=tuned)
+    rows += _aot.compile_plan(
+        90, torch.float16, 80, select=lambda role, every, ok: ok[:1], roles=tuned
+    )
     return [r.as_dict() for r in rows]
 
 
 def summary(rows: list[dict]) -> list[str]:
-    """Worst admissible fp16/bf16 figures per kernel and target."""
+    """Worst admitted fp16/bf16 figures per kernel and target."""
     lines = [
-        "| kernel | target | configs admitted / listed | max regs | max spill B | max smem KB "
-        "(limit) | min warps/SM | wgmma |",
+        "| kernel | target | configs admitted per head dim | max regs | max spill B "
+        "| max smem KB (limit) | min warps/SM | admitted builds using wgmma |",
         "|---|---|---|---|---|---|---|---|",
     ]
     half = [r for r in rows if r["dtype"] in DTYPES]
@@ -103,16 +109,64 @@ def summary(rows: list[dict]) -> list[str]:
             ok = [r for r in sel if r["admissible"]]
             if not ok:
                 continue
-            listed = {(r["block_m"], r["block_n"], r["warps"], r["stages"]) for r in sel}
-            admitted = {(r["block_m"], r["block_n"], r["warps"], r["stages"]) for r in ok}
-            wg = sum(r["wgmma"] > 0 for r in ok)
-            wgmma = "n/a" if arch < 90 else f"{wg}/{len(ok)} builds"
+            per_d = []
+            for d in DIMS:
+                cfgs = {_cfg(r) for r in ok if r["d"] == d}
+                listed = {_cfg(r) for r in sel if r["d"] == d}
+                per_d.append(f"d{d}: {len(cfgs)}/{len(listed)}")
+            if kernel not in ("fwd", "dkdv", "dq"):
+                wgmma = "no dot"
+            elif arch < 90:
+                wgmma = "n/a (sm_80)"
+            else:
+                wgmma = f"{sum(r['wgmma'] > 0 for r in ok)} of {len(ok)}"
             lines.append(
-                f"| {kernel} | sm_{arch} | {len(admitted)} / {len(listed)} "
+                f"| {kernel} | sm_{arch} | {', '.join(per_d)} "
                 f"| {max(r['regs'] for r in ok)} | {max(r['spill_bytes'] for r in ok)} "
                 f"| {max(r['smem'] for r in ok) / 1024:.0f} ({ok[0]['smem_limit'] // 1024}) "
                 f"| {min(r['warps_per_sm'] for r in ok)} | {wgmma} |"
             )
+    return lines
+
+
+def _cfg(r: dict) -> tuple:
+    return r["block_m"], r["block_n"], r["warps"], r["stages"]
+
+
+def defaults(rows: list[dict]) -> list[str]:
+    """The config each tuned kernel runs untuned (deterministic mode), bf16, per target and d."""
+    from fastprompt.kernels.triton import _tuning
+
+    lines = [
+        "| kernel | target | d | BLOCK_M×N, warps, stages | regs | spill B | smem KB | wgmma "
+        "| warps/SM |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for kernel in ("fwd", "dkdv", "dq"):
+        for arch in ARCHS:
+            for d in DIMS:
+                first = _tuning.admissible(
+                    kernel, _tuning.CONFIGS[kernel], d, 2, arch, _tuning.SMEM_LIMIT[arch]
+                )[0]
+                match = [
+                    r
+                    for r in rows
+                    if r["kernel"] == kernel
+                    and r["arch"] == arch
+                    and r["d"] == d
+                    and r["dtype"] == "bfloat16"
+                    and r["variant"] == ""
+                    and _cfg(r) == tuple(first)
+                ]
+                if not match:
+                    continue
+                r = match[0]
+                wg = "n/a" if arch < 90 else ("yes" if r["wgmma"] else "no")
+                lines.append(
+                    f"| {kernel} | sm_{arch} | {d} | {r['block_m']}×{r['block_n']}, {r['warps']}, "
+                    f"{r['stages']} | {r['regs']} | {r['spill_bytes']} | {r['smem'] / 1024:.0f} "
+                    f"| {wg} | {r['warps_per_sm']} |"
+                )
     return lines
 
 
@@ -147,6 +201,7 @@ def relabel(rows: list[dict]) -> list[dict]:
             r["admissible"] = cfg in _tuning.admissible(
                 r["kernel"], every, r["d"], elt, r["arch"], limit
             )
+            r["smem_estimate"] = _tuning.smem_estimate(r["kernel"], cfg, r["d"], elt)
     return rows
 
 
@@ -206,6 +261,11 @@ def write(rows: list[dict], env: dict, out: str) -> None:
         "## Worst admitted fp16/bf16 build per kernel and target",
         "",
         *summary(rows),
+        "",
+        "## Default config (first admitted: the choice without timing, e.g. in deterministic "
+        "mode), bf16",
+        "",
+        *defaults(rows),
         "",
         "## Every build",
         "",

@@ -19,7 +19,7 @@ import pytest
 
 pytest.importorskip("triton")
 
-from fastprompt.kernels.triton import _aot, _tuning
+from fastprompt.kernels.triton import _aot, _capability, _tuning
 
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "benchmarks" / "results" / "static" / "static_report.json"
@@ -51,7 +51,7 @@ def test_nothing_the_autotuner_may_pick_spills_or_overflows_shared_memory(arch):
     limit = _tuning.SMEM_LIMIT[arch]
     problems = []
     for dtype in HALF:
-        for d in _tuning.AUTO_HEAD_DIMS:
+        for d in _capability.AUTO_HEAD_DIMS:
             built = [r for r in rows if r["dtype"] == dtype and r["d"] == d]
             by_cfg: dict[tuple, list[dict]] = {}
             for r in built:
@@ -104,6 +104,19 @@ def test_pruning_keeps_over_limit_tiles_off_a100():
     assert big not in _tuning.admissible("dkdv", [big, *_tuning.CONFIGS["dkdv"]], 128, 2, 80,
                                          _tuning.SMEM_LIMIT[80])  # fmt: skip
     for role, configs in _tuning.CONFIGS.items():
-        for arch in (80, 86, 89, 90):
-            for d in _tuning.AUTO_HEAD_DIMS:
-                assert _tuning.admissible(role, configs, d, 2, arch, 99 * 1024), (role, arch, d)
+        for arch in (80, 86, 89, 90):  # sm_86/89 allow 99 KB per block
+            for d in _capability.AUTO_HEAD_DIMS:
+                ok = _tuning.admissible(role, configs, d, 2, arch, 99 * 1024)
+                assert ok and all(_tuning.smem_estimate(role, c, d, 2) <= 99 * 1024 for c in ok)
+
+
+def test_shared_memory_estimate_is_an_upper_bound():
+    """The pruner's estimate never undercounts what Triton allocated, in any build."""
+    under = []
+    for r in _report()["rows"]:
+        if r["kernel"] in _tuning.CONFIGS:
+            cfg = _tuning.Cfg(r["block_m"], r["block_n"], r["warps"], r["stages"])
+            elt = 4 if r["dtype"] == "float32" else 2
+            if _tuning.smem_estimate(r["kernel"], cfg, r["d"], elt) < r["smem"]:
+                under.append(f"sm_{r['arch']} {r['kernel']} {cfg} {r['dtype']} d={r['d']}")
+    assert not under, "\n".join(under)

@@ -3,10 +3,11 @@
 Each tuned kernel has a config list in preference order (the first admissible one is the fixed
 choice when ``torch.use_deterministic_algorithms(True)`` asks for bitwise reproducibility across
 processes: timing-based autotuning could pick another block size, hence another summation order,
-in another run). Configs are pruned before tuning by an estimate of shared memory (against the
-device's per-block limit) and of fp32 registers per thread, so that nothing the tuner may pick
-spills or fails to launch; ``benchmarks/static_report.py`` compiles every admissible config for
-sm_80 and sm_90 and ``tests/kernels/test_static_resources.py`` checks the estimates hold.
+in another run). Configs are pruned before tuning so that nothing the tuner may pick fails to
+launch or spills: an estimate of shared memory against the device's per-block limit, and the
+largest head dim at which each config compiled without spills (:data:`SPILL_FREE_UP_TO`, read
+off the static report). ``benchmarks/static_report.py`` compiles every listed config for sm_80
+and sm_90 and ``tests/kernels/test_static_resources.py`` checks every admitted one.
 
 Under the Triton interpreter every kernel gets one small config: no benchmarking, tiny tiles, and
 the tests' shapes still reach full blocks, partial last blocks and multi-block loops.
@@ -90,18 +91,70 @@ KEY = ["D0", "D1", "P_BUCKET", "N_BUCKET", "PRECISION"]
 # Per-block shared-memory limits (opt-in maximum) of the static report's targets, in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-# Head dims chosen automatically on CUDA (what the tests and the static report cover); the kernels
-# also take 16 and 48 when asked.
-AUTO_HEAD_DIMS = (32, 64, 80, 96, 128)
-
 # Largest head dim at which each config compiled without spills, in fp16 and bf16 and every
 # variant (indexed sets, lengths, score epilogue), per target family: "mma" (sm_8x, sm_12x:
 # mma.sync keeps loop-invariant operands in registers) and "wgmma" (sm_90, sm_10x). Read off the
 # static report (Triton 3.9's ptxas; ``benchmarks/static_report.py --suggest``); a config absent
 # from a family is never admitted there. The static test re-checks every admitted config.
 SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
-    "mma": {"fwd": {}, "dkdv": {}, "dq": {}},
-    "wgmma": {"fwd": {}, "dkdv": {}, "dq": {}},
+    "mma": {
+        "fwd": {
+            Cfg(64, 64, 4, 3): 96,
+            Cfg(128, 64, 8, 3): 96,
+            Cfg(64, 32, 4, 4): 96,
+            Cfg(128, 32, 4, 3): 32,
+            Cfg(128, 128, 8, 2): 64,
+            Cfg(64, 64, 8, 3): 128,
+            Cfg(32, 64, 4, 3): 80,
+        },
+        "dkdv": {
+            Cfg(32, 64, 4, 3): 80,
+            Cfg(32, 128, 8, 3): 96,
+            Cfg(16, 64, 4, 4): 128,
+            Cfg(64, 128, 8, 2): 32,
+            Cfg(64, 64, 4, 3): 32,
+            Cfg(32, 32, 8, 3): 128,
+            Cfg(64, 32, 8, 2): 64,
+            Cfg(16, 32, 4, 4): 128,
+        },
+        "dq": {
+            Cfg(64, 32, 4, 3): 96,
+            Cfg(128, 32, 8, 3): 96,
+            Cfg(128, 64, 8, 2): 64,
+            Cfg(64, 64, 4, 3): 80,
+            Cfg(32, 32, 4, 3): 128,
+            Cfg(32, 64, 4, 3): 80,
+        },
+    },
+    "wgmma": {
+        "fwd": {
+            Cfg(64, 64, 4, 3): 128,
+            Cfg(128, 64, 8, 3): 128,
+            Cfg(64, 32, 4, 4): 128,
+            Cfg(128, 32, 4, 3): 96,
+            Cfg(128, 128, 8, 2): 128,
+            Cfg(64, 64, 8, 3): 128,
+            Cfg(32, 64, 4, 3): 80,
+        },
+        "dkdv": {
+            Cfg(32, 64, 4, 3): 96,
+            Cfg(32, 128, 8, 3): 96,
+            Cfg(16, 64, 4, 4): 128,
+            Cfg(64, 128, 8, 2): 32,
+            Cfg(64, 64, 4, 3): 32,
+            Cfg(32, 32, 8, 3): 128,
+            Cfg(64, 32, 8, 2): 64,
+            Cfg(16, 32, 4, 4): 128,
+        },
+        "dq": {
+            Cfg(64, 32, 4, 3): 128,
+            Cfg(128, 32, 8, 3): 128,
+            Cfg(128, 64, 8, 2): 128,
+            Cfg(64, 64, 4, 3): 128,
+            Cfg(32, 32, 4, 3): 128,
+            Cfg(32, 64, 4, 3): 64,
+        },
+    },
 }
 
 
@@ -115,21 +168,25 @@ def interpreting() -> bool:
 
 
 def smem_estimate(role: str, cfg: Cfg, d: int, elt: int) -> int:
-    """Bytes of shared memory a config needs: pipelined tiles × stages plus resident tiles."""
+    """Bytes of shared memory a config needs: pipelined tiles × stages plus resident tiles. An
+    upper bound (Q and dO stay in registers on sm_8x); fp32 counts 1.6× (3xTF32 keeps each
+    operand's high and low parts, up to 1.57× measured). The static test checks every build."""
     bm, bn, s = cfg.block_m, cfg.block_n, cfg.stages
     if role == "fwd":  # K, V pipelined; Q resident (an smem operand of wgmma)
-        return (s * 2 * bn + bm) * d * elt
-    if role == "dq":  # K, V pipelined; Q, dO resident
-        return (s * 2 * bn + 2 * bm) * d * elt
-    if role == "dkdv":  # Q, dO pipelined; K, V resident; dSᵀ/Pᵀ through smem as dot operands
-        return (s * 2 * bm + 2 * bn) * d * elt + 2 * bm * bn * elt
-    raise ValueError(f"unknown kernel role {role!r}")
+        est = (s * 2 * bn + bm) * d * elt
+    elif role == "dq":  # K, V pipelined; Q, dO resident
+        est = (s * 2 * bn + 2 * bm) * d * elt
+    elif role == "dkdv":  # Q, dO pipelined; K, V resident; dSᵀ/Pᵀ through smem as dot operands
+        est = (s * 2 * bm + 2 * bn) * d * elt + 2 * bm * bn * elt
+    else:
+        raise ValueError(f"unknown kernel role {role!r}")
+    return est * 8 // 5 if elt == 4 else est
 
 
 def fp32_per_thread(role: str, cfg: Cfg, d: int, wgmma: bool, elt: int = 2) -> float:
-    """Register estimate per thread, in 32-bit words: fp32 accumulators and score tiles, plus,
-    without wgmma (sm_8x), the dot operands mma.sync keeps in registers (loop-invariant ones
-    hoisted out of the loop)."""
+    """Rough register estimate per thread, in 32-bit words: fp32 accumulators and score tiles,
+    plus, without wgmma (sm_8x), the dot operands mma.sync keeps in registers. Only ranks configs
+    (the fallback when none is admitted); ptxas decides, the static report records it."""
     bm, bn = cfg.block_m, cfg.block_n
     half = elt / 4  # 32-bit words per operand element
     if role == "fwd":  # acc, scores, P as operand; + Q (resident), K/V (per step)
@@ -163,7 +220,8 @@ def admissible(
     ``d`` per :data:`SPILL_FREE_UP_TO` (fp32, whose dot operands take twice the registers, counts
     as twice the head dim). With sizes, tiles over twice the work they would tile are dropped.
 
-    Never empty: if nothing fits, the config with the smallest register estimate remains.
+    Never empty: if nothing is admitted, the config with the smallest register estimate among
+    those that fit shared memory remains (it may spill; it launches).
     """
 
     def as_cfg(c) -> Cfg:
@@ -184,8 +242,12 @@ def admissible(
         small = [c for c in fits if as_cfg(c).block_m <= max(16, 2 * n)]
         small = [c for c in small if as_cfg(c).block_n <= max(16, 2 * keys)]
         fits = small or fits
+    if fits:
+        return fits
+    # Nothing is known to be spill-free here: a config that fits shared memory, fewest registers.
     wgmma = family(arch) == "wgmma"
-    return fits or [min(configs, key=lambda c: fp32_per_thread(role, as_cfg(c), d, wgmma, elt))]
+    in_smem = [c for c in configs if smem_estimate(role, as_cfg(c), d, elt) <= smem_limit]
+    return [min(in_smem or configs, key=lambda c: fp32_per_thread(role, as_cfg(c), d, wgmma, elt))]
 
 
 @functools.cache
