@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 import fastprompt
 from fastprompt.bench import environment
-from fastprompt.condensation import SCORES
+from fastprompt.methods.condensation import SCORES
 
 
 def digits(classes: range, seed: int = 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-_BACKEND_NAMES = ("torch", "triton")
+__all__ = ["Settings", "get"]
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class Settings:
     ----------
     backend : str or None
         ``FASTPROMPT_BACKEND``: force one backend for every op (strict: raises if it cannot run).
+        One of :data:`fastprompt.backends.NAMES`.
     verbose : bool
         ``FASTPROMPT_VERBOSE=1``: log every dispatch decision, not only the first fallback.
     triton_interpret : bool
@@ -32,13 +33,21 @@ class Settings:
     triton_interpret: bool
 
 
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def get() -> Settings:
-    """Read the ``FASTPROMPT_*`` variables now (cheap; not cached so tests can change them)."""
+    """Read the variables now (cheap; not cached, so tests can change them)."""
+    from fastprompt.backends import NAMES
+
     backend = os.environ.get("FASTPROMPT_BACKEND", "").strip().lower() or None
-    if backend is not None and backend not in _BACKEND_NAMES:
+    if backend is not None and backend not in NAMES:
         raise ValueError(
-            f"FASTPROMPT_BACKEND={backend!r} is not a backend; expected one of {_BACKEND_NAMES}"
+            f"FASTPROMPT_BACKEND={backend!r} is not a backend; expected one of {NAMES}"
         )
-    verbose = os.environ.get("FASTPROMPT_VERBOSE", "0").strip() not in ("", "0", "false")
-    interpret = os.environ.get("TRITON_INTERPRET", "0").strip() not in ("", "0")
-    return Settings(backend=backend, verbose=verbose, triton_interpret=interpret)
+    return Settings(
+        backend=backend,
+        verbose=_flag("FASTPROMPT_VERBOSE"),
+        triton_interpret=_flag("TRITON_INTERPRET"),
+    )

@@ -170,13 +170,15 @@ FLOP_HANDLES: dict[str, Callable] = {
 def flops(model: nn.Module, x: torch.Tensor) -> float:
     """Forward GFLOPs (fvcore convention: multiply-adds) with handles for attention ops.
 
-    A prompted model in eval mode is run once first, so its cached prompt K/V (computed once per
-    model, not per image) are not counted as per-image work.
+    A prompted model is counted inside :meth:`~fastprompt.PromptedViT.frozen_prompts`, as it is
+    deployed: its prompt K/V are computed once per model, not per image, and not counted.
     """
     from fvcore.nn import FlopCountAnalysis
 
-    with torch.no_grad():
-        model(x)
+    frozen = (
+        model.frozen_prompts() if hasattr(model, "frozen_prompts") else contextlib.nullcontext()
+    )
+    with torch.no_grad(), frozen:
         analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**FLOP_HANDLES)
         analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
         return analysis.total() / 1e9
@@ -229,8 +231,15 @@ class BenchConfig:
 
 
 def summarize(times: list[float]) -> dict[str, float]:
-    """Median, p20 and p80 of repeated timings, in seconds."""
-    qs = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
+    """Median, p20 and p80 of repeated timings, in seconds.
+
+    Quantiles are interpolated *within* the data (``method="inclusive"``), so with few
+    repetitions p20 and p80 stay between the fastest and the slowest run instead of being
+    extrapolated past them.
+    """
+    if not times:
+        raise ValueError("summarize: no timings")
+    qs = statistics.quantiles(times, n=5, method="inclusive") if len(times) > 1 else [times[0]] * 4
     return {
         "median_s": statistics.median(times),
         "p20_s": qs[0],
@@ -319,7 +328,9 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         # Interleaved: each repetition times the three variants back to back, so drift in the
         # machine's speed (other load, clocks) hits all of them alike.
         prompted.eval()
-        with torch.inference_mode():
+        # As deployed: fastprompt's prompt K/V once per model (frozen_prompts); naive VPT has
+        # nothing to cache.
+        with torch.inference_mode(), prompted.frozen_prompts():
             times = time_interleaved(
                 {"free": lambda: model(x), "naive": infer("naive"), "fused": infer("fused")},
                 device,

@@ -1,57 +1,95 @@
-"""Prompt checkpoints: ours (safetensors + json, bit-exact) and the official VPT code's.
+"""Prompt checkpoints: ours (safetensors + json, bit-exact, any method) and the official VPT code's.
 
-A folder written by :func:`save_prompts` holds ``prompts.safetensors`` (prompts, projection, head)
-and ``config.json`` (the VPT config and the model it was trained on). :func:`load_prompts` puts it
-back onto a fresh timm model, and also reads a state dict or ``.pth`` file of the official VPT code
-(keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``, ``prompt_proj.*``,
-``head.last_layer.*``).
+A folder written by :func:`save_prompts` holds ``prompts.safetensors`` (what trains: the prompt
+source's parameters and buffers, and the head) and ``config.json`` (the method, its config and the
+model it was trained on). The same description is stored inside the safetensors file's metadata,
+so the file alone is a complete checkpoint and replacing it (atomically) replaces the checkpoint
+as a whole; ``config.json`` is the copy a person reads. :func:`load_prompts` rebuilds the model
+through the method registry (:mod:`fastprompt.methods`), and also reads a state dict or ``.pth``
+file of the official VPT code (keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``,
+``prompt_proj.*``, ``head.last_layer.*``).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 from collections.abc import Mapping
-from dataclasses import fields
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastprompt.vpt import PromptedViT, VPTConfig, _model_signature, config_dict
+from fastprompt import methods
+from fastprompt.models import vit
 
 __all__ = ["load_prompts", "save_prompts"]
 
 _TENSORS = "prompts.safetensors"
 _CONFIG = "config.json"
-_FORMAT = "fastprompt.prompts/1"
+_FORMAT = "fastprompt.prompts/2"
+_FORMAT_V1 = "fastprompt.prompts/1"
 
 
-def save_prompts(prompted: PromptedViT, path: str | os.PathLike) -> None:
-    """Save the trainable state of a prompted model to a folder.
+def describe(prompted: nn.Module) -> dict[str, Any]:
+    """The JSON description of a prompted model: format, method, its config, model, impl."""
+    return {
+        "format": _FORMAT,
+        "method": prompted.method,
+        "config": methods.get(prompted.method).describe(prompted),
+        "model": vit.signature(prompted.model),
+        "impl": prompted.impl,
+    }
+
+
+def save_prompts(prompted: nn.Module, path: str | os.PathLike) -> None:
+    """Save the trainable state and the method's config of a prompted model to a folder.
 
     Parameters
     ----------
     prompted : PromptedViT
     path : str or PathLike
-        Folder, created if missing. Receives ``prompts.safetensors`` and ``config.json``.
+        Folder, created if missing. Receives ``prompts.safetensors`` (written to a temporary file
+        and renamed over the old one, so an interrupted save leaves the previous checkpoint whole)
+        and ``config.json``.
     """
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
-    tensors = {n: p.detach().contiguous().cpu() for n, p in prompted.trainable_parameters().items()}
-    save_file(tensors, os.path.join(path, _TENSORS), metadata={"format": _FORMAT})
-    meta = {"format": _FORMAT, **config_dict(prompted), "impl": prompted.impl}
-    if prompted.condensed_from is not None:
-        meta["kept"] = [row.nonzero().flatten().tolist() for row in prompted.condensed_from]
-    with open(os.path.join(path, _CONFIG), "w") as f:
-        json.dump(meta, f, indent=2)
+    meta = describe(prompted)
+    tensors = {n: t.detach().contiguous().cpu() for n, t in prompted.prompt_state().items()}
+    text = json.dumps(meta, indent=2)
+
+    def write_tensors(tmp: str) -> None:
+        save_file(tensors, tmp, metadata={"format": _FORMAT, "config": text})
+
+    def write_json(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text + "\n")
+
+    _replace_atomically(os.path.join(path, _TENSORS), write_tensors)
+    _replace_atomically(os.path.join(path, _CONFIG), write_json)
+
+
+def _replace_atomically(target: str, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(target) or ".", prefix=".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def load_prompts(
     model: nn.Module,
     path: str | os.PathLike | Mapping[str, Tensor],
-    **overrides: object,
-) -> PromptedViT:
+    method: str | None = None,
+    **overrides: Any,
+) -> nn.Module:
     """Wrap a fresh timm model with saved prompts (and head).
 
     Parameters
@@ -59,11 +97,14 @@ def load_prompts(
     model : timm VisionTransformer
         Same architecture and class count as the model the prompts were trained on.
     path : str, PathLike or mapping
-        A folder from :func:`save_prompts`, or an official VPT checkpoint (``.pth`` file or state
-        dict); for the latter the VPT config is read off the tensor shapes.
+        A folder from :func:`save_prompts` or its ``prompts.safetensors`` file, or an official VPT
+        checkpoint (``.pth`` file or state dict; its VPT config is read off the tensor shapes).
+    method : str, optional
+        The method the checkpoint must hold (``"vpt"``, ``"pgn"``, ...); a checkpoint of another
+        method is refused. Default: whatever it holds.
     **overrides
-        Keyword arguments for :func:`fastprompt.vpt` that the checkpoint does not fix
-        (``impl``, ``backend``, ``dropout``, ``readout``).
+        How to run the model (``impl``, ``backend``) and what the method lets a loader change
+        (VPT: ``dropout``, ``readout``).
 
     Returns
     -------
@@ -72,62 +113,88 @@ def load_prompts(
     Raises
     ------
     ValueError
-        If the checkpoint was made for another model shape (names what differs).
+        If the checkpoint was made for another model shape or method (the message names what
+        differs), or the path holds no checkpoint.
     """
-    from fastprompt.vpt import vpt
-
-    if isinstance(path, Mapping) or os.path.isfile(path):
+    where = "the given state dict" if isinstance(path, Mapping) else os.fspath(path)
+    if isinstance(path, Mapping) or (os.path.isfile(path) and not _is_safetensors(path)):
+        if method not in (None, "vpt"):
+            raise ValueError(f"load_prompts: {where} is an official VPT checkpoint, not {method!r}")
         state = _official_state(path)
-        prompted = vpt(
-            model, head_init="keep", **{**_config_from_shapes(state, model), **overrides}
-        )
+        saved = {"method": "vpt", "config": _config_from_shapes(state, model), "impl": "fused"}
     else:
-        state, saved = _read_folder(path)
-        _check_signature(saved["model"], model, path)
-        cfg = {f.name: saved["vpt"].get(f.name) for f in fields(VPTConfig)}
-        if cfg["layer_counts"] is not None:
-            cfg["layer_counts"] = tuple(cfg["layer_counts"])
-        run = {"impl": saved.get("impl", "fused"), "backend": None}
-        for key, value in overrides.items():
-            if key in run:
-                run[key] = value
-            elif key in ("dropout", "readout"):
-                cfg[key] = value
-            else:
-                raise TypeError(f"load_prompts: {key!r} cannot be overridden")
-        prompted = PromptedViT(model, VPTConfig(**cfg), head_init="keep", **run)
-        if "kept" in saved:
-            kept = torch.zeros(len(saved["kept"]), cfg["num_prompts"], dtype=torch.bool)
-            for layer, rows in enumerate(saved["kept"]):
-                kept[layer, rows] = True
-            prompted.condensed_from = kept
-    _copy_into(prompted, state, path)
+        state, saved = _read_ours(path)
+        _check_signature(saved["model"], model, where)
+        if method is not None and saved["method"] != method:
+            raise ValueError(
+                f"load_prompts: {where} holds a {saved['method']!r} model, not {method!r}"
+            )
+    entry = methods.get(saved["method"])
+    run = {"impl": saved.get("impl", "fused"), **overrides}
+    prompted = entry.rebuild(model, saved["config"], run)
+    _copy_into(prompted, state, where)
     return prompted
 
 
-def _read_folder(path) -> tuple[dict[str, Tensor], dict]:
+def _is_safetensors(path) -> bool:
+    return os.fspath(path).endswith(".safetensors")
+
+
+def _read_ours(path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    cfg = os.path.join(path, _CONFIG)
-    if not os.path.isfile(cfg):
-        raise FileNotFoundError(
-            f"load_prompts: {path} holds no {_CONFIG}; is it a save_prompts folder?"
-        )
-    with open(cfg) as f:
-        saved = json.load(f)
-    if saved.get("format") != _FORMAT:
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        tensors = os.path.join(path, _TENSORS)
+        if not os.path.isfile(tensors):
+            raise FileNotFoundError(
+                f"load_prompts: {path} holds no {_TENSORS}; is it a save_prompts folder?"
+            )
+    elif os.path.isfile(path):
+        tensors = path
+    else:
+        raise FileNotFoundError(f"load_prompts: {path} does not exist")
+    with safe_open(tensors, framework="pt") as f:
+        meta = f.metadata() or {}
+    if "config" in meta:
+        saved = json.loads(meta["config"])
+    else:
+        # Format 1 kept the description in config.json only.
+        cfg = os.path.join(os.path.dirname(tensors), _CONFIG)
+        if not os.path.isfile(cfg):
+            raise ValueError(
+                f"load_prompts: {tensors} carries no config and has no {_CONFIG} beside it; "
+                "pass the folder written by save_prompts"
+            )
+        with open(cfg) as f:
+            saved = json.load(f)
+    return load_file(tensors), _upgrade(saved, tensors)
+
+
+def _upgrade(saved: dict[str, Any], where: str) -> dict[str, Any]:
+    """Format 1 (``{"vpt": ..., "kept": ...}``) as format 2 (``{"method", "config"}``)."""
+    fmt = saved.get("format")
+    if fmt == _FORMAT:
+        return saved
+    if fmt != _FORMAT_V1:
         raise ValueError(
-            f"load_prompts: {cfg} has format {saved.get('format')!r}, need {_FORMAT!r}"
+            f"load_prompts: {where} has format {fmt!r}; this fastprompt reads {_FORMAT!r} and "
+            f"{_FORMAT_V1!r}"
         )
-    return load_file(os.path.join(path, _TENSORS)), saved
+    if "kept" in saved:
+        method, config = "prompt_condensation", {"vpt": saved["vpt"], "kept": saved["kept"]}
+    else:
+        method, config = "vpt", saved["vpt"]
+    return {**saved, "format": _FORMAT, "method": method, "config": config}
 
 
-def _check_signature(saved: dict, model: nn.Module, path) -> None:
+def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
     if not hasattr(model, "blocks") or not hasattr(model, "embed_dim"):
         raise TypeError(
             f"load_prompts: model must be a timm VisionTransformer, got {type(model).__name__}"
         )
-    have = _model_signature(model)
+    have = vit.signature(model)
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}"
         for k in have
@@ -135,7 +202,7 @@ def _check_signature(saved: dict, model: nn.Module, path) -> None:
     ]
     if diff:
         raise ValueError(
-            f"load_prompts: {path} was saved from another model shape ({'; '.join(diff)})"
+            f"load_prompts: {where} was saved from another model shape ({'; '.join(diff)})"
         )
 
 
@@ -157,6 +224,8 @@ def _official_state(path) -> dict[str, Tensor]:
         raw = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
             raw = raw["model"]
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"load_prompts: {path} holds a {type(raw).__name__}, not a state dict")
     state: dict[str, Tensor] = {}
     for key, value in raw.items():
         for suffix, ours in _OFFICIAL_SUFFIXES.items():
@@ -171,7 +240,7 @@ def _official_state(path) -> dict[str, Tensor]:
     return state
 
 
-def _config_from_shapes(state: dict[str, Tensor], model: nn.Module) -> dict[str, object]:
+def _config_from_shapes(state: dict[str, Tensor], model: nn.Module) -> dict[str, Any]:
     shallow = state["prompt_embeddings"]
     if shallow.dim() != 3 or shallow.shape[0] != 1:
         raise ValueError(
@@ -182,22 +251,23 @@ def _config_from_shapes(state: dict[str, Tensor], model: nn.Module) -> dict[str,
         "num_prompts": int(shallow.shape[1]),
         "deep": "deep_prompt_embeddings" in state,
         "project": -1 if proj is None else int(proj.shape[1]),
+        "readout": vit.default_readout(model),
     }
 
 
-def _copy_into(prompted: PromptedViT, state: dict[str, Tensor], path) -> None:
-    own = prompted.trainable_parameters()
+def _copy_into(prompted: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    own = prompted.prompt_state()
     missing = [n for n in own if n not in state]
     if missing:
-        raise ValueError(f"load_prompts: {path} lacks {missing}")
+        raise ValueError(f"load_prompts: {where} lacks {missing}")
     for name, tensor in state.items():
         if name not in own:
             raise ValueError(
-                f"load_prompts: {path} holds {name!r}, which this model does not train"
+                f"load_prompts: {where} holds {name!r}, which this model does not train"
             )
         if tuple(tensor.shape) != tuple(own[name].shape):
             raise ValueError(
-                f"load_prompts: {name} has shape {tuple(tensor.shape)} in {path}, but this model "
+                f"load_prompts: {name} has shape {tuple(tensor.shape)} in {where}, but this model "
                 f"needs {tuple(own[name].shape)} (a checkpoint of another model?)"
             )
     with torch.no_grad():

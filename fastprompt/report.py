@@ -127,23 +127,29 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
         if key not in free:
             continue
 
-        def value(r, key=key):
-            return 1e3 * r[key]["median_s"] if key != "gflops" else r[key] / batch
+        def value(r, stat="median_s", key=key):
+            return 1e3 * r[key][stat] if key != "gflops" else r[key] / batch
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
         for variant, style in (("naive", "o-"), ("fused", "s-")):
-            ys = [
-                value(r)
-                for p in prompts
-                for r in rows
-                if r["prompts"] == p and r["variant"] == variant
+            picked = [
+                r for p in prompts for r in rows if r["prompts"] == p and r["variant"] == variant
             ]
-            ax.plot(
+            line = ax.plot(
                 [0, *prompts],
-                [value(free), *ys],
+                [value(free), *(value(r) for r in picked)],
                 style,
                 label="naive VPT" if variant == "naive" else "fastprompt",
-            )
+            )[0]
+            if key != "gflops":  # the p20-p80 band of the repetitions
+                ax.fill_between(
+                    [0, *prompts],
+                    [value(free, "p20_s"), *(value(r, "p20_s") for r in picked)],
+                    [value(free, "p80_s"), *(value(r, "p80_s") for r in picked)],
+                    color=line.get_color(),
+                    alpha=0.2,
+                    linewidth=0,
+                )
         ax.axhline(value(free), color="gray", ls="--", label="prompt-free")
         ax.set_xlabel("prompts per block" if result["config"]["deep"] else "prompts")
         ax.set_ylabel(label)

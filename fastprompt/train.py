@@ -6,6 +6,7 @@ stepped per epoch (epoch 0 at lr 0 when warming up), weight decay on everything 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Iterable
 
@@ -13,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastprompt.vpt import PromptedViT
+from fastprompt.batches import BatchFn, batches
+from fastprompt.prompted import PromptedViT
 
 __all__ = ["evaluate", "finetune", "fit"]
 
@@ -44,6 +46,7 @@ def fit(
     weight_decay: float = 1e-4,
     momentum: float = 0.9,
     progress: bool = True,
+    batch_fn: BatchFn | None = None,
 ) -> list[float]:
     """Train the prompts (+ projection) and head with the official VPT optimiser and schedule.
 
@@ -60,13 +63,16 @@ def fit(
         On everything trainable but the head bias.
     momentum : float
     progress : bool
+    batch_fn : callable, optional
+        ``batch_fn(batch) -> (images, labels)`` for batches that are neither ``(images, labels,
+        ...)`` nor a dict with image and label keys (:mod:`fastprompt.batches`).
 
     Returns
     -------
     list of float
         Mean training loss per epoch.
     """
-    device = prompted.prompt_embeddings.device
+    device = next(iter(prompted.trainable_parameters().values())).device
     opt = torch.optim.SGD(_param_groups(prompted, weight_decay), lr=lr, momentum=momentum)
     losses = []
     epoch_iter = range(epochs)
@@ -79,8 +85,7 @@ def fit(
             group["lr"] = _epoch_lr(epoch, epochs, warmup_epochs, lr)
         prompted.train()
         total, count = 0.0, 0
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
+        for x, y in batches(loader, device, batch_fn):
             loss = F.cross_entropy(prompted(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -99,6 +104,7 @@ def finetune(
     lr: float = 0.01,
     weight_decay: float = 1e-4,
     progress: bool = True,
+    batch_fn: BatchFn | None = None,
 ) -> list[float]:
     """Prompt Condensation's fine-tuning: only the kept prompts and the head, dropout off.
 
@@ -113,26 +119,39 @@ def finetune(
         A reduced learning rate (cosine, no warmup).
     weight_decay : float
     progress : bool
+    batch_fn : callable, optional
+        As in :func:`fit`.
 
     Returns
     -------
     list of float
         Mean training loss per epoch.
     """
-    condensed.prompt_dropout.p = 0.0
-    return fit(condensed, loader, epochs, lr, 0, weight_decay, progress=progress)
+    # Through the source's config, so a checkpoint saved afterwards reports dropout 0.
+    condensed.source.set_dropout(0.0)
+    return fit(condensed, loader, epochs, lr, 0, weight_decay, progress=progress, batch_fn=batch_fn)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable) -> float:
-    """Top-1 accuracy of ``model`` on ``loader`` (eval mode)."""
+def evaluate(model: nn.Module, loader: Iterable, batch_fn: BatchFn | None = None) -> float:
+    """Top-1 accuracy of ``model`` on ``loader`` (eval mode; a prompted model's prompt keys and
+    values are computed once for the whole pass).
+
+    Raises
+    ------
+    ValueError
+        If the loader yields no sample.
+    """
     training = model.training
     model.eval()
     device = next(model.parameters()).device
     correct, count = 0, 0
-    for x, y in loader:
-        pred = model(x.to(device)).argmax(-1).cpu()
-        correct += int((pred == y).sum())
-        count += y.numel()
+    frozen = model.frozen_prompts() if isinstance(model, PromptedViT) else contextlib.nullcontext()
+    with frozen:
+        for x, y in batches(loader, device, batch_fn):
+            correct += int((model(x).argmax(-1) == y).sum())
+            count += y.numel()
     model.train(training)
-    return correct / max(count, 1)
+    if count == 0:
+        raise ValueError("evaluate: the loader yielded no samples")
+    return correct / count

@@ -7,6 +7,7 @@ import torch
 from helpers import images, tiny_vit
 
 import fastprompt
+import fastprompt.models.vit
 
 
 def _trained(**kw):
@@ -58,3 +59,89 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
     official = {"prompt_embeddings": torch.zeros(1, 5, 32)}
     with pytest.raises(ValueError, match="prompt_embeddings has shape"):
         fastprompt.load_prompts(tiny_vit(num_classes=0), official)
+
+
+def test_the_tensors_file_alone_is_a_checkpoint(tmp_path):
+    prompted = _trained(readout="patches+prompts", dropout=0.1)
+    prompted.save_prompts(tmp_path / "run")
+    loaded = fastprompt.load_prompts(tiny_vit(), tmp_path / "run" / "prompts.safetensors")
+    assert loaded.config == prompted.config  # the readout is not lost (it changes the logits)
+    prompted.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(prompted(images(2)), loaded(images(2)))
+
+
+def test_config_json_records_the_method(tmp_path):
+    import json
+
+    _trained().save_prompts(tmp_path / "run")
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["format"] == "fastprompt.prompts/2" and saved["method"] == "vpt"
+    assert saved["config"]["num_prompts"] == 5 and saved["model"]["embed_dim"] == 64
+
+
+def test_format_1_folders_still_load(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    prompted = _trained()
+    folder = tmp_path / "old"
+    folder.mkdir()
+    tensors = {n: p.detach().contiguous() for n, p in prompted.trainable_parameters().items()}
+    save_file(tensors, folder / "prompts.safetensors", metadata={"format": "fastprompt.prompts/1"})
+    config = {
+        "format": "fastprompt.prompts/1",
+        "vpt": {
+            "num_prompts": 5,
+            "deep": True,
+            "dropout": 0.0,
+            "project": -1,
+            "readout": "cls",
+            "layer_counts": None,
+        },
+        "model": fastprompt.models.vit.signature(prompted.model),
+        "impl": "fused",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    loaded = fastprompt.load_prompts(tiny_vit(), folder)
+    for name, p in prompted.trainable_parameters().items():
+        assert torch.equal(p, loaded.trainable_parameters()[name]), name
+
+
+def test_an_interrupted_save_leaves_the_previous_checkpoint_whole(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    first = _trained()
+    first.save_prompts(tmp_path / "run")
+    second = _trained()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(safetensors.torch, "save_file", crash)
+    with pytest.raises(KeyboardInterrupt):
+        second.save_prompts(tmp_path / "run")
+    monkeypatch.undo()
+    loaded = fastprompt.load_prompts(tiny_vit(), tmp_path / "run")
+    for name, p in first.trainable_parameters().items():
+        assert torch.equal(p, loaded.trainable_parameters()[name]), name
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "config.json",
+        "prompts.safetensors",
+    ]
+
+
+def test_a_dict_checkpoint_error_does_not_print_the_tensors():
+    official = {"prompt_embeddings": torch.zeros(1, 5, 32)}
+    with pytest.raises(ValueError) as err:
+        fastprompt.load_prompts(tiny_vit(num_classes=0), official)
+    assert "the given state dict" in str(err.value) and "tensor(" not in str(err.value)
+
+
+def test_a_checkpoint_of_another_method_is_refused(tmp_path):
+    _trained().save_prompts(tmp_path / "run")
+    with pytest.raises(ValueError, match="holds a 'vpt' model, not 'pgn'"):
+        fastprompt.load_prompts(tiny_vit(), tmp_path / "run", method="pgn")
+    with pytest.raises(FileNotFoundError, match=r"holds no prompts\.safetensors"):
+        fastprompt.load_prompts(tiny_vit(), tmp_path)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import tiny_vit
 
@@ -42,7 +43,16 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
     for row in report["rows"]:
         assert row["infer"]["median_s"] > 0 and row["train"]["median_s"] > 0
         assert row["activation_bytes"] > 0 and row["gflops"] > 0
-    assert report["rows"][1]["infer_vs_naive"] == 1.0
+    naive, fused = report["rows"][1], report["rows"][2]
+    for kind in ("infer", "train"):
+        assert fused[f"{kind}_vs_naive"] == pytest.approx(
+            fused[kind]["median_s"] / naive[kind]["median_s"]
+        )
+        assert fused[f"{kind}_vs_free"] == pytest.approx(
+            fused[kind]["median_s"] / fused[f"{kind}_free_median_s"]
+        )
+        for row in report["rows"]:  # inclusive quantiles stay inside the measured range
+            assert row[kind]["p20_s"] <= row[kind]["median_s"] <= row[kind]["p80_s"]
     assert "| prompts | variant |" in (out / "report.md").read_text()
     assert (out / "latency.png").stat().st_size > 0
     assert "fused" in capsys.readouterr().out
@@ -63,10 +73,57 @@ def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
     assert "infer ms A | infer ms B | B/A" in text and "| 4 | fused |" in text
 
 
-def test_info_lists_backends(capsys):
+def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
+    from fastprompt import backends
+
+    monkeypatch.setattr(
+        backends.Backend,
+        "availability",
+        lambda self: None if self.name == "torch" else "switched off",
+    )
     assert main(["info"]) == 0
     out = capsys.readouterr().out
-    assert "torch" in out and "triton" in out and "available" in out
+    for b in backends.BACKENDS:
+        assert f"  {b.name}: {b.summary}" in out
+    assert out.count("available here: switched off") == len(backends.BACKENDS) - 1
+    assert out.count("available here: yes") == 1
+
+
+def test_summarize_never_extrapolates():
+    from fastprompt.bench import summarize
+
+    s = summarize([2.0, 0.1, 4.1])
+    assert 0.1 <= s["p20_s"] <= s["median_s"] == 2.0 <= s["p80_s"] <= 4.1
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--batch", "0"], "--batch must be >= 1, got 0"),
+        (["--reps", "0"], "--reps must be >= 1, got 0"),
+        (["--prompts", "-3"], "--prompts must be >= 0"),
+        (["--model", "vit_nope"], "'vit_nope' is not a timm model name"),
+        (["--device", "banana"], "--device 'banana' is not a device"),
+        (["--compare", "missing.json"], "--compare missing.json is not a readable report.json"),
+    ],
+)
+def test_bench_validates_before_running(args, match, capsys, tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--quick", "--out", str(tmp_path / "r"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in err and err.startswith("fastprompt: error: bench: ")
+
+
+def test_bench_refuses_an_out_file_and_cuda_without_a_gpu(capsys, tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        main(["bench", "--out", str(tmp_path / "file")])
+    assert "exists and is not a folder" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["bench", "--device", "cuda", "--out", str(tmp_path / "r")])
+        assert "torch sees no CUDA device" in capsys.readouterr().err
 
 
 def test_flop_handles_match_hand_counts():
@@ -103,6 +160,7 @@ def test_activation_bytes_counts_storages_once():
     assert activation_bytes(lambda: (x @ w).sum(), [w]) == x.numel() * 4
 
 
+@pytest.mark.slow
 def test_naive_vpt_reproduces_the_papers_gflops():
     """Prompt Condensation's table for ViT-B/16: 17.6/22.2/26.9/31.8/36.7 GFLOPs, within 2 %."""
     import timm

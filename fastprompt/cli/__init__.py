@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+from fastprompt.backends import NAMES
+
 __all__ = ["main"]
 
 
@@ -27,17 +29,54 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default=None, help="default cuda if available, else cpu")
-    p.add_argument("--backend", default=None, choices=["torch", "triton"])
+    p.add_argument("--backend", default=None, choices=list(NAMES))
     p.add_argument(
         "--reps", type=int, default=None, help="timed repetitions (default 10 GPU, 5 CPU)"
     )
     p.add_argument("--img-size", type=int, default=None, help="image size override")
-    p.add_argument("--quick", action="store_true", help="batch 2, 2 reps, prompts 50 200")
+    p.add_argument("--quick", action="store_true", help="batch 2, 3 reps, prompts 50 200")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
     p.add_argument("--no-memory", action="store_true", help="skip activation memory")
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument("--out", default="fastprompt-report", help="report folder")
     p.add_argument("--compare", default=None, help="an earlier report.json to set beside this one")
+
+
+def _check_bench_args(args: argparse.Namespace) -> str | None:
+    """Everything that can be checked before minutes of benchmarking; the first problem found."""
+    import timm
+    import torch
+
+    for name in ("batch", "reps", "img_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.prompts is not None and any(p < 0 for p in args.prompts):
+        return f"--prompts must be >= 0, got {args.prompts}"
+    if not timm.is_model(args.model):
+        return f"--model {args.model!r} is not a timm model name (see timm.list_models())"
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            return f"--device {args.device!r} is not a device ({e})"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device} was asked for, but torch sees no CUDA device"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} exists and is not a folder"
+    if args.compare is not None:
+        try:
+            with open(args.compare) as f:
+                old = json.load(f)
+            old["rows"], old["env"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"--compare {args.compare} is not a readable report.json ({e})"
+    if not args.no_flops:
+        try:
+            import fvcore  # noqa: F401
+        except ImportError:
+            return "counting FLOPs needs fvcore (pip install fvcore), or pass --no-flops"
+    return None
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -56,12 +95,13 @@ def _bench(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         device=device,
         backend=args.backend,
-        reps=args.reps or (2 if args.quick else (10 if on_gpu else 5)),
+        reps=args.reps or (3 if args.quick else (10 if on_gpu else 5)),
         train=not args.no_train,
         memory=not args.no_memory,
         count_flops=not args.no_flops,
         img_size=args.img_size,
     )
+    # The prompt-free model is always measured; 0 in --prompts adds nothing.
     cfg.prompts = [p for p in cfg.prompts if p > 0]
     steps = 1 + len(cfg.prompts)
     try:
@@ -107,8 +147,7 @@ def _info(_args: argparse.Namespace) -> int:
     import torch
 
     import fastprompt
-    from fastprompt.ops._dispatch import describe
-    from fastprompt.ops.prompt_attention import BACKENDS
+    from fastprompt.backends import describe
 
     rows: list[tuple[str, Any]] = [
         ("fastprompt", fastprompt.__version__),
@@ -125,12 +164,12 @@ def _info(_args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("\nprompt_attention backends (in order of preference):")
-    for row in describe(BACKENDS):
-        print(
-            f"  {row['backend']:<7} devices={row['devices']:<24} head_dims={row['head_dims']:<22}"
-            f" available: {row['available']}"
-        )
+    print("\nbackends (in order of preference):")
+    for row in describe():
+        print(f"  {row['backend']}: {row['summary']}")
+        print(f"    devices {row['devices']}; dtypes {row['dtypes']}; head dims {row['head_dims']}")
+        print(f"    features {row['features']}; chosen automatically for {row['auto']}")
+        print(f"    available here: {row['available']}")
     return 0
 
 
@@ -141,6 +180,10 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     sub.add_parser("info", help="versions, device and which backends can run here")
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        problem = _check_bench_args(args)
+        if problem is not None:
+            parser.error(f"bench: {problem}")
     return {"bench": _bench, "info": _info}[args.command](args)
 
 

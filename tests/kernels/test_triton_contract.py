@@ -16,8 +16,7 @@ pytest.importorskip("triton")
 
 from fastprompt.kernels import triton as tk
 from fastprompt.kernels.triton import _tuning
-from fastprompt.ops.prompt_attention import prompt_attention_ref
-from fastprompt.ops.prompt_scores import prompt_scores_ref
+from fastprompt.ops import prompt_attention_ref, prompt_scores_ref
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = dict(atol=2e-4, rtol=2e-4)

@@ -33,7 +33,7 @@ def _run(q, k, v, pk, pv, index, lengths, dout, scale):
 
 
 def _ref(q, k, v, pk, pv, index, lengths, dout, scale, fn=None):
-    from fastprompt.ops.prompt_attention import prompt_attention_ref
+    from fastprompt.ops import prompt_attention_ref
 
     fn = fn or prompt_attention_ref
     leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, pk, pv)]

@@ -1,9 +1,10 @@
-"""Triton backend: prompt-attention kernels and their launchers.
+"""The ``triton`` backend: Triton kernels and their launchers (the contract in
+:mod:`fastprompt.backends`).
 
-The backend contract (what ``fastprompt.ops`` calls): :func:`availability`,
-:func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32 prompt gradients) and
-:func:`prompt_attention_bwd_scored`. Kernel modules are imported on first use, so importing
-``fastprompt`` never imports Triton.
+:func:`availability`, :func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32
+prompt gradients, reduced by the backend's own kernel) and :func:`prompt_attention_bwd_scored`.
+Kernel modules are imported on first use, so importing ``fastprompt`` never imports Triton.
+What the backend is chosen for automatically is in :mod:`._capability`.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Prompt Condensation scores every prompt with a first-order term per sample. All of them need only
 what the attention backward already has per sequence, before it sums over the batch
-(DESIGN.md, "the two facts"):
+(``docs/design.md`` §3):
 
 - ``terms[s, b, i] = Σ_{h,d} ∂L_b/∂k_{p,i} · u_k[s, i] + ∂L_b/∂v_{p,i} · u_v[s, i]``: a dot of the
   per-sample prompt K/V gradients with a per-prompt vector (the paper's Taylor score with
@@ -23,16 +23,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastprompt.ops._dispatch import choose
-from fastprompt.ops.prompt_attention import (
-    BACKENDS,
-    _kernels,
-    _key_bias,
-    _prompt_attention_op,
-    _reduce_over_sets,
-)
+from fastprompt import backends
+from fastprompt.kernels.torch.prompt_attention import key_bias
+from fastprompt.ops.attention import _prompt_attention_op, check_inputs, check_scale, choose_for
 
-__all__ = ["ScoredPromptAttention", "prompt_scores", "prompt_scores_ref"]
+__all__ = [
+    "ScoredPromptAttention",
+    "prompt_scores",
+    "prompt_scores_ref",
+    "scored_prompt_attention",
+]
 
 
 def _per_sequence(table: Tensor, prompt_index: Tensor | None, b: int) -> Tensor:
@@ -83,7 +83,7 @@ def prompt_scores_ref(
     pk = _per_sequence(prompt_k, prompt_index, b).to(f)
     pv = _per_sequence(prompt_v, prompt_index, b).to(f)
     probs = torch.exp((q.to(f) @ pk.transpose(-1, -2)) * scale - lse.to(f).unsqueeze(-1))
-    bias = _key_bias(q, p, 0, prompt_index, prompt_lengths, f)
+    bias = key_bias(b, p, 0, prompt_index, prompt_lengths, f, q.device)
     if bias is not None:
         probs = probs.masked_fill(torch.isinf(bias), 0.0)
     dpv = dprompt_v.to(f)
@@ -95,8 +95,8 @@ def prompt_scores_ref(
     return terms, gate
 
 
-# The standalone op has one implementation, the reference; the Triton backend computes the same
-# terms inside its backward kernel (see ScoredPromptAttention) rather than as a separate call.
+# The standalone op has one implementation, the reference; a backend that fuses the scores into
+# its attention backward (``prompt_attention_bwd_scored``) computes the same terms there.
 prompt_scores = prompt_scores_ref
 
 
@@ -124,27 +124,12 @@ class ScoredPromptAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         q, k, v, pk, pv, index, out, lse, u_k, u_v = ctx.saved_tensors
-        _, bwd = _kernels(ctx.backend)
-        dout = dout.contiguous() if dout.stride(-1) != 1 else dout
-        if ctx.backend == "triton":
-            from fastprompt.kernels.triton.prompt_attention import (
-                prompt_attention_bwd_scores_triton,
-            )
-
-            dq, dk, dv, dpk, dpv, terms, gate = prompt_attention_bwd_scores_triton(
-                dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k, u_v
-            )
-        else:
-            dq, dk, dv, dpk, dpv = bwd(dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale)
-            delta = (dout.float() * out.float()).sum(-1)
-            terms, gate = prompt_scores(
-                q, pk, pv, lse, delta, dpk, dpv, u_k, u_v, ctx.scale, index, None
-            )
+        kernels = backends.get(ctx.backend).module()
+        dq, dk, dv, dpk, dpv, terms, gate = kernels.prompt_attention_bwd_scored(
+            dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k, u_v
+        )
         ctx.sink(terms, gate)
-        t = pk.shape[0]
-        dpk = _reduce_over_sets(dpk, index, t).to(pk.dtype)
-        dpv = _reduce_over_sets(dpv, index, t).to(pv.dtype)
-        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+        return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype), None, None, None, None, None, None
 
 
 def scored_prompt_attention(
@@ -167,20 +152,36 @@ def scored_prompt_attention(
     q, k, v : Tensor, shape (B, H, N, d)
     prompt_k, prompt_v : Tensor, shape (T, H, P, d)
     u_k, u_v : Tensor, shape (S, T, H, P, d)
-        Per-prompt vectors for the S dot-product terms.
+        Per-prompt vectors for the S dot-product terms, any float dtype.
     sink : callable
         Called in backward with ``terms`` (S, B, P) and ``gate`` (B, P), float32.
     prompt_index : Tensor, shape (B,), optional
     scale : float, optional
     backend : str, optional
+        Strict when given; otherwise the best backend that implements the ``scores`` feature.
 
     Returns
     -------
     out : Tensor, shape (B, H, N, d)
     lse : Tensor, shape (B, H, N)
     """
-    name = choose("prompt_scores", BACKENDS, q.device, q.dtype, q.shape[-1], backend)
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    op = "scored_prompt_attention"
+    check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, None)
+    t, h, p, d = prompt_k.shape
+    for name, u in (("u_k", u_k), ("u_v", u_v)):
+        if not isinstance(u, Tensor) or u.dim() != 5 or tuple(u.shape[1:]) != (t, h, p, d):
+            got = tuple(u.shape) if isinstance(u, Tensor) else type(u).__name__
+            raise ValueError(f"{op}: {name} must be (S, T={t}, H={h}, P={p}, d={d}), got {got}")
+        if u.device != q.device or not u.is_floating_point():
+            raise ValueError(
+                f"{op}: {name} must be a floating-point tensor on {q.device}, got {u.dtype} on "
+                f"{u.device}"
+            )
+    if u_k.shape != u_v.shape:
+        raise ValueError(f"{op}: u_k {tuple(u_k.shape)} and u_v {tuple(u_v.shape)} differ")
+    if not callable(sink):
+        raise TypeError(f"{op}: sink must be callable, got {type(sink).__name__}")
+    name = choose_for(op, q, prompt_index, None, backend, "scores")
     return ScoredPromptAttention.apply(
-        q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, name, sink
+        q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, check_scale(q, scale), name, sink
     )

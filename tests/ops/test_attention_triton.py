@@ -97,10 +97,10 @@ def test_backward_is_deterministic_on_gpu():
 
 @pytest.mark.gpu
 def test_dispatch_picks_triton_on_cuda():
-    from fastprompt.ops._dispatch import choose
-    from fastprompt.ops.prompt_attention import BACKENDS
+    from fastprompt import backends
 
-    assert choose("prompt_attention", BACKENDS, torch.device("cuda"), torch.float16, 64) == "triton"
+    call = backends.Call(torch.device("cuda"), torch.float16, 64)
+    assert backends.choose("prompt_attention", call).name == "triton"
 
 
 def test_vpt_on_the_triton_backend_matches_naive_vpt():
@@ -121,7 +121,7 @@ def test_vpt_on_the_triton_backend_matches_naive_vpt():
 
 @pytest.mark.parametrize("indexed", [False, True])
 def test_score_epilogue_matches_reference_scores(indexed):
-    from fastprompt.ops.prompt_scores import scored_prompt_attention
+    from fastprompt.ops.scores import scored_prompt_attention
 
     b, h, n, d, p = 3, 2, 21, 32, 7
     t = 2 if indexed else 1
@@ -163,3 +163,17 @@ def test_scoring_a_model_on_triton_matches_torch(method):
         scores[backend] = fastprompt.score_prompts(prompted, [(x, y)], method, progress=False)
     scale = scores["torch"].abs().max()
     assert_close(scores["triton"] / scale, scores["torch"] / scale, method, atol=1e-4, rtol=1e-3)
+
+
+def test_opcheck_on_the_triton_backend():
+    from fastprompt.ops import attention as op_module
+
+    q, k, v = make_qkv(2, 1, 5, 16, device=DEVICE)
+    pk, pv = make_prompts(2, 1, 3, 16, device=DEVICE)
+    index = torch.tensor([1, 0], device=DEVICE)
+    lengths = torch.tensor([3, 2], device=DEVICE)
+    fwd_args = (q, k, v, pk, pv, index, lengths, 0.25, "triton")
+    torch.library.opcheck(op_module._prompt_attention_op, fwd_args)
+    out, lse = op_module._prompt_attention_op(*fwd_args)
+    bwd_args = (torch.randn_like(q), q, k, v, pk, pv, index, lengths, out, lse, 0.25, "triton")
+    torch.library.opcheck(op_module._prompt_attention_backward_op, bwd_args)

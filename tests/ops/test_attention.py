@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import assert_close, make_prompts, make_qkv
 
+from fastprompt.ops import attention as op_module
 from fastprompt.ops import prompt_attention, prompt_attention_ref
-
-op_module = sys.modules["fastprompt.ops.prompt_attention"]
 
 # (B, H, N, d, T, P): odd N, P over {0, 1, 7, 50}.
 SHAPES = [
@@ -163,14 +160,95 @@ def test_shape_and_dtype_mismatch_raise():
         prompt_attention(q, k, v, pk, pv)
 
 
-def test_explicit_backend_that_cannot_run_is_strict(monkeypatch):
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    if torch.cuda.is_available():
-        pytest.skip("triton can run here")
+# -- an oracle that shares no code with the op: per-sequence SDPA with an explicit boolean mask ----
+
+
+def _sdpa_oracle(q, k, v, pk, pv, index, lengths):
+    outs = []
+    for b in range(q.shape[0]):
+        t = 0 if index is None else int(index[b])
+        n_valid = pk.shape[2] if lengths is None else int(lengths[t])
+        keys = torch.cat([pk[t, :, :n_valid], k[b]], 1).double()
+        values = torch.cat([pv[t, :, :n_valid], v[b]], 1).double()
+        mask = torch.ones(q.shape[2], keys.shape[1], dtype=torch.bool)
+        outs.append(F.scaled_dot_product_attention(q[b].double(), keys, values, attn_mask=mask))
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("case", ["shared", "indexed", "indexed+lengths", "shared+lengths"])
+def test_index_and_lengths_against_an_independent_oracle(case):
+    b, h, n, d, t, p = 4, 2, 11, 16, 3, 5
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(t, h, p, d)
+    index = torch.tensor([2, 0, 1, 2]) if "indexed" in case else None
+    lengths = torch.tensor([5, 0, 2]) if "lengths" in case else None
+    expected = _sdpa_oracle(q, k, v, pk, pv, index, lengths)
+    got, _ = prompt_attention(q, k, v, pk, pv, index, lengths)
+    assert_close(got.double(), expected, "out", atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "n, p", [(0, 3), (0, 0), (5, 0)], ids=["no-queries", "nothing", "no-prompts"]
+)
+@pytest.mark.parametrize("with_keys", [True, False], ids=["keys", "no-image-keys"])
+def test_empty_shapes_do_not_crash(n, p, with_keys):
+    q = torch.randn(2, 2, n, 8, requires_grad=True)
+    kv_len = n if with_keys else 0
+    k = torch.randn(2, 2, kv_len, 8, requires_grad=True)
+    v = torch.randn(2, 2, kv_len, 8, requires_grad=True)
+    pk, pv = (t.requires_grad_() for t in make_prompts(1, 2, p, 8))
+    out, lse = prompt_attention(q, k, v, pk, pv)
+    ref_out, _ = prompt_attention_ref(q, k, v, pk, pv)
+    assert out.shape == (2, 2, n, 8) and lse.shape == (2, 2, n)
+    assert_close(out, ref_out, "out")
+    if n and kv_len + p == 0:  # a query without any key: zero output, lse -inf
+        assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all()
+    grads = torch.autograd.grad(out.sum(), [q, k, v, pk, pv])
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_masked_prompt_slots_never_influence_anything():
+    q, k, v = make_qkv(3, 2, 7, 8)
+    pk, pv = make_prompts(2, 2, 4, 8)
+    lengths, index = torch.tensor([2, 3]), torch.tensor([1, 0, 1])
+    poisoned_k, poisoned_v = pk.clone(), pv.clone()
+    poisoned_k[0, :, 2:], poisoned_v[0, :, 2:] = float("nan"), float("inf")
+    poisoned_k[1, :, 3:], poisoned_v[1, :, 3:] = float("nan"), float("nan")
+    dout = torch.randn(3, 2, 7, 8)
+    got = _grads(
+        lambda *a: prompt_attention(*a, index, lengths), (q, k, v, poisoned_k, poisoned_v), dout
+    )
+    ref = _grads(lambda *a: prompt_attention_ref(*a, index, lengths), (q, k, v, pk, pv), dout)
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dprompt_k", "dprompt_v"), got, ref):
+        assert_close(a, e, name)
+
+
+def test_prompt_index_given_as_a_list_gets_a_clear_error():
     q, k, v = make_qkv(2, 2, 5, 8)
-    pk, pv = make_prompts(1, 2, 3, 8)
-    with pytest.raises(NotImplementedError, match="triton"):
-        prompt_attention(q, k, v, pk, pv, backend="triton")
-    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
-    with pytest.raises(NotImplementedError, match="requested"):
-        prompt_attention(q, k, v, pk, pv)
+    pk, pv = make_prompts(2, 2, 3, 8)
+    with pytest.raises(
+        TypeError, match="prompt_index must be an int tensor of shape \\(2,\\) or None, got list"
+    ):
+        prompt_attention(q, k, v, pk, pv, [0, 1])
+
+
+def test_opcheck_backward_op():
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(2, 2, 3, 8)
+    index, lengths = torch.tensor([1, 0]), torch.tensor([3, 1])
+    out, lse = prompt_attention(q, k, v, pk, pv, index, lengths)
+    args = (torch.randn_like(q), q, k, v, pk, pv, index, lengths, out, lse, 0.3, "torch")
+    torch.library.opcheck(op_module._prompt_attention_backward_op, args)
+
+
+def test_backend_prompt_gradients_are_per_set_fp32_and_reduced_in_batch_order():
+    """The contract: per-set sums of per-sequence fp32 gradients, bitwise reproducible."""
+    from fastprompt.kernels.torch.prompt_attention import reduce_over_sets
+
+    per_seq = torch.randn(6, 2, 3, 4, dtype=torch.float32)
+    index = torch.tensor([2, 0, 2, 2, 0, 1])
+    got = reduce_over_sets(per_seq, index, 4)
+    expected = torch.stack([per_seq[index == t].sum(0) for t in range(4)])
+    assert got.dtype == torch.float32 and torch.equal(got[3], torch.zeros(2, 3, 4))
+    assert_close(got, expected, "per-set sums")
+    assert torch.equal(got, reduce_over_sets(per_seq, index, 4))

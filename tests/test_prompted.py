@@ -1,0 +1,315 @@
+"""The prompted core as a user drives it: parameter ownership, caching, compile, wrapping twice.
+
+Each test here reproduces a defect found by using the package (architecture issue, section 2).
+"""
+
+from __future__ import annotations
+
+import gc
+
+import pytest
+import torch
+from helpers import assert_close, images, naive_vpt_of, tiny_vit
+
+import fastprompt
+
+
+def _fresh(prompted, x):
+    with torch.no_grad():
+        return naive_vpt_of(prompted, x)
+
+
+# -- 1. nothing stale after any kind of update ---------------------------------------------------
+
+
+def _fused_adamw(prompted):
+    opt = torch.optim.AdamW(prompted.trainable_parameters().values(), lr=0.5, fused=True)
+    _step(prompted, opt)
+
+
+def _fused_sgd(prompted):
+    opt = torch.optim.SGD(prompted.trainable_parameters().values(), lr=5.0, fused=True)
+    _step(prompted, opt)
+
+
+def _foreach_adam(prompted):
+    opt = torch.optim.Adam(prompted.trainable_parameters().values(), lr=0.5, foreach=True)
+    _step(prompted, opt)
+
+
+def _step(prompted, opt):
+    prompted.train()
+    prompted(images(2)).square().sum().backward()
+    opt.step()
+    prompted.eval()
+
+
+def _data_write(prompted):
+    # What EMA code does. Random, not a constant: LayerNorm ignores a constant shift of a prompt.
+    prompted.deep_prompt_embeddings.data += torch.randn_like(prompted.deep_prompt_embeddings)
+
+
+def _foreach_add(prompted):
+    with torch.no_grad():
+        params = list(prompted.trainable_parameters().values())
+        torch._foreach_add_(params, [torch.randn_like(p) for p in params])
+
+
+def _load_state_dict(prompted):
+    sd = {
+        k: v + torch.randn_like(v) if "prompt" in k else v for k, v in prompted.state_dict().items()
+    }
+    prompted.load_state_dict(sd)
+
+
+@pytest.mark.parametrize(
+    "update",
+    [_fused_adamw, _fused_sgd, _foreach_adam, _data_write, _foreach_add, _load_state_dict],
+    ids=lambda f: f.__name__.strip("_"),
+)
+def test_eval_logits_follow_every_kind_of_update(update):
+    prompted = fastprompt.vpt(tiny_vit(), 4).eval()
+    x = images(2)
+    with torch.no_grad():
+        before = prompted(x)
+    update(prompted)
+    with torch.no_grad():
+        after = prompted(x)
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert_close(after, _fresh(prompted, x), "logits after update", atol=2e-5, rtol=1e-5)
+
+
+def test_frozen_prompts_reuses_kv_and_sees_updates_after():
+    prompted = fastprompt.vpt(tiny_vit(), 4).eval()
+    x = images(2)
+    with torch.no_grad():
+        plain = prompted(x)
+        with prompted.frozen_prompts():
+            cached = prompted(x)
+            prompted.deep_prompt_embeddings.add_(torch.randn_like(prompted.deep_prompt_embeddings))
+            still = prompted(x)  # constants inside the block, as documented
+        after = prompted(x)
+        with prompted.frozen_prompts():
+            refrozen = prompted(x)
+    assert_close(cached, plain, "frozen logits", atol=2e-5, rtol=1e-5)
+    assert torch.equal(still, cached)
+    assert_close(after, _fresh(prompted, x), "after leaving", atol=2e-5, rtol=1e-5)
+    assert_close(refrozen, after, "frozen again", atol=2e-5, rtol=1e-5)
+
+
+def test_frozen_prompts_under_autocast():
+    prompted = fastprompt.vpt(tiny_vit(), 4).eval()
+    x = images(2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = prompted(x)
+        with prompted.frozen_prompts():
+            cached = prompted(x)
+    assert cached.dtype == plain.dtype
+    assert_close(cached.float(), plain.float(), "bf16 logits", atol=0.1, rtol=0.05)
+
+
+# -- 2. one owner for every parameter -------------------------------------------------------------
+
+
+def test_load_state_dict_assign_reaches_the_forward():
+    prompted = fastprompt.vpt(tiny_vit(), 3).eval()
+    sd = {
+        k: v.clone() + (0.3 if k in ("pos_embed", "cls_token") else 0.0)
+        for k, v in prompted.state_dict().items()
+    }
+    prompted.load_state_dict(sd, assign=True)
+    assert prompted.model.pos_embed is prompted.pos_embed
+    x = images(2)
+    with torch.no_grad():
+        assert_close(prompted(x), _fresh(prompted, x), "logits", atol=2e-5, rtol=1e-5)
+        assert torch.equal(prompted.model.pos_embed, sd["pos_embed"])
+
+
+def test_meta_init_then_to_empty():
+    real = fastprompt.vpt(tiny_vit(), 3)
+    try:
+        with torch.device("meta"):
+            model = tiny_vit()
+    except RuntimeError as e:  # timm < 1.0.10 reads a value while building (stochastic depth)
+        pytest.skip(f"this timm cannot build a model on the meta device: {e}")
+    prompted = fastprompt.vpt(model, 3)
+    prompted.to_empty(device="cpu")
+    prompted.load_state_dict(real.state_dict())
+    x = images(2)
+    prompted.eval()
+    with torch.no_grad():
+        assert_close(prompted(x), _fresh(prompted, x), "logits", atol=2e-5, rtol=1e-5)
+    assert prompted.model.cls_token.device.type == "cpu"
+
+
+def test_dtype_conversion_with_parameter_overwriting():
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        prompted = fastprompt.vpt(tiny_vit(), 3).double().eval()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(False)
+    m = prompted.model
+    assert m.cls_token.dtype == m.pos_embed.dtype == torch.float64
+    assert prompted.source.prompt_embeddings is prompted.prompt_embeddings
+    x = images(2).double()
+    with torch.no_grad():
+        assert_close(prompted(x), _fresh(prompted, x), "float64 logits")
+
+
+def test_functional_call_swaps_prompts_and_top_level_parameters():
+    prompted = fastprompt.vpt(tiny_vit(), 3).eval()
+    x = images(2)
+    new = {
+        "deep_prompt_embeddings": torch.randn_like(prompted.deep_prompt_embeddings),
+        "pos_embed": torch.randn_like(prompted.pos_embed),
+    }
+    with torch.no_grad():
+        got = torch.func.functional_call(prompted, new, (x,))
+        original = prompted(x)
+        for name, value in new.items():
+            getattr(prompted, name).data, value.data = (
+                value.data.clone(),
+                getattr(prompted, name).data,
+            )
+        expected = _fresh(prompted, x)
+    assert_close(got, expected, "functional_call logits", atol=2e-5, rtol=1e-5)
+    assert not torch.allclose(got, original)
+
+
+def test_replacing_the_head_on_the_wrapper_reaches_the_model():
+    prompted = fastprompt.vpt(tiny_vit(), 2)
+    prompted.head = torch.nn.Linear(64, 3)
+    assert prompted.model.head is prompted.head
+    assert prompted(images(1)).shape == (1, 3)
+
+
+# -- 3. one live wrapper per model --------------------------------------------------------------
+
+
+def test_wrapping_a_wrapped_model_is_refused_and_unwrap_restores():
+    model = tiny_vit().train()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    first = fastprompt.vpt(model, 2)
+    head = model.head.weight.detach().clone()
+    with pytest.raises(TypeError, match="already wrapped by a live PromptedViT"):
+        fastprompt.vpt(model, 3)
+    assert torch.equal(model.head.weight, head)  # the refused wrap changed nothing
+    back = first.unwrap()
+    assert back is model and model.training
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with pytest.raises(RuntimeError, match="was unwrapped"):
+        first(images(1))
+    second = fastprompt.vpt(model, 3)  # a new wrap after unwrap is fine
+    assert second(images(1)).shape == (1, 5)
+
+
+def test_a_dropped_wrapper_frees_the_model_and_keeps_its_original_state():
+    model = tiny_vit()
+    model.blocks[0].requires_grad_(False)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    fastprompt.vpt(model, 2)  # dropped without unwrap()
+    gc.collect()
+    again = fastprompt.vpt(model, 2)
+    again.unwrap()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_unwrapped_model_computes_what_it_did_before():
+    model = tiny_vit().eval()
+    x = images(2)
+    with torch.no_grad():
+        before = model(x)
+    prompted = fastprompt.vpt(model, 4, head_init="keep")
+    with torch.no_grad():
+        prompted.deep_prompt_embeddings.add_(torch.randn_like(prompted.deep_prompt_embeddings))
+    back = prompted.unwrap()
+    with torch.no_grad():
+        assert torch.equal(back(x), before)
+
+
+# -- 4. compiled inference -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("frozen", [False, True], ids=["plain", "frozen_prompts"])
+def test_compiled_eval_inference_works_on_every_call(frozen):
+    torch._dynamo.reset()
+    prompted = fastprompt.vpt(tiny_vit(), 4).eval()
+    compiled = torch.compile(prompted, fullgraph=True, backend="eager")
+    x = images(2)
+    with torch.no_grad():
+        expected = prompted(x)
+        ctx = prompted.frozen_prompts() if frozen else torch.no_grad()
+        with ctx:
+            for _ in range(3):
+                assert_close(compiled(x), expected, "compiled logits", atol=2e-5, rtol=1e-5)
+        prompted.deep_prompt_embeddings.add_(torch.randn_like(prompted.deep_prompt_embeddings))
+        assert_close(compiled(x), _fresh(prompted, x), "after update", atol=2e-5, rtol=1e-5)
+
+
+# -- the plug-in point ---------------------------------------------------------------------------
+
+
+def test_attention_override_sees_every_block_and_is_exact():
+    prompted = fastprompt.vpt(tiny_vit(), 4, impl="naive").eval()
+    seen = []
+
+    def attend(call):
+        seen.append((call.block, tuple(call.prompt_k.shape)))
+        out, _ = fastprompt.prompt_attention(
+            call.q,
+            call.k,
+            call.v,
+            call.prompt_k,
+            call.prompt_v,
+            call.prompt_index,
+            scale=call.scale,
+        )
+        return out
+
+    x = images(2)
+    with torch.no_grad(), prompted.attention_override(attend):
+        got = prompted(x)
+    assert [b for b, _ in seen] == [0, 1, 2] and seen[0][1] == (1, 4, 4, 16)
+    assert prompted.impl == "naive"
+    with torch.no_grad():
+        assert_close(got, prompted(x), "override vs naive", atol=2e-5, rtol=1e-5)
+
+
+def test_attention_override_refuses_what_the_fused_path_cannot_run():
+    from timm.models.vision_transformer import Block, ResPostBlock
+
+    class Changed(Block):
+        def forward(self, x, attn_mask=None):
+            return super().forward(x, attn_mask) * 2
+
+    for block_fn, name in ((ResPostBlock, "ResPostBlock"), (Changed, "Changed")):
+        prompted = fastprompt.vpt(tiny_vit(block_fn=block_fn), 2, impl="naive")
+        with pytest.raises(TypeError, match=name), prompted.attention_override(lambda c: None):
+            pass
+    with pytest.raises(TypeError, match="not deep"):
+        with fastprompt.vpt(tiny_vit(), 2, deep=False).attention_override(lambda c: None):
+            pass
+
+
+# -- 12. smaller ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_batch_of_no_images(mode):
+    prompted = fastprompt.vpt(tiny_vit(), 3, dropout=0.2).train(mode == "train")
+    out = prompted(torch.zeros(0, 3, 32, 32))
+    assert out.shape == (0, 5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, err, match",
+    [
+        (dict(dropout=None), TypeError, "dropout must be a float"),
+        (dict(dropout="0.1"), TypeError, "dropout must be a float"),
+        (dict(head_init="zeros"), ValueError, "head_init must be one of"),
+        (dict(impl="fast"), ValueError, "impl must be one of"),
+    ],
+)
+def test_bad_arguments_name_themselves(kwargs, err, match):
+    with pytest.raises(err, match=match):
+        fastprompt.vpt(tiny_vit(), 2, **kwargs)
