@@ -2,9 +2,12 @@
 # One command for the day a GPU is lent: the gpu tests, the op benchmark and the model benchmark,
 # every result written with device and versions under benchmarks/results/<device>/.
 #
-#   benchmarks/gpu_validate.sh            # everything (about 10-15 min on an A100/H100)
-#   benchmarks/gpu_validate.sh tests      # or one step: tests | op | model | env
+#   benchmarks/gpu_validate.sh            # everything: env, tests, op, model
+#   benchmarks/gpu_validate.sh tests      # or one step: env | tests | op | model
 #
+# Not measured yet (no GPU has been lent): expect minutes per step, most of it Triton compiling
+# (autotuning compiles each listed config once per head dim and dtype; the Triton cache keeps
+# them for later steps). Where one call is capped at 10 minutes, run the steps one by one.
 # Works on older stacks too (checked for torch 2.11 / triton 3.6): FLOP counting needs fvcore and
 # is skipped with --no-flops when it is missing. Steps run in order; the script goes on after a
 # failing step and exits non-zero at the end if any failed.

@@ -95,7 +95,7 @@ def _launches():
     from fastprompt.kernels.triton.prompt_attention import fwd_plan
     from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan
 
-    for dtype in (torch.float16, torch.bfloat16):
+    for dtype in (torch.bfloat16,):  # the static report has fp16 alike; this checks this stack
         for d in (32, 64, 80, 96, 128):
             cpu = model_inputs(dtype, d, indexed=True, lengths=True, t=2)
             q, k, v, pk, pv, index, lens, out, dout, lse = (
@@ -107,6 +107,8 @@ def _launches():
 
 
 def test_every_config_the_autotuner_may_pick_compiles_here_without_spills():
+    """On this GPU and Triton version (the static report is Triton 3.9's ptxas): about 80
+    compiles, 1-2 min."""
     from fastprompt.kernels.triton import _tuning
 
     dev = torch.cuda.current_device()
@@ -153,7 +155,7 @@ def test_more_than_65535_sequence_heads():
         assert err <= 2e-2 * e.abs().max().item(), f"{name}: {err:.3e}"
 
 
-def test_bitwise_deterministic_also_across_autotuner_caches():
+def test_bitwise_deterministic_also_across_autotuner_caches(autotuning):
     from fastprompt.kernels.triton.prompt_attention import _fwd_tuned
     from fastprompt.kernels.triton.prompt_attention_backward import TUNED
 

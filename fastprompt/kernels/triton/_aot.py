@@ -257,17 +257,26 @@ def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
     )
 
 
-# The kernel sources: with the config lists, they decide what the static report compiles (the
-# pruning rules do not: the report compiles every listed config).
-_SOURCES = ("_common.py", "prompt_attention.py", "prompt_attention_backward.py")
+# Modules whose jit functions the static report compiles.
+_KERNEL_MODULES = (
+    "fastprompt.kernels.triton._common",
+    "fastprompt.kernels.triton.prompt_attention",
+    "fastprompt.kernels.triton.prompt_attention_backward",
+)
 
 
 def source_hash() -> str:
-    """Hash of the kernel sources and config lists: the static report is stale when it changes."""
+    """Hash of every Triton jit function's source and of the config lists: the static report is
+    stale when it changes (launcher comments and docstrings do not count)."""
+    import importlib
+    import inspect
+
     h = hashlib.sha256()
-    here = os.path.dirname(__file__)
-    for name in _SOURCES:
-        with open(os.path.join(here, name), "rb") as f:
-            h.update(name.encode() + b"\0" + f.read())
+    for name in _KERNEL_MODULES:
+        module = importlib.import_module(name)
+        for attr in sorted(vars(module)):
+            fn = getattr(getattr(module, attr), "fn", None)  # JITFunction / InterpretedFunction
+            if inspect.isfunction(fn) and fn.__module__ == name:
+                h.update(f"{name}.{attr}\0".encode() + inspect.getsource(fn).encode())
     h.update(repr(sorted(_tuning.CONFIGS.items())).encode())
     return h.hexdigest()[:16]

@@ -237,7 +237,9 @@ def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengt
     return out, lse
 
 
-# Names the op calls until the backend registry lands.
+# The launchers under their earlier names; ``prompt_attention_bwd_triton`` and
+# ``prompt_attention_bwd_scores_triton`` return the *per-sequence* fp32 prompt gradients
+# (B, H, P, d) before the per-set reduction (the tests compare the two).
 prompt_attention_fwd_triton = prompt_attention_fwd
 from fastprompt.kernels.triton.prompt_attention_backward import (  # noqa: E402
     prompt_attention_bwd_scores_triton,

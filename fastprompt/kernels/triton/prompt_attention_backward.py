@@ -696,8 +696,8 @@ def prompt_attention_bwd_scored(
 def prompt_attention_bwd_triton(
     dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale
 ):
-    """Shim for the current op: as :func:`prompt_attention_bwd` but with the *per-sequence*
-    prompt gradients (B, H, P, d) fp32, which the op sums per set itself."""
+    """As :func:`prompt_attention_bwd` but with the *per-sequence* prompt gradients
+    (B, H, P, d) fp32, before the per-set reduction."""
     return _backward(
         dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, None, None,
         per_set=False,
@@ -707,8 +707,7 @@ def prompt_attention_bwd_triton(
 def prompt_attention_bwd_scores_triton(
     dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
 ):
-    """Shim for the current op: :func:`prompt_attention_bwd_triton` plus ``terms`` (S, B, P) and
-    ``gate`` (B, P)."""
+    """:func:`prompt_attention_bwd_triton` plus ``terms`` (S, B, P) and ``gate`` (B, P)."""
     return _backward(
         dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v,
         per_set=False,
