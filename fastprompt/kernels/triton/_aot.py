@@ -160,18 +160,20 @@ class Row:
         return asdict(self)
 
 
-def model_inputs(dtype, d, n=197, p=50, t=1, heads=12, batch=2, indexed=False, lengths=False):
-    """CPU tensors laid out as the model passes them (contents are irrelevant to compiling)."""
-    qkv = torch.empty(batch, n, 3, heads, d, dtype=dtype).permute(2, 0, 3, 1, 4)
+def model_inputs(
+    dtype, d, n=197, p=50, t=1, heads=12, batch=2, indexed=False, lengths=False, device="cpu"
+):
+    """Tensors laid out as the model passes them (contents are irrelevant to compiling)."""
+    qkv = torch.empty(batch, n, 3, heads, d, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    pk = torch.empty(t, heads, p, d, dtype=dtype)
-    pv = torch.empty(t, heads, p, d, dtype=dtype)
-    index = torch.zeros(batch, dtype=torch.int64) if indexed else None
-    lens = torch.full((t,), p, dtype=torch.int64) if lengths else None
+    pk = torch.empty(t, heads, p, d, dtype=dtype, device=device)
+    pv = torch.empty(t, heads, p, d, dtype=dtype, device=device)
+    index = torch.zeros(batch, dtype=torch.int64, device=device) if indexed else None
+    lens = torch.full((t,), p, dtype=torch.int64, device=device) if lengths else None
     # out and dout as the model has them: (B, N, H, d) storage seen as (B, H, N, d)
-    out = torch.empty(batch, n, heads, d, dtype=dtype).transpose(1, 2)
-    dout = torch.empty(batch, n, heads, d, dtype=dtype).transpose(1, 2)
-    lse = torch.empty(batch, heads, n, dtype=torch.float32)
+    out = torch.empty(batch, n, heads, d, dtype=dtype, device=device).transpose(1, 2)
+    dout = torch.empty(batch, n, heads, d, dtype=dtype, device=device).transpose(1, 2)
+    lse = torch.empty(batch, heads, n, dtype=torch.float32, device=device)
     return q, k, v, pk, pv, index, lens, out, dout, lse
 
 
