@@ -243,6 +243,24 @@ def suggest(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _fp32_note(rows: list[dict]) -> list[str]:
+    lines = []
+    for variant in ("tf32x3", "tf32"):
+        for arch in ARCHS:
+            sel = [r for r in rows if r["variant"] == variant and r["arch"] == arch]
+            sel = [r for r in sel if r["kernel"] in ("fwd", "dkdv", "dq")]
+            if sel:
+                spill = sum(r["spill_bytes"] > 0 for r in sel)
+                lines.append(f"{variant} on sm_{arch}: {spill} of {len(sel)} builds spill")
+    if not lines:
+        return []
+    return [
+        "fp32 (d = 64, for information: fp32 is not chosen automatically; when asked for, it "
+        "runs as 3xTF32, or TF32 where torch allows it): " + "; ".join(lines) + ".",
+        "",
+    ]
+
+
 def write(rows: list[dict], env: dict, out: str) -> None:
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "static_report.json"), "w") as f:
@@ -258,6 +276,7 @@ def write(rows: list[dict], env: dict, out: str) -> None:
         "admitted = the autotuner may pick it on that target (the pruner's verdict). "
         "Regenerate: `python benchmarks/static_report.py`.",
         "",
+        *_fp32_note(rows),
         "## Worst admitted fp16/bf16 build per kernel and target",
         "",
         *summary(rows),

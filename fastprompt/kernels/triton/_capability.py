@@ -4,8 +4,8 @@ Safe default until measured: automatic dispatch picks Triton only where its test
 report cover it -- NVIDIA sm_80 (A100) and sm_90 (H100), fp16/bf16, head dims 32-128. Everything
 else it supports runs only when asked for (``backend="triton"``). fp32 in particular goes to the
 torch backend automatically: PyTorch's memory-efficient SDPA kernel computes fp32 on tensor cores
-with 3xTF32 (about fp32 accuracy), which is what this backend would do too (``tf32x3``), and the
-Triton fp32 path has no GPU measurement yet.
+with 3xTF32 (about fp32 accuracy), which is what this backend would do too (``tf32x3``); the
+Triton 3xTF32 kernels spill in every listed config (static report) and have no GPU measurement.
 
 The backend registry entry reads these; the kernels folder is the one place that knows them.
 """
