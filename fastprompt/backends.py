@@ -146,7 +146,11 @@ class Backend:
         return reasons
 
     def auto_reasons(self, call: Call) -> list[str]:
-        """Why this backend is not chosen automatically for ``call`` although it could run it."""
+        """Why this backend is not chosen automatically for ``call`` although it could run it.
+
+        Beyond the declared device types and dtypes, a kernels module may narrow automatic choice
+        per call with ``not_auto_reasons(device, dtype, head_dim)`` (Triton: covered GPUs only).
+        """
         chosen_for = self.auto.get(call.device.type, ())
         if not chosen_for:
             return [f"not chosen automatically on {call.device.type}"]
@@ -155,7 +159,11 @@ class Backend:
                 f"not chosen automatically for {call.dtype} on {call.device.type} "
                 f"(only {_dtype_names(chosen_for)})"
             ]
-        return []
+        try:
+            narrow = getattr(self.module(), "not_auto_reasons", None)
+        except Exception:  # not importable: not_supported_reasons says why
+            return []
+        return narrow(call.device, call.dtype, call.head_dim) if narrow is not None else []
 
 
 def _dtype_names(dtypes: Sequence[torch.dtype]) -> tuple[str, ...]:
@@ -164,14 +172,17 @@ def _dtype_names(dtypes: Sequence[torch.dtype]) -> tuple[str, ...]:
 
 # In order of preference.
 BACKENDS: tuple[Backend, ...] = (
+    # Chosen automatically only where its tests and static report cover it (NVIDIA sm_80/sm_90,
+    # fp16/bf16, d 32-128; the kernels module's not_auto_reasons says so per call). fp32 on CUDA
+    # goes to torch's SDPA, which runs it as 3xTF32 on tensor cores.
     Backend(
         name="triton",
         kernels="fastprompt.kernels.triton",
-        summary="Triton kernels (CUDA; CPU tensors only under TRITON_INTERPRET=1, for tests)",
+        summary="Triton kernels (NVIDIA GPUs; CPU tensors only under TRITON_INTERPRET=1: tests)",
         devices=("cuda", "cpu"),
-        auto={"cuda": _FLOATS},
+        auto={"cuda": (torch.float16, torch.bfloat16)},
         dtypes=_FLOATS,
-        head_dims=(16, 32, 64, 80, 96, 128),
+        head_dims=(16, 32, 48, 64, 80, 96, 128),
     ),
     Backend(
         name="cpp",
@@ -259,7 +270,7 @@ def choose(op: str, call: Call, requested: str | None = None) -> Backend:
 @torch.compiler.assume_constant_result
 def choose_name(
     op: str,
-    device_type: str,
+    device: str,
     dtype: torch.dtype,
     head_dim: int,
     features: tuple[str, ...],
@@ -270,7 +281,7 @@ def choose_name(
     This is what the ops call: ``torch.compile`` runs it once while tracing and keeps the
     answer as a constant (choosing imports kernel modules, which it cannot trace).
     """
-    call = Call(torch.device(device_type), dtype, head_dim, frozenset(features))
+    call = Call(torch.device(device), dtype, head_dim, frozenset(features))
     return choose(op, call, requested).name
 
 

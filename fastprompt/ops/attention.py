@@ -245,7 +245,7 @@ def choose_for(
         if t is not None
     ]
     return backends.choose_name(
-        op, q.device.type, q.dtype, int(q.shape[-1]), (*features, *extra), requested
+        op, str(q.device), q.dtype, int(q.shape[-1]), (*features, *extra), requested
     )
 
 

@@ -1,16 +1,23 @@
 """The ``triton`` backend: Triton kernels and their launchers (the contract in
-:mod:`fastprompt.backends`)."""
+:mod:`fastprompt.backends`).
+
+:func:`availability`, :func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32
+prompt gradients, reduced by the backend's own kernel) and :func:`prompt_attention_bwd_scored`.
+Kernel modules are imported on first use, so importing ``fastprompt`` never imports Triton.
+What the backend is chosen for automatically is in :mod:`._capability`.
+"""
 
 from __future__ import annotations
 
-_IMPORT_ERROR: list[str | None] = []
-
 __all__ = [
     "availability",
+    "not_auto_reasons",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
     "prompt_attention_fwd",
 ]
+
+_IMPORT_ERROR: list[str | None] = []
 
 
 def _import_error() -> str | None:
@@ -41,41 +48,36 @@ def availability() -> str | None:
 
 
 def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
-    from fastprompt.kernels.triton.prompt_attention import prompt_attention_fwd_triton
+    """See :func:`fastprompt.kernels.triton.prompt_attention.prompt_attention_fwd`."""
+    from fastprompt.kernels.triton.prompt_attention import prompt_attention_fwd as fwd
 
-    return prompt_attention_fwd_triton(
-        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale
-    )
+    return fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)
 
 
 def prompt_attention_bwd(
     dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
 ):
-    from fastprompt.kernels.torch.prompt_attention import reduce_over_sets
-    from fastprompt.kernels.triton.prompt_attention import prompt_attention_bwd_triton
+    """See :func:`.prompt_attention_backward.prompt_attention_bwd`."""
+    from fastprompt.kernels.triton.prompt_attention_backward import prompt_attention_bwd as bwd
 
-    dq, dk, dv, dpk, dpv = prompt_attention_bwd_triton(
-        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
-    )
-    t = prompt_k.shape[0]
-    return (
-        dq,
-        dk,
-        dv,
-        reduce_over_sets(dpk, prompt_index, t),
-        reduce_over_sets(dpv, prompt_index, t),
-    )
+    return bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale)
 
 
 def prompt_attention_bwd_scored(
     dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
 ):
-    from fastprompt.kernels.torch.prompt_attention import reduce_over_sets
-    from fastprompt.kernels.triton.prompt_attention import prompt_attention_bwd_scores_triton
+    """See :func:`.prompt_attention_backward.prompt_attention_bwd_scored`."""
+    from fastprompt.kernels.triton.prompt_attention_backward import (
+        prompt_attention_bwd_scored as bws,
+    )
 
-    dq, dk, dv, dpk, dpv, terms, gate = prompt_attention_bwd_scores_triton(
+    return bws(
         dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
     )
-    t = prompt_k.shape[0]
-    dpk, dpv = reduce_over_sets(dpk, prompt_index, t), reduce_over_sets(dpv, prompt_index, t)
-    return dq, dk, dv, dpk, dpv, terms, gate
+
+
+def not_auto_reasons(device, dtype, head_dim) -> list[str]:
+    """Why Triton is not chosen automatically for a call it could run (see :mod:`._capability`)."""
+    from fastprompt.kernels.triton._capability import not_auto_reasons as reasons
+
+    return reasons(device, dtype, head_dim)

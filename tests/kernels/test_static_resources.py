@@ -1,0 +1,122 @@
+"""Static GPU resources of the Triton kernels (compiled for sm_80 and sm_90, never run).
+
+The committed report (``benchmarks/results/static/static_report.json``, written by
+``benchmarks/static_report.py``) holds every listed config of every kernel; these tests check it
+is current and that nothing the autotuner may pick spills or overflows shared memory in
+fp16/bf16, then re-compile a small subset with the installed Triton to check the report's claims
+still hold (about 30 s on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+from fastprompt.kernels.triton import _aot, _capability, _tuning
+
+ROOT = Path(__file__).resolve().parents[2]
+REPORT = ROOT / "benchmarks" / "results" / "static" / "static_report.json"
+HALF = ("float16", "bfloat16")
+REGENERATE = "regenerate it with `python benchmarks/static_report.py` (about 10 min on 2 cores)"
+
+
+def _report() -> dict:
+    if not REPORT.exists():
+        pytest.fail(f"{REPORT} is missing; {REGENERATE}")
+    return json.loads(REPORT.read_text())
+
+
+def test_report_is_current():
+    env = _report()["env"]
+    assert env["source_hash"] == _aot.source_hash(), (
+        f"the kernels or their config lists changed since the static report was written "
+        f"(report {env['source_hash']}, sources {_aot.source_hash()}); {REGENERATE}"
+    )
+
+
+def _key(row: dict) -> tuple:
+    return row["kernel"], row["block_m"], row["block_n"], row["warps"], row["stages"]
+
+
+@pytest.mark.parametrize("arch", sorted(_tuning.SMEM_LIMIT))
+def test_nothing_the_autotuner_may_pick_spills_or_overflows_shared_memory(arch):
+    rows = [r for r in _report()["rows"] if r["arch"] == arch and r["dtype"] in HALF]
+    limit = _tuning.SMEM_LIMIT[arch]
+    problems = []
+    for dtype in HALF:
+        for d in _capability.AUTO_HEAD_DIMS:
+            built = [r for r in rows if r["dtype"] == dtype and r["d"] == d]
+            by_cfg: dict[tuple, list[dict]] = {}
+            for r in built:
+                by_cfg.setdefault(_key(r), []).append(r)
+            for role, configs in _tuning.CONFIGS.items():
+                for c in _tuning.admissible(role, configs, d, 2, arch, limit):
+                    found = by_cfg.get((role, c.block_m, c.block_n, c.warps, c.stages), [])
+                    if not any(r["variant"] == "" for r in found):
+                        problems.append(f"{role} {c} {dtype} d={d}: not in the report")
+                    for r in found:
+                        if r["spill_bytes"] or r["smem"] > limit:
+                            problems.append(
+                                f"{role} {c} {dtype} d={d} {r['variant']}: "
+                                f"{r['spill_bytes']} B spilled, {r['smem']} B shared of {limit}"
+                            )
+            for r in built:
+                if r["kernel"] not in _tuning.CONFIGS and (r["spill_bytes"] or r["smem"] > limit):
+                    problems.append(f"{r['kernel']} {dtype} d={d}: spills or overflows")
+    assert not problems, f"sm_{arch}:\n" + "\n".join(problems)
+
+
+def test_installed_triton_still_compiles_the_riskiest_configs_without_spills():
+    """Compile the default and the riskiest admissible config of each tuned kernel now."""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "static_report.py"), "--subset"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        timeout=600,
+    )
+    if proc.returncode == 2:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(proc.stdout)
+    assert rows, "the subset compiled nothing"
+    bad = [r for r in rows if r["spill_bytes"] or r["smem"] > r["smem_limit"]]
+    assert not bad, "\n".join(
+        f"sm_{r['arch']} {r['kernel']} {r['dtype']} d={r['d']} {r['block_m']}x{r['block_n']} "
+        f"w{r['warps']} s{r['stages']}: {r['spill_bytes']} B spilled, {r['smem']} B shared"
+        for r in bad
+    )
+
+
+def test_pruning_keeps_over_limit_tiles_off_a100():
+    """The issue's example: a d = 128 dK/dV config at 64×128, 8 warps needs over 163 KB."""
+    big = _tuning.Cfg(64, 128, 8, 3)
+    assert _tuning.smem_estimate("dkdv", big, 128, 2) > _tuning.SMEM_LIMIT[80]
+    assert big not in _tuning.admissible("dkdv", [big, *_tuning.CONFIGS["dkdv"]], 128, 2, 80,
+                                         _tuning.SMEM_LIMIT[80])  # fmt: skip
+    for role, configs in _tuning.CONFIGS.items():
+        for arch in (80, 86, 89, 90):  # sm_86/89 allow 99 KB per block
+            for d in _capability.AUTO_HEAD_DIMS:
+                ok = _tuning.admissible(role, configs, d, 2, arch, 99 * 1024)
+                assert ok and all(_tuning.smem_estimate(role, c, d, 2) <= 99 * 1024 for c in ok)
+
+
+def test_shared_memory_estimate_is_an_upper_bound():
+    """The pruner's estimate never undercounts what Triton allocated, in any build."""
+    under = []
+    for r in _report()["rows"]:
+        if r["kernel"] in _tuning.CONFIGS:
+            cfg = _tuning.Cfg(r["block_m"], r["block_n"], r["warps"], r["stages"])
+            elt = 4 if r["dtype"] == "float32" else 2
+            if _tuning.smem_estimate(r["kernel"], cfg, r["d"], elt) < r["smem"]:
+                under.append(f"sm_{r['arch']} {r['kernel']} {cfg} {r['dtype']} d={r['d']}")
+    assert not under, "\n".join(under)
