@@ -10,6 +10,7 @@ from fastprompt.methods.condensation import (
     score_prompts,
     select_prompts,
 )
+from fastprompt.methods.pgn import PGNConfig, invert_prompts, pgn, pixel_logits, pixel_model
 from fastprompt.methods.vpt import VPTConfig, vpt
 from fastprompt.models.vit import AttentionCall
 from fastprompt.ops import prompt_attention
@@ -20,6 +21,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AttentionCall",
+    "PGNConfig",
     "PromptedViT",
     "VPTConfig",
     "__version__",
@@ -28,9 +30,13 @@ __all__ = [
     "evaluate",
     "finetune",
     "fit",
+    "invert_prompts",
     "kept_prompts",
     "load_prompts",
     "ops",
+    "pgn",
+    "pixel_logits",
+    "pixel_model",
     "prompt_attention",
     "prompt_condensation",
     "save_prompts",

@@ -37,7 +37,7 @@ from fastprompt.models.vit import AttentionCall, AttentionFn
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "AttentionCall", "PromptedViT"]
+__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "run_attention"]
 
 IMPLS = ("fused", "naive")
 
@@ -59,8 +59,10 @@ class _Wrapping:
 _WRAPPINGS: weakref.WeakKeyDictionary[nn.Module, _Wrapping] = weakref.WeakKeyDictionary()
 
 
-def _default_attention(call: AttentionCall) -> Tensor:
-    out, _ = prompt_attention(
+def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
+    """What a block computes by default: :func:`fastprompt.ops.prompt_attention` on the call,
+    ``(out (B, H, N, d), lse (B, H, N))``. Overrides that only look on can return its ``out``."""
+    return prompt_attention(
         call.q,
         call.k,
         call.v,
@@ -70,7 +72,10 @@ def _default_attention(call: AttentionCall) -> Tensor:
         scale=call.scale,
         backend=call.backend,
     )
-    return out
+
+
+def _default_attention(call: AttentionCall) -> Tensor:
+    return run_attention(call)[0]
 
 
 class PromptedViT(nn.Module):

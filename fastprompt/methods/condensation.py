@@ -41,10 +41,9 @@ from fastprompt.batches import BatchFn, batches
 from fastprompt.methods import vpt as vpt_method
 from fastprompt.models import vit
 from fastprompt.models.vit import AttentionCall
-from fastprompt.ops.attention import prompt_attention
 from fastprompt.ops.gather import gather_prompts
 from fastprompt.ops.scores import scored_prompt_attention
-from fastprompt.prompted import PromptedViT
+from fastprompt.prompted import PromptedViT, run_attention
 
 __all__ = [
     "SCORES",
@@ -261,25 +260,12 @@ def _gradient_scores(prompted, data, loss_fn, method) -> tuple[Tensor, int]:
     return sums, count
 
 
-def _plain(call: AttentionCall) -> tuple[Tensor, Tensor]:
-    return prompt_attention(
-        call.q,
-        call.k,
-        call.v,
-        call.prompt_k,
-        call.prompt_v,
-        call.prompt_index,
-        scale=call.scale,
-        backend=call.backend,
-    )
-
-
 def _cls_sim(prompted, data) -> tuple[Tensor, int]:
     depth, p = len(prompted.model.blocks), prompted.config.num_prompts
     sums = torch.zeros(depth, p, dtype=torch.float64)
 
     def attend(call: AttentionCall) -> Tensor:
-        out, lse = _plain(call)
+        out, lse = run_attention(call)
         cls_q = call.q[:, :, :1].float()
         scores = cls_q @ call.prompt_k.float().transpose(-1, -2) * call.scale
         probs = torch.exp(scores - lse[:, :, :1, None])
@@ -305,7 +291,7 @@ def _leave_one_out(prompted, data, loss_fn) -> tuple[Tensor, int]:
             call = replace(
                 call, prompt_k=call.prompt_k[:, :, keep], prompt_v=call.prompt_v[:, :, keep]
             )
-        return _plain(call)[0]
+        return run_attention(call)[0]
 
     count = 0
     with _scoring(prompted, attend, needs_grad=False), torch.no_grad():
