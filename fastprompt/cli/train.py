@@ -76,8 +76,16 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "--generator", choices=["resnet10", "resnet18", "none"], help="PGN generator; none = IIP"
     )
     m.add_argument("--activation", choices=["softmax", "sigmoid"], help="PGN mixing")
-    m.add_argument("--pgn-resolution", type=int, help="PGN generator input (default image size)")
-    m.add_argument("--head-init", choices=["vpt", "keep"], help="head init (VPT: vpt, PGN: keep)")
+    m.add_argument(
+        "--pgn-resolution",
+        type=int,
+        help="PGN generator input's shorter side (default the model's input size: no resize)",
+    )
+    m.add_argument(
+        "--head-init",
+        choices=["vpt", "keep", "linear"],
+        help="head init: VPT's (VPT default), keep timm's (PGN default), a fresh nn.Linear",
+    )
     d = p.add_argument_group("data")
     d.add_argument("--data", help="ImageFolder folder, .csv/.txt list, or digits[:5-9]")
     d.add_argument("--val", help="validation data (same forms as --data)")

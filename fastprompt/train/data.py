@@ -319,19 +319,36 @@ def split_dataset(n: int, how: str, seed: int = 0) -> tuple[list[int], list[int]
 
 
 class Transformed(Dataset):
-    """``(transform(image), label)`` of some samples of a dataset."""
+    """``(transform(image), label)`` of some samples of a dataset.
+
+    After :meth:`set_epoch` a random transform draws from a generator seeded by (seed, epoch,
+    sample), so a sample's augmentation does not depend on which process or loader worker loads
+    it, or on what was drawn before: a resumed run, a run with another ``--workers`` and a run on
+    more processes augment alike.
+    """
 
     def __init__(self, base: Dataset, transform, indices: Sequence[int] | None = None) -> None:
         self.base = base
         self.transform = transform
         self.indices = list(range(len(base))) if indices is None else list(indices)  # type: ignore[arg-type]
+        self.seed: int | None = None
+
+    def set_epoch(self, seed: int, epoch: int) -> None:
+        """Seed the augmentation of every sample from ``(seed, epoch, sample index)``."""
+        self.seed = epoch_seed(seed, epoch, 0)
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, i: int):
         image, label = self.base[self.indices[i]]
-        return self.transform(image), label
+        if self.seed is None:
+            return self.transform(image), label
+        # torchvision's random transforms draw from torch's global generator: fork it, so the
+        # caller's random stream (prompt dropout, with 0 workers) is left as it was.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed + 1_000_003 * (i + 1)) % 2**63)
+            return self.transform(image), label
 
     def labels(self) -> list[int] | None:
         samples = getattr(self.base, "samples", None)

@@ -1,23 +1,10 @@
-"""Run folders: what ``fastprompt train``, ``condense`` and ``evaluate`` read and write.
+"""Runs: what ``fastprompt train``, ``condense`` and ``evaluate`` do with a run folder.
 
-A run folder holds
-
-```
-run.json        the resolved configuration (model, method, data, recipe, precision, seed, ...)
-init/           the prompt checkpoint training starts from (fastprompt.load_prompts reads it)
-last/           the latest epoch: prompt checkpoint + trainer.pt (optimiser, scaler, schedule,
-                epoch, best so far, every process's random state)
-best/           the epoch with the best validation top-1: prompt checkpoint + best.json
-metrics.jsonl   one JSON line per epoch: lr, train/val loss and top-1, throughput, data wait
-curves.png      loss and top-1 per epoch (with matplotlib)
-log.txt         what was printed
-```
-
-A run is *prepared* (:func:`prepare_run`: run.json and init/) and then *continued*
-(:func:`continue_run`: from last/ if it exists, else from init/), so a fresh run, a resumed run
-and a condensed run (:mod:`fastprompt.train.condense`) take the same path. Epoch order,
-augmentation seeds and random states are restored, so on CPU a resumed run is bit-for-bit the run
-that was not interrupted.
+A run is *prepared* (:func:`prepare_run`: ``run.json`` and ``init/``, layout in
+:mod:`fastprompt.train.folder`) and then *continued* (:func:`continue_run`: from ``last/`` if it
+exists, else from ``init/``), so a fresh run, a resumed run and a condensed run
+(:mod:`fastprompt.train.condense`) take the same path. Epoch order, augmentation seeds and random
+states are restored, so on CPU a resumed run is bit-for-bit the run that was not interrupted.
 """
 
 from __future__ import annotations
@@ -25,25 +12,33 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fastprompt.train import data as D
-from fastprompt.train.distributed import (
-    DistEnv,
-    all_gather_objects,
-    barrier,
-    setup,
+from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
+from fastprompt.train.folder import (
+    FORMAT,
+    RUN_FILE,
+    DataConfig,
+    Log,
+    ModelSpec,
+    RunConfig,
+    RunError,
+    checkpoint_dir,
+    metrics_upto,
+    native_rng,
+    portable_rng,
+    read_run,
+    save_dir,
+    seed_all,
+    write_metrics,
 )
-from fastprompt.train.loop import Trainer, set_rng_state
+from fastprompt.train.loop import Trainer, get_rng_state, set_rng_state
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
@@ -61,112 +56,7 @@ __all__ = [
     "train",
 ]
 
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
 METHODS = ("vpt", "pgn")
-FORMAT = "fastprompt.run/1"
-
-
-class RunError(ValueError):
-    """A run folder or configuration that cannot be used (the message says why)."""
-
-
-@dataclass
-class ModelSpec:
-    """The frozen backbone: a timm model name, its constructor arguments and its weights.
-
-    Attributes
-    ----------
-    name : str
-        timm model name (``vit_base_patch16_224.orig_in21k``).
-    args : dict
-        More ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
-    weights : str, optional
-        A local state dict (``.safetensors``, ``.pth``) for the backbone; its head is replaced
-        when the class count differs.
-    pretrained : bool
-        Without ``weights``: timm's pretrained weights (downloaded by timm, cached) or a random
-        init (reproducible from the run's seed).
-    weights_sha256 : str, optional
-        Of ``weights``, checked when the run is continued.
-    """
-
-    name: str
-    args: dict[str, Any] = field(default_factory=dict)
-    weights: str | None = None
-    pretrained: bool = True
-    weights_sha256: str | None = None
-
-
-@dataclass
-class DataConfig:
-    """Where the images come from (:mod:`fastprompt.train.data`)."""
-
-    train: str
-    val: str | None = None
-    val_split: str | None = None
-    workers: int = 0
-
-
-@dataclass
-class RunConfig:
-    """Everything a run needs; saved as ``run.json``.
-
-    Attributes
-    ----------
-    model : ModelSpec
-    method : str
-        ``"vpt"`` or ``"pgn"`` (a condensed run records ``"prompt_condensation"``).
-    method_args : dict
-        The method entry point's arguments (``fastprompt.vpt`` / ``fastprompt.pgn``).
-    data : DataConfig
-    recipe : Recipe
-    base_lr : float, optional
-        For a recipe without lr (``pc-finetune``).
-    precision : {"fp32", "bf16", "fp16"}
-    compile : bool
-    seed : int
-    device : str, optional
-        Default CUDA when available.
-    init : dict, optional
-        Where the starting prompts came from when not from ``method`` (a condensed run).
-    """
-
-    model: ModelSpec
-    method: str
-    method_args: dict[str, Any]
-    data: DataConfig
-    recipe: Recipe
-    base_lr: float | None = None
-    precision: str = "fp32"
-    compile: bool = False
-    seed: int = 0
-    device: str | None = None
-    init: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["recipe"] = self.recipe.to_dict()
-        return out
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
-        return cls(
-            model=ModelSpec(**d["model"]),
-            method=d["method"],
-            method_args=dict(d["method_args"]),
-            data=DataConfig(**d["data"]),
-            recipe=Recipe.from_dict(d["recipe"]),
-            base_lr=d.get("base_lr"),
-            precision=d.get("precision", "fp32"),
-            compile=d.get("compile", False),
-            seed=d.get("seed", 0),
-            device=d.get("device"),
-            init=d.get("init"),
-        )
-
-
-# -- model ---------------------------------------------------------------------------------------
 
 
 def sha256(path: str) -> str:
@@ -227,7 +117,14 @@ def build_prompted(backbone: nn.Module, method: str, args: dict[str, Any]) -> nn
             f"method {method!r} is not available in this fastprompt (known: "
             f"{[m for m in METHODS if hasattr(fastprompt, m)]})"
         )
-    return entry(backbone, **args)
+    args = dict(args)
+    if method == "pgn" and args.get("resolution") is None:
+        # The official generator input is the ViT's 224×224 image resized to 224: no resize.
+        args["resolution"] = min(D.image_size(backbone))
+    try:
+        return entry(backbone, **args)
+    except (TypeError, ValueError) as e:
+        raise RunError(str(e)) from None
 
 
 def _run_options(config: RunConfig) -> dict[str, Any]:
@@ -238,14 +135,6 @@ def _run_options(config: RunConfig) -> dict[str, Any]:
 
 
 # -- data ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class RunData:
-    train: D.Dataset
-    val: D.Dataset
-    classes: list[str]
-    info: dict[str, Any]
 
 
 def open_data(cfg: DataConfig, seed: int = 0) -> tuple[D.Dataset, D.Dataset, list[str], str]:
@@ -322,87 +211,6 @@ def transforms_for(model: nn.Module, recipe: Recipe):
 # -- run folders ---------------------------------------------------------------------------------
 
 
-def read_run(path: str) -> tuple[RunConfig, dict[str, Any]]:
-    """The configuration of the run in ``path`` and the whole ``run.json``."""
-    file = os.path.join(path, RUN_FILE)
-    if not os.path.isfile(file):
-        what = "does not exist" if not os.path.exists(path) else f"holds no {RUN_FILE}"
-        raise RunError(f"{path} {what}; is it a fastprompt run folder?")
-    with open(file) as f:
-        saved = json.load(f)
-    if saved.get("format") != FORMAT:
-        raise RunError(f"{file} has format {saved.get('format')!r}, expected {FORMAT!r}")
-    return RunConfig.from_dict(saved["config"]), saved
-
-
-def _checkpoint_dir(run: str, name: str) -> str | None:
-    """``run/name``, or its previous copy if a save was interrupted mid-swap."""
-    for candidate in (os.path.join(run, name), os.path.join(run, name + ".old")):
-        if os.path.isfile(os.path.join(candidate, "prompts.safetensors")):
-            return candidate
-    return None
-
-
-def _save_dir(run: str, name: str, write) -> None:
-    """Write a checkpoint folder whole, then swap it in (an interrupted save keeps the old one)."""
-    tmp = tempfile.mkdtemp(dir=run, prefix=f".{name}-")
-    try:
-        write(tmp)
-        final, old = os.path.join(run, name), os.path.join(run, name + ".old")
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        if os.path.exists(final):
-            os.rename(final, old)
-        os.rename(tmp, final)
-        if os.path.exists(old):
-            shutil.rmtree(old)
-    finally:
-        if os.path.exists(tmp):
-            shutil.rmtree(tmp)
-
-
-def _portable_rng(state: dict[str, Any]) -> dict[str, Any]:
-    """The random state in types ``torch.load(weights_only=True)`` reads."""
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    out = dict(state)
-    out["numpy"] = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss]
-    version, internal, gauss_next = state["python"]
-    out["python"] = [version, list(internal), gauss_next]
-    return out
-
-
-def _native_rng(state: dict[str, Any]) -> dict[str, Any]:
-    out = dict(state)
-    kind, keys, pos, has_gauss, gauss = state["numpy"]
-    out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
-    version, internal, gauss_next = state["python"]
-    out["python"] = (version, tuple(internal), gauss_next)
-    return out
-
-
-def _seed_all(seed: int) -> None:
-    import random
-
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-class _Log:
-    def __init__(self, run: str, env: DistEnv, quiet: bool = False) -> None:
-        self.path = os.path.join(run, "log.txt")
-        self.main = env.main
-        self.quiet = quiet
-
-    def __call__(self, text: str) -> None:
-        if not self.main:
-            return
-        if not self.quiet:
-            print(text, flush=True)
-        with open(self.path, "a") as f:
-            f.write(text + "\n")
-
-
 def prepare_run(
     config: RunConfig,
     out: str,
@@ -465,7 +273,7 @@ def prepare_run(
 
         record["fastprompt"] = fastprompt.__version__
         record["torch"] = torch.__version__
-        _save_dir(out, "init", start.save_prompts)
+        save_dir(out, "init", start.save_prompts)
         with open(os.path.join(out, RUN_FILE), "w") as f:
             json.dump(record, f, indent=2)
             f.write("\n")
@@ -484,7 +292,7 @@ def load_run_model(
 
     if config is None or saved is None:
         config, saved = read_run(run)
-    folder = _checkpoint_dir(run, checkpoint)
+    folder = checkpoint_dir(run, checkpoint)
     if folder is None:
         raise RunError(f"{run} has no {checkpoint}/ checkpoint yet")
     spec = config.model
@@ -495,24 +303,6 @@ def load_run_model(
             raise RunError(f"the run's backbone weights {spec.weights} changed since the run began")
     backbone = create_backbone(spec, len(saved["classes"]), config.seed)
     return load_prompts(backbone, folder, **_run_options(config)).to(device)
-
-
-def _metrics_upto(run: str, epochs: int) -> list[dict[str, Any]]:
-    path = os.path.join(run, METRICS_FILE)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["epoch"] < epochs]
-
-
-def _write_metrics(run: str, rows: list[dict[str, Any]]) -> None:
-    path = os.path.join(run, METRICS_FILE)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    os.replace(tmp, path)
 
 
 def _line(m: dict[str, Any], epochs: int) -> str:
@@ -556,13 +346,13 @@ def continue_run(
     """
     config, saved = read_run(run)
     env = env or setup(config.device)
-    log = _Log(run, env, quiet)
+    log = Log(run, env, quiet)
     recipe = config.recipe
     if recipe.batch_size % env.world:
         raise RunError(
             f"the batch of {recipe.batch_size} does not split over {env.world} processes"
         )
-    last = _checkpoint_dir(run, "last")
+    last = checkpoint_dir(run, "last")
     start = "last" if last is not None else "init"
     model = load_run_model(run, start, env.device, config, saved)
     train_raw, val_raw, classes, _ = open_data(config.data, config.seed)
@@ -587,18 +377,18 @@ def continue_run(
         trainer.load_state_dict(state["trainer"])
         best = state["best"]
         if len(state["rng"]) == env.world:
-            set_rng_state(_native_rng(state["rng"][env.rank]))
+            set_rng_state(native_rng(state["rng"][env.rank]))
         else:
             log(
                 f"note: the run was saved by {len(state['rng'])} processes and continues on "
                 f"{env.world}: random states are re-seeded, so it is not bit-for-bit"
             )
-            _seed_all(D.epoch_seed(config.seed, trainer.epoch, env.rank))
+            seed_all(D.epoch_seed(config.seed, trainer.epoch, env.rank))
         log(f"resuming {run} after epoch {trainer.epoch} (best {100 * best['val_acc']:.2f}%)")
     else:
-        _seed_all(D.epoch_seed(config.seed, 0, env.rank))
+        seed_all(D.epoch_seed(config.seed, 0, env.rank))
         log(recipe.describe(config.base_lr))
-    rows = _metrics_upto(run, trainer.epoch)
+    rows = metrics_upto(run, trainer.epoch)
     local_batch = recipe.batch_size // env.world
     pin = env.device.type == "cuda"
     workers = config.data.workers if workers is None else workers
@@ -609,6 +399,7 @@ def continue_run(
     for epoch in range(trainer.epoch, recipe.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
+        train_ds.set_epoch(config.seed, epoch)
         m = trainer.train_epoch(D.make_loader(train_ds, train_spec, epoch), epoch)
         t0 = time.perf_counter()
         v = trainer.evaluate(D.make_loader(val_ds, val_spec))
@@ -619,7 +410,7 @@ def continue_run(
             best = {"epoch": epoch, "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
         m["best_epoch"], m["best_val_acc"] = best["epoch"], best["val_acc"]
         rows.append(m)
-        rng = all_gather_objects(env, _portable_rng(_rng_now()))
+        rng = all_gather_objects(env, portable_rng(get_rng_state()))
         if env.main:
             _save_epoch(run, model, trainer, best, rng, improved, rows)
         barrier(env)
@@ -630,12 +421,6 @@ def continue_run(
             f"{best['epoch'] + 1}; checkpoints in {run}/best and {run}/last"
         )
     return rows
-
-
-def _rng_now() -> dict[str, Any]:
-    from fastprompt.train.loop import get_rng_state
-
-    return get_rng_state()
 
 
 def _save_epoch(run, model, trainer, best, rng, improved, rows) -> None:
@@ -652,10 +437,10 @@ def _save_epoch(run, model, trainer, best, rng, improved, rows) -> None:
         with open(os.path.join(folder, "best.json"), "w") as f:
             json.dump(rows[-1], f, indent=2)
 
-    _write_metrics(run, rows)
+    write_metrics(run, rows)
     if improved:
-        _save_dir(run, "best", write_best)
-    _save_dir(run, "last", write_last)
+        save_dir(run, "best", write_best)
+    save_dir(run, "last", write_last)
     plot_curves(rows, os.path.join(run, "curves.png"), title=os.path.basename(os.path.abspath(run)))
 
 

@@ -101,6 +101,30 @@ def test_resume_continues_bit_for_bit(tiny_csv, tmp_path):
         assert {k: ra[k] for k in VALUES} == {k: rb[k] for k in VALUES}
 
 
+def test_a_pgn_run_with_augmentation_and_batchnorm_resumes_bit_for_bit(tiny_csv, tmp_path):
+    """The pgn recipe: its augmentation draws random numbers, its generator's BatchNorm keeps
+    running statistics (saved in the checkpoint); resume still replays the run exactly, even
+    with a loader worker augmenting instead of the main process."""
+    extra = ("--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--epochs", "4")
+    whole = _train(tiny_csv, tmp_path / "whole", *extra)
+    split = _train(tiny_csv, tmp_path / "split", *extra, "--stop-after", "2")
+    resume = ["train", "--resume", str(split), "--workers", "1", "--no-progress", "--quiet"]
+    assert main(resume) == 0
+    a, b = (
+        load_file(whole / "last" / "prompts.safetensors"),
+        load_file(split / "last" / "prompts.safetensors"),
+    )
+    assert any("running_mean" in n for n in a) and "library" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    saved = json.loads((whole / "run.json").read_text())["config"]
+    assert saved["recipe"]["name"] == "pgn" and saved["recipe"]["train_transform"] == "pgn"
+    rows = _metrics(whole)
+    assert [r["lr"] for r in rows] == pytest.approx([16 / 2, 16 / 2, 16, 16 * 0.505])  # --lr 16
+    for ra, rb in zip(rows, _metrics(split), strict=True):
+        assert {k: ra[k] for k in VALUES} == {k: rb[k] for k in VALUES}
+
+
 def test_resume_refuses_changed_settings_and_accepts_repeated_ones(tiny_csv, tmp_path, capsys):
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", "--stop-after", "1")
     err = _error(capsys, ["train", "--resume", str(run), "--lr", "3"])
