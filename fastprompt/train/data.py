@@ -350,12 +350,6 @@ class Transformed(Dataset):
             torch.manual_seed((self.seed + 1_000_003 * (i + 1)) % 2**63)
             return self.transform(image), label
 
-    def labels(self) -> list[int] | None:
-        samples = getattr(self.base, "samples", None)
-        if samples is None:
-            return None
-        return [samples[i][1] for i in self.indices]
-
 
 # -- transforms ----------------------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ from fastprompt.train.folder import (
     write_metrics,
 )
 from fastprompt.train.loop import Trainer, get_rng_state, set_rng_state
+from fastprompt.train.plot import matplotlib_missing, plot_curves
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
@@ -182,7 +183,6 @@ class _Subset(D.Dataset):
     def __init__(self, base, indices) -> None:
         self.base, self.indices = base, list(indices)
         self.classes = base.classes
-        self.samples = [base.samples[i] for i in self.indices] if hasattr(base, "samples") else None
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -388,6 +388,9 @@ def continue_run(
     else:
         seed_all(D.epoch_seed(config.seed, 0, env.rank))
         log(recipe.describe(config.base_lr))
+    missing = matplotlib_missing()
+    if missing:
+        log(f"note: no curves.png: {missing}")
     rows = metrics_upto(run, trainer.epoch)
     local_batch = recipe.batch_size // env.world
     pin = env.device.type == "cuda"
@@ -424,8 +427,6 @@ def continue_run(
 
 
 def _save_epoch(run, model, trainer, best, rng, improved, rows) -> None:
-    from fastprompt.train.plot import plot_curves
-
     state = {"trainer": trainer.state_dict(), "best": best, "rng": rng}
 
     def write_last(folder: str) -> None:
