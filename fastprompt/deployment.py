@@ -52,6 +52,17 @@ def _check_vit(model: nn.Module, who: str) -> tuple[int, int]:
     return tuple(size)
 
 
+def resamples_from_grid() -> bool:
+    """Whether timm's dynamic-size ``_pos_embed`` resamples from ``patch_embed.grid_size``
+    (newer timm: the identity on the taller grid :func:`pixel_space_vit` sets) rather than
+    assuming a square table (older timm)."""
+    import inspect
+
+    from timm.models.vision_transformer import VisionTransformer
+
+    return "old_size" in inspect.getsource(VisionTransformer._pos_embed)
+
+
 def deployment_tokens(
     model: nn.Module, tall_images: Tensor, num_prompts: int, prompt_pos: Tensor | None = None
 ) -> Tensor:
@@ -150,6 +161,11 @@ def pixel_space_vit(
     """
     who = "pixel_space_vit"
     size = _check_vit(model, who)
+    if getattr(model, "dynamic_img_size", False) and not resamples_from_grid():
+        raise ValueError(
+            f"{who}: with dynamic_img_size=True this timm resamples pos_embed as a square grid, "
+            "which the taller table is not; use deployment_forward (exact), or a newer timm"
+        )
     layout = prompt_rows(num_prompts, size, tuple(model.patch_embed.patch_size))
     if layout.padding:
         raise ValueError(

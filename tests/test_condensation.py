@@ -96,6 +96,12 @@ def _gate_oracle(prompted, xb, yb):
     "model_kw", [{}, dict(qk_norm=True, init_values=0.1)], ids=["plain", "qknorm"]
 )
 def test_gradient_scores_equal_per_sample_oracle(method, oracle, model_kw):
+    import inspect
+
+    from timm.models.vision_transformer import Block
+
+    if oracle is _gate_oracle and "attn_mask" not in inspect.signature(Block.forward).parameters:
+        pytest.skip("the gate oracle adds a bias to attention scores: needs timm's attn_mask")
     # float64: the Taylor term is a dot that cancels to ~ε/var of its parts (LayerNorm's scale
     # invariance), which fp32 autograd in the oracle cannot resolve.
     prompted = _trained(dtype=torch.float64, **model_kw)

@@ -265,6 +265,10 @@ VARIANTS = {
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("with_pos", [False, True])
 def test_deployment_equals_latent_model(variant, with_pos):
+    from fastprompt.deployment import resamples_from_grid
+
+    if variant == "dynamic_img_size" and not resamples_from_grid():
+        pytest.skip("this timm resamples a dynamic-size pos_embed as a square grid")
     model = tiny_vit(**VARIANTS[variant]).double().eval()
     imgs = make_images(2).double()
     num_prompts = 8  # two full rows of 4

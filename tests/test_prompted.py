@@ -127,8 +127,11 @@ def test_load_state_dict_assign_reaches_the_forward():
 
 def test_meta_init_then_to_empty():
     real = fastprompt.vpt(tiny_vit(), 3)
-    with torch.device("meta"):
-        model = tiny_vit()
+    try:
+        with torch.device("meta"):
+            model = tiny_vit()
+    except RuntimeError as e:  # timm < 1.0.10 reads a value while building (stochastic depth)
+        pytest.skip(f"this timm cannot build a model on the meta device: {e}")
     prompted = fastprompt.vpt(model, 3)
     prompted.to_empty(device="cpu")
     prompted.load_state_dict(real.state_dict())

@@ -207,7 +207,10 @@ def fused_block(
     # Cached prompt K/V are kept in the weights' dtype; under autocast q is in the autocast one.
     pk, pv = pk.to(q.dtype), pv.to(q.dtype)
     o = attend(AttentionCall(block, q, k, v, pk, pv, index, attn.scale, backend))
-    o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim))
+    o = o.transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)  # timm >= 1.0.10 (scale_norm); absent before
+    if norm is not None:
+        o = norm(o)
     gate = getattr(attn, "gate", None)
     if gate is not None:
         o = o * gate(h).sigmoid()
