@@ -6,7 +6,7 @@ variant trains 2 epochs; epoch 0 is warm-up (and compilation), epoch 1 is measur
 second and the share of the epoch the loop waited for its next batch. Variants run in turn within
 each repetition; the report gives medians.
 
-    python benchmarks/bench_train.py [--quick] [--batch 32] [--steps 4] [--workers 1] [--out DIR]
+    python benchmarks/bench_train.py [--quick] [--batch 16] [--steps 3] [--workers 1] [--out DIR]
 
 Defaults: ViT-B/16 (random init: weights do not change the speed), VPT-deep with 200 prompts,
 variants fused / naive / fused+compile / naive+compile.
@@ -71,10 +71,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--prompts", type=int, default=200)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=4, help="training steps per epoch")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=3, help="training steps per epoch")
     parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
