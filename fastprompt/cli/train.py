@@ -64,7 +64,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     m.add_argument("--method", choices=["vpt", "pgn"], help="default vpt")
     m.add_argument("--prompts", type=int, help="VPT: prompts per block; PGN: prompts L (16)")
-    m.add_argument("--preset", choices=sorted(PRESETS), help="VTAB-1k task: its VPT prompt count")
+    m.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="vtab1k-TASK",
+        help="a VTAB-1k task's official VPT setup: its prompt count, a square resize, ImageNet "
+        "mean/std (list: fastprompt recipes)",
+    )
     m.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
     m.add_argument("--prompt-dropout", type=float, help="VPT prompt dropout (default 0)")
     m.add_argument("--project", type=int, help="VPT prompt width before a projection")
@@ -144,7 +150,8 @@ def resolve_recipe(args: argparse.Namespace):
     recipe = RECIPES[args.recipe or DEFAULT_METHOD_RECIPE[method]]
     changes: dict[str, Any] = {}
     if args.preset:
-        changes.update(train_transform="resize", test_transform="resize")
+        # The official VTAB-1k pipeline: a square resize, ImageNet statistics.
+        changes.update(train_transform="resize", test_transform="resize", normalize="imagenet")
     for name in (
         "epochs",
         "batch_size",
@@ -252,6 +259,8 @@ def check_train_args(args: argparse.Namespace) -> str | None:
     wrong = [n for n in (pgn_only if method == "vpt" else vpt_only) if getattr(args, n)]
     if wrong:
         return f"--{wrong[0].replace('_', '-')} does not apply to --method {method}"
+    if method == "vpt" and args.head_init == "linear":
+        return "--head-init linear is PGN's option; VPT takes vpt or keep"
     if method == "vpt" and args.prompts is None and args.preset is None:
         return "--prompts is required for VPT (or --preset vtab1k-<task>)"
     if args.val is not None and args.val_split is not None:

@@ -7,7 +7,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
 - ``vpt`` (KMnP/vpt, ``src/solver``): SGD with momentum 0.9; peak lr = base lr · batch / 256;
   a linear warmup from 0 over 10 epochs, then a half-cosine to 0 at epoch 100, the lr set once per
   epoch (epoch 0 runs at lr 0); weight decay 1e-4 on every trainable tensor but the head bias;
-  batch 128; resize + centre crop and no augmentation. The official code tunes the base lr per task
+  batch 128; resize + centre crop and no augmentation. The official code normalises with ImageNet's
+  mean/std whatever the backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``:
+  0.5/0.5 for ``vit_base_patch16_224.orig_in21k``) unless ``normalize="imagenet"``; the VTAB-1k
+  presets of the CLI set it, with VTAB's square resize. The official code tunes the base lr per task
   on a validation split over {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50} and the weight decay
   over {0, 1e-4, 1e-3, 1e-2}; the default base lr here (0.25) is fastprompt's pick from that grid.
 - ``pgn`` (jochemloedeman/PGN): SGD lr 0.1 (not scaled with the batch), momentum 0.9, no weight
@@ -19,7 +22,8 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   ``normalize="clip"``.
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
   no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
-  tenth of the source run's base lr (``lr=None`` means that), or 0.01 without a source run.
+  tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
+  no source run, takes a peak lr, default 0.01).
 """
 
 from __future__ import annotations
