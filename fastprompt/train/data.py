@@ -469,7 +469,7 @@ class LoaderSpec:
     rank: int = 0
     world: int = 1
     pin_memory: bool = False
-    drop_last: bool = False
+    drop_last: bool = False  # the last, short batch of each process
 
 
 def make_loader(dataset: Dataset, spec: LoaderSpec, epoch: int = 0) -> DataLoader:
@@ -485,7 +485,6 @@ def make_loader(dataset: Dataset, spec: LoaderSpec, epoch: int = 0) -> DataLoade
             rank=spec.rank,
             shuffle=True,
             seed=spec.seed,
-            drop_last=spec.drop_last,
         )
         sampler.set_epoch(epoch)
     else:

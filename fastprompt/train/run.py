@@ -395,8 +395,14 @@ def continue_run(
     local_batch = recipe.batch_size // env.world
     pin = env.device.type == "cuda"
     workers = config.data.workers if workers is None else workers
+    per_rank = -(-len(train_ds) // env.world)  # DistributedSampler pads to a multiple
+    lone = per_rank % local_batch == 1 and any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.source.modules()
+    )
+    if lone:
+        log("note: each epoch's last batch of 1 image is dropped (BatchNorm cannot train on it)")
     train_spec = D.LoaderSpec(
-        local_batch, workers, True, config.seed, env.rank, env.world, pin_memory=pin
+        local_batch, workers, True, config.seed, env.rank, env.world, pin, drop_last=lone
     )
     val_spec = D.LoaderSpec(local_batch, workers, False, config.seed, env.rank, env.world, pin)
     for epoch in range(trainer.epoch, recipe.epochs):

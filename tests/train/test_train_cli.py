@@ -231,3 +231,12 @@ def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
     assert "--keep ratio must be in [0, 1], got 1.5" in err
     err = _error(capsys, args)
     assert "already holds a run" in err
+
+
+def test_a_lone_last_image_is_dropped_for_batchnorm(tiny_csv, tmp_path):
+    """24 images in batches of 23 leave one image, on which the generator's BatchNorm cannot
+    train: that batch is dropped (and said so), not a crash mid-epoch."""
+    extra = ("--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--epochs", "1")
+    run = _train(tiny_csv, tmp_path / "run", *extra, "--batch-size", "23")
+    assert _metrics(run)[0]["train_samples"] == 23
+    assert "last batch of 1 image is dropped" in (run / "log.txt").read_text()
