@@ -51,6 +51,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
     from fastprompt.train.condense import default_out
+    from fastprompt.train.distributed import env_rank
     from fastprompt.train.run import RunError, read_run
 
     try:
@@ -76,7 +77,7 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
         return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
     out = args.out or default_out(args.run, args.keep, args.score)
-    if os.path.exists(os.path.join(out, "run.json")):
+    if env_rank() == 0 and os.path.exists(os.path.join(out, "run.json")):
         return f"{out} already holds a run; continue it with fastprompt train --resume {out}"
     return None
 

@@ -206,7 +206,7 @@ def check_train_args(args: argparse.Namespace) -> str | None:
     import torch
 
     import fastprompt
-    from fastprompt.train.distributed import launched_by_torchrun
+    from fastprompt.train.distributed import env_rank, launched_by_torchrun
 
     for name in ("epochs", "batch_size", "stop_after", "pgn_resolution", "library_size"):
         value = getattr(args, name)
@@ -269,7 +269,8 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         if spec is not None and not (spec == "digits" or spec.startswith("digits:")):
             if not os.path.exists(spec):
                 return f"{flag} {spec} does not exist (a folder, a .csv/.txt list, or digits)"
-    if os.path.exists(os.path.join(args.out, "run.json")):
+    # Under torchrun rank 0 creates the folder; another rank may look after it did.
+    if env_rank() == 0 and os.path.exists(os.path.join(args.out, "run.json")):
         return f"--out {args.out} already holds a run; continue it with --resume {args.out}"
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out {args.out} exists and is not a folder"

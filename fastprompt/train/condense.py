@@ -104,7 +104,7 @@ def condense_run(
     config, saved = read_run(source)
     env = env or setup(config.device)
     out = out or default_out(source, keep, score)
-    if os.path.exists(os.path.join(out, "run.json")):
+    if env.main and os.path.exists(os.path.join(out, "run.json")):
         raise RunError(f"{out} already holds a run; continue it with --resume {out}")
     if config.method != "vpt":
         raise RunError(

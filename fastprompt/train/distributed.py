@@ -15,7 +15,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistEnv", "all_gather_objects", "all_reduce_sum", "barrier", "setup", "teardown"]
+__all__ = [
+    "DistEnv",
+    "all_gather_objects",
+    "all_reduce_sum",
+    "barrier",
+    "env_rank",
+    "launched_by_torchrun",
+    "setup",
+    "teardown",
+]
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,11 @@ class DistEnv:
 def launched_by_torchrun() -> bool:
     """Whether torch.distributed's launcher set this process's rank and world size."""
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), before any group exists."""
+    return int(os.environ.get("RANK", "0")) if launched_by_torchrun() else 0
 
 
 def setup(device: str | None = None) -> DistEnv:

@@ -239,9 +239,10 @@ def prepare_run(
         ``out`` already holds a run; the data or the model cannot be used.
     """
     env = env or DistEnv()
-    if os.path.exists(os.path.join(out, RUN_FILE)):
+    # Rank 0 alone looks: under torchrun another rank may get here after rank 0 wrote the run.
+    if env.main and os.path.exists(os.path.join(out, RUN_FILE)):
         raise RunError(f"{out} already holds a run; continue it with --resume {out}")
-    if os.path.exists(out) and not os.path.isdir(out):
+    if env.main and os.path.exists(out) and not os.path.isdir(out):
         raise RunError(f"--out {out} exists and is not a folder")
     train, val, classes, how = open_data(config.data, config.seed)
     if config.model.weights is not None:
