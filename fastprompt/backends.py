@@ -108,18 +108,30 @@ class Backend:
         """The kernels module (imported on first use)."""
         return importlib.import_module(self.kernels)
 
-    def availability(self) -> str | None:
-        """None when the backend can run in this process, else the reason it cannot."""
+    def availability(self, device_type: str | None = None) -> str | None:
+        """None when the backend can run in this process (on ``device_type`` if given), else
+        the reason it cannot. May load or build the backend's kernels (the C++ extension
+        compiles on first use)."""
         try:
             module = self.module()
         except Exception as e:  # a missing optional dependency, or a broken install
             return f"{self.kernels} is not importable ({type(e).__name__}: {e})"
+        if device_type is not None and hasattr(module, "device_availability"):
+            return module.device_availability(device_type)
         return module.availability()
+
+    def status(self) -> str | None:
+        """Like :meth:`availability`, but never builds anything (for ``fastprompt info``)."""
+        try:
+            module = self.module()
+        except Exception as e:
+            return f"{self.kernels} is not importable ({type(e).__name__}: {e})"
+        return module.status() if hasattr(module, "status") else module.availability()
 
     def not_supported_reasons(self, call: Call) -> list[str]:
         """Every reason this backend cannot take ``call`` (empty when it can)."""
         reasons = []
-        why = self.availability()
+        why = self.availability(call.device.type)
         if why is not None:
             reasons.append(why)
         if call.device.type not in self.devices:
@@ -160,6 +172,14 @@ BACKENDS: tuple[Backend, ...] = (
         auto={"cuda": _FLOATS},
         dtypes=_FLOATS,
         head_dims=(16, 32, 64, 80, 96, 128),
+    ),
+    Backend(
+        name="cpp",
+        kernels="fastprompt.kernels.cpp",
+        summary="C++/CUDA extension (csrc/): CPU kernels, and SIMT CUDA kernels never run on a GPU",
+        devices=("cpu", "cuda"),
+        auto={},
+        dtypes=_FLOATS,
     ),
     Backend(
         name="torch",
@@ -220,12 +240,16 @@ def choose(op: str, call: Call, requested: str | None = None) -> Backend:
         return backend
     rejected: list[tuple[Backend, list[str], bool]] = []
     for b in BACKENDS:
-        reasons = b.not_supported_reasons(call)
+        # Whether it would be chosen first: asking whether it can run may build its kernels.
         auto = b.auto_reasons(call)
-        if not reasons and not auto:
+        if auto:
+            rejected.append((b, auto, False))
+            continue
+        reasons = b.not_supported_reasons(call)
+        if not reasons:
             _say_fallback(op, b.name, call, rejected, settings.verbose)
             return b
-        rejected.append((b, reasons or auto, bool(reasons) and not auto))
+        rejected.append((b, reasons, True))
     raise NotImplementedError(
         f"{op}: no backend can run on {call.device.type} with dtype {call.dtype} and head dim "
         f"{call.head_dim}: " + " | ".join(f"{b.name}: {'; '.join(r)}" for b, r, _ in rejected)
@@ -283,11 +307,11 @@ def describe(probe: Callable[[Backend], str | None] | None = None) -> list[dict[
     Parameters
     ----------
     probe : callable, optional
-        Replaces :meth:`Backend.availability` (tests).
+        Replaces :meth:`Backend.status` (tests).
     """
     rows = []
     for b in BACKENDS:
-        why = probe(b) if probe is not None else b.availability()
+        why = probe(b) if probe is not None else b.status()
         auto = ", ".join(f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.auto.items())
         rows.append(
             {

@@ -107,13 +107,13 @@ def test_describe_reports_what_availability_says():
 
 def test_only_config_reads_fastprompt_environment_variables():
     import pathlib
+    import re
 
     import fastprompt
 
+    reading = re.compile(r"(environ(\.get)?|getenv)\(?\[?\s*[\"']FASTPROMPT_")
     root = pathlib.Path(fastprompt.__file__).parent
     readers = [
-        p.relative_to(root).as_posix()
-        for p in root.rglob("*.py")
-        if "FASTPROMPT_" in p.read_text() and "os.environ" in p.read_text()
+        p.relative_to(root).as_posix() for p in root.rglob("*.py") if reading.search(p.read_text())
     ]
     assert readers == ["_config.py"]

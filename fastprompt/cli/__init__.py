@@ -178,9 +178,44 @@ def _info(_args: argparse.Namespace) -> int:
     for row in describe():
         print(f"  {row['backend']}: {row['summary']}")
         print(f"    devices {row['devices']}; dtypes {row['dtypes']}; head dims {row['head_dims']}")
-        print(f"    features {row['features']}; chosen automatically for {row['auto']}")
+        print(f"    features {row['features']}; chosen automatically: {row['auto']}")
         print(f"    available here: {row['available']}")
+    _print_extension_info()
     return 0
+
+
+def _print_extension_info() -> None:
+    """Build status of the C++/CUDA extension; describes, never compiles."""
+    try:
+        from fastprompt.kernels import cpp
+
+        info = cpp.build_info()
+    except Exception as e:  # info must print whatever is broken
+        print(f"\nC++/CUDA extension: cannot describe it ({type(e).__name__}: {e})")
+        return
+    print("\nC++/CUDA extension (csrc/, backend 'cpp'):")
+    keys = (
+        "compiler",
+        "ninja",
+        "cuda_toolkit",
+        "cuda_kernels",
+        "archs",
+        "cpu_isa",
+        "cache",
+        "build_seconds",
+        "aot",
+        "library",
+        "how",
+        "build",
+        "cuda_build_error",
+        "last_error",
+    )
+    for key in keys:
+        if key in info:
+            value = info[key] if info[key] is not None else "not found"
+            print(f"  {key:<13} {value}")
+    if not info.get("loaded"):
+        print("  (not loaded in this process; it builds on first use, or see setup.py)")
 
 
 def main(argv: list[str] | None = None) -> int:

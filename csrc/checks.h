@@ -1,0 +1,78 @@
+// Argument checks shared by the CPU and CUDA entry points: every failure names the argument, what
+// it got and what it needs.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <string>
+
+// float32, bfloat16 and float16, the dtypes every kernel takes (scalar_t inside the lambda).
+#define FP_DISPATCH_FLOATS(TYPE, NAME, ...)                                      \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                                                 \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE( \
+                         at::kBFloat16, __VA_ARGS__) AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__))
+
+namespace fastprompt {
+
+struct AttnShape {
+  int64_t B, H, Nq, Nk, d, T, P;
+};
+
+inline void check_float(const at::Tensor& t, const char* name, const char* op) {
+  const auto st = t.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf, op, ": ", name,
+              " must be float32, bfloat16 or float16, got ", st);
+}
+
+inline void check_same(const at::Tensor& t, const at::Tensor& ref, const char* name,
+                       const char* op) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type() && t.device() == ref.device(), op, ": ", name,
+              " is ", t.scalar_type(), " on ", t.device(), "; q is ", ref.scalar_type(), " on ",
+              ref.device(), "; they must match");
+}
+
+inline void check_index(const std::optional<at::Tensor>& t, const char* name, int64_t size,
+                        const at::Tensor& q, const char* op) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == size, op, ": ", name, " must have shape (", size,
+              ",), got ", t->sizes());
+  TORCH_CHECK(t->scalar_type() == at::kInt || t->scalar_type() == at::kLong, op, ": ", name,
+              " must be int32 or int64, got ", t->scalar_type());
+  TORCH_CHECK(t->device() == q.device(), op, ": ", name, " is on ", t->device(), ", q on ",
+              q.device());
+}
+
+// q, k, v: (B, H, N, d) (k/v may have their own N); prompt_k/v: (T, H, P, d).
+inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& pk, const at::Tensor& pv,
+                                 const std::optional<at::Tensor>& index,
+                                 const std::optional<at::Tensor>& lengths, const char* op) {
+  const std::pair<const at::Tensor*, const char*> all[] = {
+      {&q, "q"}, {&k, "k"}, {&v, "v"}, {&pk, "prompt_k"}, {&pv, "prompt_v"}};
+  for (const auto& [t, name] : all) {
+    TORCH_CHECK(t->dim() == 4, op, ": ", name, " must be 4-D, got shape ", t->sizes());
+    check_float(*t, name, op);
+    check_same(*t, q, name, op);
+  }
+  AttnShape s{q.size(0), q.size(1), q.size(2), k.size(2), q.size(3), pk.size(0), pk.size(2)};
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(0) == s.B && k.size(1) == s.H && k.size(3) == s.d,
+              op, ": k ", k.sizes(), " and v ", v.sizes(), " must be (B=", s.B, ", H=", s.H,
+              ", N, d=", s.d, ")");
+  TORCH_CHECK(pk.sizes() == pv.sizes(), op, ": prompt_k ", pk.sizes(), " and prompt_v ", pv.sizes(),
+              " differ");
+  TORCH_CHECK(s.T >= 1 && pk.size(1) == s.H && pk.size(3) == s.d, op,
+              ": prompt_k must be (T>=1, H=", s.H, ", P, d=", s.d, "), got ", pk.sizes());
+  check_index(index, "prompt_index", s.B, q, op);
+  check_index(lengths, "prompt_lengths", s.T, q, op);
+  return s;
+}
+
+inline void check_exact(const at::Tensor& t, at::IntArrayRef sizes, const char* name,
+                        const char* op) {
+  TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+}  // namespace fastprompt

@@ -1,0 +1,346 @@
+// Prompt attention on the CPU: forward and backward (with the optional score terms).
+//
+// Each task is one (sequence, head, block of query rows). Its keys are two segments read in
+// place: the sequence's prompt set (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; stride
+// 0 over the batch for a shared set, never copied per sequence) followed by the sequence's own
+// keys. Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the
+// prompt segment and the start of the image one, and is computed as one score block by up to two
+// GEMMs (one per segment) writing side by side into the same buffer. The softmax runs online
+// across groups (fastprompt/arith.h), so the concatenated K/V is never built and long key sets
+// stay in cache-sized blocks. GEMMs come from blas.h; low-precision inputs multiply in their own
+// type with fp32 accumulation (P and dS are rounded to the input type before their GEMMs, as
+// PyTorch's own CPU flash attention does).
+//
+// Backward tasks are (sequence, head): a task owns the gradients of its image keys and its
+// sequence's prompt-key gradients, which go to a per-sequence fp32 buffer and are then summed
+// per set in sequence order (deterministic for a given thread count and input; no atomics).
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "../checks.h"
+#include "../ops.h"
+#include "blas.h"
+#include "common.h"
+#include "fastprompt/arith.h"
+#include "vec_utils.h"
+
+namespace fastprompt::cpu {
+namespace {
+
+constexpr int64_t kRowBlock = 256;  // query rows per task (balanced: ceil(N / ceil(N / 256)))
+constexpr int64_t kKeyGroup = 512;  // key columns per score block
+
+// The part of a key group that falls in one segment: keys [start, start + len) of the segment,
+// written to columns [col, col + len) of the group's score block.
+struct Piece {
+  int segment;  // 0 = prompt set, 1 = image keys
+  int64_t start, len, col;
+};
+
+int pieces_of(int64_t c0, int64_t cols, int64_t np, Piece out[2]) {
+  int n = 0;
+  if (c0 < np) out[n++] = {0, c0, std::min(c0 + cols, np) - c0, 0};
+  const int64_t img0 = std::max(c0, np);
+  if (c0 + cols > img0) out[n++] = {1, img0 - np, c0 + cols - img0, img0 - c0};
+  return n;
+}
+
+int64_t row_blocks(int64_t n) { return std::max<int64_t>(1, (n + kRowBlock - 1) / kRowBlock); }
+
+template <typename T>
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
+             const at::Tensor& pv, const Sets& sets, const AttnShape& s, float scale,
+             at::Tensor& out, at::Tensor& lse) {
+  constexpr bool kLowp = !std::is_same_v<T, float>;
+  const int64_t nqb = row_blocks(s.Nq);
+  const int64_t bm = (s.Nq + nqb - 1) / nqb;
+  const int64_t d = s.d;
+  T* out_p = out.data_ptr<T>();  // (B, Nq, H, d) storage
+  float* lse_p = lse.data_ptr<float>();
+
+  at::parallel_for(0, s.B * s.H * nqb, 1, [&](int64_t begin, int64_t end) {
+    BlasThreadGuard blas_threads;
+    Scratch<float> sbuf(bm * kKeyGroup), acc(bm * d);
+    Scratch<T> plow(kLowp ? bm * kKeyGroup : 0);
+    std::vector<RowState> st(bm);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / (s.H * nqb), h = (task / nqb) % s.H, qb = task % nqb;
+      const int64_t r0 = qb * bm, rows = std::min(bm, s.Nq - r0);
+      if (rows <= 0) continue;
+      const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);
+      const Mat<T> Q = mat<T>(q, b, h), K = mat<T>(k, b, h), V = mat<T>(v, b, h);
+      const Mat<T> PK = mat<T>(pk, t, h), PV = mat<T>(pv, t, h);
+      const T* qrow = Q.row(r0);
+      const int64_t total = np + s.Nk;
+      std::fill(st.begin(), st.begin() + rows, row_init());
+      if (total == 0) std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
+      for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
+        const int64_t cols = std::min(kKeyGroup, total - c0);
+        Piece pcs[2];
+        const int npc = pieces_of(c0, cols, np, pcs);
+        for (int i = 0; i < npc; ++i) {
+          const Mat<T>& KS = pcs[i].segment == 0 ? PK : K;
+          gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld, KS.row(pcs[i].start), KS.ld,
+               0.0f, sbuf.data() + pcs[i].col, cols);
+        }
+        for (int64_t r = 0; r < rows; ++r) {
+          float* srow = sbuf.data() + r * cols;
+          const float alpha = row_rescale(st[r], row_max(srow, cols));
+          row_add(st[r], exp_sub_sum(srow, cols, safe_max(st[r].m)));
+          if (c0 > 0) scale_row(acc.data() + r * d, alpha, d);
+          if constexpr (kLowp) cast_row(srow, plow.data() + r * cols, cols);
+        }
+        for (int i = 0; i < npc; ++i) {
+          const Mat<T>& VS = pcs[i].segment == 0 ? PV : V;
+          const float beta = (c0 == 0 && i == 0) ? 0.0f : 1.0f;
+          if constexpr (kLowp) {
+            gemm(false, false, rows, d, pcs[i].len, 1.0f, plow.data() + pcs[i].col, cols,
+                 VS.row(pcs[i].start), VS.ld, beta, acc.data(), d);
+          } else {
+            gemm(false, false, rows, d, pcs[i].len, 1.0f, sbuf.data() + pcs[i].col, cols,
+                 VS.row(pcs[i].start), VS.ld, beta, acc.data(), d);
+          }
+        }
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        T* orow = out_p + ((b * s.Nq + r0 + r) * s.H + h) * d;
+        store_row(acc.data() + r * d, row_out_scale(st[r]), orow, d);
+        lse_p[(b * s.H + h) * s.Nq + r0 + r] = row_lse(st[r]);
+      }
+    }
+  });
+}
+
+// Per-sequence results of the backward that are reduced afterwards.
+struct BwdBuffers {
+  float* dpk_seq;  // (B, H, P, d) fp32, zeroed
+  float* dpv_seq;
+  float* gate_part;  // (B, H, P) fp32, zeroed; sum over queries of dS per head
+};
+
+template <typename T>
+void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
+              const at::Tensor& lse, const Sets& sets, const AttnShape& s, float scale,
+              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const BwdBuffers& buf) {
+  constexpr bool kLowp = !std::is_same_v<T, float>;
+  const int64_t nqb = row_blocks(s.Nq);
+  const int64_t bm = (s.Nq + nqb - 1) / nqb;
+  const int64_t d = s.d;
+  const float* lse_p = lse.const_data_ptr<float>();  // contiguous (B, H, Nq)
+
+  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+    BlasThreadGuard blas_threads;
+    Scratch<float> pbuf(bm * kKeyGroup), dsbuf(bm * kKeyGroup), dq_acc(bm * d), delta(bm);
+    Scratch<T> plow(kLowp ? bm * kKeyGroup : 0), dslow(kLowp ? bm * kKeyGroup : 0);
+    // fp32 inputs accumulate straight into dk/dv (contiguous fp32); others in these buffers.
+    Scratch<float> dk_acc(kLowp ? s.Nk * d : 0), dv_acc(kLowp ? s.Nk * d : 0);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / s.H, h = task % s.H;
+      const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);
+      const Mat<T> Q = mat<T>(q, b, h), K = mat<T>(k, b, h), V = mat<T>(v, b, h);
+      const Mat<T> PK = mat<T>(pk, t, h), PV = mat<T>(pv, t, h);
+      const Mat<T> DO = mat<T>(dout, b, h), O = mat<T>(out, b, h);
+      const int64_t total = np + s.Nk;
+      float* dpk = buf.dpk_seq + (b * s.H + h) * s.P * d;
+      float* dpv = buf.dpv_seq + (b * s.H + h) * s.P * d;
+      float* gate = buf.gate_part == nullptr ? nullptr : buf.gate_part + (b * s.H + h) * s.P;
+      float* dk_img;
+      float* dv_img;
+      if constexpr (kLowp) {
+        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
+        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
+        dk_img = dk_acc.data();
+        dv_img = dv_acc.data();
+      } else {
+        dk_img = dk.data_ptr<float>() + (b * s.H + h) * s.Nk * d;
+        dv_img = dv.data_ptr<float>() + (b * s.H + h) * s.Nk * d;
+      }
+      for (int64_t r0 = 0; r0 < s.Nq; r0 += bm) {
+        const int64_t rows = std::min(bm, s.Nq - r0);
+        const T* qrow = Q.row(r0);
+        const T* dorow = DO.row(r0);
+        const float* lrow = lse_p + (b * s.H + h) * s.Nq + r0;
+        for (int64_t r = 0; r < rows; ++r) delta[r] = dot_row(DO.row(r0 + r), O.row(r0 + r), d);
+        std::fill(dq_acc.begin(), dq_acc.begin() + rows * d, 0.0f);
+        for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
+          const int64_t cols = std::min(kKeyGroup, total - c0);
+          Piece pcs[2];
+          const int npc = pieces_of(c0, cols, np, pcs);
+          auto keys = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PK : K; };
+          auto vals = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PV : V; };
+          auto dkey = [&](const Piece& pc) {
+            return (pc.segment == 0 ? dpk : dk_img) + pc.start * d;
+          };
+          auto dval = [&](const Piece& pc) {
+            return (pc.segment == 0 ? dpv : dv_img) + pc.start * d;
+          };
+          // P = exp(scale q k^T - lse)
+          for (int i = 0; i < npc; ++i) {
+            gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld,
+                 keys(pcs[i]).row(pcs[i].start), keys(pcs[i]).ld, 0.0f, pbuf.data() + pcs[i].col,
+                 cols);
+          }
+          for (int64_t r = 0; r < rows; ++r) {
+            exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
+            if constexpr (kLowp) cast_row(pbuf.data() + r * cols, plow.data() + r * cols, cols);
+          }
+          // dV += P^T dO ; dP = dO V^T
+          for (int i = 0; i < npc; ++i) {
+            const Piece& pc = pcs[i];
+            if constexpr (kLowp) {
+              gemm(true, false, pc.len, d, rows, 1.0f, plow.data() + pc.col, cols, dorow, DO.ld,
+                   1.0f, dval(pc), d);
+            } else {
+              gemm(true, false, pc.len, d, rows, 1.0f, pbuf.data() + pc.col, cols, dorow, DO.ld,
+                   1.0f, dval(pc), d);
+            }
+            gemm(false, true, rows, pc.len, d, 1.0f, dorow, DO.ld, vals(pc).row(pc.start),
+                 vals(pc).ld, 0.0f, dsbuf.data() + pc.col, cols);
+          }
+          // dS = P (dP - delta); the gate sums dS over queries for each prompt key.
+          for (int64_t r = 0; r < rows; ++r) {
+            float* dsrow = dsbuf.data() + r * cols;
+            dscore_row(dsrow, pbuf.data() + r * cols, delta[r], cols);
+            if (gate != nullptr && c0 < np) add_row(gate + c0, dsrow, std::min(cols, np - c0));
+            if constexpr (kLowp) cast_row(dsrow, dslow.data() + r * cols, cols);
+          }
+          // dQ += scale dS K ; dK += scale dS^T Q
+          for (int i = 0; i < npc; ++i) {
+            const Piece& pc = pcs[i];
+            if constexpr (kLowp) {
+              gemm(false, false, rows, d, pc.len, scale, dslow.data() + pc.col, cols,
+                   keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
+              gemm(true, false, pc.len, d, rows, scale, dslow.data() + pc.col, cols, qrow, Q.ld,
+                   1.0f, dkey(pc), d);
+            } else {
+              gemm(false, false, rows, d, pc.len, scale, dsbuf.data() + pc.col, cols,
+                   keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
+              gemm(true, false, pc.len, d, rows, scale, dsbuf.data() + pc.col, cols, qrow, Q.ld,
+                   1.0f, dkey(pc), d);
+            }
+          }
+        }
+        T* dq_p = dq.data_ptr<T>() + ((b * s.H + h) * s.Nq + r0) * d;
+        for (int64_t r = 0; r < rows; ++r) store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * d, d);
+      }
+      if constexpr (kLowp) {
+        T* dk_p = dk.data_ptr<T>() + (b * s.H + h) * s.Nk * d;
+        T* dv_p = dv.data_ptr<T>() + (b * s.H + h) * s.Nk * d;
+        store_row(dk_acc.data(), 1.0f, dk_p, s.Nk * d);
+        store_row(dv_acc.data(), 1.0f, dv_p, s.Nk * d);
+      }
+    }
+  });
+}
+
+// dprompt[t] = sum over sequences b with set t, in increasing b, of the per-sequence gradient.
+void reduce_sets(const float* per_seq, const Sets& sets, const AttnShape& s, float* out) {
+  const int64_t block = s.P * s.d;
+  at::parallel_for(0, s.T * s.H, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t th = begin; th < end; ++th) {
+      const int64_t t = th / s.H, h = th % s.H;
+      float* dst = out + th * block;
+      std::fill(dst, dst + block, 0.0f);
+      for (int64_t b = 0; b < s.B; ++b) {
+        if (sets.set_of(b) == t) add_row(dst, per_seq + (b * s.H + h) * block, block);
+      }
+    }
+  });
+}
+
+}  // namespace
+}  // namespace fastprompt::cpu
+
+namespace fastprompt {
+using namespace fastprompt::cpu;
+
+std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tensor& k_,
+                                                    const Tensor& v_, const Tensor& pk_,
+                                                    const Tensor& pv_,
+                                                    const OptTensor& prompt_index,
+                                                    const OptTensor& prompt_lengths, double scale) {
+  constexpr const char* op = "fastprompt_ext::prompt_attention_fwd";
+  const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
+  const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
+  const at::Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+  const at::Tensor pk = rows_readable(pk_), pv = rows_readable(pv_);
+  // (B, H, N, d) stored as (B, N, H, d): merging heads afterwards is free.
+  at::Tensor out = at::empty({s.B, s.Nq, s.H, s.d}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
+  if (s.B * s.H * s.Nq == 0) return {out, lse};
+  FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_fwd", [&] {
+    forward<scalar_t>(q, k, v, pk, pv, sets, s, static_cast<float>(scale), out, lse);
+  });
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cpu(
+    const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
+    const Tensor& pv_, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
+    const Tensor& out_, const Tensor& lse_, double scale, const OptTensor& u_k_,
+    const OptTensor& u_v_) {
+  constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
+  const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
+  check_exact(dout_, q_.sizes(), "dout", op);
+  check_exact(out_, q_.sizes(), "out", op);
+  check_same(dout_, q_, "dout", op);
+  check_same(out_, q_, "out", op);
+  check_exact(lse_, {s.B, s.H, s.Nq}, "lse", op);
+  TORCH_CHECK(lse_.scalar_type() == at::kFloat, op, ": lse must be float32, got ",
+              lse_.scalar_type());
+  TORCH_CHECK(u_k_.has_value() == u_v_.has_value(), op, ": give both u_k and u_v or neither");
+  const bool scored = u_k_.has_value();
+  int64_t S = 0;
+  if (scored) {
+    S = u_k_->size(0);
+    check_exact(*u_k_, {S, s.T, s.H, s.P, s.d}, "u_k", op);
+    check_exact(*u_v_, {S, s.T, s.H, s.P, s.d}, "u_v", op);
+  }
+  const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
+  const at::Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
+  const at::Tensor pk = rows_readable(pk_), pv = rows_readable(pv_);
+  const at::Tensor dout = rows_readable(dout_), out = rows_readable(out_);
+  const at::Tensor lse = lse_.contiguous();
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor dq = at::empty({s.B, s.H, s.Nq, s.d}, q.options());
+  // fp32 dk/dv are accumulated in place, so they start at zero.
+  at::Tensor dk = q.scalar_type() == at::kFloat ? at::zeros({s.B, s.H, s.Nk, s.d}, q.options())
+                                                : at::empty({s.B, s.H, s.Nk, s.d}, q.options());
+  at::Tensor dv = q.scalar_type() == at::kFloat ? at::zeros({s.B, s.H, s.Nk, s.d}, q.options())
+                                                : at::empty({s.B, s.H, s.Nk, s.d}, q.options());
+  at::Tensor dpk_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
+  at::Tensor dpv_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
+  at::Tensor gate_part = at::zeros({s.B, s.H, s.P}, f32);
+  if (s.B * s.H * s.Nq > 0) {
+    BwdBuffers buf{dpk_seq.data_ptr<float>(), dpv_seq.data_ptr<float>(),
+                   gate_part.data_ptr<float>()};
+    FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
+      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, sets, s, static_cast<float>(scale), dq,
+                         dk, dv, buf);
+    });
+  } else {
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+  }
+  at::Tensor dpk = at::empty({s.T, s.H, s.P, s.d}, f32);
+  at::Tensor dpv = at::empty({s.T, s.H, s.P, s.d}, f32);
+  reduce_sets(dpk_seq.const_data_ptr<float>(), sets, s, dpk.data_ptr<float>());
+  reduce_sets(dpv_seq.const_data_ptr<float>(), sets, s, dpv.data_ptr<float>());
+  at::Tensor terms = at::empty({S, s.B, s.P}, f32);
+  at::Tensor gate = at::empty({s.B, s.P}, f32);
+  const at::Tensor uk = scored ? u_k_->to(at::kFloat).contiguous() : at::empty({0}, f32);
+  const at::Tensor uv = scored ? u_v_->to(at::kFloat).contiguous() : at::empty({0}, f32);
+  score_terms(dpk_seq.const_data_ptr<float>(), dpv_seq.const_data_ptr<float>(),
+              gate_part.const_data_ptr<float>(), uk, uv, S, sets, s, terms, gate);
+  return {dq, dk, dv, dpk, dpv, terms, gate};
+}
+
+}  // namespace fastprompt

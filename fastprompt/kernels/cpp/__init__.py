@@ -1,0 +1,462 @@
+"""The C++/CUDA extension backend (``csrc/``), behind the backend kernel contract.
+
+The extension registers low-level operators under ``torch.ops.fastprompt_ext`` (schemas in
+``csrc/registration.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``). This
+module loads it (an ahead-of-time build from ``setup.py`` if one matches this torch and these
+sources, else a first-use ninja build cached per torch version, CUDA toolkit, CPU instruction
+set and source hash), registers a fake (meta) implementation for every operator so
+``torch.compile`` traces them, and exposes the contract functions the ops call. Nothing is
+compiled at import: the first call to :func:`availability` (or any kernel) builds or loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fastprompt import _config
+from fastprompt.kernels.cpp import _build
+
+__all__ = [
+    "availability",
+    "build_info",
+    "device_availability",
+    "gather_prompts",
+    "gather_prompts_backward",
+    "prompt_attention_bwd",
+    "prompt_attention_bwd_scored",
+    "prompt_attention_fwd",
+    "prompt_scores",
+    "status",
+]
+
+# A plain list as cache (torch.compile traces availability(); it warns on lru_cache). One entry:
+# None when loaded, else the reason it cannot be.
+_LOADED: list[str | None] = []
+_INFO: dict[str, Any] = {}
+
+
+def _ops_registered() -> bool:
+    try:
+        torch.ops.fastprompt_ext.prompt_attention_fwd.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _cache_root() -> Path:
+    custom = _config.get().ext_cache
+    return Path(custom).expanduser() if custom else _build.default_cache_root()
+
+
+def _load() -> str | None:
+    if _LOADED:
+        return _LOADED[0]
+    why: str | None = None
+    try:
+        if not _ops_registered():
+            torch.ops.load_library(str(_locate_or_build()))
+        _register_fakes()
+        _INFO["loaded"] = True
+    except Exception as e:
+        why = f"the C++ extension is unavailable: {e}"
+        _INFO["last_error"] = f"{type(e).__name__}: {e}"
+    _LOADED.append(why)
+    return why
+
+
+def _locate_or_build() -> Path:
+    settings = _config.get()
+    lib, why_not_aot = _build.aot_library()
+    if lib is not None:
+        _INFO.update(library=str(lib), how="ahead-of-time build (setup.py)")
+        return lib
+    _INFO["aot"] = why_not_aot
+    if not settings.ext_jit:
+        raise RuntimeError(f"{why_not_aot}, and FASTPROMPT_EXT_JIT=0 forbids building on first use")
+    missing = [
+        what
+        for what, ok in (
+            ("a C++ compiler (c++ or $CXX)", _build.find_cxx() is not None),
+            ("ninja", shutil.which("ninja") is not None),
+        )
+        if not ok
+    ]
+    if missing:
+        raise RuntimeError(f"cannot build it on first use: {' and '.join(missing)} not found")
+    plan = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list)
+    root = _cache_root()
+    fresh = not _build.library_path(root / plan.key).is_file()
+    if fresh:
+        logging.getLogger("fastprompt").warning(
+            "fastprompt: compiling the C++ extension into %s (once per torch/CUDA/source "
+            "version; about a minute)",
+            root / plan.key,
+        )
+    start = time.perf_counter()
+    try:
+        lib = _build.build(plan, root, verbose=settings.verbose)
+    except RuntimeError as e:
+        if not plan.with_cuda:
+            raise
+        # The CPU kernels need not wait for a broken CUDA toolchain: build them alone, and say so.
+        _INFO["cuda_build_error"] = str(e)[-2000:]
+        logging.getLogger("fastprompt").warning(
+            "fastprompt: the C++ extension's CUDA kernels failed to build (%s); building its CPU "
+            "kernels only. `fastprompt info` shows the error.",
+            str(e).splitlines()[0][:200],
+        )
+        plan = _build.plan(True, False, settings.cuda_arch_list)
+        lib = _build.build(plan, root, verbose=settings.verbose)
+    _INFO.update(
+        library=str(lib),
+        how="first-use build" if fresh else "cached first-use build",
+        seconds=round(time.perf_counter() - start, 1),
+    )
+    return lib
+
+
+def availability() -> str | None:
+    """None when the extension is loaded (building it on first use if needed), else why not."""
+    return _load()
+
+
+def status() -> str | None:
+    """:func:`availability` without building: None when loaded or when a build can be made here
+    (it is then made on first use), else why not."""
+    if _LOADED:
+        return _LOADED[0]
+    info = build_info()
+    if info.get("last_error"):
+        return f"the last build failed: {str(info['last_error']).splitlines()[-1]}"
+    if info.get("compiler") is None:
+        return "no C++ compiler found (the extension compiles on first use)"
+    if info.get("ninja") is None and not _build.aot_library()[0]:
+        return "ninja is not installed (pip install ninja, or fastprompt[ext])"
+    return None
+
+
+def device_availability(device_type: str) -> str | None:
+    """None when the loaded extension has kernels for ``device_type`` usable here, else why not.
+
+    The CPU kernels are always built; the CUDA ones only where a toolkit was found (and a GPU
+    was visible or ``FASTPROMPT_FORCE_CUDA`` was set) at build time.
+    """
+    why = _load()
+    if why is not None or device_type == "cpu":
+        return why
+    if device_type == "cuda":
+        if "cuda=yes" not in torch.ops.fastprompt_ext.build_info():
+            return "the extension was built without its CUDA kernels (see `fastprompt info`)"
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        return None
+    return f"the extension has no kernels for device type {device_type!r}"
+
+
+def build_info() -> dict[str, Any]:
+    """What ``fastprompt info`` prints about the extension; never compiles anything.
+
+    Returns
+    -------
+    dict
+        ``compiler`` (path or None), ``ninja``, ``cuda_toolkit`` (root, version, how found, or
+        why none), ``cuda_kernels`` (whether a build here compiles them, and why), ``archs``,
+        ``cpu_isa``, ``cache`` (where first-use builds go), ``library`` and ``how`` (once
+        loaded), ``aot`` (why an ahead-of-time build was not used), ``build_seconds`` and
+        ``last_error`` (the last failed build's message, from this process or the cache).
+    """
+    settings = _config.get()
+    info: dict[str, Any] = {
+        "compiler": _build.find_cxx(),
+        "ninja": shutil.which("ninja"),
+    }
+    toolkit, how = _build.find_cuda_toolkit()
+    info["cuda_toolkit"] = (
+        f"{toolkit.home} (CUDA {toolkit.version}, found by {how})" if toolkit else how
+    )
+    try:
+        plan = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list)
+        info["cuda_kernels"] = ("yes: " if plan.with_cuda else "no: ") + plan.cuda_reason
+        info["archs"] = ",".join(plan.archs) or "-"
+        info["cpu_isa"] = plan.isa
+        build_dir = _cache_root() / plan.key
+        info["cache"] = str(build_dir)
+        record = build_dir / "build.json"
+        if record.is_file():
+            import json
+
+            info["build_seconds"] = json.loads(record.read_text()).get("seconds")
+        if (build_dir / "error.txt").is_file():
+            info["last_error"] = (build_dir / "error.txt").read_text().strip()[-2000:]
+    except Exception as e:  # no sources shipped, no torch CPU info...
+        info["plan"] = f"{type(e).__name__}: {e}"
+    info.update(_INFO)
+    if _INFO.get("loaded"):
+        info["build"] = torch.ops.fastprompt_ext.build_info()
+    return info
+
+
+def _ext():
+    why = _load()
+    if why is not None:
+        raise RuntimeError(why)
+    return torch.ops.fastprompt_ext
+
+
+# ----------------------------------------------------------------------------------------------
+# The backend contract (see fastprompt/ops/attention.py for the op that calls it).
+# ----------------------------------------------------------------------------------------------
+
+
+def prompt_attention_fwd(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    prompt_index: Tensor | None,
+    prompt_lengths: Tensor | None,
+    scale: float,
+) -> tuple[Tensor, Tensor]:
+    """Prompt attention forward.
+
+    Parameters
+    ----------
+    q, k, v : Tensor, shape (B, H, N, d)
+        float32, bfloat16 or float16, any strides (k/v may have their own N).
+    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
+        Prompt sets; T = 1 is shared (read in place, never expanded).
+    prompt_index : Tensor of int, shape (B,), optional
+    prompt_lengths : Tensor of int, shape (T,), optional
+    scale : float
+
+    Returns
+    -------
+    out : Tensor, shape (B, H, N, d), dtype of q, stored (B, N, H, d)
+    lse : Tensor, shape (B, H, N), float32, contiguous; -inf for a query with no key.
+    """
+    return _ext().prompt_attention_fwd(
+        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, float(scale)
+    )
+
+
+def prompt_attention_bwd(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    prompt_index: Tensor | None,
+    prompt_lengths: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Prompt attention backward.
+
+    Returns
+    -------
+    dq, dk, dv : Tensor
+        Shapes of q, k, v; dtype of q; contiguous.
+    dprompt_k, dprompt_v : Tensor, shape (T, H, P, d), float32
+        Per-sequence gradients accumulated in fp32, summed per set in sequence order
+        (deterministic); zero past a set's length.
+    """
+    grads = _ext().prompt_attention_bwd(
+        dout,
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        out,
+        lse,
+        float(scale),
+        None,
+        None,
+    )
+    return tuple(grads[:5])
+
+
+def prompt_attention_bwd_scored(
+    dout: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    prompt_index: Tensor | None,
+    prompt_lengths: Tensor | None,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    u_k: Tensor,
+    u_v: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """:func:`prompt_attention_bwd` plus Prompt Condensation's terms, fused.
+
+    Parameters
+    ----------
+    u_k, u_v : Tensor, shape (S, T, H, P, d)
+        Per-prompt vectors dotted with the per-sequence prompt gradients.
+
+    Returns
+    -------
+    dq, dk, dv, dprompt_k, dprompt_v
+        As :func:`prompt_attention_bwd`.
+    terms : Tensor, shape (S, B, P), float32
+        ``Σ_{h,d} dK_seq[b,h,i]·u_k[s,t_b,h,i] + dV_seq[b,h,i]·u_v[s,t_b,h,i]``.
+    gate : Tensor, shape (B, P), float32
+        ``Σ_{h,n} dS[b,h,n,i]``.
+    """
+    return tuple(
+        _ext().prompt_attention_bwd(
+            dout,
+            q,
+            k,
+            v,
+            prompt_k,
+            prompt_v,
+            prompt_index,
+            prompt_lengths,
+            out,
+            lse,
+            float(scale),
+            u_k,
+            u_v,
+        )
+    )
+
+
+def prompt_scores(
+    q: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dprompt_k: Tensor,
+    dprompt_v: Tensor,
+    u_k: Tensor,
+    u_v: Tensor,
+    scale: float,
+    prompt_index: Tensor | None = None,
+    prompt_lengths: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Standalone score reduction; same arguments and results as ``prompt_scores_ref``.
+
+    Parameters
+    ----------
+    q : Tensor, shape (B, H, N, d)
+    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
+    lse, delta : Tensor, shape (B, H, N)
+    dprompt_k, dprompt_v : Tensor, shape (B, H, P, d)
+        Per-sequence prompt gradients.
+    u_k, u_v : Tensor, shape (S, T, H, P, d)
+    scale : float
+    prompt_index, prompt_lengths : Tensor, optional
+
+    Returns
+    -------
+    terms : Tensor, shape (S, B, P), float32
+    gate : Tensor, shape (B, P), float32
+    """
+    return _ext().prompt_scores(
+        q,
+        prompt_k,
+        prompt_v,
+        lse,
+        delta,
+        dprompt_k,
+        dprompt_v,
+        u_k,
+        u_v,
+        float(scale),
+        prompt_index,
+        prompt_lengths,
+    )
+
+
+def gather_prompts(table: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
+    """Kept prompts of every layer, packed layer after layer (``gather_prompts_ref``'s result).
+
+    Parameters
+    ----------
+    table : Tensor, shape (L, P, D)
+    keep : Tensor of bool, shape (L, P)
+        Moved to ``table``'s device if needed.
+
+    Returns
+    -------
+    packed : Tensor, shape (K, D), K = keep.sum()
+    counts : Tensor of int64, shape (L,), on the CPU
+    """
+    return _ext().gather_prompts(table, keep.to(table.device))
+
+
+def gather_prompts_backward(grad_packed: Tensor, keep: Tensor) -> Tensor:
+    """Gradient of :func:`gather_prompts` for ``table``: (L, P, D), zero off the kept rows."""
+    return _ext().gather_prompts_backward(grad_packed, keep.to(grad_packed.device))
+
+
+# ----------------------------------------------------------------------------------------------
+# Fake (meta) implementations: shapes, dtypes and layouts only, so torch.compile can trace.
+# ----------------------------------------------------------------------------------------------
+
+_FAKES_DONE: list[bool] = []
+
+
+def _register_fakes() -> None:
+    if _FAKES_DONE:
+        return
+    _FAKES_DONE.append(True)
+    register = torch.library.register_fake
+
+    @register("fastprompt_ext::prompt_attention_fwd")
+    def _(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
+        b, h, n, d = q.shape
+        out = q.new_empty((b, n, h, d)).transpose(1, 2)
+        return out, q.new_empty((b, h, n), dtype=torch.float32)
+
+    @register("fastprompt_ext::prompt_attention_bwd")
+    def _(
+        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
+    ):
+        b, _, _, _ = q.shape
+        t, h, p, d = prompt_k.shape
+        s = 0 if u_k is None else u_k.shape[0]
+        f32 = dict(dtype=torch.float32, device=q.device)
+        return (
+            q.new_empty(q.shape),
+            q.new_empty(k.shape),
+            q.new_empty(v.shape),
+            torch.empty((t, h, p, d), **f32),
+            torch.empty((t, h, p, d), **f32),
+            torch.empty((s, b, p), **f32),
+            torch.empty((b, p), **f32),
+        )
+
+    @register("fastprompt_ext::prompt_scores")
+    def _(q, prompt_k, prompt_v, lse, delta, dprompt_k, dprompt_v, u_k, u_v, scale, idx, lens):
+        f32 = dict(dtype=torch.float32, device=q.device)
+        b, p = q.shape[0], prompt_k.shape[2]
+        return torch.empty((u_k.shape[0], b, p), **f32), torch.empty((b, p), **f32)
+
+    @register("fastprompt_ext::gather_prompts")
+    def _(table, keep):
+        kept = torch.library.get_ctx().new_dynamic_size()
+        packed = table.new_empty((kept, table.shape[2]))
+        return packed, torch.empty((table.shape[0],), dtype=torch.long, device="cpu")
+
+    @register("fastprompt_ext::gather_prompts_backward")
+    def _(grad_packed, keep):
+        return grad_packed.new_empty((keep.shape[0], keep.shape[1], grad_packed.shape[1]))

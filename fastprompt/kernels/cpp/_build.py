@@ -1,0 +1,451 @@
+"""Building the ``csrc/`` extension: toolkit discovery, sources, flags and the JIT cache.
+
+Only the standard library and torch are imported at module level, because ``setup.py`` loads this
+file by path before the package is importable; that is also why the functions here take the
+environment settings as arguments instead of reading ``FASTPROMPT_*`` themselves (the package reads
+them in :mod:`fastprompt._config`).
+
+Layout of a JIT build: ``<cache>/<key>/`` holds ninja's build tree and ``fastprompt_ext.so``, with
+``<key> = torch<version>-<cu130|cpu>-<isa>-<hash of the sources and flags>``, so a change of
+torch, CUDA toolkit, CPU instruction set or source gets its own directory and nothing stale is
+ever loaded. ``build.json`` beside the library records what was built and how long it took; a
+failed build leaves ``error.txt``. A file lock (``<cache>/<key>.lock``) serialises concurrent first
+uses across processes: the second process waits, then loads what the first built.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+EXT_NAME = "fastprompt_ext"
+
+CPU_SOURCES = (
+    "registration.cpp",
+    "build_info.cpp",
+    "cpu/blas.cpp",
+    "cpu/prompt_attention.cpp",
+    "cpu/prompt_scores.cpp",
+    "cpu/gather_prompts.cpp",
+)
+CUDA_SOURCES = (
+    "cuda/prompt_attention.cu",
+    "cuda/prompt_scores.cu",
+    "cuda/gather_prompts.cu",
+    "cuda/dispatch.cpp",
+)
+# Kernels only (no torch headers): what the ptxas report and its test compile with nvcc alone.
+CUDA_KERNEL_SOURCES = tuple(s for s in CUDA_SOURCES if s.endswith(".cu"))
+
+DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
+
+# Flags per CPU capability, as torch compiles its own per-capability kernels: the vectorised
+# loops (at::vec) are only as wide as the instruction set the file is compiled for.
+_ISA_FLAGS = {
+    "avx512": [
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY=AVX512",
+        "-DCPU_CAPABILITY_AVX512",
+    ],
+    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+    "default": ["-DCPU_CAPABILITY=DEFAULT"],
+}
+
+
+def package_dir() -> Path:
+    """``fastprompt/kernels/cpp/``, where an ahead-of-time build puts its library."""
+    return Path(__file__).resolve().parent
+
+
+def source_root() -> Path | None:
+    """The ``csrc/`` folder: the checkout's (editable installs), or a copy shipped inside."""
+    here = package_dir()
+    for candidate in (here.parents[2] / "csrc", here / "_csrc"):
+        if (candidate / "registration.cpp").is_file():
+            return candidate
+    return None
+
+
+def source_files(root: Path) -> list[Path]:
+    """Every file the build depends on, sorted (sources and headers)."""
+    return sorted(p for p in root.rglob("*") if p.suffix in {".h", ".cuh", ".cpp", ".cu"})
+
+
+def source_hash(root: Path, flags: list[str]) -> str:
+    """Hash of the sources, headers and compile flags (the cache key's last part)."""
+    h = hashlib.sha256()
+    for p in source_files(root):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    h.update("\0".join(flags).encode())
+    h.update(Path(__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA toolkit and compilers
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CudaToolkit:
+    """A CUDA toolkit found on this machine."""
+
+    home: str
+    nvcc: str
+    version: str  # "13.0"
+    found_by: str  # which rule found it (CUDA_HOME, nvcc on PATH, ...)
+
+
+def _is_toolkit(root: Path) -> bool:
+    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file()
+
+
+def _nvcc_home(nvcc: str) -> Path | None:
+    """The toolkit root of an ``nvcc`` on PATH, which may be a symlink or a wrapper script."""
+    real = Path(nvcc).resolve()
+    if _is_toolkit(real.parent.parent):
+        return real.parent.parent
+    # A wrapper script (``exec /opt/cuda-x/bin/nvcc "$@"``): nvcc's dry run names its own dir.
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.cu"
+        src.write_text("")
+        try:
+            res = subprocess.run(
+                [nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+    m = re.search(r"^#\$ _HERE_=(.+)$", res.stdout + res.stderr, re.MULTILINE)
+    if m:
+        root = Path(m.group(1).strip()).resolve().parent
+        if _is_toolkit(root):
+            return root
+    return None
+
+
+def nvcc_version(nvcc: str) -> str | None:
+    """``"13.0"`` from ``nvcc --version``, or None."""
+    try:
+        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    m = re.search(r"release (\d+\.\d+)", out.stdout)
+    return m.group(1) if m else None
+
+
+def find_cuda_toolkit() -> tuple[CudaToolkit | None, str]:
+    """The CUDA toolkit to build with, and how it was found (or why none was).
+
+    Order: ``CUDA_HOME``, ``CUDA_PATH``, the real location of ``nvcc`` on PATH (through symlinks
+    and wrapper scripts), ``/usr/local/cuda``. A candidate counts only if it has ``bin/nvcc`` and
+    ``include/cuda_runtime.h``.
+    """
+    candidates: list[tuple[str, Path | None]] = []
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            candidates.append((var, Path(os.environ[var])))
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append((f"nvcc on PATH ({nvcc})", _nvcc_home(nvcc)))
+    candidates.append(("/usr/local/cuda", Path("/usr/local/cuda")))
+    rejected = []
+    for how, root in candidates:
+        if root is not None and _is_toolkit(root):
+            exe = str(root / "bin" / "nvcc")
+            version = nvcc_version(exe)
+            if version is not None:
+                return CudaToolkit(str(root.resolve()), exe, version, how), how
+        rejected.append(f"{how}: {root} is not a CUDA toolkit")
+    return None, "no CUDA toolkit found (" + "; ".join(rejected) + ")"
+
+
+def find_cxx() -> str | None:
+    """The host C++ compiler torch will use (``CXX`` or ``c++``), if present."""
+    cxx = os.environ.get("CXX", "c++")
+    return shutil.which(cxx)
+
+
+def cpu_isa() -> str:
+    """The CPU capability to compile for: torch's own choice on this machine."""
+    import torch
+
+    cap = torch.backends.cpu.get_cpu_capability().lower()
+    if cap.startswith("avx512"):
+        return "avx512"
+    if cap.startswith("avx2"):
+        return "avx2"
+    return "default"
+
+
+def cuda_archs(explicit: str | None) -> list[str]:
+    """Architectures to compile for, as ``["8.0", "9.0"]``.
+
+    ``TORCH_CUDA_ARCH_LIST`` (``explicit``, numbers separated by ``;`` or spaces, ``+PTX``
+    allowed) wins; otherwise the visible GPUs'; otherwise sm_80 and sm_90.
+    """
+    if explicit:
+        return [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
+            return [f"{major}.{minor}" for major, minor in sorted(caps)]
+    except Exception:  # a broken driver must not stop a CPU build from describing itself
+        pass
+    return list(DEFAULT_CUDA_ARCHS)
+
+
+def gencode_flags(archs: list[str]) -> list[str]:
+    flags = []
+    for arch in archs:
+        num = arch.replace("+PTX", "").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if arch.endswith("+PTX"):
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def nvcc_flags(archs: list[str], ptxas_verbose: bool = True) -> list[str]:
+    """nvcc flags for the kernels (``-Xptxas -v`` puts register/spill counts in the build log)."""
+    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode_flags(archs)]
+    if ptxas_verbose:
+        flags += ["-Xptxas", "-v"]
+    return flags
+
+
+def cxx_flags(isa: str) -> list[str]:
+    return ["-O3", *_ISA_FLAGS[isa]]
+
+
+def write_config_header(folder: Path, isa: str, archs: list[str] | None) -> None:
+    """``fastprompt_build_config.h``: the strings build_info() reports, without shell quoting."""
+    lines = ["#pragma once", f'#define FASTPROMPT_CPU_ISA "{isa}"']
+    if archs is not None:
+        lines.append(f'#define FASTPROMPT_CUDA_ARCHS "{",".join(archs)}"')
+    text = "\n".join(lines) + "\n"
+    path = folder / "fastprompt_build_config.h"
+    if not path.exists() or path.read_text() != text:
+        path.write_text(text)
+
+
+# ----------------------------------------------------------------------------------------------
+# Build plan and JIT load
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class BuildPlan:
+    """Everything a build needs, decided before compiling anything."""
+
+    source_root: str
+    sources: list[str]
+    with_cuda: bool
+    cuda_reason: str  # why CUDA sources are (not) compiled
+    toolkit: CudaToolkit | None
+    archs: list[str]
+    isa: str
+    cflags: list[str]
+    cuda_cflags: list[str]
+    ldflags: list[str]
+    key: str
+
+
+def plan(
+    skip_cuda: bool, force_cuda: bool, arch_list: str | None, root: Path | None = None
+) -> BuildPlan:
+    """Decide sources and flags.
+
+    CUDA sources are compiled when a toolkit is found, torch was built with CUDA, the build is
+    not skipped (``FASTPROMPT_SKIP_CUDA_BUILD``), and a GPU is visible or
+    ``FASTPROMPT_FORCE_CUDA`` asks for them anyway (a CPU-only machine building for a GPU one).
+    """
+    import torch
+
+    root = root or source_root()
+    if root is None:
+        raise FileNotFoundError(
+            "the csrc/ sources are not there (neither next to the package nor shipped in it)"
+        )
+    toolkit, how = find_cuda_toolkit()
+    if skip_cuda:
+        with_cuda, why = False, "FASTPROMPT_SKIP_CUDA_BUILD is set"
+    elif torch.version.cuda is None:
+        with_cuda, why = False, "this torch has no CUDA support"
+    elif toolkit is None:
+        with_cuda, why = False, how
+    elif toolkit.version.split(".")[0] != str(torch.version.cuda).split(".")[0]:
+        with_cuda, why = (
+            False,
+            (
+                f"the CUDA {toolkit.version} toolkit at {toolkit.home} does not match torch's CUDA "
+                f"{torch.version.cuda} (the major versions must agree)"
+            ),
+        )
+    elif not (force_cuda or torch.cuda.is_available()):
+        with_cuda, why = False, "no GPU visible (FASTPROMPT_FORCE_CUDA=1 builds the kernels anyway)"
+    else:
+        with_cuda, why = True, f"CUDA {toolkit.version} toolkit at {toolkit.home} ({how})"
+    isa = cpu_isa()
+    archs = cuda_archs(arch_list) if with_cuda else []
+    cflags = cxx_flags(isa)
+    cuda_cflags: list[str] = []
+    ldflags: list[str] = []
+    srcs = list(CPU_SOURCES)
+    if with_cuda:
+        assert toolkit is not None
+        srcs += CUDA_SOURCES
+        cflags.append("-DFASTPROMPT_WITH_CUDA")
+        cuda_cflags = ["-DFASTPROMPT_WITH_CUDA", *nvcc_flags(archs)]
+        for lib in ("lib64", "lib"):
+            if (Path(toolkit.home) / lib).is_dir():
+                ldflags.append(f"-L{Path(toolkit.home) / lib}")
+        ldflags.append("-lcudart")
+    tag = f"cu{toolkit.version.replace('.', '')}" if with_cuda and toolkit else "cpu"
+    torch_tag = re.sub(r"[^0-9A-Za-z.]+", "_", torch.__version__)
+    digest = source_hash(root, [*srcs, *cflags, *cuda_cflags, *ldflags, ",".join(archs)])
+    return BuildPlan(
+        source_root=str(root),
+        sources=srcs,
+        with_cuda=with_cuda,
+        cuda_reason=why,
+        toolkit=toolkit,
+        archs=archs,
+        isa=isa,
+        cflags=cflags,
+        cuda_cflags=cuda_cflags,
+        ldflags=ldflags,
+        key=f"torch{torch_tag}-{tag}-{isa}-{digest}",
+    )
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "fastprompt" / "ext"
+
+
+@contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock across processes (POSIX ``flock``; no-op where unavailable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            import fcntl
+        except ImportError:  # Windows: builds there are not guarded
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def library_path(build_dir: Path) -> Path:
+    return build_dir / f"{EXT_NAME}.so"
+
+
+def _use_toolkit(toolkit: CudaToolkit | None) -> None:
+    """Point torch's extension builder at the toolkit we found (it guesses from PATH otherwise)."""
+    if toolkit is None:
+        return
+    os.environ["CUDA_HOME"] = toolkit.home
+    mod = sys.modules.get("torch.utils.cpp_extension")
+    if mod is not None:
+        mod.CUDA_HOME = toolkit.home
+
+
+def build(p: BuildPlan, cache_root: Path, verbose: bool = False) -> Path:
+    """Build (or find already built) the library for plan ``p``; returns its path.
+
+    Raises RuntimeError with the compiler's output when the build fails; the message is also
+    kept in ``error.txt`` of the build directory, and later calls fail at once with it (rather
+    than spend minutes failing again in every process) until that directory is deleted.
+    """
+    build_dir = cache_root / p.key
+    lib = library_path(build_dir)
+    with file_lock(cache_root / f"{p.key}.lock"):
+        if lib.is_file() and (build_dir / "build.json").is_file():
+            return lib
+        error = build_dir / "error.txt"
+        if error.is_file():
+            raise RuntimeError(
+                f"an earlier build in {build_dir} failed (delete that folder to try again): "
+                + error.read_text().strip()[-2000:]
+            )
+        build_dir.mkdir(parents=True, exist_ok=True)
+        write_config_header(build_dir, p.isa, p.archs if p.with_cuda else None)
+        _use_toolkit(p.toolkit)
+        import torch.utils.cpp_extension as cpp_ext
+
+        if p.toolkit is not None:
+            cpp_ext.CUDA_HOME = p.toolkit.home
+        root = Path(p.source_root)
+        start = time.perf_counter()
+        try:
+            cpp_ext.load(
+                name=EXT_NAME,
+                sources=[str(root / s) for s in p.sources],
+                extra_cflags=p.cflags,
+                extra_cuda_cflags=p.cuda_cflags,
+                extra_ldflags=p.ldflags,
+                extra_include_paths=[str(root), str(root / "include"), str(build_dir)],
+                build_directory=str(build_dir),
+                verbose=verbose,
+                with_cuda=p.with_cuda,
+                is_python_module=False,
+            )
+        except Exception as e:
+            (build_dir / "error.txt").write_text(f"{type(e).__name__}: {e}\n")
+            raise RuntimeError(f"building {EXT_NAME} failed: {e}") from e
+        seconds = time.perf_counter() - start
+        record = {"seconds": round(seconds, 1), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+        record.update(asdict(p))
+        (build_dir / "build.json").write_text(json.dumps(record, indent=2))
+        (build_dir / "error.txt").unlink(missing_ok=True)
+        return lib
+
+
+def aot_library() -> tuple[Path | None, str]:
+    """An ahead-of-time build in the package (``setup.py build_ext``), if usable here.
+
+    Returns the library path (or None) and, when it is not usable, why.
+    """
+    import torch
+
+    here = package_dir()
+    libs = sorted(here.glob(f"_{EXT_NAME}*.so")) + sorted(here.glob(f"_{EXT_NAME}*.pyd"))
+    if not libs:
+        return None, "no ahead-of-time build"
+    meta_path = here / f"_{EXT_NAME}.json"
+    if not meta_path.is_file():
+        return None, f"{libs[0].name} has no {meta_path.name} beside it"
+    meta = json.loads(meta_path.read_text())
+    if meta.get("torch") != torch.__version__:
+        built = meta.get("torch")
+        return None, f"{libs[0].name} was built for torch {built}, not {torch.__version__}"
+    if meta.get("isa") != cpu_isa():
+        return None, f"{libs[0].name} was built for {meta.get('isa')}, this CPU runs {cpu_isa()}"
+    root = source_root()
+    if root is not None and meta.get("sources") != source_hash(root, []):
+        return None, f"{libs[0].name} is older than the csrc/ sources"
+    return libs[0], "ahead-of-time build"
