@@ -1,4 +1,5 @@
-"""``fastprompt`` command line: ``bench`` (latency, FLOPs, memory report) and ``info``."""
+"""``fastprompt`` command line: ``train``, ``condense``, ``evaluate``, ``recipes``, ``bench``
+(latency, FLOPs, memory report) and ``info``."""
 
 from __future__ import annotations
 
@@ -9,6 +10,15 @@ import sys
 from typing import Any
 
 from fastprompt.backends import NAMES
+from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
+from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
+from fastprompt.cli.train import (
+    add_recipes_parser,
+    add_train_parser,
+    check_train_args,
+    run_recipes,
+    run_train,
+)
 
 __all__ = ["main"]
 
@@ -212,14 +222,27 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastprompt`` command."""
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    add_train_parser(sub)
+    add_condense_parser(sub)
+    add_evaluate_parser(sub)
+    add_recipes_parser(sub)
     _bench_parser(sub)
     sub.add_parser("info", help="versions, device and which backends can run here")
     args = parser.parse_args(argv)
-    if args.command == "bench":
-        problem = _check_bench_args(args)
+    checks = {
+        "bench": _check_bench_args,
+        "train": check_train_args,
+        "condense": check_condense_args,
+        "evaluate": check_evaluate_args,
+    }
+    if args.command in checks:
+        problem = checks[args.command](args)
         if problem is not None:
-            parser.error(f"bench: {problem}")
-    return {"bench": _bench, "info": _info}[args.command](args)
+            parser.error(f"{args.command}: {problem}")
+    if args.command in ("train", "condense", "evaluate"):
+        run = {"train": run_train, "condense": run_condense, "evaluate": run_evaluate}
+        return run[args.command](args, parser)
+    return {"bench": _bench, "info": _info, "recipes": run_recipes}[args.command](args)
 
 
 if __name__ == "__main__":  # pragma: no cover

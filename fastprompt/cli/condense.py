@@ -1,0 +1,116 @@
+"""``fastprompt condense RUN``: Prompt Condensation of a VPT-deep run into a new run folder."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+__all__ = ["add_condense_parser", "check_condense_args", "run_condense"]
+
+
+def _keep(text: str) -> float | int:
+    """A ratio ("0.3") stays a float, a count ("120") an int, as select_prompts reads them."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a ratio or a count, got {text!r}") from None
+
+
+def add_condense_parser(sub: argparse._SubParsersAction) -> None:
+    from fastprompt.methods.condensation import SCORES
+
+    p = sub.add_parser(
+        "condense",
+        help="Prompt Condensation of a VPT-deep run: score, keep the top k, fine-tune",
+        description="Score every prompt of RUN's model over its training set, keep the top "
+        "--keep, and fine-tune only the kept prompts and the head (recipe pc-finetune) in a new "
+        "run folder.",
+    )
+    p.add_argument("run", metavar="RUN", help="a VPT-deep run folder")
+    p.add_argument(
+        "--keep", type=_keep, default=0.3, help="ratio (0.3) or count (120) kept (default 0.3)"
+    )
+    p.add_argument("--score", choices=SCORES, default="taylor", help="default taylor (paper's)")
+    p.add_argument("--scope", choices=["global", "local"], default="global")
+    p.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    p.add_argument("--finetune-epochs", type=int, default=20)
+    p.add_argument("--lr", type=float, help="fine-tuning base lr (default the run's / 10)")
+    p.add_argument("--batch-size", type=int, help="default the run's")
+    p.add_argument("--workers", type=int, help="default the run's")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
+    p.add_argument("--out", help="the new run folder (default RUN-pc<keep>-<score>)")
+    p.add_argument("--stop-after", type=int, metavar="EPOCHS")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+
+
+def check_condense_args(args: argparse.Namespace) -> str | None:
+    from fastprompt.train.condense import default_out
+    from fastprompt.train.distributed import env_rank
+    from fastprompt.train.run import RunError, read_run
+
+    try:
+        config, _ = read_run(args.run)
+    except RunError as e:
+        return str(e)
+    if config.method != "vpt":
+        return f"{args.run} is a {config.method!r} run; Prompt Condensation condenses VPT-deep"
+    if not config.method_args.get("deep", True):
+        return f"{args.run} is VPT-shallow; Prompt Condensation condenses VPT-deep"
+    if isinstance(args.keep, float) and not 0.0 <= args.keep <= 1.0:
+        return f"--keep ratio must be in [0, 1], got {args.keep}"
+    if isinstance(args.keep, int) and args.keep < 0:
+        return f"--keep count must be >= 0, got {args.keep}"
+    for name in ("finetune_epochs", "batch_size", "stop_after"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.workers is not None and args.workers < 0:
+        return f"--workers must be >= 0, got {args.workers}"
+    if args.lr is not None and not args.lr >= 0:
+        return f"--lr must be >= 0, got {args.lr}"
+    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
+        return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
+    out = args.out or default_out(args.run, args.keep, args.score)
+    if env_rank() == 0 and os.path.exists(os.path.join(out, "run.json")):
+        return f"{out} already holds a run; continue it with fastprompt train --resume {out}"
+    return None
+
+
+def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.train.condense import condense_run
+    from fastprompt.train.data import DataError
+    from fastprompt.train.distributed import setup, teardown
+    from fastprompt.train.run import RunError, read_run
+
+    config, _ = read_run(args.run)
+    env = setup(config.device)
+    try:
+        condense_run(
+            args.run,
+            keep=args.keep,
+            score=args.score,
+            scope=args.scope,
+            checkpoint=args.checkpoint,
+            out=args.out,
+            epochs=args.finetune_epochs,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            precision=args.precision,
+            env=env,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+            stop_after=args.stop_after,
+            extra={"command": {"argv": sys.argv}},
+        )
+    except (DataError, RunError, ValueError) as e:
+        teardown(env)
+        parser.error(f"condense: {e}")
+    teardown(env)
+    return 0

@@ -1,0 +1,146 @@
+"""``fastprompt evaluate RUN``: top-1 and loss of a run's checkpoint on its or other data."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+__all__ = ["add_evaluate_parser", "check_evaluate_args", "run_evaluate"]
+
+
+def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1 and loss of a run's checkpoint",
+        description="Evaluate a run folder's checkpoint on its validation data or on --data "
+        "(the test part of a split folder or of digits). Appends the result to "
+        "RUN/evaluations.jsonl.",
+    )
+    p.add_argument("run", metavar="RUN")
+    p.add_argument("--data", help="default: the run's validation data")
+    p.add_argument("--checkpoint", choices=["best", "last", "init"], default="best")
+    p.add_argument("--batch-size", type=int, help="default the run's")
+    p.add_argument("--workers", type=int, help="default the run's")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
+    p.add_argument("--device", help="default the run's")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def check_evaluate_args(args: argparse.Namespace) -> str | None:
+    from fastprompt.train.run import RunError, read_run
+
+    try:
+        read_run(args.run)
+    except RunError as e:
+        return str(e)
+    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
+        return f"{args.run} has no {args.checkpoint}/ checkpoint"
+    if args.batch_size is not None and args.batch_size < 1:
+        return f"--batch-size must be >= 1, got {args.batch_size}"
+    if args.workers is not None and args.workers < 0:
+        return f"--workers must be >= 0, got {args.workers}"
+    if args.data is not None and not (args.data == "digits" or args.data.startswith("digits:")):
+        if not os.path.exists(args.data):
+            return f"--data {args.data} does not exist"
+    return None
+
+
+class _Relabelled:
+    """A dataset whose class names are remapped onto the run's class indices."""
+
+    def __init__(self, base, mapping: list[int], classes: list[str]) -> None:
+        self.base, self.mapping, self.classes = base, mapping, classes
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        image, label = self.base[i]
+        return image, self.mapping[label]
+
+
+def _fit_classes(dataset, run_classes: list[str], where: str):
+    from fastprompt.train.data import DataError
+
+    classes = list(getattr(dataset, "classes", []))
+    if classes == run_classes[: len(classes)]:
+        return dataset
+    if all(c.isdigit() for c in classes):
+        if len(classes) > len(run_classes):
+            raise DataError(
+                f"{where} has labels up to {len(classes) - 1}, but the run's head has "
+                f"{len(run_classes)} classes"
+            )
+        return dataset
+    unknown = [c for c in classes if c not in run_classes]
+    if unknown:
+        raise DataError(
+            f"{where} has classes the run was not trained on: {unknown[:5]} (the head has "
+            f"{len(run_classes)} classes: {run_classes[:5]}...)"
+        )
+    return _Relabelled(dataset, [run_classes.index(c) for c in classes], run_classes)
+
+
+def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.train import data as D
+    from fastprompt.train.distributed import setup, teardown
+    from fastprompt.train.loop import LabelError, evaluate_model
+    from fastprompt.train.run import (
+        RunError,
+        load_run_model,
+        open_data,
+        read_run,
+        transforms_for,
+    )
+
+    config, saved = read_run(args.run)
+    env = setup(args.device or config.device)
+    try:
+        model = load_run_model(args.run, args.checkpoint, env.device, config, saved)
+        if args.data is None:
+            _, dataset, _, _ = open_data(config.data, config.seed)
+            name = "validation"
+        else:
+            dataset = _fit_classes(D.open_dataset(args.data, "val"), saved["classes"], args.data)
+            name = args.data
+        _, test_tf, _ = transforms_for(model.model, config.recipe)
+        batch = args.batch_size or config.recipe.batch_size
+        workers = config.data.workers if args.workers is None else args.workers
+        spec = D.LoaderSpec(
+            max(1, batch // env.world),
+            workers,
+            rank=env.rank,
+            world=env.world,
+            pin_memory=env.device.type == "cuda",
+        )
+        loader = D.make_loader(D.Transformed(dataset, test_tf), spec)
+        result = evaluate_model(
+            model,
+            loader,
+            device=env.device,
+            precision=args.precision or config.precision,
+            env=env,
+            progress=not args.no_progress,
+        )
+    except (D.DataError, RunError, LabelError) as e:
+        teardown(env)
+        parser.error(f"evaluate: {e}")
+    if env.main:
+        record = {
+            "checkpoint": args.checkpoint,
+            "data": name,
+            "top1": result["acc"],
+            "loss": result["loss"],
+            "samples": result["samples"],
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        }
+        with open(os.path.join(args.run, "evaluations.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+        print(
+            f"{args.run} ({args.checkpoint}) on {name}: top-1 {100 * result['acc']:.2f}%  "
+            f"loss {result['loss']:.4f}  ({result['samples']} images)"
+        )
+    teardown(env)
+    return 0

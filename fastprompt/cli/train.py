@@ -1,0 +1,374 @@
+"""``fastprompt train`` and ``fastprompt recipes``.
+
+Every argument is checked before any work starts; a problem is one line from ``parser.error``.
+A resumed run (``--resume RUN``) takes its settings from ``RUN/run.json``; repeating the original
+arguments is allowed, changing them is refused (except how it runs: workers, progress, stop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any
+
+from fastprompt.backends import NAMES
+from fastprompt.train.recipes import NORMALIZATIONS, RECIPES, TRANSFORMS, VTAB1K_PROMPTS
+
+__all__ = ["add_recipes_parser", "add_train_parser", "check_train_args", "run_recipes", "run_train"]
+
+PRESETS = {f"vtab1k-{task}": n for task, n in VTAB1K_PROMPTS.items()}
+# Arguments that say how a run executes, not what it trains: a resumed run may change them.
+RUNTIME = {"resume", "stop_after", "workers", "no_progress", "quiet", "device", "command"}
+DEFAULT_METHOD_RECIPE = {"vpt": "vpt", "pgn": "pgn"}
+
+
+def default_workers() -> int:
+    return min(4, max(0, (os.cpu_count() or 1) - 1))
+
+
+def _model_arg(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    key, value = text.split("=", 1)
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def add_train_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train VPT or PGN prompts on a frozen timm ViT into a run folder",
+        description="Train prompts (and the head) of a frozen timm ViT with a named recipe. "
+        "Writes run.json, init/, last/, best/, metrics.jsonl, curves.png to --out. Under "
+        "torchrun (torchrun --nproc-per-node N -m fastprompt train ...) the batch is split over "
+        "the processes.",
+    )
+    m = p.add_argument_group("model")
+    m.add_argument("--model", help="timm model name, e.g. vit_base_patch16_224.orig_in21k")
+    m.add_argument(
+        "--model-args",
+        nargs="+",
+        type=_model_arg,
+        metavar="KEY=VALUE",
+        help="more timm.create_model arguments (img_size=32 depth=4 ...)",
+    )
+    m.add_argument("--weights", help="a local backbone state dict (.safetensors / .pth)")
+    m.add_argument(
+        "--no-pretrained",
+        action="store_true",
+        help="random-init backbone (default: timm's pretrained weights, downloaded by timm)",
+    )
+    m.add_argument("--method", choices=["vpt", "pgn"], help="default vpt")
+    m.add_argument("--prompts", type=int, help="VPT: prompts per block; PGN: prompts L (16)")
+    m.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="vtab1k-TASK",
+        help="a VTAB-1k task's official VPT setup: its prompt count, a square resize, ImageNet "
+        "mean/std (list: fastprompt recipes)",
+    )
+    m.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
+    m.add_argument("--prompt-dropout", type=float, help="VPT prompt dropout (default 0)")
+    m.add_argument("--project", type=int, help="VPT prompt width before a projection")
+    m.add_argument("--readout", choices=["cls", "patches", "patches+prompts"])
+    m.add_argument("--impl", choices=["fused", "naive"], help="VPT computation (default fused)")
+    m.add_argument("--backend", choices=list(NAMES), help="prompt-attention backend")
+    m.add_argument("--library-size", type=int, help="PGN library tokens M (default 256)")
+    m.add_argument(
+        "--generator", choices=["resnet10", "resnet18", "none"], help="PGN generator; none = IIP"
+    )
+    m.add_argument("--activation", choices=["softmax", "sigmoid"], help="PGN mixing")
+    m.add_argument(
+        "--pgn-resolution",
+        type=int,
+        help="PGN generator input's shorter side (default the model's input size: no resize)",
+    )
+    m.add_argument(
+        "--head-init",
+        choices=["vpt", "keep", "linear"],
+        help="head init: VPT's (VPT default), keep timm's (PGN default), a fresh nn.Linear",
+    )
+    d = p.add_argument_group("data")
+    d.add_argument("--data", help="ImageFolder folder, .csv/.txt list, or digits[:5-9]")
+    d.add_argument("--val", help="validation data (same forms as --data)")
+    d.add_argument("--val-split", help="hold out of --data: a fraction, a count, or vtab-1k")
+    d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
+    r = p.add_argument_group("recipe (overrides)")
+    r.add_argument("--recipe", choices=sorted(RECIPES), help="default: the method's")
+    r.add_argument("--epochs", type=int)
+    r.add_argument("--batch-size", type=int, help="global batch (split over processes)")
+    r.add_argument("--lr", type=float, help="base lr (VPT: scaled by batch/256)")
+    r.add_argument("--warmup-epochs", type=int)
+    r.add_argument("--weight-decay", type=float)
+    r.add_argument("--momentum", type=float)
+    r.add_argument("--normalize", choices=NORMALIZATIONS)
+    r.add_argument("--train-transform", choices=TRANSFORMS)
+    r.add_argument("--test-transform", choices=TRANSFORMS)
+    r.add_argument(
+        "--set", nargs="+", type=_model_arg, metavar="FIELD=VALUE", help="any recipe field"
+    )
+    r.add_argument("--print-recipe", action="store_true", help="print the recipe and exit")
+    x = p.add_argument_group("run")
+    x.add_argument("--out", help="the run folder (new)")
+    x.add_argument("--resume", metavar="RUN", help="continue the run in RUN")
+    x.add_argument("--stop-after", type=int, metavar="EPOCHS", help="stop once EPOCHS are done")
+    x.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default fp32)")
+    x.add_argument("--compile", action="store_true", help="torch.compile(fullgraph=True)")
+    x.add_argument("--seed", type=int)
+    x.add_argument("--device", help="cpu, cuda, cuda:N (default cuda if available)")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
+    x.add_argument("--quiet", action="store_true", help="print nothing (log.txt is written)")
+
+
+def add_recipes_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("recipes", help="print the training recipes and the VTAB-1k presets")
+    p.add_argument("name", nargs="?", choices=sorted(RECIPES))
+
+
+def run_recipes(args: argparse.Namespace) -> int:
+    for name in [args.name] if args.name else sorted(RECIPES):
+        print(RECIPES[name].describe())
+        print()
+    if not args.name:
+        print("presets (--preset): VPT-deep prompt counts of the VTAB-1k tasks")
+        for name, n in sorted(PRESETS.items()):
+            print(f"  {name:<28} {n}")
+    return 0
+
+
+def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if v is not None and v is not False}
+
+
+def resolve_recipe(args: argparse.Namespace):
+    """The recipe the arguments ask for (named recipe + preset + overrides)."""
+    method = args.method or "vpt"
+    recipe = RECIPES[args.recipe or DEFAULT_METHOD_RECIPE[method]]
+    changes: dict[str, Any] = {}
+    if args.preset:
+        # The official VTAB-1k pipeline: a square resize, ImageNet statistics.
+        changes.update(train_transform="resize", test_transform="resize", normalize="imagenet")
+    for name in (
+        "epochs",
+        "batch_size",
+        "lr",
+        "warmup_epochs",
+        "weight_decay",
+        "momentum",
+        "normalize",
+        "train_transform",
+        "test_transform",
+    ):
+        value = getattr(args, name)
+        if value is not None:
+            changes[name] = value
+    for key, value in args.set or []:
+        changes[key] = value
+    if "warmup_epochs" not in changes and "epochs" in changes:
+        # Keep the recipe's warmup share (VPT: 10 of 100; PGN: 50 of 100).
+        share = recipe.warmup_epochs / recipe.epochs
+        changes["warmup_epochs"] = round(share * changes["epochs"])
+    return recipe.override(**changes)
+
+
+def method_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
+    method = args.method or "vpt"
+    if method == "vpt":
+        prompts = args.prompts if args.prompts is not None else PRESETS.get(args.preset or "")
+        out: dict[str, Any] = {
+            "num_prompts": prompts,
+            "deep": not args.shallow,
+            "dropout": args.prompt_dropout or 0.0,
+            "project": -1 if args.project is None else args.project,
+            "readout": args.readout,
+            "impl": args.impl or "fused",
+            "backend": args.backend,
+            "head_init": args.head_init or "vpt",
+        }
+        return method, out
+    return method, {
+        "num_prompts": 16 if args.prompts is None else args.prompts,
+        "library_size": 256 if args.library_size is None else args.library_size,
+        "generator": None if args.generator == "none" else (args.generator or "resnet10"),
+        "activation": args.activation or "softmax",
+        "resolution": args.pgn_resolution,
+        "readout": args.readout,
+        "head_init": args.head_init or "keep",
+    }
+
+
+def check_train_args(args: argparse.Namespace) -> str | None:
+    """The first problem with the arguments, or None (nothing heavy runs here)."""
+    import torch
+
+    import fastprompt
+    from fastprompt.train.distributed import env_rank, launched_by_torchrun
+
+    for name in ("epochs", "batch_size", "stop_after", "pgn_resolution", "library_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    for name in ("prompts", "warmup_epochs", "workers", "seed"):
+        value = getattr(args, name)
+        if value is not None and value < 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
+    for name in ("lr", "weight_decay", "momentum"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
+    if args.prompt_dropout is not None and not 0 <= args.prompt_dropout < 1:
+        return f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}"
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as e:
+            return f"--device {args.device!r} is not a device ({e})"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return f"--device {args.device} was asked for, but torch sees no CUDA device"
+    if args.resume is not None:
+        return _check_resume(args)
+    if args.print_recipe:
+        try:
+            resolve_recipe(args)
+        except ValueError as e:
+            return str(e)
+        return None
+    if not args.model:
+        return "--model is required (a timm model name)"
+    if not args.data:
+        return "--data is required (a folder, a .csv/.txt list, or digits)"
+    if not args.out:
+        return "--out is required (the run folder to create)"
+    import timm
+
+    if not timm.is_model(args.model):
+        return f"--model {args.model!r} is not a timm model name (see timm.list_models())"
+    if args.weights is not None and not os.path.isfile(args.weights):
+        return f"--weights {args.weights} does not exist"
+    if args.weights is not None and args.no_pretrained:
+        return "--weights and --no-pretrained contradict each other"
+    method = args.method or "vpt"
+    if not hasattr(fastprompt, method):
+        return f"--method {method}: this fastprompt has no fastprompt.{method}"
+    vpt_only = ("shallow", "prompt_dropout", "project", "impl", "preset")
+    pgn_only = ("library_size", "generator", "activation", "pgn_resolution")
+    wrong = [n for n in (pgn_only if method == "vpt" else vpt_only) if getattr(args, n)]
+    if wrong:
+        return f"--{wrong[0].replace('_', '-')} does not apply to --method {method}"
+    if method == "vpt" and args.head_init == "linear":
+        return "--head-init linear is PGN's option; VPT takes vpt or keep"
+    if method == "vpt" and args.prompts is None and args.preset is None:
+        return "--prompts is required for VPT (or --preset vtab1k-<task>)"
+    if args.val is not None and args.val_split is not None:
+        return "pass either --val or --val-split, not both"
+    for flag, spec in (("--data", args.data), ("--val", args.val)):
+        if spec is not None and not (spec == "digits" or spec.startswith("digits:")):
+            if not os.path.exists(spec):
+                return f"{flag} {spec} does not exist (a folder, a .csv/.txt list, or digits)"
+    # Under torchrun rank 0 creates the folder; another rank may look after it did.
+    if env_rank() == 0 and os.path.exists(os.path.join(args.out, "run.json")):
+        return f"--out {args.out} already holds a run; continue it with --resume {args.out}"
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        return f"--out {args.out} exists and is not a folder"
+    try:
+        recipe = resolve_recipe(args)
+    except ValueError as e:
+        return str(e)
+    if launched_by_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if recipe.batch_size % world:
+            return f"--batch-size {recipe.batch_size} does not split over {world} processes"
+    return None
+
+
+def _check_resume(args: argparse.Namespace) -> str | None:
+    from fastprompt.train.run import RunError, read_run
+
+    try:
+        _, saved = read_run(args.resume)
+    except RunError as e:
+        return str(e)
+    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
+        return f"--out {args.out} differs from --resume {args.resume}; a run continues in place"
+    before = saved.get("command", {}).get("explicit", {})
+    for key, value in _explicit(args).items():
+        if key in RUNTIME or key == "out":
+            continue
+        old = before.get(key)
+        if isinstance(value, list):
+            value = [list(v) if isinstance(v, tuple) else v for v in value]
+        if old != value:
+            return (
+                f"--{key.replace('_', '-')} {value!r} differs from the run's ({old!r}); a resumed "
+                "run keeps its settings"
+            )
+    return None
+
+
+def build_config(args: argparse.Namespace):
+    from fastprompt.train.run import DataConfig, ModelSpec, RunConfig
+
+    method, margs = method_args(args)
+    return RunConfig(
+        model=ModelSpec(
+            name=args.model,
+            args=dict(args.model_args or []),
+            weights=args.weights,
+            pretrained=not args.no_pretrained,
+        ),
+        method=method,
+        method_args=margs,
+        data=DataConfig(
+            train=args.data,
+            val=args.val,
+            val_split=args.val_split,
+            workers=default_workers() if args.workers is None else args.workers,
+        ),
+        recipe=resolve_recipe(args),
+        precision=args.precision or "fp32",
+        compile=bool(args.compile),
+        seed=args.seed or 0,
+        device=args.device,
+    )
+
+
+def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.train.data import DataError
+    from fastprompt.train.distributed import setup, teardown
+    from fastprompt.train.loop import LabelError
+    from fastprompt.train.run import RunError, continue_run, prepare_run
+
+    if args.print_recipe and args.resume is None:
+        print(resolve_recipe(args).describe())
+        return 0
+    env = setup(args.device)
+    try:
+        if args.resume is None:
+            config = build_config(args)
+            explicit = _explicit(args)
+            explicit.pop("command", None)
+            explicit = {
+                k: [list(v) for v in x] if k in ("model_args", "set") else x
+                for k, x in explicit.items()
+            }
+            prepare_run(
+                config, args.out, env, extra={"command": {"argv": sys.argv, "explicit": explicit}}
+            )
+        run = args.resume or args.out
+        continue_run(
+            run,
+            env,
+            stop_after=args.stop_after,
+            workers=args.workers,
+            progress=not args.no_progress,
+            quiet=args.quiet,
+        )
+    except (DataError, RunError, LabelError) as e:
+        teardown(env)
+        parser.error(f"train: {e}")
+    teardown(env)
+    return 0

@@ -1,0 +1,179 @@
+"""Prompt Condensation of a run folder: score, select, condense, fine-tune — into a new run folder.
+
+``fastprompt condense RUN --keep 0.3 --score taylor_normed --finetune-epochs 20`` loads RUN's
+checkpoint (``best`` by default), scores every prompt over RUN's training set (with the test
+transform, so the scores are deterministic), keeps the top ``keep`` (global or per block), and
+fine-tunes only the kept prompts and the head with the ``pc-finetune`` recipe in a new run folder
+whose ``init/`` is the condensed model before fine-tuning. The new folder is an ordinary run:
+``--resume`` continues it, ``fastprompt evaluate`` reads it. Under torchrun each process scores
+its shard of the training set and the per-prompt sums are added up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+import torch
+
+from fastprompt.train import data as D
+from fastprompt.train.distributed import DistEnv, all_reduce_sum, setup
+from fastprompt.train.loop import evaluate_model
+from fastprompt.train.recipes import get_recipe
+from fastprompt.train.run import (
+    RunConfig,
+    RunError,
+    _run_options,
+    continue_run,
+    load_run_model,
+    open_data,
+    prepare_run,
+    read_run,
+    transforms_for,
+)
+
+__all__ = ["condense_run", "default_out"]
+
+
+def default_out(source: str, keep: float | int, score: str) -> str:
+    """``<source>-pc30-taylor_normed`` for a ratio of 0.3, ``<source>-pc120p-...`` for a count."""
+    tag = f"{round(100 * keep)}" if isinstance(keep, float) else f"{keep}p"
+    return f"{os.path.normpath(source)}-pc{tag}-{score}"
+
+
+def condense_run(
+    source: str,
+    keep: float | int = 0.3,
+    score: str = "taylor",
+    scope: str = "global",
+    checkpoint: str = "best",
+    out: str | None = None,
+    epochs: int = 20,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    precision: str | None = None,
+    env: DistEnv | None = None,
+    progress: bool = True,
+    quiet: bool = False,
+    stop_after: int | None = None,
+    extra: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
+
+    Parameters
+    ----------
+    source : str
+        A run folder of a VPT-deep model.
+    keep : float or int
+        Ratio of prompts kept (float) or count (int), as :func:`fastprompt.select_prompts`.
+    score : str
+        One of :data:`fastprompt.methods.condensation.SCORES` (``taylor`` is the paper's).
+    scope : {"global", "local"}
+    checkpoint : {"best", "last"}
+        Which of the source run's checkpoints to condense.
+    out : str, optional
+        The new run folder (default :func:`default_out`).
+    epochs : int
+        Fine-tuning epochs (the paper: 20).
+    lr : float, optional
+        Fine-tuning base lr (scaled by batch / 256); default a tenth of the source run's.
+    batch_size, workers, precision : optional
+        Default the source run's.
+    env : DistEnv, optional
+    progress, quiet : bool
+    stop_after : int, optional
+        Stop the fine-tuning after this many epochs (continue with ``--resume``).
+    extra : dict, optional
+        Stored in the new ``run.json``.
+
+    Returns
+    -------
+    list of dict
+        The fine-tuning run's per-epoch metrics.
+    """
+    from fastprompt.methods.condensation import (
+        condense,
+        layer_summary,
+        score_prompts,
+        select_prompts,
+    )
+
+    config, saved = read_run(source)
+    env = env or setup(config.device)
+    out = out or default_out(source, keep, score)
+    if env.main and os.path.exists(os.path.join(out, "run.json")):
+        raise RunError(f"{out} already holds a run; continue it with --resume {out}")
+    if config.method != "vpt":
+        raise RunError(
+            f"Prompt Condensation condenses a VPT-deep run; {source} is a {config.method!r} run"
+        )
+    src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
+    recipe = get_recipe("pc-finetune").override(
+        epochs=epochs, batch_size=batch_size or config.recipe.batch_size
+    )
+    base_lr = lr if lr is not None else src_lr / 10
+    model = load_run_model(source, checkpoint, env.device, config, saved)
+    train_raw, val_raw, _, _ = open_data(config.data, config.seed)
+    _, test_tf, _ = transforms_for(model.model, config.recipe)
+    workers = config.data.workers if workers is None else workers
+    spec = D.LoaderSpec(
+        recipe.batch_size // env.world, workers, False, config.seed, env.rank, env.world
+    )
+    train_loader = D.make_loader(D.Transformed(train_raw, test_tf), spec)
+    show = progress and env.main
+
+    t0 = time.perf_counter()
+    local = score_prompts(model, train_loader, method=score, progress=show)
+    seconds = time.perf_counter() - t0
+    n_local = len(train_loader.sampler)  # type: ignore[arg-type]
+    totals = all_reduce_sum(
+        env, torch.cat([local.double().flatten() * n_local, torch.tensor([float(n_local)])])
+    )
+    scores = (totals[:-1] / totals[-1]).reshape(local.shape).float()
+    mask = select_prompts(scores, keep, scope)
+    condensed = condense(model, mask)
+    val_loader = D.make_loader(D.Transformed(val_raw, test_tf), spec)
+    before = evaluate_model(condensed, val_loader, env=env)
+    summary = layer_summary(mask)
+    if env.main and not quiet:
+        print(f"Prompt Condensation of {source} ({checkpoint}): {score}, {scope}, keep {keep}")
+        print(summary)
+        print(
+            f"scoring took {seconds:.1f} s; before fine-tuning: val top-1 "
+            f"{100 * before['acc']:.2f}%, loss {before['loss']:.4f}"
+        )
+    new = RunConfig(
+        model=config.model,
+        method="prompt_condensation",
+        method_args=_run_options(config),
+        data=config.data,
+        recipe=recipe,
+        base_lr=base_lr,
+        precision=precision or config.precision,
+        compile=config.compile,
+        seed=config.seed,
+        device=config.device,
+        init={
+            "condensed_from": os.path.abspath(source),
+            "checkpoint": checkpoint,
+            "score": score,
+            "scope": scope,
+            "keep": keep,
+            "layer_counts": [int(n) for n in mask.sum(1).tolist()],
+            "kept_total": int(mask.sum()),
+            "prompts_before": int(mask.numel()),
+            "val_before_finetune": before,
+            "scoring_time_s": seconds,
+        },
+    )
+    prepare_run(new, out, env, extra=extra, start=condensed)
+    if env.main:
+        torch.save(scores, os.path.join(out, "scores.pt"))
+        with open(os.path.join(out, "condensation.json"), "w") as f:
+            json.dump({**new.init, "summary": summary.splitlines()}, f, indent=2)
+    return continue_run(
+        out, env, stop_after=stop_after, workers=workers, progress=progress, quiet=quiet
+    )

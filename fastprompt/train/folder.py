@@ -1,0 +1,250 @@
+"""Run folders on disk: the configuration (``run.json``), checkpoint folders, metrics, log.
+
+The layout (:mod:`fastprompt.train.run` writes it):
+
+```
+run.json        the resolved configuration (model, method, data, recipe, precision, seed, ...)
+init/           the prompt checkpoint training starts from (fastprompt.load_prompts reads it)
+last/           the latest epoch: prompt checkpoint + trainer.pt (optimiser, scaler, schedule,
+                epoch, best so far, every process's random state)
+best/           the epoch with the best validation top-1: prompt checkpoint + best.json
+metrics.jsonl   one JSON line per epoch: lr, train/val loss and top-1, throughput, data wait
+curves.png      loss and top-1 per epoch (with matplotlib)
+log.txt         what was printed
+```
+
+Checkpoint folders are written whole under a temporary name and swapped in, so an interrupted
+save leaves the previous one readable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from fastprompt.train.distributed import DistEnv
+from fastprompt.train.recipes import Recipe
+
+__all__ = [
+    "FORMAT",
+    "METRICS_FILE",
+    "RUN_FILE",
+    "DataConfig",
+    "Log",
+    "ModelSpec",
+    "RunConfig",
+    "RunError",
+    "checkpoint_dir",
+    "metrics_upto",
+    "read_run",
+    "save_dir",
+    "write_metrics",
+]
+
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+FORMAT = "fastprompt.run/1"
+
+
+class RunError(ValueError):
+    """A run folder or configuration that cannot be used (the message says why)."""
+
+
+@dataclass
+class ModelSpec:
+    """The frozen backbone: a timm model name, its constructor arguments and its weights.
+
+    Attributes
+    ----------
+    name : str
+        timm model name (``vit_base_patch16_224.orig_in21k``).
+    args : dict
+        More ``timm.create_model`` arguments (``img_size``, ``depth``, ...).
+    weights : str, optional
+        A local state dict (``.safetensors``, ``.pth``) for the backbone; its head is replaced
+        when the class count differs.
+    pretrained : bool
+        Without ``weights``: timm's pretrained weights (downloaded by timm, cached) or a random
+        init (reproducible from the run's seed).
+    weights_sha256 : str, optional
+        Of ``weights``, checked when the run is continued.
+    """
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    pretrained: bool = True
+    weights_sha256: str | None = None
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from (:mod:`fastprompt.train.data`)."""
+
+    train: str
+    val: str | None = None
+    val_split: str | None = None
+    workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; saved as ``run.json``.
+
+    Attributes
+    ----------
+    model : ModelSpec
+    method : str
+        ``"vpt"`` or ``"pgn"`` (a condensed run records ``"prompt_condensation"``).
+    method_args : dict
+        The method entry point's arguments (``fastprompt.vpt`` / ``fastprompt.pgn``).
+    data : DataConfig
+    recipe : Recipe
+    base_lr : float, optional
+        For a recipe without lr (``pc-finetune``).
+    precision : {"fp32", "bf16", "fp16"}
+    compile : bool
+    seed : int
+    device : str, optional
+        Default CUDA when available.
+    init : dict, optional
+        Where the starting prompts came from when not from ``method`` (a condensed run).
+    """
+
+    model: ModelSpec
+    method: str
+    method_args: dict[str, Any]
+    data: DataConfig
+    recipe: Recipe
+    base_lr: float | None = None
+    precision: str = "fp32"
+    compile: bool = False
+    seed: int = 0
+    device: str | None = None
+    init: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["recipe"] = self.recipe.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        return cls(
+            model=ModelSpec(**d["model"]),
+            method=d["method"],
+            method_args=dict(d["method_args"]),
+            data=DataConfig(**d["data"]),
+            recipe=Recipe.from_dict(d["recipe"]),
+            base_lr=d.get("base_lr"),
+            precision=d.get("precision", "fp32"),
+            compile=d.get("compile", False),
+            seed=d.get("seed", 0),
+            device=d.get("device"),
+            init=d.get("init"),
+        )
+
+
+def read_run(path: str) -> tuple[RunConfig, dict[str, Any]]:
+    """The configuration of the run in ``path`` and the whole ``run.json``."""
+    file = os.path.join(path, RUN_FILE)
+    if not os.path.isfile(file):
+        what = "does not exist" if not os.path.exists(path) else f"holds no {RUN_FILE}"
+        raise RunError(f"{path} {what}; is it a fastprompt run folder?")
+    with open(file) as f:
+        saved = json.load(f)
+    if saved.get("format") != FORMAT:
+        raise RunError(f"{file} has format {saved.get('format')!r}, expected {FORMAT!r}")
+    return RunConfig.from_dict(saved["config"]), saved
+
+
+def checkpoint_dir(run: str, name: str) -> str | None:
+    """``run/name``, or its previous copy if a save was interrupted mid-swap."""
+    for candidate in (os.path.join(run, name), os.path.join(run, name + ".old")):
+        if os.path.isfile(os.path.join(candidate, "prompts.safetensors")):
+            return candidate
+    return None
+
+
+def save_dir(run: str, name: str, write) -> None:
+    """Write a checkpoint folder whole, then swap it in (an interrupted save keeps the old one)."""
+    tmp = tempfile.mkdtemp(dir=run, prefix=f".{name}-")
+    try:
+        write(tmp)
+        final, old = os.path.join(run, name), os.path.join(run, name + ".old")
+        if os.path.exists(old):
+            shutil.rmtree(old)
+        if os.path.exists(final):
+            os.rename(final, old)
+        os.rename(tmp, final)
+        if os.path.exists(old):
+            shutil.rmtree(old)
+    finally:
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+
+
+def portable_rng(state: dict[str, Any]) -> dict[str, Any]:
+    """The random state in types ``torch.load(weights_only=True)`` reads."""
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out = dict(state)
+    out["numpy"] = [kind, torch.from_numpy(np.asarray(keys, dtype=np.int64)), pos, has_gauss, gauss]
+    version, internal, gauss_next = state["python"]
+    out["python"] = [version, list(internal), gauss_next]
+    return out
+
+
+def native_rng(state: dict[str, Any]) -> dict[str, Any]:
+    out = dict(state)
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    out["numpy"] = (kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss)
+    version, internal, gauss_next = state["python"]
+    out["python"] = (version, tuple(internal), gauss_next)
+    return out
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+class Log:
+    def __init__(self, run: str, env: DistEnv, quiet: bool = False) -> None:
+        self.path = os.path.join(run, "log.txt")
+        self.main = env.main
+        self.quiet = quiet
+
+    def __call__(self, text: str) -> None:
+        if not self.main:
+            return
+        if not self.quiet:
+            print(text, flush=True)
+        with open(self.path, "a") as f:
+            f.write(text + "\n")
+
+
+def metrics_upto(run: str, epochs: int) -> list[dict[str, Any]]:
+    path = os.path.join(run, METRICS_FILE)
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return [r for r in rows if r["epoch"] < epochs]
+
+
+def write_metrics(run: str, rows: list[dict[str, Any]]) -> None:
+    path = os.path.join(run, METRICS_FILE)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, path)

@@ -1,0 +1,309 @@
+"""Training recipes: the official VPT and PGN optimisers, schedules and transforms, by name.
+
+A :class:`Recipe` is a frozen dataclass: everything about *how* a run trains that is not the model
+or the data. Recipes are named (:data:`RECIPES`), printed (:meth:`Recipe.describe`) and overridden
+field by field (:meth:`Recipe.override`); the resolved recipe is saved in every run folder.
+
+- ``vpt`` (KMnP/vpt, ``src/solver``): SGD with momentum 0.9; peak lr = base lr · batch / 256;
+  a linear warmup from 0 over 10 epochs, then a half-cosine to 0 at epoch 100, the lr set once per
+  epoch (epoch 0 runs at lr 0); weight decay 1e-4 on every trainable tensor but the head bias;
+  batch 128; resize + centre crop and no augmentation. The official code normalises with ImageNet's
+  mean/std whatever the backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``:
+  0.5/0.5 for ``vit_base_patch16_224.orig_in21k``) unless ``normalize="imagenet"``; the VTAB-1k
+  presets of the CLI set it, with VTAB's square resize. The official code tunes the base lr per task
+  on a validation split over {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50} and the weight decay
+  over {0, 1e-4, 1e-3, 1e-2}; the default base lr here (0.25) is fastprompt's pick from that grid.
+- ``pgn`` (jochemloedeman/PGN): SGD lr 0.1 (not scaled with the batch), momentum 0.9, no weight
+  decay, one parameter group; epoch e (0-based) runs at lr·max(e, 1)/50 for e < 50, then a
+  half-cosine from lr to lr/100 reached at epoch 100 (never run); batch 128 (read off the released
+  checkpoints' step counters); the official augmentation (``"pgn"`` transform) and a resize +
+  centre crop at test time. The official code normalises with CLIP's statistics for every
+  backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``) unless
+  ``normalize="clip"``.
+- ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
+  no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
+  tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
+  no source run, takes a peak lr, default 0.01).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "NORMALIZATIONS",
+    "RECIPES",
+    "SCHEDULES",
+    "TRANSFORMS",
+    "VTAB1K_PROMPTS",
+    "Recipe",
+    "get_recipe",
+    "lr_factor",
+    "make_optimizer",
+    "param_groups",
+]
+
+SCHEDULES = ("vpt", "pgn", "constant")
+TRANSFORMS = ("resize-crop", "resize", "fgvc", "pgn", "pgn-test")
+NORMALIZATIONS = ("backbone", "imagenet", "clip", "none")
+INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
+LR_SCALINGS = ("batch/256", "none")
+
+# VPT-deep prompt counts per VTAB-1k task (the official per-task configurations).
+VTAB1K_PROMPTS: dict[str, int] = {
+    "cifar100": 10,
+    "caltech101": 10,
+    "dtd": 10,
+    "oxford_flowers102": 1,
+    "oxford_iiit_pet": 1,
+    "svhn": 50,
+    "sun397": 5,
+    "patch_camelyon": 100,
+    "eurosat": 100,
+    "resisc45": 10,
+    "diabetic_retinopathy": 1,
+    "clevr_count": 100,
+    "clevr_dist": 200,
+    "dmlab": 100,
+    "kitti": 100,
+    "dsprites_loc": 100,
+    "dsprites_ori": 100,
+    "smallnorb_azi": 200,
+    "smallnorb_ele": 200,
+}
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How a run trains: optimiser, schedule, batch, transforms.
+
+    Attributes
+    ----------
+    name : str
+    epochs : int
+        Total epochs T of the schedule.
+    batch_size : int
+        The global batch (split over processes under torchrun).
+    lr : float or None
+        Base learning rate; the peak is ``lr · batch_size / 256`` under ``lr_scaling="batch/256"``.
+        None only in ``pc-finetune``: a tenth of the source run's base lr.
+    lr_scaling : {"batch/256", "none"}
+    schedule : {"vpt", "pgn", "constant"}
+        Per-epoch learning rate (:func:`lr_factor`).
+    warmup_epochs : int
+    min_lr_ratio : float
+        The cosine's floor as a fraction of the peak (``pgn``: 0.01).
+    momentum : float
+        SGD momentum (dampening 0, no Nesterov).
+    weight_decay : float
+    no_decay : tuple of str
+        Trainable tensors (state-dict names) without weight decay.
+    train_transform, test_transform : str
+        One of :data:`TRANSFORMS` (:mod:`fastprompt.train.data`).
+    crop_pct : float
+        ``resize-crop``: resize the shorter side to ``size / crop_pct``, then centre-crop ``size``.
+    interpolation : {"bilinear", "bicubic", "nearest"}
+        Of the resizes (the ``pgn`` transform's random resized crop is bicubic, as official).
+    normalize : {"backbone", "imagenet", "clip", "none"}
+        ``backbone``: the mean/std of the model's timm ``pretrained_cfg``.
+    prompt_dropout : float or None
+        Sets the prompt source's dropout for the run (None: leave the model's).
+    """
+
+    name: str
+    epochs: int
+    batch_size: int
+    lr: float | None
+    lr_scaling: str = "batch/256"
+    schedule: str = "vpt"
+    warmup_epochs: int = 10
+    min_lr_ratio: float = 0.0
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    no_decay: tuple[str, ...] = ("head.bias",)
+    train_transform: str = "resize-crop"
+    test_transform: str = "resize-crop"
+    crop_pct: float = 0.875
+    interpolation: str = "bilinear"
+    normalize: str = "backbone"
+    prompt_dropout: float | None = None
+
+    def __post_init__(self) -> None:
+        _check(self)
+
+    def peak_lr(self, base: float | None = None) -> float:
+        """The learning rate the schedule peaks at (``base`` replaces a missing ``lr``)."""
+        lr = self.lr if self.lr is not None else base
+        if lr is None:
+            raise ValueError(f"recipe {self.name!r}: lr is not set")
+        return lr * self.batch_size / 256 if self.lr_scaling == "batch/256" else lr
+
+    def lr_at(self, epoch: int, base: float | None = None) -> float:
+        """The learning rate of epoch ``epoch`` (0-based)."""
+        return self.peak_lr(base) * lr_factor(
+            self.schedule, epoch, self.epochs, self.warmup_epochs, self.min_lr_ratio
+        )
+
+    def override(self, **changes: Any) -> Recipe:
+        """A copy with some fields changed (values are checked; unknown names are refused)."""
+        known = {f.name for f in fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"recipe: unknown fields {unknown}; known: {sorted(known)}")
+        if "no_decay" in changes and isinstance(changes["no_decay"], (list, str)):
+            value = changes["no_decay"]
+            changes["no_decay"] = tuple([value] if isinstance(value, str) else value)
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["no_decay"] = list(self.no_decay)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Recipe:
+        data = dict(data)
+        data["no_decay"] = tuple(data.get("no_decay", ()))
+        return cls(**data)
+
+    def describe(self, base: float | None = None) -> str:
+        """A printable table of every field, the peak lr and a few epochs' lr."""
+        rows = [(f.name, getattr(self, f.name)) for f in fields(self)]
+        width = max(len(k) for k, _ in rows)
+        lines = [f"recipe {self.name}"]
+        lines += [f"  {k:<{width}}  {v}" for k, v in rows if k != "name"]
+        try:
+            peak = self.peak_lr(base)
+        except ValueError:
+            lines.append("  (peak lr: set from the source run)")
+            return "\n".join(lines)
+        marks = sorted({0, 1, self.warmup_epochs, self.epochs // 2, self.epochs - 1} - {-1})
+        marks = [e for e in marks if 0 <= e < self.epochs]
+        lines.append(f"  {'peak lr':<{width}}  {peak:.6g}")
+        lines.append(
+            f"  {'lr by epoch':<{width}}  "
+            + ", ".join(f"{e}: {self.lr_at(e, base):.4g}" for e in marks)
+        )
+        return "\n".join(lines)
+
+
+def _check(r: Recipe) -> None:
+    who = f"recipe {r.name!r}"
+
+    def positive_int(name: str, value: Any, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise ValueError(f"{who}: {name} must be an int >= {minimum}, got {value!r}")
+
+    positive_int("epochs", r.epochs)
+    positive_int("batch_size", r.batch_size)
+    positive_int("warmup_epochs", r.warmup_epochs, 0)
+    if r.lr is not None and (not isinstance(r.lr, (int, float)) or not r.lr >= 0):
+        raise ValueError(f"{who}: lr must be >= 0, got {r.lr!r}")
+    for name, value, options in (
+        ("lr_scaling", r.lr_scaling, LR_SCALINGS),
+        ("schedule", r.schedule, SCHEDULES),
+        ("train_transform", r.train_transform, TRANSFORMS),
+        ("test_transform", r.test_transform, TRANSFORMS),
+        ("interpolation", r.interpolation, INTERPOLATIONS),
+        ("normalize", r.normalize, NORMALIZATIONS),
+    ):
+        if value not in options:
+            raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")
+    for name in ("momentum", "weight_decay", "min_lr_ratio"):
+        value = getattr(r, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise ValueError(f"{who}: {name} must be a number >= 0, got {value!r}")
+    if not 0.0 < r.crop_pct <= 1.0:
+        raise ValueError(f"{who}: crop_pct must be in (0, 1], got {r.crop_pct!r}")
+    if r.prompt_dropout is not None and not 0.0 <= r.prompt_dropout < 1.0:
+        raise ValueError(f"{who}: prompt_dropout must be in [0, 1), got {r.prompt_dropout!r}")
+    if not all(isinstance(n, str) for n in r.no_decay):
+        raise ValueError(f"{who}: no_decay must hold parameter names, got {r.no_decay!r}")
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """The learning rate of epoch ``epoch`` (0-based) as a fraction of the peak.
+
+    - ``"vpt"`` (the official ``WarmupCosineSchedule`` stepped once per epoch from a ``LambdaLR``,
+      so epoch 0 runs at the lambda of 0): ``e / W`` for ``e < W``, then
+      ``max(0, (1 + cos(π (e − W) / max(1, T − W))) / 2)``, scaled into ``[min_ratio, 1]``.
+    - ``"pgn"`` (the official ``CosineWithWarmup``): ``max(e, 1) / W`` for ``e < W`` (epochs 0 and 1
+      both at 1/W), then ``min_ratio + (1 − min_ratio)(1 + cos(π (e − W) / (T − W))) / 2``.
+    - ``"constant"``: 1.
+    """
+    if schedule == "constant":
+        return 1.0
+    if epoch < warmup:
+        return (max(epoch, 1) if schedule == "pgn" else epoch) / warmup
+    progress = (epoch - warmup) / max(1, epochs - warmup)
+    cosine = max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+    if schedule not in ("vpt", "pgn"):
+        raise ValueError(f"lr_factor: schedule must be one of {SCHEDULES}, got {schedule!r}")
+    return min_ratio + (1.0 - min_ratio) * cosine
+
+
+def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
+    """SGD parameter groups: weight decay on every tensor but ``recipe.no_decay``.
+
+    One group when nothing is exempt (or the decay is 0), as the official PGN code; two otherwise
+    (numerically the official VPT code's one group per tensor).
+    """
+    # A name the model lacks (a bias-free head) exempts nothing.
+    decay = [p for n, p in named.items() if n not in recipe.no_decay]
+    exempt = [p for n, p in named.items() if n in recipe.no_decay]
+    if recipe.weight_decay == 0 or not exempt:
+        return [{"params": decay + exempt, "weight_decay": recipe.weight_decay}]
+    return [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": exempt, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.SGD:
+    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop)."""
+    if not named:
+        raise ValueError("make_optimizer: the model has no trainable parameters")
+    # foreach=False: the same arithmetic on every device and torch version (bitwise resume).
+    return torch.optim.SGD(
+        param_groups(named, recipe), lr=0.0, momentum=recipe.momentum, foreach=False
+    )
+
+
+RECIPES: dict[str, Recipe] = {
+    "vpt": Recipe(name="vpt", epochs=100, batch_size=128, lr=0.25),
+    "pgn": Recipe(
+        name="pgn",
+        epochs=100,
+        batch_size=128,
+        lr=0.1,
+        lr_scaling="none",
+        schedule="pgn",
+        warmup_epochs=50,
+        min_lr_ratio=0.01,
+        weight_decay=0.0,
+        no_decay=(),
+        train_transform="pgn",
+        test_transform="pgn-test",
+    ),
+    "pc-finetune": Recipe(
+        name="pc-finetune",
+        epochs=20,
+        batch_size=128,
+        lr=None,
+        warmup_epochs=0,
+        prompt_dropout=0.0,
+    ),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    """The named recipe (a copy is not needed: recipes are frozen)."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"no recipe named {name!r}; known: {sorted(RECIPES)}") from None

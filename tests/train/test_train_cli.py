@@ -1,0 +1,242 @@
+"""``fastprompt train / evaluate / condense`` end to end on a tiny ViT and 24 tiny images."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from train_helpers import TINY_MODEL, write_images
+
+import fastprompt
+from fastprompt.cli import main
+
+FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
+VALUES = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_epoch", "train_samples")
+
+
+def _train(tiny_csv, out, *extra):
+    args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv)]
+    args += ["--prompts", "3", *FAST, "--out", str(out), *extra]
+    assert main(args) == 0
+    return out
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_run_folder_holds_everything(tiny_csv, tmp_path):
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "3", "--warmup-epochs", "1")
+    rows = _metrics(run)
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    assert {
+        "lr",
+        "train_loss",
+        "train_acc",
+        "val_loss",
+        "val_acc",
+        "images_per_s",
+        "data_wait",
+    } <= set(rows[0])
+    assert rows[0]["lr"] == 0.0 and rows[1]["lr"] == 16 * 8 / 256  # VPT's warmup starts at 0
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["classes"] == ["0", "1", "2"] and saved["data"]["train_samples"] == 24
+    assert saved["config"]["recipe"]["name"] == "vpt" and saved["data"]["mean"] == [0.5] * 3
+    # best/ and last/ are prompt checkpoints fastprompt.load_prompts reads.
+    import timm
+
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224",
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=3,
+    )
+    last = fastprompt.load_prompts(backbone, run / "last")
+    assert last.method == "vpt" and last.config.num_prompts == 3
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["val_acc"] == max(r["val_acc"] for r in rows)
+    state = torch.load(run / "last" / "trainer.pt", weights_only=True)
+    assert state["trainer"]["epoch"] == 3 and len(state["rng"]) == 1
+    assert "momentum_buffer" in str(state["trainer"]["optimizer"]["state"])
+    if _has_matplotlib():
+        assert (run / "curves.png").stat().st_size > 0
+    assert "epoch 3/3" in (run / "log.txt").read_text()
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def test_resume_continues_bit_for_bit(tiny_csv, tmp_path):
+    """2 epochs, stop, resume for 2 more == 4 epochs in one go (prompt dropout draws RNG)."""
+    extra = ("--epochs", "4", "--warmup-epochs", "1", "--prompt-dropout", "0.2")
+    whole = _train(tiny_csv, tmp_path / "whole", *extra)
+    split = _train(tiny_csv, tmp_path / "split", *extra, "--stop-after", "2")
+    assert len(_metrics(split)) == 2
+    assert main(["train", "--resume", str(split), "--no-progress", "--quiet"]) == 0
+    a, b = (
+        load_file(whole / "last" / "prompts.safetensors"),
+        load_file(split / "last" / "prompts.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for ra, rb in zip(_metrics(whole), _metrics(split), strict=True):
+        assert {k: ra[k] for k in VALUES} == {k: rb[k] for k in VALUES}
+
+
+def test_a_pgn_run_with_augmentation_and_batchnorm_resumes_bit_for_bit(tiny_csv, tmp_path):
+    """The pgn recipe: its augmentation draws random numbers, its generator's BatchNorm keeps
+    running statistics (saved in the checkpoint); resume still replays the run exactly, even
+    with a loader worker augmenting instead of the main process."""
+    extra = ("--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--epochs", "4")
+    whole = _train(tiny_csv, tmp_path / "whole", *extra)
+    split = _train(tiny_csv, tmp_path / "split", *extra, "--stop-after", "2")
+    resume = ["train", "--resume", str(split), "--workers", "1", "--no-progress", "--quiet"]
+    assert main(resume) == 0
+    a, b = (
+        load_file(whole / "last" / "prompts.safetensors"),
+        load_file(split / "last" / "prompts.safetensors"),
+    )
+    assert any("running_mean" in n for n in a) and "library" in a
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    saved = json.loads((whole / "run.json").read_text())["config"]
+    assert saved["recipe"]["name"] == "pgn" and saved["recipe"]["train_transform"] == "pgn"
+    rows = _metrics(whole)
+    assert [r["lr"] for r in rows] == pytest.approx([16 / 2, 16 / 2, 16, 16 * 0.505])  # --lr 16
+    for ra, rb in zip(rows, _metrics(split), strict=True):
+        assert {k: ra[k] for k in VALUES} == {k: rb[k] for k in VALUES}
+
+
+def test_resume_refuses_changed_settings_and_accepts_repeated_ones(tiny_csv, tmp_path, capsys):
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", "--stop-after", "1")
+    err = _error(capsys, ["train", "--resume", str(run), "--lr", "3"])
+    assert "--lr 3.0 differs from the run's (16.0)" in err
+    # The original command line with --resume appended (the README's form) is fine.
+    args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv)]
+    args += ["--prompts", "3", *FAST, "--out", str(run), "--epochs", "2", "--resume", str(run)]
+    assert main(args) == 0
+    assert len(_metrics(run)) == 2
+    err = _error(
+        capsys, ["train", *TINY_MODEL, "--data", str(tiny_csv), "--prompts", "1", "--out", str(run)]
+    )
+    assert f"--out {run} already holds a run; continue it with --resume" in err
+
+
+def test_clear_errors_before_any_work(tiny_csv, tmp_path, capsys):
+    base = ["train", *TINY_MODEL, "--out", str(tmp_path / "r")]
+    empty = tmp_path / "empty.csv"
+    empty.write_text("path,label\n")
+    (tmp_path / "noimages" / "cls").mkdir(parents=True)
+    cases = [
+        (["--data", str(tmp_path / "nope"), "--prompts", "2"], "--data .*nope does not exist"),
+        (["--data", str(tiny_csv)], "--prompts is required for VPT"),
+        (["--data", str(tiny_csv), "--prompts", "2"], "has no validation split; pass --val"),
+        (["--data", str(empty), "--val-split", "0.5", "--prompts", "2"], "lists no images"),
+        (
+            ["--data", str(tmp_path / "noimages"), "--val-split", "0.5", "--prompts", "2"],
+            "holds no images",
+        ),
+        (
+            ["--data", str(tiny_csv), "--val", "x", "--val-split", "2", "--prompts", "2"],
+            "either --val or --val-split",
+        ),
+        (
+            ["--data", str(tiny_csv), "--prompts", "2", "--library-size", "8"],
+            "--library-size does not apply to --method vpt",
+        ),
+        (
+            ["--data", str(tiny_csv), "--prompts", "2", "--epochs", "0"],
+            "--epochs must be >= 1, got 0",
+        ),
+        (
+            ["--data", str(tiny_csv), "--prompts", "2", "--set", "lrr=1"],
+            "unknown fields \\['lrr'\\]",
+        ),
+        (
+            ["--data", str(tiny_csv), "--prompts", "2", "--val-split", "vtab-1k"],
+            "needs the 1000 training images",
+        ),
+    ]
+    import re
+
+    for extra, pattern in cases:
+        err = _error(capsys, base + extra)
+        assert err.startswith("fastprompt: error: train: ") and re.search(pattern, err), (
+            extra,
+            err,
+        )
+    err = _error(
+        capsys, ["train", "--model", "vit_nope", "--data", "digits", "--prompts", "1", "--out", "x"]
+    )
+    assert "'vit_nope' is not a timm model name" in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, capsys):
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "2")
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert f"top-1 {100 * best['val_acc']:.2f}%" in out and "(24 images)" in out
+    record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert record["top1"] == pytest.approx(best["val_acc"]) and record["checkpoint"] == "best"
+    # A dataset with 4 classes does not fit a 3-class head.
+    rows = write_images(tmp_path / "img4", 8, 4)
+    (tmp_path / "four.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
+    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "four.csv")])
+    assert "has labels up to 3, but the run's head has 3 classes" in err
+    err = _error(capsys, ["evaluate", str(tmp_path / "nothing")])
+    assert "does not exist; is it a fastprompt run folder?" in err
+
+
+def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "2")
+    args = ["condense", str(run), "--keep", "0.5", "--score", "taylor_normed"]
+    args += ["--finetune-epochs", "2", "--no-progress", "--quiet"]
+    assert main(args) == 0
+    new = tmp_path / "run-pc50-taylor_normed"
+    saved = json.loads((new / "run.json").read_text())
+    init = saved["config"]["init"]
+    assert saved["config"]["method"] == "prompt_condensation"
+    assert (
+        init["kept_total"] == 3 and sum(init["layer_counts"]) == 3 and init["prompts_before"] == 6
+    )
+    assert saved["config"]["recipe"]["name"] == "pc-finetune"
+    assert saved["config"]["base_lr"] == pytest.approx(1.6)  # a tenth of the source run's
+    assert [r["epoch"] for r in _metrics(new)] == [0, 1]
+    assert torch.load(new / "scores.pt", weights_only=True).shape == (2, 3)
+    model = fastprompt.train.load_run_model(str(new), "last")
+    assert model.method == "prompt_condensation" and model.config.dropout == 0.0
+    assert main(["evaluate", str(new), "--checkpoint", "last", "--no-progress"]) == 0
+    err = _error(capsys, ["condense", str(run), "--keep", "1.5"])
+    assert "--keep ratio must be in [0, 1], got 1.5" in err
+    err = _error(capsys, args)
+    assert "already holds a run" in err
+
+
+def test_a_lone_last_image_is_dropped_for_batchnorm(tiny_csv, tmp_path):
+    """24 images in batches of 23 leave one image, on which the generator's BatchNorm cannot
+    train: that batch is dropped (and said so), not a crash mid-epoch."""
+    extra = ("--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--epochs", "1")
+    run = _train(tiny_csv, tmp_path / "run", *extra, "--batch-size", "23")
+    assert _metrics(run)[0]["train_samples"] == 23
+    assert "last batch of 1 image is dropped" in (run / "log.txt").read_text()

@@ -1,0 +1,175 @@
+"""Datasets (ImageFolder, lists, digits), splits, transforms, normalisation and loaders."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from train_helpers import write_images
+
+from fastprompt.train import data as D
+
+
+def test_image_folder_sorts_classes_and_finds_images(tmp_path):
+    write_images(tmp_path / "b_cat", 3, 1)
+    write_images(tmp_path / "a_dog", 2, 1)
+    (tmp_path / "a_dog" / "notes.txt").write_text("not an image")
+    ds = D.open_dataset(str(tmp_path))
+    assert ds.classes == ["a_dog", "b_cat"] and len(ds) == 5
+    image, label = ds[0]
+    assert image.mode == "RGB" and label == 0 and ds[4][1] == 1
+
+
+def test_split_folder_gives_train_and_val(tmp_path):
+    for part, n in (("train", 4), ("val", 2)):
+        for cls in ("x", "y"):
+            write_images(tmp_path / part / cls, n, 1)
+    assert D.has_own_val(str(tmp_path))
+    assert len(D.open_dataset(str(tmp_path), "train")) == 8
+    assert len(D.open_dataset(str(tmp_path), "val")) == 4
+
+
+def test_bad_folders_are_refused_with_the_reason(tmp_path):
+    with pytest.raises(D.DataError, match="does not exist"):
+        D.open_dataset(str(tmp_path / "missing"))
+    with pytest.raises(D.DataError, match="no class sub-folders"):
+        D.open_dataset(str(tmp_path))
+    (tmp_path / "empty_class").mkdir()
+    with pytest.raises(D.DataError, match="holds no images in its 1 class folders"):
+        D.open_dataset(str(tmp_path))
+
+
+def test_csv_and_txt_lists(tmp_path):
+    rows = write_images(tmp_path / "img", 4, 2)
+    names = {0: "zebra", 1: "ant"}
+    (tmp_path / "named.csv").write_text(
+        "filename,label\n" + "".join(f"{p},{names[y]}\n" for p, y in rows)
+    )
+    ds = D.open_dataset(str(tmp_path / "named.csv"))
+    assert ds.classes == ["ant", "zebra"]
+    assert [y for _, y in ds.samples] == [1, 0, 1, 0]
+    # VTAB-1k's lists: "path label", whitespace-separated, integer labels.
+    (tmp_path / "train800.txt").write_text("".join(f"{p} {y + 3}\n" for p, y in rows))
+    ds = D.open_dataset(str(tmp_path / "train800.txt"))
+    assert ds.classes == [str(i) for i in range(5)] and ds[1][1] == 4
+    assert ds[0][0].size == (12, 12)
+
+
+def test_bad_lists_are_refused_with_the_reason(tmp_path):
+    (tmp_path / "empty.csv").write_text("path,label\n")
+    with pytest.raises(D.DataError, match="lists no images"):
+        D.open_dataset(str(tmp_path / "empty.csv"))
+    (tmp_path / "short.csv").write_text("a.png\n")
+    with pytest.raises(D.DataError, match=r"line 1: expected 'path,label'"):
+        D.open_dataset(str(tmp_path / "short.csv"))
+    (tmp_path / "missing.csv").write_text("nope.png,0\n")
+    with pytest.raises(D.DataError, match=r"its first image .*nope\.png does not exist"):
+        D.open_dataset(str(tmp_path / "missing.csv"))
+    (tmp_path / "negative.csv").write_text("a.png,-1\n")
+    with pytest.raises(D.DataError, match="labels must be >= 0"):
+        D.open_dataset(str(tmp_path / "negative.csv"))
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(D.DataError, match=r"neither a folder nor a \.csv/\.txt list"):
+        D.open_dataset(str(tmp_path / "x.json"))
+
+
+def test_digits_are_relabelled_and_split_by_class():
+    sklearn = pytest.importorskip("sklearn.datasets")
+    train, test = D.open_dataset("digits:5-9", "train"), D.open_dataset("digits:5-9", "test")
+    assert train.classes == ["5", "6", "7", "8", "9"]
+    assert len(train) + len(test) == int((sklearn.load_digits().target >= 5).sum())
+    assert not {i for i, _ in train.samples} & {i for i, _ in test.samples}
+    counts = torch.bincount(torch.tensor([y for _, y in train.samples]))
+    assert counts.min() >= 100  # ~60 % of each class
+    image, label = train[0]
+    assert image.size == (8, 8) and image.mode == "RGB" and 0 <= label < 5
+    assert D.open_dataset("digits:0,2").classes == ["0", "2"]
+    with pytest.raises(D.DataError, match="digits:5-9 or digits:0,2,4"):
+        D.open_dataset("digits:five")
+
+
+def test_splits():
+    assert D.split_dataset(1000, "vtab-1k") == (list(range(800)), list(range(800, 1000)))
+    with pytest.raises(D.DataError, match="needs the 1000 training images"):
+        D.split_dataset(999, "vtab-1k")
+    train, val = D.split_dataset(50, "0.2", seed=3)
+    assert len(val) == 10 and sorted(train + val) == list(range(50))
+    assert D.split_dataset(50, "0.2", seed=3) == (train, val)
+    assert len(D.split_dataset(50, "7")[1]) == 7
+    for bad in ("50", "1.5", "x", "0"):
+        with pytest.raises(D.DataError, match="--val-split"):
+            D.split_dataset(50, bad)
+
+
+class _Cfg(torch.nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.pretrained_cfg = cfg
+
+
+def test_normalisation_comes_from_the_pretrained_config_without_weights():
+    import timm
+
+    # pretrained=False: timm fills pretrained_cfg from its registry; nothing is downloaded.
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=16, patch_size=4)
+    assert D.normalization(model, "backbone") == ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    clip = timm.models.get_pretrained_cfg("vit_base_patch32_clip_quickgelu_224.openai").to_dict()
+    assert D.normalization(_Cfg(clip), "backbone") == D.MEANS["clip"]
+    assert D.normalization(_Cfg({}), "backbone") == D.MEANS["imagenet"]
+    assert D.normalization(model, "clip") == D.MEANS["clip"]
+    assert D.image_size(model) == (16, 16)
+
+
+@pytest.mark.parametrize("kind", ["resize-crop", "resize", "fgvc", "pgn", "pgn-test"])
+def test_transforms_give_normalised_tensors_of_the_model_size(kind):
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 30), (255, 0, 0))
+    tf = D.build_transform(kind, (16, 16), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+    out = tf(image)
+    assert out.shape == (3, 16, 16) and out.dtype == torch.float32
+    if kind in ("resize-crop", "resize", "pgn-test", "fgvc"):
+        assert torch.allclose(out[0], torch.ones(16, 16)) and torch.allclose(
+            out[1], -torch.ones(16, 16)
+        )
+
+
+def test_pgn_augmentation_is_random_and_seeded():
+    from PIL import Image
+
+    image = Image.fromarray((torch.rand(16, 16, 3) * 255).byte().numpy())
+    tf = D.build_transform("pgn", (16, 16), (0.5,) * 3, (0.5,) * 3)
+    torch.manual_seed(0)
+    a = [tf(image) for _ in range(6)]
+    torch.manual_seed(0)
+    b = [tf(image) for _ in range(6)]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(a[0], x) for x in a[1:])
+
+
+class _Numbers(torch.utils.data.Dataset):
+    def __len__(self):
+        return 24
+
+    def __getitem__(self, i):
+        return torch.tensor([float(i)]), i
+
+
+def _order(spec, epoch):
+    return [y.tolist() for _, y in D.make_loader(_Numbers(), spec, epoch)]
+
+
+def test_loader_order_depends_on_seed_and_epoch_only():
+    spec = D.LoaderSpec(batch_size=8, shuffle=True, seed=5)
+    assert _order(spec, 3) == _order(spec, 3)
+    assert _order(spec, 3) != _order(spec, 4)
+    # Two processes with half the batch see, step by step, the samples one process sees.
+    one = _order(spec, 2)
+    halves = [
+        _order(D.LoaderSpec(batch_size=4, shuffle=True, seed=5, rank=r, world=2), 2) for r in (0, 1)
+    ]
+    for step, batch in enumerate(one):
+        assert sorted(batch) == sorted(halves[0][step] + halves[1][step])
+    # Evaluation shards without padding or repeats.
+    ev = [D.LoaderSpec(batch_size=5, rank=r, world=2) for r in (0, 1)]
+    seen = [i for s in ev for batch in _order(s, 0) for i in batch]
+    assert sorted(seen) == list(range(24))

@@ -1,0 +1,33 @@
+"""Shared pieces of the training-layer tests (tiny model arguments, tiny images on disk)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+# A timm ViT small enough that an epoch takes milliseconds (16×16 images, 16 patches).
+TINY_MODEL = [
+    "--model",
+    "vit_tiny_patch16_224",
+    "--model-args",
+    "img_size=16",
+    "patch_size=4",
+    "embed_dim=32",
+    "depth=2",
+    "num_heads=2",
+    "--no-pretrained",
+]
+
+
+def write_images(folder, count: int, classes: int, size: int = 12, seed: int = 0) -> list:
+    """``count`` PNGs whose brightness depends on the class; returns (relative path, label)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        label = i % classes
+        pixels = rng.random((size, size, 3)) * 60 + label * (190 / max(classes - 1, 1))
+        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
+        rows.append((f"{folder.name}/{i}.png", label))
+    return rows
