@@ -78,7 +78,7 @@ def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
 
     monkeypatch.setattr(
         backends.Backend,
-        "availability",
+        "status",
         lambda self: None if self.name == "torch" else "switched off",
     )
     assert main(["info"]) == 0
