@@ -86,6 +86,7 @@ def _extension_kwargs() -> dict:
         include_dirs=includes,
         library_dirs=library_dirs,
         extra_compile_args={"cxx": plan.cflags, "nvcc": plan.cuda_cflags},
+        extra_link_args=[flag for flag in plan.ldflags if not flag.startswith("-L")],
     )
     print(f"fastprompt: building {EXT} ({plan.isa}; CUDA: {plan.cuda_reason})", file=sys.stderr)
 

@@ -435,6 +435,7 @@ class PromptedViT(nn.Module):
         last = len(m.blocks) - 1
         frozen = None if self.training else self._frozen
         attend = self._attention or _default_attention
+        per_image = torch.arange(b, device=x.device)  # set of each image when prompts are per image
         for i, blk in enumerate(m.blocks):
             if i == last and self._prompts_in_output():
                 # The readout reads prompt outputs: only this block computes prompt rows.
@@ -443,7 +444,7 @@ class PromptedViT(nn.Module):
                 pk, pv = frozen[i]
             else:
                 pk, pv = vit.prompt_kv(m, i, src.tokens(i, b, state))
-            x = vit.fused_block(blk, i, x, pk, pv, attend, self.backend)
+            x = vit.fused_block(blk, i, x, pk, pv, attend, self.backend, per_image)
         return x
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -149,8 +149,11 @@ def naive_vpt_of(prompted, x, **kw):
     )
 
 
-def assert_matches_naive(prompted, x, seed=0):
-    """Logits and every trainable gradient of ``prompted`` equal the naive VPT oracle's."""
+def assert_matches_naive(prompted, x, seed=0, atol=2e-5):
+    """Logits and every trainable gradient of ``prompted`` equal the naive VPT oracle's.
+
+    ``atol`` is for fp32 roundoff: a 12-block ViT-B accumulates more than the tiny test models.
+    """
     params = list(prompted.trainable_parameters().values())
     torch.manual_seed(seed)
     fused = prompted(x)
@@ -158,7 +161,7 @@ def assert_matches_naive(prompted, x, seed=0):
     torch.manual_seed(seed)
     naive = naive_vpt_of(prompted, x)
     g_naive = torch.autograd.grad(naive.square().sum(), params)
-    assert_close(fused, naive, "logits", atol=2e-5, rtol=1e-5)
+    assert_close(fused, naive, "logits", atol=atol, rtol=1e-5)
     for name, a, e in zip(prompted.trainable_parameters(), g_fused, g_naive):
         scale = (e.abs().max().item() if e.numel() else 0.0) + 1e-12
-        assert_close(a / scale, e / scale, f"grad {name}", atol=2e-5, rtol=1e-4)
+        assert_close(a / scale, e / scale, f"grad {name}", atol=atol, rtol=1e-4)

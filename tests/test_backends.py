@@ -35,10 +35,14 @@ def test_every_name_in_one_place():
         assert ("scores" in b.features) == (module.prompt_attention_bwd_scored is not None)
 
 
-def test_cpu_picks_torch_silently(no_gpu_no_interpreter):
+def test_cpu_picks_the_extension_for_fp32_and_torch_otherwise_silently(no_gpu_no_interpreter):
+    cpp_runs = backends.get("cpp").availability("cpu") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert choose("op", Call(CPU, torch.float32, 64)).name == "torch"
+        if cpp_runs:
+            assert choose("op", Call(CPU, torch.float32, 64)).name == "cpp"
+        for dtype in (torch.float64, torch.bfloat16):
+            assert choose("op", Call(CPU, dtype, 64)).name == "torch"
 
 
 def test_fallback_from_a_better_backend_is_said_once(no_gpu_no_interpreter):
@@ -68,15 +72,16 @@ def test_a_missing_feature_rules_a_backend_out(monkeypatch):
         kernels="fastprompt.kernels.torch",
         summary="test",
         devices=("cpu",),
-        auto={"cpu": (torch.float32,)},
-        dtypes=(torch.float32,),
+        auto={"cpu": (torch.float64,)},
+        dtypes=(torch.float64,),
         features=frozenset({"prompt_index"}),
     )
     monkeypatch.setattr(backends, "BACKENDS", (narrow, *backends.BACKENDS))
-    assert choose("op", Call(CPU, torch.float32, 64, frozenset({"prompt_index"}))).name == "narrow"
-    assert choose("op", Call(CPU, torch.float32, 64, frozenset({"scores"}))).name == "torch"
+    f64 = torch.float64
+    assert choose("op", Call(CPU, f64, 64, frozenset({"prompt_index"}))).name == "narrow"
+    assert choose("op", Call(CPU, f64, 64, frozenset({"scores"}))).name == "torch"
     with pytest.raises(NotImplementedError, match="does not implement scores"):
-        choose("op", Call(CPU, torch.float32, 64, frozenset({"scores"})), "narrow")
+        choose("op", Call(CPU, f64, 64, frozenset({"scores"})), "narrow")
 
 
 def test_environment_override(monkeypatch, no_gpu_no_interpreter):

@@ -10,8 +10,8 @@ import fastprompt
 from fastprompt.sources.learned import READOUTS
 
 
-def _compare(prompted, x, seed=0):
-    assert_matches_naive(prompted, x, seed)
+def _compare(prompted, x, seed=0, atol=2e-5):
+    assert_matches_naive(prompted, x, seed, atol)
 
 
 CASES = {
@@ -187,4 +187,4 @@ def test_vit_b16_fused_matches_naive():
     model = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=10)
     prompted = fastprompt.vpt(model, 20).train()
     x = torch.randn(2, 3, 224, 224)
-    _compare(prompted, x)
+    _compare(prompted, x, atol=1e-4)

@@ -191,11 +191,20 @@ AttentionFn = Callable[[AttentionCall], Tensor]
 
 
 def fused_block(
-    blk: nn.Module, block: int, x: Tensor, pk: Tensor, pv: Tensor, attend: AttentionFn, backend
+    blk: nn.Module,
+    block: int,
+    x: Tensor,
+    pk: Tensor,
+    pv: Tensor,
+    attend: AttentionFn,
+    backend: str | None,
+    per_image: Tensor | None = None,
 ) -> Tensor:
     """timm ``Block.forward`` on image tokens (B, N, D), their queries attending to ``[K_p; K]``.
 
     ``attend`` receives an :class:`AttentionCall` and returns the attention output (B, H, N, d).
+    ``per_image`` is ``arange(B)``, the set index used when the prompts are per image (T = B); a
+    model passes the same tensor to every block.
     """
     attn = blk.attn
     b, n, _ = x.shape
@@ -203,7 +212,10 @@ def fused_block(
     qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    index = None if pk.shape[0] == 1 else torch.arange(b, device=x.device)
+    if pk.shape[0] == 1:
+        index = None
+    else:
+        index = per_image if per_image is not None else torch.arange(b, device=x.device)
     # Cached prompt K/V are kept in the weights' dtype; under autocast q is in the autocast one.
     pk, pv = pk.to(q.dtype), pv.to(q.dtype)
     o = attend(AttentionCall(block, q, k, v, pk, pv, index, attn.scale, backend))

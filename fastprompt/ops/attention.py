@@ -14,6 +14,7 @@ d prompt_k/v summed over the sequences that share a set, reduced in fp32 in a fi
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import Tensor
@@ -289,6 +290,22 @@ def check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths) 
     _check_int_vector(op, "prompt_lengths", prompt_lengths, t, q.device, 0, p, f"[0, {p}]")
 
 
+# id(tensor) -> (weak reference, version, bounds) of index/length tensors already checked: a
+# model reuses one per forward across its blocks, so the check runs once, not once per block.
+_CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
+
+
+def _already_checked(t: Tensor, lo: int, hi: int) -> bool:
+    entry = _CHECKED.get(id(t))
+    return entry is not None and entry[0]() is t and entry[1:] == (t._version, lo, hi)
+
+
+def _mark_checked(t: Tensor, lo: int, hi: int) -> None:
+    if len(_CHECKED) > 256:
+        _CHECKED.clear()
+    _CHECKED[id(t)] = (weakref.ref(t), t._version, lo, hi)
+
+
 def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
     if t is None:
         return
@@ -302,7 +319,7 @@ def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
         )
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, q on {device}")
-    if size == 0 or torch.compiler.is_compiling():
+    if size == 0 or torch.compiler.is_compiling() or _already_checked(t, lo, hi):
         return
     if t.device.type == "cpu":
         got_lo, got_hi = int(t.min()), int(t.max())
@@ -314,3 +331,4 @@ def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
         torch._assert_async(
             ((t >= lo) & (t <= hi)).all(), f"{op}: {name} values must lie in {span}"
         )
+    _mark_checked(t, lo, hi)

@@ -106,30 +106,48 @@ ScoreSink = Callable[[Tensor, Tensor], None]
 class ScoredPromptAttention(torch.autograd.Function):
     """Prompt attention whose backward also hands per-(sample, prompt) terms to ``sink``.
 
-    ``forward(q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, backend, sink)``
+    ``forward(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, u_k, u_v, scale,
+    backend, sink)``
     returns ``(out, lse)`` like :func:`fastprompt.ops.prompt_attention`; its backward returns
     the same gradients and calls ``sink(terms (S, B, P), gate (B, P))`` once.
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, scale, backend, sink):
+    def forward(
+        ctx,
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        u_k,
+        u_v,
+        scale,
+        backend,
+        sink,
+    ):
         out, lse = _prompt_attention_op(
-            q, k, v, prompt_k, prompt_v, prompt_index, None, scale, backend
+            q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, backend
         )
-        ctx.save_for_backward(q, k, v, prompt_k, prompt_v, prompt_index, out, lse, u_k, u_v)
+        ctx.save_for_backward(
+            q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, u_k, u_v
+        )
         ctx.scale, ctx.backend, ctx.sink = scale, backend, sink
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, pk, pv, index, out, lse, u_k, u_v = ctx.saved_tensors
+        q, k, v, pk, pv, index, lengths, out, lse, u_k, u_v = ctx.saved_tensors
         kernels = backends.get(ctx.backend).module()
         dq, dk, dv, dpk, dpv, terms, gate = kernels.prompt_attention_bwd_scored(
-            dout, q, k, v, pk, pv, index, None, out, lse, ctx.scale, u_k, u_v
+            dout, q, k, v, pk, pv, index, lengths, out, lse, ctx.scale, u_k, u_v
         )
         ctx.sink(terms, gate)
-        return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype), None, None, None, None, None, None
+        grads = (dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype))
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def scored_prompt_attention(
@@ -144,6 +162,7 @@ def scored_prompt_attention(
     prompt_index: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    prompt_lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """:func:`fastprompt.ops.prompt_attention` whose backward reports score terms to ``sink``.
 
@@ -159,6 +178,8 @@ def scored_prompt_attention(
     scale : float, optional
     backend : str, optional
         Strict when given; otherwise the best backend that implements the ``scores`` feature.
+    prompt_lengths : Tensor, shape (T,), optional
+        Valid prompts per set; the terms of slots past a set's length are 0.
 
     Returns
     -------
@@ -166,7 +187,7 @@ def scored_prompt_attention(
     lse : Tensor, shape (B, H, N)
     """
     op = "scored_prompt_attention"
-    check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, None)
+    check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths)
     t, h, p, d = prompt_k.shape
     for name, u in (("u_k", u_k), ("u_v", u_v)):
         if not isinstance(u, Tensor) or u.dim() != 5 or tuple(u.shape[1:]) != (t, h, p, d):
@@ -181,7 +202,8 @@ def scored_prompt_attention(
         raise ValueError(f"{op}: u_k {tuple(u_k.shape)} and u_v {tuple(u_v.shape)} differ")
     if not callable(sink):
         raise TypeError(f"{op}: sink must be callable, got {type(sink).__name__}")
-    name = choose_for(op, q, prompt_index, None, backend, "scores")
+    name = choose_for(op, q, prompt_index, prompt_lengths, backend, "scores")
+    scale = check_scale(q, scale)
     return ScoredPromptAttention.apply(
-        q, k, v, prompt_k, prompt_v, prompt_index, u_k, u_v, check_scale(q, scale), name, sink
+        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, u_k, u_v, scale, name, sink
     )

@@ -14,7 +14,7 @@ from torch import nn
 from fastprompt.batches import BatchFn
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.loop import Trainer, evaluate_model
-from fastprompt.train.recipes import Recipe
+from fastprompt.train.recipes import Recipe, get_recipe
 
 __all__ = ["evaluate", "finetune", "fit"]
 
@@ -22,58 +22,78 @@ __all__ = ["evaluate", "finetune", "fit"]
 def fit(
     prompted: PromptedViT,
     loader: Iterable,
-    epochs: int,
-    lr: float,
-    warmup_epochs: int = 0,
-    weight_decay: float = 1e-4,
-    momentum: float = 0.9,
+    epochs: int | None = None,
+    lr: float | None = None,
+    warmup_epochs: int | None = None,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
     progress: bool = True,
     batch_fn: BatchFn | None = None,
     precision: str = "fp32",
+    recipe: str | Recipe | None = None,
 ) -> list[float]:
-    """Train the prompts (+ projection) and head with the official VPT optimiser and schedule.
+    """Train what the prompted model trains, with a recipe's optimiser and schedule.
 
-    SGD with momentum; the lr of epoch e is ``lr · e / warmup_epochs`` while warming up (epoch 0
-    at 0), then a half-cosine to 0 at ``epochs``; weight decay on everything but the head bias.
+    Without ``recipe``: the official VPT optimiser and schedule on the given numbers (SGD with
+    momentum; the lr of epoch e is ``lr · e / warmup_epochs`` while warming up, epoch 0 at 0,
+    then a half-cosine to 0 at ``epochs``; weight decay on everything but the head bias). With
+    ``recipe`` (``"vpt"``, ``"pgn"``, ``"pc-finetune"`` or a :class:`Recipe`): its optimiser and
+    schedule, each number given here overriding the recipe's; the learning rate is used as given
+    (no batch scaling: the loader's batch size is not known here). A recipe's transforms apply in
+    ``fastprompt train``; here the loader's batches are used as they are.
 
     Parameters
     ----------
     prompted : PromptedViT
     loader : iterable of batches
         ``(images (B, C, H, W), labels (B,), ...)`` or dicts (:mod:`fastprompt.batches`).
-    epochs : int
-    lr : float
-        Peak learning rate (already scaled by batch / 256 if you follow the official rule).
-    warmup_epochs : int
-        Linear warmup epochs; the official recipe uses 10 of 100.
-    weight_decay : float
-        On everything trainable but the head bias.
-    momentum : float
+    epochs : int, optional
+        Required without a recipe.
+    lr : float, optional
+        Peak learning rate; required without a recipe.
+    warmup_epochs : int, optional
+        Linear warmup epochs (VPT default without a recipe: 0; the official VPT recipe uses 10
+        of 100, PGN's 50 of 100).
+    weight_decay : float, optional
+        On everything trainable but the recipe's exceptions (default 1e-4 without a recipe).
+    momentum : float, optional
+        Default 0.9.
     progress : bool
     batch_fn : callable, optional
         ``batch_fn(batch) -> (images, labels)`` for other batch formats.
     precision : {"fp32", "bf16", "fp16"}
         Autocast dtype of the forward.
+    recipe : str or Recipe, optional
 
     Returns
     -------
     list of float
         Mean training loss per epoch.
     """
-    if epochs <= 0:
+    given = {
+        "epochs": epochs,
+        "lr": lr,
+        "warmup_epochs": warmup_epochs,
+        "weight_decay": weight_decay,
+        "momentum": momentum,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if given.get("epochs", 1) <= 0:
         return []
-    recipe = Recipe(
-        name="fit",
-        epochs=epochs,
-        batch_size=256,
-        lr=lr,
-        lr_scaling="none",
-        warmup_epochs=warmup_epochs,
-        momentum=momentum,
-        weight_decay=weight_decay,
-    )
-    trainer = Trainer(prompted, recipe, precision=precision, batch_fn=batch_fn, progress=progress)
-    losses = [trainer.train_epoch(loader, e)["train_loss"] for e in range(epochs)]
+    if recipe is None:
+        missing = [k for k in ("epochs", "lr") if k not in given]
+        if missing:
+            raise TypeError(f"fit: {' and '.join(missing)} needed without a recipe")
+        base = Recipe(
+            name="fit", epochs=given["epochs"], batch_size=256, lr=given["lr"], warmup_epochs=0
+        )
+    else:
+        base = get_recipe(recipe) if isinstance(recipe, str) else recipe
+        if not isinstance(base, Recipe):
+            raise TypeError(f"fit: recipe must be a name or a Recipe, got {type(recipe).__name__}")
+    resolved = base.override(lr_scaling="none", **given)
+    trainer = Trainer(prompted, resolved, precision=precision, batch_fn=batch_fn, progress=progress)
+    losses = [trainer.train_epoch(loader, e)["train_loss"] for e in range(resolved.epochs)]
     prompted.eval()
     return losses
 

@@ -234,7 +234,16 @@ def nvcc_flags(archs: list[str], ptxas_verbose: bool = True) -> list[str]:
 
 
 def cxx_flags(isa: str) -> list[str]:
-    return ["-O3", *_ISA_FLAGS[isa]]
+    return ["-O3", *_ISA_FLAGS[isa], *openmp_flags()]
+
+
+def openmp_flags() -> list[str]:
+    """``-fopenmp`` when torch parallelises with OpenMP: ``at::parallel_for`` is inlined from
+    ATen's headers into the extension, and compiled without OpenMP it runs every task on the
+    calling thread (the kernels then use one core whatever ``torch.get_num_threads()`` says)."""
+    import torch
+
+    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
 def write_config_header(folder: Path, isa: str, archs: list[str] | None) -> None:
@@ -309,7 +318,7 @@ def plan(
     archs = cuda_archs(arch_list) if with_cuda else []
     cflags = cxx_flags(isa)
     cuda_cflags: list[str] = []
-    ldflags: list[str] = []
+    ldflags: list[str] = list(openmp_flags())
     srcs = list(CPU_SOURCES)
     if with_cuda:
         assert toolkit is not None
