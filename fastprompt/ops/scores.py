@@ -95,9 +95,55 @@ def prompt_scores_ref(
     return terms, gate
 
 
-# The standalone op has one implementation, the reference; a backend that fuses the scores into
-# its attention backward (``prompt_attention_bwd_scored``) computes the same terms there.
-prompt_scores = prompt_scores_ref
+def prompt_scores(
+    q: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
+    lse: Tensor,
+    delta: Tensor,
+    dprompt_k: Tensor,
+    dprompt_v: Tensor,
+    u_k: Tensor,
+    u_v: Tensor,
+    scale: float,
+    prompt_index: Tensor | None = None,
+    prompt_lengths: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Score terms from per-sequence prompt gradients: :func:`prompt_scores_ref`'s arguments and
+    results, on a backend's standalone kernel where it has one (``cpp``), else the reference.
+
+    Most callers never need it: a backend that implements the ``scores`` feature computes these
+    terms inside its attention backward (:func:`scored_prompt_attention`).
+
+    Parameters
+    ----------
+    backend : str, optional
+        Strict when given (and then it must have a standalone kernel); otherwise the backend
+        :func:`fastprompt.ops.prompt_attention` would pick, if it has one.
+    """
+    name = choose_for("prompt_scores", q, prompt_index, prompt_lengths, backend, "scores")
+    kernel = getattr(backends.get(name).module(), "prompt_scores", None)
+    if kernel is None:
+        if backend is not None and backend != "torch":
+            raise NotImplementedError(
+                f"prompt_scores: backend {backend!r} has no standalone score kernel"
+            )
+        kernel = prompt_scores_ref
+    return kernel(
+        q,
+        prompt_k,
+        prompt_v,
+        lse,
+        delta,
+        dprompt_k,
+        dprompt_v,
+        u_k,
+        u_v,
+        scale,
+        prompt_index,
+        prompt_lengths,
+    )
 
 
 ScoreSink = Callable[[Tensor, Tensor], None]

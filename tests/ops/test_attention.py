@@ -207,16 +207,25 @@ def test_empty_shapes_do_not_crash(n, p, with_keys):
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-def test_masked_prompt_slots_never_influence_anything():
-    q, k, v = make_qkv(3, 2, 7, 8)
-    pk, pv = make_prompts(2, 2, 4, 8)
+def _runnable_backends():
+    from fastprompt import backends
+
+    return [b.name for b in backends.BACKENDS if b.availability("cpu") is None]
+
+
+@pytest.mark.parametrize("backend", _runnable_backends())
+def test_masked_prompt_slots_never_influence_anything(backend):
+    q, k, v = make_qkv(3, 2, 7, 16)
+    pk, pv = make_prompts(2, 2, 4, 16)
     lengths, index = torch.tensor([2, 3]), torch.tensor([1, 0, 1])
     poisoned_k, poisoned_v = pk.clone(), pv.clone()
     poisoned_k[0, :, 2:], poisoned_v[0, :, 2:] = float("nan"), float("inf")
     poisoned_k[1, :, 3:], poisoned_v[1, :, 3:] = float("nan"), float("nan")
-    dout = torch.randn(3, 2, 7, 8)
+    dout = torch.randn(3, 2, 7, 16)
     got = _grads(
-        lambda *a: prompt_attention(*a, index, lengths), (q, k, v, poisoned_k, poisoned_v), dout
+        lambda *a: prompt_attention(*a, index, lengths, backend=backend),
+        (q, k, v, poisoned_k, poisoned_v),
+        dout,
     )
     ref = _grads(lambda *a: prompt_attention_ref(*a, index, lengths), (q, k, v, pk, pv), dout)
     for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dprompt_k", "dprompt_v"), got, ref):
