@@ -92,7 +92,24 @@ class PGNConfig:
             )
 
 
-class GeneratedPrompts(PromptSource):
+class _AfterPatches(PromptSource):
+    """What PGN and IIP share: L prompts after the patches, entering block 0 only."""
+
+    position = "suffix"
+    deep = False
+
+    def __init__(self, config: PGNConfig) -> None:
+        super().__init__()
+        self._config = config
+
+    def config(self) -> PGNConfig:
+        return self._config
+
+    def count(self, block: int) -> int:
+        return self._config.num_prompts
+
+
+class GeneratedPrompts(_AfterPatches):
     """PGN: each image's L prompts mixed from a library by a generator CNN.
 
     Parameters
@@ -105,9 +122,6 @@ class GeneratedPrompts(PromptSource):
         Of the backbone's weights.
     """
 
-    position = "suffix"
-    deep = False
-
     def __init__(
         self,
         config: PGNConfig,
@@ -115,8 +129,7 @@ class GeneratedPrompts(PromptSource):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._config = config
+        super().__init__(config)
         self.generator = build_generator(
             config.generator, config.num_prompts, config.library_size, **config.generator_options
         ).to(device, dtype)
@@ -128,12 +141,6 @@ class GeneratedPrompts(PromptSource):
             )
         library = torch.empty(config.library_size, embed_dim, device=device, dtype=dtype)
         self.library = nn.Parameter(library.normal_(0.0, 0.02))
-
-    def config(self) -> PGNConfig:
-        return self._config
-
-    def count(self, block: int) -> int:
-        return self._config.num_prompts
 
     def mixture(self, images: Tensor) -> Tensor:
         """Mixture weights (B, L, M) of each image's prompts over the library."""
@@ -155,11 +162,8 @@ class GeneratedPrompts(PromptSource):
         )
 
 
-class InputIndependentPrompts(PromptSource):
+class InputIndependentPrompts(_AfterPatches):
     """IIP: one learned set of L prompts shared by every image, placed where PGN puts its own."""
-
-    position = "suffix"
-    deep = False
 
     def __init__(
         self,
@@ -168,16 +172,9 @@ class InputIndependentPrompts(PromptSource):
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        self._config = config
+        super().__init__(config)
         vectors = torch.empty(config.num_prompts, embed_dim, device=device, dtype=dtype)
         self.prompt_vectors = nn.Parameter(vectors.normal_(0.0, 0.02))
-
-    def config(self) -> PGNConfig:
-        return self._config
-
-    def count(self, block: int) -> int:
-        return self._config.num_prompts
 
     def shared(self, block: int) -> Tensor:
         return self.prompt_vectors.unsqueeze(0)
