@@ -305,7 +305,7 @@ class Trainer:
                 steps += 1
                 bar.update(1)
                 if steps % 10 == 1 and not bar.disable:
-                    bar.set_postfix(loss=f"{float(loss):.4f}")
+                    bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
         finally:
             bar.close()
         if device.type == "cuda":
