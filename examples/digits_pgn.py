@@ -11,11 +11,13 @@
      that sees the image can solve an easy task by itself and pass the answer through the
      prompts; PGN's value is what it adds over this control.
 3. Three seeds; held-out top-1 (mean and spread).
+   With ``--shots N`` only N training images per class are used: a task where a network trained
+   from scratch has little to learn from, and the frozen backbone's features should matter.
 4. Do PGN's tokens specialise? Per-class mean mixture weights over the library, their distance
    between classes against the same with shuffled labels, and how well the mixture weights alone
    classify (nearest class mean).
 
-    python examples/digits_pgn.py [--quick] [--out DIR]
+    python examples/digits_pgn.py [--quick] [--shots N] [--out DIR]
 
 Everything runs on a CPU and downloads nothing.
 """
@@ -186,6 +188,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--shots", type=int, default=None, help="training images per class")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     epochs = 2 if args.quick else args.epochs
@@ -195,6 +198,13 @@ def main() -> None:
     backbone = pretrain(*src_train, 3 if args.quick else 60)
     source_acc = accuracy(backbone, *src_test)
     x_train, y_train = tensors(range(5, 10), "train")
+    if args.shots is not None:
+        g = torch.Generator().manual_seed(0)
+        picked = [
+            idx[torch.randperm(len(idx), generator=g)[: args.shots]]
+            for idx in (torch.nonzero(y_train == c).flatten() for c in range(5))
+        ]
+        x_train, y_train = x_train[torch.cat(picked)], y_train[torch.cat(picked)]
     x_test, y_test = tensors(range(5, 10), "test")
     print(
         f"backbone on digits 0-4: {source_acc:.3f}; task digits 5-9: {len(x_train)} train, "
@@ -240,7 +250,8 @@ def main() -> None:
     env = environment(torch.device("cpu"))
     lines = [
         f"PGN on scikit-learn digits: backbone ViT pretrained on 0-4 (held-out top-1 "
-        f"{source_acc:.3f}), frozen; task 5-9 ({len(x_train)} train / {len(x_test)} held out). "
+        f"{source_acc:.3f}), frozen; task 5-9 ({len(x_train)} train"
+        f"{'' if args.shots is None else f' = {args.shots} per class'} / {len(x_test)} held out). "
         f"Same budget for every method: {epochs} epochs, batch 32, SGD momentum 0.9, lr "
         f"{args.lr} with PGN's warmup ({epochs // 2} epochs) + cosine to lr/100, no weight decay, "
         f"no augmentation; {seeds} seeds. {env['device']}, torch {env['torch']}, timm "

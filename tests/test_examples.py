@@ -31,3 +31,22 @@ def test_digits_condensation_quick(tmp_path):
             assert sum(row[f"blocks_{keep}"]) == round(keep / 100 * total)
         if row["score"] not in ("random", "leave_one_out"):
             assert -1.0 <= row["spearman_vs_loo"] <= 1.0
+
+
+@pytest.mark.slow
+def test_digits_pgn_quick(tmp_path):
+    script = os.path.join(ROOT, "examples", "digits_pgn.py")
+    subprocess.run(
+        [sys.executable, script, "--quick", "--shots", "10", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    report = json.loads((tmp_path / "digits_pgn.json").read_text())
+    methods = [r["method"] for r in report["rows"]]
+    assert methods == ["linear probe", "IIP", "VPT-shallow", "PGN", "generator alone"]
+    for row in report["rows"]:
+        assert len(row["acc"]) == 1 and 0.0 <= row["mean"] <= 1.0 and row["trainable"] > 0
+    spec = report["specialisation"]
+    assert 0.0 <= spec["shuffled_tv_mean"] <= 1.0 and 0.0 <= spec["nearest_class_mean_acc"] <= 1.0
