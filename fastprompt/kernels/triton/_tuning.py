@@ -282,12 +282,33 @@ def _prune(role: str, configs, named_args, **kwargs):
 def autotuned(role: str, fn):
     """``fn`` under Triton's autotuner with the role's pruned config list (one config when
     interpreting)."""
-    configs = [INTERPRETER_CONFIG] if interpreting() else CONFIGS[role]
+    if interpreting():
+        return _Untuned(fn, INTERPRETER_CONFIG)
     return triton.autotune(
-        configs=[c.triton() for c in configs],
+        configs=[c.triton() for c in CONFIGS[role]],
         key=KEY,
         prune_configs_by={"early_config_prune": functools.partial(_prune, role)},
     )(fn)
+
+
+class _Untuned:
+    """A kernel launched with one config, no autotuner (the interpreter).
+
+    Triton's autotuner cannot be used there on older releases: Triton 3.2's asks for a GPU driver
+    when it is built and hands every config field (``num_buffers_warp_spec``...) to the
+    interpreted kernel. ``configs`` and ``cache`` mirror the autotuner's, for ``forced_configs``.
+    """
+
+    def __init__(self, fn, cfg: Cfg) -> None:
+        self.fn = fn
+        self.configs = [cfg.triton()]
+        self.cache: dict = {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            return self.fn[grid](*args, **kwargs, **self.configs[0].kwargs)
+
+        return launch
 
 
 def fixed_config(role: str, kernel, args: tuple, kwargs: dict) -> triton.Config:
