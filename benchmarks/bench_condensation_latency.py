@@ -50,7 +50,8 @@ def main() -> None:
         net.eval()
         # As deployed: a prompted model's prompt K/V once per model (fused path; the naive path
         # has nothing to cache).
-        frozen = net.frozen_prompts() if hasattr(net, "frozen_prompts") else contextlib.nullcontext()
+        prompted_net = hasattr(net, "frozen_prompts")
+        frozen = net.frozen_prompts() if prompted_net else contextlib.nullcontext()
         with torch.inference_mode(), frozen:
             return summarize(time_fn(lambda: net(x), device, reps))
 
