@@ -112,12 +112,14 @@ def test_other_tilings(cfg):
 
 def test_per_set_reduction_is_the_fixed_order_fp32_sum():
     """Bitwise: set t's gradient is the left-to-right fp32 sum of its sequences' gradients."""
-    from fastprompt.kernels.triton import prompt_attention as shims
+    from fastprompt.kernels.triton.prompt_attention_backward import (
+        prompt_attention_bwd_per_sequence,
+    )
 
     q, k, v, pk, pv, idx, _, dout = _inputs(5, 1, 9, 16, 2, 4, index=[1, 0, 1, 1, 0])
     scale = 0.25
     out, lse = tk.prompt_attention_fwd(q, k, v, pk, pv, idx, None, scale)
-    per_seq = shims.prompt_attention_bwd_triton(dout, q, k, v, pk, pv, idx, None, out, lse, scale)
+    per_seq = prompt_attention_bwd_per_sequence(dout, q, k, v, pk, pv, idx, None, out, lse, scale)
     per_set = tk.prompt_attention_bwd(dout, q, k, v, pk, pv, idx, None, out, lse, scale)
     for seq, got in ((per_seq[3], per_set[3]), (per_seq[4], per_set[4])):
         for t in range(2):

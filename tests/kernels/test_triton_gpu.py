@@ -191,7 +191,9 @@ def test_fp32_uses_tf32x3_unless_tf32_is_allowed(precision):
 
 
 def test_per_set_sum_is_fp32_even_with_tf32_enabled():
-    from fastprompt.kernels.triton import prompt_attention as shims
+    from fastprompt.kernels.triton.prompt_attention_backward import (
+        prompt_attention_bwd_per_sequence,
+    )
 
     q, k, v, pk, pv, dout = _inputs(6, 4, 50, 64, 2, 20, torch.bfloat16)
     index = torch.tensor([1, 0, 1, 1, 0, 1], device="cuda")
@@ -200,7 +202,7 @@ def test_per_set_sum_is_fp32_even_with_tf32_enabled():
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         out, lse = tk.prompt_attention_fwd(q, k, v, pk, pv, index, None, 0.125)
-        seq = shims.prompt_attention_bwd_triton(dout, q, k, v, pk, pv, index, None, out, lse, 0.125)
+        seq = prompt_attention_bwd_per_sequence(dout, q, k, v, pk, pv, index, None, out, lse, 0.125)
         per_set = tk.prompt_attention_bwd(dout, q, k, v, pk, pv, index, None, out, lse, 0.125)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = saved

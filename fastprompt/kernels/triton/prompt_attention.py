@@ -21,10 +21,7 @@ from fastprompt.kernels.triton import _tuning
 from fastprompt.kernels.triton._common import LN2_C, LOG2E, Launch, bucket, load_tile, prompt_set
 
 __all__ = [
-    "prompt_attention_bwd_scores_triton",
-    "prompt_attention_bwd_triton",
     "prompt_attention_fwd",
-    "prompt_attention_fwd_triton",
 ]
 
 
@@ -235,13 +232,3 @@ def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengt
     out, lse, plan = fwd_plan(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)
     _tuning.run(plan, q)
     return out, lse
-
-
-# The launchers under their earlier names; ``prompt_attention_bwd_triton`` and
-# ``prompt_attention_bwd_scores_triton`` return the *per-sequence* fp32 prompt gradients
-# (B, H, P, d) before the per-set reduction (the tests compare the two).
-prompt_attention_fwd_triton = prompt_attention_fwd
-from fastprompt.kernels.triton.prompt_attention_backward import (  # noqa: E402
-    prompt_attention_bwd_scores_triton,
-    prompt_attention_bwd_triton,
-)

@@ -28,9 +28,8 @@ from fastprompt.kernels.triton._common import LOG2E, LOG2E_C, Launch, bucket, lo
 
 __all__ = [
     "prompt_attention_bwd",
+    "prompt_attention_bwd_per_sequence",
     "prompt_attention_bwd_scored",
-    "prompt_attention_bwd_scores_triton",
-    "prompt_attention_bwd_triton",
 ]
 
 _PRE_BLOCK, _REDUCE_BLOCK = 64, 1024
@@ -693,22 +692,12 @@ def prompt_attention_bwd_scored(
     )  # fmt: skip
 
 
-def prompt_attention_bwd_triton(
+def prompt_attention_bwd_per_sequence(
     dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale
 ):
     """As :func:`prompt_attention_bwd` but with the *per-sequence* prompt gradients
-    (B, H, P, d) fp32, before the per-set reduction."""
+    (B, H, P, d) fp32, before the per-set reduction (the tests check the reduction with it)."""
     return _backward(
         dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, None, None,
-        per_set=False,
-    )  # fmt: skip
-
-
-def prompt_attention_bwd_scores_triton(
-    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
-):
-    """:func:`prompt_attention_bwd_triton` plus ``terms`` (S, B, P) and ``gate`` (B, P)."""
-    return _backward(
-        dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v,
         per_set=False,
     )  # fmt: skip
