@@ -7,6 +7,10 @@ A loader may yield
   ``"input"``, ``"inputs"``) and a label key (``"label"``, ``"labels"``, ``"target"``,
   ``"targets"``, ``"y"``), as Hugging Face datasets and many pipelines do;
 - anything else, with a ``batch_fn(batch) -> (images, labels)`` passed to the loop.
+
+Labels are class indices of any integer dtype (made ``int64`` for the loss); every loop checks
+them the same way (:func:`check_batch`) and refuses float, negative (``-100`` included: the loops
+need every sample labelled) and out-of-range labels, and batches that look swapped.
 """
 
 from __future__ import annotations
@@ -17,12 +21,115 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["IMAGE_KEYS", "LABEL_KEYS", "BatchFn", "batches", "split_batch"]
+__all__ = [
+    "IMAGE_KEYS",
+    "LABEL_KEYS",
+    "BatchFn",
+    "LabelError",
+    "batches",
+    "check_batch",
+    "check_reiterable",
+    "head_classes",
+    "split_batch",
+]
 
 IMAGE_KEYS = ("image", "images", "pixel_values", "x", "input", "inputs")
 LABEL_KEYS = ("label", "labels", "target", "targets", "y")
 
 BatchFn = Callable[[Any], tuple[Tensor, Tensor]]
+
+
+class LabelError(ValueError):
+    """Labels that do not fit the model's head."""
+
+
+def head_classes(model: Any) -> int | None:
+    """Classes the model's head predicts (None for a model without a Linear head); a prompted
+    model is asked about the model it wraps."""
+    inner = getattr(model, "model", model) if hasattr(model, "source") else model
+    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    n = getattr(inner, "num_classes", None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def _shape(t: Any) -> str:
+    return f"{tuple(t.shape)} {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+
+
+def check_batch(images: Any, labels: Any, classes: int | None, where: str) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` checked for a classification loss, labels as ``int64``.
+
+    Parameters
+    ----------
+    images : Tensor, shape (B, C, H, W)
+    labels : Tensor of an integer dtype, shape (B,)
+    classes : int or None
+        The head's class count; labels must be in ``[0, classes)`` (checked on CPU labels only:
+        a GPU check would synchronise every step).
+    where : str
+        Who asks, for the message (``"train"``, ``"score_prompts"``).
+
+    Raises
+    ------
+    TypeError
+        A batch that is not (images, labels) tensors, or looks like (labels, images).
+    LabelError
+        Labels that are not class indices of the head.
+    """
+    if isinstance(images, Tensor) and isinstance(labels, Tensor):
+        if images.dim() <= 1 and labels.dim() >= 3:
+            raise TypeError(
+                f"{where}: the batch looks like (labels, images): first item {_shape(images)}, "
+                f"second {_shape(labels)}; yield (images, labels), or pass "
+                "batch_fn=lambda b: (b[1], b[0])"
+            )
+    if not isinstance(images, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(
+            f"{where}: a batch must hold an images tensor and a labels tensor, got "
+            f"({_shape(images)}, {_shape(labels)})"
+        )
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise LabelError(f"{where}: labels must be integer class indices, got {labels.dtype}")
+    if labels.dim() != 1 or labels.shape[0] != images.shape[0]:
+        raise LabelError(
+            f"{where}: labels must be one class index per image, shape ({images.shape[0]},); got "
+            f"{tuple(labels.shape)} for images {tuple(images.shape)}"
+        )
+    if labels.dtype != torch.int64:
+        labels = labels.long()  # int32/uint8 labels: cross-entropy takes int64 only
+    if classes is None or labels.device.type != "cpu" or labels.numel() == 0:
+        return images, labels
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0 or hi >= classes:
+        bad = hi if hi >= classes else lo
+        note = (
+            " (-100 is cross-entropy's ignore index; every sample needs a class)"
+            if bad == -100
+            else ""
+        )
+        raise LabelError(
+            f"{where}: label {bad} does not fit the model's head of {classes} classes (labels "
+            f"must be in [0, {classes - 1}]){note}; build the model with num_classes matching "
+            "the dataset"
+        )
+    return images, labels
+
+
+def check_reiterable(loader: Any, passes: int, who: str) -> None:
+    """Refuse a one-shot iterator (a generator) where ``passes`` > 1 passes over it are needed.
+
+    Raises
+    ------
+    TypeError
+    """
+    if passes > 1 and iter(loader) is loader:
+        raise TypeError(
+            f"{who}: the loader is a one-shot iterator ({type(loader).__name__}), but {passes} "
+            "passes over the data are needed and a second pass would find it empty; pass a "
+            "DataLoader, a list of batches, or another iterable that starts over"
+        )
 
 
 def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> tuple[Tensor, Tensor]:
@@ -59,9 +166,16 @@ def split_batch(batch: Any, batch_fn: BatchFn | None = None) -> tuple[Tensor, Te
 
 
 def batches(
-    loader: Iterable, device: torch.device, batch_fn: BatchFn | None = None
+    loader: Iterable,
+    device: torch.device,
+    batch_fn: BatchFn | None = None,
+    classes: int | None = None,
+    check: str | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(images, labels)`` of every batch of ``loader``, moved to ``device``."""
+    """``(images, labels)`` of every batch of ``loader``, moved to ``device``; with ``check``
+    (who asks) each batch goes through :func:`check_batch` against ``classes`` first."""
     for batch in loader:
         x, y = split_batch(batch, batch_fn)
+        if check is not None:
+            x, y = check_batch(x, y, classes, check)
         yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)

@@ -8,6 +8,11 @@ as a whole; ``config.json`` is the copy a person reads. :func:`load_prompts` reb
 through the method registry (:mod:`fastprompt.methods`), and also reads a state dict or ``.pth``
 file of the official VPT code (keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``,
 ``prompt_proj.*``, ``head.last_layer.*``).
+
+The safetensors metadata also holds ``tensors_sha256``, a checksum of the tensors
+(:func:`fastprompt.tensorfiles.tensor_digest`) verified on load, and, when the saver knows them,
+the class names of the head (``classes``). A damaged, truncated or mismatched file is refused with
+one :class:`CheckpointError` naming the file and what is wrong with it.
 """
 
 from __future__ import annotations
@@ -15,7 +20,8 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -23,13 +29,24 @@ from torch import Tensor, nn
 
 from fastprompt import methods
 from fastprompt.models import vit
+from fastprompt.tensorfiles import FileDamaged, inspect_safetensors, load_torch, tensor_digest
 
-__all__ = ["load_prompts", "save_prompts"]
+__all__ = ["CheckpointError", "checkpoint_info", "load_prompts", "save_prompts"]
 
 _TENSORS = "prompts.safetensors"
 _CONFIG = "config.json"
 _FORMAT = "fastprompt.prompts/2"
 _FORMAT_V1 = "fastprompt.prompts/1"
+_DIGEST = "tensors_sha256"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded: damaged, truncated, not a checkpoint, another
+    model's, or a config this fastprompt cannot rebuild (the message names the file)."""
+
+
+class CheckpointConfigError(CheckpointError, TypeError):
+    """A checkpoint config the method's builder refused with a TypeError (an unknown field)."""
 
 
 def describe(prompted: nn.Module) -> dict[str, Any]:
@@ -43,7 +60,9 @@ def describe(prompted: nn.Module) -> dict[str, Any]:
     }
 
 
-def save_prompts(prompted: nn.Module, path: str | os.PathLike) -> None:
+def save_prompts(
+    prompted: nn.Module, path: str | os.PathLike, classes: Sequence[str] | None = None
+) -> None:
     """Save the trainable state and the method's config of a prompted model to a folder.
 
     Parameters
@@ -53,16 +72,21 @@ def save_prompts(prompted: nn.Module, path: str | os.PathLike) -> None:
         Folder, created if missing. Receives ``prompts.safetensors`` (written to a temporary file
         and renamed over the old one, so an interrupted save leaves the previous checkpoint whole)
         and ``config.json``.
+    classes : sequence of str, optional
+        The head's class names (index i is class ``classes[i]``), saved with the config.
     """
     from safetensors.torch import save_file
 
     os.makedirs(path, exist_ok=True)
     meta = describe(prompted)
+    if classes is not None:
+        meta["classes"] = [str(c) for c in classes]
     tensors = {n: t.detach().contiguous().cpu() for n, t in prompted.prompt_state().items()}
     text = json.dumps(meta, indent=2)
+    digest = tensor_digest(tensors)
 
     def write_tensors(tmp: str) -> None:
-        save_file(tensors, tmp, metadata={"format": _FORMAT, "config": text})
+        save_file(tensors, tmp, metadata={"format": _FORMAT, "config": text, _DIGEST: digest})
 
     def write_json(tmp: str) -> None:
         with open(tmp, "w") as f:
@@ -112,9 +136,11 @@ def load_prompts(
 
     Raises
     ------
-    ValueError
-        If the checkpoint was made for another model shape or method (the message names what
-        differs), or the path holds no checkpoint.
+    CheckpointError
+        (a ValueError) If the checkpoint was made for another model shape, class count or method
+        (the message names what differs), or the file is damaged, truncated or not a checkpoint.
+    FileNotFoundError
+        If the path holds no checkpoint.
     """
     where = "the given state dict" if isinstance(path, Mapping) else os.fspath(path)
     if isinstance(path, Mapping) or (os.path.isfile(path) and not _is_safetensors(path)):
@@ -124,52 +150,155 @@ def load_prompts(
         saved = {"method": "vpt", "config": _config_from_shapes(state, model), "impl": "fused"}
     else:
         state, saved = _read_ours(path)
+        where = saved.pop("_file", where)
+        _check_classes(saved, model, where)
         _check_signature(saved["model"], model, where)
         if method is not None and saved["method"] != method:
             raise ValueError(
                 f"load_prompts: {where} holds a {saved['method']!r} model, not {method!r}"
             )
-    entry = methods.get(saved["method"])
+    entry = _method(saved["method"], where)
     run = {"impl": saved.get("impl", "fused"), **overrides}
-    prompted = entry.rebuild(model, saved["config"], run)
-    _copy_into(prompted, state, where)
+    try:
+        prompted = entry.rebuild(model, saved["config"], run)
+    except KeyError as e:
+        raise CheckpointError(
+            f"load_prompts: {where}: its {saved['method']!r} config lacks the key {e}; "
+            "was it edited by hand?"
+        ) from None
+    except TypeError as e:
+        raise CheckpointConfigError(f"load_prompts: {where}: {e}") from None
+    except ValueError as e:
+        raise CheckpointError(f"load_prompts: {where}: {e}") from None
+    try:
+        _copy_into(prompted, state, where)
+    except BaseException:
+        prompted.unwrap()  # the user's model is theirs again, to retry with
+        raise
     return prompted
+
+
+def _method(name: Any, where: str):
+    try:
+        return methods.get(name)
+    except ValueError as e:
+        raise CheckpointError(f"load_prompts: {where}: {e}") from None
+
+
+def _check_classes(saved: dict[str, Any], model: nn.Module, where: str) -> None:
+    classes = saved.get("classes")
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if classes is None or not isinstance(head, nn.Linear):
+        return
+    if len(classes) != head.out_features:
+        shown = classes[:6] + (["..."] if len(classes) > 6 else [])
+        raise CheckpointError(
+            f"load_prompts: {where} was trained for {len(classes)} classes ({shown}), but the "
+            f"model's head has {head.out_features}; build it with num_classes={len(classes)}"
+        )
+
+
+def checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
+    """The description saved with a :func:`save_prompts` checkpoint (method, config, model,
+    ``classes`` when saved), read without building anything.
+
+    Raises
+    ------
+    CheckpointError, FileNotFoundError
+    """
+    _, saved = _read_ours(path, tensors=False)
+    saved.pop("_file", None)
+    return saved
 
 
 def _is_safetensors(path) -> bool:
     return os.fspath(path).endswith(".safetensors")
 
 
-def _read_ours(path) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _read_ours(path, tensors: bool = True) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """The tensors (verified against their checksum) and the upgraded description; the
+    description carries the file it came from under ``"_file"``."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = os.fspath(path)
     if os.path.isdir(path):
-        tensors = os.path.join(path, _TENSORS)
-        if not os.path.isfile(tensors):
+        file = os.path.join(path, _TENSORS)
+        if not os.path.isfile(file):
             raise FileNotFoundError(
                 f"load_prompts: {path} holds no {_TENSORS}; is it a save_prompts folder?"
             )
     elif os.path.isfile(path):
-        tensors = path
+        file = path
     else:
         raise FileNotFoundError(f"load_prompts: {path} does not exist")
-    with safe_open(tensors, framework="pt") as f:
-        meta = f.metadata() or {}
+    try:
+        inspect_safetensors(file, "load_prompts: ")
+        with safe_open(file, framework="pt") as f:
+            meta = f.metadata() or {}
+        state = load_file(file) if tensors else {}
+    except FileDamaged as e:
+        raise CheckpointError(str(e)) from None
+    except Exception as e:  # safetensors' own errors name no file
+        raise CheckpointError(f"load_prompts: {file} cannot be read as safetensors ({e})") from None
+    cfg = os.path.join(os.path.dirname(file), _CONFIG)
     if "config" in meta:
-        saved = json.loads(meta["config"])
+        try:
+            saved = json.loads(meta["config"])
+        except ValueError as e:
+            raise CheckpointError(
+                f"load_prompts: {file}: the config in its metadata is not JSON ({e})"
+            ) from None
+        _compare_copy(saved, cfg)
     else:
         # Format 1 kept the description in config.json only.
-        cfg = os.path.join(os.path.dirname(tensors), _CONFIG)
         if not os.path.isfile(cfg):
-            raise ValueError(
-                f"load_prompts: {tensors} carries no config and has no {_CONFIG} beside it; "
+            raise CheckpointError(
+                f"load_prompts: {file} carries no config and has no {_CONFIG} beside it; "
                 "pass the folder written by save_prompts"
             )
-        with open(cfg) as f:
-            saved = json.load(f)
-    return load_file(tensors), _upgrade(saved, tensors)
+        saved = _read_json(cfg)
+    if tensors and _DIGEST in meta and tensor_digest(state) != meta[_DIGEST]:
+        raise CheckpointError(
+            f"load_prompts: {file} is damaged: its tensor data does not match the checksum "
+            "stored when it was saved (a flipped bit on disk, or a bad copy)"
+        )
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"load_prompts: {file}: its config is not a JSON object")
+    saved = _upgrade(saved, file)
+    missing = [k for k in ("method", "config", "model") if k not in saved]
+    if missing:
+        raise CheckpointError(
+            f"load_prompts: {file}: its config lacks {missing}; was it edited by hand?"
+        )
+    saved["_file"] = file
+    return state, saved
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:
+        raise CheckpointError(f"load_prompts: {path} is not valid JSON ({e})") from None
+
+
+def _compare_copy(saved: dict[str, Any], path: str) -> None:
+    """``config.json`` is a copy for people; say so when it no longer matches what loads."""
+    if not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            copy = json.load(f)
+    except (OSError, ValueError):
+        copy = None
+    if copy != saved:
+        warnings.warn(
+            f"load_prompts: {path} does not match the config stored inside {_TENSORS}, which "
+            f"is what loads; {_CONFIG} is only a readable copy (edits to it have no effect)",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _upgrade(saved: dict[str, Any], where: str) -> dict[str, Any]:
@@ -178,10 +307,12 @@ def _upgrade(saved: dict[str, Any], where: str) -> dict[str, Any]:
     if fmt == _FORMAT:
         return saved
     if fmt != _FORMAT_V1:
-        raise ValueError(
+        raise CheckpointError(
             f"load_prompts: {where} has format {fmt!r}; this fastprompt reads {_FORMAT!r} and "
             f"{_FORMAT_V1!r}"
         )
+    if "vpt" not in saved:
+        raise CheckpointError(f"load_prompts: {where}: its config lacks 'vpt' (format 1)")
     if "kept" in saved:
         method, config = "prompt_condensation", {"vpt": saved["vpt"], "kept": saved["kept"]}
     else:
@@ -194,6 +325,8 @@ def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
         raise TypeError(
             f"load_prompts: model must be a timm VisionTransformer, got {type(model).__name__}"
         )
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"load_prompts: {where}: its 'model' entry is not a JSON object")
     have = vit.signature(model)
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}"
@@ -201,7 +334,7 @@ def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
         if k != "class" and saved.get(k) != have[k]
     ]
     if diff:
-        raise ValueError(
+        raise CheckpointError(
             f"load_prompts: {where} was saved from another model shape ({'; '.join(diff)})"
         )
 
@@ -221,11 +354,16 @@ def _official_state(path) -> dict[str, Tensor]:
     if isinstance(path, Mapping):
         raw = dict(path)
     else:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            raw = load_torch(os.fspath(path), "load_prompts: ")
+        except FileDamaged as e:
+            raise CheckpointError(str(e)) from None
         if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
             raw = raw["model"]
     if not isinstance(raw, Mapping):
-        raise ValueError(f"load_prompts: {path} holds a {type(raw).__name__}, not a state dict")
+        raise CheckpointError(
+            f"load_prompts: {path} holds a {type(raw).__name__}, not a state dict"
+        )
     state: dict[str, Tensor] = {}
     for key, value in raw.items():
         for suffix, ours in _OFFICIAL_SUFFIXES.items():
@@ -236,14 +374,18 @@ def _official_state(path) -> dict[str, Tensor]:
             if key in ("head.weight", "head.bias"):
                 state[key] = value
     if "prompt_embeddings" not in state:
-        raise ValueError("load_prompts: the checkpoint holds no 'prompt_embeddings' tensor")
+        where = "the given state dict" if isinstance(path, Mapping) else os.fspath(path)
+        raise CheckpointError(
+            f"load_prompts: {where} holds no 'prompt_embeddings' tensor: not a VPT checkpoint "
+            "(a fastprompt checkpoint is a folder or a .safetensors file)"
+        )
     return state
 
 
 def _config_from_shapes(state: dict[str, Tensor], model: nn.Module) -> dict[str, Any]:
     shallow = state["prompt_embeddings"]
     if shallow.dim() != 3 or shallow.shape[0] != 1:
-        raise ValueError(
+        raise CheckpointError(
             f"load_prompts: prompt_embeddings must be (1, P, D), got {tuple(shallow.shape)}"
         )
     proj = state.get("prompt_proj.weight")
@@ -259,14 +401,14 @@ def _copy_into(prompted: nn.Module, state: dict[str, Tensor], where: str) -> Non
     own = prompted.prompt_state()
     missing = [n for n in own if n not in state]
     if missing:
-        raise ValueError(f"load_prompts: {where} lacks {missing}")
+        raise CheckpointError(f"load_prompts: {where} lacks {missing}")
     for name, tensor in state.items():
         if name not in own:
-            raise ValueError(
+            raise CheckpointError(
                 f"load_prompts: {where} holds {name!r}, which this model does not train"
             )
         if tuple(tensor.shape) != tuple(own[name].shape):
-            raise ValueError(
+            raise CheckpointError(
                 f"load_prompts: {name} has shape {tuple(tensor.shape)} in {where}, but this model "
                 f"needs {tuple(own[name].shape)} (a checkpoint of another model?)"
             )

@@ -43,13 +43,19 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
-    p.add_argument("--out", help="the new run folder (default RUN-pc<keep>-<score>)")
+    p.add_argument("--out", help="the new run folder (default RUN-pc<keep>-<score>); new or empty")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="--out holds something: move it aside to OUT.old-DATE-TIME first (nothing deleted)",
+    )
     p.add_argument("--stop-after", type=int, metavar="EPOCHS")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--quiet", action="store_true")
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
+    from fastprompt.train import owner
     from fastprompt.train.condense import default_out
     from fastprompt.train.distributed import env_rank
     from fastprompt.train.run import RunError, read_run
@@ -77,8 +83,11 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
         return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
     out = args.out or default_out(args.run, args.keep, args.score)
-    if env_rank() == 0 and os.path.exists(os.path.join(out, "run.json")):
-        return f"{out} already holds a run; continue it with fastprompt train --resume {out}"
+    if env_rank() == 0:
+        try:
+            owner.check_out(out, args.overwrite)
+        except owner.OwnerError as e:
+            return str(e).replace("--resume", "fastprompt train --resume")
     return None
 
 
@@ -108,6 +117,7 @@ def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             quiet=args.quiet,
             stop_after=args.stop_after,
             extra={"command": {"argv": sys.argv}},
+            overwrite=args.overwrite,
         )
     except (DataError, RunError, ValueError) as e:
         teardown(env)

@@ -47,63 +47,25 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
     return None
 
 
-class _Relabelled:
-    """A dataset whose class names are remapped onto the run's class indices."""
-
-    def __init__(self, base, mapping: list[int], classes: list[str]) -> None:
-        self.base, self.mapping, self.classes = base, mapping, classes
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, i):
-        image, label = self.base[i]
-        return image, self.mapping[label]
-
-
-def _fit_classes(dataset, run_classes: list[str], where: str):
-    from fastprompt.train.data import DataError
-
-    classes = list(getattr(dataset, "classes", []))
-    if classes == run_classes[: len(classes)]:
-        return dataset
-    if all(c.isdigit() for c in classes):
-        if len(classes) > len(run_classes):
-            raise DataError(
-                f"{where} has labels up to {len(classes) - 1}, but the run's head has "
-                f"{len(run_classes)} classes"
-            )
-        return dataset
-    unknown = [c for c in classes if c not in run_classes]
-    if unknown:
-        raise DataError(
-            f"{where} has classes the run was not trained on: {unknown[:5]} (the head has "
-            f"{len(run_classes)} classes: {run_classes[:5]}...)"
-        )
-    return _Relabelled(dataset, [run_classes.index(c) for c in classes], run_classes)
-
-
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastprompt.train import data as D
     from fastprompt.train.distributed import setup, teardown
     from fastprompt.train.loop import LabelError, evaluate_model
-    from fastprompt.train.run import (
-        RunError,
-        load_run_model,
-        open_data,
-        read_run,
-        transforms_for,
-    )
+    from fastprompt.train.run import RunError, load_run_model, read_run, transforms_for
+    from fastprompt.train.splits import run_data
 
     config, saved = read_run(args.run)
     env = setup(args.device or config.device)
     try:
         model = load_run_model(args.run, args.checkpoint, env.device, config, saved)
         if args.data is None:
-            _, dataset, _, _ = open_data(config.data, config.seed)
+            dataset = run_data(args.run, config, saved).val
             name = "validation"
         else:
-            dataset = _fit_classes(D.open_dataset(args.data, "val"), saved["classes"], args.data)
+            # Read through the run's class map: digits:6-9 on a digits:5-9 run is labelled
+            # as the run's classes 6-9, digits:0-4 is refused.
+            opened = D.open_dataset(args.data, "val", exclude=[args.run])
+            dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
             name = args.data
         _, test_tf, _ = transforms_for(model.model, config.recipe)
         batch = args.batch_size or config.recipe.batch_size

@@ -3,6 +3,8 @@
 Every argument is checked before any work starts; a problem is one line from ``parser.error``.
 A resumed run (``--resume RUN``) takes its settings from ``RUN/run.json``; repeating the original
 arguments is allowed, changing them is refused (except how it runs: workers, progress, stop).
+``--out`` must be new or empty (or a run folder that never finished preparing); ``--overwrite``
+moves what it holds aside instead (:mod:`fastprompt.train.owner`).
 """
 
 from __future__ import annotations
@@ -14,13 +16,30 @@ import sys
 from typing import Any
 
 from fastprompt.backends import NAMES
-from fastprompt.train.recipes import NORMALIZATIONS, RECIPES, TRANSFORMS, VTAB1K_PROMPTS
+from fastprompt.train.recipes import (
+    NORMALIZATIONS,
+    RECIPES,
+    TRANSFORMS,
+    VTAB1K_PROMPTS,
+    coerce_field,
+)
 
 __all__ = ["add_recipes_parser", "add_train_parser", "check_train_args", "run_recipes", "run_train"]
 
 PRESETS = {f"vtab1k-{task}": n for task, n in VTAB1K_PROMPTS.items()}
 # Arguments that say how a run executes, not what it trains: a resumed run may change them.
-RUNTIME = {"resume", "stop_after", "workers", "no_progress", "quiet", "device", "command"}
+# (--overwrite applies to a new run only: a resumed run moves nothing, so the original command
+# with --resume appended may carry it.)
+RUNTIME = {
+    "resume",
+    "stop_after",
+    "workers",
+    "no_progress",
+    "quiet",
+    "device",
+    "command",
+    "overwrite",
+}
 DEFAULT_METHOD_RECIPE = {"vpt": "vpt", "pgn": "pgn"}
 
 
@@ -113,7 +132,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     r.add_argument("--print-recipe", action="store_true", help="print the recipe and exit")
     x = p.add_argument_group("run")
-    x.add_argument("--out", help="the run folder (new)")
+    x.add_argument("--out", help="the run folder (new or empty)")
+    x.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="a new run whose --out holds something: move that aside to OUT.old-DATE-TIME "
+        "first (nothing is deleted)",
+    )
     x.add_argument("--resume", metavar="RUN", help="continue the run in RUN")
     x.add_argument("--stop-after", type=int, metavar="EPOCHS", help="stop once EPOCHS are done")
     x.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast (default fp32)")
@@ -167,7 +192,10 @@ def resolve_recipe(args: argparse.Namespace):
         if value is not None:
             changes[name] = value
     for key, value in args.set or []:
-        changes[key] = value
+        try:
+            changes[key] = coerce_field(key, value, f"--set {key}={value}")
+        except ValueError as e:
+            raise ValueError(str(e).replace("recipe: ", f"--set {key}={value}: ")) from None
     if "warmup_epochs" not in changes and "epochs" in changes:
         # Keep the recipe's warmup share (VPT: 10 of 100; PGN: 50 of 100).
         share = recipe.warmup_epochs / recipe.epochs
@@ -206,6 +234,7 @@ def check_train_args(args: argparse.Namespace) -> str | None:
     import torch
 
     import fastprompt
+    from fastprompt.train import owner
     from fastprompt.train.distributed import env_rank, launched_by_torchrun
 
     for name in ("epochs", "batch_size", "stop_after", "pgn_resolution", "library_size"):
@@ -247,6 +276,9 @@ def check_train_args(args: argparse.Namespace) -> str | None:
 
     if not timm.is_model(args.model):
         return f"--model {args.model!r} is not a timm model name (see timm.list_models())"
+    problem = _check_model_args(args.model, dict(args.model_args or []))
+    if problem:
+        return problem
     if args.weights is not None and not os.path.isfile(args.weights):
         return f"--weights {args.weights} does not exist"
     if args.weights is not None and args.no_pretrained:
@@ -270,10 +302,11 @@ def check_train_args(args: argparse.Namespace) -> str | None:
             if not os.path.exists(spec):
                 return f"{flag} {spec} does not exist (a folder, a .csv/.txt list, or digits)"
     # Under torchrun rank 0 creates the folder; another rank may look after it did.
-    if env_rank() == 0 and os.path.exists(os.path.join(args.out, "run.json")):
-        return f"--out {args.out} already holds a run; continue it with --resume {args.out}"
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return f"--out {args.out} exists and is not a folder"
+    if env_rank() == 0:
+        try:
+            owner.check_out(args.out, args.overwrite)
+        except owner.OwnerError as e:
+            return str(e)
     try:
         recipe = resolve_recipe(args)
     except ValueError as e:
@@ -283,6 +316,35 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         if recipe.batch_size % world:
             return f"--batch-size {recipe.batch_size} does not split over {world} processes"
     return None
+
+
+def _check_model_args(name: str, kwargs: dict[str, Any]) -> str | None:
+    """What timm says about ``--model-args``, found by building the model on the meta device
+    (no memory, no weights, no download: a fraction of a second even for a ViT-L)."""
+    import timm
+    import torch
+
+    def build(kw: dict[str, Any]) -> None:
+        with torch.device("meta"):
+            timm.create_model(name, pretrained=False, **kw)
+
+    try:
+        build(kwargs)
+        return None
+    except Exception as e:
+        whole = e
+    for key, value in kwargs.items():
+        try:
+            build({key: value})
+        except Exception as e:
+            return (
+                f"--model-args {key}={value!r}: timm's {name} does not take it "
+                f"({type(e).__name__}: {e})"
+            )
+    return (
+        f"--model-args {' '.join(f'{k}={v!r}' for k, v in kwargs.items())}: timm's {name} does "
+        f"not take them together ({type(whole).__name__}: {whole})"
+    )
 
 
 def _check_resume(args: argparse.Namespace) -> str | None:
@@ -340,12 +402,14 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastprompt.train.data import DataError
     from fastprompt.train.distributed import setup, teardown
     from fastprompt.train.loop import LabelError
+    from fastprompt.train.owner import release
     from fastprompt.train.run import RunError, continue_run, prepare_run
 
     if args.print_recipe and args.resume is None:
         print(resolve_recipe(args).describe())
         return 0
     env = setup(args.device)
+    run = args.resume or args.out
     try:
         if args.resume is None:
             config = build_config(args)
@@ -356,9 +420,14 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 for k, x in explicit.items()
             }
             prepare_run(
-                config, args.out, env, extra={"command": {"argv": sys.argv, "explicit": explicit}}
+                config,
+                args.out,
+                env,
+                extra={"command": {"argv": sys.argv, "explicit": explicit}},
+                overwrite=args.overwrite,
+                keep_lock=True,
+                quiet=args.quiet,
             )
-        run = args.resume or args.out
         continue_run(
             run,
             env,
@@ -370,5 +439,8 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     except (DataError, RunError, LabelError) as e:
         teardown(env)
         parser.error(f"train: {e}")
+    finally:
+        if env.main:
+            release(run)
     teardown(env)
     return 0

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt import methods
-from fastprompt.batches import BatchFn, batches
+from fastprompt.batches import BatchFn, batches, check_reiterable, head_classes
 from fastprompt.methods import vpt as vpt_method
 from fastprompt.models import vit
 from fastprompt.models.vit import AttentionCall
@@ -201,9 +201,13 @@ def score_prompts(
         return torch.rand(depth, p, generator=torch.Generator().manual_seed(seed))
     if method == "cls_sim" and prompted.model.cls_token is None:
         raise ValueError(f"{who}: 'cls_sim' needs a model with a class token")
+    # The default loss takes class indices: check them as fit/evaluate do (a custom loss_fn
+    # decides what its labels are).
+    check = who if loss_fn is None else None
     loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y, reduction="sum"))
     device = prompted.source.prompt_embeddings.device
-    data = _progress(batches(loader, device, batch_fn), progress, f"scoring ({method})")
+    labelled = batches(loader, device, batch_fn, head_classes(prompted), check)
+    data = _progress(labelled, progress, f"scoring ({method})")
     if method == "leave_one_out":
         sums, count = _leave_one_out(prompted, data, loss_fn)
     elif method == "cls_sim":
@@ -219,6 +223,11 @@ def score_prompts(
         raise ValueError(
             f"{who}: {int(bad.sum())} {method} scores are NaN (blocks {blocks}); the loss or its "
             "gradients overflowed. Check the model's outputs on this data."
+        )
+    if method in _GRADIENT and not scores.any():
+        raise ValueError(
+            f"{who}: every {method} score is zero (a loss that ignores every label, or prompts "
+            "that are all zero); selecting from them would only follow the prompts' order"
         )
     return scores
 
@@ -476,6 +485,8 @@ def prompt_condensation(
     """
     from fastprompt.train import finetune
 
+    # Scoring is one pass, fine-tuning `epochs` more: a generator would be empty by then.
+    check_reiterable(train_loader, 1 + epochs, "prompt_condensation")
     scores = score_prompts(
         prompted, train_loader, method=score, progress=progress, batch_fn=batch_fn
     )
@@ -509,10 +520,32 @@ def _rebuild(model, saved: Mapping[str, Any], overrides: Mapping[str, Any]) -> P
     config, run = vpt_method.split_overrides(vpt_method.config_from_json(saved["vpt"]), overrides)
     rows = saved["kept"]
     width = int(saved.get("num_prompts_before", config.num_prompts))
+    _check_kept(rows, width, config.layer_counts)
     kept = torch.zeros(len(rows), width, dtype=torch.bool)
     for layer, idx in enumerate(rows):
         kept[layer, idx] = True
     return _build(model, config, kept, **run)
+
+
+def _check_kept(rows: Any, width: int, counts: tuple[int, ...] | None) -> None:
+    """A saved kept list must agree with the per-block counts the prompts are built with."""
+    ok_rows = isinstance(rows, list) and all(
+        isinstance(r, list)
+        and all(isinstance(i, int) and 0 <= i < width for i in r)
+        and len(set(r)) == len(r)
+        for r in rows
+    )
+    if not ok_rows:
+        raise ValueError(
+            f"the kept list must hold, per block, distinct prompt indices in [0, {width}); got "
+            f"{str(rows)[:80]}"
+        )
+    have = tuple(len(r) for r in rows)
+    if counts is None or tuple(counts) != have:
+        raise ValueError(
+            f"the kept list keeps {list(have)} prompts per block, but the config's layer_counts "
+            f"are {None if counts is None else list(counts)}; the checkpoint is inconsistent"
+        )
 
 
 methods.register(methods.Method(name=METHOD, describe=_describe, rebuild=_rebuild))

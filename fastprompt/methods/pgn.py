@@ -68,8 +68,11 @@ def build(
         raise TypeError("fastprompt.pgn: this model is already prompted; call .unwrap() first")
     vit.check_wrappable(model, "fastprompt.pgn")
     ref = next(model.parameters())
-    kind = GeneratedPrompts if config.generator is not None else InputIndependentPrompts
-    source = kind(config, model.embed_dim, device=ref.device, dtype=ref.dtype)
+    if config.generator is not None:
+        in_chans = model.patch_embed.proj.in_channels
+        source = GeneratedPrompts(config, model.embed_dim, ref.device, ref.dtype, in_chans)
+    else:
+        source = InputIndependentPrompts(config, model.embed_dim, ref.device, ref.dtype)
     # PGN prompts are real tokens in every block: the plain computation is the only one.
     prompted = PromptedViT(
         model, source, readout=config.readout, impl="naive", backend=backend, method="pgn"

@@ -120,6 +120,8 @@ class GeneratedPrompts(_AfterPatches):
         The backbone's width D.
     device, dtype
         Of the backbone's weights.
+    in_chans : int
+        Channels of the backbone's images (the generator reads the same images).
     """
 
     def __init__(
@@ -128,10 +130,19 @@ class GeneratedPrompts(_AfterPatches):
         embed_dim: int,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
+        in_chans: int = 3,
     ) -> None:
         super().__init__(config)
+        options = dict(config.generator_options)
+        if in_chans != 3 and "in_chans" not in options:
+            if config.generator != "resnet10":
+                raise ValueError(
+                    f"fastprompt.pgn: the {config.generator} generator reads 3-channel images, "
+                    f"but the model takes {in_chans}; use generator='resnet10'"
+                )
+            options["in_chans"] = in_chans
         self.generator = build_generator(
-            config.generator, config.num_prompts, config.library_size, **config.generator_options
+            config.generator, config.num_prompts, config.library_size, **options
         ).to(device, dtype)
         smallest = self.generator.min_input_size
         if config.resolution < smallest:

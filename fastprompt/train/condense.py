@@ -19,20 +19,22 @@ from typing import Any
 import torch
 
 from fastprompt.train import data as D
+from fastprompt.train import owner
 from fastprompt.train.distributed import DistEnv, all_reduce_sum, setup
 from fastprompt.train.loop import evaluate_model
 from fastprompt.train.recipes import get_recipe
 from fastprompt.train.run import (
     RunConfig,
     RunError,
+    _owned,
     _run_options,
     continue_run,
     load_run_model,
-    open_data,
     prepare_run,
     read_run,
     transforms_for,
 )
+from fastprompt.train.splits import run_data
 
 __all__ = ["condense_run", "default_out"]
 
@@ -60,6 +62,7 @@ def condense_run(
     quiet: bool = False,
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
     """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
 
@@ -88,6 +91,9 @@ def condense_run(
         Stop the fine-tuning after this many epochs (continue with ``--resume``).
     extra : dict, optional
         Stored in the new ``run.json``.
+    overwrite : bool
+        Move a non-empty ``out`` aside first (``<out>.old-<date>-<time>``); without it only a
+        new or empty folder is written.
 
     Returns
     -------
@@ -104,8 +110,8 @@ def condense_run(
     config, saved = read_run(source)
     env = env or setup(config.device)
     out = out or default_out(source, keep, score)
-    if env.main and os.path.exists(os.path.join(out, "run.json")):
-        raise RunError(f"{out} already holds a run; continue it with --resume {out}")
+    if env.main:
+        _owned(owner.check_out, out, overwrite)
     if config.method != "vpt":
         raise RunError(
             f"Prompt Condensation condenses a VPT-deep run; {source} is a {config.method!r} run"
@@ -116,13 +122,13 @@ def condense_run(
     )
     base_lr = lr if lr is not None else src_lr / 10
     model = load_run_model(source, checkpoint, env.device, config, saved)
-    train_raw, val_raw, _, _ = open_data(config.data, config.seed)
+    data = run_data(source, config, saved)
     _, test_tf, _ = transforms_for(model.model, config.recipe)
     workers = config.data.workers if workers is None else workers
     spec = D.LoaderSpec(
         recipe.batch_size // env.world, workers, False, config.seed, env.rank, env.world
     )
-    train_loader = D.make_loader(D.Transformed(train_raw, test_tf), spec)
+    train_loader = D.make_loader(D.Transformed(data.train, test_tf), spec)
     show = progress and env.main
 
     t0 = time.perf_counter()
@@ -135,7 +141,7 @@ def condense_run(
     scores = (totals[:-1] / totals[-1]).reshape(local.shape).float()
     mask = select_prompts(scores, keep, scope)
     condensed = condense(model, mask)
-    val_loader = D.make_loader(D.Transformed(val_raw, test_tf), spec)
+    val_loader = D.make_loader(D.Transformed(data.val, test_tf), spec)
     before = evaluate_model(condensed, val_loader, env=env)
     summary = layer_summary(mask)
     if env.main and not quiet:
@@ -169,11 +175,15 @@ def condense_run(
             "scoring_time_s": seconds,
         },
     )
-    prepare_run(new, out, env, extra=extra, start=condensed)
-    if env.main:
-        torch.save(scores, os.path.join(out, "scores.pt"))
-        with open(os.path.join(out, "condensation.json"), "w") as f:
-            json.dump({**new.init, "summary": summary.splitlines()}, f, indent=2)
-    return continue_run(
-        out, env, stop_after=stop_after, workers=workers, progress=progress, quiet=quiet
-    )
+    prepare_run(new, out, env, extra, condensed, overwrite, data, keep_lock=True, quiet=quiet)
+    try:
+        if env.main:
+            torch.save(scores, os.path.join(out, "scores.pt"))
+            with open(os.path.join(out, "condensation.json"), "w") as f:
+                json.dump({**new.init, "summary": summary.splitlines()}, f, indent=2)
+        return continue_run(
+            out, env, stop_after=stop_after, workers=workers, progress=progress, quiet=quiet
+        )
+    finally:
+        if env.main:
+            owner.release(out)

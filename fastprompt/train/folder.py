@@ -3,10 +3,14 @@
 The layout (:mod:`fastprompt.train.run` writes it):
 
 ```
+.fastprompt-run the ownership marker: this folder is a run (fastprompt.train.owner)
+.fastprompt-lock locked by the process writing the run (pid and host inside)
 run.json        the resolved configuration (model, method, data, recipe, precision, seed, ...)
+                and the class map (``classes``: label i is ``classes[i]``)
+split.json      which samples train and which validate (ids and labels; fastprompt.train.splits)
 init/           the prompt checkpoint training starts from (fastprompt.load_prompts reads it)
 last/           the latest epoch: prompt checkpoint + trainer.pt (optimiser, scaler, schedule,
-                epoch, best so far, every process's random state)
+                epoch, best so far, every process's random state) + trainer.pt.sha256
 best/           the epoch with the best validation top-1: prompt checkpoint + best.json
 metrics.jsonl   one JSON line per epoch: lr, train/val loss and top-1, throughput, data wait
 curves.png      loss and top-1 per epoch (with matplotlib)
@@ -14,7 +18,8 @@ log.txt         what was printed
 ```
 
 Checkpoint folders are written whole under a temporary name and swapped in, so an interrupted
-save leaves the previous one readable.
+save leaves the previous one readable. A file a person put into a checkpoint folder is carried
+into the new one, never deleted.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ import os
 import random
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -138,6 +143,17 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        """The configuration ``to_dict`` wrote.
+
+        Raises
+        ------
+        KeyError, TypeError, ValueError
+            A missing entry, an unknown field, a bad value.
+        """
+        for name, kind in (("model", ModelSpec), ("data", DataConfig)):
+            unknown = sorted(set(d[name]) - {f.name for f in fields(kind)})
+            if unknown:
+                raise ValueError(f"unknown {name} fields {unknown}")
         return cls(
             model=ModelSpec(**d["model"]),
             method=d["method"],
@@ -159,11 +175,30 @@ def read_run(path: str) -> tuple[RunConfig, dict[str, Any]]:
     if not os.path.isfile(file):
         what = "does not exist" if not os.path.exists(path) else f"holds no {RUN_FILE}"
         raise RunError(f"{path} {what}; is it a fastprompt run folder?")
-    with open(file) as f:
-        saved = json.load(f)
-    if saved.get("format") != FORMAT:
-        raise RunError(f"{file} has format {saved.get('format')!r}, expected {FORMAT!r}")
-    return RunConfig.from_dict(saved["config"]), saved
+    try:
+        with open(file) as f:
+            saved = json.load(f)
+    except ValueError as e:
+        raise RunError(
+            f"{file} is not valid JSON ({e}): damaged or cut short; it holds the run's "
+            "configuration, so the run cannot be read without it"
+        ) from None
+    if not isinstance(saved, dict) or saved.get("format") != FORMAT:
+        got = saved.get("format") if isinstance(saved, dict) else type(saved).__name__
+        raise RunError(f"{file} has format {got!r}, expected {FORMAT!r}")
+    missing = [k for k in ("config", "classes") if k not in saved]
+    if missing:
+        raise RunError(f"{file} lacks {missing}; was it edited by hand?")
+    try:
+        config = RunConfig.from_dict(saved["config"])
+    except KeyError as e:
+        raise RunError(f"{file}: its config lacks {e}; was it edited by hand?") from None
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{file}: its config cannot be used ({e})") from None
+    classes = saved["classes"]
+    if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes):
+        raise RunError(f"{file}: 'classes' must be a list of class names, got {classes!r:.80}")
+    return config, saved
 
 
 def checkpoint_dir(run: str, name: str) -> str | None:
@@ -174,12 +209,35 @@ def checkpoint_dir(run: str, name: str) -> str | None:
     return None
 
 
+# What fastprompt writes into a checkpoint folder; anything else there is a person's.
+OWN_FILES = ("prompts.safetensors", "config.json", "trainer.pt", "trainer.pt.sha256", "best.json")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def save_dir(run: str, name: str, write) -> None:
-    """Write a checkpoint folder whole, then swap it in (an interrupted save keeps the old one)."""
+    """Write a checkpoint folder whole, then swap it in (an interrupted save keeps the old one).
+
+    Files in the old folder that fastprompt does not write (a person's notes) are moved into the
+    new one first: a checkpoint never replaces a user's file.
+    """
     tmp = tempfile.mkdtemp(dir=run, prefix=f".{name}-")
     try:
         write(tmp)
+        # mkdtemp/mkstemp make owner-only entries; a checkpoint is as readable as any file.
+        mask = _umask()
+        os.chmod(tmp, 0o777 & ~mask)
+        for entry in os.listdir(tmp):
+            os.chmod(os.path.join(tmp, entry), 0o666 & ~mask)
         final, old = os.path.join(run, name), os.path.join(run, name + ".old")
+        if os.path.isdir(final):
+            for entry in os.listdir(final):
+                if entry not in OWN_FILES and not entry.startswith(".tmp-"):
+                    os.rename(os.path.join(final, entry), os.path.join(tmp, entry))
         if os.path.exists(old):
             shutil.rmtree(old)
         if os.path.exists(final):
@@ -233,12 +291,24 @@ class Log:
 
 
 def metrics_upto(run: str, epochs: int) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` before epoch ``epochs``.
+
+    Raises
+    ------
+    RunError
+        A damaged file.
+    """
     path = os.path.join(run, METRICS_FILE)
     if not os.path.isfile(path):
         return []
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return [r for r in rows if r["epoch"] < epochs]
+    try:
+        with open(path) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        return [r for r in rows if r["epoch"] < epochs]
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunError(
+            f"{path} is damaged ({type(e).__name__}: {e}); it is the run's record"
+        ) from None
 
 
 def write_metrics(run: str, rows: list[dict[str, Any]]) -> None:

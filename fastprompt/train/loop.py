@@ -20,17 +20,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
-from fastprompt.batches import BatchFn, split_batch
+from fastprompt.batches import BatchFn, LabelError, check_batch, head_classes, split_batch
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.distributed import DistEnv, all_reduce_sum
-from fastprompt.train.recipes import Recipe, make_optimizer
+from fastprompt.train.recipes import Recipe, check_no_decay, make_optimizer
 
 __all__ = [
     "PRECISIONS",
     "LabelError",
     "Trainer",
+    "check_recipe_fits",
     "evaluate_model",
     "get_rng_state",
     "set_rng_state",
@@ -39,33 +40,9 @@ __all__ = [
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-class LabelError(ValueError):
-    """Labels that do not fit the model's head."""
-
-
 def num_classes_of(model: nn.Module) -> int | None:
     """Classes the model's head predicts (None for a model without a Linear head)."""
-    inner = model.model if isinstance(model, PromptedViT) else model
-    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
-    if isinstance(head, nn.Linear):
-        return head.out_features
-    n = getattr(inner, "num_classes", None)
-    return int(n) if isinstance(n, int) and n > 0 else None
-
-
-def check_labels(y: Tensor, classes: int | None, where: str) -> None:
-    """Refuse labels outside [0, classes) before they reach the loss (free on CPU labels)."""
-    if classes is None or y.device.type != "cpu" or y.numel() == 0:
-        return
-    if y.dtype.is_floating_point or y.dtype == torch.bool:
-        raise LabelError(f"{where}: labels must be integer class indices, got {y.dtype}")
-    lo, hi = int(y.min()), int(y.max())
-    if lo < 0 or hi >= classes:
-        raise LabelError(
-            f"{where}: label {hi if hi >= classes else lo} does not fit the model's head of "
-            f"{classes} classes (labels must be in [0, {classes - 1}]); build the model with "
-            "num_classes matching the dataset"
-        )
+    return head_classes(model)
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -147,8 +124,7 @@ def evaluate_model(
     try:
         with _frozen(model), _autocast(device, precision):
             for batch in loader:
-                x, y = split_batch(batch, batch_fn)
-                check_labels(y, classes, "evaluate")
+                x, y = check_batch(*split_batch(batch, batch_fn), classes, "evaluate")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 logits = call(x).float()
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
@@ -164,6 +140,27 @@ def evaluate_model(
     if sums[2] == 0:
         raise ValueError("evaluate: the loader yielded no samples")
     return {"loss": sums[0] / sums[2], "acc": sums[1] / sums[2], "samples": int(sums[2])}
+
+
+def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None = None) -> None:
+    """Refuse a recipe that cannot train this model, before anything is written or run: no lr,
+    nothing trainable, ``no_decay`` names the model lacks, prompt dropout it does not have.
+
+    Raises
+    ------
+    ValueError
+    """
+    recipe.peak_lr(base_lr)  # a recipe without lr needs base_lr
+    named = model.trainable_parameters()
+    if not named:
+        raise ValueError("Trainer: the model has no trainable parameters")
+    check_no_decay(model, named, recipe)
+    p = recipe.prompt_dropout
+    if p is not None and p > 0 and not hasattr(model.source, "set_dropout"):
+        raise ValueError(
+            f"recipe {recipe.name!r} sets prompt_dropout={p}, but a {model.method!r} model has "
+            "no prompt dropout"
+        )
 
 
 class Trainer:
@@ -207,18 +204,16 @@ class Trainer:
         self.model = model
         self.recipe = recipe
         self.base_lr = base_lr
-        recipe.peak_lr(base_lr)  # a recipe without lr needs base_lr: fail now, not mid-run
+        check_recipe_fits(model, recipe, base_lr)
         self.precision = precision
         self.batch_fn = batch_fn
         self.progress = progress
         named = model.trainable_parameters()
-        if not named:
-            raise ValueError("Trainer: the model has no trainable parameters")
         self.device = next(iter(named.values())).device
         self.env = env or DistEnv(device=self.device)
         self.classes = num_classes_of(model)
-        if recipe.prompt_dropout is not None:
-            self._set_dropout(recipe.prompt_dropout)
+        if recipe.prompt_dropout is not None and hasattr(model.source, "set_dropout"):
+            model.source.set_dropout(recipe.prompt_dropout)
         self.optimizer = make_optimizer(named, recipe)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
@@ -230,16 +225,6 @@ class Trainer:
             target = torch.compile(model, fullgraph=True, backend=backend)
         self.eval_forward = target
         self.forward = self._ddp(target) if self.env.active else target
-
-    def _set_dropout(self, p: float) -> None:
-        source = self.model.source
-        if hasattr(source, "set_dropout"):
-            source.set_dropout(p)
-        elif p > 0:
-            raise ValueError(
-                f"recipe {self.recipe.name!r} sets prompt_dropout={p}, but a "
-                f"{self.model.method!r} model has no prompt dropout"
-            )
 
     def _ddp(self, target: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -289,8 +274,7 @@ class Trainer:
                 except StopIteration:
                     break
                 wait += time.perf_counter() - t0
-                x, y = split_batch(batch, self.batch_fn)
-                check_labels(y, self.classes, "train")
+                x, y = check_batch(*split_batch(batch, self.batch_fn), self.classes, "train")
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 with _autocast(device, self.precision):
                     logits = self.forward(x)

@@ -28,8 +28,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
 
 from __future__ import annotations
 
+import difflib
 import math
-from dataclasses import asdict, dataclass, fields, replace
+from collections.abc import Mapping
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -42,6 +44,8 @@ __all__ = [
     "TRANSFORMS",
     "VTAB1K_PROMPTS",
     "Recipe",
+    "check_no_decay",
+    "coerce_field",
     "get_recipe",
     "lr_factor",
     "make_optimizer",
@@ -134,6 +138,9 @@ class Recipe:
     prompt_dropout: float | None = None
 
     def __post_init__(self) -> None:
+        who = f"recipe {self.name!r}"
+        for f in fields(self):
+            object.__setattr__(self, f.name, coerce_field(f.name, getattr(self, f.name), who))
         _check(self)
 
     def peak_lr(self, base: float | None = None) -> float:
@@ -151,13 +158,7 @@ class Recipe:
 
     def override(self, **changes: Any) -> Recipe:
         """A copy with some fields changed (values are checked; unknown names are refused)."""
-        known = {f.name for f in fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"recipe: unknown fields {unknown}; known: {sorted(known)}")
-        if "no_decay" in changes and isinstance(changes["no_decay"], (list, str)):
-            value = changes["no_decay"]
-            changes["no_decay"] = tuple([value] if isinstance(value, str) else value)
+        _check_names(changes)
         return replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,9 +167,14 @@ class Recipe:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Recipe:
-        data = dict(data)
-        data["no_decay"] = tuple(data.get("no_decay", ()))
+    def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
+        """The recipe ``to_dict`` wrote (values are typed and checked; unknown names refused)."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"recipe: expected a JSON object of fields, got {type(data).__name__}")
+        _check_names(data)
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
+        if required:
+            raise ValueError(f"recipe: {required} missing")
         return cls(**data)
 
     def describe(self, base: float | None = None) -> str:
@@ -190,6 +196,113 @@ class Recipe:
             + ", ".join(f"{e}: {self.lr_at(e, base):.4g}" for e in marks)
         )
         return "\n".join(lines)
+
+
+_KINDS = {
+    "int": "an int",
+    "float": "a finite number",
+    "str": "a string",
+    "tuple[str, ...]": "parameter names (a list, or a comma-separated string)",
+}
+
+
+def _check_names(changes: Mapping[str, Any]) -> None:
+    known = [f.name for f in fields(Recipe)]
+    unknown = sorted(set(changes) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], known, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"recipe: unknown fields {unknown}{hint}; known: {sorted(known)}")
+
+
+def coerce_field(name: str, value: Any, who: str = "recipe") -> Any:
+    """``value`` as the type of the recipe field ``name`` (``"12"`` → 12 for an int field,
+    ``"0.1"`` → 0.1 for a float, ``"none"`` → None where the field allows it, ``"a,b"`` →
+    ``("a", "b")`` for a list of names).
+
+    Raises
+    ------
+    ValueError
+        Naming the field, what it takes and what it got.
+    """
+    _check_names({name: value})
+    kind = str(next(f.type for f in fields(Recipe) if f.name == name))
+    optional = kind.endswith("| None")
+    base = kind.replace(" | None", "")
+    bad = ValueError(
+        f"{who}: {name} must be {_KINDS[base]}{' or none' if optional else ''}, got {value!r}"
+    )
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise bad
+    if isinstance(value, bool):
+        raise bad
+    if base == "int":
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                raise bad from None
+        raise bad
+    if base == "float":
+        if isinstance(value, str):
+            try:
+                value = float(value.strip())
+            except ValueError:
+                raise bad from None
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            return float(value)
+        raise bad
+    if base == "str":
+        if isinstance(value, str):
+            return value
+        raise bad
+    if isinstance(value, str):
+        return tuple(v.strip() for v in value.split(",") if v.strip())
+    if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise bad
+
+
+def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe) -> None:
+    """Refuse ``recipe.no_decay`` names that exempt nothing by mistake (a typo, a frozen tensor).
+
+    A name is fine when it is a trainable tensor of ``model`` (``named``), or the ``bias`` of a
+    layer built without one (the ``vpt`` recipe's ``head.bias`` on a bias-free head).
+
+    Raises
+    ------
+    ValueError
+        Listing the model's trainable names closest to the one given.
+    """
+    frozen = {n for n, _ in model.named_parameters()} - set(named)
+    for name in recipe.no_decay:
+        if name in named:
+            continue
+        owner, _, attr = name.rpartition(".")
+        try:
+            layer = model.get_submodule(owner) if owner else model
+        except AttributeError:
+            layer = None
+        if layer is not None and attr == "bias" and getattr(layer, "bias", 0) is None:
+            continue
+        if name in frozen:
+            raise ValueError(
+                f"recipe {recipe.name!r}: no_decay names {name!r}, a frozen tensor of the model "
+                "(it does not train, so weight decay never touches it); name trainable tensors: "
+                f"{sorted(named)[:8]}"
+            )
+        close = difflib.get_close_matches(name, list(named), n=3, cutoff=0.5)
+        raise ValueError(
+            f"recipe {recipe.name!r}: no_decay names {name!r}, which is not a trainable tensor of "
+            f"this model; "
+            + (f"closest: {close}" if close else f"trainable tensors: {sorted(named)[:8]}")
+        )
 
 
 def _check(r: Recipe) -> None:

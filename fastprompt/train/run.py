@@ -1,15 +1,18 @@
 """Runs: what ``fastprompt train``, ``condense`` and ``evaluate`` do with a run folder.
 
-A run is *prepared* (:func:`prepare_run`: ``run.json`` and ``init/``, layout in
+A run is *prepared* (:func:`prepare_run`: ``run.json``, ``split.json`` and ``init/``, layout in
 :mod:`fastprompt.train.folder`) and then *continued* (:func:`continue_run`: from ``last/`` if it
 exists, else from ``init/``), so a fresh run, a resumed run and a condensed run
 (:mod:`fastprompt.train.condense`) take the same path. Epoch order, augmentation seeds and random
 states are restored, so on CPU a resumed run is bit-for-bit the run that was not interrupted.
+
+A run writes only into a folder it owns and holds its lock while it writes
+(:mod:`fastprompt.train.owner`); its data is read through its class map and split as stored
+(:mod:`fastprompt.train.splits`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import sys
@@ -19,7 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastprompt.checkpoint import save_prompts
+from fastprompt.tensorfiles import FileDamaged, read_tensors
 from fastprompt.train import data as D
+from fastprompt.train import owner
+from fastprompt.train.checkpoints import read_trainer_state, save_epoch, sha256
 from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
 from fastprompt.train.folder import (
     FORMAT,
@@ -36,17 +43,18 @@ from fastprompt.train.folder import (
     read_run,
     save_dir,
     seed_all,
-    write_metrics,
 )
-from fastprompt.train.loop import Trainer, get_rng_state, set_rng_state
-from fastprompt.train.plot import matplotlib_missing, plot_curves
+from fastprompt.train.loop import Trainer, check_recipe_fits, get_rng_state, set_rng_state
+from fastprompt.train.plot import matplotlib_missing
 from fastprompt.train.recipes import Recipe
+from fastprompt.train.splits import SPLIT_FILE, RunData, open_data, run_data, write_split
 
 __all__ = [
     "METHODS",
     "DataConfig",
     "ModelSpec",
     "RunConfig",
+    "RunData",
     "RunError",
     "continue_run",
     "create_backbone",
@@ -60,52 +68,61 @@ __all__ = [
 METHODS = ("vpt", "pgn")
 
 
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise RunError(f"--weights {path} holds a {type(state).__name__}, not a state dict")
-    return state
-
-
 def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Module:
-    """The timm backbone with a ``num_classes`` head (random-init parts seeded by ``seed``)."""
+    """The timm backbone with a ``num_classes`` head (random-init parts seeded by ``seed``).
+
+    Raises
+    ------
+    RunError
+        ``--model-args`` timm refuses, ``--weights`` that is not a state dict of this model.
+    """
     import timm
 
     torch.manual_seed(seed)
     kw = dict(spec.args)
     pretrained = spec.pretrained and spec.weights is None
-    model = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kw)
+    try:
+        model = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kw)
+    except (TypeError, ValueError) as e:
+        raise RunError(f"timm.create_model({spec.name!r}, {_kwargs(kw)}) failed: {e}") from None
     if spec.weights is not None:
-        state = _read_state_dict(spec.weights)
-        own = model.state_dict()
-        head = {n for n in own if n.startswith(model.default_cfg.get("classifier", "head") + ".")}
-        dropped = [n for n in head if n in state and state[n].shape != own[n].shape]
-        for n in dropped:
-            del state[n]
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        missing = [n for n in missing if n not in head]
-        if missing or unexpected:
-            raise RunError(
-                f"--weights {spec.weights} does not fit {spec.name} {kw or ''}: missing "
-                f"{missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-                f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
-            )
+        _load_weights(model, spec)
     return model
+
+
+def _kwargs(kw: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kw.items())
+
+
+def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
+    """``--weights`` into ``model``; the head is kept when its shape differs (another class
+    count), anything else that does not fit is an error naming it."""
+    try:
+        state = read_tensors(spec.weights, "--weights ")
+    except FileDamaged as e:
+        raise RunError(str(e)) from None
+    own = model.state_dict()
+    head = {n for n in own if n.startswith(model.default_cfg.get("classifier", "head") + ".")}
+    for n in [n for n in head if n in state and state[n].shape != own[n].shape]:
+        del state[n]
+    shapes = [
+        f"{n}: file {tuple(state[n].shape)}, model {tuple(own[n].shape)}"
+        for n in state
+        if n in own and state[n].shape != own[n].shape
+    ]
+    missing = [n for n in own if n not in state and n not in head]
+    unexpected = [n for n in state if n not in own]
+    if shapes or missing or unexpected:
+        what = f"{spec.name}" + (f" ({_kwargs(spec.args)})" if spec.args else "")
+        parts = [f"{len(shapes)} shapes differ ({'; '.join(shapes[:3])})"] if shapes else []
+        parts += [f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}"] if missing else []
+        more = "..." if len(unexpected) > 4 else ""
+        parts += [f"unexpected {unexpected[:4]}{more}"] if unexpected else []
+        raise RunError(
+            f"--weights {spec.weights} is not a state dict of {what}: {', '.join(parts)}; pass "
+            "the weights of this model (or the --model and --model-args they were saved from)"
+        )
+    model.load_state_dict(state, strict=False)
 
 
 def build_prompted(backbone: nn.Module, method: str, args: dict[str, Any]) -> nn.Module:
@@ -135,62 +152,6 @@ def _run_options(config: RunConfig) -> dict[str, Any]:
     return {k: config.method_args[k] for k in ("impl", "backend") if k in config.method_args}
 
 
-# -- data ----------------------------------------------------------------------------------------
-
-
-def open_data(cfg: DataConfig, seed: int = 0) -> tuple[D.Dataset, D.Dataset, list[str], str]:
-    """The raw (untransformed) train and validation datasets, the classes and how val was made.
-
-    Raises
-    ------
-    DataError
-        A bad path, no images, no validation data, classes that differ between the splits.
-    """
-    base = D.open_dataset(cfg.train, "train")
-    if len(base) == 0:
-        raise D.DataError(f"--data {cfg.train} holds no samples")
-    if cfg.val is not None and cfg.val_split is not None:
-        raise D.DataError("pass either --val or --val-split, not both")
-    if cfg.val_split is not None:
-        tr, va = D.split_dataset(len(base), cfg.val_split, seed)
-        train, val, how = _Subset(base, tr), _Subset(base, va), f"--val-split {cfg.val_split}"
-    elif cfg.val is not None:
-        train, val, how = base, D.open_dataset(cfg.val, "val"), f"--val {cfg.val}"
-    elif D.has_own_val(cfg.train):
-        train, val, how = base, D.open_dataset(cfg.train, "val"), "the dataset's own split"
-    else:
-        raise D.DataError(
-            f"--data {cfg.train} has no validation split; pass --val PATH or --val-split "
-            "(a fraction, a count, or vtab-1k)"
-        )
-    if len(val) == 0:
-        raise D.DataError(f"the validation data ({how}) holds no samples")
-    classes = list(base.classes)
-    val_classes = list(getattr(val, "classes", classes))
-    if val_classes != classes:
-        ints = all(c.isdigit() for c in classes + val_classes)
-        if not ints:
-            extra = sorted(set(val_classes) - set(classes))
-            raise D.DataError(
-                "the validation classes differ from the training classes"
-                + (f" (not in training: {extra[:5]})" if extra else f": {val_classes[:5]}...")
-            )
-        classes = [str(i) for i in range(max(len(classes), len(val_classes)))]
-    return train, val, classes, how
-
-
-class _Subset(D.Dataset):
-    def __init__(self, base, indices) -> None:
-        self.base, self.indices = base, list(indices)
-        self.classes = base.classes
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[self.indices[i]]
-
-
 def transforms_for(model: nn.Module, recipe: Recipe):
     size = D.image_size(model)
     mean, std = D.normalization(model, recipe.normalize)
@@ -217,34 +178,45 @@ def prepare_run(
     env: DistEnv | None = None,
     extra: dict[str, Any] | None = None,
     start: nn.Module | None = None,
+    overwrite: bool = False,
+    data: RunData | None = None,
+    keep_lock: bool = False,
+    quiet: bool = False,
 ) -> None:
     """Create the run folder ``out``: check the data, build the starting model, write
-    ``run.json`` and ``init/``.
+    ``split.json``, ``init/`` and ``run.json``.
 
     Parameters
     ----------
     config : RunConfig
     out : str
-        A new folder (or an empty one).
+        A new folder, an empty one, or (``overwrite``) any folder, whose content is moved aside.
     env : DistEnv, optional
         Under torchrun rank 0 writes; the others wait.
     extra : dict, optional
         More JSON stored in ``run.json`` (the command line, a condensed run's selection).
     start : PromptedViT, optional
         The starting model (a condensed one); default ``config.method`` on the backbone.
+    overwrite : bool
+        Move a non-empty ``out`` aside to ``<out>.old-<date>-<time>`` (nothing is deleted).
+    data : RunData, optional
+        The run's data, already opened (a condensed run takes its source's split).
+    keep_lock : bool
+        Keep holding ``out``'s lock afterwards (:func:`train` does, until the run ends).
+    quiet : bool
 
     Raises
     ------
     RunError, DataError
-        ``out`` already holds a run; the data or the model cannot be used.
+        ``out`` is not the run's to write (it holds a run, a person's files, or another process
+        is using it); the data or the model cannot be used.
     """
     env = env or DistEnv()
     # Rank 0 alone looks: under torchrun another rank may get here after rank 0 wrote the run.
-    if env.main and os.path.exists(os.path.join(out, RUN_FILE)):
-        raise RunError(f"{out} already holds a run; continue it with --resume {out}")
-    if env.main and os.path.exists(out) and not os.path.isdir(out):
-        raise RunError(f"--out {out} exists and is not a folder")
-    train, val, classes, how = open_data(config.data, config.seed)
+    if env.main:
+        _owned(owner.check_out, out, overwrite)
+    if data is None:
+        data = open_data(config.data, config.seed, exclude=[out])
     if config.model.weights is not None:
         if not os.path.isfile(config.model.weights):
             raise RunError(f"--weights {config.model.weights} does not exist")
@@ -252,33 +224,59 @@ def prepare_run(
         config.model.weights_sha256 = sha256(config.model.weights)
     if env.main:
         if start is None:
-            backbone = create_backbone(config.model, len(classes), config.seed)
+            backbone = create_backbone(config.model, len(data.classes), config.seed)
             torch.manual_seed(config.seed)
             start = build_prompted(backbone, config.method, config.method_args)
+        try:
+            check_recipe_fits(start, config.recipe, config.base_lr)
+        except ValueError as e:
+            raise RunError(str(e)) from None
         _, _, tinfo = transforms_for(start.model, config.recipe)
-        os.makedirs(out, exist_ok=True)
-        record = {
-            "format": FORMAT,
-            "config": config.to_dict(),
-            "classes": classes,
-            "data": {
-                "train_samples": len(train),
-                "val_samples": len(val),
-                "validation": how,
-                **tinfo,
-            },
-            "created": time.strftime("%Y-%m-%d %H:%M:%S"),
-            **(extra or {}),
-        }
-        import fastprompt
+        moved = _owned(owner.claim, out, overwrite)
+        try:
+            record = {
+                "format": FORMAT,
+                "config": config.to_dict(),
+                "classes": data.classes,
+                "data": {
+                    "train_samples": len(data.train),
+                    "val_samples": len(data.val),
+                    "validation": data.how,
+                    "split": SPLIT_FILE,
+                    **tinfo,
+                },
+                "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+                **({"moved_aside": moved} if moved else {}),
+                **(extra or {}),
+            }
+            import fastprompt
 
-        record["fastprompt"] = fastprompt.__version__
-        record["torch"] = torch.__version__
-        save_dir(out, "init", start.save_prompts)
-        with open(os.path.join(out, RUN_FILE), "w") as f:
-            json.dump(record, f, indent=2)
-            f.write("\n")
+            record["fastprompt"] = fastprompt.__version__
+            record["torch"] = torch.__version__
+            if moved:
+                Log(out, env, quiet)(f"note: --overwrite moved what {out} held to {moved}")
+            write_split(out, data)
+            save_dir(out, "init", lambda f: save_prompts(start, f, classes=data.classes))
+            _write_json(os.path.join(out, RUN_FILE), record)
+        finally:
+            if not keep_lock:
+                owner.release(out)
     barrier(env)
+
+
+def _owned(call, *args):
+    try:
+        return call(*args)
+    except owner.OwnerError as e:
+        raise RunError(str(e)) from None
+
+
+def _write_json(path: str, record: dict[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)
 
 
 def load_run_model(
@@ -288,8 +286,15 @@ def load_run_model(
     config: RunConfig | None = None,
     saved: dict[str, Any] | None = None,
 ) -> nn.Module:
-    """The prompted model of a run folder at ``checkpoint`` (``best``, ``last`` or ``init``)."""
-    from fastprompt.checkpoint import load_prompts
+    """The prompted model of a run folder at ``checkpoint`` (``best``, ``last`` or ``init``).
+
+    Raises
+    ------
+    RunError
+        No such checkpoint, a damaged one, one of another run (other classes), backbone weights
+        gone or changed.
+    """
+    from fastprompt.checkpoint import checkpoint_info, load_prompts
 
     if config is None or saved is None:
         config, saved = read_run(run)
@@ -302,8 +307,19 @@ def load_run_model(
             raise RunError(f"the run's backbone weights {spec.weights} are gone")
         if spec.weights_sha256 and sha256(spec.weights) != spec.weights_sha256:
             raise RunError(f"the run's backbone weights {spec.weights} changed since the run began")
-    backbone = create_backbone(spec, len(saved["classes"]), config.seed)
-    return load_prompts(backbone, folder, **_run_options(config)).to(device)
+    try:
+        classes = checkpoint_info(folder).get("classes")
+        if classes is not None and classes != saved["classes"]:
+            raise RunError(
+                f"{folder} holds a checkpoint for classes {classes[:6]}, but {run}/{RUN_FILE} "
+                f"lists {saved['classes'][:6]}: was it copied from another run?"
+            )
+        backbone = create_backbone(spec, len(saved["classes"]), config.seed)
+        return load_prompts(backbone, folder, **_run_options(config)).to(device)
+    except (ValueError, FileNotFoundError) as e:
+        if isinstance(e, RunError):
+            raise
+        raise RunError(str(e)) from None
 
 
 def _line(m: dict[str, Any], epochs: int) -> str:
@@ -344,9 +360,26 @@ def continue_run(
     -------
     list of dict
         The metrics of every epoch done so far (``metrics.jsonl``).
+
+    Raises
+    ------
+    RunError, DataError
+        Another process holds the run; a damaged file; the run's data gone or changed.
     """
     config, saved = read_run(run)
     env = env or setup(config.device)
+    if not env.main:
+        return _continue(run, env, config, saved, stop_after, workers, progress, quiet)
+    _owned(owner.hold_lock, run, "--resume")
+    try:
+        owner.mark(run)  # a run folder written before markers existed becomes a marked one
+        owner.clean_stale(run, Log(run, env, quiet))
+        return _continue(run, env, config, saved, stop_after, workers, progress, quiet)
+    finally:
+        owner.release(run)
+
+
+def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
     log = Log(run, env, quiet)
     recipe = config.recipe
     if recipe.batch_size % env.world:
@@ -356,13 +389,11 @@ def continue_run(
     last = checkpoint_dir(run, "last")
     start = "last" if last is not None else "init"
     model = load_run_model(run, start, env.device, config, saved)
-    train_raw, val_raw, classes, _ = open_data(config.data, config.seed)
-    if classes != saved["classes"]:
-        raise RunError(
-            f"the run's data changed: classes {classes[:5]}... != {saved['classes'][:5]}"
-        )
+    data = run_data(run, config, saved)
+    for note in data.notes:
+        log(note)
     train_tf, test_tf, _ = transforms_for(model.model, recipe)
-    train_ds, val_ds = D.Transformed(train_raw, train_tf), D.Transformed(val_raw, test_tf)
+    train_ds, val_ds = D.Transformed(data.train, train_tf), D.Transformed(data.val, test_tf)
     trainer = Trainer(
         model,
         recipe,
@@ -374,8 +405,7 @@ def continue_run(
     )
     best = {"epoch": -1, "val_acc": -1.0, "val_loss": float("inf")}
     if last is not None:
-        state = torch.load(os.path.join(last, "trainer.pt"), map_location="cpu", weights_only=True)
-        trainer.load_state_dict(state["trainer"])
+        state = read_trainer_state(last, trainer)
         best = state["best"]
         if len(state["rng"]) == env.world:
             set_rng_state(native_rng(state["rng"][env.rank]))
@@ -422,7 +452,7 @@ def continue_run(
         rows.append(m)
         rng = all_gather_objects(env, portable_rng(get_rng_state()))
         if env.main:
-            _save_epoch(run, model, trainer, best, rng, improved, rows)
+            save_epoch(run, model, trainer, best, rng, improved, rows, data.classes)
         barrier(env)
         log(_line(m, recipe.epochs))
     if env.main and trainer.epoch >= recipe.epochs:
@@ -433,25 +463,6 @@ def continue_run(
     return rows
 
 
-def _save_epoch(run, model, trainer, best, rng, improved, rows) -> None:
-    state = {"trainer": trainer.state_dict(), "best": best, "rng": rng}
-
-    def write_last(folder: str) -> None:
-        model.save_prompts(folder)
-        torch.save(state, os.path.join(folder, "trainer.pt"))
-
-    def write_best(folder: str) -> None:
-        model.save_prompts(folder)
-        with open(os.path.join(folder, "best.json"), "w") as f:
-            json.dump(rows[-1], f, indent=2)
-
-    write_metrics(run, rows)
-    if improved:
-        save_dir(run, "best", write_best)
-    save_dir(run, "last", write_last)
-    plot_curves(rows, os.path.join(run, "curves.png"), title=os.path.basename(os.path.abspath(run)))
-
-
 def train(
     config: RunConfig,
     out: str,
@@ -459,8 +470,10 @@ def train(
     progress: bool = True,
     quiet: bool = False,
     extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> list[dict[str, Any]]:
-    """Prepare the run folder ``out`` and train it (what ``fastprompt train`` does).
+    """Prepare the run folder ``out`` and train it (what ``fastprompt train`` does), holding
+    its lock throughout; ``overwrite`` moves a non-empty ``out`` aside first.
 
     Returns
     -------
@@ -468,5 +481,9 @@ def train(
         Per-epoch metrics.
     """
     env = setup(config.device)
-    prepare_run(config, out, env, extra=extra)
-    return continue_run(out, env, stop_after=stop_after, progress=progress, quiet=quiet)
+    prepare_run(config, out, env, extra=extra, overwrite=overwrite, keep_lock=True, quiet=quiet)
+    try:
+        return continue_run(out, env, stop_after=stop_after, progress=progress, quiet=quiet)
+    finally:
+        if env.main:
+            owner.release(out)

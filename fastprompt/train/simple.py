@@ -11,7 +11,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
-from fastprompt.batches import BatchFn
+from fastprompt.batches import BatchFn, check_reiterable
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.loop import Trainer, evaluate_model
 from fastprompt.train.recipes import Recipe, get_recipe
@@ -78,7 +78,8 @@ def fit(
         "momentum": momentum,
     }
     given = {k: v for k, v in given.items() if v is not None}
-    if given.get("epochs", 1) <= 0:
+    _check_epochs(given.get("epochs", 1), "fit")
+    if given.get("epochs", 1) == 0:
         return []
     if recipe is None:
         missing = [k for k in ("epochs", "lr") if k not in given]
@@ -92,6 +93,7 @@ def fit(
         if not isinstance(base, Recipe):
             raise TypeError(f"fit: recipe must be a name or a Recipe, got {type(recipe).__name__}")
     resolved = base.override(lr_scaling="none", **given)
+    check_reiterable(loader, resolved.epochs, "fit")
     trainer = Trainer(prompted, resolved, precision=precision, batch_fn=batch_fn, progress=progress)
     losses = [trainer.train_epoch(loader, e)["train_loss"] for e in range(resolved.epochs)]
     prompted.eval()
@@ -130,6 +132,7 @@ def finetune(
     list of float
         Mean training loss per epoch.
     """
+    _check_epochs(epochs, "finetune")
     # Through the source's config, so a checkpoint saved afterwards reports dropout 0.
     condensed.source.set_dropout(0.0)
     return fit(
@@ -143,6 +146,13 @@ def finetune(
         batch_fn=batch_fn,
         precision=precision,
     )
+
+
+def _check_epochs(epochs: object, who: str) -> None:
+    if isinstance(epochs, bool) or not isinstance(epochs, int):
+        raise TypeError(f"{who}: epochs must be an int >= 0, got {epochs!r}")
+    if epochs < 0:
+        raise ValueError(f"{who}: epochs must be >= 0 (0 trains nothing), got {epochs}")
 
 
 def evaluate(model: nn.Module, loader: Iterable, batch_fn: BatchFn | None = None) -> float:

@@ -203,7 +203,7 @@ def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, ca
     rows = write_images(tmp_path / "img4", 8, 4)
     (tmp_path / "four.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
     err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "four.csv")])
-    assert "has labels up to 3, but the run's head has 3 classes" in err
+    assert "has 1 class(es) the run was not trained on: ['3']" in err
     err = _error(capsys, ["evaluate", str(tmp_path / "nothing")])
     assert "does not exist; is it a fastprompt run folder?" in err
 

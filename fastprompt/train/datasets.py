@@ -1,0 +1,414 @@
+"""Datasets of the training layer, and the class maps that tie their labels to a run's head.
+
+A dataset is named by one string (``--data``):
+
+- a folder in ImageFolder layout (one sub-folder of images per class, classes sorted by name); a
+  folder that holds ``train/`` and ``val/`` (or ``test/``) sub-folders in that layout gives both
+  splits. An empty class folder is an error (it would be a class the model never sees), and a
+  fastprompt run folder inside the data (``--out`` under ``--data``) is not a class;
+- a list file: ``.csv`` (``path,label`` rows; a header row naming the columns is skipped; a UTF-8
+  byte-order mark is fine) or ``.txt`` (``path label`` rows, whitespace-separated, as the VTAB-1k
+  lists ``train800.txt``, ``val200.txt``, ``train800val200.txt``, ``test.txt``). Paths are relative
+  to the list's folder. Labels are class indices when every label is a whole number (``3`` and
+  ``3.0`` alike) and class names otherwise (sorted: numerically when they are all numbers);
+- ``digits`` or ``digits:5-9`` (``digits:0,2,4``): scikit-learn's 8×8 handwritten digits
+  (shipped inside scikit-learn, nothing to download), as RGB images the transform upsamples to the
+  model's input size; a fixed, class-stratified 60/40 split gives ``train`` and ``test`` parts.
+  Labels are numbered from 0 in the order the classes are listed; the class names are the digits.
+
+Every dataset has ``classes`` (names; a label is an index into them), ``samples`` (``(source,
+label)`` pairs) and ``ids`` (a stable name per sample: its path as listed or relative to the
+folder, ``digits/<index>``), which a run folder stores to pin its split.
+
+A run's class map is its training data's ``classes``. Other data (validation, test, the data a
+run is evaluated on) is read through it by name (:func:`map_classes`): a class the run never
+trained on is an error naming it, a class the data lacks is fine.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from fastprompt.train.owner import is_run_folder
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "ClassMapped",
+    "DataError",
+    "Digits",
+    "ImageFolderData",
+    "ListData",
+    "check_trainable",
+    "has_own_val",
+    "map_classes",
+    "open_dataset",
+    "present_labels",
+    "split_folders",
+]
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used: a bad path, no images, labels that do not fit."""
+
+
+def _rgb(path: str):
+    from PIL import Image
+
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _skipped(path: str, exclude: set[str]) -> bool:
+    return os.path.realpath(path) in exclude or is_run_folder(path)
+
+
+class ImageFolderData(Dataset):
+    """A folder with one sub-folder of images per class (classes sorted by name).
+
+    Parameters
+    ----------
+    root : str
+    exclude : iterable of str
+        Folders that are not data (the run folder, when ``--out`` is inside ``--data``); marked
+        fastprompt run folders are skipped anyway.
+    """
+
+    def __init__(self, root: str, exclude: Iterable[str] = ()) -> None:
+        self.root = root
+        self.name = os.path.basename(os.path.normpath(root))
+        if not os.path.isdir(root):
+            raise DataError(f"{root} is not a folder")
+        skip = {os.path.realpath(p) for p in exclude}
+        self.classes = sorted(
+            e.name
+            for e in os.scandir(root)
+            if e.is_dir() and not e.name.startswith(".") and not _skipped(e.path, skip)
+        )
+        if not self.classes:
+            raise DataError(
+                f"{root} has no class sub-folders (ImageFolder layout: {root}/<class>/<image>)"
+            )
+        self.samples: list[tuple[str, int]] = []
+        empty = []
+        for label, cls in enumerate(self.classes):
+            before = len(self.samples)
+            walk = os.walk(os.path.join(root, cls), followlinks=True)
+            for dirpath, dirnames, files in sorted(walk):
+                dirnames[:] = [d for d in dirnames if not _skipped(os.path.join(dirpath, d), skip)]
+                for f in sorted(files):
+                    if f.lower().endswith(IMAGE_EXTENSIONS):
+                        self.samples.append((os.path.join(dirpath, f), label))
+            if len(self.samples) == before:
+                empty.append(cls)
+        if not self.samples:
+            raise DataError(
+                f"{root} holds no images in its {len(self.classes)} class folders "
+                f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        if empty:
+            raise DataError(
+                f"the class folder {os.path.join(root, empty[0])} holds no images"
+                + (f" (nor do {len(empty) - 1} more: {empty[1:4]})" if len(empty) > 1 else "")
+                + "; an empty class folder is a class the model would never see: add its images "
+                "or remove the folder"
+            )
+        self.ids = [os.path.relpath(p, root) for p, _ in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        return _rgb(path), label
+
+
+def _number(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _whole(text: str) -> int | None:
+    """``3`` and ``3.0`` as 3; anything else None."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    value = _number(text)
+    return int(value) if value is not None and value.is_integer() else None
+
+
+_HEADER_NAMES = ("path", "file", "filename", "image", "img", "image_path", "filepath")
+
+
+class ListData(Dataset):
+    """Images listed in a ``.csv`` (``path,label``) or ``.txt`` (``path label``) file."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.name = os.path.splitext(os.path.basename(path))[0]
+        base = os.path.dirname(os.path.abspath(path))
+        rows = self._rows(path)
+        if rows and _number(rows[0][1]) is None and rows[0][0].strip().lower() in _HEADER_NAMES:
+            rows = rows[1:]
+        if not rows:
+            raise DataError(f"{path} lists no images")
+        labels = [r[1].strip() for r in rows]
+        whole = [_whole(v) for v in labels]
+        if all(v is not None for v in whole):
+            ints: list[int] = whole  # type: ignore[assignment]
+            if min(ints) < 0:
+                row = ints.index(min(ints))
+                raise DataError(
+                    f"{path}: labels must be >= 0 (class indices), found {labels[row]!r} "
+                    f"({rows[row][0].strip()})"
+                )
+            self.classes = [str(i) for i in range(max(ints) + 1)]
+        else:
+            names = set(labels)
+            numeric = all(_number(v) is not None for v in names)
+            key: Any = (lambda v: (_number(v), v)) if numeric else None
+            self.classes = sorted(names, key=key)
+            index = {c: i for i, c in enumerate(self.classes)}
+            ints = [index[v] for v in labels]
+        listed = [r[0].strip() for r in rows]
+        self.samples = [(os.path.join(base, p), y) for p, y in zip(listed, ints, strict=True)]
+        seen: Counter[str] = Counter()
+        self.ids = []
+        for p in listed:
+            seen[p] += 1
+            self.ids.append(p if seen[p] == 1 else f"{p}#{seen[p]}")
+        first = self.samples[0][0]
+        if not os.path.isfile(first):
+            raise DataError(f"{path}: its first image {first} does not exist")
+
+    @staticmethod
+    def _rows(path: str) -> list[list[str]]:
+        rows = []
+        # utf-8-sig: a list saved with a byte-order mark (Excel's "CSV UTF-8") reads the same.
+        with open(path, newline="", encoding="utf-8-sig") as f:
+            if path.lower().endswith(".csv"):
+                reader: Any = csv.reader(f)
+            else:
+                reader = (line.rsplit(None, 1) for line in f if line.strip())
+            try:
+                for n, row in enumerate(reader, 1):
+                    if not row or not "".join(row).strip():
+                        continue
+                    if len(row) < 2:
+                        raise DataError(f"{path} line {n}: expected 'path,label', got {row!r}")
+                    rows.append(row)
+            except UnicodeDecodeError as e:
+                raise DataError(f"{path} is not a UTF-8 text list of images ({e})") from None
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return _rgb(path), label
+        except FileNotFoundError:
+            raise DataError(f"{self.path}: image {path} (row {i + 1}) does not exist") from None
+
+
+class Digits(Dataset):
+    """scikit-learn's handwritten digits (8×8 grey, 0-16), as RGB PIL images.
+
+    Parameters
+    ----------
+    classes : sequence of int
+        Digits to keep, relabelled 0, 1, ... in this order (their names are the digits).
+    part : {"train", "test", "all"}
+        A fixed class-stratified split: per class, 60 % train and 40 % test (seeded).
+    """
+
+    def __init__(self, classes: Sequence[int] = tuple(range(10)), part: str = "train") -> None:
+        import torch
+
+        try:
+            from sklearn.datasets import load_digits
+        except ImportError:
+            raise DataError(
+                "the built-in digits dataset needs scikit-learn (pip install scikit-learn, or "
+                "fastprompt[bench])"
+            ) from None
+        if part not in ("train", "test", "all"):
+            raise DataError(f"digits: part must be 'train', 'test' or 'all', got {part!r}")
+        classes = list(classes)
+        distinct = len(set(classes)) == len(classes)
+        if not classes or any(c not in range(10) for c in classes) or not distinct:
+            raise DataError(f"digits: classes must be distinct digits 0-9, got {classes}")
+        data = load_digits()
+        self.name = "digits"
+        self.classes = [str(c) for c in classes]
+        g = torch.Generator().manual_seed(0)
+        chosen: list[tuple[int, int]] = []
+        for label, digit in enumerate(classes):
+            idx = np.flatnonzero(data.target == digit)
+            idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+            cut = round(0.6 * len(idx))
+            keep = {"train": idx[:cut], "test": idx[cut:], "all": idx}[part]
+            chosen += [(int(i), label) for i in sorted(keep)]
+        self.images = (data.images * (255.0 / 16.0)).round().astype(np.uint8)
+        self.samples = chosen
+        self.ids = [f"digits/{i}" for i, _ in chosen]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        index, label = self.samples[i]
+        return Image.fromarray(self.images[index], mode="L").convert("RGB"), label
+
+
+def _digit_classes(spec: str) -> list[int]:
+    if ":" not in spec:
+        return list(range(10))
+    text = spec.split(":", 1)[1]
+    try:
+        if "-" in text:
+            lo, hi = (int(t) for t in text.split("-"))
+            return list(range(lo, hi + 1))
+        return [int(t) for t in text.split(",")]
+    except ValueError:
+        raise DataError(f"{spec!r}: write the digits as digits:5-9 or digits:0,2,4") from None
+
+
+def is_digits(spec: str) -> bool:
+    return spec == "digits" or spec.startswith("digits:")
+
+
+def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) -> Dataset:
+    """The dataset named by ``spec`` (module docstring). ``part`` picks a built-in's split or the
+    ``train``/``val``/``test`` sub-folder of a split folder; ``exclude``: folders that are not
+    data (:class:`ImageFolderData`).
+
+    Raises
+    ------
+    DataError
+        A missing path, a folder without classes or images, an empty class folder, an empty or
+        malformed list.
+    """
+    if is_digits(spec):
+        return Digits(_digit_classes(spec), "train" if part == "train" else "test")
+    if not os.path.exists(spec):
+        raise DataError(f"{spec} does not exist (a folder, a .csv/.txt list, or 'digits')")
+    if os.path.isdir(spec):
+        sub = split_folders(spec)
+        if sub:
+            return ImageFolderData(sub["train" if part == "train" else "val"], exclude)
+        return ImageFolderData(spec, exclude)
+    if spec.lower().endswith((".csv", ".txt", ".tsv")):
+        return ListData(spec)
+    raise DataError(f"{spec} is neither a folder nor a .csv/.txt list of images")
+
+
+def split_folders(root: str) -> dict[str, str] | None:
+    """``{"train": ..., "val": ...}`` when ``root`` holds ``train/`` and ``val/`` (or ``test/``)."""
+    train = os.path.join(root, "train")
+    for name in ("val", "validation", "test"):
+        val = os.path.join(root, name)
+        if os.path.isdir(train) and os.path.isdir(val):
+            return {"train": train, "val": val}
+    return None
+
+
+def has_own_val(spec: str) -> bool:
+    """Whether ``spec`` names a validation part of its own (a built-in or a split folder)."""
+    if is_digits(spec):
+        return True
+    return os.path.isdir(spec) and split_folders(spec) is not None
+
+
+# -- class maps ----------------------------------------------------------------------------------
+
+
+def present_labels(dataset: Dataset) -> list[int]:
+    """The labels that occur in ``dataset`` (sorted), read off its ``samples``."""
+    samples = getattr(dataset, "samples", None)
+    if samples is None:
+        raise DataError(f"{type(dataset).__name__} lists no samples; cannot read its labels")
+    return sorted({int(y) for _, y in samples})
+
+
+def check_trainable(dataset: Dataset, where: str) -> None:
+    """Refuse training data with fewer than two classes (a classifier learns nothing there)."""
+    labels = present_labels(dataset)
+    classes = list(getattr(dataset, "classes", []))
+    if len(labels) < 2:
+        name = classes[labels[0]] if labels and labels[0] < len(classes) else "?"
+        raise DataError(
+            f"{where} holds one class only ({name!r}, {len(dataset)} images); a classifier needs "
+            "at least two (check the folder layout: one sub-folder per class)"
+        )
+
+
+class ClassMapped(Dataset):
+    """A dataset read through a run's class map: its labels become the run's indices.
+
+    Attributes
+    ----------
+    classes : list of str
+        The run's classes.
+    samples, ids
+        The base dataset's, with labels remapped.
+    """
+
+    def __init__(self, base: Dataset, mapping: dict[int, int], classes: list[str]) -> None:
+        self.base, self.mapping, self.classes = base, mapping, list(classes)
+        self.samples = [(s, mapping[y]) for s, y in base.samples]  # type: ignore[attr-defined]
+        self.ids = list(getattr(base, "ids", []))
+        self.name = getattr(base, "name", "data")
+
+    def __len__(self) -> int:
+        return len(self.base)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int):
+        image, label = self.base[i]
+        return image, self.mapping[label]
+
+
+def map_classes(dataset: Dataset, classes: Sequence[str], where: str) -> Dataset:
+    """``dataset`` with its labels read as the run's ``classes`` (matched by name).
+
+    Classes the data lacks are fine; a class with images that the run never trained on is an
+    error naming it (a digits:0-4 test set for a run trained on digits:5-9, a test folder with
+    a class folder the training folder lacks).
+
+    Raises
+    ------
+    DataError
+    """
+    classes = list(classes)
+    own = list(getattr(dataset, "classes", classes))
+    if own == classes:
+        return dataset
+    index = {c: i for i, c in enumerate(classes)}
+    used = present_labels(dataset)
+    unseen = [own[y] for y in used if own[y] not in index]
+    if unseen:
+        raise DataError(
+            f"{where} has {len(unseen)} class(es) the run was not trained on: "
+            f"{unseen[:6]}{' ...' if len(unseen) > 6 else ''} (the run's {len(classes)} classes: "
+            f"{classes[:8]}{' ...' if len(classes) > 8 else ''})"
+        )
+    mapping = {y: index[own[y]] for y in used}
+    if all(k == v for k, v in mapping.items()):
+        return dataset
+    return ClassMapped(dataset, mapping, classes)

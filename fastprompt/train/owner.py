@@ -1,0 +1,334 @@
+"""Who may write into a run folder: ownership marker, process lock, moving old content aside.
+
+A run writes only into a folder it owns: one it created, or one that was empty when the run
+claimed it. Claiming writes the marker file :data:`MARKER` (JSON: format, when, by what command),
+so a later run, ``--resume`` and the dataset scanner can tell a run folder from a user's folder.
+A folder written by fastprompt before markers existed (a ``run.json`` of format
+``fastprompt.run/1``, no marker) is a run folder too, and is marked when it is resumed.
+
+Anything else is refused with the path and what to do: ``--resume`` for a run, another ``--out``,
+or ``--overwrite``, which renames the old folder to ``<out>.old-<date>-<time>`` beside it (never
+deletes it) and starts a new one.
+
+While a process trains, condenses into or prepares a run folder it holds an exclusive lock on
+:data:`LOCK` inside it (``flock``, released by the kernel when the process ends, however it ends;
+the file holds the holder's pid and host for the error message). A second process on the same
+folder is refused instead of interleaving its checkpoints with the first one's.
+
+Interrupted saves leave temporary folders (``.last-XXXXXXXX``) and files (``.tmp-XXXXXXXX``) that
+only fastprompt makes; :func:`clean_stale` removes them (and finishes an interrupted swap of
+``NAME.old``) once the lock is held, so they are ours and no other process is writing them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+__all__ = [
+    "LOCK",
+    "MARKER",
+    "OwnerError",
+    "check_out",
+    "claim",
+    "clean_stale",
+    "hold",
+    "is_run_folder",
+    "release",
+]
+
+MARKER = ".fastprompt-run"
+LOCK = ".fastprompt-lock"
+RUN_FILE = "run.json"
+MARKER_FORMAT = "fastprompt.run-folder/1"
+# What interrupted saves of fastprompt leave (tempfile.mkdtemp / mkstemp names).
+_STALE_DIR = re.compile(r"^\.(init|last|best)-[A-Za-z0-9_]{8}$")
+_STALE_FILE = re.compile(r"^\.tmp-[A-Za-z0-9_]{8}$")
+_CHECKPOINTS = ("init", "last", "best")
+
+
+class OwnerError(ValueError):
+    """A folder a run may not write into, or one another process is using."""
+
+
+def is_run_folder(path: str) -> bool:
+    """Whether ``path`` is a fastprompt run folder (marked, or an older run with ``run.json``)."""
+    if os.path.isfile(os.path.join(path, MARKER)):
+        return True
+    return _legacy_run(path)
+
+
+def _legacy_run(path: str) -> bool:
+    file = os.path.join(path, RUN_FILE)
+    if not os.path.isfile(file) or not os.path.isdir(os.path.join(path, "init")):
+        return False
+    try:
+        with open(file) as f:
+            return str(json.load(f).get("format", "")).startswith("fastprompt.run/")
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _listing(path: str, limit: int = 4) -> str:
+    names = sorted(os.listdir(path))
+    more = f", ... ({len(names)} entries)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def check_out(path: str, overwrite: bool = False, flag: str = "--out") -> None:
+    """Refuse ``path`` as a new run folder unless the run may write there (nothing is written).
+
+    Allowed: a missing folder, an empty one, one fastprompt marked but never finished preparing
+    (no ``run.json``), and with ``overwrite`` any folder (its content is moved aside by
+    :func:`claim`).
+
+    Raises
+    ------
+    OwnerError
+        With the path and what to do.
+    """
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path):
+        raise OwnerError(f"{flag} {path} exists and is not a folder; choose another {flag}")
+    if overwrite:
+        _check_movable(path, flag)
+        return
+    # A lock file alone is what a claim that died before marking leaves: ours.
+    entries = [e for e in os.listdir(path) if e not in (LOCK, MARKER + ".tmp")]
+    if not entries:
+        return
+    if is_run_folder(path):
+        if os.path.exists(os.path.join(path, RUN_FILE)):
+            raise OwnerError(
+                f"{flag} {path} already holds a run; continue it with --resume {path}, choose "
+                f"another {flag}, or pass --overwrite to move it aside (to {path}.old-...)"
+            )
+        return  # marked by a run that stopped before writing run.json: ours to reuse
+    raise OwnerError(
+        f"{flag} {path} is not empty and is not a fastprompt run folder (it holds "
+        f"{_listing(path)}); a run writes only into a new or empty folder: choose another {flag}, "
+        f"or pass --overwrite to move its content aside (to {path}.old-...), nothing is deleted"
+    )
+
+
+def _check_movable(path: str, flag: str) -> None:
+    real = os.path.realpath(path)
+    cwd = os.path.realpath(os.getcwd())
+    if cwd == real or cwd.startswith(real + os.sep):
+        raise OwnerError(
+            f"{flag} {path} holds the current folder; --overwrite cannot move it aside"
+        )
+    holder = _holder_if_locked(path)
+    if holder is not None:
+        raise OwnerError(
+            f"{flag} {path} is in use by another fastprompt process ({holder}); --overwrite "
+            "does not move a folder a run is writing"
+        )
+
+
+def _aside_name(path: str) -> str:
+    base = os.path.normpath(path) + ".old-" + time.strftime("%Y%m%d-%H%M%S")
+    name, n = base, 1
+    while os.path.lexists(name):
+        n += 1
+        name = f"{base}-{n}"
+    return name
+
+
+def claim(path: str, overwrite: bool = False, flag: str = "--out") -> str | None:
+    """Make ``path`` this process's run folder: create or adopt it, mark it, lock it.
+
+    With ``overwrite`` a non-empty folder is first renamed to ``<path>.old-<date>-<time>``.
+    The lock is held until :func:`release` (or the process ends).
+
+    Returns
+    -------
+    str or None
+        Where the old content went, when it was moved aside.
+
+    Raises
+    ------
+    OwnerError
+        As :func:`check_out`, or when another process holds the folder.
+    """
+    check_out(path, overwrite, flag)
+    moved = None
+    if overwrite and os.path.isdir(path) and os.listdir(path):
+        moved = _aside_name(path)
+        os.rename(path, moved)
+    os.makedirs(path, exist_ok=True)
+    hold_lock(path, flag)
+    try:
+        # Another process may have written there between the check and the lock.
+        others = [e for e in os.listdir(path) if e != LOCK]
+        if os.path.exists(os.path.join(path, RUN_FILE)) or (others and not is_run_folder(path)):
+            check_out(path, False, flag)
+        mark(path)
+    except BaseException:
+        release(path)
+        raise
+    return moved
+
+
+def mark(path: str) -> None:
+    """Write the ownership marker (idempotent)."""
+    file = os.path.join(path, MARKER)
+    if os.path.isfile(file):
+        return
+    record = {
+        "format": MARKER_FORMAT,
+        "created": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "by": " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(sys.argv)),
+        "note": "this folder is a fastprompt run; fastprompt writes here and nowhere else",
+    }
+    tmp = file + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, file)
+
+
+# -- the lock ------------------------------------------------------------------------------------
+
+_HELD: dict[str, list] = {}  # realpath -> [fd, count]: reentrant within a process
+
+
+def _lock_fd(fd: int) -> bool:
+    """Take an exclusive, non-blocking lock on ``fd``; False when another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        import msvcrt
+
+        try:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        except OSError:
+            return False
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    return True
+
+
+def _read_holder(file: str) -> str:
+    try:
+        with open(file) as f:
+            info = json.load(f)
+        return f"pid {info.get('pid')} on {info.get('host')}, since {info.get('since')}"
+    except (OSError, ValueError, AttributeError):
+        return "unknown pid"
+
+
+def _holder_if_locked(path: str) -> str | None:
+    file = os.path.join(path, LOCK)
+    if not os.path.isfile(file) or os.path.realpath(path) in _HELD:
+        return None
+    fd = os.open(file, os.O_RDONLY)
+    try:
+        if _lock_fd(fd):
+            return None
+        return _read_holder(file)
+    finally:
+        os.close(fd)  # closing the descriptor releases a lock taken through it
+
+
+def hold_lock(path: str, flag: str = "run folder") -> None:
+    """Lock the run folder ``path`` for this process (reentrant); see the module docstring.
+
+    Raises
+    ------
+    OwnerError
+        When another process holds it.
+    """
+    real = os.path.realpath(path)
+    if real in _HELD:
+        _HELD[real][1] += 1
+        return
+    file = os.path.join(path, LOCK)
+    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _lock_fd(fd):
+        os.close(fd)
+        raise OwnerError(
+            f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}); "
+            "wait for it to finish, or choose another folder"
+        )
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.write(fd, (json.dumps(info) + "\n").encode())
+    _HELD[real] = [fd, 1]
+
+
+def release(path: str) -> None:
+    """Drop one hold of the lock on ``path`` (the last one unlocks it)."""
+    real = os.path.realpath(path)
+    held = _HELD.get(real)
+    if held is None:
+        return
+    held[1] -= 1
+    if held[1] == 0:
+        del _HELD[real]
+        os.close(held[0])
+
+
+@contextlib.contextmanager
+def hold(path: str, flag: str = "run folder") -> Iterator[None]:
+    """``with hold(run):`` the lock of an existing run folder, for the block (reentrant)."""
+    hold_lock(path, flag)
+    try:
+        yield
+    finally:
+        release(path)
+
+
+# -- what interrupted saves leave ----------------------------------------------------------------
+
+
+def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str]:
+    """Remove what interrupted saves left in the run folder ``path`` (hold its lock first).
+
+    Temporary checkpoint folders and files go; a ``NAME.old`` left by a swap interrupted after
+    the old folder moved out becomes ``NAME`` again (or goes, when ``NAME`` was written).
+
+    Returns
+    -------
+    list of str
+        What was removed or restored (relative names).
+    """
+    done: list[str] = []
+    for entry in sorted(os.listdir(path)):
+        full = os.path.join(path, entry)
+        if _STALE_DIR.match(entry) and os.path.isdir(full) and not os.path.islink(full):
+            shutil.rmtree(full)
+            done.append(entry)
+    for name in _CHECKPOINTS:
+        final, old = os.path.join(path, name), os.path.join(path, name + ".old")
+        if os.path.isdir(old) and not os.path.islink(old):
+            if os.path.isdir(final):
+                shutil.rmtree(old)
+                done.append(name + ".old")
+            else:
+                os.rename(old, final)
+                done.append(f"{name}.old -> {name}")
+        if os.path.isdir(final):
+            for entry in os.listdir(final):
+                if _STALE_FILE.match(entry):
+                    os.remove(os.path.join(final, entry))
+                    done.append(f"{name}/{entry}")
+    for entry in ("metrics.jsonl.tmp", MARKER + ".tmp"):
+        if os.path.isfile(os.path.join(path, entry)):
+            os.remove(os.path.join(path, entry))
+            done.append(entry)
+    if done and log is not None:
+        log(f"note: removed what interrupted saves left: {', '.join(done)}")
+    return done

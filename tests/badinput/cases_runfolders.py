@@ -1,0 +1,202 @@
+"""Run folders: a run writes only where it owns, one process at a time (issue 23, data lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+from fixtures import TRAIN
+from harness import Case, Workspace
+
+DATA = ["--data", "{fx}/data.csv", "--val", "{fx}/data.csv", "--prompts", "2"]
+USER_FILES = {
+    "best/draft.tex": "\\section{mine}\n",
+    "last/important.csv": "a,b\n1,2\n",
+    "init/setup.sh": "echo mine\n",
+    "curves.png": "not a plot\n",
+}
+
+
+def _user_folder(ws: Workspace, extra: dict[str, str] | None = None) -> None:
+    for rel, text in {**USER_FILES, **(extra or {})}.items():
+        path = ws.path("mine", rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def _moved_intact(ws: Workspace, _) -> None:
+    aside = [e for e in os.listdir(ws.case) if e.startswith("mine.old-")]
+    assert len(aside) == 1, os.listdir(ws.case)
+    for rel, text in USER_FILES.items():
+        with open(os.path.join(ws.case, aside[0], rel)) as f:
+            assert f.read() == text, rel
+    assert os.path.isfile(ws.path("mine", "run.json"))
+    assert not os.path.exists(ws.path("mine", "best", "draft.tex"))
+
+
+def _two_processes(ws: Workspace) -> dict[str, str]:
+    """Process A trains; B resumes the same folder and C starts a run there: both refused."""
+    import contextlib
+    import io
+
+    from fastprompt.cli import main
+
+    run = ws.path("run")
+    argv = [*TRAIN, *map(ws.format, DATA), "--epochs", "400", "--out", run]
+    pid = os.fork()
+    if pid == 0:  # process A
+        code = 1
+        try:
+            code = main(argv)
+        finally:
+            os._exit(code or 0)
+    try:
+        deadline = time.monotonic() + 60
+        while not os.path.exists(os.path.join(run, "last")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        said = {}
+        for who, args in (("resume", ["train", "--resume", run]), ("new", argv)):
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.suppress(SystemExit):
+                main(args)
+            said[who] = err.getvalue().strip().splitlines()[-1]
+        said["a_alive"] = str(os.waitpid(pid, os.WNOHANG) == (0, 0))
+        return said
+    finally:
+        with contextlib.suppress(ProcessLookupError, ChildProcessError):
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+
+
+def _refused_both(ws: Workspace, said: dict[str, str]) -> None:
+    run = ws.path("run")
+    assert said["a_alive"] == "True", "process A ended before B and C tried"
+    assert f"{run} is in use by another fastprompt process (pid" in said["resume"], said
+    assert f"--out {run} already holds a run" in said["new"] or "in use" in said["new"], said
+
+
+def _train_stopped(ws: Workspace, name: str = "run", epochs: str = "3") -> str:
+    from fastprompt.cli import main
+
+    out = ws.path(name)
+    data = [ws.format(a) for a in DATA]
+    assert main([*TRAIN, *data, "--epochs", epochs, "--stop-after", "1", "--out", out]) == 0
+    return out
+
+
+def _stale_saves(ws: Workspace) -> None:
+    run = _train_stopped(ws)
+    os.makedirs(os.path.join(run, ".last-abcd1234"))
+    with open(os.path.join(run, ".last-abcd1234", "prompts.safetensors"), "w") as f:
+        f.write("half a save")
+    os.makedirs(os.path.join(run, ".best-x_y12345"))
+    with open(os.path.join(run, "last", ".tmp-zz99zz99"), "w") as f:
+        f.write("half a tensor file")
+
+
+def _stale_gone(ws: Workspace, _) -> None:
+    run = ws.path("run")
+    left = [e for e in os.listdir(run) if e.startswith((".last-", ".best-", ".init-"))]
+    assert not left, left
+    assert not [e for e in os.listdir(os.path.join(run, "last")) if e.startswith(".tmp-")]
+    assert len(open(os.path.join(run, "metrics.jsonl")).read().splitlines()) == 3
+
+
+def _notes_in_checkpoints(ws: Workspace) -> None:
+    run = _train_stopped(ws)
+    for folder in ("best", "last"):
+        with open(os.path.join(run, folder, "notes.txt"), "w") as f:
+            f.write(f"my notes on {folder}\n")
+
+
+def _notes_kept(ws: Workspace, _) -> None:
+    for folder in ("best", "last"):
+        with open(ws.path("run", folder, "notes.txt")) as f:
+            assert f.read() == f"my notes on {folder}\n"
+    state = ws.path("run", "last", "trainer.pt")
+    assert json.load(open(ws.path("run", "best", "best.json")))["epoch"] >= 0
+    assert os.path.isfile(state) and os.path.isfile(state + ".sha256")
+
+
+CASES = [
+    Case(
+        "out-user-folder-with-checkpoint-names",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--out", "{case}/mine"],
+        setup=_user_folder,
+        error=r"is not empty and is not a fastprompt run folder .*--overwrite",
+        names=["--out {case}/mine"],
+    ),
+    Case(
+        "out-user-folder-with-metrics",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--out", "{case}/mine"],
+        setup=lambda ws: _user_folder(ws, {"metrics.jsonl": '{"loss": 1}\n'}),
+        error=r"is not empty and is not a fastprompt run folder",
+        names=["{case}/mine"],
+    ),
+    Case(
+        "out-overwrite-moves-aside",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--overwrite", "--out", "{case}/mine"],
+        setup=_user_folder,
+        writes=["mine", "mine/*", "mine/*/*", "mine.old-*", "mine.old-*/*", "mine.old-*/*/*"],
+        check=_moved_intact,
+    ),
+    Case(
+        "out-holds-a-run",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--out", "{fx}/vpt"],
+        error=r"already holds a run; continue it with --resume",
+        names=["{fx}/vpt"],
+    ),
+    Case(
+        "out-is-a-file",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--out", "{fx}/data.csv"],
+        error=r"exists and is not a folder",
+        names=["{fx}/data.csv"],
+    ),
+    Case(
+        "out-empty-folder-is-fine",
+        argv=[*TRAIN, *DATA, "--epochs", "1", "--out", "{case}/empty"],
+        setup=lambda ws: os.makedirs(ws.path("empty")),
+        writes=["empty", "empty/*", "empty/*/*"],
+    ),
+    Case(
+        "condense-out-user-folder",
+        argv=[
+            "condense",
+            "{fx}/vpt",
+            "--keep",
+            "0.5",
+            "--finetune-epochs",
+            "1",
+            "--quiet",
+            "--no-progress",
+            "--out",
+            "{case}/mine",
+        ],
+        setup=_user_folder,
+        error=r"is not empty and is not a fastprompt run folder",
+        names=["{case}/mine"],
+    ),
+    Case(
+        "two-processes-one-folder",
+        call=_two_processes,
+        writes=["run", "run/*", "run/*/*"],
+        check=_refused_both,
+    ),
+    Case(
+        "resume-cleans-interrupted-saves",
+        argv=["train", "--resume", "{case}/run", "--no-progress", "--quiet"],
+        setup=_stale_saves,
+        writes=["run/*", "run/*/*"],
+        check=_stale_gone,
+    ),
+    Case(
+        "checkpoints-keep-user-files",
+        argv=["train", "--resume", "{case}/run", "--no-progress", "--quiet"],
+        setup=_notes_in_checkpoints,
+        writes=["run/*", "run/*/*"],
+        check=_notes_kept,
+    ),
+]
