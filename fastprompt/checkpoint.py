@@ -81,6 +81,12 @@ def save_prompts(
     meta = describe(prompted)
     if classes is not None:
         meta["classes"] = [str(c) for c in classes]
+        head = prompted.model.get_classifier()
+        if isinstance(head, nn.Linear) and head.out_features != len(classes):
+            raise ValueError(
+                f"save_prompts: {len(classes)} class names for a head of {head.out_features} "
+                "classes"
+            )
     tensors = {n: t.detach().contiguous().cpu() for n, t in prompted.prompt_state().items()}
     text = json.dumps(meta, indent=2)
     digest = tensor_digest(tensors)

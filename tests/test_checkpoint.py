@@ -145,3 +145,33 @@ def test_a_checkpoint_of_another_method_is_refused(tmp_path):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "run", method="pgn")
     with pytest.raises(FileNotFoundError, match=r"holds no prompts\.safetensors"):
         fastprompt.load_prompts(tiny_vit(), tmp_path)
+
+
+def test_checkpoints_carry_a_checksum_and_their_classes(tmp_path):
+    import warnings
+
+    from safetensors import safe_open
+
+    from fastprompt.checkpoint import CheckpointError, checkpoint_info, save_prompts
+
+    prompted = _trained()
+    with pytest.raises(ValueError, match="10 class names for a head of 5 classes"):
+        save_prompts(prompted, tmp_path / "ck", classes=[f"c{i}" for i in range(10)])
+    save_prompts(prompted, tmp_path / "ck", classes=[f"c{i}" for i in range(5)])
+    with safe_open(str(tmp_path / "ck" / "prompts.safetensors"), framework="pt") as f:
+        assert len(f.metadata()["tensors_sha256"]) == 64
+    assert checkpoint_info(tmp_path / "ck")["classes"][:2] == ["c0", "c1"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastprompt.load_prompts(tiny_vit(), tmp_path / "ck")  # no warning when all agree
+    data = bytearray((tmp_path / "ck" / "prompts.safetensors").read_bytes())
+    data[-3] ^= 0x01
+    (tmp_path / "ck" / "prompts.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="does not match the checksum"):
+        fastprompt.load_prompts(tiny_vit(), tmp_path / "ck")
+    data[-3] ^= 0x01
+    (tmp_path / "ck" / "prompts.safetensors").write_bytes(bytes(data))
+    # config.json is a copy for people: an edit there is said to have no effect.
+    (tmp_path / "ck" / "config.json").write_text('{"edited": true}')
+    with pytest.warns(UserWarning, match="config.json does not match the config stored inside"):
+        fastprompt.load_prompts(tiny_vit(), tmp_path / "ck")

@@ -46,9 +46,11 @@ def fit(
     ----------
     prompted : PromptedViT
     loader : iterable of batches
-        ``(images (B, C, H, W), labels (B,), ...)`` or dicts (:mod:`fastprompt.batches`).
+        ``(images (B, C, H, W), labels (B,), ...)`` or dicts (:mod:`fastprompt.batches`); labels
+        of any integer dtype.
     epochs : int, optional
-        Required without a recipe.
+        Required without a recipe; 0 trains nothing (returns ``[]``), a negative count is an
+        error. More than one epoch needs a loader that can be iterated again (not a generator).
     lr : float, optional
         Peak learning rate; required without a recipe.
     warmup_epochs : int, optional
@@ -118,7 +120,7 @@ def finetune(
         From :func:`fastprompt.condense`.
     loader : iterable of batches
     epochs : int
-        The paper uses 20.
+        The paper uses 20; 0 trains nothing, a negative count is an error.
     lr : float
         A reduced peak learning rate (cosine, no warmup).
     weight_decay : float

@@ -9,6 +9,13 @@ from harness import Case, Workspace, equals
 SIZE = 16
 
 
+def _api(name: str, *args, **kw):
+    """``fastprompt.<name>(*args, **kw)``."""
+    import fastprompt
+
+    return getattr(fastprompt, name)(*args, **kw)
+
+
 def _vpt(**kw):
     import fastprompt
 
@@ -148,13 +155,13 @@ CASES = [
     ),
     Case(
         "fit-negative-epochs",
-        call=lambda ws: __import__("fastprompt").fit(_vpt(), [], epochs=-1, lr=0.1),
+        call=lambda ws: _api("fit", _vpt(), [], epochs=-1, lr=0.1),
         error=r"fit: epochs must be >= 0 \(0 trains nothing\), got -1",
         exc="ValueError",
     ),
     Case(
         "finetune-negative-epochs",
-        call=lambda ws: __import__("fastprompt").finetune(_vpt(), [], epochs=-3),
+        call=lambda ws: _api("finetune", _vpt(), [], epochs=-3),
         error=r"finetune: epochs must be >= 0 \(0 trains nothing\), got -3",
         exc="ValueError",
     ),
@@ -166,7 +173,7 @@ CASES = [
     ),
     Case(
         "condensed-kept-list-disagrees-with-counts",
-        call=lambda ws: __import__("fastprompt").load_prompts(tiny_vit(), ws.path("condensed")),
+        call=lambda ws: _api("load_prompts", tiny_vit(), ws.path("condensed")),
         setup=_condensed_checkpoint,
         error=r"the kept list keeps \[1, 1\] prompts per block, but the config's layer_counts "
         r"are \[1, 2\]",

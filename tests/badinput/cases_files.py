@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 from fixtures import TRAIN, edit_metadata, flip_byte, tiny_vit, truncate
 from harness import Case, Workspace
@@ -56,10 +57,32 @@ def _format1(ws: Workspace, run: str, config) -> None:
         f.write(config)
 
 
-def _load_best(ws: Workspace, model=None):
+def _drop_run_config(ws: Workspace, run: str) -> None:
+    path = os.path.join(run, "run.json")
+    with open(path) as f:
+        saved = json.load(f)
+    del saved["config"]
+    with open(path, "w") as f:
+        json.dump(saved, f)
+
+
+def _best_of_another_run(ws: Workspace, run: str) -> None:
+    shutil.rmtree(os.path.join(run, "best"))
+    shutil.copytree(os.path.join(ws.fx, "digits59", "best"), os.path.join(run, "best"))
+
+
+def _cut_without_checksum(ws: Workspace, run: str) -> None:
+    """trainer.pt cut short in a run written before checksums (no trainer.pt.sha256)."""
+    truncate(os.path.join(run, "last", "trainer.pt"))
+    digest = os.path.join(run, "last", "trainer.pt.sha256")
+    if os.path.exists(digest):
+        os.remove(digest)
+
+
+def _load_best(ws: Workspace, model=None, folder: str = "vpt", path: str | None = None):
     import fastprompt
 
-    return fastprompt.load_prompts(model or tiny_vit(), ws.path("vpt", "best"))
+    return fastprompt.load_prompts(model or tiny_vit(), path or ws.path(folder, "best"))
 
 
 def _pgn_unknown_field(ws: Workspace) -> None:
@@ -124,15 +147,7 @@ CASES = [
     Case(
         "resume-run-json-missing-config",
         argv=RESUME,
-        setup=_run_with(
-            lambda ws, run: (
-                json.dump(
-                    {k: v for k, v in json.load(open(f"{run}/run.json")).items() if k != "config"},
-                    open(f"{run}/run.json.new", "w"),
-                )
-                or os.replace(f"{run}/run.json.new", f"{run}/run.json")
-            )
-        ),
+        setup=_run_with(_drop_run_config),
         error=r"lacks \['config'\]",
         names=["{case}/vpt/run.json"],
     ),
@@ -155,12 +170,7 @@ CASES = [
     Case(
         "resume-trainer-state-truncated-without-checksum",
         argv=RESUME,
-        setup=_run_with(
-            lambda ws, run: (
-                truncate(os.path.join(run, "last", "trainer.pt")),
-                os.remove(os.path.join(run, "last", "trainer.pt.sha256")),
-            )
-        ),
+        setup=_run_with(_cut_without_checksum),
         error=r"trainer.pt is truncated \(\d+ bytes, its archive has no end\)",
         names=["{case}/vpt/last/trainer.pt"],
         writes=RUN_OWNS,
@@ -212,14 +222,7 @@ CASES = [
     Case(
         "evaluate-checkpoint-of-another-run",
         argv=EVALUATE,
-        setup=_run_with(
-            lambda ws, run: (
-                __import__("shutil").rmtree(os.path.join(run, "best")),
-                __import__("shutil").copytree(
-                    os.path.join(ws.fx, "digits59", "best"), os.path.join(run, "best")
-                ),
-            )
-        ),
+        setup=_run_with(_best_of_another_run),
         error=r"holds a checkpoint for classes \['5', '6'.*was it copied from another run\?",
         names=["{case}/vpt/best"],
     ),
@@ -267,7 +270,7 @@ CASES = [
     ),
     Case(
         "load-pgn-unknown-field",
-        call=lambda ws: __import__("fastprompt").load_prompts(tiny_vit(), ws.path("pgn", "best")),
+        call=lambda ws: _load_best(ws, folder="pgn"),
         setup=_pgn_unknown_field,
         error=r"unexpected keyword argument 'foo'",
         exc="TypeError",
@@ -291,7 +294,7 @@ CASES = [
     ),
     Case(
         "load-a-text-file-as-official-vpt",
-        call=lambda ws: __import__("fastprompt").load_prompts(tiny_vit(), ws.fx + "/data.csv"),
+        call=lambda ws: _load_best(ws, path=os.path.join(ws.fx, "data.csv")),
         error=r"is not a PyTorch checkpoint",
         exc="CheckpointError",
         names=["{fx}/data.csv"],

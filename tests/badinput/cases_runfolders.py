@@ -121,6 +121,47 @@ def _notes_kept(ws: Workspace, _) -> None:
     assert os.path.isfile(state) and os.path.isfile(state + ".sha256")
 
 
+def _killed_and_resumed(ws: Workspace) -> list[str]:
+    """A run SIGKILLed at three points after its first save, then resumed: each must end
+    bit-identical to the run that was never interrupted (and leave no temporary folder)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from fastprompt.cli import main
+
+    data = [ws.format(a) for a in DATA]
+    args = [*TRAIN, *data, "--epochs", "4", "--warmup-epochs", "1", "--prompt-dropout", "0.2"]
+    assert main([*args, "--out", ws.path("whole")]) == 0
+    want = load_file(ws.path("whole", "last", "prompts.safetensors"))
+    keys = ("epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_epoch")
+    rows = lambda run: [
+        {k: json.loads(line)[k] for k in keys}
+        for line in open(os.path.join(run, "metrics.jsonl")).read().splitlines()
+    ]
+    report = []
+    for i, delay in enumerate((0.0, 0.1, 0.35)):
+        run = ws.path(f"killed{i}")
+        pid = os.fork()
+        if pid == 0:
+            os._exit(main([*args, "--out", run]) or 0)
+        while not os.path.isdir(os.path.join(run, "last")) and os.waitpid(pid, os.WNOHANG) == (
+            0,
+            0,
+        ):
+            time.sleep(0.005)
+        time.sleep(delay)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        epochs = len(open(os.path.join(run, "metrics.jsonl")).read().splitlines())
+        assert main(["train", "--resume", run, "--no-progress", "--quiet"]) == 0
+        got = load_file(os.path.join(run, "last", "prompts.safetensors"))
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got), run
+        assert rows(run) == rows(ws.path("whole")), run
+        assert not [e for e in os.listdir(run) if e.startswith((".last-", ".best-"))], run
+        report.append(f"killed after {epochs} epoch(s): bit-identical")
+    return report
+
+
 CASES = [
     Case(
         "out-user-folder-with-checkpoint-names",
@@ -184,6 +225,11 @@ CASES = [
         call=_two_processes,
         writes=["run", "run/*", "run/*/*"],
         check=_refused_both,
+    ),
+    Case(
+        "killed-anywhere-resumes-bit-identical",
+        call=_killed_and_resumed,
+        writes=["whole", "whole/*", "whole/*/*", "killed?", "killed?/*", "killed?/*/*"],
     ),
     Case(
         "resume-cleans-interrupted-saves",

@@ -238,7 +238,7 @@ def judge(case: Case, ws: Workspace) -> Outcome:
             case.check(ws, outcome)
         except AssertionError as e:
             return Outcome(False, f"check failed: {e}", error or "")
-    return Outcome(True, "", error or "")
+    return Outcome(True, "", error or "", {"outcome": repr(outcome)[:500]})
 
 
 # -- running, one process per case ---------------------------------------------------------------

@@ -173,3 +173,52 @@ def test_loader_order_depends_on_seed_and_epoch_only():
     ev = [D.LoaderSpec(batch_size=5, rank=r, world=2) for r in (0, 1)]
     seen = [i for s in ev for batch in _order(s, 0) for i in batch]
     assert sorted(seen) == list(range(24))
+
+
+def test_other_data_is_read_through_the_run_class_map(tmp_path):
+    write_images(tmp_path / "b", 2, 1)
+    write_images(tmp_path / "c", 2, 1)
+    val = D.open_dataset(str(tmp_path))
+    assert val.classes == ["b", "c"] and {y for _, y in val.samples} == {0, 1}
+    mapped = D.map_classes(val, ["a", "b", "c"], "--val x")
+    assert mapped.classes == ["a", "b", "c"] and [y for _, y in mapped.samples] == [1, 1, 2, 2]
+    assert mapped[0][1] == 1 and mapped.ids == val.ids
+    with pytest.raises(D.DataError, match=r"--val x has 1 class\(es\) the run was not trained on"):
+        D.map_classes(val, ["a", "b"], "--val x")
+    # Integer-labelled lists map by their numbers, whatever their own range.
+    rows = write_images(tmp_path / "img", 3, 3)
+    (tmp_path / "l.txt").write_text("".join(f"{p} {y + 2}\n" for p, y in rows))
+    listed = D.open_dataset(str(tmp_path / "l.txt"))
+    assert D.map_classes(listed, [str(i) for i in range(6)], "x") is listed
+
+
+def test_run_folders_inside_an_image_folder_are_not_classes(tmp_path):
+    from fastprompt.train import owner
+
+    write_images(tmp_path / "a", 2, 1)
+    write_images(tmp_path / "b", 2, 1)
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / owner.MARKER).write_text("{}")
+    (tmp_path / "run" / "curves.png").write_bytes(b"")
+    (tmp_path / "empty").mkdir()
+    assert D.open_dataset(str(tmp_path), exclude=[str(tmp_path / "empty")]).classes == ["a", "b"]
+    with pytest.raises(D.DataError, match=r"class folder .*empty holds no images"):
+        D.open_dataset(str(tmp_path))
+
+
+def test_a_split_is_stored_and_read_back(tmp_path):
+    from fastprompt.train.folder import DataConfig
+    from fastprompt.train.splits import open_data, read_split, write_split
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "data" / cls, 10, 1)
+    cfg = DataConfig(train=str(tmp_path / "data"), val_split="0.3")
+    first = open_data(cfg, seed=1)
+    assert (len(first.train), len(first.val)) == (14, 6)
+    (tmp_path / "run").mkdir()
+    write_split(str(tmp_path / "run"), first)
+    stored = read_split(str(tmp_path / "run"))
+    write_images(tmp_path / "data" / "a" / "more", 3, 1)  # added since: left out, said so
+    again = open_data(cfg, seed=2, classes=first.classes, stored=stored)
+    assert again.train.ids == first.train.ids and again.val.ids == first.val.ids
+    assert again.notes and "3 image(s)" in again.notes[0]

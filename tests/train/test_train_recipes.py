@@ -165,3 +165,53 @@ def test_recipes_are_printed(capsys):
     out = capsys.readouterr().out
     # Shortening a run keeps the recipe's warmup share (PGN: half).
     assert "warmup_epochs    5" in out and "recipe pgn" in out
+
+
+def test_fields_are_typed_before_anything_runs():
+    from fastprompt.train.recipes import coerce_field
+
+    assert coerce_field("epochs", "12") == 12 and coerce_field("epochs", 12.0) == 12
+    assert coerce_field("lr", "none") is None and coerce_field("crop_pct", "0.9") == 0.9
+    assert coerce_field("no_decay", "head.bias, prompt_proj.bias") == (
+        "head.bias",
+        "prompt_proj.bias",
+    )
+    for field, value, want in (
+        ("epochs", "abc", "an int"),
+        ("epochs", True, "an int"),
+        ("crop_pct", "abc", "a finite number"),
+        ("momentum", float("nan"), "a finite number"),
+        ("schedule", 3, "a string"),
+    ):
+        with pytest.raises(ValueError, match=f"{field} must be {want}"):
+            coerce_field(field, value)
+    with pytest.raises(ValueError, match="must be an int, got 'abc'"):
+        Recipe.from_dict({**get_recipe("vpt").to_dict(), "epochs": "abc"})
+
+
+def test_no_decay_names_must_be_trainable_tensors():
+    import timm
+
+    import fastprompt
+    from fastprompt.train.recipes import check_no_decay
+
+    model = fastprompt.vpt(
+        timm.create_model(
+            "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2
+        ),
+        1,
+    )
+    named = model.trainable_parameters()
+    check_no_decay(model, named, get_recipe("vpt"))
+    with pytest.raises(ValueError, match=r"'head.bais'.*closest: \['head.bias'"):
+        check_no_decay(model, named, get_recipe("vpt").override(no_decay="head.bais"))
+    with pytest.raises(ValueError, match="'pos_embed', a frozen tensor"):
+        check_no_decay(model, named, get_recipe("vpt").override(no_decay="pos_embed"))
+    model.unwrap()
+    # A bias-free head: the vpt recipe's head.bias exempts nothing, and says nothing.
+    bare = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2
+    )
+    bare.head = torch.nn.Linear(32, 3, bias=False)
+    model = fastprompt.vpt(bare, 1)
+    check_no_decay(model, model.trainable_parameters(), get_recipe("vpt"))

@@ -1,0 +1,133 @@
+"""Run-folder ownership, the lock, interrupted saves, and folders written by the previous
+version (no marker, no split.json, checkpoints without checksums)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from train_helpers import TINY_MODEL
+
+from fastprompt.cli import main
+from fastprompt.train import owner
+from fastprompt.train.folder import save_dir
+
+FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
+
+
+def test_a_run_may_write_only_a_new_empty_or_marked_folder(tmp_path):
+    owner.check_out(str(tmp_path / "new"))
+    (tmp_path / "empty").mkdir()
+    owner.check_out(str(tmp_path / "empty"))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(owner.OwnerError, match="is not empty and is not a fastprompt run folder"):
+        owner.check_out(str(tmp_path / "mine"))
+    owner.check_out(str(tmp_path / "mine"), overwrite=True)  # checked, nothing moved yet
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "mine"
+    moved = owner.claim(str(tmp_path / "mine"), overwrite=True)
+    try:
+        assert moved and open(os.path.join(moved, "notes.txt")).read() == "mine"
+        assert sorted(os.listdir(tmp_path / "mine")) == [owner.LOCK, owner.MARKER]
+        assert owner.is_run_folder(str(tmp_path / "mine"))
+        # Marked but never prepared (no run.json): the next run may reuse it.
+        owner.check_out(str(tmp_path / "mine"))
+    finally:
+        owner.release(str(tmp_path / "mine"))
+
+
+def test_the_lock_is_per_process_and_reentrant(tmp_path):
+    run = str(tmp_path / "run")
+    owner.claim(run)
+    try:
+        with owner.hold(run):  # the same process again: fine
+            pass
+        # Another process is refused while this one holds it, with this one's pid.
+        code = (
+            "import sys; from fastprompt.train import owner\n"
+            "try:\n    owner.hold_lock(sys.argv[1])\nexcept owner.OwnerError as e:\n"
+            "    print(e); sys.exit(3)\n"
+        )
+        done = subprocess.run(
+            [sys.executable, "-c", code, run], capture_output=True, text=True, timeout=120
+        )
+        assert done.returncode == 3 and f"pid {os.getpid()}" in done.stdout, done
+    finally:
+        owner.release(run)
+    done = subprocess.run(
+        [sys.executable, "-c", code, run], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
+    run = tmp_path / "run"
+    for d in ("last", "last.old", "best.old", ".last-abcd1234", ".init-_x_y_z_1"):
+        (run / d).mkdir(parents=True)
+    (run / "best.old" / "prompts.safetensors").write_text("the previous best")
+    (run / "last" / ".tmp-12345678").write_text("half")
+    (run / ".lastly").mkdir()  # not ours: another name
+    (run / "last" / "notes.txt").write_text("a person's")
+    done = owner.clean_stale(str(run))
+    assert sorted(os.listdir(run)) == [".lastly", "best", "last"]
+    assert (run / "best" / "prompts.safetensors").read_text() == "the previous best"
+    assert os.listdir(run / "last") == ["notes.txt"]
+    assert "best.old -> best" in done and ".last-abcd1234" in done
+
+
+def test_a_checkpoint_save_carries_a_persons_files_over(tmp_path):
+    def write(folder):
+        with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
+            f.write("new")
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "prompts.safetensors").write_text("old")
+    (tmp_path / "best" / "draft.tex").write_text("mine")
+    save_dir(str(tmp_path), "best", write)
+    assert (tmp_path / "best" / "prompts.safetensors").read_text() == "new"
+    assert (tmp_path / "best" / "draft.tex").read_text() == "mine"
+    assert oct(os.stat(tmp_path / "best").st_mode & 0o777) != oct(0o700)  # not owner-only
+
+
+def _as_previous_version(run) -> None:
+    """What the previous fastprompt wrote: no marker, no split.json, no trainer.pt checksum,
+    checkpoints without tensor checksum or class names."""
+    os.remove(run / owner.MARKER)
+    os.remove(run / owner.LOCK)
+    os.remove(run / "split.json")
+    for folder in ("init", "best", "last"):
+        file = run / folder / "prompts.safetensors"
+        with safe_open(str(file), framework="pt") as f:
+            meta = dict(f.metadata())
+        config = json.loads(meta["config"])
+        config.pop("classes")
+        save_file(
+            load_file(str(file)),
+            str(file),
+            metadata={"format": meta["format"], "config": json.dumps(config)},
+        )
+        (run / folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    os.remove(run / "last" / "trainer.pt.sha256")
+    saved = json.loads((run / "run.json").read_text())
+    del saved["data"]["split"]
+    (run / "run.json").write_text(json.dumps(saved, indent=2))
+
+
+def test_a_run_folder_of_the_previous_version_resumes_and_evaluates(tiny_csv, tmp_path):
+    args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val-split", "0.25"]
+    args += ["--prompts", "2", *FAST, "--epochs", "2"]
+    run = tmp_path / "run"
+    assert main([*args, "--stop-after", "1", "--out", str(run)]) == 0
+    _as_previous_version(run)
+    assert main(["train", "--resume", str(run), "--no-progress", "--quiet"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (run / owner.MARKER).is_file()  # adopted
+    assert main(["evaluate", str(run), "--checkpoint", "init", "--no-progress"]) == 0
+    # A new run refuses it as a run, not as a person's folder.
+    with pytest.raises(SystemExit):
+        main([*args, "--out", str(run)])
