@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from fastprompt.bench import environment
 from fastprompt.cli import main as cli
 from fastprompt.train import data as D
+from fastprompt.train.owner import is_run_folder
 
 BACKBONE = {
     "img_size": 16,
@@ -132,10 +133,12 @@ def main() -> None:
         else {"pretrain": 60, "vpt": 100, "pgn": 60, "finetune": 20}
     )
     t_start = time.time()
-    if os.path.exists(args.out):
-        shutil.rmtree(args.out)
-    os.makedirs(args.out)
+    os.makedirs(args.out, exist_ok=True)
     weights = os.path.join(args.out, "backbone_digits0-4.safetensors")
+    # A rerun replaces what an earlier run of this example wrote, and nothing else in --out.
+    for name in ("vpt", "vpt-resumed", "pgn", "vpt-pc30-taylor_normed"):
+        if is_run_folder(os.path.join(args.out, name)):
+            shutil.rmtree(os.path.join(args.out, name))
     source_acc = pretrain(weights, e["pretrain"])
     print(f"backbone: top-1 {100 * source_acc:.2f}% on held-out digits 0-4")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 __all__ = ["add_evaluate_parser", "check_evaluate_args", "run_evaluate"]
@@ -98,8 +99,12 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             "samples": result["samples"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
-        with open(os.path.join(args.run, "evaluations.jsonl"), "a") as f:
-            f.write(json.dumps(record) + "\n")
+        path = os.path.join(args.run, "evaluations.jsonl")
+        try:
+            with open(path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a read-only copy of a run still evaluates
+            print(f"note: not recorded in {path} ({e.strerror})", file=sys.stderr)
         print(
             f"{args.run} ({args.checkpoint}) on {name}: top-1 {100 * result['acc']:.2f}%  "
             f"loss {result['loss']:.4f}  ({result['samples']} images)"

@@ -40,11 +40,6 @@ __all__ = [
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def num_classes_of(model: nn.Module) -> int | None:
-    """Classes the model's head predicts (None for a model without a Linear head)."""
-    return head_classes(model)
-
-
 def get_rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from."""
     state = {
@@ -113,7 +108,7 @@ def evaluate_model(
     env = env or DistEnv()
     device = device or next(model.parameters()).device
     call = forward if forward is not None else model
-    classes = num_classes_of(model)
+    classes = head_classes(model)
     training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -211,7 +206,7 @@ class Trainer:
         named = model.trainable_parameters()
         self.device = next(iter(named.values())).device
         self.env = env or DistEnv(device=self.device)
-        self.classes = num_classes_of(model)
+        self.classes = head_classes(model)
         if recipe.prompt_dropout is not None and hasattr(model.source, "set_dropout"):
             model.source.set_dropout(recipe.prompt_dropout)
         self.optimizer = make_optimizer(named, recipe)

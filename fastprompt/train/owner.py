@@ -161,10 +161,13 @@ def claim(path: str, overwrite: bool = False, flag: str = "--out") -> str | None
     """
     check_out(path, overwrite, flag)
     moved = None
-    if overwrite and os.path.isdir(path) and os.listdir(path):
-        moved = _aside_name(path)
-        os.rename(path, moved)
-    os.makedirs(path, exist_ok=True)
+    try:
+        if overwrite and os.path.isdir(path) and os.listdir(path):
+            moved = _aside_name(path)
+            os.rename(path, moved)
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise OwnerError(f"{flag} {path} cannot be created or moved aside ({e})") from None
     hold_lock(path, flag)
     try:
         # Another process may have written there between the check and the lock.
@@ -255,7 +258,13 @@ def hold_lock(path: str, flag: str = "run folder") -> None:
         _HELD[real][1] += 1
         return
     file = os.path.join(path, LOCK)
-    fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(file, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OwnerError(
+            f"{flag} {path} cannot be locked for writing ({e.strerror}); a run writes into its "
+            "folder, so it must be writable"
+        ) from None
     if not _lock_fd(fd):
         os.close(fd)
         raise OwnerError(
