@@ -7,21 +7,16 @@ cases read them and copy what they change (``Workspace.copy``).
 from __future__ import annotations
 
 import os
+import pathlib
+import sys
 
-import numpy as np
+# The training-layer tests' tiny model and images (tests/train/train_helpers.py).
+sys.path.insert(
+    0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train")
+)
+from train_helpers import TINY_MODEL as MODEL
+from train_helpers import write_images as _write_images
 
-# A timm ViT small enough that an epoch takes milliseconds (16×16 images, 16 patches).
-MODEL = [
-    "--model",
-    "vit_tiny_patch16_224",
-    "--model-args",
-    "img_size=16",
-    "patch_size=4",
-    "embed_dim=32",
-    "depth=2",
-    "num_heads=2",
-    "--no-pretrained",
-]
 FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 TRAIN = ["train", *MODEL, *FAST]
 MODEL_KW = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
@@ -29,17 +24,7 @@ MODEL_KW = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
 def write_images(folder: str, count: int, classes: int, size: int = 12, seed: int = 0) -> list:
     """``count`` PNGs whose brightness follows the class; (path relative to the parent, label)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(folder, exist_ok=True)
-    rows = []
-    for i in range(count):
-        label = i % classes
-        pixels = rng.random((size, size, 3)) * 60 + label * (190 / max(classes - 1, 1))
-        Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(os.path.join(folder, f"{i}.png"))
-        rows.append((f"{os.path.basename(folder)}/{i}.png", label))
-    return rows
+    return _write_images(pathlib.Path(folder), count, classes, size, seed)
 
 
 def build(fx: str) -> None:
@@ -70,7 +55,16 @@ def build(fx: str) -> None:
             "--epochs",
             "1",
         ],
-        "digits59": ["--data", "digits:5-9", "--prompts", "2", "--epochs", "1"],
+        "digits59": [
+            "--data",
+            "digits:5-9",
+            "--prompts",
+            "2",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "64",
+        ],
     }
     for name, args in runs.items():
         out = os.path.join(fx, name)
