@@ -304,7 +304,7 @@ def check_train_args(args: argparse.Namespace) -> str | None:
     # Under torchrun rank 0 creates the folder; another rank may look after it did.
     if env_rank() == 0:
         try:
-            owner.check_out(args.out, args.overwrite)
+            owner.check_out(args.out, args.overwrite, "--out", [args.data, args.val, args.weights])
         except owner.OwnerError as e:
             return str(e)
     try:

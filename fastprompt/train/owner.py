@@ -30,7 +30,7 @@ import shutil
 import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 __all__ = [
     "LOCK",
@@ -82,12 +82,14 @@ def _listing(path: str, limit: int = 4) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def check_out(path: str, overwrite: bool = False, flag: str = "--out") -> None:
+def check_out(
+    path: str, overwrite: bool = False, flag: str = "--out", keep: Iterable[str | None] = ()
+) -> None:
     """Refuse ``path`` as a new run folder unless the run may write there (nothing is written).
 
     Allowed: a missing folder, an empty one, one fastprompt marked but never finished preparing
     (no ``run.json``), and with ``overwrite`` any folder (its content is moved aside by
-    :func:`claim`).
+    :func:`claim`) that holds none of the paths in ``keep`` (the run's data and weights).
 
     Raises
     ------
@@ -99,7 +101,7 @@ def check_out(path: str, overwrite: bool = False, flag: str = "--out") -> None:
     if not os.path.isdir(path):
         raise OwnerError(f"{flag} {path} exists and is not a folder; choose another {flag}")
     if overwrite:
-        _check_movable(path, flag)
+        _check_movable(path, flag, keep)
         return
     # A lock file alone is what a claim that died before marking leaves: ours.
     entries = [e for e in os.listdir(path) if e not in (LOCK, MARKER + ".tmp")]
@@ -119,13 +121,16 @@ def check_out(path: str, overwrite: bool = False, flag: str = "--out") -> None:
     )
 
 
-def _check_movable(path: str, flag: str) -> None:
+def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     real = os.path.realpath(path)
-    cwd = os.path.realpath(os.getcwd())
-    if cwd == real or cwd.startswith(real + os.sep):
-        raise OwnerError(
-            f"{flag} {path} holds the current folder; --overwrite cannot move it aside"
-        )
+    given = [(p, p) for p in keep if p and os.path.exists(p)]
+    for what, inside in [("the current folder", os.getcwd()), *given]:
+        full = os.path.realpath(inside)
+        if full == real or full.startswith(real + os.sep):
+            raise OwnerError(
+                f"{flag} {path} holds {what}; --overwrite would move it aside with the rest: "
+                f"choose another {flag}"
+            )
     holder = _holder_if_locked(path)
     if holder is not None:
         raise OwnerError(
@@ -143,7 +148,9 @@ def _aside_name(path: str) -> str:
     return name
 
 
-def claim(path: str, overwrite: bool = False, flag: str = "--out") -> str | None:
+def claim(
+    path: str, overwrite: bool = False, flag: str = "--out", keep: Iterable[str | None] = ()
+) -> str | None:
     """Make ``path`` this process's run folder: create or adopt it, mark it, lock it.
 
     With ``overwrite`` a non-empty folder is first renamed to ``<path>.old-<date>-<time>``.
@@ -159,7 +166,7 @@ def claim(path: str, overwrite: bool = False, flag: str = "--out") -> str | None
     OwnerError
         As :func:`check_out`, or when another process holds the folder.
     """
-    check_out(path, overwrite, flag)
+    check_out(path, overwrite, flag, keep)
     moved = None
     try:
         if overwrite and os.path.isdir(path) and os.listdir(path):

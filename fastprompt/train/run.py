@@ -213,8 +213,10 @@ def prepare_run(
     """
     env = env or DistEnv()
     # Rank 0 alone looks: under torchrun another rank may get here after rank 0 wrote the run.
+    # What --overwrite must not move aside with the old content.
+    keep = [config.data.train, config.data.val, config.model.weights]
     if env.main:
-        _owned(owner.check_out, out, overwrite)
+        _owned(owner.check_out, out, overwrite, "--out", keep)
     if data is None:
         data = open_data(config.data, config.seed, exclude=[out])
     if config.model.weights is not None:
@@ -232,7 +234,7 @@ def prepare_run(
         except ValueError as e:
             raise RunError(str(e)) from None
         _, _, tinfo = transforms_for(start.model, config.recipe)
-        moved = _owned(owner.claim, out, overwrite)
+        moved = _owned(owner.claim, out, overwrite, "--out", keep)
         try:
             record = {
                 "format": FORMAT,
