@@ -92,7 +92,10 @@ def _locate_or_build() -> Path:
         raise RuntimeError(f"cannot build it on first use: {' and '.join(missing)} not found")
     plan = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list)
     root = _cache_root()
-    fresh = not _build.library_path(root / plan.key).is_file()
+    cached, damage = _build.cached_build(root / plan.key)
+    fresh = cached is None
+    if damage is not None:
+        _INFO["repaired"] = damage
     if fresh:
         logging.getLogger("fastprompt").warning(
             "fastprompt: compiling the C++ extension into %s (once per torch/CUDA/source "
@@ -114,11 +117,10 @@ def _locate_or_build() -> Path:
         )
         plan = _build.plan(True, False, settings.cuda_arch_list)
         lib = _build.build(plan, root, verbose=settings.verbose)
-    _INFO.update(
-        library=str(lib),
-        how="first-use build" if fresh else "cached first-use build",
-        seconds=round(time.perf_counter() - start, 1),
-    )
+    how = "cached first-use build (size and hash checked)" if not fresh else "first-use build"
+    if damage is not None:
+        how = "first-use build, replacing a damaged cached one"
+    _INFO.update(library=str(lib), how=how, seconds=round(time.perf_counter() - start, 1))
     return lib
 
 
@@ -168,9 +170,11 @@ def build_info() -> dict[str, Any]:
     dict
         ``compiler`` (path or None), ``ninja``, ``cuda_toolkit`` (root, version, how found, or
         why none), ``cuda_kernels`` (whether a build here compiles them, and why), ``archs``,
-        ``cpu_isa``, ``cache`` (where first-use builds go), ``library`` and ``how`` (once
-        loaded), ``aot`` (why an ahead-of-time build was not used), ``build_seconds`` and
-        ``last_error`` (the last failed build's message, from this process or the cache).
+        ``cpu_isa``, ``cache`` (where first-use builds go), ``cache_state`` (built and verified,
+        damaged, or not built), ``library`` and ``how`` (once loaded), ``repaired`` (the damage
+        found in a cached build this process replaced), ``aot`` (why an ahead-of-time build was
+        not used), ``build_seconds`` and ``last_error`` (the last failed build's message, from
+        this process or the cache).
     """
     settings = _config.get()
     info: dict[str, Any] = {
@@ -188,11 +192,16 @@ def build_info() -> dict[str, Any]:
         info["cpu_isa"] = plan.isa
         build_dir = _cache_root() / plan.key
         info["cache"] = str(build_dir)
-        record = build_dir / "build.json"
-        if record.is_file():
+        lib, damage = _build.cached_build(build_dir)
+        if lib is not None:
             import json
 
-            info["build_seconds"] = json.loads(record.read_text()).get("seconds")
+            info["cache_state"] = "built, size and hash verified"
+            info["build_seconds"] = json.loads((build_dir / "build.json").read_text()).get("seconds")
+        elif damage is not None:
+            info["cache_state"] = f"DAMAGED, will be rebuilt on first use and never loaded: {damage}"
+        else:
+            info["cache_state"] = "not built yet (compiles on first use)"
         if (build_dir / "error.txt").is_file():
             info["last_error"] = (build_dir / "error.txt").read_text().strip()[-2000:]
     except Exception as e:  # no sources shipped, no torch CPU info...
