@@ -196,10 +196,11 @@ def build_info() -> dict[str, Any]:
         if lib is not None:
             import json
 
+            record = json.loads((build_dir / "build.json").read_text())
             info["cache_state"] = "built, size and hash verified"
-            info["build_seconds"] = json.loads((build_dir / "build.json").read_text()).get("seconds")
+            info["build_seconds"] = record.get("seconds")
         elif damage is not None:
-            info["cache_state"] = f"DAMAGED, will be rebuilt on first use and never loaded: {damage}"
+            info["cache_state"] = f"DAMAGED (rebuilt on first use, never loaded): {damage}"
         else:
             info["cache_state"] = "not built yet (compiles on first use)"
         if (build_dir / "error.txt").is_file():

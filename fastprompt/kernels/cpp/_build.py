@@ -366,7 +366,7 @@ class FileLock:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(path, "a+")  # noqa: SIM115 (closed on exit)
+        self._file = open(path, "a+")  # closed by __exit__
 
     def __enter__(self) -> FileLock:
         try:
