@@ -41,13 +41,12 @@ CPU_SOURCES = (
     "build_info.cpp",
     "cpu/blas.cpp",
     "cpu/prompt_attention.cpp",
-    "cpu/prompt_scores.cpp",
-    "cpu/gather_prompts.cpp",
+    "cpu/cascade_kernels.cpp",
+    "cascade/cascade.cpp",
+    "cascade/parts.cpp",
 )
 CUDA_SOURCES = (
-    "cuda/prompt_attention.cu",
-    "cuda/prompt_scores.cu",
-    "cuda/gather_prompts.cu",
+    "cuda/cascade_kernels.cu",
     "cuda/dispatch.cpp",
 )
 # Kernels only (no torch headers): what the ptxas report and its test compile with nvcc alone.
