@@ -3,22 +3,24 @@
 //
 // The keys of a query are its set's prompt keys and its own image keys. Each part is ordinary
 // attention on PyTorch's fused kernels (parts.h), returning (o_j, lse_j); one kernel merges them
-// by log-sum-exp into the output, written straight into the (B, N, H, d) layout. For a shared
-// set (T = 1) the prompt part is one call whose query sequence is all B * N queries of the batch
-// against the set's P keys (one long, tensor-core-friendly problem; the prompt K/V read once);
-// for indexed sets each sequence attends to its set's keys, gathered by index.
+// by log-sum-exp into the output, written straight into the (B, N, H, d) layout. In the forward,
+// a shared set's (T = 1) prompt part is one call whose query sequence is all B * N queries of the
+// batch against the set's P keys: one long problem with tensor-core-friendly shapes that reads the
+// prompt K/V once. Indexed sets: each sequence attends to its set's keys, gathered by index.
 //
 // The backward hands each part's fused backward the *merged* out and lse: a fused backward
 // computes P = exp(s - lse) and D = rowsum(dO * O) from them, so each part returns its exact
-// share of dq and its own keys' exact dK, dV. The shared set's prompt dK/dV come out of the long
-// call already summed over the batch (in fp32 inside the kernel, in a fixed order); indexed
-// sets' per-sequence gradients are summed per set by a kernel that visits each set's members only.
+// share of dq and its own keys' exact dK, dV. The prompt part's backward runs per sequence (the
+// set's keys broadcast over the batch when shared): a fused backward parallelises over key blocks
+// and loops over queries inside a block, so the long call would give the whole batch's work to
+// ceil(P / 128) * H thread blocks. The per-sequence prompt gradients are then summed per set by a
+// kernel that visits each set's members in order (fp32, deterministic).
 //
-// Prompt Condensation's scores need per-sequence prompt gradients and the gate sum_n dS[n, i],
-// which no fused kernel returns. The scored backward runs the prompt part per sequence with the
-// head dim padded by 8: q gets a feature equal to 1 that the prompt keys have 0 in, which changes
-// no score, and the padded column of dK is then scale * sum_n dS[n, i], the gate of head h. One
-// epilogue kernel forms the terms and the gate from there.
+// Prompt Condensation's scores need those per-sequence prompt gradients and the gate
+// sum_n dS[n, i], which no fused kernel returns. The scored backward pads the head dim by 8: q
+// gets a feature equal to 1 that the prompt keys have 0 in, which changes no score, and the
+// padded column of dK is then scale * sum_n dS[n, i], the gate of head h. One epilogue kernel
+// forms the terms and the gate from there.
 //
 // Code here is device-generic: on CPU tensors the same orchestration runs on PyTorch's CPU flash
 // kernel and the CPU twins of the small kernels (the `cascade_attention_*` schemas), which is how
@@ -108,20 +110,25 @@ PromptKeys prompt_keys(const Tensor& pk, const Tensor& pv, const OptTensor& inde
     r.k = at::where(keep, pk, zero);
     r.v = at::where(keep, pv, zero);
   }
-  Tensor idx;
+  // A shared set is broadcast over the batch (stride 0), never copied; indexed sets are gathered.
+  const bool shared = pk.size(0) == 1;
+  const Tensor idx = index.has_value() ? index->to(at::kLong) : Tensor();
+  auto per_seq = [&](const Tensor& t) {
+    return shared ? t.narrow(0, 0, 1).expand({B, -1, -1, -1}) : t.index_select(0, idx);
+  };
   if (per_sequence) {
-    idx = index.has_value() ? index->to(at::kLong) : at::zeros({B}, pk.options().dtype(at::kLong));
-    r.k = r.k.index_select(0, idx);
-    r.v = r.v.index_select(0, idx);
+    r.k = per_seq(r.k);
+    r.v = per_seq(r.v);
   } else {
     r.k = r.k.narrow(0, 0, 1);
     r.v = r.v.narrow(0, 0, 1);
   }
   if (lengths.has_value()) {
     const Tensor lens = lengths->to(at::kLong);
-    r.bias = key_bias(per_sequence ? valid.index_select(0, idx) : valid.narrow(0, 0, 1),
-                      pk.scalar_type());
-    r.counts = per_sequence ? lens.index_select(0, idx) : lens.narrow(0, 0, 1).expand({B});
+    Tensor valid_seq = valid.narrow(0, 0, 1);
+    if (per_sequence) valid_seq = shared ? valid_seq.expand({B, -1}) : valid.index_select(0, idx);
+    r.bias = key_bias(valid_seq, pk.scalar_type());
+    r.counts = shared ? lens.narrow(0, 0, 1).expand({B}) : lens.index_select(0, idx);
   }
   return r;
 }
@@ -243,19 +250,11 @@ BwdResult cascade_bwd(
   }
   Tensor dq_p;
   if (s.P > 0) {
-    const bool long_call = s.T == 1 && !scored;
-    const PromptKeys pr = prompt_keys(pk, pv, index, lengths, s.B, !long_call);
+    const PromptKeys pr = prompt_keys(pk, pv, index, lengths, s.B, /*per_sequence=*/true);
     if (scored) {
       const Tensor uk = u_k->to(at::kFloat).contiguous(), uv = u_v->to(at::kFloat).contiguous();
       dq_p = scored_prompt_part(dout, q, out, lse_b, pr, scale, index, uk, uv, s, *kernels, dpk,
                                 dpv, terms, gate);
-    } else if (long_call) {
-      const Tensor lse_long = lse_b.transpose(0, 1).reshape({1, s.H, s.B * s.Nq}).contiguous();
-      auto [dq_long, dk_set, dv_set] = part_backward(as_long(dout), as_long(q), pr.k, pr.v,
-                                                     pr.bias, as_long(out), lse_long, scale);
-      dq_p = from_long(dq_long, s.B);
-      dpk = dk_set.to(at::kFloat).contiguous();
-      dpv = dv_set.to(at::kFloat).contiguous();
     } else {
       auto [dq_seq, dk_seq, dv_seq] =
           part_backward(dout, q, pr.k, pr.v, pr.bias, out, lse_b, scale);

@@ -66,21 +66,3 @@ def test_scoring_on_cpp_matches_torch(method):
         scores[backend] = fastprompt.score_prompts(prompted, [(x, y)], method, progress=False)
     scale = scores["torch"].abs().max()
     assert_close(scores["cpp"] / scale, scores["torch"] / scale, method, atol=1e-5, rtol=1e-4)
-
-
-def test_standalone_scores_on_cpp_match_the_reference():
-    from fastprompt.ops import prompt_scores, prompt_scores_ref
-
-    g = torch.Generator().manual_seed(3)
-    b, h, n, d, t, p = 3, 2, 9, 16, 2, 5
-    q = torch.randn(b, h, n, d, generator=g)
-    pk, pv = make_prompts(t, h, p, d)
-    lse, delta = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
-    dpk, dpv = torch.randn(b, h, p, d, generator=g), torch.randn(b, h, p, d, generator=g)
-    u_k, u_v = torch.randn(2, t, h, p, d, generator=g), torch.randn(2, t, h, p, d, generator=g)
-    index, lengths = torch.tensor([1, 0, 1]), torch.tensor([5, 3])
-    args = (q, pk, pv, lse, delta, dpk, dpv, u_k, u_v, 0.25, index, lengths)
-    got = prompt_scores(*args, backend="cpp")
-    expected = prompt_scores_ref(*args)
-    for name, a, e in zip(("terms", "gate"), got, expected):
-        assert_close(a, e, name, atol=1e-4, rtol=1e-4)
