@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
-    sink = open(out / "rows.jsonl", "w")  # noqa: SIM115 (appended to as rows come)
+    sink = open(out / "rows.jsonl", "w")  # appended to as rows come, closed at the end
 
     def emit(row):
         rows.append(row)
