@@ -103,9 +103,7 @@ def _cases(dry):
 
 def _materialise(case, device):
     index = torch.arange(case["b"], device=device) if case["index"] == "arange" else None
-    lengths = (
-        torch.tensor([case["p"] // 2], device=device) if case["lengths"] == "half" else None
-    )
+    lengths = torch.tensor([case["p"] // 2], device=device) if case["lengths"] == "half" else None
     return index, lengths
 
 
@@ -198,8 +196,8 @@ def time_paths(prefix, device, dtypes, dry, reps, emit):
     impls = {
         "cpp": lambda index, lengths: lambda *a: _Cpp.apply(*a, index, lengths, prefix),
         "cat+sdpa": lambda index, lengths: lambda *a: _cat_sdpa(*a, index, lengths),
-        "torch backend": lambda index, lengths: lambda *a: prompt_attention(
-            *a, index, lengths, 0.125, backend="torch"
+        "torch backend": lambda index, lengths: (
+            lambda *a: prompt_attention(*a, index, lengths, 0.125, backend="torch")
         ),
     }
     for dtype in dtypes:
