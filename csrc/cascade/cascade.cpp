@@ -145,6 +145,9 @@ std::pair<Tensor, Tensor> set_members(const OptTensor& index, int64_t B, int64_t
   return {order, at::searchsorted(sorted, at::arange(T + 1, i64))};
 }
 
+// The fused kernels read rows with unit stride along d; other layouts are copied once.
+Tensor unit_last(const Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+
 struct Prepared {
   AttnShape s;
   const Kernels* kernels;
@@ -165,13 +168,15 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 
 }  // namespace
 
-std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
-                                       const Tensor& pk, const Tensor& pv,
+std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                       const Tensor& pk_, const Tensor& pv_,
                                        const OptTensor& index, const OptTensor& lengths,
                                        double scale) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_fwd (cascade)";
-  const c10::DeviceGuard guard(q.device());
-  const auto [s, kernels] = prepare(q, k, v, pk, pv, index, lengths, op);
+  const c10::DeviceGuard guard(q_.device());
+  const auto [s, kernels] = prepare(q_, k_, v_, pk_, pv_, index, lengths, op);
+  const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
+  const Tensor pk = unit_last(pk_), pv = unit_last(pv_);
   Tensor out = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
   Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.Nq == 0) return {out, lse};
@@ -224,15 +229,22 @@ Tensor scored_prompt_part(const Tensor& dout, const Tensor& q, const Tensor& out
 
 }  // namespace
 
-BwdResult cascade_bwd(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& pk,
-    const Tensor& pv, const OptTensor& index, const OptTensor& lengths, const Tensor& out,
-    const Tensor& lse, double scale, const OptTensor& u_k, const OptTensor& u_v) {
+BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                      const Tensor& pk_, const Tensor& pv_, const OptTensor& index,
+                      const OptTensor& lengths, const Tensor& out_, const Tensor& lse,
+                      double scale, const OptTensor& u_k, const OptTensor& u_v) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd (cascade)";
-  const c10::DeviceGuard guard(q.device());
-  const auto [s, kernels] = prepare(q, k, v, pk, pv, index, lengths, op);
-  const int64_t S = check_backward_args(dout, q, out, lse, u_k, u_v, s, op);
+  const c10::DeviceGuard guard(q_.device());
+  const auto [s, kernels] = prepare(q_, k_, v_, pk_, pv_, index, lengths, op);
+  const int64_t S = check_backward_args(dout_, q_, out_, lse, u_k, u_v, s, op);
   const bool scored = u_k.has_value();
+  TORCH_CHECK(!(scored && q_.is_cuda() && s.d > 248), op,
+              ": the scored backward pads the head dim by 8 and PyTorch's fused kernels take at "
+              "most 256: head dims up to 248, got ",
+              s.d);
+  const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
+  const Tensor pk = unit_last(pk_), pv = unit_last(pv_);
+  const Tensor dout = unit_last(dout_), out = unit_last(out_);
   const auto f32 = q.options().dtype(at::kFloat);
   Tensor dq, dk, dv;
   Tensor dpk = at::zeros({s.T, s.H, s.P, s.d}, f32), dpv = at::zeros({s.T, s.H, s.P, s.d}, f32);

@@ -17,6 +17,10 @@
 
 #include <string>
 
+#ifdef FASTPROMPT_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
 namespace fastprompt::cascade {
 namespace {
 
@@ -24,11 +28,25 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
+// FlashAttention-2 needs sm_80 or newer.
+bool flash_capable(const Tensor& q) {
+#ifdef FASTPROMPT_WITH_CUDA
+  int major = 0;
+  const cudaError_t err =
+      cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device());
+  TORCH_CHECK(err == cudaSuccess, "fastprompt_ext: cannot read the compute capability of ",
+              q.device(), ": ", cudaGetErrorString(err));
+  return major >= 8;
+#else
+  return false;  // a build without CUDA never sees a CUDA tensor here
+#endif
+}
+
 // FlashAttention-2: fp16/bf16, head dims that are multiples of 8 up to 256, no bias.
 bool use_flash(const Tensor& q, const Tensor& bias) {
   const auto st = q.scalar_type();
   return !bias.defined() && (st == at::kHalf || st == at::kBFloat16) && q.size(-1) % 8 == 0 &&
-         q.size(-1) <= 256 && at::globalContext().userEnabledFlashSDP();
+         q.size(-1) <= 256 && at::globalContext().userEnabledFlashSDP() && flash_capable(q);
 }
 
 // The memory-efficient kernel reads a (B, H, Nq, Nk) bias through its strides: the (B, 1, 1, Nk)
