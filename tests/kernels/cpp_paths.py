@@ -15,6 +15,7 @@ from helpers import assert_close
 
 from fastprompt.kernels import cpp
 from fastprompt.kernels.cpp import _build
+from fastprompt.ops.attention import prompt_attention_ref
 
 NAMES = ("out", "lse", "dq", "dk", "dv", "dprompt_k", "dprompt_v")
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -99,3 +100,10 @@ def compare(got, ref, atol=2e-5, rtol=2e-5):
             continue
         assert a.dtype == e.dtype and a.shape == e.shape, name
         assert_close(a, e, name, atol=atol, rtol=rtol)
+
+
+def against_reference(path, tensors, dout, index=None, lengths=None):
+    """(path's results, the fp32 reference's): out, lse and every gradient."""
+    got = run(lambda *a: ext(*a, index, lengths, path=path), tensors, dout)
+    ref = run(lambda *a: prompt_attention_ref(*a, index, lengths), tensors, dout)
+    return got, ref

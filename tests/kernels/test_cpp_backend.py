@@ -14,7 +14,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpp_paths import NAMES, PATHS, CppPath, compare, ext, require_extension, run
+from cpp_paths import (
+    NAMES,
+    PATHS,
+    CppPath,
+    against_reference,
+    compare,
+    ext,
+    require_extension,
+    run,
+)
 from helpers import assert_close_vs_ref, make_prompts, make_qkv
 
 from fastprompt.kernels import cpp
@@ -79,14 +88,7 @@ def test_indexed_sets_with_lengths_match_reference(with_lengths, place):
     index = torch.tensor([2, 0, 2, 1, 2], device=device)
     lengths = torch.tensor([7, 0, 3], device=device) if with_lengths else None
     dout = torch.randn(b, h, n, d, device=device)
-    kw = dict(index=index, lengths=lengths)
-    got = run(lambda *a, **kw: ext(*a, **kw, path=path), (q, k, v, pk, pv), dout, **kw)
-    ref = run(
-        lambda *a, index, lengths: prompt_attention_ref(*a, index, lengths),
-        (q, k, v, pk, pv),
-        dout,
-        **kw,
-    )
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, lengths)
     compare(got, ref)
     if with_lengths:  # keys past a set's length get exactly no gradient
         assert got[5][2, :, 3:].abs().max() == 0 and got[5][1].abs().max() == 0
@@ -94,21 +96,14 @@ def test_indexed_sets_with_lengths_match_reference(with_lengths, place):
 
 @pytest.mark.parametrize("path", PATHS)
 def test_a_shared_set_cut_by_its_length_and_poisoned_past_it(path):
-    """T = 1 with a length (the cascade's one long call with a key bias); NaN/inf slots unread."""
+    """T = 1 with a length (the cascade's long forward call with a key bias); NaN/inf unread."""
     b, h, n, d = 3, 2, 13, 16
     q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
     pk, pv = make_prompts(1, h, 6, d)
     pk[:, :, 4:], pv[:, :, 4:] = float("nan"), float("inf")
     lengths = torch.tensor([4])
     dout = torch.randn(b, h, n, d)
-    kw = dict(index=None, lengths=lengths)
-    got = run(lambda *a, **kw: ext(*a, **kw, path=path), (q, k, v, pk, pv), dout, **kw)
-    ref = run(
-        lambda *a, index, lengths: prompt_attention_ref(*a, index, lengths),
-        (q, k, v, pk, pv),
-        dout,
-        **kw,
-    )
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, None, lengths)
     compare(got, ref)
 
 
@@ -120,14 +115,7 @@ def test_long_key_sets_span_several_key_groups(path):
     pk, pv = make_prompts(t, h, p, d)
     index, lengths = torch.tensor([1, 0], dtype=torch.int32), torch.tensor([200, 120])
     dout = torch.randn(b, h, n, d)
-    kw = dict(index=index, lengths=lengths)
-    got = run(lambda *a, **kw: ext(*a, **kw, path=path), (q, k, v, pk, pv), dout, **kw)
-    ref = run(
-        lambda *a, index, lengths: prompt_attention_ref(*a, index, lengths),
-        (q, k, v, pk, pv),
-        dout,
-        **kw,
-    )
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, lengths)
     compare(got, ref, atol=5e-5, rtol=5e-5)
 
 
