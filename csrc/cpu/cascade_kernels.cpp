@@ -7,10 +7,13 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
+#include <type_traits>
+
 #include "../cascade/kernels.h"
 #include "../checks.h"
 #include "common.h"
 #include "fastprompt/arith.h"
+#include "vec_utils.h"
 
 namespace fastprompt::cpu {
 namespace {
@@ -90,6 +93,12 @@ static void reduce_impl(const at::Tensor& per_seq, const int64_t* order, const i
       // Members in increasing sequence order: a fixed summation order.
       for (int64_t m = offsets[t]; m < offsets[t + 1]; ++m) {
         const T* x = src.at(order[m], h, i);
+        if constexpr (std::is_same_v<T, float>) {
+          if (src.st[3] == 1) {  // the CPU kernels' own fp32 per-sequence buffers
+            add_row(o, x, d);
+            continue;
+          }
+        }
         for (int64_t j = 0; j < d; ++j) o[j] += static_cast<float>(x[j * src.st[3]]);
       }
     }
