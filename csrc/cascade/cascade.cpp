@@ -110,8 +110,9 @@ PromptKeys prompt_keys(const Tensor& pk, const Tensor& pv, const OptTensor& inde
     r.k = at::where(keep, pk, zero);
     r.v = at::where(keep, pv, zero);
   }
-  // A shared set is broadcast over the batch (stride 0), never copied; indexed sets are gathered.
-  const bool shared = pk.size(0) == 1;
+  // A shared set (one set, or no index: set 0 for every sequence) is broadcast over the batch
+  // (stride 0), never copied; indexed sets are gathered.
+  const bool shared = pk.size(0) == 1 || !index.has_value();
   const Tensor idx = index.has_value() ? index->to(at::kLong) : Tensor();
   auto per_seq = [&](const Tensor& t) {
     return shared ? t.narrow(0, 0, 1).expand({B, -1, -1, -1}) : t.index_select(0, idx);
@@ -183,7 +184,7 @@ std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const
   Tensor o_i, lse_i, o_p, lse_p, counts;
   if (s.Nk > 0) std::tie(o_i, lse_i) = part_forward(q, k, v, Tensor(), scale);
   if (s.P > 0) {
-    const bool shared = s.T == 1;
+    const bool shared = s.T == 1 || !index.has_value();
     const PromptKeys pr = prompt_keys(pk, pv, index, lengths, s.B, !shared);
     if (shared) {
       auto [o, l] = part_forward(as_long(q), pr.k, pr.v, pr.bias, scale);

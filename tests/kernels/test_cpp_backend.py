@@ -108,6 +108,18 @@ def test_a_shared_set_cut_by_its_length_and_poisoned_past_it(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_table_of_sets_without_an_index_uses_set_0(path):
+    b, h, n, d = 3, 2, 11, 16
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(3, h, 6, d)
+    dout = torch.randn(b, h, n, d)
+    for lengths in (None, torch.tensor([4, 6, 0])):
+        got, ref = against_reference(path, (q, k, v, pk, pv), dout, None, lengths)
+        compare(got, ref)
+        assert got[5][1:].abs().max() == 0  # only set 0 is used
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_long_key_sets_span_several_key_groups(path):
     """More than 512 keys and rows: the online softmax merges blocks; int32 index, int64 lengths."""
     b, h, n, d, t, p = 2, 1, 530, 16, 2, 200

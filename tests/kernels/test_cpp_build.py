@@ -192,10 +192,15 @@ def _cached_build_dir() -> Path:
 
 
 def _copy_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A cache holding this process's build under the key a new process computes now."""
+    from fastprompt import _config
+
     src = _cached_build_dir()
+    settings = _config.get()
+    key = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list).key
     cache = tmp_path / "cache"
-    shutil.copytree(src, cache / src.name, ignore=shutil.ignore_patterns("*.o", "*.ninja*"))
-    return cache, cache / src.name
+    shutil.copytree(src, cache / key, ignore=shutil.ignore_patterns("*.o", "*.ninja*"))
+    return cache, cache / key
 
 
 # Stands in for the compiler (a real rebuild takes minutes): "building" copies the good library.
