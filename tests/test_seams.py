@@ -177,7 +177,6 @@ def staged_family():
     backbones.register_backbone(Staged, StagedBackbone)
     yield
     backbones._REGISTRY.pop(key)
-    backbones._DESCRIPTIONS.pop(key)
 
 
 @pytest.mark.parametrize("impl", ["fused", "naive"])

@@ -40,10 +40,6 @@ __all__ = [
 _REGISTRY: dict[str, type[Backbone] | str] = {
     "timm.models.vision_transformer.VisionTransformer": "fastprompt.backbones.vit:ViTBackbone",
 }
-# What each registered family covers, for messages (adapters not imported yet included).
-_DESCRIPTIONS: dict[str, str] = {
-    "timm.models.vision_transformer.VisionTransformer": "timm VisionTransformer (vit_*, deit_*)",
-}
 
 
 def _qualified(cls: type) -> str:
@@ -65,12 +61,11 @@ def register_backbone(model_class: type | str, adapter: type[Backbone]) -> None:
         raise TypeError(f"register_backbone: adapter must be a Backbone subclass, got {adapter!r}")
     key = model_class if isinstance(model_class, str) else _qualified(model_class)
     _REGISTRY[key] = adapter
-    _DESCRIPTIONS[key] = adapter.description or key
 
 
 def families() -> list[str]:
     """What each registered adapter covers (for messages and ``fastprompt info``)."""
-    return list(_DESCRIPTIONS.values())
+    return [_adapter_class(key).description or key for key in list(_REGISTRY)]
 
 
 def _adapter_class(key: str) -> type[Backbone]:
