@@ -144,10 +144,12 @@ class PromptedViT(OwningWrapper):
         self.readout = readout
         self.impl = impl
         self._attention: AttentionFn | None = None
-        if impl == "fused" and any(not s.as_tokens for s in self._plan()):
-            reasons = backbone.fused_unsupported_reasons()
-            if reasons:
-                raise TypeError(f"{who}: {'; '.join(reasons)}. Use impl='naive' for other blocks.")
+        # Block classes do not change under a wrapper: ask once.
+        object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
+        if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
+            raise TypeError(
+                f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
+            )
         object.__setattr__(self, "_adopted", [])
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
@@ -264,7 +266,7 @@ class PromptedViT(OwningWrapper):
         The model runs the fused path inside, whatever its ``impl``, which is exact; a model the
         fused path cannot reproduce is refused here with the reasons. Blocks whose prompts are
         tokens (their outputs are read later) run as in the official computation and are not
-        seen.
+        seen, unless the source hands them keys/values of its own.
         """
         if not callable(fn):
             raise TypeError(f"attention_override: fn must be callable, got {type(fn).__name__}")
@@ -421,6 +423,8 @@ class PromptedViT(OwningWrapper):
         direct = self._join_direct(i, None, batch, state, per_image)
         if direct is None:
             return bb.block(i, tokens, step.held)
+        if self._fused_reasons:  # the source's own keys/values need the fused block anyway
+            raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
         return bb.fused_block(i, tokens, step.held, direct, attend, self.backend)
 
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:

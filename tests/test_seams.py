@@ -373,3 +373,13 @@ def test_an_unknown_backend_is_refused_when_loading(tmp_path):
     fastprompt.pgn(tiny_vit(), 2, generator=None).save_prompts(tmp_path / "run")
     with pytest.raises(ValueError, match="got 'bogus'"):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "run", backend="bogus")
+
+
+def test_pgn_runs_and_records_the_impl_it_is_given(tmp_path):
+    from fastprompt.methods import pgn
+
+    config = pgn.PGNConfig(num_prompts=2, generator=None)
+    prompted = pgn.build(tiny_vit(), config, impl="fused")
+    assert prompted.impl == "fused"  # the build used to drop it and record "naive"
+    prompted.save_prompts(tmp_path / "run")
+    assert fastprompt.load_prompts(tiny_vit(), tmp_path / "run").impl == "fused"
