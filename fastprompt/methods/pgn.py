@@ -361,7 +361,7 @@ def _train_build(model: nn.Module, resolution: int | None = None, **kwargs: Any)
 def _add_options(group: argparse._ArgumentGroup) -> None:
     from fastprompt.backbones import readouts
 
-    group.add_argument("--prompts", type=int, help="prompts per set")
+    group.add_argument("--prompts", type=int, help="prompts per image L (default 16)")
     group.add_argument("--library-size", type=int, help="library tokens M (default 256)")
     group.add_argument(
         "--generator", choices=[*GENERATORS, "none"], help="the generator; none = IIP"

@@ -62,4 +62,4 @@ def test_help_lists_every_trainable_method_and_who_takes_each_option(capsys):
     for name in registry.trainable():
         assert name in out
     assert {"vpt", "pgn", "vpt_ablation"} <= set(registry.trainable())
-    assert "pgn, vpt, vpt_ablation: prompts per set" in out
+    assert "pgn: prompts per image L (default 16); vpt, vpt_ablation: prompts per set" in out
