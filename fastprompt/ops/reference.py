@@ -128,8 +128,8 @@ def prompt_scores_ref(
     """Reference Prompt Condensation score terms from per-sequence prompt gradients, fp32.
 
     ``terms[s, b, i] = Σ_{h,d} dK[b,h,i] · u_k[s,t_b,h,i] + dV[b,h,i] · u_v[s,t_b,h,i]`` (dK, dV:
-    ``dprompt_k``, ``dprompt_v``) and ``gate[b, i] = Σ_{h,n} dS[b,h,n,i]``, the gradient of the loss with respect to a log-gate
-    on prompt key i (``docs/design.md``, section 3).
+    ``dprompt_k``, ``dprompt_v``) and ``gate[b, i] = Σ_{h,n} dS[b,h,n,i]``, the gradient of the
+    loss with respect to a log-gate on prompt key i (``docs/design.md``, section 3).
 
     Parameters
     ----------
