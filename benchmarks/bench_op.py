@@ -266,12 +266,16 @@ def run(args) -> list[dict]:
                                 if fn is None:
                                     call = _floor(qkv, pk, pv, index, dout, backward)
                                 else:
-                                    call = (lambda fn: lambda: _call(
-                                        fn, qkv, pk, pv, index, dout, backward
-                                    ))(fn)  # fmt: skip
+                                    call = (
+                                        lambda fn: (
+                                            lambda: _call(fn, qkv, pk, pv, index, dout, backward)
+                                        )
+                                    )(fn)
                                 got = call()  # warm-up: compile, autotune, measured dispatch
-                                calls[name] = (call, _errors(got, ref) if name != "sdpa_floor"
-                                               else {})  # fmt: skip
+                                calls[name] = (
+                                    call,
+                                    _errors(got, ref) if name != "sdpa_floor" else {},
+                                )
                             except Exception as e:  # a kernel refusing this shape/dtype
                                 why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                         if why is not None:
@@ -330,12 +334,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
     parser.add_argument("--prompts", type=int, nargs="+", default=[50, 200])
-    parser.add_argument("--sets", nargs="+", default=["shared", "per-image"],
-                        choices=["shared", "per-image"])  # fmt: skip
-    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd+bwd"],
-                        choices=["fwd", "fwd+bwd"])  # fmt: skip
-    parser.add_argument("--shape", type=int, nargs=4, default=None, metavar=("B", "H", "N", "d"),
-                        help="default 64 12 197 64 on a GPU, 8 12 197 64 on a CPU")  # fmt: skip
+    parser.add_argument(
+        "--sets", nargs="+", default=["shared", "per-image"], choices=["shared", "per-image"]
+    )
+    parser.add_argument(
+        "--modes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"]
+    )
+    parser.add_argument(
+        "--shape",
+        type=int,
+        nargs=4,
+        default=None,
+        metavar=("B", "H", "N", "d"),
+        help="default 64 12 197 64 on a GPU, 8 12 197 64 on a CPU",
+    )
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")

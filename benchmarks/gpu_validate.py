@@ -62,8 +62,19 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     device = "cpu" if dry_run else "cuda"
     if dry_run:
         op_args = ["--tiny", "--dtypes", "bfloat16", "float32"]
-        model = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2",
-                 "--prompts", "4", "--reps", "1", "--no-memory"]  # fmt: skip
+        model = [
+            "--model",
+            "vit_tiny_patch16_224",
+            "--img-size",
+            "32",
+            "--batch",
+            "2",
+            "--prompts",
+            "4",
+            "--reps",
+            "1",
+            "--no-memory",
+        ]
     else:
         op_args = ["--dtypes", "bfloat16", "float32", "--prompts", "50", "200"]
         model = ["--model", "vit_base_patch16_224", "--prompts", "200"]
@@ -93,7 +104,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
                 str(out / "op"),
             ],
             300,
-        ),  # fmt: skip
+        ),
         Step(
             "model_bf16",
             [
@@ -109,7 +120,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
                 str(out / "model_bf16"),
             ],
             240,
-        ),  # fmt: skip
+        ),
         Step(
             "tests_first",
             [
@@ -122,7 +133,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             ],
             240,
             needs=("pytest",),
-        ),  # fmt: skip
+        ),
         Step(
             "tests_rest",
             [
@@ -136,7 +147,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             needs=("pytest",),
             essential=False,
             skip=again,
-        ),  # fmt: skip
+        ),
         Step(
             "model_fp32",
             [
@@ -154,7 +165,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             240,
             essential=False,
             skip=again,
-        ),  # fmt: skip
+        ),
     ]
 
 
@@ -189,9 +200,13 @@ def _run_step(step: Step, out: Path, left: float, env: dict) -> dict:
     with open(log, "w") as f:
         try:
             proc = subprocess.run(
-                step.command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
+                step.command,
+                cwd=ROOT,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+                timeout=timeout,
                 env=env,
-            )  # fmt: skip
+            )
             status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
         except subprocess.TimeoutExpired:
             status = f"timed out after {timeout:.0f} s"
@@ -260,8 +275,10 @@ def main(argv: list[str] | None = None) -> int:
         records.append(record)
         with open(out / "steps.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        print(f"gpu_validate: {step.name}: {record['status']} ({record.get('seconds', 0)} s)",
-              flush=True)  # fmt: skip
+        print(
+            f"gpu_validate: {step.name}: {record['status']} ({record.get('seconds', 0)} s)",
+            flush=True,
+        )
     wall = time.monotonic() - begin
     text = summary(out, records, wall)
     (out / "summary.md").write_text(text)

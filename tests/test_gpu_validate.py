@@ -28,10 +28,22 @@ def test_the_gpu_plan_fits_its_budget(tmp_path):
 def test_the_dry_run_writes_rows_and_a_summary(tmp_path):
     out = tmp_path / "validate"
     result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "gpu_validate.py"), "--dry-run", "--out",
-         str(out), "--steps", "precompile", "op", "tests_rest"],
-        capture_output=True, text=True, cwd=ROOT, timeout=600,
-    )  # fmt: skip
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_validate.py"),
+            "--dry-run",
+            "--out",
+            str(out),
+            "--steps",
+            "precompile",
+            "op",
+            "tests_rest",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     status = {r["step"]: r["status"] for r in records}
