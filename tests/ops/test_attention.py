@@ -164,3 +164,21 @@ def test_the_reference_refuses_out_of_range_values_clearly(kwargs, match):
     pk, pv = make_prompts(1, 2, 3, 8)
     with pytest.raises(ValueError, match=match):
         prompt_attention_ref(q, k, v, pk, pv, **kwargs)
+
+
+def test_collecting_the_op_tests_builds_nothing():
+    """Collection used to compile the C++ extension (it asked every backend whether it runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pytest\n"
+        "rc = pytest.main(['--collect-only', '-q', '-p', 'no:cacheprovider', 'tests/ops'])\n"
+        "from fastprompt.kernels import cpp\n"
+        "sys.exit(rc if not cpp._LOADED else 99)\n"
+    )
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
