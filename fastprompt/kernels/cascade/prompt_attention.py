@@ -156,8 +156,9 @@ def _prompt_backward(
             kernel_for(q, bias is not None),
             _grouped(dout, c),
             _grouped(q, c),
-            keys.k.expand(expand),
-            keys.v.expand(expand),
+            # Materialised (chunks·P·d per head, small): no kernel is handed a batch stride of 0.
+            keys.k.expand(expand).contiguous(),
+            keys.v.expand(expand).contiguous(),
             bias,
             _grouped(out, c),
             _grouped_lse(lse, c),

@@ -174,15 +174,23 @@ def _last_dim_dense(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+_LSE_SHAPES: dict[tuple, torch.Size] = {}
+
+
 def _raw_lse_shape(kernel: str, q: Tensor, k: Tensor, v: Tensor) -> torch.Size:
     """The shape of the lse ``kernel``'s forward returns, from PyTorch's meta function."""
-    meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (q, k, v)]
-    fwd = getattr(torch.ops.aten, ATEN[kernel][0])
-    if kernel == "flash":
-        raw = fwd(*meta, 0.0, False, False)[1]
-    else:
-        raw = fwd(*meta, None, True, 0.0, False)[1]
-    return raw.shape
+    key = (kernel, q.dtype, tuple(q.shape), tuple(k.shape), tuple(v.shape))
+    if key not in _LSE_SHAPES:
+        meta = [torch.empty(t.shape, dtype=t.dtype, device="meta") for t in (q, k, v)]
+        fwd = getattr(torch.ops.aten, ATEN[kernel][0])
+        if kernel == "flash":
+            raw = fwd(*meta, 0.0, False, False)[1]
+        else:
+            raw = fwd(*meta, None, True, 0.0, False)[1]
+        if len(_LSE_SHAPES) > 1024:
+            _LSE_SHAPES.clear()
+        _LSE_SHAPES[key] = raw.shape
+    return _LSE_SHAPES[key]
 
 
 def _lse_from_raw(raw: Tensor, n: int) -> Tensor:
