@@ -30,11 +30,11 @@ from fastprompt.kernels.cascade._merge import merge
 from fastprompt.kernels.torch._common import (
     backward_lse,
     empty_out,
+    finish_scored,
     gate_column,
     pad_like_gate,
     prompt_keys,
     reduce_over_sets,
-    score_terms,
 )
 from fastprompt.kernels.torch._sdpa import attend, attend_backward, kernel_for
 
@@ -324,7 +324,7 @@ def prompt_attention_bwd_scored(
 ):
     """Backward plus Prompt Condensation's ``terms`` (S, B, P) and ``gate`` (B, P): the prompt part
     runs per sequence, with :func:`~fastprompt.kernels.torch._common.gate_column` for the gate."""
-    dq, dk, dv, dpk, dpv, gate = _backward(
+    grads = _backward(
         dout,
         q,
         k,
@@ -340,12 +340,4 @@ def prompt_attention_bwd_scored(
         None,
         with_gate=True,
     )
-    b, t = q.shape[0], prompt_k.shape[0]
-    sets = (
-        torch.zeros(b, dtype=torch.long, device=q.device)
-        if prompt_index is None
-        else prompt_index.long()
-    )
-    terms = score_terms(dpk, dpv, u_k, u_v, sets)
-    dpk, dpv = reduce_over_sets(dpk, prompt_index, t), reduce_over_sets(dpv, prompt_index, t)
-    return dq, dk, dv, dpk, dpv, terms, gate
+    return finish_scored(*grads, prompt_index, prompt_k.shape[0], u_k, u_v)

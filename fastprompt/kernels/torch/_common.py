@@ -15,11 +15,13 @@ __all__ = [
     "PromptKeys",
     "backward_lse",
     "empty_out",
+    "finish_scored",
     "gate_column",
     "pad_like_gate",
     "prompt_keys",
     "reduce_over_sets",
     "score_terms",
+    "sets_of",
 ]
 
 
@@ -27,6 +29,13 @@ def empty_out(q: Tensor) -> Tensor:
     """(B, H, N, d) stored as (B, N, H, d): heads merge into (B, N, H·d) without a copy."""
     b, h, n, d = q.shape
     return q.new_empty((b, n, h, d)).transpose(1, 2)
+
+
+def sets_of(prompt_index: Tensor | None, batch: int, device: torch.device) -> Tensor:
+    """The set of every sequence (B,), int64: set 0 for all without an index."""
+    if prompt_index is None:
+        return torch.zeros(batch, dtype=torch.long, device=device)
+    return prompt_index.long()
 
 
 class PromptKeys:
@@ -60,11 +69,7 @@ def prompt_keys(
     sequence's set gathered in batch order."""
     device = prompt_k.device
     if per_sequence or prompt_index is not None:
-        sets = (
-            torch.zeros(batch, dtype=torch.long, device=device)
-            if prompt_index is None
-            else prompt_index.long()
-        )
+        sets = sets_of(prompt_index, batch, device)
         k, v = prompt_k.index_select(0, sets), prompt_v.index_select(0, sets)
         lengths = None if prompt_lengths is None else prompt_lengths.long().index_select(0, sets)
     else:
@@ -160,3 +165,13 @@ def score_terms(
     uk = u_k.to(acc).index_select(1, sets)
     uv = u_v.to(acc).index_select(1, sets)
     return torch.einsum("sbhpd,bhpd->sbp", uk, dk) + torch.einsum("sbhpd,bhpd->sbp", uv, dv)
+
+
+def finish_scored(dq, dk, dv, dprompt_k, dprompt_v, gate, prompt_index, num_sets, u_k, u_v):
+    """A scored backward's result from per-sequence prompt gradients (B, H, P, d): ``(dq, dk, dv,
+    dprompt_k, dprompt_v, terms, gate)`` with the prompt gradients summed per set."""
+    sets = sets_of(prompt_index, dprompt_k.shape[0], dprompt_k.device)
+    terms = score_terms(dprompt_k, dprompt_v, u_k, u_v, sets)
+    dprompt_k = reduce_over_sets(dprompt_k, prompt_index, num_sets)
+    dprompt_v = reduce_over_sets(dprompt_v, prompt_index, num_sets)
+    return dq, dk, dv, dprompt_k, dprompt_v, terms, gate
