@@ -129,6 +129,8 @@ def _impl(name: str) -> Callable:
 
 def _why_not(name: str, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
     backend = {"auto": None, "triton_default": "triton"}.get(name, name)
+    if backend == "triton" and device.type == "cpu":
+        return "Triton runs on a CPU only in its interpreter: a test, not a benchmark"
     if backend in backends.NAMES:
         reasons = backends.get(backend).not_supported_reasons(backends.Call(device, dtype, d))
         return "; ".join(reasons) or None

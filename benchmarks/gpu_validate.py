@@ -54,7 +54,10 @@ class Step:
 
 
 def _gpu_tests_first() -> str:
-    return "(bf16 and (64 or 80 or 96)) or deterministic or large_grids"
+    return (
+        "(bf16 and (64 or 80 or 96)) or deterministic or large_grids"
+        " or test_matches_the_reference or test_each_pytorch_kernel_on_the_gpu"
+    )
 
 
 def steps(out: Path, dry_run: bool) -> list[Step]:

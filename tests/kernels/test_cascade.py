@@ -324,3 +324,36 @@ def test_long_calls_are_chunked_to_fill_a_gpu(monkeypatch):
     chunks = cascade_impl.long_chunks(q, 200)
     assert 64 % chunks == 0 and chunks * 12 * 2 >= 2 * 132
     assert cascade_impl.long_chunks(torch.empty(1, 12, 197, 64, device="meta"), 200) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn", "math"])
+@pytest.mark.parametrize("module", [cascade, concat], ids=["cascade", "concat"])
+@pytest.mark.parametrize("case", ["shared", "indexed-lengths", "key-count", "no-key-at-all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_each_pytorch_kernel_on_the_gpu(monkeypatch, kernel, module, case, dtype):
+    """Every adapter on the real CUDA kernels (flash and cuDNN take 16-bit inputs only)."""
+    if dtype == torch.float32 and kernel in ("flash", "cudnn"):
+        pytest.skip(f"{kernel} takes no fp32")
+    enabled = _sdpa.enabled_cuda_kernels()
+    if kernel in ("flash", "cudnn", "efficient") and kernel not in enabled:
+        pytest.skip(f"{kernel} is not built into this torch or switched off")
+
+    def forced(q, has_bias):
+        if has_bias and kernel in ("flash", "cudnn"):
+            return "efficient"
+        return kernel
+
+    for mod in (cascade_impl, concat):
+        monkeypatch.setattr(mod, "kernel_for", forced)
+    b, h, n, n_k, d, t, p, index, lengths = CASES[case]
+    d = 64
+    q, _, _ = make_qkv(b, h, n, d, non_contiguous=True, device="cuda", dtype=dtype)
+    k, v, _ = make_qkv(b, h, n_k, d, seed=3, device="cuda", dtype=dtype)
+    pk, pv = make_prompts(t, h, p, d, device="cuda", dtype=dtype)
+    index = None if index is None else torch.tensor(index, device="cuda")
+    lengths = None if lengths is None else torch.tensor(lengths, device="cuda")
+    dout = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+    args = (q, k, v, pk, pv, index, lengths, d**-0.5, dout)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    _compare(_kernels(module, *args), _reference(*args), **tol)

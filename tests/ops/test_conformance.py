@@ -268,7 +268,9 @@ def _pytorch_same_dtype(q, k, v, pk, pv, index):
 def test_half_precision_error_within_twice_pytorchs(backend, dtype):
     """Error vs the fp32 reference <= 2x PyTorch's same-dtype error (3x for gradients)."""
     if backend.name == "triton":
-        pytest.skip("Triton's interpreter computes 16-bit dots in fp32: covered on a GPU below")
+        # Triton 3.8's interpreter returns garbage for a bf16 tl.dot (fp16 ones are computed in
+        # fp32), so the rule says nothing here: covered on a GPU below.
+        pytest.skip("Triton's interpreter gets bf16 dots wrong: covered on a GPU")
     _runnable(backend, "cpu", dtype)
     _needs(backend, "prompt_index")
     _half_precision_case(backend, "cpu", dtype, 64)
