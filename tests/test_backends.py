@@ -408,3 +408,25 @@ def test_info_reports_bad_settings_probe_results_and_measured_choices(monkeypatc
     assert "measured:" in out and "lacks:" in out
     assert "probe triton|NVIDIA H100|torch.bfloat16|d64: FAILED: dq: error 0.5" in out
     assert "P256|N256|infer|plain: cascade" in out
+
+
+def test_measured_choice_with_a_batch_traced_symbolically(monkeypatch):
+    """A dynamic batch cannot be a constant of the choice: it is left out, N and P key it."""
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "always")
+    _register(monkeypatch, only=("cascade", "torch"))
+    shapes = []
+
+    def fake_time(backend, call, shape, training):
+        shapes.append(shape)
+        return {"cascade": 1.0, "torch": 2.0}[backend.name]
+
+    monkeypatch.setattr(measure, "time_backend", fake_time)
+    compiled = torch.compile(
+        lambda *a: prompt_attention(*a)[0], fullgraph=True, dynamic=True, backend="eager"
+    )
+    for b in (2, 3):
+        q, k, v = make_qkv(b, 2, 9, 16)
+        pk, pv = make_prompts(1, 2, 5, 16)
+        compiled(q, k, v, pk, pv)
+    assert set(measure.decisions().values()) == {"cascade"}
+    assert {s[2] for s in shapes} == {9} and {s[5] for s in shapes} == {5}

@@ -313,7 +313,7 @@ def choose(
     op: str,
     call: Call,
     requested: str | None = None,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int | None, ...] | None = None,
     training: bool = False,
 ) -> Backend:
     """Pick the backend for one call.
@@ -326,9 +326,9 @@ def choose(
         What the call needs.
     requested : str or None
         ``backend=`` from the caller; when None, ``FASTPROMPT_BACKEND`` applies. Either is strict.
-    shape : tuple of int, optional
-        (B, H, N, N_k, T, P) of the call: what a measured choice times; without it the preference
-        order decides.
+    shape : tuple of (int or None), optional
+        (B, H, N, N_k, T, P) of the call: what a measured choice times (a size traced
+        symbolically by ``torch.compile`` is None); without it the preference order decides.
     training : bool
         Whether the call will be differentiated (a measured choice times forward + backward).
 
@@ -359,7 +359,7 @@ def choose(
     from fastprompt.backends import measure, probe
 
     probing = _active(settings.probe, call.device)
-    measuring = _active(settings.measure, call.device) and shape is not None
+    measuring = _active(settings.measure, call.device) and measure.measurable(shape)
     rejected: list[tuple[Backend, list[str], bool]] = []
     eligible: list[Backend] = []
     for b in BACKENDS:
@@ -399,7 +399,7 @@ def choose_name(
     head_dim: int,
     features: tuple[str, ...],
     requested: str | None,
-    shape: tuple[int, ...] | None = None,
+    shape: tuple[int | None, ...] | None = None,
     training: bool = False,
 ) -> str:
     """:func:`choose` on plain values, returning the backend's name.

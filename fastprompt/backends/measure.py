@@ -22,7 +22,7 @@ import torch
 from fastprompt.backends import Backend, Call
 from fastprompt.backends.cache import device_name, entries, record
 
-__all__ = ["bucket", "decisions", "fastest", "key", "time_backend"]
+__all__ = ["bucket", "decisions", "fastest", "key", "measurable", "time_backend"]
 
 logger = logging.getLogger("fastprompt")
 
@@ -31,6 +31,26 @@ REPEATS = 5  # timed samples; the median is kept
 INNER = {"cuda": 3, "cpu": 1}  # calls per sample
 
 _DECIDED: dict[str, str] = {}
+
+
+# The batch to time where torch.compile traced it symbolically (N and P, which key the decision,
+# are always known).
+STAND_INS = {"cuda": 64, "cpu": 8}
+
+
+def measurable(shape: tuple[int | None, ...] | None) -> bool:
+    """Whether a call's shape can key a measured choice: N and P known."""
+    return shape is not None and shape[2] is not None and shape[5] is not None
+
+
+def _concrete(shape: tuple[int | None, ...], call: Call) -> tuple[int, ...]:
+    b, h, n, n_k, t, p = shape
+    b = b if b is not None else STAND_INS.get(call.device.type, 8)
+    h = h if h is not None else 12
+    n_k = n_k if n_k is not None else n
+    if t is None:  # a symbolic set count: one set per sequence when indexed
+        t = b if "prompt_index" in call.features else 1
+    return b, h, n, n_k, t, p
 
 
 def bucket(x: int) -> int:
@@ -124,10 +144,11 @@ def time_backend(backend: Backend, call: Call, shape: tuple[int, ...], training:
 
 
 def fastest(
-    op: str, candidates: list[Backend], call: Call, shape: tuple[int, ...], training: bool
+    op: str, candidates: list[Backend], call: Call, shape: tuple[int | None, ...], training: bool
 ) -> Backend:
     """The fastest of ``candidates`` for the call's bucket: decided already in this process, read
     from the cache file, or measured now."""
+    shape = _concrete(shape, call)
     k = key(op, call, shape, training)
     by_name = {b.name: b for b in candidates}
     name = _DECIDED.get(k)

@@ -9,6 +9,7 @@ section 6.
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 
 import torch
@@ -286,8 +287,16 @@ def choose_for(
         )
         if used
     ]
-    b, h, n, d = (int(s) for s in q.shape)
-    t, _, p, _ = (int(s) for s in prompt_k.shape)
+    b, h, n, d = q.shape
+    t, _, p, _ = prompt_k.shape
+    if torch.compiler.is_compiling():
+        # The batch (and a per-image set count) may be traced symbolically and cannot be a
+        # constant of the choice: left out (measured dispatch stands in a size). The sizes that
+        # key a measured choice are a model's constants: specialised.
+        index = operator.index
+        shape = (None, index(h), index(n), index(k.shape[2]), None, index(p))
+    else:
+        shape = (b, h, n, k.shape[2], t, p)
     training = torch.is_grad_enabled() and any(
         x.requires_grad for x in (q, k, v, prompt_k, prompt_v)
     )
@@ -295,17 +304,18 @@ def choose_for(
         op,
         str(q.device),
         q.dtype,
-        d,
+        operator.index(d),
         (*features, *extra),
         requested,
-        (b, h, n, int(k.shape[2]), t, p),
+        shape,
         training,
     )
 
 
 def check_scale(q: Tensor, scale: float | None) -> float:
     """``scale`` as a float (default ``d ** -0.5``); NaN is refused."""
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    # The head dim is a model's constant: specialised if torch.compile traces it symbolically.
+    scale = float(operator.index(q.shape[-1]) ** -0.5 if scale is None else scale)
     if math.isnan(scale):
         raise ValueError("prompt_attention: scale is NaN")
     return scale
