@@ -53,7 +53,6 @@ IMPLS = ("fused", "naive")
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
     """What a block computes by default: :func:`fastprompt.ops.prompt_attention` on the call,
     ``(out (B, H, N, d), lse (B, H, N))``. Overrides that only look on can return its ``out``."""
-    extra = {} if call.key_bias is None else {"key_bias": call.key_bias}
     return prompt_attention(
         call.q,
         call.k,
@@ -64,7 +63,7 @@ def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
         call.prompt_lengths,
         scale=call.scale,
         backend=call.backend,
-        **extra,
+        key_bias=call.key_bias,
     )
 
 

@@ -216,6 +216,8 @@ def _gradient_scores(prompted, data, loss_fn, method) -> tuple[Tensor, int]:
             call.prompt_index,
             call.scale,
             call.backend,
+            call.prompt_lengths,
+            key_bias=call.key_bias,
         )
         return out
 
