@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
+
 __all__ = [
     "NORMALIZATIONS",
     "RECIPES",
@@ -53,29 +55,6 @@ TRANSFORMS = ("resize-crop", "resize", "fgvc", "pgn", "pgn-test")
 NORMALIZATIONS = ("backbone", "imagenet", "clip", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 LR_SCALINGS = ("batch/256", "none")
-
-# VPT-deep prompt counts per VTAB-1k task (the official per-task configurations).
-VTAB1K_PROMPTS: dict[str, int] = {
-    "cifar100": 10,
-    "caltech101": 10,
-    "dtd": 10,
-    "oxford_flowers102": 1,
-    "oxford_iiit_pet": 1,
-    "svhn": 50,
-    "sun397": 5,
-    "patch_camelyon": 100,
-    "eurosat": 100,
-    "resisc45": 10,
-    "diabetic_retinopathy": 1,
-    "clevr_count": 100,
-    "clevr_dist": 200,
-    "dmlab": 100,
-    "kitti": 100,
-    "dsprites_loc": 100,
-    "dsprites_ori": 100,
-    "smallnorb_azi": 200,
-    "smallnorb_ele": 200,
-}
 
 
 @dataclass(frozen=True)

@@ -1,13 +1,14 @@
-"""The C++/CUDA extension backend (``csrc/``) against the fp32 references.
+"""The C++/CUDA extension backend (``csrc/``) against the fp32 references, along both its paths.
 
-The contract functions of :mod:`fastprompt.kernels.cpp` are checked over the Triton tests' cases
-(odd N, P in {0, 1, 7, 50, 200}, shared / indexed / length-limited sets, strided inputs, every
-gradient, the dtype rule for bf16/fp16), plus the fused scores, ``opcheck`` on every low-level
-schema, ``torch.compile(fullgraph=True)`` and determinism, along two paths: ``kernels``, the
-CPU kernels (``csrc/cpu/``), and ``cascade``, the CUDA path's orchestration over PyTorch's fused
-attention (``csrc/cascade/``) run on PyTorch's CPU flash kernel with the CPU twins of its small
-kernels. The CPU runs everywhere a compiler is found (the module skips, saying why, only where the
-extension cannot be built at all); ``gpu`` tests run the CUDA path when a device is present.
+What every backend must do through the public op is the conformance suite
+(``tests/ops/test_conformance.py``), which runs the ``cpp`` backend's CPU kernels. Here the
+contract functions are checked along two paths (:mod:`cpp_paths`): ``kernels``, the backend's own
+functions (the CPU kernels on the CPU), and ``cascade``, the CUDA path's orchestration over
+PyTorch's fused attention run on PyTorch's CPU flash kernel with the CPU twins of its small
+kernels — the only way that path runs without a GPU. Cases: odd N, P in {0, 1, 7, 50, 200},
+shared / indexed / length-limited sets, a table without an index, strided inputs, every gradient,
+the dtype rule for bf16/fp16, empty cases, an infinite scale, determinism. The module skips,
+saying why, only where the extension cannot be built at all; ``gpu`` tests run the CUDA path.
 """
 
 from __future__ import annotations
