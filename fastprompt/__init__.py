@@ -18,6 +18,7 @@ from fastprompt.methods.condensation import (
     score_prompts,
     select_prompts,
 )
+from fastprompt.methods.e2vpt import E2VPTConfig, e2vpt
 from fastprompt.methods.pgn import PGNConfig, invert_prompts, pgn, pixel_logits, pixel_model
 from fastprompt.methods.vpt import VPTConfig, vpt
 from fastprompt.methods.vpt_ablation import VPTAblationConfig, vpt_ablation
@@ -37,6 +38,7 @@ _LAZY = {
 
 __all__ = [
     "AttentionCall",
+    "E2VPTConfig",
     "PGNConfig",
     "PromptedViT",
     "VPTAblationConfig",
@@ -44,6 +46,7 @@ __all__ = [
     "__version__",
     "backends",
     "condense",
+    "e2vpt",
     "evaluate",
     "finetune",
     "fit",
