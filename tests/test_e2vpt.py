@@ -118,9 +118,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize(
-    "case, impl", [(c, "fused") for c in CASES] + [("default", "naive"), ("shallow-visual", "naive")]
-)
+NAIVE = [("default", "naive"), ("shallow-visual", "naive")]
+
+
+@pytest.mark.parametrize("case, impl", [(c, "fused") for c in CASES] + NAIVE)
 def test_matches_the_official_computation(case, impl):
     model_kw, kw = CASES[case]
     prompted = E.e2vpt(tiny_vit(**model_kw), 3, 2, impl=impl, **kw)
@@ -201,7 +202,7 @@ def test_the_official_initialisation():
 
 
 def test_a_width_the_segments_do_not_divide_is_refused():
-    with pytest.raises(ValueError, match="width 60 .* multiple of segments"):
+    with pytest.raises(ValueError, match=r"width 60 .* multiple of segments"):
         E.e2vpt(tiny_vit(embed_dim=60, num_heads=4), 2, 2)
     assert E.e2vpt(tiny_vit(embed_dim=60, num_heads=4), 2, 2, masks=False).source.masks() is None
 
@@ -230,8 +231,10 @@ def test_select_masks_prunes_the_lowest_signed_scores_first():
 
 def _batches(n=2, b=3):
     g = torch.Generator().manual_seed(3)
-    return [(torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 5, (b,), generator=g))
-            for _ in range(n)]
+    return [
+        (torch.randn(b, 3, 32, 32, generator=g), torch.randint(0, 5, (b,), generator=g))
+        for _ in range(n)
+    ]
 
 
 def test_mask_scores_are_the_mean_signed_mask_gradient():
@@ -258,8 +261,9 @@ def test_mask_scores_take_optimiser_steps_as_the_official_loop():
     still = torch.optim.SGD(params, lr=0.0, momentum=0.9)  # the official epoch-0 learning rate
     assert all(
         torch.equal(a, b)
-        for a, b in zip(E.mask_scores(prompted, data, optimizer=still), E.mask_scores(prompted,
-                                                                                     data))
+        for a, b in zip(
+            E.mask_scores(prompted, data, optimizer=still), E.mask_scores(prompted, data)
+        )
     )
     before = prompted.prompt_embeddings.detach().clone()
     moving = torch.optim.SGD(params, lr=0.5)

@@ -124,9 +124,7 @@ def mask_scores(
     return sums[0].div(count).float(), sums[1].div(count).float()
 
 
-def prune_counts(
-    total: int, minimum: int, percents: Iterable[float] = PERCENTS
-) -> tuple[int, ...]:
+def prune_counts(total: int, minimum: int, percents: Iterable[float] = PERCENTS) -> tuple[int, ...]:
     """The official candidate numbers of pruned tokens (``minimum`` 1) or segments (4).
 
     Parameters
@@ -273,9 +271,7 @@ def pack(prompted: PromptedViT) -> PromptedViT:
     config = prompted.config
     before = config.num_prompts if config.kept_tokens is None else config.tokens_before
     original = kept if config.kept_tokens is None else [config.kept_tokens[k] for k in kept]
-    new = replace(
-        config, num_prompts=len(kept), kept_tokens=tuple(original), tokens_before=before
-    )
+    new = replace(config, num_prompts=len(kept), kept_tokens=tuple(original), tokens_before=before)
     packed = build(
         prompted.model,
         new,
