@@ -1,8 +1,8 @@
 """fastprompt: fast, exact visual prompt tuning of frozen timm vision transformers.
 
 The methods, checkpoints and the prompted core load with the package; the training layer
-(``fit``, ``finetune``, ``evaluate``, ``prompt_condensation``, ``fastprompt.train``) loads on
-first use, so importing fastprompt to wrap a model does not import the training loop.
+(``fit``, ``finetune``, ``evaluate``, ``prompt_condensation``, ``multitask``, ``fastprompt.train``)
+loads on first use, so importing fastprompt to wrap a model does not import the training loop.
 """
 
 import importlib
@@ -22,6 +22,7 @@ from fastprompt.methods.e2vpt import E2VPTConfig, e2vpt
 from fastprompt.methods.pgn import PGNConfig, invert_prompts, pgn, pixel_logits, pixel_model
 from fastprompt.methods.vpt import VPTConfig, vpt
 from fastprompt.methods.vpt_ablation import VPTAblationConfig, vpt_ablation
+from fastprompt.mixed import MultiTaskViT
 from fastprompt.ops import prompt_attention
 from fastprompt.prompted import PromptedViT
 from fastprompt.registry import register_peft_method
@@ -33,12 +34,14 @@ _LAZY = {
     "evaluate": "fastprompt.train.simple",
     "finetune": "fastprompt.train.simple",
     "fit": "fastprompt.train.simple",
+    "multitask": "fastprompt.train.tasks",
     "prompt_condensation": "fastprompt.train.simple",
 }
 
 __all__ = [
     "AttentionCall",
     "E2VPTConfig",
+    "MultiTaskViT",
     "PGNConfig",
     "PromptedViT",
     "VPTAblationConfig",
@@ -53,6 +56,7 @@ __all__ = [
     "invert_prompts",
     "kept_prompts",
     "load_prompts",
+    "multitask",
     "ops",
     "pgn",
     "pixel_logits",
