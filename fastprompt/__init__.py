@@ -31,6 +31,7 @@ __version__ = "0.1.0"
 
 # Public names of the training layer, loaded on first access.
 _LAZY = {
+    "e2vpt_pruning": "fastprompt.train.e2vpt",
     "evaluate": "fastprompt.train.simple",
     "finetune": "fastprompt.train.simple",
     "fit": "fastprompt.train.simple",
@@ -50,6 +51,7 @@ __all__ = [
     "backends",
     "condense",
     "e2vpt",
+    "e2vpt_pruning",
     "evaluate",
     "finetune",
     "fit",

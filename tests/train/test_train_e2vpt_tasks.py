@@ -56,3 +56,21 @@ def test_e2vpt_options_are_checked(tiny_csv, tmp_path, capsys, extra, match):
 def test_a_missing_run_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="task 'a': no folder"):
         fastprompt.multitask({"a": tmp_path / "nothing"})
+
+
+def test_pruning_and_rewinding_keep_the_best_on_validation():
+    from helpers import tiny_vit
+
+    prompted = fastprompt.e2vpt(tiny_vit(), 3, 2)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 5, (4,), generator=g))]
+    best, table = fastprompt.e2vpt_pruning(
+        prompted, data, data, epochs=1, lr=0.1, tokens=[0, 1], segments=[2]
+    )
+    assert [(r["tokens"], r["segments"]) for r in table] == [(0, 2), (1, 2)]
+    top = max(r["val_acc"] for r in table)
+    chosen = max((r for r in table if r["val_acc"] == top), key=lambda r: r["tokens"])
+    token_mask, segment_mask = best.source.masks()
+    assert int((token_mask == 0).sum()) == chosen["tokens"]
+    assert (segment_mask == 0).sum(1).tolist() == [2, 2, 2]
+    assert not best.config.train_masks and prompted.config.train_masks
