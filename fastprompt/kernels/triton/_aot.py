@@ -1,11 +1,12 @@
 """Ahead-of-time compilation of the prompt-attention launch plans for a GPU target, no GPU needed.
 
 The launchers' own plans (:func:`~fastprompt.kernels.triton.prompt_attention.fwd_plan`,
-:func:`~fastprompt.kernels.triton.prompt_attention_backward.bwd_plan`, ``reduce_plan``) are built on
-CPU tensors with the strides the model passes (q, k, v views of a (B, N, 3, H, d) buffer), and
-each kernel is compiled with ``JITFunction.warmup`` under a stand-in driver that reports the
-target (``GPUTarget("cuda", 80 | 90, 32)``) and never launches. So the compiled code has exactly
-the specialisation a real launch gets. Resources come from the cubin (``cuobjdump``) and the PTX.
+:func:`~fastprompt.kernels.triton.prompt_attention_backward.bwd_plan`,
+:func:`~fastprompt.kernels.triton._bwd_reduce.reduce_plan`) are built on CPU tensors with the
+strides the model passes (q, k, v views of a (B, N, 3, H, d) buffer), and each kernel is compiled
+with ``JITFunction.warmup`` under a stand-in driver that reports the target
+(``GPUTarget("cuda", 80 | 90, 32)``) and never launches. So the compiled code has exactly the
+specialisation a real launch gets. Resources come from the cubin (``cuobjdump``) and the PTX.
 
 Must run with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled):
 ``benchmarks/static_report.py`` and the static test run it in a subprocess.
@@ -179,8 +180,9 @@ def model_inputs(
 
 def plan(dtype, d, scores: int = 0, **shape) -> list:
     """Every launch of a forward and a backward (prompt gradients reduced per set)."""
+    from fastprompt.kernels.triton._bwd_reduce import reduce_plan
     from fastprompt.kernels.triton.prompt_attention import fwd_plan
-    from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan, reduce_plan
+    from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan
 
     q, k, v, pk, pv, index, lens, out, dout, lse = model_inputs(dtype, d, **shape)
     scale = d**-0.5
@@ -263,7 +265,9 @@ def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
 _KERNEL_MODULES = (
     "fastprompt.kernels.triton._common",
     "fastprompt.kernels.triton.prompt_attention",
-    "fastprompt.kernels.triton.prompt_attention_backward",
+    "fastprompt.kernels.triton._bwd_dkdv",
+    "fastprompt.kernels.triton._bwd_dq",
+    "fastprompt.kernels.triton._bwd_reduce",
 )
 
 

@@ -95,6 +95,13 @@ def load_tile(
 
 
 @triton.jit
+def store_rows(base, rows, s_r, s_c, x, row_ok, C0: tl.constexpr, W: tl.constexpr):
+    """Store ``x`` into rows ``rows`` × columns ``[C0, C0 + W)``, rows where ``row_ok``."""
+    cols = C0 + tl.arange(0, W)
+    tl.store(base + rows[:, None] * s_r + cols[None, :] * s_c, x, mask=row_ok[:, None])
+
+
+@triton.jit
 def prompt_set(IDX, LENS, b, T, P, HAS_INDEX: tl.constexpr, HAS_LENGTHS: tl.constexpr):
     """Set index (int64), valid prompt keys (int32) and a bad-input flag for sequence ``b``.
 
