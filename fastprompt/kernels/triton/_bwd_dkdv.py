@@ -23,7 +23,7 @@ def _dkdv_step(
     k0, k1, v0, v1,
     q_base, do_base, lse_base, delta_base,
     s_qn, s_qd, s_don, s_dod,
-    start, N, qk_scale,
+    start, N_Q, qk_scale,
     D0: tl.constexpr,
     D1: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -32,24 +32,24 @@ def _dkdv_step(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = start + tl.arange(0, BLOCK_M)
-    q0 = load_tile(q_base, rows, s_qn, s_qd, N, 0, D0, MASKED)
-    do0 = load_tile(do_base, rows, s_don, s_dod, N, 0, D0, MASKED)
+    q0 = load_tile(q_base, rows, s_qn, s_qd, N_Q, 0, D0, MASKED)
+    do0 = load_tile(do_base, rows, s_don, s_dod, N_Q, 0, D0, MASKED)
     if MASKED:
         # lse = +inf makes the probabilities of padded queries exactly 0: no select needed
-        lse = tl.load(lse_base + rows, mask=rows < N, other=float("inf"))
-        delta = tl.load(delta_base + rows, mask=rows < N, other=0.0)
+        lse = tl.load(lse_base + rows, mask=rows < N_Q, other=float("inf"))
+        delta = tl.load(delta_base + rows, mask=rows < N_Q, other=0.0)
     else:
         lse = tl.load(lse_base + rows)
         delta = tl.load(delta_base + rows)
     # Transposed scores (keys × queries): the accumulating dots below have the keys on M.
     s_t = tl.dot(k0, tl.trans(q0), input_precision=PRECISION)
     if D1 > 0:
-        q1 = load_tile(q_base, rows, s_qn, s_qd, N, D0, D1, MASKED)
+        q1 = load_tile(q_base, rows, s_qn, s_qd, N_Q, D0, D1, MASKED)
         s_t = tl.dot(k1, tl.trans(q1), acc=s_t, input_precision=PRECISION)
     p_t = tl.exp2(s_t * qk_scale - (lse * LOG2E_C)[None, :])
     dp_t = tl.dot(v0, tl.trans(do0), input_precision=PRECISION)
     if D1 > 0:
-        do1 = load_tile(do_base, rows, s_don, s_dod, N, D0, D1, MASKED)
+        do1 = load_tile(do_base, rows, s_don, s_dod, N_Q, D0, D1, MASKED)
         dp_t = tl.dot(v1, tl.trans(do1), acc=dp_t, input_precision=PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     if SCORES:
@@ -68,7 +68,7 @@ def _dkdv_step(
 def _dkdv_queries(
     dk0, dk1, dv0, dv1, gate, k0, k1, v0, v1, has_work,
     Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod,
-    b_first, b_end, h, H, N, qk_scale,
+    b_first, b_end, h, H, N_Q, qk_scale,
     D0: tl.constexpr,
     D1: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -81,25 +81,25 @@ def _dkdv_queries(
 
     Keys past their valid range read as 0; their rows come out as garbage and the caller masks
     them (every dot here is row-local in the keys, so they never reach a valid row)."""
-    per_seq = N // BLOCK_M
+    per_seq = N_Q // BLOCK_M
     n_seq = tl.where(has_work, b_end - b_first, 0)
     zero = (b_first * 0).to(tl.int64)
     for i in range(0, n_seq * per_seq):
         b = zero + b_first + i // per_seq
-        row = (b * H + h) * N
+        row = (b * H + h) * N_Q
         dk0, dk1, dv0, dv1, gate = _dkdv_step(
             dk0, dk1, dv0, dv1, gate, k0, k1, v0, v1, Q + b * s_qb + h * s_qh,
             DO + b * s_dob + h * s_doh, LSE + row, DELTA + row, s_qn, s_qd, s_don, s_dod,
-            (i % per_seq) * BLOCK_M, N, qk_scale, D0, D1, BLOCK_M, False, SCORES, PRECISION,
+            (i % per_seq) * BLOCK_M, N_Q, qk_scale, D0, D1, BLOCK_M, False, SCORES, PRECISION,
         )  # fmt: skip
-    if per_seq * BLOCK_M < N:
+    if per_seq * BLOCK_M < N_Q:
         for j in range(0, n_seq):
             b = zero + b_first + j
-            row = (b * H + h) * N
+            row = (b * H + h) * N_Q
             dk0, dk1, dv0, dv1, gate = _dkdv_step(
                 dk0, dk1, dv0, dv1, gate, k0, k1, v0, v1, Q + b * s_qb + h * s_qh,
                 DO + b * s_dob + h * s_doh, LSE + row, DELTA + row, s_qn, s_qd, s_don, s_dod,
-                per_seq * BLOCK_M, N, qk_scale, D0, D1, BLOCK_M, True, SCORES, PRECISION,
+                per_seq * BLOCK_M, N_Q, qk_scale, D0, D1, BLOCK_M, True, SCORES, PRECISION,
             )  # fmt: skip
     return dk0, dk1, dv0, dv1, gate
 
@@ -128,7 +128,7 @@ def _key_tiles(
 def _dkdv_prompt_keys(
     k_base, v_base, s_kn, s_kd, s_vn, s_vd, start, plen,
     Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod,
-    b_first, b_end, h, H, N, P, qk_scale, scale,
+    b_first, b_end, h, H, N_Q, P, qk_scale, scale,
     dpk_base, dpv_base, s_dpn, s_dpd,
     uk_base, uv_base, s_us, s_up, s_ud, terms_base, gate_base, terms_stride,
     NUM_U: tl.constexpr,
@@ -152,7 +152,7 @@ def _dkdv_prompt_keys(
     # A block wholly past its set's length has no work (its rows are written as zeros).
     dk0, dk1, dv0, dv1, gate = _dkdv_queries(
         dk0, dk1, dv0, dv1, gate, k0, k1, v0, v1, start < plen, Q, DO, LSE, DELTA,
-        s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod, b_first, b_end, h, H, N, qk_scale,
+        s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod, b_first, b_end, h, H, N_Q, qk_scale,
         D0, D1, BLOCK_M, SCORES, PRECISION,
     )  # fmt: skip
     # Every row below P is written (zeros past the set's length): no zero-filled buffer.
@@ -184,7 +184,7 @@ def _dkdv_prompt_keys(
 def _dkdv_image_keys(
     k_base, v_base, s_kn, s_kd, s_vn, s_vd, start,
     Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod,
-    b, h, H, N, qk_scale, scale, bad,
+    b, h, H, N_Q, N_K, qk_scale, scale, bad,
     dk_base, dv_base, s_dkn, s_dkd,
     D0: tl.constexpr,
     D1: tl.constexpr,
@@ -195,15 +195,15 @@ def _dkdv_image_keys(
     """A block of one sequence's own keys: dk, dv in the inputs' dtype (NaN for a bad index)."""
     keys = start + tl.arange(0, BLOCK_N)
     k0, k1, v0, v1, dk0, dk1 = _key_tiles(
-        k_base, v_base, s_kn, s_kd, s_vn, s_vd, keys, N, D0, D1, BLOCK_N
+        k_base, v_base, s_kn, s_kd, s_vn, s_vd, keys, N_K, D0, D1, BLOCK_N
     )
     dk0, dk1, dv0, dv1, _ = _dkdv_queries(
-        dk0, dk1, dk0, dk1, tl.zeros([BLOCK_N], tl.float32), k0, k1, v0, v1, start < N,
-        Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod, b, b + 1, h, H, N,
+        dk0, dk1, dk0, dk1, tl.zeros([BLOCK_N], tl.float32), k0, k1, v0, v1, start < N_K,
+        Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don, s_dod, b, b + 1, h, H, N_Q,
         qk_scale, D0, D1, BLOCK_M, False, PRECISION,
     )  # fmt: skip
     poison = tl.where(bad, float("nan"), 1.0)
-    ok = keys < N
+    ok = keys < N_K
     ty = dk_base.dtype.element_ty
     store_rows(dk_base, keys, s_dkn, s_dkd, (dk0 * (scale * poison)).to(ty), ok, 0, D0)
     store_rows(dv_base, keys, s_dkn, s_dkd, (dv0 * poison).to(ty), ok, 0, D0)
@@ -212,7 +212,7 @@ def _dkdv_image_keys(
         store_rows(dv_base, keys, s_dkn, s_dkd, (dv1 * poison).to(ty), ok, D0, D1)
 
 
-@triton.jit(do_not_specialize=["SEQ_GROUP", "P_BUCKET", "N_BUCKET"])
+@triton.jit(do_not_specialize=["SEQ_GROUP", "P_BUCKET", "N_BUCKET", "K_BUCKET", "ARCH"])
 def _prompt_attention_bwd_dkdv_kernel(
     Q, K, V, PK, PV, DO, LSE, DELTA, IDX, LENS, DK, DV, DPK, DPV, UK, UV, TERMS, GATE,
     s_qb, s_qh, s_qn, s_qd,
@@ -224,7 +224,7 @@ def _prompt_attention_bwd_dkdv_kernel(
     s_dkb, s_dkh, s_dkn, s_dkd,
     s_dpb, s_dph, s_dpn, s_dpd,
     s_us, s_ut, s_uh, s_up, s_ud,
-    B, H, N, P, T, SEQ_GROUP, qk_scale, scale, P_BUCKET, N_BUCKET,
+    B, H, N_Q, N_K, P, T, SEQ_GROUP, qk_scale, scale, P_BUCKET, N_BUCKET, K_BUCKET, ARCH,
     NUM_U: tl.constexpr,
     SCORES: tl.constexpr,
     HAS_INDEX: tl.constexpr,
@@ -239,7 +239,7 @@ def _prompt_attention_bwd_dkdv_kernel(
     SEQ_GROUP sequences, head and block; groups > 1 only for the unindexed shared set), then
     the image blocks (a program per sequence, head and block; a head's blocks side by side).
 
-    DK/DV: image-key gradients (B, H, N, d) in q.dtype, sharing strides. DPK/DPV: prompt-key
+    DK/DV: image-key gradients (B, H, N_K, d) in q.dtype, sharing strides. DPK/DPV: prompt-key
     gradient partials (cdiv(B, SEQ_GROUP), H, P, d) fp32, sharing strides. With SCORES (groups
     of 1): GATE (B, H, P) = Σ_queries dS and, for each of the NUM_U vector pairs (UK/UV:
     (S, T, H, P, d), shared strides), TERMS (S, B, H, P) = Σ_d dK·u_k + dV·u_v."""
@@ -259,14 +259,14 @@ def _prompt_attention_bwd_dkdv_kernel(
         _dkdv_prompt_keys(
             PK + t * s_pkt + h * s_pkh, PV + t * s_pvt + h * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
             kb * BLOCK_N, plen, Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh, s_don,
-            s_dod, b_first, tl.minimum(b_first + SEQ_GROUP, B), h, H, N, P, qk_scale, scale,
+            s_dod, b_first, tl.minimum(b_first + SEQ_GROUP, B), h, H, N_Q, P, qk_scale, scale,
             DPK + part, DPV + part, s_dpn, s_dpd, UK + t * s_ut + h * s_uh,
             UV + t * s_ut + h * s_uh, s_us, s_up, s_ud, TERMS + gh64 * P, GATE + gh64 * P,
             B * H * P, NUM_U, SCORES, D0, D1, BLOCK_M, BLOCK_N, PRECISION,
         )  # fmt: skip
     else:
         rest = pid - n_prompt
-        nbn = tl.cdiv(N, BLOCK_N)
+        nbn = tl.cdiv(N_K, BLOCK_N)
         bh = rest // nbn
         b = bh // H
         h = bh % H
@@ -275,7 +275,7 @@ def _prompt_attention_bwd_dkdv_kernel(
         _dkdv_image_keys(
             K + b64 * s_kb + h * s_kh, V + b64 * s_vb + h * s_vh, s_kn, s_kd, s_vn, s_vd,
             (rest % nbn) * BLOCK_N, Q, DO, LSE, DELTA, s_qb, s_qh, s_qn, s_qd, s_dob, s_doh,
-            s_don, s_dod, b, h, H, N, qk_scale, scale, bad, DK + b64 * s_dkb + h * s_dkh,
+            s_don, s_dod, b, h, H, N_Q, N_K, qk_scale, scale, bad, DK + b64 * s_dkb + h * s_dkh,
             DV + b64 * s_dkb + h * s_dkh, s_dkn, s_dkd, D0, D1, BLOCK_M, BLOCK_N, PRECISION,
         )  # fmt: skip
 

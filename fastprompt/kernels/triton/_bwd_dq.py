@@ -69,7 +69,7 @@ def _dq_keys(
     return dq0, dq1
 
 
-@triton.jit(do_not_specialize=["P_BUCKET", "N_BUCKET"])
+@triton.jit(do_not_specialize=["P_BUCKET", "N_BUCKET", "K_BUCKET", "ARCH"])
 def _prompt_attention_bwd_dq_kernel(
     Q, K, V, PK, PV, DO, LSE, DELTA, IDX, LENS, DQ,
     s_qb, s_qh, s_qn, s_qd,
@@ -79,7 +79,7 @@ def _prompt_attention_bwd_dq_kernel(
     s_pvt, s_pvh, s_pvn, s_pvd,
     s_dob, s_doh, s_don, s_dod,
     s_dqb, s_dqh, s_dqn, s_dqd,
-    H, N, P, T, qk_scale, scale, P_BUCKET, N_BUCKET,
+    H, N_Q, N_K, P, T, qk_scale, scale, P_BUCKET, N_BUCKET, K_BUCKET, ARCH,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     D0: tl.constexpr,
@@ -89,7 +89,7 @@ def _prompt_attention_bwd_dq_kernel(
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
     bh = pid // num_m
     b = bh // H
     h = bh % H
@@ -98,18 +98,18 @@ def _prompt_attention_bwd_dq_kernel(
     rows = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_base = Q + b64 * s_qb + h * s_qh
     do_base = DO + b64 * s_dob + h * s_doh
-    q0 = load_tile(q_base, rows, s_qn, s_qd, N, 0, D0, True)
-    do0 = load_tile(do_base, rows, s_don, s_dod, N, 0, D0, True)
+    q0 = load_tile(q_base, rows, s_qn, s_qd, N_Q, 0, D0, True)
+    do0 = load_tile(do_base, rows, s_don, s_dod, N_Q, 0, D0, True)
     dq0 = tl.zeros([BLOCK_M, D0], tl.float32)
     if D1 > 0:
-        q1 = load_tile(q_base, rows, s_qn, s_qd, N, D0, D1, True)
-        do1 = load_tile(do_base, rows, s_don, s_dod, N, D0, D1, True)
+        q1 = load_tile(q_base, rows, s_qn, s_qd, N_Q, D0, D1, True)
+        do1 = load_tile(do_base, rows, s_don, s_dod, N_Q, D0, D1, True)
         dq1 = tl.zeros([BLOCK_M, D1], tl.float32)
     else:
         q1, do1, dq1 = q0, do0, dq0
-    row_ok = rows < N
-    lse2 = tl.load(LSE + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0) * LOG2E_C
-    delta = tl.load(DELTA + bh.to(tl.int64) * N + rows, mask=row_ok, other=0.0)
+    row_ok = rows < N_Q
+    lse2 = tl.load(LSE + bh.to(tl.int64) * N_Q + rows, mask=row_ok, other=0.0) * LOG2E_C
+    delta = tl.load(DELTA + bh.to(tl.int64) * N_Q + rows, mask=row_ok, other=0.0)
     dq0, dq1 = _dq_keys(
         dq0, dq1, q0, q1, do0, do1, lse2, delta,
         PK + t * s_pkt + h * s_pkh, PV + t * s_pvt + h * s_pvh, s_pkn, s_pkd, s_pvn, s_pvd,
@@ -118,7 +118,7 @@ def _prompt_attention_bwd_dq_kernel(
     dq0, dq1 = _dq_keys(
         dq0, dq1, q0, q1, do0, do1, lse2, delta,
         K + b64 * s_kb + h * s_kh, V + b64 * s_vb + h * s_vh, s_kn, s_kd, s_vn, s_vd,
-        N, qk_scale, D0, D1, BLOCK_N, PRECISION,
+        N_K, qk_scale, D0, D1, BLOCK_N, PRECISION,
     )  # fmt: skip
     factor = tl.where(bad, float("nan"), scale)
     dq_base = DQ + b64 * s_dqb + h * s_dqh

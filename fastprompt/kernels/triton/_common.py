@@ -58,6 +58,13 @@ def bucket(x: int, cap: int) -> int:
     return 0 if x <= 0 else min(triton.next_power_of_2(x), cap)
 
 
+def empty_heads_last(like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, d) tensor of ``like``'s shape, dtype and device, stored as (B, N, H, d): the
+    layout the op returns (heads merge into (B, N, H·d) without a copy)."""
+    b, h, n, d = like.shape
+    return like.new_empty((b, n, h, d)).transpose(1, 2)
+
+
 @dataclass
 class Launch:
     """One kernel launch: an autotuned kernel (or a plain jit function), its grid and arguments.

@@ -27,7 +27,12 @@ import triton
 from triton.runtime.autotuner import Autotuner
 
 from fastprompt import _config
-from fastprompt.kernels.triton._common import device_guard, matmul_precision, split_head_dim
+from fastprompt.kernels.triton._common import (
+    bucket,
+    device_guard,
+    matmul_precision,
+    split_head_dim,
+)
 
 
 class Cfg(NamedTuple):
@@ -85,8 +90,10 @@ CONFIGS: dict[str, tuple[Cfg, ...]] = {
 
 INTERPRETER_CONFIG = Cfg(32, 32, 1, 1)
 
-# Autotuning key of every tuned kernel (tensor dtypes are added by Triton's autotuner).
-KEY = ["D0", "D1", "P_BUCKET", "N_BUCKET", "PRECISION"]
+# Autotuning key of every tuned kernel (tensor dtypes are added by Triton's autotuner). ARCH, the
+# device's compute capability, keeps a config tuned (and pruned) on one GPU from being reused on
+# another of a different kind in the same process: Triton's key has no device.
+KEY = ["D0", "D1", "P_BUCKET", "N_BUCKET", "K_BUCKET", "PRECISION", "ARCH"]
 
 # Per-block shared-memory limits (opt-in maximum) of the static report's targets, in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -212,13 +219,14 @@ def admissible(
     elt: int,
     arch: int,
     smem_limit: int,
-    n: int | None = None,
-    p: int | None = None,
+    n_q: int | None = None,
+    n_keys: int | None = None,
 ) -> list:
     """Configs (``Cfg`` or ``triton.Config``) the autotuner may try on compute capability
     ``arch``, in preference order: shared memory within ``smem_limit`` and no spill at head dim
     ``d`` per :data:`SPILL_FREE_UP_TO` (fp32, whose dot operands take twice the registers, counts
-    as twice the head dim). With sizes, tiles over twice the work they would tile are dropped.
+    as twice the head dim). With sizes (``n_q`` queries, ``n_keys`` = prompt + image keys of a
+    sequence), tiles over twice the work they would tile are dropped.
 
     Never empty: if nothing is admitted, the config with the smallest register estimate among
     those that fit shared memory remains (it may spill; it launches).
@@ -237,9 +245,9 @@ def admissible(
         if smem_estimate(role, as_cfg(c), d, elt) <= smem_limit
         and d_eff <= limits.get(as_cfg(c), 0)
     ]
-    if n is not None:
-        keys = n + (p or 0)
-        small = [c for c in fits if as_cfg(c).block_m <= max(16, 2 * n)]
+    if n_q is not None:
+        keys = n_q if n_keys is None else n_keys
+        small = [c for c in fits if as_cfg(c).block_m <= max(16, 2 * n_q)]
         small = [c for c in small if as_cfg(c).block_n <= max(16, 2 * keys)]
         fits = small or fits
     if fits:
@@ -263,19 +271,33 @@ def device_arch(index: int) -> int:
     return 10 * major + minor
 
 
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def arch_of(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s CUDA device as an int (e.g. 90); 0 off CUDA."""
+    return device_arch(_device_index(t)) if t.device.type == "cuda" else 0
+
+
+def key_args(q: torch.Tensor, k: torch.Tensor, pk: torch.Tensor) -> tuple[int, int, int, int]:
+    """``P_BUCKET, N_BUCKET, K_BUCKET, ARCH``: the size buckets (prompt keys, queries, image
+    keys) and the architecture that the tuned kernels take only for the autotuning key."""
+    return bucket(pk.shape[2], 1024), bucket(q.shape[2], 4096), bucket(k.shape[2], 4096), arch_of(q)
+
+
 def _prune(role: str, configs, named_args, **kwargs):
     q = named_args["Q"]
-    d = kwargs["D0"] + kwargs["D1"]
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = _device_index(q)
     return admissible(
         role,
         configs,
-        d,
+        kwargs["D0"] + kwargs["D1"],
         q.element_size(),
         device_arch(index),
         device_smem(index),
-        named_args["N"],
-        named_args["P"],
+        named_args["N_Q"],
+        named_args["P"] + named_args["N_K"],
     )
 
 

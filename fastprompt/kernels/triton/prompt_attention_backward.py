@@ -19,7 +19,7 @@ from fastprompt.kernels.triton import _tuning
 from fastprompt.kernels.triton._bwd_dkdv import dkdv_tuned
 from fastprompt.kernels.triton._bwd_dq import dq_tuned
 from fastprompt.kernels.triton._bwd_reduce import PRE_BLOCK, bwd_preprocess_kernel, reduce_plan
-from fastprompt.kernels.triton._common import LOG2E, Launch, bucket
+from fastprompt.kernels.triton._common import LOG2E, Launch, empty_heads_last
 
 __all__ = [
     "prompt_attention_bwd",
@@ -58,13 +58,13 @@ def bwd_plan(
     sequences (only valid without ``prompt_index`` and ``u_k``). ``terms`` (S, B, H, P) and
     ``gate`` (B, H, P) are None without ``u_k``."""
     b, h, n, d = q.shape
+    n_k = k.shape[2]
     t, _, p, _ = pk.shape
     if group > 1 and (prompt_index is not None or u_k is not None):
         raise ValueError("sequence groups need the shared, unindexed set and no scores")
-    dq = torch.empty_like(q)
-    # Contiguous and alike: the kernel writes dK and dV with one set of strides.
-    dk = torch.empty(k.shape, device=k.device, dtype=k.dtype)
-    dv = torch.empty(v.shape, device=v.device, dtype=v.dtype)
+    # In the layout the op returns, (B, N, H, d) storage, so that it copies nothing; dK and dV
+    # alike (the kernel writes both with one set of strides).
+    dq, dk, dv = empty_heads_last(q), empty_heads_last(k), empty_heads_last(v)
     dpk = torch.empty((triton.cdiv(b, group), h, p, d), device=q.device, dtype=torch.float32)
     dpv = torch.empty_like(dpk)
     scores = u_k is not None
@@ -72,12 +72,16 @@ def bwd_plan(
     if scores:
         terms = torch.empty((u_k.shape[0], b, h, p), device=q.device, dtype=torch.float32)
         gate = torch.empty((b, h, p), device=q.device, dtype=torch.float32)
-    if q.numel() == 0:
-        return dq, dk, dv, dpk.zero_(), dpv.zero_(), terms, gate, []
+    if q.numel() == 0:  # no query: every gradient is zero (image keys and prompts alike)
+        if scores:
+            terms.zero_()
+            gate.zero_()
+        return dq, dk.zero_(), dv.zero_(), dpk.zero_(), dpv.zero_(), terms, gate, []
     (idx, lens), meta = _tuning.common_meta(q, pk, scale, prompt_index, prompt_lengths)
     lse = lse.contiguous()
     delta = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    buckets = (bucket(p, 1024), bucket(n, 4096))
+    sizes = (n, n_k, p, t)
+    keyed = _tuning.key_args(q, k, pk)
     plan = [
         Launch(
             bwd_preprocess_kernel,
@@ -102,19 +106,19 @@ def bwd_plan(
         q, k, v, pk, pv, dout, lse, delta, idx, lens, dk, dv, dpk, dpv, *u_args[:4],
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
         *dk.stride(), *dpk.stride(), *u_args[4:],
-        b, h, n, p, t, group, qk_scale, scale, *buckets,
+        b, h, *sizes, group, qk_scale, scale, *keyed,
     )  # fmt: skip
     dkdv_meta = {**meta, "NUM_U": u_k.shape[0] if scores else 0, "SCORES": scores}
 
     def dkdv_grid(m):
         prompt_blocks = triton.cdiv(b, group) * h * triton.cdiv(p, m["BLOCK_N"])
-        return (prompt_blocks + b * h * triton.cdiv(n, m["BLOCK_N"]),)
+        return (prompt_blocks + b * h * triton.cdiv(n_k, m["BLOCK_N"]),)
 
     plan.append(Launch(dkdv_tuned, dkdv_grid, dkdv_args, dkdv_meta, role="dkdv"))
     dq_args = (
         q, k, v, pk, pv, dout, lse, delta, idx, lens, dq,
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *dout.stride(),
-        *dq.stride(), h, n, p, t, qk_scale, scale, *buckets,
+        *dq.stride(), h, *sizes, qk_scale, scale, *keyed,
     )  # fmt: skip
 
     def dq_grid(m):
@@ -165,18 +169,20 @@ def prompt_attention_bwd(
 
     Parameters
     ----------
-    dout : Tensor, shape (B, H, N, d), q.dtype
+    dout : Tensor, shape (B, H, N_q, d), q.dtype
         Gradient of ``out``; any strides.
     q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale
-        As in :func:`fastprompt.kernels.triton.prompt_attention_fwd`.
-    out : Tensor, shape (B, H, N, d)
+        As in :func:`fastprompt.kernels.triton.prompt_attention_fwd` (q has N_q rows, k and v
+        N_k).
+    out : Tensor, shape (B, H, N_q, d)
         Forward output.
-    lse : Tensor, shape (B, H, N), float32
+    lse : Tensor, shape (B, H, N_q), float32
         Forward log-sum-exp.
 
     Returns
     -------
     dq, dk, dv : Tensor, shapes of q, k, v, q.dtype
+        Stored as (B, N, H, d) (``dq.transpose(1, 2)`` is contiguous): the op's layout.
     dprompt_k, dprompt_v : Tensor, shape (T, H, P, d), float32
         Summed over the sequences of each set in increasing sequence order, in fp32 (no atomics,
         no TF32: bitwise reproducible). Rows past a set's length are zero.
