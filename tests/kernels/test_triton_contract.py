@@ -198,7 +198,9 @@ def _in_subprocess(call: str) -> None:
     writes out of bounds kills that process (the interpreter segfaults), not the test run."""
     path = os.pathsep.join(str(p) for p in (HERE.parents[1], HERE.parent, HERE))
     env = {**os.environ, "PYTHONPATH": path}
-    code = f"import test_triton_contract as m; {call}"
+    # untuned, as in the test run (tests/conftest.py): no autotuning in the child on a GPU
+    untuned = "from fastprompt.kernels.triton import _tuning; _tuning.deterministic = lambda: True"
+    code = f"{untuned}; import test_triton_contract as m; {call}"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
