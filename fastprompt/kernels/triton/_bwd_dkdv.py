@@ -169,15 +169,36 @@ def _dkdv_prompt_keys(
         store_rows(dpv_base, keys, s_dpn, s_dpd, dv1, in_p, D0, D1)
     if SCORES:
         tl.store(gate_base + keys, tl.where(valid, gate, 0.0), mask=in_p)
-        for s_i in tl.static_range(NUM_U):
-            uk = load_tile(uk_base + s_i * s_us, keys, s_up, s_ud, plen, 0, D0, True)
-            uv = load_tile(uv_base + s_i * s_us, keys, s_up, s_ud, plen, 0, D0, True)
-            term = tl.sum(dk0 * uk.to(tl.float32) + dv0 * uv.to(tl.float32), 1)
-            if D1 > 0:
-                uk = load_tile(uk_base + s_i * s_us, keys, s_up, s_ud, plen, D0, D1, True)
-                uv = load_tile(uv_base + s_i * s_us, keys, s_up, s_ud, plen, D0, D1, True)
-                term += tl.sum(dk1 * uk.to(tl.float32) + dv1 * uv.to(tl.float32), 1)
-            tl.store(terms_base + s_i * terms_stride + keys, term, mask=in_p)
+        # The terms read the block's gradient back from the rows just stored, a few columns at a
+        # time, rather than from the accumulators: with both accumulators and a full-width u_k,
+        # u_v tile live at once, d = 128 spilled. The barrier makes the rows other threads stored
+        # visible to every thread of the block.
+        tl.debug_barrier()
+        _score_terms(
+            dpk_base, dpv_base, s_dpn, s_dpd, uk_base, uv_base, s_us, s_up, s_ud,
+            terms_base, terms_stride, keys, in_p, P, NUM_U, D0 + D1, BLOCK_N,
+        )  # fmt: skip
+
+
+@triton.jit
+def _score_terms(
+    dpk_base, dpv_base, s_dpn, s_dpd, uk_base, uv_base, s_us, s_up, s_ud,
+    terms_base, terms_stride, keys, in_p, P,
+    NUM_U: tl.constexpr,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    """TERMS[s, keys] = Σ_d dK·u_k[s] + dV·u_v[s] over the key block's stored fp32 gradient
+    rows, in 16-column chunks (d is a multiple of 16)."""
+    for s_i in tl.static_range(NUM_U):
+        term = tl.zeros([BLOCK_N], tl.float32)
+        for c in tl.static_range(0, D, 16):
+            dk = load_tile(dpk_base, keys, s_dpn, s_dpd, P, c, 16, True)
+            dv = load_tile(dpv_base, keys, s_dpn, s_dpd, P, c, 16, True)
+            uk = load_tile(uk_base + s_i * s_us, keys, s_up, s_ud, P, c, 16, True)
+            uv = load_tile(uv_base + s_i * s_us, keys, s_up, s_ud, P, c, 16, True)
+            term += tl.sum(dk * uk.to(tl.float32) + dv * uv.to(tl.float32), 1)
+        tl.store(terms_base + s_i * terms_stride + keys, term, mask=in_p)
 
 
 @triton.jit

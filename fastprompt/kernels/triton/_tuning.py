@@ -71,6 +71,10 @@ CONFIGS: dict[str, tuple[Cfg, ...]] = {
         Cfg(32, 64, 4, 3),
         Cfg(32, 128, 8, 3),
         Cfg(16, 64, 4, 4),
+        # 64 keys over 8 warps: half the registers of the 4-warp tiles; at d = 128 the ones that
+        # keep wgmma on sm_90 without spilling in the score epilogue
+        Cfg(32, 64, 8, 3),
+        Cfg(16, 64, 8, 4),
         Cfg(64, 128, 8, 2),
         Cfg(64, 64, 4, 3),
         Cfg(32, 32, 8, 3),
@@ -165,6 +169,21 @@ SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
 }
 
 
+# wgmma (sm_90) multiplies tiles of 64 rows per warpgroup of 4 warps: an accumulator of fewer
+# rows (the accumulating dots' M side: queries in the forward and dQ, keys in dK/dV) runs on
+# mma.sync instead. On the wgmma family the forward admits only tiles wgmma can take; dK/dV and dQ
+# keep their narrow tiles, which the tuner may still find faster at small work.
+WGMMA_ROWS = 64
+WGMMA_ONLY = ("fwd",)
+
+
+def uses_wgmma(role: str, cfg: Cfg) -> bool:
+    """Whether a config's accumulating dots can run as wgmma on sm_90 (the static report checks
+    it against the PTX)."""
+    rows = cfg.block_n if role == "dkdv" else cfg.block_m
+    return rows >= WGMMA_ROWS and cfg.warps % 4 == 0
+
+
 def family(arch: int) -> str:
     """Register-pressure family of a compute capability (e.g. 80, 90)."""
     return "wgmma" if 90 <= arch < 120 else "mma"
@@ -223,10 +242,11 @@ def admissible(
     n_keys: int | None = None,
 ) -> list:
     """Configs (``Cfg`` or ``triton.Config``) the autotuner may try on compute capability
-    ``arch``, in preference order: shared memory within ``smem_limit`` and no spill at head dim
+    ``arch``, in preference order: shared memory within ``smem_limit``, no spill at head dim
     ``d`` per :data:`SPILL_FREE_UP_TO` (fp32, whose dot operands take twice the registers, counts
-    as twice the head dim). With sizes (``n_q`` queries, ``n_keys`` = prompt + image keys of a
-    sequence), tiles over twice the work they would tile are dropped.
+    as twice the head dim) and, for :data:`WGMMA_ONLY` kernels on sm_90, wgmma. With sizes
+    (``n_q`` queries, ``n_keys`` = prompt + image keys of a sequence), tiles over twice the work
+    they would tile are dropped.
 
     Never empty: if nothing is admitted, the config with the smallest register estimate among
     those that fit shared memory remains (it may spill; it launches).
@@ -239,11 +259,13 @@ def admissible(
 
     limits = SPILL_FREE_UP_TO[family(arch)][role]
     d_eff = d if elt <= 2 else 2 * d
+    wgmma_only = family(arch) == "wgmma" and role in WGMMA_ONLY
     fits = [
         c
         for c in configs
         if smem_estimate(role, as_cfg(c), d, elt) <= smem_limit
         and d_eff <= limits.get(as_cfg(c), 0)
+        and (not wgmma_only or uses_wgmma(role, as_cfg(c)))
     ]
     if n_q is not None:
         keys = n_q if n_keys is None else n_keys

@@ -140,9 +140,12 @@ def _check_u(u_k, u_v, q, pk) -> None:
         raise ValueError(f"u_k {tuple(u_k.shape)} and u_v {tuple(u_v.shape)} must match")
 
 
-def _backward(
-    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v, per_set
+def backward_plan(
+    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v, per_set=True
 ):
+    """Outputs and launch plan of the whole backward, as :func:`prompt_attention_bwd` (and the
+    scored and per-sequence variants) run it: ``(dq, dk, dv, dpk, dpv, terms, gate, plan)``,
+    the prompt gradients per set (``per_set``) or per sequence. Nothing is launched."""
     if u_k is not None:
         _check_u(u_k, u_v, q, pk)
         # one stride set for both (the kernel indexes UK and UV alike)
@@ -155,6 +158,15 @@ def _backward(
     if per_set:
         dpk, dpv, reduce = reduce_plan(dpk, dpv, prompt_index, pk.shape[0])
         plan += reduce
+    return dq, dk, dv, dpk, dpv, terms, gate, plan
+
+
+def _backward(
+    dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v, per_set
+):
+    dq, dk, dv, dpk, dpv, terms, gate, plan = backward_plan(
+        dout, q, k, v, pk, pv, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v, per_set
+    )
     _tuning.run(plan, q)
     if u_k is None:
         return dq, dk, dv, dpk, dpv
