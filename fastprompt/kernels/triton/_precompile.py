@@ -390,6 +390,9 @@ def _load_here(builds: list[dict]) -> None:
             b["error"] = f"load: {type(e).__name__}: {e}"
             continue
         b["load_s"] = time.time() - t0
+        # the driver's own figures where cuobjdump gave none (local memory bytes per thread)
+        if b["regs"] is None:
+            b["regs"], b["spill_bytes"] = int(kernel.n_regs), int(kernel.n_spills)
 
 
 _PLANS: dict = {}
