@@ -6,8 +6,11 @@ processes: timing-based autotuning could pick another block size, hence another 
 in another run). Configs are pruned before tuning so that nothing the tuner may pick fails to
 launch or spills: an estimate of shared memory against the device's per-block limit, and the
 largest head dim at which each config compiled without spills (:data:`SPILL_FREE_UP_TO`, read
-off the static report). ``benchmarks/static_report.py`` compiles every listed config for sm_80
-and sm_90 and ``tests/kernels/test_static_resources.py`` checks every admitted one.
+off the static report), and on sm_90 forward tiles wgmma can take (:func:`uses_wgmma`).
+``benchmarks/static_report.py`` compiles every listed config for sm_80 and sm_90 and
+``tests/kernels/test_static_resources.py`` checks every admitted one. The tuning key holds the
+compute capability (Triton's own has no device); :mod:`._precompile` compiles what the tuner may
+try, in parallel, before it does.
 
 Under the Triton interpreter every kernel gets one small config: no benchmarking, tiny tiles, and
 the tests' shapes still reach full blocks, partial last blocks and multi-block loops.
