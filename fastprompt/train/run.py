@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastprompt import registry
+from fastprompt.registry import RUN_OPTIONS
 from fastprompt.train import data as D
 from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
 from fastprompt.train.folder import (
@@ -43,7 +45,6 @@ from fastprompt.train.plot import matplotlib_missing, plot_curves
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
-    "METHODS",
     "DataConfig",
     "ModelSpec",
     "RunConfig",
@@ -56,8 +57,6 @@ __all__ = [
     "read_run",
     "train",
 ]
-
-METHODS = ("vpt", "pgn")
 
 
 def sha256(path: str) -> str:
@@ -109,30 +108,22 @@ def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Modu
 
 
 def build_prompted(backbone: nn.Module, method: str, args: dict[str, Any]) -> nn.Module:
-    """Wrap ``backbone`` with ``method``'s entry point (``fastprompt.vpt`` / ``fastprompt.pgn``)."""
-    import fastprompt
-
-    entry = getattr(fastprompt, method, None) if method in METHODS else None
-    if entry is None:
+    """Wrap ``backbone`` with ``method``'s registered build function (``fastprompt.vpt``, ...)."""
+    build = registry.get(method).build if method in registry.trainable() else None
+    if build is None:
         raise RunError(
             f"method {method!r} is not available in this fastprompt (known: "
-            f"{[m for m in METHODS if hasattr(fastprompt, m)]})"
+            f"{list(registry.trainable())})"
         )
-    args = dict(args)
-    if method == "pgn" and args.get("resolution") is None:
-        # The official generator input is the ViT's 224×224 image resized to 224: no resize.
-        args["resolution"] = min(D.image_size(backbone))
     try:
-        return entry(backbone, **args)
+        return build(backbone, **args)
     except (TypeError, ValueError) as e:
         raise RunError(str(e)) from None
 
 
 def _run_options(config: RunConfig) -> dict[str, Any]:
-    """How to run a loaded checkpoint (impl, backend): VPT-family models only."""
-    if config.method not in ("vpt", "prompt_condensation"):
-        return {}
-    return {k: config.method_args[k] for k in ("impl", "backend") if k in config.method_args}
+    """How to run a loaded checkpoint (impl, backend), as the run was built."""
+    return {k: config.method_args[k] for k in RUN_OPTIONS if k in config.method_args}
 
 
 # -- data ----------------------------------------------------------------------------------------

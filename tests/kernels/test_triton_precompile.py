@@ -4,6 +4,8 @@ kernels, about 20 s on 2 cores), errors named, a timeout honoured."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
@@ -54,6 +56,17 @@ def test_a_timeout_gives_up_and_says_so():
     report = tk.precompile([torch.bfloat16], [64], [TINY], arch=80, roles=("reduce",), timeout=0)
     assert report.timed_out and report.failures
     assert "timeout" in report.failures[0]["error"]
+
+
+def test_loading_stops_at_the_deadline():
+    """On a GPU, a disk-cache miss compiles serially while loading: past the deadline the rest
+    are left unloaded and the report says it timed out (checked here before any GPU call)."""
+    spec = _precompile._job_specs(
+        [torch.bfloat16], [64], [TINY], 90, _tuning.SMEM_LIMIT[90], "first", ("reduce",)
+    )[0]
+    build = _precompile._empty(spec, None)
+    assert _precompile._load_here([build], deadline=time.time() - 1)
+    assert build["load_s"] is None and build["error"] is None
 
 
 def test_bad_requests_are_named():

@@ -1,18 +1,17 @@
-"""The ``triton`` backend: Triton kernels and their launchers (the contract in
-:mod:`fastprompt.backends`).
+"""The ``triton`` backend: Triton kernels and their launchers (the contract in ``docs/design.md``
+section 6).
 
 :func:`availability`, :func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32
 prompt gradients, reduced by the backend's own kernel), :func:`prompt_attention_bwd_scored`, and
 :func:`precompile` (every build the calls to come may need, compiled in parallel beforehand).
 Kernel modules are imported on first use, so importing ``fastprompt`` never imports Triton.
-What the backend is chosen for automatically is in :mod:`._capability`.
+What the kernels support and are chosen for automatically is declared in :mod:`._capability`.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "availability",
-    "not_auto_reasons",
     "precompile",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
@@ -86,10 +85,3 @@ def precompile(*args, **kwargs):
     from fastprompt.kernels.triton._precompile import precompile as run
 
     return run(*args, **kwargs)
-
-
-def not_auto_reasons(device, dtype, head_dim) -> list[str]:
-    """Why Triton is not chosen automatically for a call it could run (see :mod:`._capability`)."""
-    from fastprompt.kernels.triton._capability import not_auto_reasons as reasons
-
-    return reasons(device, dtype, head_dim)

@@ -97,7 +97,8 @@ class PrecompileReport:
         it into this process; GPU only, else None) and ``error`` (None, or why it failed or was
         not reached before ``timeout``).
     timed_out : bool
-        The timeout stopped the workers before every build was done.
+        The timeout stopped the workers before every build was done, or (on a GPU) the loading
+        before every build was loaded (those keep ``load_s`` None).
     """
 
     target: str
@@ -167,7 +168,8 @@ def precompile(
         On a GPU, load every build into this process afterwards (disk-cache hits), so that the
         first launches and the autotuner find them in memory.
     timeout : float, optional
-        Seconds after which unfinished builds are given up (reported with an error).
+        Seconds (from the call) after which unfinished builds are given up (reported with an
+        error), and loading stops.
 
     Returns
     -------
@@ -204,7 +206,7 @@ def precompile(
     deadline = None if timeout is None else start + timeout
     report.builds, report.timed_out = _run_workers(specs, arch, jobs, deadline)
     if on_gpu and load:
-        _load_here(report.builds)
+        report.timed_out |= _load_here(report.builds, deadline)
     report.seconds = time.time() - start
     return report
 
@@ -377,11 +379,14 @@ def _empty(spec: dict, error: str | None) -> dict:
     }
 
 
-def _load_here(builds: list[dict]) -> None:
-    """Load each compiled build into this process on the current GPU (Triton's disk cache)."""
+def _load_here(builds: list[dict], deadline: float | None) -> bool:
+    """Load each compiled build into this process on the current GPU (Triton's disk cache).
+    True when the deadline stopped it: a disk-cache miss compiles here, serially."""
     for b in builds:
         if b["error"]:
             continue
+        if deadline is not None and time.time() > deadline:
+            return True
         t0 = time.time()
         try:
             kernel = _warm(b, torch.device("cuda", torch.cuda.current_device()))
@@ -393,6 +398,7 @@ def _load_here(builds: list[dict]) -> None:
         # the driver's own figures where cuobjdump gave none (local memory bytes per thread)
         if b["regs"] is None:
             b["regs"], b["spill_bytes"] = int(kernel.n_regs), int(kernel.n_spills)
+    return False
 
 
 _PLANS: dict = {}
