@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from helpers import assert_close
 
 
 def window_partition(x, ws):
@@ -69,16 +70,16 @@ def prompted_block(blk, x, resolution, num_prompts, mixing):
     windows = window_partition(x, ws).view(-1, ws[0] * ws[1], c)
     nw = windows.shape[0] // b
     if mixing:
-        prompt = prompt.unsqueeze(0).expand(nw, -1, -1, -1).reshape(-1, num_prompts, c)
+        prompt = prompt.unsqueeze(0).expand(nw, -1, -1, -1).reshape(nw * b, num_prompts, c)
     else:
-        prompt = prompt.unsqueeze(1).expand(-1, nw, -1, -1).reshape(-1, num_prompts, c)
+        prompt = prompt.unsqueeze(1).expand(-1, nw, -1, -1).reshape(nw * b, num_prompts, c)
     windows = torch.cat([prompt, windows], dim=1)
     out = prompted_attention(blk.attn, windows, blk.attn_mask, num_prompts)
     prompt, out = out[:, :num_prompts], out[:, num_prompts:]
     if mixing:
-        prompt = prompt.view(-1, b, num_prompts, c).mean(0)
+        prompt = prompt.reshape(nw, b, num_prompts, c).mean(0)
     else:
-        prompt = prompt.view(b, -1, num_prompts, c).mean(1)
+        prompt = prompt.reshape(b, nw, num_prompts, c).mean(1)
     x = window_reverse(out.view(-1, ws[0], ws[1], c), ws, h, w)
     if any(shift):
         x = torch.roll(x, shifts=(shift[0], shift[1]), dims=(1, 2))
@@ -144,3 +145,19 @@ def official_of(prompted, x, mixing=False, training=False):
         dropout=c.dropout,
         training=training,
     )
+
+
+def assert_matches_official(prompted, x, mixing=False, training=False, seed=0):
+    """Logits and the gradient of every prompt tensor and of the head equal the official
+    computation's (the same seed before each, for dropout)."""
+    params = list(prompted.trainable_parameters().values())
+    torch.manual_seed(seed)
+    out = prompted(x)
+    grads = torch.autograd.grad(out.square().sum(), params)
+    torch.manual_seed(seed)
+    ref = official_of(prompted, x, mixing=mixing, training=training)
+    ref_grads = torch.autograd.grad(ref.square().sum(), params)
+    assert_close(out, ref, "logits", atol=2e-5, rtol=1e-5)
+    for name, g, r in zip(prompted.trainable_parameters(), grads, ref_grads):
+        scale = r.abs().max().item() + 1e-12
+        assert_close(g / scale, r / scale, f"grad {name}", atol=2e-5, rtol=1e-4)

@@ -83,7 +83,8 @@ def tied(backbone: Backbone, who: str) -> tuple[int, tuple[int, int]]:
     widths = {backbone.block_shape(i).width for i in range(backbone.depth)}
     if len(widths) > 1:
         raise ValueError(
-            f"{who}: learned prompt sets of one width need blocks of one width, got {widths}"
+            f"{who}: prompts of one width need blocks of one width, got {sorted(widths)} (a "
+            f"{backbone.description} has one width per stage; fastprompt.vpt prompts it)"
         )
     width = widths.pop() if widths else backbone.block_shape(0).width
     return width, backbone.patch_size()
