@@ -32,8 +32,11 @@ def window_reverse(windows, ws, h, w):
     return x.permute(0, 1, 3, 2, 4, 5).contiguous().view(b, h, w, -1)
 
 
-def prompted_attention(attn, x, mask, num_prompts):
-    """``PromptedWindowAttention.forward`` with the official zero rows/columns for prompts."""
+def prompted_attention(attn, x, mask, num_prompts, prompt_bias=None):
+    """``PromptedWindowAttention.forward`` with the official zero rows/columns for prompts.
+
+    ``prompt_bias`` (P,), a test probe: added to every score of each prompt key (the gate score's
+    oracle is the loss gradient with respect to it)."""
     b_, n, c = x.shape
     nh = attn.num_heads
     qkv = attn.qkv(x).reshape(b_, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
@@ -52,11 +55,13 @@ def prompted_attention(attn, x, mask, num_prompts):
         mask = torch.cat([torch.zeros(nw, m + num_prompts, num_prompts), mask], dim=-1)
         scores = scores.view(b_ // nw, nw, nh, n, n) + mask.unsqueeze(1).unsqueeze(0)
         scores = scores.view(-1, nh, n, n)
+    if prompt_bias is not None:
+        scores = scores + F.pad(prompt_bias, (0, n - num_prompts))
     out = (scores.softmax(-1) @ v).transpose(1, 2).reshape(b_, n, -1)
     return attn.proj(out)
 
 
-def prompted_block(blk, x, resolution, num_prompts, mixing):
+def prompted_block(blk, x, resolution, num_prompts, mixing, prompt_bias=None):
     """``PromptedSwinTransformerBlock.forward`` on (B, P + H·W, C)."""
     h, w = resolution
     b, _, c = x.shape
@@ -74,7 +79,7 @@ def prompted_block(blk, x, resolution, num_prompts, mixing):
     else:
         prompt = prompt.unsqueeze(1).expand(-1, nw, -1, -1).reshape(nw * b, num_prompts, c)
     windows = torch.cat([prompt, windows], dim=1)
-    out = prompted_attention(blk.attn, windows, blk.attn_mask, num_prompts)
+    out = prompted_attention(blk.attn, windows, blk.attn_mask, num_prompts, prompt_bias)
     prompt, out = out[:, :num_prompts], out[:, num_prompts:]
     if mixing:
         prompt = prompt.reshape(nw, b, num_prompts, c).mean(0)
@@ -102,33 +107,51 @@ def prompted_merging(merge, x, resolution, num_prompts):
     return merge.reduction(merge.norm(x))
 
 
-def official_vpt_swin(model, shallow, deep, x, mixing=True, dropout=0.0, training=False):
+def official_vpt_swin(
+    model,
+    shallow,
+    deep,
+    x,
+    mixing=True,
+    dropout=0.0,
+    training=False,
+    readout="patches+prompts",
+    prompt_bias=None,
+):
     """Logits of the official VPT-Swin.
 
-    shallow: (1, P, C0); deep: a list of per-stage tensors (``deep_prompt_embeddings_s``) or
-    None for VPT-shallow. Dropout as the official code draws it: the shallow set after expanding
-    over the batch, then each stage's tensor whole, stage by stage.
+    shallow: (1, P, C0); deep: a list per stage of its ``deep_prompt_embeddings_s`` (or of a list
+    of (P_i, C_s) sets, which may differ in size: a condensed model), or None for VPT-shallow.
+    Dropout as the official code draws it: the shallow set after expanding over the batch, then
+    each stage's tensor whole, stage by stage. ``readout="patches"`` averages the patches only
+    (timm's own pooling); ``prompt_bias``, a list of (P,) per block, is a test probe.
     """
     b = x.shape[0]
-    p = shallow.shape[1]
     tokens = model.patch_embed(x)
     resolution = tokens.shape[1:3]
     tokens = tokens.flatten(1, 2)
     prompt = F.dropout(shallow.expand(b, -1, -1), dropout, training)
     tokens = torch.cat([prompt, tokens], dim=1)
+    held, block = shallow.shape[1], 0
     for s, stage in enumerate(model.layers):
         if deep is not None:
-            stage_sets = F.dropout(deep[s], dropout, training)
+            stage_sets = deep[s]
+            if isinstance(stage_sets, torch.Tensor):
+                stage_sets = F.dropout(stage_sets, dropout, training)
         for i, blk in enumerate(stage.blocks):
             if deep is not None and (s > 0 or i > 0):
-                index = i - 1 if s == 0 else i
-                tokens = torch.cat([stage_sets[index].expand(b, -1, -1), tokens[:, p:]], dim=1)
-            tokens = prompted_block(blk, tokens, resolution, p, mixing)
+                new = stage_sets[i - 1 if s == 0 else i]
+                tokens = torch.cat([new.expand(b, -1, -1), tokens[:, held:]], dim=1)
+                held = new.shape[0]
+            bias = None if prompt_bias is None else prompt_bias[block]
+            tokens = prompted_block(blk, tokens, resolution, held, mixing, bias)
+            block += 1
         if s + 1 < len(model.layers):
-            tokens = prompted_merging(model.layers[s + 1].downsample, tokens, resolution, p)
+            tokens = prompted_merging(model.layers[s + 1].downsample, tokens, resolution, held)
             resolution = (resolution[0] // 2, resolution[1] // 2)
     tokens = model.norm(tokens)
-    return model.head.fc(tokens.mean(1))
+    pooled = tokens[:, held:].mean(1) if readout == "patches" else tokens.mean(1)
+    return model.head.fc(pooled)
 
 
 def official_of(prompted, x, mixing=False, training=False):
@@ -144,6 +167,7 @@ def official_of(prompted, x, mixing=False, training=False):
         mixing=mixing,
         dropout=c.dropout,
         training=training,
+        readout=c.readout,
     )
 
 

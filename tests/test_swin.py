@@ -136,7 +136,9 @@ def test_parameters_names_and_the_official_init():
 
 def _official_state(prompted, prefix="enc."):
     """A state dict as the official code saves it (``enc.`` backbone, ``head.last_layer``)."""
-    state = {prefix + n: p.detach().clone() for n, p in prompted.named_parameters() if "prompt" in n}
+    state = {
+        prefix + n: p.detach().clone() for n, p in prompted.named_parameters() if "prompt" in n
+    }
     state["head.last_layer.weight"] = prompted.model.head.fc.weight.detach().clone()
     state["head.last_layer.bias"] = prompted.model.head.fc.bias.detach().clone()
     return state

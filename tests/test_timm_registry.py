@@ -130,3 +130,26 @@ def test_swin_matches_the_official_vpt_swin_or_is_refused_with_its_reason(name):
 
 def test_the_swin_models_that_must_be_accepted_exist_in_this_timm():
     assert SWIN_MUST_ACCEPT <= set(SWIN_NAMES)
+
+
+# Other families that attend within windows: no adapter, refused with the supported families.
+OTHER_WINDOWED = [
+    "maxvit_nano_rw_256",
+    "nest_tiny",
+    "twins_svt_small",
+    "davit_tiny",
+    "gcvit_xxtiny",
+    "hiera_tiny_224",
+    "mvitv2_tiny",
+]
+
+
+@pytest.mark.parametrize("name", OTHER_WINDOWED)
+def test_other_windowed_families_are_refused_with_the_supported_ones(name):
+    if name not in timm.list_models(name):
+        pytest.skip(f"this timm has no {name}")
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = timm.create_model(name, pretrained=False)
+    with pytest.raises(TypeError, match="model must be a timm VisionTransformer .*SwinTransformer"):
+        fastprompt.vpt(model, 3)

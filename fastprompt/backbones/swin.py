@@ -82,14 +82,16 @@ def kv_rows(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
     width = attn.qkv.out_features // 3
     bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
     kv = F.linear(h, attn.qkv.weight[width:], bias)
-    k, v = kv.reshape(t, p, 2, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    shape = (t, p, 2, attn.num_heads, width // attn.num_heads)  # sizes, not -1: P may be 0
+    k, v = kv.reshape(shape).permute(2, 0, 3, 1, 4).unbind(0)
     return k, v
 
 
 def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (S, H, N, d) of tokens (S, N, C), as timm's ``WindowAttention`` splits them."""
     s, n, _ = x.shape
-    q, k, v = attn.qkv(x).reshape(s, n, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    d = attn.qkv.out_features // 3 // attn.num_heads
+    q, k, v = attn.qkv(x).reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
 
