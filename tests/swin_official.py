@@ -37,7 +37,7 @@ def prompted_attention(attn, x, mask, num_prompts, prompt_bias=None):
 
     ``prompt_bias`` (P,), a test probe: added to every score of each prompt key (the gate score's
     oracle is the loss gradient with respect to it)."""
-    b_, n, c = x.shape
+    b_, n, _ = x.shape
     nh = attn.num_heads
     qkv = attn.qkv(x).reshape(b_, n, 3, nh, -1).permute(2, 0, 3, 1, 4)
     q, k, v = qkv[0], qkv[1], qkv[2]

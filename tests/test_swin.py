@@ -168,10 +168,10 @@ def test_official_checkpoints_load(deep, tmp_path):
 
 def test_checkpoints_of_the_other_family_are_refused():
     swin = _official_state(fastprompt.vpt(tiny_swin(), 3))
-    with pytest.raises(ValueError, match="per-stage .*VPT-Swin.*VisionTransformer"):
+    with pytest.raises(ValueError, match=r"per-stage .*VPT-Swin.*VisionTransformer"):
         fastprompt.load_prompts(tiny_vit(), swin)
     vit = {n: p.detach() for n, p in fastprompt.vpt(tiny_vit(), 3).named_parameters()}
-    with pytest.raises(ValueError, match="VPT-ViT.*SwinTransformer"):
+    with pytest.raises(ValueError, match=r"VPT-ViT.*SwinTransformer"):
         fastprompt.load_prompts(tiny_swin(), vit)
 
 

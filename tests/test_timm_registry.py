@@ -113,7 +113,7 @@ def test_swin_matches_the_official_vpt_swin_or_is_refused_with_its_reason(name):
         torch.manual_seed(0)
         try:
             model = timm.create_model(name, pretrained=False, num_classes=3, **SWIN_SHRINK)
-        except Exception as e:  # noqa: BLE001 - a family that takes other arguments
+        except Exception as e:  # a family that takes other arguments
             pytest.skip(f"{name}: no shrunk configuration ({type(e).__name__})")
     refused = next((why for prefix, why in SWIN_REFUSED.items() if name.startswith(prefix)), None)
     try:
@@ -151,5 +151,5 @@ def test_other_windowed_families_are_refused_with_the_supported_ones(name):
     with torch.device("meta"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = timm.create_model(name, pretrained=False)
-    with pytest.raises(TypeError, match="model must be a timm VisionTransformer .*SwinTransformer"):
+    with pytest.raises(TypeError, match=r"must be a timm VisionTransformer .*SwinTransformer"):
         fastprompt.vpt(model, 3)
