@@ -225,3 +225,34 @@ def test_official_transcription_is_the_prompt_free_model_without_prompts():
         empty = torch.zeros(1, 0, 16)
         deep = [torch.zeros(1, 0, 16), torch.zeros(2, 0, 32), torch.zeros(2, 0, 64)]
         assert_close(official_vpt_swin(model, empty, deep, x), model(x), "no prompts")
+
+
+def test_bench_rows_on_a_shrunk_swin():
+    """``fastprompt bench``'s measurement on a Swin: the prompt-free model, naive VPT-Swin and
+    fastprompt side by side (no timing is asserted), read out as the official VPT-Swin reads."""
+    from fastprompt import bench
+
+    shrunk = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 2))
+    cfg = bench.BenchConfig(
+        model="swin_tiny_patch4_window7_224",
+        prompts=[3],
+        batch=2,
+        reps=1,
+        img_size=16,
+        model_kwargs=shrunk,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a backend fallback names its reason
+        rows = bench.run(cfg)["rows"]
+    assert [(r["prompts"], r["variant"]) for r in rows] == [
+        (0, "prompt-free"),
+        (3, "naive"),
+        (3, "fused"),
+    ]
+    for row in rows:
+        assert row["infer"]["median_s"] > 0 and row["train"]["median_s"] > 0
+        assert row["activation_bytes"] > 0 and row["gflops"] > 0
+    free, naive, fused = rows
+    # Prompts add work to naive VPT-Swin; the fused path computes prompt K/V once per model.
+    assert naive["gflops"] > fused["gflops"] > free["gflops"]
+    assert naive["activation_bytes"] > fused["activation_bytes"]

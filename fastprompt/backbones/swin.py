@@ -383,8 +383,11 @@ class SwinBackbone(Backbone):
         b, nw = x.shape[0], part.count
         q, k, v = _qkv(attn, part.windows)
         pk, pv, index, lengths = self._prompt_table(blk, p, kv, b, q.dtype)
-        owner = self._owner(b, nw, x.device)
-        window_index = None if index is None else index[owner]
+        # Ordinary tensors even under torch.inference_mode: prompt_attention's host-side check of
+        # prompt_index reads its version counter, which inference tensors lack.
+        with torch.inference_mode(False):
+            owner = self._owner(b, nw, x.device)
+            window_index = None if index is None else index[owner]
         bias = _window_bias(blk, part, q.dtype)
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
