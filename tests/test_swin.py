@@ -4,6 +4,7 @@ window mixing; dropout masks; parameters, init and official checkpoints; what is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -256,3 +257,16 @@ def test_bench_rows_on_a_shrunk_swin():
     # Prompts add work to naive VPT-Swin; the fused path computes prompt K/V once per model.
     assert naive["gflops"] > fused["gflops"] > free["gflops"]
     assert naive["activation_bytes"] > fused["activation_bytes"]
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_inference_mode_gives_the_logits_of_no_grad(frozen):
+    """The per-window prompt index is an ordinary tensor even under torch.inference_mode (the
+    op's host-side check reads its version counter, which inference tensors lack)."""
+    prompted = fastprompt.vpt(tiny_swin(), 3).eval()
+    x = _images(2)
+    with torch.no_grad():
+        expected = prompted(x)
+    with torch.inference_mode(), prompted.frozen_prompts() if frozen else contextlib.nullcontext():
+        out = prompted(x)
+    assert_close(out, expected, "logits", atol=1e-6, rtol=1e-5)
