@@ -270,3 +270,24 @@ def test_inference_mode_gives_the_logits_of_no_grad(frozen):
     with torch.inference_mode(), prompted.frozen_prompts() if frozen else contextlib.nullcontext():
         out = prompted(x)
     assert_close(out, expected, "logits", atol=1e-6, rtol=1e-5)
+
+
+def test_naive_flops_count_the_prompt_rows_the_official_code_computes():
+    """The official block runs one MLP over every token, so its FLOPs include the prompt rows of
+    deep blocks whose prompt outputs the next block drops; a traced count must keep them: deep
+    and shallow naive VPT-Swin then differ only by the patch mergings of the shallow prompts."""
+    from fvcore.nn import FlopCountAnalysis
+
+    from fastprompt.bench import FLOP_HANDLES
+
+    model, p, x = tiny_swin(), 10, _images(1)
+    linear = {}
+    for deep in (True, False):
+        prompted = fastprompt.vpt(model, p, deep=deep, impl="naive").eval()
+        with torch.no_grad():
+            analysis = FlopCountAnalysis(prompted, (x,)).set_op_handle(**FLOP_HANDLES)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+            linear[deep] = analysis.by_operator()["linear"]
+        prompted.unwrap()
+    merges = p * sum(4 * c * 2 * c for c in (16, 32))  # a prompt merged as cat([p, p, p, p])
+    assert linear[False] - linear[True] == merges

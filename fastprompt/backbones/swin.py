@@ -344,7 +344,11 @@ class SwinBackbone(Backbone):
         o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1)))
         x = x + blk.drop_path1(_reverse(blk, part, o[:, n_p:]))
         p = p + blk.drop_path1(self._window_mean(o[:, :n_p], b, nw))
-        return SwinTokens(_mlp(blk, x), _mlp(blk, p))
+        # One MLP over every token, as the official code runs it: the same numbers as two calls,
+        # and a traced FLOP count keeps the prompt rows even where the next block drops them.
+        h, w = x.shape[1:3]
+        out = _mlp(blk, torch.cat([p, x.flatten(1, 2)], dim=1))
+        return SwinTokens(out[:, n_p:].unflatten(1, (h, w)), out[:, :n_p])
 
     def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
         blk = self._block(block)
