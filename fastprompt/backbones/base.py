@@ -36,7 +36,24 @@ __all__ = [
     "BlockShape",
     "PromptKV",
     "PromptKVParts",
+    "timm_image_size",
+    "timm_patch_size",
 ]
+
+
+def timm_patch_size(model: nn.Module) -> tuple[int, int]:
+    """Patch height and width of a timm model with a ``patch_embed`` (ViT, Swin)."""
+    ps = model.patch_embed.patch_size
+    return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+def timm_image_size(model: nn.Module) -> tuple[int, int]:
+    """The (H, W) a timm model takes: its ``patch_embed``'s, else its pretrained config's."""
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = cfg.get("input_size", (3, 224, 224))[1:]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,6 @@ order. The official code builds a ``prompt_proj`` it never applies; there is no 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,12 +23,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastprompt.sources import PromptSource
+from fastprompt.sources import DropoutConfigured
 
 __all__ = ["StagedPrompts"]
 
 
-class StagedPrompts(PromptSource):
+class StagedPrompts(DropoutConfigured):
     """VPT-Swin's prompt sets: per-stage parameters at each stage's width.
 
     Parameters
@@ -108,15 +107,6 @@ class StagedPrompts(PromptSource):
                 self.register_parameter(name, nn.Parameter(tensor))
                 self._names.append(name)
         self.prompt_dropout = nn.Dropout(dropout)
-
-    def config(self) -> Any:
-        return self._config
-
-    def set_dropout(self, p: float) -> None:
-        """Change the prompt dropout, in the module and in the recorded config."""
-        self.prompt_dropout.p = float(p)
-        if dataclasses.is_dataclass(self._config):
-            self._config = dataclasses.replace(self._config, dropout=float(p))
 
     # -- the schedule ---------------------------------------------------------------------------
 
