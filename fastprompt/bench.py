@@ -214,6 +214,8 @@ class BenchConfig:
         Also count FLOPs with fvcore.
     img_size : int or None
         Image size override (tiny models in tests).
+    model_kwargs : dict
+        More arguments for ``timm.create_model`` (a shrunk Swin in tests: depths, widths).
     """
 
     model: str = "vit_base_patch16_224"
@@ -228,6 +230,7 @@ class BenchConfig:
     memory: bool = True
     count_flops: bool = True
     img_size: int | None = None
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -275,7 +278,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(0)
-    kw = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    kw = dict(cfg.model_kwargs) | ({} if cfg.img_size is None else {"img_size": cfg.img_size})
     model = timm.create_model(cfg.model, pretrained=False, num_classes=100, **kw)
     model = model.to(device, dtype).eval()
     size = model.patch_embed.img_size
@@ -304,7 +307,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
 
     for p in cfg.prompts:
         say(f"{cfg.model}: {p} prompts")
-        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend, readout="cls")
+        # The model's own readout (a ViT's class token; VPT-Swin's mean of every token).
+        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend)
         group = {impl: {"prompts": p, "variant": impl} for impl in ("naive", "fused")}
 
         def infer(impl: str) -> Callable[[], object]:

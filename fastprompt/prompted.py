@@ -32,7 +32,7 @@ prompt attention (Prompt Condensation's scores) plug in through
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,9 +45,12 @@ from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "run_attention"]
+__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
 IMPLS = ("fused", "naive")
+
+# (block, prompt tokens (T, P, W)) -> the prompt tokens the block receives instead.
+TokenFn = Callable[[int, Tensor], Tensor]
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -143,6 +146,7 @@ class PromptedViT(OwningWrapper):
         self.readout = readout
         self.impl = impl
         self._attention: AttentionFn | None = None
+        self._token_fn: TokenFn | None = None
         # Block classes do not change under a wrapper: ask once.
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
         if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
@@ -282,6 +286,22 @@ class PromptedViT(OwningWrapper):
             self._attention = previous
 
     @contextlib.contextmanager
+    def token_override(self, fn: TokenFn) -> Iterator[PromptedViT]:
+        """Hand the prompt tokens entering every block that holds them as tokens through ``fn``.
+
+        ``fn(block, prompts)`` receives the tokens (T, P, W) a block receives and returns the
+        tokens it gets instead (a per-image copy to take per-sample gradients of, a set without
+        one prompt); blocks on keys/values are not seen (:meth:`attention_override` sees them).
+        """
+        if not callable(fn):
+            raise TypeError(f"token_override: fn must be callable, got {type(fn).__name__}")
+        previous, self._token_fn = self._token_fn, fn
+        try:
+            yield self
+        finally:
+            self._token_fn = previous
+
+    @contextlib.contextmanager
     def frozen_prompts(self) -> Iterator[PromptedViT]:
         """Inference with each block's prompt keys/values computed once, on entry.
 
@@ -316,7 +336,7 @@ class PromptedViT(OwningWrapper):
         receives a set whose outputs are not needed runs on its keys/values only.
         """
         if fused is None:
-            fused = self.impl == "fused" or self._attention is not None
+            fused = self._fused_path()
         src, depth = self._source, self._backbone.depth
         reads = self._backbone.reads_prompts(self.readout)
         steps, held = [], 0
@@ -331,6 +351,14 @@ class PromptedViT(OwningWrapper):
                 held = src.count(i)
             steps.append(_Step(receive, True, held))
         return steps
+
+    def _fused_path(self) -> bool:
+        return self.impl == "fused" or self._attention is not None
+
+    def keys_values_only(self) -> list[bool]:
+        """Per block, whether the fused path computes only the keys/values of the prompts it
+        receives (their outputs are read by nobody); the other blocks hold prompt tokens."""
+        return [not s.as_tokens for s in self._plan(fused=True)]
 
     def _prompts_in_output(self) -> int:
         """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
@@ -416,11 +444,16 @@ class PromptedViT(OwningWrapper):
                 )
             if index is not None:
                 prompts = prompts[index]
+            if self._token_fn is not None:
+                prompts = self._token_fn(i, prompts)
             if held:
                 tokens = bb.remove(tokens, held, position)
             tokens = bb.insert(tokens, i, prompts, position)
         direct = self._join_direct(i, None, batch, state, per_image)
-        if direct is None:
+        # An adapter whose fused block is also the faster way to run prompt tokens (Swin: once per
+        # image, not per window) takes every block of the fused path.
+        fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
+        if direct is None and not fast:
             return bb.block(i, tokens, step.held)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
