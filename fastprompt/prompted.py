@@ -38,6 +38,8 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import checkpoint
 
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
@@ -45,9 +47,12 @@ from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "run_attention"]
+__all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "run_attention"]
 
 IMPLS = ("fused", "naive")
+# What a block keeps for backward (``docs/design.md`` §4, "Memory"): everything autograd saves;
+# all but the MLP hidden, recomputed from the block's middle residual; only the block's input.
+MEMORY_POLICIES = ("none", "mlp", "block")
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -145,6 +150,8 @@ class PromptedViT(OwningWrapper):
         self._attention: AttentionFn | None = None
         # Block classes do not change under a wrapper: ask once.
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
+        object.__setattr__(self, "_recompute", backbone.recompute_policies())
+        self._memory = "none"
         if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
             raise TypeError(
                 f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
@@ -236,10 +243,64 @@ class PromptedViT(OwningWrapper):
         save_prompts(self, path)
 
     def extra_repr(self) -> str:
+        memory = "" if self.memory_policy() == "none" else f", memory={self.memory_policy()!r}"
         return (
             f"method={self.method!r}, backbone={self._backbone.family!r}, "
             f"source={self._source.extra_repr()}, readout={self.readout!r}, impl={self.impl!r}"
+            + memory
         )
+
+    # -- memory ---------------------------------------------------------------------------------
+
+    @property
+    def memory(self) -> str:
+        """What each block keeps for backward (``docs/design.md`` §4, "Memory"), one of
+        :data:`MEMORY_POLICIES` that this model's backbone offers:
+
+        - ``"none"``: everything autograd saves (a frozen linear saves no input);
+        - ``"mlp"``: all but the MLP hidden, which backward recomputes from the block's middle
+          residual (one extra GEMM of the MLP's first layer per token);
+        - ``"block"``: the block's input only; backward recomputes the block but its frozen
+          output projection (timm's per-block gradient checkpointing).
+
+        Gradients are the same under every policy (bitwise where the same kernels run). The
+        model's own switch (:meth:`set_grad_checkpointing`) overrides it with ``"block"``.
+        """
+        return self._memory
+
+    @memory.setter
+    def memory(self, policy: str) -> None:
+        allowed = self.memory_policies()
+        if policy not in allowed:
+            known = "" if policy in MEMORY_POLICIES else f" (known: {MEMORY_POLICIES})"
+            raise ValueError(
+                f"fastprompt: memory must be one of {allowed} for this model (a "
+                f"{self._backbone.description}), got {policy!r}{known}"
+            )
+        self._memory = policy
+
+    def memory_policies(self) -> tuple[str, ...]:
+        """The memory policies this model's backbone offers."""
+        return tuple(p for p in MEMORY_POLICIES if p in ("none", "block") or p in self._recompute)
+
+    def memory_policy(self) -> str:
+        """The policy the next forward runs: ``"block"`` while the model's own gradient
+        checkpointing switch is on, else :attr:`memory`."""
+        return "block" if self._backbone.grad_checkpointing() else self._memory
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """The wrapped model's own switch (timm's ``grad_checkpointing``)."""
+        return self._backbone.grad_checkpointing()
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """timm's switch: per-block gradient checkpointing (``memory="block"`` while on).
+
+        It turns the wrapped model's own flag (``model.set_grad_checkpointing``), so a flag set
+        on the model before or after wrapping is honoured the same way, and stays set after
+        :meth:`unwrap`.
+        """
+        self._backbone.set_grad_checkpointing(bool(enable))
 
     # -- plug-in points ---------------------------------------------------------------------------
 
@@ -385,6 +446,42 @@ class PromptedViT(OwningWrapper):
         lengths = None if kv.lengths is None else kv.lengths + dk.shape[2]
         return PromptKV(k, v, index, lengths)
 
+    def _step(
+        self,
+        i: int,
+        step: _Step,
+        tokens: Any,
+        held: int,
+        state: Any,
+        batch: int,
+        attend: AttentionFn,
+        per_image: Tensor,
+        memory: str,
+    ) -> Any:
+        """:meth:`_block` under the memory policy.
+
+        ``"block"`` checkpoints the whole step (non-reentrant, the random state replayed, so
+        prompt dropout draws the same masks in the recomputation): backward keeps the step's
+        input and recomputes the prompts, their keys/values and the block, but not the frozen
+        tail that the adapter's :meth:`~fastprompt.backbones.Backbone.finish_block` computes
+        outside the region. A step through which no gradient flows is not checkpointed.
+        """
+        if memory != "block":
+            return self._block(i, step, tokens, held, state, batch, attend, per_image, memory)
+        leaves, spec = pytree.tree_flatten(tokens)
+        flows = step.receive or any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+        if not (torch.is_grad_enabled() and flows):
+            return self._block(i, step, tokens, held, state, batch, attend, per_image, "none")
+        split = "block" in self._recompute
+        inner = "block" if split else "none"
+
+        def run(*leaves: Any) -> Any:
+            tokens = pytree.tree_unflatten(list(leaves), spec)
+            return self._block(i, step, tokens, held, state, batch, attend, per_image, inner)
+
+        out = checkpoint(run, *leaves, use_reentrant=False, preserve_rng_state=True)
+        return self._backbone.finish_block(i, out) if split else out
+
     def _block(
         self,
         i: int,
@@ -395,16 +492,19 @@ class PromptedViT(OwningWrapper):
         batch: int,
         attend: AttentionFn,
         per_image: Tensor,
+        memory: str = "none",
     ) -> Any:
         """Block ``i`` on the token state holding ``held`` prompt tokens (one step of the loop,
-        so that each block can be wrapped on its own)."""
+        so that each block can be wrapped on its own); ``memory`` goes to the adapter's block
+        when it is one of the adapter's own policies."""
         bb, position = self._backbone, self._source.position
+        kw = {"memory": memory} if memory != "none" else {}
         tokens = bb.enter(i, tokens, held)
         if not step.as_tokens:
             if held:
                 tokens = bb.remove(tokens, held, position)
             kv = self._keys_values(i, batch, state, per_image)
-            return bb.fused_block(i, tokens, 0, kv, attend, self.backend)
+            return bb.fused_block(i, tokens, 0, kv, attend, self.backend, **kw)
         if step.receive:
             prompts = self._source.tokens(i, batch, state)
             index, lengths = self._selected(i, prompts, batch, state, per_image)
@@ -421,10 +521,10 @@ class PromptedViT(OwningWrapper):
             tokens = bb.insert(tokens, i, prompts, position)
         direct = self._join_direct(i, None, batch, state, per_image)
         if direct is None:
-            return bb.block(i, tokens, step.held)
+            return bb.block(i, tokens, step.held, **kw)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
-        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend)
+        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend, **kw)
 
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:
         """Final normalised tokens.
@@ -450,9 +550,9 @@ class PromptedViT(OwningWrapper):
         batch = x.shape[0]
         attend = self._attention or _default_attention
         per_image = torch.arange(batch, device=x.device)  # the set of each image (T = B)
-        held = 0
+        held, memory = 0, self.memory_policy()
         for i, step in enumerate(self._plan()):
-            tokens = self._block(i, step, tokens, held, state, batch, attend, per_image)
+            tokens = self._step(i, step, tokens, held, state, batch, attend, per_image, memory)
             held = step.held if step.as_tokens else 0
         return bb.features(tokens)
 
