@@ -1,8 +1,8 @@
 """fastprompt: fast, exact visual prompt tuning of frozen timm vision transformers.
 
 The methods, checkpoints and the prompted core load with the package; the training layer
-(``fit``, ``finetune``, ``evaluate``, ``prompt_condensation``, ``fastprompt.train``) loads on
-first use, so importing fastprompt to wrap a model does not import the training loop.
+(``fit``, ``finetune``, ``evaluate``, ``prompt_condensation``, ``multitask``, ``fastprompt.train``)
+loads on first use, so importing fastprompt to wrap a model does not import the training loop.
 """
 
 import importlib
@@ -18,9 +18,11 @@ from fastprompt.methods.condensation import (
     score_prompts,
     select_prompts,
 )
+from fastprompt.methods.e2vpt import E2VPTConfig, e2vpt
 from fastprompt.methods.pgn import PGNConfig, invert_prompts, pgn, pixel_logits, pixel_model
 from fastprompt.methods.vpt import VPTConfig, vpt
 from fastprompt.methods.vpt_ablation import VPTAblationConfig, vpt_ablation
+from fastprompt.mixed import MultiTaskViT
 from fastprompt.ops import prompt_attention
 from fastprompt.prompted import PromptedViT
 from fastprompt.registry import register_peft_method
@@ -29,14 +31,18 @@ __version__ = "0.1.0"
 
 # Public names of the training layer, loaded on first access.
 _LAZY = {
+    "e2vpt_pruning": "fastprompt.train.e2vpt",
     "evaluate": "fastprompt.train.simple",
     "finetune": "fastprompt.train.simple",
     "fit": "fastprompt.train.simple",
+    "multitask": "fastprompt.train.tasks",
     "prompt_condensation": "fastprompt.train.simple",
 }
 
 __all__ = [
     "AttentionCall",
+    "E2VPTConfig",
+    "MultiTaskViT",
     "PGNConfig",
     "PromptedViT",
     "VPTAblationConfig",
@@ -44,12 +50,15 @@ __all__ = [
     "__version__",
     "backends",
     "condense",
+    "e2vpt",
+    "e2vpt_pruning",
     "evaluate",
     "finetune",
     "fit",
     "invert_prompts",
     "kept_prompts",
     "load_prompts",
+    "multitask",
     "ops",
     "pgn",
     "pixel_logits",

@@ -56,7 +56,7 @@ FEATURES: Mapping[str, str] = {
 }
 
 #: Optional functions a kernels module may have beyond the contract, when declared in ``hooks``.
-HOOKS = ("device_availability", "status")
+HOOKS = ("device_availability", "status", "unsupported_reasons")
 
 #: The backend the probe checks others against (PyTorch's own kernels).
 YARDSTICK = "cascade"
@@ -181,6 +181,10 @@ class Backend:
         if self.head_dims is not None and call.head_dim not in self.head_dims:
             reasons.append(f"head dim {call.head_dim} not in {self.head_dims}")
         reasons += [f"no {f}: {self.lacks[f]}" for f in sorted(call.features - self.features)]
+        if "unsupported_reasons" in self.hooks and not reasons:
+            # What depends on the device as well (the cpp CUDA path's head dims), never building.
+            narrow = self.module().unsupported_reasons
+            reasons += narrow(call.device.type, call.dtype, call.head_dim)
         return reasons
 
     def auto_reasons(self, call: Call, measuring: bool = False) -> list[str]:
@@ -246,16 +250,21 @@ BACKENDS: tuple[Backend, ...] = (
         name="cpp",
         kernels="fastprompt.kernels.cpp",
         summary="C++/CUDA extension (csrc/): CPU kernels reading prompt sets in place, one task "
-        "per (sequence, head, query block); SIMT CUDA kernels never run on a GPU",
+        "per (sequence, head, query block); on CUDA a C++-orchestrated cascade over PyTorch's "
+        "fused attention with fused merge, per-set sum and score kernels (compiled for "
+        "sm_80/sm_90, not yet run on a GPU)",
         measured="CPU, 2 cores, ViT-B/16 shapes: 1.15-1.33x the torch backend in fp32 "
-        "(benchmarks/results/cpu-2core/prompt_attention_cpu)",
+        "(benchmarks/results/cpu-2core/prompt_attention_cpu); nothing on a GPU yet",
         devices=("cpu", "cuda"),
         dtypes=_FLOATS,
         features=frozenset({"prompt_index", "prompt_lengths", "scores", "key_count"}),
         lacks={"key_bias": "the C++ kernels add no bias to the scores"},
         auto={"cpu": (torch.float32,)},
-        candidate={"cpu": (torch.bfloat16, torch.float16)},
-        hooks=frozenset({"device_availability", "status"}),
+        # On CUDA it competes only when choices are measured, and only on the GPUs the
+        # compile-checked kernels target, so it never wins before it has been timed.
+        candidate={"cpu": (torch.bfloat16, torch.float16), "cuda": _FLOATS},
+        auto_capabilities=((8, 0), (9, 0)),
+        hooks=frozenset({"device_availability", "status", "unsupported_reasons"}),
     ),
     Backend(
         name="cascade",

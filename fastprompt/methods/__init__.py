@@ -3,6 +3,7 @@
 - :mod:`.vpt`: VPT (shallow and deep);
 - :mod:`.vpt_ablation`: the official VPT ablations (deep prompts in the first or last k blocks,
   one set shared by every block);
+- :mod:`.e2vpt`: E²VPT (visual and key-value prompts, token and segment pruning, rewinding);
 - :mod:`.pgn`: Prompt Generation Networks (and the IIP baseline), with pixel deployment;
 - :mod:`.condensation`: Prompt Condensation (scores, selection, the packed model).
 
@@ -10,7 +11,7 @@ The registry itself is :mod:`fastprompt.registry` (re-exported here); :mod:`.com
 several methods share. Importing this package registers every built-in method.
 """
 
-from fastprompt.methods import condensation, pgn, vpt, vpt_ablation
+from fastprompt.methods import condensation, e2vpt, pgn, vpt, vpt_ablation
 from fastprompt.registry import (
     CliOptions,
     Condensation,
@@ -26,6 +27,7 @@ __all__ = [
     "Condensation",
     "Method",
     "condensation",
+    "e2vpt",
     "get",
     "names",
     "pgn",

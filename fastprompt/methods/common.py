@@ -161,13 +161,19 @@ def build_learned(
 # -- command-line options -----------------------------------------------------------------------
 
 
-def add_learned_prompt_options(group: argparse._ArgumentGroup, head_inits: Iterable[str]) -> None:
+def add_learned_prompt_options(
+    group: argparse._ArgumentGroup,
+    head_inits: Iterable[str],
+    prompts_help: str = "prompts per set",
+    dropout_help: str = "prompt dropout (default 0)",
+) -> None:
     """The options of the VPT family: prompt count, dropout, projection, readout, computation,
-    backend and head init (every default None: the method fills its own)."""
+    backend and head init (every default None: the method fills its own; its help texts say
+    which)."""
     from fastprompt.backbones import readouts
 
-    group.add_argument("--prompts", type=int, help="prompts per set")
-    group.add_argument("--prompt-dropout", type=float, help="prompt dropout (default 0)")
+    group.add_argument("--prompts", type=int, help=prompts_help)
+    group.add_argument("--prompt-dropout", type=float, help=dropout_help)
     group.add_argument("--project", type=int, help="prompt width before a projection")
     group.add_argument("--readout", choices=readouts(), help="default the model's own pooling")
     group.add_argument("--impl", choices=IMPLS, help="computation (default fused)")

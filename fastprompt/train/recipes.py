@@ -20,6 +20,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   centre crop at test time. The official code normalises with CLIP's statistics for every
   backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``) unless
   ``normalize="clip"``.
+- ``e2vpt`` (ChengHan111/E2VPT, the same solver code as VPT's): VPT's optimiser, schedule,
+  weight decay (the masks decay too; the head bias does not) and transforms, batch 64 (the official
+  VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and weight decay
+  over VPT's grids; the base lr here is VPT's pick.
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
   no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
   tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
@@ -263,6 +267,7 @@ def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.opti
 
 RECIPES: dict[str, Recipe] = {
     "vpt": Recipe(name="vpt", epochs=100, batch_size=128, lr=0.25),
+    "e2vpt": Recipe(name="e2vpt", epochs=100, batch_size=64, lr=0.25),
     "pgn": Recipe(
         name="pgn",
         epochs=100,
