@@ -2,9 +2,10 @@
 
 Every policy gives the logits and gradients of the default run bitwise on the CPU (the same
 kernels run; backward only reads recomputed copies of what it would have saved), for every
-prompt source, with prompt dropout (the random state replayed), under autocast, torch.compile and
-Prompt Condensation's scored attention (whose sink fires once per block, not again while a block
-is recomputed); each policy saves less than the one before it.
+prompt source (E²VPT's key-value prompts and mixed-task batches included), with prompt dropout
+(the random state replayed), under autocast, torch.compile and Prompt Condensation's scored
+attention (whose sink fires once per block, not again while a block is recomputed); each policy
+saves less than the one before it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from helpers import images, tiny_vit
 
 import fastprompt
 from fastprompt.bench import activation_bytes
+from fastprompt.methods import e2vpt as E
 from fastprompt.ops.scores import scored_prompt_attention
 from fastprompt.prompted import MEMORY_POLICIES
 
@@ -56,6 +58,10 @@ MODELS = {
     "ablation-shared": lambda: fastprompt.vpt_ablation(
         tiny_vit(), 3, deep_shared=True, dropout=0.3
     ),
+    "e2vpt-dropout-masks": lambda: E.e2vpt(_vit(), 3, 2, dropout=0.3),
+    "e2vpt-separate-kv-shallow": lambda: E.e2vpt(
+        _vit(), 3, 2, shared_kv=False, deep=False, dropout=0.3
+    ),
 }
 
 
@@ -93,6 +99,36 @@ def test_every_policy_gives_the_default_gradients_bitwise(case):
     for policy in ("mlp", "block"):
         prompted.memory = policy
         _assert_equal(_run(prompted, x), ref, f"{case}, memory={policy}")
+
+
+class _Mixed(torch.nn.Module):
+    """A mixed-task model called on images only (each image's task fixed), for :func:`_run`."""
+
+    def __init__(self, mixed, task):
+        super().__init__()
+        self.mixed, self.task = mixed, task
+
+    def trainable_parameters(self):
+        return {n: p for n, p in self.mixed.named_parameters() if p.requires_grad}
+
+    def forward(self, x):
+        return self.mixed(x, self.task)
+
+
+def test_mixed_task_batches_give_the_default_gradients_bitwise():
+    torch.manual_seed(1)
+    tasks = {"vpt": fastprompt.vpt(_vit(), 3, dropout=0.3), "e2vpt": E.e2vpt(_vit(), 3, 2)}
+    mixed = _spread(fastprompt.multitask(tasks)).train()
+    model = _Mixed(mixed, ["e2vpt", "vpt", "vpt"])
+    assert mixed.memory_policies() == MEMORY_POLICIES
+    x = images(3)
+    ref = _run(model, x)
+    saved = [activation_bytes(lambda: model(x), list(mixed.parameters()))]
+    for policy in ("mlp", "block"):
+        mixed.memory = policy
+        _assert_equal(_run(model, x), ref, f"mixed tasks, memory={policy}")
+        saved.append(activation_bytes(lambda: model(x), list(mixed.parameters())))
+    assert saved[0] > saved[1] > saved[2], saved
 
 
 def test_timms_switch_is_honoured_whether_set_before_or_after_wrapping():
