@@ -380,9 +380,7 @@ def fits_table(fits: list[Fit], device: str = "cpu") -> str:
         "batches and scaled linearly to the model's depth and the batch.",
         "",
         "| model | variant | weights + momentum GiB | gradients GiB | saved MiB/image (formula) "
-        "| peak MiB/image | "
-        + " | ".join(f"batch in {b:g} GiB" for b in budgets)
-        + " |",
+        "| peak MiB/image | " + " | ".join(f"batch in {b:g} GiB" for b in budgets) + " |",
         "|---|---|---|---|---|---|" + "---|" * len(budgets),
     ]
     for f in fits:
