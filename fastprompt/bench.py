@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import fastprompt
-from fastprompt.fits import peak_process_bytes, peak_step_bytes
+from fastprompt.fits import all_trainable, peak_process_bytes, peak_step_bytes
 from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = [
@@ -254,19 +254,6 @@ def summarize(times: list[float]) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def _full_backward(model: nn.Module) -> Iterator[None]:
-    """Every backbone weight trainable: the prompt-free model's full fine-tuning backward."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
-
 def _variants(cfg: BenchConfig) -> dict[str, tuple[str, str]]:
     """Rows per prompt count: variant -> (impl, memory policy). ``fused`` is fastprompt with
     the default policy; ``fused+<policy>`` the others asked for."""
@@ -327,13 +314,13 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         return step
 
     def free_step() -> None:
-        with _full_backward(model):
+        with all_trainable(model):
             train_step(model)()
 
     say(f"{cfg.model}: prompt-free")
     free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
     if cfg.memory:
-        with _full_backward(model):
+        with all_trainable(model):
             free["activation_bytes"] = activation_bytes(lambda: model(x), list(model.parameters()))
         free_step()  # the first step's allocations are not the step's
         free.update(_peak(free_step, [*model.parameters(), x], device))

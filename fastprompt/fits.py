@@ -41,6 +41,7 @@ __all__ = [
     "FIT_VARIANTS",
     "SAVED_PER_TOKEN",
     "Fit",
+    "all_trainable",
     "estimate_fits",
     "fits_table",
     "peak_process_bytes",
@@ -171,7 +172,8 @@ def peak_step_bytes(fn: Callable[[], object], device: torch.device, exclude: lis
 
 
 @contextlib.contextmanager
-def _all_trainable(model: nn.Module) -> Iterator[None]:
+def all_trainable(model: nn.Module) -> Iterator[None]:
+    """Every weight of ``model`` trainable inside the block (full fine-tuning's backward)."""
     flags = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in flags:
         p.requires_grad_(True)
@@ -228,7 +230,7 @@ def _measure(name: str, depth: int, batch: int, prompts: int, variants: list[str
     out = {}
     for variant in variants:
         model = _variant_model(backbone, variant, prompts)
-        ctx = _all_trainable(backbone) if model is backbone else contextlib.nullcontext()
+        ctx = all_trainable(backbone) if model is backbone else contextlib.nullcontext()
         with ctx:
             exclude = [*model.parameters(), x]
             out[variant] = peak_step_bytes(_training_step(model, x), device, exclude)

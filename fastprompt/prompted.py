@@ -38,11 +38,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils import _pytree as pytree
-from torch.utils.checkpoint import checkpoint
 
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
+from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
@@ -50,9 +49,6 @@ from fastprompt.sources import POSITIONS, PromptSource
 __all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "run_attention"]
 
 IMPLS = ("fused", "naive")
-# What a block keeps for backward (``docs/design.md`` §4, "Memory"): everything autograd saves;
-# all but the MLP hidden, recomputed from the block's middle residual; only the block's input.
-MEMORY_POLICIES = ("none", "mlp", "block")
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -87,7 +83,7 @@ class _Step:
     held: int
 
 
-class PromptedViT(OwningWrapper):
+class PromptedViT(MemoryPolicies, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -250,58 +246,6 @@ class PromptedViT(OwningWrapper):
             + memory
         )
 
-    # -- memory ---------------------------------------------------------------------------------
-
-    @property
-    def memory(self) -> str:
-        """What each block keeps for backward (``docs/design.md`` §4, "Memory"), one of
-        :data:`MEMORY_POLICIES` that this model's backbone offers:
-
-        - ``"none"``: everything autograd saves (a frozen linear saves no input);
-        - ``"mlp"``: all but the MLP hidden, which backward recomputes from the block's middle
-          residual (one extra GEMM of the MLP's first layer per token);
-        - ``"block"``: the block's input only; backward recomputes the block but its frozen
-          output projection (timm's per-block gradient checkpointing).
-
-        Gradients are the same under every policy (bitwise where the same kernels run). The
-        model's own switch (:meth:`set_grad_checkpointing`) overrides it with ``"block"``.
-        """
-        return self._memory
-
-    @memory.setter
-    def memory(self, policy: str) -> None:
-        allowed = self.memory_policies()
-        if policy not in allowed:
-            known = "" if policy in MEMORY_POLICIES else f" (known: {MEMORY_POLICIES})"
-            raise ValueError(
-                f"fastprompt: memory must be one of {allowed} for this model (a "
-                f"{self._backbone.description}), got {policy!r}{known}"
-            )
-        self._memory = policy
-
-    def memory_policies(self) -> tuple[str, ...]:
-        """The memory policies this model's backbone offers."""
-        return tuple(p for p in MEMORY_POLICIES if p in ("none", "block") or p in self._recompute)
-
-    def memory_policy(self) -> str:
-        """The policy the next forward runs: ``"block"`` while the model's own gradient
-        checkpointing switch is on, else :attr:`memory`."""
-        return "block" if self._backbone.grad_checkpointing() else self._memory
-
-    @property
-    def grad_checkpointing(self) -> bool:
-        """The wrapped model's own switch (timm's ``grad_checkpointing``)."""
-        return self._backbone.grad_checkpointing()
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        """timm's switch: per-block gradient checkpointing (``memory="block"`` while on).
-
-        It turns the wrapped model's own flag (``model.set_grad_checkpointing``), so a flag set
-        on the model before or after wrapping is honoured the same way, and stays set after
-        :meth:`unwrap`.
-        """
-        self._backbone.set_grad_checkpointing(bool(enable))
-
     # -- plug-in points ---------------------------------------------------------------------------
 
     def fused_unsupported_reasons(self) -> list[str]:
@@ -458,29 +402,12 @@ class PromptedViT(OwningWrapper):
         per_image: Tensor,
         memory: str,
     ) -> Any:
-        """:meth:`_block` under the memory policy.
+        """:meth:`_block` under the memory policy (:func:`fastprompt.memory.step_under`)."""
 
-        ``"block"`` checkpoints the whole step (non-reentrant, the random state replayed, so
-        prompt dropout draws the same masks in the recomputation): backward keeps the step's
-        input and recomputes the prompts, their keys/values and the block, but not the frozen
-        tail that the adapter's :meth:`~fastprompt.backbones.Backbone.finish_block` computes
-        outside the region. A step through which no gradient flows is not checkpointed.
-        """
-        if memory != "block":
-            return self._block(i, step, tokens, held, state, batch, attend, per_image, memory)
-        leaves, spec = pytree.tree_flatten(tokens)
-        flows = step.receive or any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
-        if not (torch.is_grad_enabled() and flows):
-            return self._block(i, step, tokens, held, state, batch, attend, per_image, "none")
-        split = "block" in self._recompute
-        inner = "block" if split else "none"
+        def run(tokens: Any, policy: str) -> Any:
+            return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
 
-        def run(*leaves: Any) -> Any:
-            tokens = pytree.tree_unflatten(list(leaves), spec)
-            return self._block(i, step, tokens, held, state, batch, attend, per_image, inner)
-
-        out = checkpoint(run, *leaves, use_reentrant=False, preserve_rng_state=True)
-        return self._backbone.finish_block(i, out) if split else out
+        return step_under(memory, run, tokens, step.receive, self._backbone, i, self._recompute)
 
     def _block(
         self,

@@ -269,7 +269,7 @@ def test_blocks_the_adapter_cannot_split_are_checkpointed_whole():
     torch.manual_seed(0)
     prompted = _spread(fastprompt.vpt(tiny_vit(block_fn=Wrapped), 3, impl="naive")).train()
     assert prompted.memory_policies() == ("none", "block")
-    with pytest.raises(ValueError, match=r"memory must be one of \('none', 'block'\) .*'mlp'"):
+    with pytest.raises(ValueError, match=r"one of \('none', 'block'\) .*'mlp': block 0 is Wrapped"):
         prompted.memory = "mlp"
     x = images(2)
     ref = _run(prompted, x)

@@ -293,6 +293,10 @@ class Backbone:
         """
         return ()
 
+    def recompute_reasons(self) -> list[str]:
+        """Why the adapter's blocks offer no policy of their own (said when one is refused)."""
+        return [] if self.recompute_policies() else ["the adapter recomputes no part of a block"]
+
     def finish_block(self, block: int, partial: Any) -> Any:
         """The tokens of ``block`` from what its block returned under ``memory="block"``
         (identity unless :meth:`recompute_policies` lists ``"block"``)."""
