@@ -48,7 +48,11 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="image size override")
     p.add_argument("--quick", action="store_true", help="batch 2, 3 reps, prompts 50 200")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
-    p.add_argument("--no-memory", action="store_true", help="skip the memory measurements (saved for backward, peak)")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the memory measurements (saved for backward, peak)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     p.add_argument(
         "--memory",
