@@ -401,4 +401,4 @@ def fits_table(fits: list[Fit], device: str = "cpu") -> str:
 
 def fits_json(fits: list[Fit]) -> list[dict[str, Any]]:
     """The fits as JSON-ready rows."""
-    return [{**asdict(f), "batches": {str(k): v for k, v in f.batches.items()}} for f in fits]
+    return [{**asdict(f), "batches": {f"{k:g}": v for k, v in f.batches.items()}} for f in fits]
