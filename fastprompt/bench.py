@@ -258,7 +258,8 @@ def _variants(cfg: BenchConfig) -> dict[str, tuple[str, str]]:
     """Rows per prompt count: variant -> (impl, memory policy). ``fused`` is fastprompt with
     the default policy; ``fused+<policy>`` the others asked for."""
     rows = {"naive": ("naive", "none"), "fused": ("fused", "none")}
-    rows.update({f"fused+{m}": ("fused", m) for m in cfg.policies if m != "none"})
+    if cfg.train or cfg.memory:  # a policy changes nothing else
+        rows.update({f"fused+{m}": ("fused", m) for m in cfg.policies if m != "none"})
     return rows
 
 
