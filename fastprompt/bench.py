@@ -219,6 +219,8 @@ class BenchConfig:
         Also count FLOPs with fvcore.
     img_size : int or None
         Image size override (tiny models in tests).
+    model_kwargs : dict
+        More arguments for ``timm.create_model`` (a shrunk Swin in tests: depths, widths).
     """
 
     model: str = "vit_base_patch16_224"
@@ -234,6 +236,7 @@ class BenchConfig:
     count_flops: bool = True
     img_size: int | None = None
     policies: list[str] = field(default_factory=lambda: list(MEMORY_POLICIES))
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -297,7 +300,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(0)
-    kw = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    kw = dict(cfg.model_kwargs) | ({} if cfg.img_size is None else {"img_size": cfg.img_size})
     model = timm.create_model(cfg.model, pretrained=False, num_classes=100, **kw)
     model = model.to(device, dtype).eval()
     size = model.patch_embed.img_size
@@ -333,7 +336,8 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
 
     for p in cfg.prompts:
         say(f"{cfg.model}: {p} prompts")
-        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend, readout="cls")
+        # The model's own readout (a ViT's class token; VPT-Swin's mean of every token).
+        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend)
         group = {
             name: {"prompts": p, "variant": name, "memory": policy}
             for name, (_, policy) in variants.items()

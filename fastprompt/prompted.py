@@ -32,7 +32,7 @@ prompt attention (Prompt Condensation's scores) plug in through
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -46,9 +46,12 @@ from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "run_attention"]
+__all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
 IMPLS = ("fused", "naive")
+
+# (block, prompt tokens (T, P, W)) -> the prompt tokens the block receives instead.
+TokenFn = Callable[[int, Tensor], Tensor]
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -144,6 +147,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         self.readout = readout
         self.impl = impl
         self._attention: AttentionFn | None = None
+        self._token_fn: TokenFn | None = None
         # Block classes do not change under a wrapper: ask once.
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
         object.__setattr__(self, "_recompute", backbone.recompute_policies())
@@ -287,6 +291,22 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
             self._attention = previous
 
     @contextlib.contextmanager
+    def token_override(self, fn: TokenFn) -> Iterator[PromptedViT]:
+        """Hand the prompt tokens entering every block that holds them as tokens through ``fn``.
+
+        ``fn(block, prompts)`` receives the tokens (T, P, W) a block receives and returns the
+        tokens it gets instead (a per-image copy to take per-sample gradients of, a set without
+        one prompt); blocks on keys/values are not seen (:meth:`attention_override` sees them).
+        """
+        if not callable(fn):
+            raise TypeError(f"token_override: fn must be callable, got {type(fn).__name__}")
+        previous, self._token_fn = self._token_fn, fn
+        try:
+            yield self
+        finally:
+            self._token_fn = previous
+
+    @contextlib.contextmanager
     def frozen_prompts(self) -> Iterator[PromptedViT]:
         """Inference with each block's prompt keys/values computed once, on entry.
 
@@ -321,7 +341,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         receives a set whose outputs are not needed runs on its keys/values only.
         """
         if fused is None:
-            fused = self.impl == "fused" or self._attention is not None
+            fused = self._fused_path()
         src, depth = self._source, self._backbone.depth
         reads = self._backbone.reads_prompts(self.readout)
         steps, held = [], 0
@@ -336,6 +356,14 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
                 held = src.count(i)
             steps.append(_Step(receive, True, held))
         return steps
+
+    def _fused_path(self) -> bool:
+        return self.impl == "fused" or self._attention is not None
+
+    def keys_values_only(self) -> list[bool]:
+        """Per block, whether the fused path computes only the keys/values of the prompts it
+        receives (their outputs are read by nobody); the other blocks hold prompt tokens."""
+        return [not s.as_tokens for s in self._plan(fused=True)]
 
     def _prompts_in_output(self) -> int:
         """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
@@ -404,8 +432,19 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
     ) -> Any:
         """:meth:`_block` under the memory policy (:func:`fastprompt.memory.step_under`)."""
 
+        entry = dict(state) if memory == "block" and isinstance(state, dict) else None
+
         def run(tokens: Any, policy: str) -> Any:
-            return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
+            if entry is None:
+                return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
+            # A per-forward cache that the step fills (a Swin stage's dropped-out prompts) must
+            # look to the recomputation as it looked to the forward; later steps keep the
+            # forward's entries.
+            local = dict(entry)
+            out = self._block(i, step, tokens, held, local, batch, attend, per_image, policy)
+            for key, value in local.items():
+                state.setdefault(key, value)
+            return out
 
         return step_under(memory, run, tokens, step.receive, self._backbone, i, self._recompute)
 
@@ -443,11 +482,16 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
                 )
             if index is not None:
                 prompts = prompts[index]
+            if self._token_fn is not None:
+                prompts = self._token_fn(i, prompts)
             if held:
                 tokens = bb.remove(tokens, held, position)
             tokens = bb.insert(tokens, i, prompts, position)
         direct = self._join_direct(i, None, batch, state, per_image)
-        if direct is None:
+        # An adapter whose fused block is also the faster way to run prompt tokens (Swin: once per
+        # image, not per window) takes every block of the fused path.
+        fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
+        if direct is None and not fast:
             return bb.block(i, tokens, step.held, **kw)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, tiny_vit
+from helpers import images, tiny_swin, tiny_vit
 
 import fastprompt
 from fastprompt.bench import activation_bytes
@@ -129,6 +129,23 @@ def test_mixed_task_batches_give_the_default_gradients_bitwise():
         _assert_equal(_run(model, x), ref, f"mixed tasks, memory={policy}")
         saved.append(activation_bytes(lambda: model(x), list(mixed.parameters())))
     assert saved[0] > saved[1] > saved[2], saved
+
+
+@pytest.mark.parametrize("deep", [True, False])
+def test_swin_honours_timms_switch_with_the_default_gradients(deep):
+    # timm's Swin keeps the switch on its stages; its blocks are checkpointed whole.
+    torch.manual_seed(0)
+    model = tiny_swin()
+    prompted = _spread(fastprompt.vpt(model, 3, deep=deep, dropout=0.3)).train()
+    assert prompted.memory_policies() == ("none", "block")
+    x = images(2)
+    ref = _run(prompted, x)
+    default = activation_bytes(lambda: prompted(x), list(prompted.parameters()))
+    model.set_grad_checkpointing(True)
+    assert prompted.grad_checkpointing and prompted.memory_policy() == "block"
+    _assert_equal(_run(prompted, x), ref, f"swin, deep={deep}, timm's switch")
+    saved = activation_bytes(lambda: prompted(x), list(prompted.parameters()))
+    assert saved < default / 2, (saved, default)
 
 
 def test_timms_switch_is_honoured_whether_set_before_or_after_wrapping():

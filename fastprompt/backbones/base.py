@@ -36,7 +36,24 @@ __all__ = [
     "BlockShape",
     "PromptKV",
     "PromptKVParts",
+    "timm_image_size",
+    "timm_patch_size",
 ]
+
+
+def timm_patch_size(model: nn.Module) -> tuple[int, int]:
+    """Patch height and width of a timm model with a ``patch_embed`` (ViT, Swin)."""
+    ps = model.patch_embed.patch_size
+    return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+def timm_image_size(model: nn.Module) -> tuple[int, int]:
+    """The (H, W) a timm model takes: its ``patch_embed``'s, else its pretrained config's."""
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = cfg.get("input_size", (3, 224, 224))[1:]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,9 @@ class AttentionCall:
         An additive bias on the scores of the sequence's own keys (a windowed backbone's
         relative-position bias and shift mask), as :func:`fastprompt.ops.prompt_attention` takes
         it; prompt keys get none. None for a ViT.
+    windows : int
+        Sequences per image, image by image (a windowed backbone's windows; 1 for a ViT): what
+        sums per-sequence quantities into per-image ones.
     """
 
     block: int
@@ -78,6 +98,7 @@ class AttentionCall:
     backend: str | None
     prompt_lengths: Tensor | None = None
     key_bias: Tensor | None = None
+    windows: int = 1
 
 
 AttentionFn = Callable[[AttentionCall], Tensor]
@@ -148,12 +169,18 @@ class Backbone:
         register tokens) and/or ``"suffix"`` (after the patches).
     readouts : tuple of str
         What :meth:`pool` can read.
+    fused_tokens : bool
+        Whether :meth:`fused_block` also computes blocks whose prompts are tokens faster than
+        :meth:`block` (a windowed backbone: the prompts' keys, values and queries once per image,
+        not per window). The core's fused path then runs every block through it, ``kv`` None when
+        the block has no extra keys/values; otherwise blocks with prompt tokens run :meth:`block`.
     """
 
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     positions: ClassVar[tuple[str, ...]] = ("prefix",)
     readouts: ClassVar[tuple[str, ...]] = ()
+    fused_tokens: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, who: str) -> None:
         self.check(model, who)
@@ -181,6 +208,11 @@ class Backbone:
     def block_shape(self, block: int) -> BlockShape:
         """Token width, heads and head dimension of ``block``."""
         raise NotImplementedError
+
+    def stages(self) -> tuple[int, ...] | None:
+        """Blocks per stage of a staged backbone (prompt widths follow the stage), or None for
+        one without stages (a ViT)."""
+        return None
 
     def patch_size(self) -> tuple[int, int]:
         """Patch height and width (VPT's init bound uses it)."""
@@ -255,13 +287,14 @@ class Backbone:
         block: int,
         tokens: Any,
         held: int,
-        kv: PromptKV,
+        kv: PromptKV | None,
         attend: AttentionFn,
         backend: str | None,
         memory: str = "none",
     ) -> Any:
         """Block ``block`` whose queries attend to ``kv`` before the tokens' own keys, through
-        ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out);
+        ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out); ``kv``
+        is None only for a block with ``held`` prompt tokens of a ``fused_tokens`` adapter;
         ``memory`` as in :meth:`block`."""
         raise NotImplementedError
 

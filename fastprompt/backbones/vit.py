@@ -25,6 +25,8 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
+    timm_image_size,
+    timm_patch_size,
 )
 
 __all__ = [
@@ -228,15 +230,10 @@ class ViTBackbone(Backbone):
         return BlockShape(width, int(attn.num_heads), int(attn.head_dim))
 
     def patch_size(self) -> tuple[int, int]:
-        ps = self.model.patch_embed.patch_size
-        return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+        return timm_patch_size(self.model)
 
     def image_size(self) -> tuple[int, int]:
-        size = getattr(self.model.patch_embed, "img_size", None)
-        if size is None:
-            cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-            size = cfg.get("input_size", (3, 224, 224))[1:]
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return timm_image_size(self.model)
 
     def signature(self) -> dict[str, Any]:
         m = self.model

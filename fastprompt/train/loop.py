@@ -53,6 +53,13 @@ def num_classes_of(model: nn.Module) -> int | None:
     return int(n) if isinstance(n, int) and n > 0 else None
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
+    inner = model.model if isinstance(model, PromptedViT) else model
+    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
+    return next((n for n, m in model.named_modules() if m is head and n), "head")
+
+
 def check_labels(y: Tensor, classes: int | None, where: str) -> None:
     """Refuse labels outside [0, classes) before they reach the loss (free on CPU labels)."""
     if classes is None or y.device.type != "cpu" or y.numel() == 0:
@@ -221,7 +228,7 @@ class Trainer:
             self._set_dropout(recipe.prompt_dropout)
         if recipe.memory is not None:
             model.memory = recipe.memory
-        self.optimizer = make_optimizer(named, recipe)
+        self.optimizer = make_optimizer(named, recipe, classifier_name(model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
         # Compile the model itself, fullgraph (a graph break is an error); DDP wraps the compiled

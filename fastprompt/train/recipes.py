@@ -87,7 +87,9 @@ class Recipe:
         SGD momentum (dampening 0, no Nesterov).
     weight_decay : float
     no_decay : tuple of str
-        Trainable tensors (state-dict names) without weight decay.
+        Trainable tensors (state-dict names) without weight decay. ``head.<name>`` also names
+        that tensor of the model's classifier wherever it lives (``head.fc`` on a timm Swin), so
+        ``head.bias`` is the official VPT code's exempt ``last_layer.bias`` on every backbone.
     train_transform, test_transform : str
         One of :data:`TRANSFORMS` (:mod:`fastprompt.train.data`).
     crop_pct : float
@@ -238,15 +240,20 @@ def lr_factor(schedule: str, epoch: int, epochs: int, warmup: int, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * cosine
 
 
-def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
+def param_groups(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> list[dict[str, Any]]:
     """SGD parameter groups: weight decay on every tensor but ``recipe.no_decay``.
 
     One group when nothing is exempt (or the decay is 0), as the official PGN code; two otherwise
-    (numerically the official VPT code's one group per tensor).
+    (numerically the official VPT code's one group per tensor). ``head`` is the classifier's
+    module name (``head.fc`` on a timm Swin): ``head.<name>`` in ``no_decay`` names its tensor.
     """
+    names = set(recipe.no_decay)
+    names |= {f"{head}.{n[len('head.') :]}" for n in recipe.no_decay if n.startswith("head.")}
     # A name the model lacks (a bias-free head) exempts nothing.
-    decay = [p for n, p in named.items() if n not in recipe.no_decay]
-    exempt = [p for n, p in named.items() if n in recipe.no_decay]
+    decay = [p for n, p in named.items() if n not in names]
+    exempt = [p for n, p in named.items() if n in names]
     if recipe.weight_decay == 0 or not exempt:
         return [{"params": decay + exempt, "weight_decay": recipe.weight_decay}]
     return [
@@ -255,13 +262,16 @@ def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[st
     ]
 
 
-def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.SGD:
-    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop)."""
+def make_optimizer(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> torch.optim.SGD:
+    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop);
+    ``head`` as in :func:`param_groups`."""
     if not named:
         raise ValueError("make_optimizer: the model has no trainable parameters")
     # foreach=False: the same arithmetic on every device and torch version (bitwise resume).
     return torch.optim.SGD(
-        param_groups(named, recipe), lr=0.0, momentum=recipe.momentum, foreach=False
+        param_groups(named, recipe, head), lr=0.0, momentum=recipe.momentum, foreach=False
     )
 
 
