@@ -338,9 +338,14 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         say(f"{cfg.model}: {p} prompts")
         # The model's own readout (a ViT's class token; VPT-Swin's mean of every token).
         prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend)
+        offered = prompted.memory_policies()
+        skipped = sorted({m for _, m in variants.values() if m not in offered})
+        if skipped:  # a Swin's blocks are checkpointed whole: no "mlp"
+            say(f"{cfg.model}: memory {skipped} not offered by this model, not measured")
         group = {
             name: {"prompts": p, "variant": name, "memory": policy}
             for name, (_, policy) in variants.items()
+            if policy in offered
         }
 
         def use(name: str) -> None:
@@ -374,7 +379,7 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         _store(group, free_times, "infer", times)
         prompted.train()
         if cfg.train:
-            fns = {"free": free_step, **{name: step(name) for name in variants}}
+            fns = {"free": free_step, **{name: step(name) for name in group}}
             _store(group, free_times, "train", time_interleaved(fns, device, cfg.reps))
         for name, row in group.items():
             use(name)
