@@ -41,11 +41,12 @@ from torch import Tensor, nn
 
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
+from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
+__all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
 IMPLS = ("fused", "naive")
 
@@ -85,7 +86,7 @@ class _Step:
     held: int
 
 
-class PromptedViT(OwningWrapper):
+class PromptedViT(MemoryPolicies, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -149,6 +150,8 @@ class PromptedViT(OwningWrapper):
         self._token_fn: TokenFn | None = None
         # Block classes do not change under a wrapper: ask once.
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
+        object.__setattr__(self, "_recompute", backbone.recompute_policies())
+        self._memory = "none"
         if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
             raise TypeError(
                 f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
@@ -240,9 +243,11 @@ class PromptedViT(OwningWrapper):
         save_prompts(self, path)
 
     def extra_repr(self) -> str:
+        memory = "" if self.memory_policy() == "none" else f", memory={self.memory_policy()!r}"
         return (
             f"method={self.method!r}, backbone={self._backbone.family!r}, "
             f"source={self._source.extra_repr()}, readout={self.readout!r}, impl={self.impl!r}"
+            + memory
         )
 
     # -- plug-in points ---------------------------------------------------------------------------
@@ -413,6 +418,36 @@ class PromptedViT(OwningWrapper):
         lengths = None if kv.lengths is None else kv.lengths + dk.shape[2]
         return PromptKV(k, v, index, lengths)
 
+    def _step(
+        self,
+        i: int,
+        step: _Step,
+        tokens: Any,
+        held: int,
+        state: Any,
+        batch: int,
+        attend: AttentionFn,
+        per_image: Tensor,
+        memory: str,
+    ) -> Any:
+        """:meth:`_block` under the memory policy (:func:`fastprompt.memory.step_under`)."""
+
+        entry = dict(state) if memory == "block" and isinstance(state, dict) else None
+
+        def run(tokens: Any, policy: str) -> Any:
+            if entry is None:
+                return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
+            # A per-forward cache that the step fills (a Swin stage's dropped-out prompts) must
+            # look to the recomputation as it looked to the forward; later steps keep the
+            # forward's entries.
+            local = dict(entry)
+            out = self._block(i, step, tokens, held, local, batch, attend, per_image, policy)
+            for key, value in local.items():
+                state.setdefault(key, value)
+            return out
+
+        return step_under(memory, run, tokens, step.receive, self._backbone, i, self._recompute)
+
     def _block(
         self,
         i: int,
@@ -423,16 +458,19 @@ class PromptedViT(OwningWrapper):
         batch: int,
         attend: AttentionFn,
         per_image: Tensor,
+        memory: str = "none",
     ) -> Any:
         """Block ``i`` on the token state holding ``held`` prompt tokens (one step of the loop,
-        so that each block can be wrapped on its own)."""
+        so that each block can be wrapped on its own); ``memory`` goes to the adapter's block
+        when it is one of the adapter's own policies."""
         bb, position = self._backbone, self._source.position
+        kw = {"memory": memory} if memory != "none" else {}
         tokens = bb.enter(i, tokens, held)
         if not step.as_tokens:
             if held:
                 tokens = bb.remove(tokens, held, position)
             kv = self._keys_values(i, batch, state, per_image)
-            return bb.fused_block(i, tokens, 0, kv, attend, self.backend)
+            return bb.fused_block(i, tokens, 0, kv, attend, self.backend, **kw)
         if step.receive:
             prompts = self._source.tokens(i, batch, state)
             index, lengths = self._selected(i, prompts, batch, state, per_image)
@@ -454,10 +492,10 @@ class PromptedViT(OwningWrapper):
         # image, not per window) takes every block of the fused path.
         fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
         if direct is None and not fast:
-            return bb.block(i, tokens, step.held)
+            return bb.block(i, tokens, step.held, **kw)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
-        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend)
+        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend, **kw)
 
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:
         """Final normalised tokens.
@@ -483,9 +521,9 @@ class PromptedViT(OwningWrapper):
         batch = x.shape[0]
         attend = self._attention or _default_attention
         per_image = torch.arange(batch, device=x.device)  # the set of each image (T = B)
-        held = 0
+        held, memory = 0, self.memory_policy()
         for i, step in enumerate(self._plan()):
-            tokens = self._block(i, step, tokens, held, state, batch, attend, per_image)
+            tokens = self._step(i, step, tokens, held, state, batch, attend, per_image, memory)
             held = step.held if step.as_tokens else 0
         return bb.features(tokens)
 

@@ -266,8 +266,12 @@ class Backbone:
         """``tokens`` without its ``count`` prompt tokens."""
         raise NotImplementedError
 
-    def block(self, block: int, tokens: Any, held: int) -> Any:
-        """Block ``block`` on every token; ``held`` prompt tokens are in ``tokens``."""
+    def block(self, block: int, tokens: Any, held: int, memory: str = "none") -> Any:
+        """Block ``block`` on every token; ``held`` prompt tokens are in ``tokens``.
+
+        ``memory`` is passed only when it is one of :meth:`recompute_policies` (what the block
+        keeps for backward); an adapter offering none need not take it.
+        """
         raise NotImplementedError
 
     def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
@@ -286,11 +290,50 @@ class Backbone:
         kv: PromptKV | None,
         attend: AttentionFn,
         backend: str | None,
+        memory: str = "none",
     ) -> Any:
         """Block ``block`` whose queries attend to ``kv`` before the tokens' own keys, through
         ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out); ``kv``
-        is None only for a block with ``held`` prompt tokens of a ``fused_tokens`` adapter."""
+        is None only for a block with ``held`` prompt tokens of a ``fused_tokens`` adapter;
+        ``memory`` as in :meth:`block`."""
         raise NotImplementedError
+
+    # -- memory (``docs/design.md`` §4, "Memory") --------------------------------------------
+
+    def grad_checkpointing(self) -> bool:
+        """Whether the model asks for per-block gradient checkpointing (timm's
+        ``set_grad_checkpointing``, which sets its ``grad_checkpointing`` attribute)."""
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        """Turn the model's own switch (read back by :meth:`grad_checkpointing`)."""
+        setter = getattr(self.model, "set_grad_checkpointing", None)
+        if not callable(setter):
+            raise TypeError(
+                f"set_grad_checkpointing: a {type(self.model).__name__} has no gradient "
+                "checkpointing switch; set the prompted model's memory='block' instead"
+            )
+        setter(enable)
+
+    def recompute_policies(self) -> tuple[str, ...]:
+        """Recompute policies :meth:`block` and :meth:`fused_block` take as ``memory=``.
+
+        ``"none"`` (keep what autograd saves) and ``"block"`` (the core recomputes the whole
+        step from its input) work for every adapter without it. An adapter that lists
+        ``"block"`` returns, under it, a partial result whose frozen tail :meth:`finish_block`
+        computes outside the recomputed region, so backward does not recompute the tail; any
+        other name (a ViT's ``"mlp"``) is a policy of the adapter's own blocks.
+        """
+        return ()
+
+    def recompute_reasons(self) -> list[str]:
+        """Why the adapter's blocks offer no policy of their own (said when one is refused)."""
+        return [] if self.recompute_policies() else ["the adapter recomputes no part of a block"]
+
+    def finish_block(self, block: int, partial: Any) -> Any:
+        """The tokens of ``block`` from what its block returned under ``memory="block"``
+        (identity unless :meth:`recompute_policies` lists ``"block"``)."""
+        return partial
 
     def features(self, tokens: Any) -> Tensor:
         """The final normalised tokens (what ``forward_features`` returns)."""

@@ -237,6 +237,11 @@ class SwinBackbone(Backbone):
 
     # -- facts ------------------------------------------------------------------------------------
 
+    def grad_checkpointing(self) -> bool:
+        """timm's switch on a Swin (``set_grad_checkpointing``) sets each stage's flag, not the
+        model's: any stage's flag asks for per-block checkpointing."""
+        return any(getattr(stage, "grad_checkpointing", False) for stage in self.model.layers)
+
     @property
     def depth(self) -> int:
         return len(self._where)

@@ -226,6 +226,8 @@ class Trainer:
         self.classes = num_classes_of(model)
         if recipe.prompt_dropout is not None:
             self._set_dropout(recipe.prompt_dropout)
+        if recipe.memory is not None:
+            model.memory = recipe.memory
         self.optimizer = make_optimizer(named, recipe, classifier_name(model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed

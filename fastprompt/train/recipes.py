@@ -40,8 +40,10 @@ import torch
 from torch import nn
 
 from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
+from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = [
+    "MEMORY_POLICIES",
     "NORMALIZATIONS",
     "RECIPES",
     "SCHEDULES",
@@ -98,6 +100,9 @@ class Recipe:
         ``backbone``: the mean/std of the model's timm ``pretrained_cfg``.
     prompt_dropout : float or None
         Sets the prompt source's dropout for the run (None: leave the model's).
+    memory : {"none", "mlp", "block"} or None
+        What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
+        gradients under every policy); None: leave the model's.
     """
 
     name: str
@@ -117,6 +122,7 @@ class Recipe:
     interpolation: str = "bilinear"
     normalize: str = "backbone"
     prompt_dropout: float | None = None
+    memory: str | None = None
 
     def __post_init__(self) -> None:
         _check(self)
@@ -207,6 +213,8 @@ def _check(r: Recipe) -> None:
         raise ValueError(f"{who}: crop_pct must be in (0, 1], got {r.crop_pct!r}")
     if r.prompt_dropout is not None and not 0.0 <= r.prompt_dropout < 1.0:
         raise ValueError(f"{who}: prompt_dropout must be in [0, 1), got {r.prompt_dropout!r}")
+    if r.memory is not None and r.memory not in MEMORY_POLICIES:
+        raise ValueError(f"{who}: memory must be one of {MEMORY_POLICIES}, got {r.memory!r}")
     if not all(isinstance(n, str) for n in r.no_decay):
         raise ValueError(f"{who}: no_decay must hold parameter names, got {r.no_decay!r}")
 
