@@ -5,8 +5,10 @@ Steps, in order (each a subprocess; a step's timeout is cut to what is left of `
 missing tool skips its step and says so; a failing step never stops the next):
 
 1. ``env``: ``fastprompt info``, versions, ``nvidia-smi``;
-2. ``precompile``: the Triton kernels' configs compiled in parallel
-   (``fastprompt.kernels.triton.precompile()``), so later steps do not wait on the compiler;
+2. ``precompile``: every Triton build the op step may launch (bf16 and fp32, d 64, every config
+   the autotuner may pick on this GPU) compiled in parallel into Triton's disk cache
+   (``fastprompt.kernels.triton.precompile``), so later steps do not wait on the compiler; its
+   report in ``precompile.json``;
 3. ``op``: ``benchmarks/bench_op.py``: bf16 and fp32, B 64, H 12, N 197, d 64, P 50 and 200,
    shared and per-image sets, forward and forward + backward: the automatic choice, every
    backend, Triton's default config, cat + SDPA (default, flash, efficient, cuDNN) and SDPA on
@@ -60,6 +62,28 @@ def _gpu_tests_first() -> str:
     )
 
 
+def _precompile_code(out: Path, dry_run: bool) -> str:
+    """The precompile step: every Triton build the op step's bf16 and fp32 calls (d 64, the
+    validation's shapes) may launch, for this GPU, with its own deadline inside the step's so that
+    its report (``precompile.json``) is always written. A dry run compiles one small kernel ahead
+    of time for sm_90, which checks the same code path without a GPU."""
+    if dry_run:
+        args = (
+            "[torch.bfloat16], [64], [Shape(batch=2, heads=2, n=16, p=4)], arch=90, "
+            "roles=('reduce',), jobs=1, timeout=120"
+        )
+    else:
+        args = "[torch.bfloat16, torch.float32], [64], timeout=150"
+    return (
+        "import json, sys, torch\n"
+        "from fastprompt.kernels import triton as t\n"
+        "from fastprompt.kernels.triton._precompile import Shape\n"
+        f"r = t.precompile({args})\n"
+        f"open({str(out / 'precompile.json')!r}, 'w').write(json.dumps(r.as_dict(), indent=1))\n"
+        "print(r.summary()); sys.exit(1 if r.failures else 0)\n"
+    )
+
+
 def steps(out: Path, dry_run: bool) -> list[Step]:
     """What runs, in order."""
     device = "cpu" if dry_run else "cuda"
@@ -82,19 +106,11 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         op_args = ["--dtypes", "bfloat16", "float32", "--prompts", "50", "200"]
         model = ["--model", "vit_base_patch16_224", "--prompts", "200"]
     pytest_gpu = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
-    precompile = (
-        "import sys, time; from fastprompt.kernels import triton as t\n"
-        "if not hasattr(t, 'precompile'):\n"
-        "    print('skipped: fastprompt.kernels.triton has no precompile() yet'); sys.exit(0)\n"
-        "start = time.time(); result = t.precompile()\n"
-        "print(result); print(f'precompiled in {time.time() - start:.1f} s')\n"
-    )
     # A dry run checks every command line once and skips what only repeats one on a GPU.
-    dry = "dry run: needs a GPU" if dry_run else ""
     again = "dry run: the same command as an earlier step" if dry_run else ""
     return [
         Step("env", [*CLI, "info"], 90),
-        Step("precompile", [PY, "-c", precompile], 180, needs=("triton",), skip=dry),
+        Step("precompile", [PY, "-c", _precompile_code(out, dry_run)], 180, needs=("triton",)),
         Step(
             "op",
             [

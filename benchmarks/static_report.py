@@ -1,11 +1,12 @@
 """Static GPU report of the Triton kernels: compiled for sm_80 (A100) and sm_90 (H100), no GPU.
 
 Every kernel of a forward + backward, every autotuning config, fp16 and bf16, head dims
-32/64/80/96/128 (plus, at d = 64: indexed sets with lengths, the Prompt Condensation score
-epilogue, and fp32 through TF32 / 3xTF32 for information), compiled with Triton's own compiler
-from the launchers' real plans (see ``fastprompt/kernels/triton/_aot.py``). Records registers,
-spill bytes, shared memory against the target's limit, wgmma vs mma.sync instruction counts and
-theoretical warps per SM; marks which configs the autotuner may pick (the pruner's verdict).
+32/64/80/96/128, each also with the Prompt Condensation score epilogue (dK/dV) and, in bf16, with
+indexed sets and lengths (plus fp32 at d = 64 through TF32 / 3xTF32 for information), compiled
+with Triton's own compiler from the launchers' real plans (see
+``fastprompt/kernels/triton/_aot.py``). Records registers, spill bytes, shared memory against the
+target's limit, wgmma vs mma.sync instruction counts and theoretical warps per SM; marks which
+configs the autotuner may pick (the pruner's verdict).
 
     python benchmarks/static_report.py [--jobs 2] [--out benchmarks/results/static]
 
@@ -34,23 +35,27 @@ from fastprompt.kernels.triton._capability import AUTO_HEAD_DIMS
 ARCHS = (80, 90)
 DTYPES = ("float16", "bfloat16")
 DIMS = AUTO_HEAD_DIMS  # every head dim chosen automatically
+# Variant: (plan keywords, kernels it changes; None: all). The score epilogue is compile-time
+# code of the dK/dV kernel only.
 VARIANTS = {
-    "": {},
-    "indexed+lengths": {"t": 3, "indexed": True, "lengths": True},
-    "scores": {"scores": 2},
+    "": ({}, None),
+    "indexed+lengths": ({"t": 3, "indexed": True, "lengths": True}, None),
+    "scores": ({"scores": 2}, ("dkdv",)),
 }
 
 
 def jobs(quick: bool = False) -> list[tuple]:
-    """(arch, dtype, d, variant, fp32 precision) for the full report."""
+    """(arch, dtype, d, variant, fp32 precision) for the full report: every head dim in fp16 and
+    bf16, indexed sets with lengths in bf16 and the score epilogue in both (the variants the
+    pruner's spill table covers), and fp32 at d = 64 for information."""
     out = []
     for arch in ARCHS:
         for dtype in DTYPES:
             for d in DIMS if not quick else (64, 128):
                 out.append((arch, dtype, d, "", None))
-            if dtype == "bfloat16":
-                for variant in ("indexed+lengths", "scores"):
-                    out.append((arch, dtype, 64, variant, None))
+                if dtype == "bfloat16":
+                    out.append((arch, dtype, d, "indexed+lengths", None))
+                out.append((arch, dtype, d, "scores", None))
         for precision in ("highest", "high"):  # tf32x3, tf32
             out.append((arch, "float32", 64, "", precision))
     return out
@@ -63,7 +68,8 @@ def run_job(job: tuple) -> list[dict]:
     if precision is not None:
         torch.set_float32_matmul_precision(precision)
     name = variant or ("tf32x3" if precision == "highest" else "tf32" if precision else "")
-    rows = _aot.compile_plan(arch, getattr(torch, dtype), d, variant=name, **VARIANTS[variant])
+    kw, roles = VARIANTS[variant]
+    rows = _aot.compile_plan(arch, getattr(torch, dtype), d, variant=name, roles=roles, **kw)
     return [r.as_dict() for r in rows]
 
 
@@ -80,8 +86,8 @@ def riskiest(d: int, wgmma: bool):
 
 def subset() -> list[dict]:
     """What the static test compiles: the default and the riskiest admissible config of each
-    tuned kernel at d = 128 bf16 on both targets, and the default at d = 80 fp16 (the two-chunk
-    head dim) on sm_90."""
+    tuned kernel at d = 128 bf16 on both targets (dK/dV with the score epilogue too), and the
+    default at d = 80 fp16 (the two-chunk head dim) on sm_90."""
     from fastprompt.kernels.triton import _aot
 
     rows = []
@@ -89,6 +95,9 @@ def subset() -> list[dict]:
     for arch in ARCHS:
         select = riskiest(128, arch >= 90)
         rows += _aot.compile_plan(arch, torch.bfloat16, 128, select=select, roles=tuned)
+        rows += _aot.compile_plan(
+            arch, torch.bfloat16, 128, "scores", select=select, roles=("dkdv",), scores=2
+        )
     rows += _aot.compile_plan(
         90, torch.float16, 80, select=lambda role, every, ok: ok[:1], roles=tuned
     )

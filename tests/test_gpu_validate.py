@@ -23,6 +23,10 @@ def test_the_gpu_plan_fits_its_budget(tmp_path):
     op = next(s for s in plan if s.name == "op").command
     assert {"bfloat16", "float32", "50", "200", "cuda"} <= set(op)
     assert not any(s.skip for s in plan)
+    # precompile builds what the op step launches: its dtypes, head dim 64
+    precompile = next(s for s in plan if s.name == "precompile").command[-1]
+    assert "t.precompile([torch.bfloat16, torch.float32], [64]" in precompile
+    assert "timeout=150" in precompile  # inside the step's own 180 s: the report is written
 
 
 def test_the_dry_run_writes_rows_and_a_summary(tmp_path):
@@ -47,7 +51,9 @@ def test_the_dry_run_writes_rows_and_a_summary(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     records = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
     status = {r["step"]: r["status"] for r in records}
-    assert status == {"precompile": "skipped", "op": "ok", "tests_rest": "skipped"}
+    assert status == {"precompile": "ok", "op": "ok", "tests_rest": "skipped"}
+    precompiled = json.loads((out / "precompile.json").read_text())
+    assert precompiled["arch"] == 90 and precompiled["builds"] and not precompiled["timed_out"]
     rows = [json.loads(x) for x in (out / "op" / "rows.jsonl").read_text().splitlines()]
     measured = {r["impl"] for r in rows if "skipped" not in r}
     assert {"auto", "cascade", "torch", "cat_sdpa", "sdpa_floor"} <= measured

@@ -237,11 +237,8 @@ BACKENDS: tuple[Backend, ...] = (
         devices=("cuda", "cpu"),
         dtypes=_triton.SUPPORTED_DTYPES,
         head_dims=_triton.SUPPORTED_HEAD_DIMS,
-        features=frozenset({"prompt_index", "prompt_lengths", "scores"}),
-        lacks={
-            "key_bias": "the Triton kernels add no bias to the scores",
-            "key_count": "the Triton kernels take q's row count as the key count",
-        },
+        features=frozenset({"prompt_index", "prompt_lengths", "scores", "key_count"}),
+        lacks={"key_bias": "the Triton kernels add no bias to the scores"},
         auto={"cuda": _triton.AUTO_DTYPES},
         auto_head_dims=_triton.AUTO_HEAD_DIMS,
         auto_capabilities=_triton.AUTO_CAPABILITIES,

@@ -40,6 +40,13 @@ __all__ = [
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
+    inner = model.model if isinstance(model, PromptedViT) else model
+    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
+    return next((n for n, m in model.named_modules() if m is head and n), "head")
+
+
 def get_rng_state() -> dict[str, Any]:
     """Every random generator a training step may draw from."""
     state = {
@@ -149,7 +156,7 @@ def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None 
     named = model.trainable_parameters()
     if not named:
         raise ValueError("Trainer: the model has no trainable parameters")
-    check_no_decay(model, named, recipe)
+    check_no_decay(model, named, recipe, classifier_name(model))
     p = recipe.prompt_dropout
     if p is not None and p > 0 and not hasattr(model.source, "set_dropout"):
         raise ValueError(
@@ -209,7 +216,9 @@ class Trainer:
         self.classes = head_classes(model)
         if recipe.prompt_dropout is not None and hasattr(model.source, "set_dropout"):
             model.source.set_dropout(recipe.prompt_dropout)
-        self.optimizer = make_optimizer(named, recipe)
+        if recipe.memory is not None:
+            model.memory = recipe.memory
+        self.optimizer = make_optimizer(named, recipe, classifier_name(model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
         # Compile the model itself, fullgraph (a graph break is an error); DDP wraps the compiled

@@ -42,8 +42,10 @@ import torch
 from torch import nn
 
 from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
+from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = [
+    "MEMORY_POLICIES",
     "NORMALIZATIONS",
     "RECIPES",
     "SCHEDULES",
@@ -89,7 +91,9 @@ class Recipe:
         SGD momentum (dampening 0, no Nesterov).
     weight_decay : float
     no_decay : tuple of str
-        Trainable tensors (state-dict names) without weight decay.
+        Trainable tensors (state-dict names) without weight decay. ``head.<name>`` also names
+        that tensor of the model's classifier wherever it lives (``head.fc`` on a timm Swin), so
+        ``head.bias`` is the official VPT code's exempt ``last_layer.bias`` on every backbone.
     train_transform, test_transform : str
         One of :data:`TRANSFORMS` (:mod:`fastprompt.train.data`).
     crop_pct : float
@@ -100,6 +104,9 @@ class Recipe:
         ``backbone``: the mean/std of the model's timm ``pretrained_cfg``.
     prompt_dropout : float or None
         Sets the prompt source's dropout for the run (None: leave the model's).
+    memory : {"none", "mlp", "block"} or None
+        What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
+        gradients under every policy); None: leave the model's.
     """
 
     name: str
@@ -119,6 +126,7 @@ class Recipe:
     interpolation: str = "bilinear"
     normalize: str = "backbone"
     prompt_dropout: float | None = None
+    memory: str | None = None
 
     def __post_init__(self) -> None:
         who = f"recipe {self.name!r}"
@@ -252,11 +260,14 @@ def coerce_field(name: str, value: Any, who: str = "recipe") -> Any:
     raise bad
 
 
-def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe) -> None:
+def check_no_decay(
+    model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> None:
     """Refuse ``recipe.no_decay`` names that exempt nothing by mistake (a typo, a frozen tensor).
 
     A name is fine when it is a trainable tensor of ``model`` (``named``), or the ``bias`` of a
-    layer built without one (the ``vpt`` recipe's ``head.bias`` on a bias-free head).
+    layer built without one (the ``vpt`` recipe's ``head.bias`` on a bias-free head); ``head.<x>``
+    names the classifier's tensor, as in :func:`param_groups`.
 
     Raises
     ------
@@ -264,7 +275,8 @@ def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: 
         Listing the model's trainable names closest to the one given.
     """
     frozen = {n for n, _ in model.named_parameters()} - set(named)
-    for name in recipe.no_decay:
+    for given in recipe.no_decay:
+        name = f"{head}.{given[len('head.') :]}" if given.startswith("head.") else given
         if name in named:
             continue
         owner, _, attr = name.rpartition(".")
@@ -276,13 +288,13 @@ def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: 
             continue
         if name in frozen:
             raise ValueError(
-                f"recipe {recipe.name!r}: no_decay names {name!r}, a frozen tensor of the model "
+                f"recipe {recipe.name!r}: no_decay names {given!r}, a frozen tensor of the model "
                 "(it does not train, so weight decay never touches it); name trainable tensors: "
                 f"{sorted(named)[:8]}"
             )
         close = difflib.get_close_matches(name, list(named), n=3, cutoff=0.5)
         raise ValueError(
-            f"recipe {recipe.name!r}: no_decay names {name!r}, which is not a trainable tensor of "
+            f"recipe {recipe.name!r}: no_decay names {given!r}, which is not a trainable tensor of "
             f"this model; "
             + (f"closest: {close}" if close else f"trainable tensors: {sorted(named)[:8]}")
         )
@@ -318,6 +330,8 @@ def _check(r: Recipe) -> None:
         raise ValueError(f"{who}: crop_pct must be in (0, 1], got {r.crop_pct!r}")
     if r.prompt_dropout is not None and not 0.0 <= r.prompt_dropout < 1.0:
         raise ValueError(f"{who}: prompt_dropout must be in [0, 1), got {r.prompt_dropout!r}")
+    if r.memory is not None and r.memory not in MEMORY_POLICIES:
+        raise ValueError(f"{who}: memory must be one of {MEMORY_POLICIES}, got {r.memory!r}")
     if not all(isinstance(n, str) for n in r.no_decay):
         raise ValueError(f"{who}: no_decay must hold parameter names, got {r.no_decay!r}")
 
@@ -343,15 +357,20 @@ def lr_factor(schedule: str, epoch: int, epochs: int, warmup: int, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * cosine
 
 
-def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
+def param_groups(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> list[dict[str, Any]]:
     """SGD parameter groups: weight decay on every tensor but ``recipe.no_decay``.
 
     One group when nothing is exempt (or the decay is 0), as the official PGN code; two otherwise
-    (numerically the official VPT code's one group per tensor).
+    (numerically the official VPT code's one group per tensor). ``head`` is the classifier's
+    module name (``head.fc`` on a timm Swin): ``head.<name>`` in ``no_decay`` names its tensor.
     """
+    names = set(recipe.no_decay)
+    names |= {f"{head}.{n[len('head.') :]}" for n in recipe.no_decay if n.startswith("head.")}
     # A name the model lacks (a bias-free head) exempts nothing.
-    decay = [p for n, p in named.items() if n not in recipe.no_decay]
-    exempt = [p for n, p in named.items() if n in recipe.no_decay]
+    decay = [p for n, p in named.items() if n not in names]
+    exempt = [p for n, p in named.items() if n in names]
     if recipe.weight_decay == 0 or not exempt:
         return [{"params": decay + exempt, "weight_decay": recipe.weight_decay}]
     return [
@@ -360,13 +379,16 @@ def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[st
     ]
 
 
-def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.SGD:
-    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop)."""
+def make_optimizer(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> torch.optim.SGD:
+    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop);
+    ``head`` as in :func:`param_groups`."""
     if not named:
         raise ValueError("make_optimizer: the model has no trainable parameters")
     # foreach=False: the same arithmetic on every device and torch version (bitwise resume).
     return torch.optim.SGD(
-        param_groups(named, recipe), lr=0.0, momentum=recipe.momentum, foreach=False
+        param_groups(named, recipe, head), lr=0.0, momentum=recipe.momentum, foreach=False
     )
 
 

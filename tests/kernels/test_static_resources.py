@@ -3,8 +3,9 @@
 The committed report (``benchmarks/results/static/static_report.json``, written by
 ``benchmarks/static_report.py``) holds every listed config of every kernel; these tests check it
 is current and that nothing the autotuner may pick spills or overflows shared memory in
-fp16/bf16, then re-compile a small subset with the installed Triton to check the report's claims
-still hold (about 30 s on 2 cores).
+fp16/bf16 (the score epilogue and indexed sets included), that the sm_90 forward configs it may
+pick use wgmma, then re-compile a small subset with the installed Triton to check the report's
+claims still hold (about 45 s on 2 cores).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from fastprompt.kernels.triton import _aot, _capability, _tuning
 ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "benchmarks" / "results" / "static" / "static_report.json"
 HALF = ("float16", "bfloat16")
-REGENERATE = "regenerate it with `python benchmarks/static_report.py` (about 10 min on 2 cores)"
+REGENERATE = "regenerate it with `python benchmarks/static_report.py` (30-60 min on 2 cores)"
 
 
 def _report() -> dict:
@@ -71,6 +72,27 @@ def test_nothing_the_autotuner_may_pick_spills_or_overflows_shared_memory(arch):
                 if r["kernel"] not in _tuning.CONFIGS and (r["spill_bytes"] or r["smem"] > limit):
                     problems.append(f"{r['kernel']} {dtype} d={d}: spills or overflows")
     assert not problems, f"sm_{arch}:\n" + "\n".join(problems)
+
+
+@pytest.mark.parametrize("arch", [a for a in sorted(_tuning.SMEM_LIMIT) if a >= 90])
+def test_wgmma_is_where_the_pruner_counts_on_it(arch):
+    """``uses_wgmma`` matches the PTX of every fp16/bf16 build, and every forward config the
+    autotuner may pick on sm_90 uses wgmma (a 32-row tile cannot: wgmma takes 64 rows)."""
+    rows = [r for r in _report()["rows"] if r["arch"] == arch and r["dtype"] in HALF]
+    wrong, narrow = [], []
+    for r in rows:
+        if r["kernel"] not in _tuning.CONFIGS:
+            continue
+        cfg = _tuning.Cfg(r["block_m"], r["block_n"], r["warps"], r["stages"])
+        if _tuning.uses_wgmma(r["kernel"], cfg) != (r["wgmma"] > 0):
+            wrong.append(f"{r['kernel']} {cfg} {r['dtype']} d={r['d']}: {r['wgmma']} wgmma")
+        admitted = _tuning.admissible(
+            r["kernel"], _tuning.CONFIGS[r["kernel"]], r["d"], 2, arch, _tuning.SMEM_LIMIT[arch]
+        )
+        if r["kernel"] in _tuning.WGMMA_ONLY and cfg in admitted and not r["wgmma"]:
+            narrow.append(f"{r['kernel']} {cfg} {r['dtype']} d={r['d']} {r['variant']}")
+    assert not wrong, "uses_wgmma disagrees with the PTX:\n" + "\n".join(wrong)
+    assert not narrow, "admitted without wgmma:\n" + "\n".join(narrow)
 
 
 def test_installed_triton_still_compiles_the_riskiest_configs_without_spills():

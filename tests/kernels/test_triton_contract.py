@@ -3,10 +3,16 @@
 Without CUDA these run in Triton's interpreter (tests/conftest.py) on tiny shapes; every path of
 the kernels is reached: full and partial key/query blocks (the interpreter's tile is 32, some
 tests force 16 and mixed tilings), P = 0, P not a multiple of the block, lengths, indexed sets,
-T = B, the head-dim split (d = 48, 80), a negative scale, the score epilogue, bad indices.
+T = B, the head-dim split (d = 48, 80), a negative scale, the score epilogue, bad indices, and
+image key counts other than the query count (each in its own process: a bad read crashes it).
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,8 +35,11 @@ def _ref(q, k, v, pk, pv, index, lengths, scale, dout):
     return out.detach(), lse, grads
 
 
-def _inputs(b, h, n, d, t, p, index=None, lengths=None, dtype=torch.float32, seed=0):
+def _inputs(b, h, n, d, t, p, index=None, lengths=None, dtype=torch.float32, seed=0, nk=None):
+    """Inputs with n queries and nk image keys (default n), laid out as the model has them."""
     q, k, v = make_qkv(b, h, n, d, dtype=dtype, non_contiguous=True, device=DEVICE, seed=seed)
+    if nk is not None:
+        _, k, v = make_qkv(b, h, nk, d, dtype, non_contiguous=True, device=DEVICE, seed=seed + 3)
     pk, pv = make_prompts(t, h, p, d, dtype=dtype, device=DEVICE, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     dout = torch.randn(b, n, h, d, generator=g).to(DEVICE, dtype).transpose(1, 2)
@@ -39,8 +48,8 @@ def _inputs(b, h, n, d, t, p, index=None, lengths=None, dtype=torch.float32, see
     return q, k, v, pk, pv, idx, lens, dout
 
 
-def _check(b, h, n, d, t, p, index=None, lengths=None, scale=None):
-    q, k, v, pk, pv, idx, lens, dout = _inputs(b, h, n, d, t, p, index, lengths)
+def _check(b, h, n, d, t, p, index=None, lengths=None, scale=None, nk=None):
+    q, k, v, pk, pv, idx, lens, dout = _inputs(b, h, n, d, t, p, index, lengths, nk=nk)
     scale = d**-0.5 if scale is None else scale
     out, lse = tk.prompt_attention_fwd(q, k, v, pk, pv, idx, lens, scale)
     assert out.transpose(1, 2).is_contiguous() and lse.is_contiguous()
@@ -53,6 +62,9 @@ def _check(b, h, n, d, t, p, index=None, lengths=None, scale=None):
         assert got.shape == exp.shape, name
         assert_close(got, exp, name, **TOL)
     assert grads[3].dtype == torch.float32 and grads[4].dtype == torch.float32
+    # dq, dk, dv come in the op's (B, N, H, d) storage: the op copies nothing
+    for name, got in zip(("dq", "dk", "dv"), grads):
+        assert got.transpose(1, 2).is_contiguous(), f"{name}: strides {got.stride()}"
 
 
 # (B, H, N, d, T, P): with the interpreter's 32-row tiles, N = 32 and 64 are whole blocks only,
@@ -110,6 +122,26 @@ def test_other_tilings(cfg):
         _check(2, 1, 40, 16, 2, 21, index=[1, 0], lengths=[16, 21])
 
 
+def test_autotuning_key_holds_the_architecture(monkeypatch):
+    """Triton's autotuner keys its cache by the KEY arguments and dtypes, not by device: a config
+    tuned (and pruned for shared memory and spills) on one kind of GPU must not be reused on
+    another in the same process."""
+    from fastprompt.kernels.triton.prompt_attention import fwd_plan
+    from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan
+
+    monkeypatch.setattr(_tuning, "arch_of", lambda t: 86)
+    q, k, v, pk, pv, _, _, dout = _inputs(2, 1, 5, 16, 1, 3)
+    out, lse, fwd = fwd_plan(q, k, v, pk, pv, None, None, 0.25)
+    *_, bwd = bwd_plan(dout, q, k, v, pk, pv, None, None, out, lse, 0.25, None, None)
+    tuned = [launch for launch in fwd + bwd if launch.role in _tuning.CONFIGS]
+    assert {launch.role for launch in tuned} == set(_tuning.CONFIGS)
+    assert "ARCH" in _tuning.KEY
+    for launch in tuned:
+        args = dict(zip(launch.kernel.fn.arg_names, launch.args))
+        assert set(_tuning.KEY) <= {*args, *launch.kwargs}, launch.role
+        assert args["ARCH"] == 86, launch.role
+
+
 def test_per_set_reduction_is_the_fixed_order_fp32_sum():
     """Bitwise: set t's gradient is the left-to-right fp32 sum of its sequences' gradients."""
     from fastprompt.kernels.triton.prompt_attention_backward import (
@@ -130,9 +162,8 @@ def test_per_set_reduction_is_the_fixed_order_fp32_sum():
             assert torch.equal(got[t], expected)
 
 
-def test_scored_backward_matches_reference_scores():
-    b, h, n, d, t, p = 3, 2, 21, 16, 2, 7
-    q, k, v, pk, pv, idx, lens, dout = _inputs(b, h, n, d, t, p, [1, 0, 1], [5, 7])
+def _check_scored(b, h, n, d, t, p, index, lengths, nk=None):
+    q, k, v, pk, pv, idx, lens, dout = _inputs(b, h, n, d, t, p, index, lengths, nk=nk)
     g = torch.Generator().manual_seed(9)
     u_k, u_v = (torch.randn(2, t, h, p, d, generator=g).to(DEVICE) for _ in range(2))
     scale = d**-0.5
@@ -153,6 +184,49 @@ def test_scored_backward_matches_reference_scores():
     plain = tk.prompt_attention_bwd(dout, q, k, v, pk, pv, idx, lens, out, lse, scale)
     for name, a, e in zip(("dq", "dk", "dv", "dprompt_k", "dprompt_v"), got[:5], plain):
         assert torch.equal(a, e), name
+
+
+def test_scored_backward_matches_reference_scores():
+    _check_scored(3, 2, 21, 16, 2, 7, [1, 0, 1], [5, 7])
+
+
+HERE = Path(__file__).resolve().parent
+
+
+def _in_subprocess(call: str) -> None:
+    """Run ``call`` with this module imported as ``m`` in a fresh process: a kernel that reads or
+    writes out of bounds kills that process (the interpreter segfaults), not the test run."""
+    path = os.pathsep.join(str(p) for p in (HERE.parents[1], HERE.parent, HERE))
+    env = {**os.environ, "PYTHONPATH": path}
+    # untuned, as in the test run (tests/conftest.py): no autotuning in the child on a GPU
+    untuned = "from fastprompt.kernels.triton import _tuning; _tuning.deterministic = lambda: True"
+    code = f"{untuned}; import test_triton_contract as m; {call}"
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, (
+        f"{call} exited with {proc.returncode} (negative: killed by that signal)\n"
+        + proc.stderr[-3000:]
+    )
+
+
+# Image keys other than queries (N_k != N_q), (B, H, N_q, N_k, d, T, P): fewer keys than queries
+# (the kernels once read N_q keys: past k's rows, SIGSEGV), more (they dropped keys: wrong by a
+# relative 8), none, and partial and multiple blocks on both sides with indexed sets and lengths.
+KEY_COUNTS = {
+    "fewer_keys": "m._check(2, 2, 16, 32, 1, 5, nk=9)",
+    "more_keys": "m._check(2, 2, 9, 32, 1, 3, nk=21)",
+    "indexed_lengths_no_keys_no_queries": (
+        "m._check(3, 1, 37, 16, 2, 7, index=[1, 0, 1], lengths=[5, 7], nk=70); "
+        "m._check(2, 1, 19, 16, 1, 5, nk=0); m._check(2, 1, 0, 16, 1, 5, nk=7)"
+    ),
+    "scored": "m._check_scored(3, 2, 40, 16, 2, 7, [1, 0, 1], [5, 7], nk=11)",
+}
+
+
+@pytest.mark.parametrize("case", sorted(KEY_COUNTS))
+def test_image_key_count_other_than_query_count(case):
+    _in_subprocess(KEY_COUNTS[case])
 
 
 def test_bad_index_poisons_the_sequence_and_reads_nothing_out_of_range():

@@ -85,39 +85,24 @@ def test_half_precision_within_pytorchs_own_error(dtype, d):
         assert_close_vs_ref(a, ref[i], e, name, factor=2.0 if i < 2 else 3.0)
 
 
-def _launches():
-    from fastprompt.kernels.triton._aot import model_inputs
-    from fastprompt.kernels.triton.prompt_attention import fwd_plan
-    from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan
-
-    for dtype in (torch.bfloat16,):  # the static report has fp16 alike; this checks this stack
-        for d in (32, 64, 80, 96, 128):
-            inputs = model_inputs(dtype, d, indexed=True, lengths=True, t=2, device="cuda")
-            q, k, v, pk, pv, index, lens, out, dout, lse = inputs
-            *_, fwd = fwd_plan(q, k, v, pk, pv, index, lens, d**-0.5)
-            *_, bwd = bwd_plan(dout, q, k, v, pk, pv, index, lens, out, lse, d**-0.5, None, None)
-            yield dtype, d, [x for x in fwd + bwd if x.role in ("fwd", "dkdv", "dq")]
-
-
 def test_every_config_the_autotuner_may_pick_compiles_here_without_spills():
-    """On this GPU and Triton version (the static report is Triton 3.9's ptxas): about 80
-    compiles, 1-2 min."""
-    from fastprompt.kernels.triton import _tuning
+    """On this GPU and Triton version (the static report is another Triton's ptxas), through the
+    precompile API: every build of the model's shape (indexed sets, lengths), bf16, every head
+    dim, compiled in parallel worker processes and loaded here from Triton's disk cache. Run
+    first on a new GPU: it also shows that the workers' builds are the ones launches look up
+    (each loads in well under a second)."""
+    from fastprompt.kernels.triton._precompile import Shape
 
-    dev = torch.cuda.current_device()
-    arch, limit = _tuning.device_arch(dev), _tuning.device_smem(dev)
-    bad = []
-    for dtype, d, launches in _launches():
-        for launch in launches:
-            ok = _tuning.admissible(launch.role, _tuning.CONFIGS[launch.role], d, 2, arch, limit)
-            for cfg in ok:
-                kernel = launch.kernel.fn.warmup(
-                    *launch.args, grid=(1,), **launch.kwargs, **cfg.triton().all_kwargs()
-                )
-                kernel._init_handles()
-                if kernel.n_spills:
-                    bad.append(f"{launch.role} {cfg} {dtype} d={d}: {kernel.n_spills} spills")
-    assert not bad, "\n".join(bad)
+    shape = Shape(batch=2, sets=2, indexed=True, lengths=True)
+    report = _tk().precompile([torch.bfloat16], [32, 64, 80, 96, 128], [shape], jobs=None)
+    print(report.summary())
+    assert not report.failures, report.failures[:3]
+    bad = [b for b in report.builds if b["spill_bytes"]]
+    assert not bad, "\n".join(
+        f"{b['role']} {b['config']} d={b['d']}: {b['spill_bytes']} B spilled" for b in bad
+    )
+    slow = [b for b in report.builds[1:] if b["load_s"] > 1.0]  # the first sets Triton up
+    assert not slow, f"{len(slow)} builds compiled again on load (cache keys differ): {slow[0]}"
 
 
 def test_tensors_on_another_device_than_the_current_one():
@@ -149,11 +134,15 @@ def test_more_than_65535_sequence_heads():
 
 
 def test_bitwise_deterministic_also_across_autotuner_caches(autotuning):
+    from fastprompt.kernels.triton._precompile import Shape
     from fastprompt.kernels.triton.prompt_attention import _fwd_tuned
     from fastprompt.kernels.triton.prompt_attention_backward import TUNED
 
     q, k, v, pk, pv, dout = _inputs(8, 12, 197, 64, 3, 200, torch.bfloat16)
     index = torch.randint(0, 3, (8,), generator=torch.Generator().manual_seed(0)).cuda()
+    # the configs the tuner times, compiled in parallel first (about 20, else one by one)
+    shape = Shape(batch=8, p=200, sets=3, indexed=True)
+    assert not _tk().precompile([torch.bfloat16], [64], [shape]).failures
     first = _run(q, k, v, pk, pv, index, None, dout, 0.125)
     second = _run(q, k, v, pk, pv, index, None, dout, 0.125)
     for name, a, b in zip(NAMES, first, second):

@@ -2,7 +2,8 @@
 section 6).
 
 :func:`availability`, :func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32
-prompt gradients, reduced by the backend's own kernel) and :func:`prompt_attention_bwd_scored`.
+prompt gradients, reduced by the backend's own kernel), :func:`prompt_attention_bwd_scored`, and
+:func:`precompile` (every build the calls to come may need, compiled in parallel beforehand).
 Kernel modules are imported on first use, so importing ``fastprompt`` never imports Triton.
 What the kernels support and are chosen for automatically is declared in :mod:`._capability`.
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "availability",
+    "precompile",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
     "prompt_attention_fwd",
@@ -73,3 +75,13 @@ def prompt_attention_bwd_scored(
     return bws(
         dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
     )
+
+
+def precompile(*args, **kwargs):
+    """Compile in parallel, ahead of the first launches, every kernel build that calls of the given
+    dtypes, head dims and shapes may launch (every config the autotuner may pick on the current
+    GPU, or on ``arch=`` without one). See :func:`._precompile.precompile`; returns a
+    :class:`._precompile.PrecompileReport`."""
+    from fastprompt.kernels.triton._precompile import precompile as run
+
+    return run(*args, **kwargs)

@@ -1,11 +1,12 @@
 """Ahead-of-time compilation of the prompt-attention launch plans for a GPU target, no GPU needed.
 
 The launchers' own plans (:func:`~fastprompt.kernels.triton.prompt_attention.fwd_plan`,
-:func:`~fastprompt.kernels.triton.prompt_attention_backward.bwd_plan`, ``reduce_plan``) are built on
-CPU tensors with the strides the model passes (q, k, v views of a (B, N, 3, H, d) buffer), and
-each kernel is compiled with ``JITFunction.warmup`` under a stand-in driver that reports the
-target (``GPUTarget("cuda", 80 | 90, 32)``) and never launches. So the compiled code has exactly
-the specialisation a real launch gets. Resources come from the cubin (``cuobjdump``) and the PTX.
+:func:`~fastprompt.kernels.triton.prompt_attention_backward.bwd_plan`,
+:func:`~fastprompt.kernels.triton._bwd_reduce.reduce_plan`) are built on CPU tensors with the
+strides the model passes (q, k, v views of a (B, N, 3, H, d) buffer), and each kernel is compiled
+with ``JITFunction.warmup`` under a stand-in driver that reports the target
+(``GPUTarget("cuda", 80 | 90, 32)``) and never launches. So the compiled code has exactly the
+specialisation a real launch gets. Resources come from the cubin (``cuobjdump``) and the PTX.
 
 Must run with ``TRITON_INTERPRET`` unset (interpreted kernels cannot be compiled):
 ``benchmarks/static_report.py`` and the static test run it in a subprocess.
@@ -161,11 +162,28 @@ class Row:
 
 
 def model_inputs(
-    dtype, d, n=197, p=50, t=1, heads=12, batch=2, indexed=False, lengths=False, device="cpu"
+    dtype,
+    d,
+    n=197,
+    p=50,
+    t=1,
+    heads=12,
+    batch=2,
+    indexed=False,
+    lengths=False,
+    device="cpu",
+    n_k=None,
 ):
-    """Tensors laid out as the model passes them (contents are irrelevant to compiling)."""
-    qkv = torch.empty(batch, n, 3, heads, d, dtype=dtype, device=device).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
+    """Tensors laid out as the model passes them (contents are irrelevant to compiling): q, k, v
+    views of (B, N, 3, H, d) buffers (k and v of another one with ``n_k`` rows when given)."""
+
+    def qkv_views(rows):
+        buf = torch.empty(batch, rows, 3, heads, d, dtype=dtype, device=device)
+        return buf.permute(2, 0, 3, 1, 4).unbind(0)
+
+    q, k, v = qkv_views(n)
+    if n_k is not None and n_k != n:
+        _, k, v = qkv_views(n_k)
     pk = torch.empty(t, heads, p, d, dtype=dtype, device=device)
     pv = torch.empty(t, heads, p, d, dtype=dtype, device=device)
     index = torch.zeros(batch, dtype=torch.int64, device=device) if indexed else None
@@ -178,17 +196,18 @@ def model_inputs(
 
 
 def plan(dtype, d, scores: int = 0, **shape) -> list:
-    """Every launch of a forward and a backward (prompt gradients reduced per set)."""
+    """Every launch of a forward and a backward as the launchers plan them (prompt gradients
+    reduced per set), for :func:`model_inputs` of ``shape``; with ``scores`` > 0 the backward is
+    the scored one with that many vector pairs."""
     from fastprompt.kernels.triton.prompt_attention import fwd_plan
-    from fastprompt.kernels.triton.prompt_attention_backward import bwd_plan, reduce_plan
+    from fastprompt.kernels.triton.prompt_attention_backward import backward_plan
 
     q, k, v, pk, pv, index, lens, out, dout, lse = model_inputs(dtype, d, **shape)
     scale = d**-0.5
     *_, fwd = fwd_plan(q, k, v, pk, pv, index, lens, scale)
-    u = torch.empty(scores, *pk.shape, dtype=torch.float32) if scores else None
-    *grads, bwd = bwd_plan(dout, q, k, v, pk, pv, index, lens, out, lse, scale, u, u)
-    *_, red = reduce_plan(grads[3], grads[4], index, pk.shape[0])
-    return fwd + bwd + red
+    u = torch.empty(scores, *pk.shape, dtype=torch.float32, device=q.device) if scores else None
+    *_, bwd = backward_plan(dout, q, k, v, pk, pv, index, lens, out, lse, scale, u, u)
+    return fwd + bwd
 
 
 def compile_plan(
@@ -232,10 +251,22 @@ def compile_plan(
     return rows
 
 
-def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
+def resources(compiled) -> dict:
+    """Registers, spill bytes, shared memory and wgmma / mma.sync counts of a compiled kernel."""
     res = _cubin_resources(compiled.asm["cubin"])
     ptx = compiled.asm["ptx"]
-    smem = int(compiled.metadata.shared)
+    return {
+        "regs": res["regs"],
+        "spill_bytes": res["stack"] + res["local"],
+        "smem": int(compiled.metadata.shared),
+        "wgmma": len(re.findall(r"wgmma\.mma_async", ptx)),
+        "mma_sync": len(re.findall(r"\bmma\.sync", ptx)),
+    }
+
+
+def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
+    res = resources(compiled)
+    smem = res["smem"]
     warps = int(compiled.metadata.num_warps)
     return Row(
         arch=arch,
@@ -248,12 +279,12 @@ def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
         warps=warps,
         stages=cfg.stages if cfg else None,
         regs=res["regs"],
-        spill_bytes=res["stack"] + res["local"],
+        spill_bytes=res["spill_bytes"],
         smem=smem,
         smem_limit=_tuning.SMEM_LIMIT[arch],
         smem_estimate=_tuning.smem_estimate(launch.role, cfg, d, elt) if cfg else None,
-        wgmma=len(re.findall(r"wgmma\.mma_async", ptx)),
-        mma_sync=len(re.findall(r"\bmma\.sync", ptx)),
+        wgmma=res["wgmma"],
+        mma_sync=res["mma_sync"],
         warps_per_sm=warps_per_sm(arch, res["regs"], smem, warps),
         admissible=is_ok,
     )
@@ -263,7 +294,9 @@ def _row(arch, launch, cfg, is_ok, compiled, dtype, d, variant, elt) -> Row:
 _KERNEL_MODULES = (
     "fastprompt.kernels.triton._common",
     "fastprompt.kernels.triton.prompt_attention",
-    "fastprompt.kernels.triton.prompt_attention_backward",
+    "fastprompt.kernels.triton._bwd_dkdv",
+    "fastprompt.kernels.triton._bwd_dq",
+    "fastprompt.kernels.triton._bwd_reduce",
 )
 
 

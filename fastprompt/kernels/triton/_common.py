@@ -55,6 +55,13 @@ def bucket(x: int, cap: int) -> int:
     return 0 if x <= 0 else min(triton.next_power_of_2(x), cap)
 
 
+def empty_heads_last(like: torch.Tensor) -> torch.Tensor:
+    """A (B, H, N, d) tensor of ``like``'s shape, dtype and device, stored as (B, N, H, d): the
+    layout the op returns (heads merge into (B, N, H·d) without a copy)."""
+    b, h, n, d = like.shape
+    return like.new_empty((b, n, h, d)).transpose(1, 2)
+
+
 @dataclass
 class Launch:
     """One kernel launch: an autotuned kernel (or a plain jit function), its grid and arguments.
@@ -89,6 +96,13 @@ def load_tile(
     else:
         tile = tl.load(ptrs)
     return tile
+
+
+@triton.jit
+def store_rows(base, rows, s_r, s_c, x, row_ok, C0: tl.constexpr, W: tl.constexpr):
+    """Store ``x`` into rows ``rows`` × columns ``[C0, C0 + W)``, rows where ``row_ok``."""
+    cols = C0 + tl.arange(0, W)
+    tl.store(base + rows[:, None] * s_r + cols[None, :] * s_c, x, mask=row_ok[:, None])
 
 
 @triton.jit

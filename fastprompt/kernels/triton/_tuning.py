@@ -6,8 +6,11 @@ processes: timing-based autotuning could pick another block size, hence another 
 in another run). Configs are pruned before tuning so that nothing the tuner may pick fails to
 launch or spills: an estimate of shared memory against the device's per-block limit, and the
 largest head dim at which each config compiled without spills (:data:`SPILL_FREE_UP_TO`, read
-off the static report). ``benchmarks/static_report.py`` compiles every listed config for sm_80
-and sm_90 and ``tests/kernels/test_static_resources.py`` checks every admitted one.
+off the static report), and on sm_90 forward tiles wgmma can take (:func:`uses_wgmma`).
+``benchmarks/static_report.py`` compiles every listed config for sm_80 and sm_90 and
+``tests/kernels/test_static_resources.py`` checks every admitted one. The tuning key holds the
+compute capability (Triton's own has no device); :mod:`._precompile` compiles what the tuner may
+try, in parallel, before it does.
 
 Under the Triton interpreter every kernel gets one small config: no benchmarking, tiny tiles, and
 the tests' shapes still reach full blocks, partial last blocks and multi-block loops.
@@ -27,7 +30,12 @@ import triton
 from triton.runtime.autotuner import Autotuner
 
 from fastprompt import _config
-from fastprompt.kernels.triton._common import device_guard, matmul_precision, split_head_dim
+from fastprompt.kernels.triton._common import (
+    bucket,
+    device_guard,
+    matmul_precision,
+    split_head_dim,
+)
 
 
 class Cfg(NamedTuple):
@@ -66,6 +74,10 @@ CONFIGS: dict[str, tuple[Cfg, ...]] = {
         Cfg(32, 64, 4, 3),
         Cfg(32, 128, 8, 3),
         Cfg(16, 64, 4, 4),
+        # 64 keys over 8 warps: half the registers of the 4-warp tiles; at d = 128 the ones that
+        # keep wgmma on sm_90 without spilling in the score epilogue
+        Cfg(32, 64, 8, 3),
+        Cfg(16, 64, 8, 4),
         Cfg(64, 128, 8, 2),
         Cfg(64, 64, 4, 3),
         Cfg(32, 32, 8, 3),
@@ -85,8 +97,10 @@ CONFIGS: dict[str, tuple[Cfg, ...]] = {
 
 INTERPRETER_CONFIG = Cfg(32, 32, 1, 1)
 
-# Autotuning key of every tuned kernel (tensor dtypes are added by Triton's autotuner).
-KEY = ["D0", "D1", "P_BUCKET", "N_BUCKET", "PRECISION"]
+# Autotuning key of every tuned kernel (tensor dtypes are added by Triton's autotuner). ARCH, the
+# device's compute capability, keeps a config tuned (and pruned) on one GPU from being reused on
+# another of a different kind in the same process: Triton's key has no device.
+KEY = ["D0", "D1", "P_BUCKET", "N_BUCKET", "K_BUCKET", "PRECISION", "ARCH"]
 
 # Per-block shared-memory limits (opt-in maximum) of the static report's targets, in bytes.
 SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
@@ -94,34 +108,33 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Largest head dim at which each config compiled without spills, in fp16 and bf16 and every
 # variant (indexed sets, lengths, score epilogue), per target family: "mma" (sm_8x, sm_12x:
 # mma.sync keeps loop-invariant operands in registers) and "wgmma" (sm_90, sm_10x). Read off the
-# static report (Triton 3.9's ptxas; ``benchmarks/static_report.py --suggest``); a config absent
+# static report (Triton 3.8's ptxas; ``benchmarks/static_report.py --suggest``); a config absent
 # from a family is never admitted there. The static test re-checks every admitted config.
 SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
     "mma": {
         "fwd": {
             Cfg(64, 64, 4, 3): 96,
-            Cfg(128, 64, 8, 3): 96,
             Cfg(64, 32, 4, 4): 96,
             Cfg(128, 32, 4, 3): 32,
             Cfg(128, 128, 8, 2): 64,
             Cfg(64, 64, 8, 3): 128,
-            Cfg(32, 64, 4, 3): 80,
         },
         "dkdv": {
             Cfg(32, 64, 4, 3): 80,
-            Cfg(32, 128, 8, 3): 96,
+            Cfg(32, 128, 8, 3): 80,
             Cfg(16, 64, 4, 4): 128,
+            Cfg(32, 64, 8, 3): 128,
+            Cfg(16, 64, 8, 4): 128,
             Cfg(64, 128, 8, 2): 32,
-            Cfg(64, 64, 4, 3): 32,
             Cfg(32, 32, 8, 3): 128,
             Cfg(64, 32, 8, 2): 64,
             Cfg(16, 32, 4, 4): 128,
         },
         "dq": {
             Cfg(64, 32, 4, 3): 96,
-            Cfg(128, 32, 8, 3): 96,
+            Cfg(128, 32, 8, 3): 64,
             Cfg(128, 64, 8, 2): 64,
-            Cfg(64, 64, 4, 3): 80,
+            Cfg(64, 64, 4, 3): 64,
             Cfg(32, 32, 4, 3): 128,
             Cfg(32, 64, 4, 3): 80,
         },
@@ -134,17 +147,18 @@ SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
             Cfg(128, 32, 4, 3): 96,
             Cfg(128, 128, 8, 2): 128,
             Cfg(64, 64, 8, 3): 128,
-            Cfg(32, 64, 4, 3): 80,
+            Cfg(32, 64, 4, 3): 128,
         },
         "dkdv": {
             Cfg(32, 64, 4, 3): 96,
             Cfg(32, 128, 8, 3): 96,
-            Cfg(16, 64, 4, 4): 128,
-            Cfg(64, 128, 8, 2): 32,
+            Cfg(16, 64, 4, 4): 96,
+            Cfg(32, 64, 8, 3): 128,
+            Cfg(16, 64, 8, 4): 128,
+            Cfg(64, 128, 8, 2): 64,
             Cfg(64, 64, 4, 3): 32,
             Cfg(32, 32, 8, 3): 128,
             Cfg(64, 32, 8, 2): 64,
-            Cfg(16, 32, 4, 4): 128,
         },
         "dq": {
             Cfg(64, 32, 4, 3): 128,
@@ -156,6 +170,21 @@ SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
         },
     },
 }
+
+
+# wgmma (sm_90) multiplies tiles of 64 rows per warpgroup of 4 warps: an accumulator of fewer
+# rows (the accumulating dots' M side: queries in the forward and dQ, keys in dK/dV) runs on
+# mma.sync instead. On the wgmma family the forward admits only tiles wgmma can take; dK/dV and dQ
+# keep their narrow tiles, which the tuner may still find faster at small work.
+WGMMA_ROWS = 64
+WGMMA_ONLY = ("fwd",)
+
+
+def uses_wgmma(role: str, cfg: Cfg) -> bool:
+    """Whether a config's accumulating dots can run as wgmma on sm_90 (the static report checks
+    it against the PTX)."""
+    rows = cfg.block_n if role == "dkdv" else cfg.block_m
+    return rows >= WGMMA_ROWS and cfg.warps % 4 == 0
 
 
 def family(arch: int) -> str:
@@ -212,13 +241,15 @@ def admissible(
     elt: int,
     arch: int,
     smem_limit: int,
-    n: int | None = None,
-    p: int | None = None,
+    n_q: int | None = None,
+    n_keys: int | None = None,
 ) -> list:
     """Configs (``Cfg`` or ``triton.Config``) the autotuner may try on compute capability
-    ``arch``, in preference order: shared memory within ``smem_limit`` and no spill at head dim
+    ``arch``, in preference order: shared memory within ``smem_limit``, no spill at head dim
     ``d`` per :data:`SPILL_FREE_UP_TO` (fp32, whose dot operands take twice the registers, counts
-    as twice the head dim). With sizes, tiles over twice the work they would tile are dropped.
+    as twice the head dim) and, for :data:`WGMMA_ONLY` kernels on sm_90, wgmma. With sizes
+    (``n_q`` queries, ``n_keys`` = prompt + image keys of a sequence), tiles over twice the work
+    they would tile are dropped.
 
     Never empty: if nothing is admitted, the config with the smallest register estimate among
     those that fit shared memory remains (it may spill; it launches).
@@ -231,15 +262,17 @@ def admissible(
 
     limits = SPILL_FREE_UP_TO[family(arch)][role]
     d_eff = d if elt <= 2 else 2 * d
+    wgmma_only = family(arch) == "wgmma" and role in WGMMA_ONLY
     fits = [
         c
         for c in configs
         if smem_estimate(role, as_cfg(c), d, elt) <= smem_limit
         and d_eff <= limits.get(as_cfg(c), 0)
+        and (not wgmma_only or uses_wgmma(role, as_cfg(c)))
     ]
-    if n is not None:
-        keys = n + (p or 0)
-        small = [c for c in fits if as_cfg(c).block_m <= max(16, 2 * n)]
+    if n_q is not None:
+        keys = n_q if n_keys is None else n_keys
+        small = [c for c in fits if as_cfg(c).block_m <= max(16, 2 * n_q)]
         small = [c for c in small if as_cfg(c).block_n <= max(16, 2 * keys)]
         fits = small or fits
     if fits:
@@ -263,19 +296,33 @@ def device_arch(index: int) -> int:
     return 10 * major + minor
 
 
+def _device_index(t: torch.Tensor) -> int:
+    return t.device.index if t.device.index is not None else torch.cuda.current_device()
+
+
+def arch_of(t: torch.Tensor) -> int:
+    """Compute capability of ``t``'s CUDA device as an int (e.g. 90); 0 off CUDA."""
+    return device_arch(_device_index(t)) if t.device.type == "cuda" else 0
+
+
+def key_args(q: torch.Tensor, k: torch.Tensor, pk: torch.Tensor) -> tuple[int, int, int, int]:
+    """``P_BUCKET, N_BUCKET, K_BUCKET, ARCH``: the size buckets (prompt keys, queries, image
+    keys) and the architecture that the tuned kernels take only for the autotuning key."""
+    return bucket(pk.shape[2], 1024), bucket(q.shape[2], 4096), bucket(k.shape[2], 4096), arch_of(q)
+
+
 def _prune(role: str, configs, named_args, **kwargs):
     q = named_args["Q"]
-    d = kwargs["D0"] + kwargs["D1"]
-    index = q.device.index if q.device.index is not None else torch.cuda.current_device()
+    index = _device_index(q)
     return admissible(
         role,
         configs,
-        d,
+        kwargs["D0"] + kwargs["D1"],
         q.element_size(),
         device_arch(index),
         device_smem(index),
-        named_args["N"],
-        named_args["P"],
+        named_args["N_Q"],
+        named_args["P"] + named_args["N_K"],
     )
 
 

@@ -18,7 +18,14 @@ import triton
 import triton.language as tl
 
 from fastprompt.kernels.triton import _tuning
-from fastprompt.kernels.triton._common import LN2_C, LOG2E, Launch, bucket, load_tile, prompt_set
+from fastprompt.kernels.triton._common import (
+    LN2_C,
+    LOG2E,
+    Launch,
+    empty_heads_last,
+    load_tile,
+    prompt_set,
+)
 
 __all__ = [
     "prompt_attention_fwd",
@@ -114,7 +121,7 @@ def _fwd_keys(
     return acc0, acc1, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["P_BUCKET", "N_BUCKET"])
+@triton.jit(do_not_specialize=["P_BUCKET", "N_BUCKET", "K_BUCKET", "ARCH"])
 def _prompt_attention_fwd_kernel(
     Q, K, V, PK, PV, IDX, LENS, OUT, LSE,
     s_qb, s_qh, s_qn, s_qd,
@@ -123,7 +130,7 @@ def _prompt_attention_fwd_kernel(
     s_pkt, s_pkh, s_pkn, s_pkd,
     s_pvt, s_pvh, s_pvn, s_pvd,
     s_ob, s_oh, s_on, s_od,
-    H, N, P, T, qk_scale, P_BUCKET, N_BUCKET,
+    H, N_Q, N_K, P, T, qk_scale, P_BUCKET, N_BUCKET, K_BUCKET, ARCH,
     HAS_INDEX: tl.constexpr,
     HAS_LENGTHS: tl.constexpr,
     NEG_SCALE: tl.constexpr,
@@ -134,17 +141,17 @@ def _prompt_attention_fwd_kernel(
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     pid = tl.program_id(0)
-    num_m = tl.cdiv(N, BLOCK_M)
+    num_m = tl.cdiv(N_Q, BLOCK_M)
     bh = pid // num_m
     b = bh // H
     h = bh % H
     t, plen, bad = prompt_set(IDX, LENS, b, T, P, HAS_INDEX, HAS_LENGTHS)
     rows = (pid % num_m) * BLOCK_M + tl.arange(0, BLOCK_M)
     q_base = Q + b.to(tl.int64) * s_qb + h * s_qh
-    q0 = load_tile(q_base, rows, s_qn, s_qd, N, 0, D0, True)
+    q0 = load_tile(q_base, rows, s_qn, s_qd, N_Q, 0, D0, True)
     acc0 = tl.zeros([BLOCK_M, D0], tl.float32)
     if D1 > 0:
-        q1 = load_tile(q_base, rows, s_qn, s_qd, N, D0, D1, True)
+        q1 = load_tile(q_base, rows, s_qn, s_qd, N_Q, D0, D1, True)
         acc1 = tl.zeros([BLOCK_M, D1], tl.float32)
     else:
         q1 = q0
@@ -159,9 +166,9 @@ def _prompt_attention_fwd_kernel(
     acc0, acc1, m_i, l_i = _fwd_keys(
         acc0, acc1, m_i, l_i, q0, q1,
         K + b.to(tl.int64) * s_kb + h * s_kh, V + b.to(tl.int64) * s_vb + h * s_vh,
-        s_kn, s_kd, s_vn, s_vd, N, qk_scale, D0, D1, BLOCK_N, NEG_SCALE, PRECISION,
+        s_kn, s_kd, s_vn, s_vd, N_K, qk_scale, D0, D1, BLOCK_N, NEG_SCALE, PRECISION,
     )  # fmt: skip
-    # A query without keys (impossible for N >= 1, kept for the contract) gets 0 and -inf.
+    # A query without keys (no image key and no valid prompt key) gets 0 and -inf.
     has_keys = l_i > 0.0
     l_safe = tl.where(has_keys, l_i, 1.0)
     lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * LN2_C, float("-inf"))
@@ -169,14 +176,14 @@ def _prompt_attention_fwd_kernel(
     inv = tl.where(bad, float("nan"), 1.0 / l_safe)
     o_base = OUT + b.to(tl.int64) * s_ob + h * s_oh
     cols0 = tl.arange(0, D0)
-    row_ok = rows[:, None] < N
+    row_ok = rows[:, None] < N_Q
     o_ptrs = o_base + rows[:, None] * s_on + cols0[None, :] * s_od
     tl.store(o_ptrs, (acc0 * inv[:, None]).to(OUT.dtype.element_ty), mask=row_ok)
     if D1 > 0:
         cols1 = D0 + tl.arange(0, D1)
         o_ptrs = o_base + rows[:, None] * s_on + cols1[None, :] * s_od
         tl.store(o_ptrs, (acc1 * inv[:, None]).to(OUT.dtype.element_ty), mask=row_ok)
-    tl.store(LSE + bh.to(tl.int64) * N + rows, lse, mask=rows < N)
+    tl.store(LSE + bh.to(tl.int64) * N_Q + rows, lse, mask=rows < N_Q)
 
 
 _fwd_tuned = _tuning.autotuned("fwd", _prompt_attention_fwd_kernel)
@@ -184,9 +191,9 @@ _fwd_tuned = _tuning.autotuned("fwd", _prompt_attention_fwd_kernel)
 
 def fwd_plan(q, k, v, pk, pv, prompt_index, prompt_lengths, scale):
     """Outputs and the launch plan of the forward (nothing is launched)."""
-    b, h, n, d = q.shape
+    b, h, n, _ = q.shape
     t, _, p, _ = pk.shape
-    out = q.new_empty((b, n, h, d)).transpose(1, 2)
+    out = empty_heads_last(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if out.numel() == 0:
         return out, lse, []
@@ -195,7 +202,7 @@ def fwd_plan(q, k, v, pk, pv, prompt_index, prompt_lengths, scale):
     args = (
         q, k, v, pk, pv, idx, lens, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *pk.stride(), *pv.stride(), *out.stride(),
-        h, n, p, t, qk_scale, bucket(p, 1024), bucket(n, 4096),
+        h, n, k.shape[2], p, t, qk_scale, *_tuning.key_args(q, k, pk),
     )  # fmt: skip
     meta["NEG_SCALE"] = qk_scale < 0
 
@@ -210,8 +217,10 @@ def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengt
 
     Parameters
     ----------
-    q, k, v : Tensor, shape (B, H, N, d), float16/bfloat16/float32
-        Any strides (timm passes views of a (B, N, 3, H, d) buffer).
+    q : Tensor, shape (B, H, N_q, d), float16/bfloat16/float32
+        Image queries, any strides (timm passes views of a (B, N, 3, H, d) buffer).
+    k, v : Tensor, shape (B, H, N_k, d)
+        Image keys and values, any strides; N_k may differ from N_q (0 included).
     prompt_k, prompt_v : Tensor, shape (T, H, P, d)
         Prompt sets, any strides; T = 1 is the shared set and is never expanded.
     prompt_index : Tensor, shape (B,), int32/int64, or None
@@ -224,9 +233,9 @@ def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengt
 
     Returns
     -------
-    out : Tensor, shape (B, H, N, d), q.dtype
-        Stored as (B, N, H, d): ``out.transpose(1, 2)`` is contiguous.
-    lse : Tensor, shape (B, H, N), float32, contiguous
+    out : Tensor, shape (B, H, N_q, d), q.dtype
+        Stored as (B, N_q, H, d): ``out.transpose(1, 2)`` is contiguous.
+    lse : Tensor, shape (B, H, N_q), float32, contiguous
         Natural-log log-sum-exp of each query's scaled scores.
     """
     out, lse, plan = fwd_plan(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale)
