@@ -19,7 +19,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   checkpoints' step counters); the official augmentation (``"pgn"`` transform) and a resize +
   centre crop at test time. The official code normalises with CLIP's statistics for every
   backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``) unless
-  ``normalize="clip"``.
+  ``normalize="clip"``. Under torchrun the generator's BatchNorm normalises each process's share
+  of the batch (``batch_norm="per-process"``, as the official code's DDP runs it);
+  ``batch_norm="sync"`` (``--sync-bn``) normalises with the global batch
+  (:mod:`fastprompt.train.syncbn`).
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
   no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
   tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
@@ -36,6 +39,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from fastprompt.train.syncbn import BATCH_NORMS
 
 __all__ = [
     "NORMALIZATIONS",
@@ -117,6 +122,10 @@ class Recipe:
         ``backbone``: the mean/std of the model's timm ``pretrained_cfg``.
     prompt_dropout : float or None
         Sets the prompt source's dropout for the run (None: leave the model's).
+    batch_norm : {"per-process", "sync"}
+        Under torchrun, the prompt source's BatchNorm (PGN's generator) normalises each process's
+        share of the batch, or the whole batch (:mod:`fastprompt.train.syncbn`); one process:
+        the same.
     """
 
     name: str
@@ -136,6 +145,7 @@ class Recipe:
     interpolation: str = "bilinear"
     normalize: str = "backbone"
     prompt_dropout: float | None = None
+    batch_norm: str = "per-process"
 
     def __post_init__(self) -> None:
         who = f"recipe {self.name!r}"
@@ -324,6 +334,7 @@ def _check(r: Recipe) -> None:
         ("test_transform", r.test_transform, TRANSFORMS),
         ("interpolation", r.interpolation, INTERPOLATIONS),
         ("normalize", r.normalize, NORMALIZATIONS),
+        ("batch_norm", r.batch_norm, BATCH_NORMS),
     ):
         if value not in options:
             raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")
