@@ -53,6 +53,7 @@ __all__ = [
     "open_mixture_data",
     "parse_specs",
     "per_dataset",
+    "report_domains",
     "spec_paths",
 ]
 
@@ -343,6 +344,24 @@ def per_dataset(sums: Sequence[Sequence[float]], names: Sequence[str]) -> dict[s
             "domain_acc": row[4] / n,
         }
     return out
+
+
+def report_domains(run: str, config, log, device: torch.device | str = "cpu") -> None:
+    """At the end of a PGN run over several datasets: ``domains.png`` and ``domains.json``
+    (:func:`fastprompt.domains.run_report`), or a note saying why not."""
+    if config.method != "pgn" or config.method_args.get("generator") is None:
+        return
+    from fastprompt import domains
+
+    reason = domains.extra_missing()
+    if reason:
+        log(f"note: no domains.png: {reason}")
+        return
+    r = domains.run_report(run, device=device)
+    log(
+        f"domain discovery: the datasets separate by their mixture weights with nearest-centroid "
+        f"accuracy {100 * r.separation:.1f}% (chance {100 * r.chance:.1f}%): {r.png}"
+    )
 
 
 def describe(metrics: Mapping[str, Mapping[str, float]]) -> str:

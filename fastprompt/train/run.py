@@ -470,6 +470,8 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
             f"done: best validation top-1 {100 * best['val_acc']:.2f}% at epoch "
             f"{best['epoch'] + 1}; checkpoints in {run}/best and {run}/last"
         )
+        if domains is not None:
+            M.report_domains(run, config, log, env.device)
     return rows
 
 
