@@ -50,6 +50,7 @@ __all__ = [
     "dataset_names",
     "domain_stats",
     "is_mixture",
+    "open_member",
     "open_mixture_data",
     "parse_specs",
     "per_dataset",
@@ -258,6 +259,15 @@ def open_mixture_data(
             f"{train.classes[:4]}...: was --data reordered or renamed?"
         )
     return RunData(train, val, train.classes, "; ".join(hows), notes)
+
+
+def open_member(text: str, part: str = "val", exclude: Iterable[str] = ()) -> Mixture:
+    """One dataset of a mixture, on its own (``fastprompt evaluate RUN --data NAME=PATH``): a
+    :class:`Mixture` of one, so its classes are ``NAME/class`` as in the run."""
+    from fastprompt.train.datasets import open_dataset
+
+    name, spec = _split_name(text)
+    return Mixture([(name or _default_name(spec), open_dataset(spec, part, exclude))])
 
 
 # -- per-dataset metrics ---------------------------------------------------------------------------

@@ -131,6 +131,12 @@ def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, t
     assert (run / "domains.png").stat().st_size > 0
     assert 0.0 <= report["separation"] <= 1.0 and report["samples"] == {"a": 4, "b": 4}
     assert "domain discovery" in (run / "log.txt").read_text()
+    # One dataset of the run, named as in the run; and the report again, from the command line.
+    assert main(["evaluate", str(run), "--data", f"b={b}", "--no-progress"]) == 0
+    record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
+    assert record["samples"] == 16 and list(record["datasets"]) == ["b"]
+    assert main(["domains", str(run), "--out", str(tmp_path / "d.png")]) == 0
+    assert (tmp_path / "d.png").exists() and (tmp_path / "d.json").exists()
 
 
 def test_cli_refuses_mismatched_val_and_duplicate_names(two_sets, tmp_path, capsys):
