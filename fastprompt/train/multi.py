@@ -339,12 +339,11 @@ def domain_stats(logits: Tensor, labels: Tensor, domains: Tensor) -> Tensor:
 
 def per_dataset(sums: Sequence[Sequence[float]], names: Sequence[str]) -> dict[str, dict]:
     """Per-dataset metrics from summed :func:`domain_stats`: ``samples``, ``acc``, ``loss``,
-    ``acc_within``, ``domain_acc`` (datasets without samples get ``samples`` 0 only)."""
+    ``acc_within``, ``domain_acc`` (datasets without samples are left out)."""
     out: dict[str, dict] = {}
     for name, row in zip(names, sums, strict=False):
         n = round(row[0])
         if n == 0:
-            out[name] = {"samples": 0}
             continue
         out[name] = {
             "samples": n,
@@ -376,6 +375,4 @@ def report_domains(run: str, config, log, device: torch.device | str = "cpu") ->
 
 def describe(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """One line: ``name acc%`` per dataset."""
-    return "  ".join(
-        f"{name} {100 * m['acc']:.2f}%" for name, m in metrics.items() if m.get("samples")
-    )
+    return "  ".join(f"{name} {100 * m['acc']:.2f}%" for name, m in metrics.items())
