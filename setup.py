@@ -106,6 +106,7 @@ def _extension_kwargs() -> dict:
                 "seconds": round(time.perf_counter() - start, 1),
             }
             lib = Path(self.get_ext_fullpath(EXT))
+            meta["library"] = build.file_digest(lib)  # checked before every load
             lib.with_name("_fastprompt_ext.json").write_text(json.dumps(meta, indent=2))
             print(f"fastprompt: built {lib.name} in {meta['seconds']} s", file=sys.stderr)
 

@@ -28,22 +28,6 @@ sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels.cpp import _build, _ptxas  # noqa: E402
 
-# Dynamic shared memory of each attention kernel: (tiles of 32 rows x (d + 1) floats, extra
-# floats), as the launchers in csrc/cuda/*.cu size it.
-_SMEM_TILES = {
-    "fwd_kernel": (3, 0),
-    "dq_kernel": (4, 0),
-    "dkv_kernel": (4, 64),
-    "gate_kernel": (2, 64),
-}
-
-
-def _smem_kib(kernel: str, d: int) -> str:
-    for name, (tiles, extra) in _SMEM_TILES.items():
-        if name in kernel:
-            return f"{(tiles * 32 * (d + 1) + extra) * 4 / 1024:.1f}"
-    return "0"
-
 
 def _commit() -> str:
     try:
@@ -135,18 +119,20 @@ def _markdown(report: dict) -> str:
         f"{report['date']}, {report['cpu_count']}-core host `{report['host']}`. "
         f"Flags: `{' '.join(report['nvcc_flags'])}`.",
         "",
-        "Blocks of 128 threads; the first template argument is the dtype, the second the "
-        "features per lane (head dim <= 32 x that). Shared memory is dynamic, sized by the "
-        "head dim d; the columns give it at d = 64 and d = 128. Register budget "
-        f"{report['register_budget']} per thread (4 blocks per SM); no kernel may spill.",
+        "The cascade's own kernels (the attention itself runs on PyTorch's fused kernels): "
+        "blocks of 256 threads, grid-stride loops on grid axis x; the first template argument "
+        "is the dtype, the merge's second the elements per vector load (16 bytes, or 1 where "
+        "the memory is not aligned for it). No shared memory. Register budget "
+        f"{report['register_budget']} per thread (4 blocks, 32 warps per SM); no kernel may "
+        "spill.",
         "",
     ]
     archs = sorted({r["arch"] for r in report["kernels"]})
     kernels = list(dict.fromkeys((r["file"], r["kernel"]) for r in report["kernels"]))
     by_key = {(r["file"], r["kernel"], r["arch"]): r for r in report["kernels"]}
     head = "| file | kernel | " + " | ".join(f"regs {a} | spill {a}" for a in archs)
-    lines += [head + " | smem KiB d=64 | smem KiB d=128 |"]
-    lines += ["|" + "---|" * (2 + 2 * len(archs) + 2)]
+    lines += [head + " |"]
+    lines += ["|" + "---|" * (2 + 2 * len(archs))]
     for file, kernel in kernels:
         cells = []
         for a in archs:
@@ -156,11 +142,7 @@ def _markdown(report: dict) -> str:
             else:
                 spill = r["spill_stores"] + r["spill_loads"] + r["stack_bytes"]
                 cells += [str(r["registers"]), str(spill)]
-        lines.append(
-            f"| {file} | `{kernel}` | "
-            + " | ".join(cells)
-            + f" | {_smem_kib(kernel, 64)} | {_smem_kib(kernel, 128)} |"
-        )
+        lines.append(f"| {file} | `{kernel}` | " + " | ".join(cells) + " |")
     lines += ["", "Compile seconds per file and arch (nvcc, one job):", ""]
     for arch, secs in report["compile_seconds"].items():
         files = ", ".join(f"{k} {v}" for k, v in secs.items())

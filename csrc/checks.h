@@ -4,6 +4,7 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include <optional>
@@ -70,9 +71,44 @@ inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const
   return s;
 }
 
+// An uninitialised (B, H, N, d) tensor stored as (B, N, H, d): the layout of every attention
+// output and input gradient of this library (merging heads is then free).
+inline at::Tensor heads_last_empty(int64_t B, int64_t H, int64_t N, int64_t d,
+                                   const at::TensorOptions& opts) {
+  return at::empty({B, N, H, d}, opts).transpose(1, 2);
+}
+
 inline void check_exact(const at::Tensor& t, at::IntArrayRef sizes, const char* name,
                         const char* op) {
   TORCH_CHECK(t.sizes() == sizes, op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+// The backward's own arguments: dout and out like q, lse (B, H, Nq) fp32, and the optional score
+// vectors u_k, u_v (S, T, H, P, d). Returns S (0 without score vectors).
+inline int64_t check_backward_args(const at::Tensor& dout, const at::Tensor& q,
+                                   const at::Tensor& out, const at::Tensor& lse,
+                                   const std::optional<at::Tensor>& u_k,
+                                   const std::optional<at::Tensor>& u_v, const AttnShape& s,
+                                   const char* op) {
+  check_exact(dout, q.sizes(), "dout", op);
+  check_exact(out, q.sizes(), "out", op);
+  check_same(dout, q, "dout", op);
+  check_same(out, q, "out", op);
+  check_exact(lse, {s.B, s.H, s.Nq}, "lse", op);
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.device() == q.device(), op,
+              ": lse must be float32 on ", q.device(), ", got ", lse.scalar_type(), " on ",
+              lse.device());
+  TORCH_CHECK(u_k.has_value() == u_v.has_value(), op, ": give both u_k and u_v or neither");
+  if (!u_k.has_value()) return 0;
+  const std::pair<const at::Tensor*, const char*> us[] = {{&*u_k, "u_k"}, {&*u_v, "u_v"}};
+  for (const auto& [u, name] : us) {
+    TORCH_CHECK(u->dim() == 5, op, ": ", name, " must be (S, T, H, P, d), got ", u->sizes());
+    check_exact(*u, {u_k->size(0), s.T, s.H, s.P, s.d}, name, op);
+    TORCH_CHECK(u->is_floating_point() && u->device() == q.device(), op, ": ", name,
+                " must be a floating-point tensor on ", q.device(), ", got ", u->scalar_type(),
+                " on ", u->device());
+  }
+  return u_k->size(0);
 }
 
 }  // namespace fastprompt

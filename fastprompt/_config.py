@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "get"]
+__all__ = ["Settings", "default_cache_dir", "get"]
 
 
 @dataclass(frozen=True)
@@ -19,8 +19,8 @@ class Settings:
     Attributes
     ----------
     backend : str or None
-        ``FASTPROMPT_BACKEND``: force one backend for every op (strict: raises if it cannot run).
-        One of :data:`fastprompt.backends.NAMES`.
+        ``FASTPROMPT_BACKEND``: force one backend for every op (strict: raises if it cannot run),
+        lower-cased. Dispatch checks it against the registry (this module knows no backend).
     verbose : bool
         ``FASTPROMPT_VERBOSE=1``: log every dispatch decision, not only the first fallback.
     triton_interpret : bool
@@ -39,13 +39,23 @@ class Settings:
     force_cuda : bool
         ``FASTPROMPT_FORCE_CUDA=1``: compile the CUDA kernels although no GPU is visible (a
         toolkit must still be found); for building on a CPU-only machine.
-    build_ext : bool
-        ``FASTPROMPT_BUILD_EXT=1``: ``pip install -e .`` also compiles the extension ahead of
-        time. ``setup.py`` reads this one (and the two above) itself, since it runs before the
-        package can be imported; it is listed here so every knob is in one place.
     cuda_arch_list : str or None
         ``TORCH_CUDA_ARCH_LIST`` (torch's own variable): CUDA architectures to compile for,
         e.g. ``"8.0;9.0"``; default: the visible GPUs', or sm_80 and sm_90 without one.
+    probe : str
+        ``FASTPROMPT_PROBE``: ``auto`` (default: the first call of a backend on a GPU for a device,
+        dtype and head dim checks it against the cascade first), ``off``, or ``always`` (on every
+        device, the CPU included: tests).
+    measure : str
+        ``FASTPROMPT_MEASURE``: ``auto`` (default: on a GPU, automatic choice times the candidate
+        backends once per shape bucket and keeps the fastest), ``off`` (the fixed preference
+        order), or ``always`` (on every device).
+    dispatch_cache : str or None
+        ``FASTPROMPT_DISPATCH_CACHE``: the file measured choices and probe results are kept in
+        (default ``$XDG_CACHE_HOME/fastprompt/dispatch.json``); ``off`` keeps them in memory.
+
+    ``FASTPROMPT_BUILD_EXT=1`` (compile the extension during ``pip install``) is read by
+    ``setup.py`` itself, which runs before the package can be imported.
     """
 
     backend: str | None
@@ -55,31 +65,60 @@ class Settings:
     ext_cache: str | None = None
     skip_cuda_build: bool = False
     force_cuda: bool = False
-    build_ext: bool = False
     cuda_arch_list: str | None = None
+    probe: str = "auto"
+    measure: str = "auto"
+    dispatch_cache: str | None = None
 
 
 def _flag(name: str, default: str = "0") -> bool:
     return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
 
 
-def get() -> Settings:
-    """Read the variables now (cheap; not cached, so tests can change them)."""
-    from fastprompt.backends import NAMES
+_MODES = ("auto", "off", "always")
 
-    backend = os.environ.get("FASTPROMPT_BACKEND", "").strip().lower() or None
-    if backend is not None and backend not in NAMES:
-        raise ValueError(
-            f"FASTPROMPT_BACKEND={backend!r} is not a backend; expected one of {NAMES}"
-        )
+
+def _mode(name: str) -> str:
+    raw = os.environ.get(name, "").strip().lower()
+    if raw in ("", "auto"):
+        return "auto"
+    if raw in ("0", "off", "false", "no"):
+        return "off"
+    if raw in ("1", "always", "on", "true", "yes"):
+        return "always"
+    raise ValueError(f"{name}={raw!r} is not one of {_MODES} (or 0/1)")
+
+
+def default_cache_dir() -> str:
+    """``$XDG_CACHE_HOME/fastprompt`` (``~/.cache/fastprompt``)."""
+    root = os.environ.get("XDG_CACHE_HOME", "").strip() or os.path.join("~", ".cache")
+    return os.path.join(os.path.expanduser(root), "fastprompt")
+
+
+def get() -> Settings:
+    """Read the variables now (cheap; not cached, so tests can change them).
+
+    Raises
+    ------
+    ValueError
+        If ``FASTPROMPT_PROBE`` or ``FASTPROMPT_MEASURE`` holds something else than
+        auto/off/always.
+    """
+    cache = os.environ.get("FASTPROMPT_DISPATCH_CACHE", "").strip()
+    if cache.lower() == "off":
+        cache_path = None
+    else:
+        cache_path = os.path.expanduser(cache) or os.path.join(default_cache_dir(), "dispatch.json")
     return Settings(
-        backend=backend,
+        backend=os.environ.get("FASTPROMPT_BACKEND", "").strip().lower() or None,
         verbose=_flag("FASTPROMPT_VERBOSE"),
         triton_interpret=_flag("TRITON_INTERPRET"),
         ext_jit=_flag("FASTPROMPT_EXT_JIT", "1"),
         ext_cache=os.environ.get("FASTPROMPT_EXT_CACHE", "").strip() or None,
         skip_cuda_build=_flag("FASTPROMPT_SKIP_CUDA_BUILD"),
         force_cuda=_flag("FASTPROMPT_FORCE_CUDA"),
-        build_ext=_flag("FASTPROMPT_BUILD_EXT"),
         cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or None,
+        probe=_mode("FASTPROMPT_PROBE"),
+        measure=_mode("FASTPROMPT_MEASURE"),
+        dispatch_cache=cache_path,
     )

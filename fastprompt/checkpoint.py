@@ -5,9 +5,9 @@ source's parameters and buffers, and the head) and ``config.json`` (the method, 
 model it was trained on). The same description is stored inside the safetensors file's metadata,
 so the file alone is a complete checkpoint and replacing it (atomically) replaces the checkpoint
 as a whole; ``config.json`` is the copy a person reads. :func:`load_prompts` rebuilds the model
-through the method registry (:mod:`fastprompt.methods`), and also reads a state dict or ``.pth``
-file of the official VPT code (keys ending in ``prompt_embeddings``, ``deep_prompt_embeddings``,
-``prompt_proj.*``, ``head.last_layer.*``).
+through the method registry (:mod:`fastprompt.registry`), and also reads a state dict or ``.pth``
+file of a method's official code when the method's entry can (VPT's: keys ending in
+``prompt_embeddings``, ``deep_prompt_embeddings``, ``prompt_proj.*``, ``head.last_layer.*``).
 
 The safetensors metadata also holds ``tensors_sha256``, a checksum of the tensors
 (:func:`fastprompt.tensorfiles.tensor_digest`) verified on load, and, when the saver knows them,
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastprompt import methods
-from fastprompt.models import vit
+from fastprompt import registry
+from fastprompt.backbones import adapter_for
 from fastprompt.tensorfiles import FileDamaged, inspect_safetensors, load_torch, tensor_digest
 
 __all__ = ["CheckpointError", "checkpoint_info", "load_prompts", "save_prompts"]
@@ -54,8 +54,8 @@ def describe(prompted: nn.Module) -> dict[str, Any]:
     return {
         "format": _FORMAT,
         "method": prompted.method,
-        "config": methods.get(prompted.method).describe(prompted),
-        "model": vit.signature(prompted.model),
+        "config": registry.get(prompted.method).describe(prompted),
+        "model": prompted.backbone.signature(),
         "impl": prompted.impl,
     }
 
@@ -81,7 +81,7 @@ def save_prompts(
     meta = describe(prompted)
     if classes is not None:
         meta["classes"] = [str(c) for c in classes]
-        head = prompted.model.get_classifier()
+        head = prompted.backbone.classifier()
         if isinstance(head, nn.Linear) and head.out_features != len(classes):
             raise ValueError(
                 f"save_prompts: {len(classes)} class names for a head of {head.out_features} "
@@ -127,8 +127,9 @@ def load_prompts(
     model : timm VisionTransformer
         Same architecture and class count as the model the prompts were trained on.
     path : str, PathLike or mapping
-        A folder from :func:`save_prompts` or its ``prompts.safetensors`` file, or an official VPT
-        checkpoint (``.pth`` file or state dict; its VPT config is read off the tensor shapes).
+        A folder from :func:`save_prompts` or its ``prompts.safetensors`` file, or a checkpoint
+        of a method's official code (``.pth`` file or state dict; VPT's config is read off the
+        tensor shapes).
     method : str, optional
         The method the checkpoint must hold (``"vpt"``, ``"pgn"``, ...); a checkpoint of another
         method is refused. Default: whatever it holds.
@@ -150,10 +151,7 @@ def load_prompts(
     """
     where = "the given state dict" if isinstance(path, Mapping) else os.fspath(path)
     if isinstance(path, Mapping) or (os.path.isfile(path) and not _is_safetensors(path)):
-        if method not in (None, "vpt"):
-            raise ValueError(f"load_prompts: {where} is an official VPT checkpoint, not {method!r}")
-        state = _official_state(path)
-        saved = {"method": "vpt", "config": _config_from_shapes(state, model), "impl": "fused"}
+        state, saved = _read_official(path, model, method, where)
     else:
         state, saved = _read_ours(path)
         where = saved.pop("_file", where)
@@ -186,7 +184,7 @@ def load_prompts(
 
 def _method(name: Any, where: str):
     try:
-        return methods.get(name)
+        return registry.get(name)
     except ValueError as e:
         raise CheckpointError(f"load_prompts: {where}: {e}") from None
 
@@ -308,7 +306,8 @@ def _compare_copy(saved: dict[str, Any], path: str) -> None:
 
 
 def _upgrade(saved: dict[str, Any], where: str) -> dict[str, Any]:
-    """Format 1 (``{"vpt": ..., "kept": ...}``) as format 2 (``{"method", "config"}``)."""
+    """Format 1 (the method's config at the top level) as format 2 (``{"method", "config"}``):
+    the method whose registry entry recognises the description takes it."""
     fmt = saved.get("format")
     if fmt == _FORMAT:
         return saved
@@ -317,23 +316,20 @@ def _upgrade(saved: dict[str, Any], where: str) -> dict[str, Any]:
             f"load_prompts: {where} has format {fmt!r}; this fastprompt reads {_FORMAT!r} and "
             f"{_FORMAT_V1!r}"
         )
-    if "vpt" not in saved:
-        raise CheckpointError(f"load_prompts: {where}: its config lacks 'vpt' (format 1)")
-    if "kept" in saved:
-        method, config = "prompt_condensation", {"vpt": saved["vpt"], "kept": saved["kept"]}
-    else:
-        method, config = "vpt", saved["vpt"]
-    return {**saved, "format": _FORMAT, "method": method, "config": config}
+    for name in registry.names():
+        legacy = registry.get(name).legacy
+        config = legacy(saved) if legacy is not None else None
+        if config is not None:
+            return {**saved, "format": _FORMAT, "method": name, "config": config}
+    raise CheckpointError(
+        f"load_prompts: {where}: its config lacks 'vpt' (format 1), and no method recognises it"
+    )
 
 
 def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
-    if not hasattr(model, "blocks") or not hasattr(model, "embed_dim"):
-        raise TypeError(
-            f"load_prompts: model must be a timm VisionTransformer, got {type(model).__name__}"
-        )
     if not isinstance(saved, dict):
         raise CheckpointError(f"load_prompts: {where}: its 'model' entry is not a JSON object")
-    have = vit.signature(model)
+    have = adapter_for(model, "load_prompts").signature()
     diff = [
         f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}"
         for k in have
@@ -345,62 +341,51 @@ def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
         )
 
 
-_OFFICIAL_SUFFIXES = {
-    "deep_prompt_embeddings": "deep_prompt_embeddings",
-    "prompt_embeddings": "prompt_embeddings",
-    "prompt_proj.weight": "prompt_proj.weight",
-    "prompt_proj.bias": "prompt_proj.bias",
-    "head.last_layer.weight": "head.weight",
-    "head.last_layer.bias": "head.bias",
-}
-
-
-def _official_state(path) -> dict[str, Tensor]:
-    """Our names for the tensors of an official VPT checkpoint (or of our own state dict)."""
-    if isinstance(path, Mapping):
-        raw = dict(path)
-    else:
+def _read_official(
+    path, model: nn.Module, method: str | None, where: str
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and description of a checkpoint of a method's official code: the methods whose
+    registry entry reads official checkpoints (``method`` only, when given) try in turn."""
+    readers = [n for n in registry.names() if registry.get(n).read_official is not None]
+    if method is not None:
+        if method not in readers:
+            raise CheckpointError(
+                f"load_prompts: {where} is a state dict of an official code base, which "
+                f"{method!r} does not read (methods that do: {readers})"
+            )
+        readers = [method]
+    raw = _state_dict(path)
+    backbone = adapter_for(model, "load_prompts")
+    errors = []
+    for name in readers:
         try:
-            raw = load_torch(os.fspath(path), "load_prompts: ")
-        except FileDamaged as e:
-            raise CheckpointError(str(e)) from None
-        if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
-            raw = raw["model"]
+            state, config = registry.get(name).read_official(raw, backbone)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        return state, {"method": name, "config": config, "impl": "fused"}
+    raise CheckpointError(
+        f"load_prompts: {where} is not a checkpoint any method reads: "
+        + ("; ".join(errors) or "no method reads official checkpoints")
+        + " (a fastprompt checkpoint is a folder or a .safetensors file)"
+    )
+
+
+def _state_dict(path) -> Mapping[str, Tensor]:
+    """The state dict in ``path`` (a ``.pth`` file, possibly under a ``"model"`` key)."""
+    if isinstance(path, Mapping):
+        return dict(path)
+    try:
+        raw = load_torch(os.fspath(path), "load_prompts: ")
+    except FileDamaged as e:
+        raise CheckpointError(str(e)) from None
+    if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
+        raw = raw["model"]
     if not isinstance(raw, Mapping):
         raise CheckpointError(
             f"load_prompts: {path} holds a {type(raw).__name__}, not a state dict"
         )
-    state: dict[str, Tensor] = {}
-    for key, value in raw.items():
-        for suffix, ours in _OFFICIAL_SUFFIXES.items():
-            if key == suffix or key.endswith("." + suffix):
-                state[ours] = value
-                break
-        else:
-            if key in ("head.weight", "head.bias"):
-                state[key] = value
-    if "prompt_embeddings" not in state:
-        where = "the given state dict" if isinstance(path, Mapping) else os.fspath(path)
-        raise CheckpointError(
-            f"load_prompts: {where} holds no 'prompt_embeddings' tensor: not a VPT checkpoint "
-            "(a fastprompt checkpoint is a folder or a .safetensors file)"
-        )
-    return state
-
-
-def _config_from_shapes(state: dict[str, Tensor], model: nn.Module) -> dict[str, Any]:
-    shallow = state["prompt_embeddings"]
-    if shallow.dim() != 3 or shallow.shape[0] != 1:
-        raise CheckpointError(
-            f"load_prompts: prompt_embeddings must be (1, P, D), got {tuple(shallow.shape)}"
-        )
-    proj = state.get("prompt_proj.weight")
-    return {
-        "num_prompts": int(shallow.shape[1]),
-        "deep": "deep_prompt_embeddings" in state,
-        "project": -1 if proj is None else int(proj.shape[1]),
-        "readout": vit.default_readout(model),
-    }
+    return raw
 
 
 def _copy_into(prompted: nn.Module, state: dict[str, Tensor], where: str) -> None:

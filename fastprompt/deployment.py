@@ -24,6 +24,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
+from fastprompt.backbones import adapter_for
 from fastprompt.inversion import patch_embedding, prompt_rows
 
 __all__ = ["deployment_forward", "deployment_tokens", "pixel_space_vit"]
@@ -31,16 +32,12 @@ __all__ = ["deployment_forward", "deployment_tokens", "pixel_space_vit"]
 
 def _check_vit(model: nn.Module, who: str) -> tuple[int, int]:
     """A timm VisionTransformer whose embedding step we reproduce; returns its image size."""
-    from timm.models.vision_transformer import VisionTransformer
-
-    if not isinstance(model, VisionTransformer):
+    backbone = adapter_for(model, who)  # what any wrapping refuses, this refuses too
+    if backbone.family != "vit":
         raise TypeError(
-            f"{who}: model must be a timm VisionTransformer, got {type(model).__module__}."
-            f"{type(model).__name__}"
+            f"{who}: pixel deployment lays prompt patches out as rows of a timm "
+            f"VisionTransformer's input; a {backbone.description} has no such path"
         )
-    for method in ("forward_features", "forward_head", "_pos_embed"):
-        if getattr(type(model), method) is not getattr(VisionTransformer, method):
-            raise TypeError(f"{who}: {type(model).__name__} overrides VisionTransformer.{method}")
     if not isinstance(model.patch_drop, nn.Identity):
         raise ValueError(f"{who}: patch dropout (patch_drop_rate > 0) is not supported")
     if getattr(model.patch_embed, "dynamic_img_pad", False):

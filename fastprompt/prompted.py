@@ -1,62 +1,53 @@
-"""The prompted ViT core: a timm ``VisionTransformer`` plus a prompt source; no method in it.
+"""The prompted core: a backbone adapter plus a prompt source; no method, no timm attribute.
 
-:class:`PromptedViT` wraps a timm model without patching it. It registers the model's submodules
-and parameters under their own names, and those of its prompt source (:mod:`fastprompt.sources`)
-under theirs, so ``state_dict()`` keys are the model's plus the method's official ones.
+:class:`PromptedViT` wraps a model without patching it. It asks the model's backbone adapter
+(:mod:`fastprompt.backbones`) for every step of the forward and its prompt source
+(:mod:`fastprompt.sources`) for the prompts, and registers the model's submodules and parameters
+under their own names, and the source's under theirs, so ``state_dict()`` keys are the model's
+plus the method's official ones.
 
-Parameters are *adopted*: the wrapper is their one owner. The model and the source keep entries
-that point at the wrapper's objects and are re-pointed whenever the wrapper's change (``.to()``
-with parameter overwriting, ``to_empty()``, ``load_state_dict(assign=True)``, attribute
-assignment, ``torch.func.functional_call``), so the forward never reads a stale copy.
+Parameters are *adopted*: the wrapper is their one owner (:mod:`fastprompt.ownership`). The model
+and the source keep entries that point at the wrapper's objects and are re-pointed whenever the
+wrapper's change, so the forward never reads a stale copy; a model has one live wrapper.
 
-Two computations share the parameters and give the same logits:
+The forward runs block by block. A block's prompt outputs are needed only when the next block
+receives no new set (they flow on as tokens) or when the block is the last and the readout reads
+them; otherwise only the prompts' keys and values matter (``docs/design.md`` §3). So per block:
 
-- naive (the official algorithm): prompts are real tokens in every block;
-- fused (deep sources only): per block only the prompts' keys/values matter, so they are computed
-  once (shared by the batch, or per image) and the image queries attend to ``[K_p; K_img]``
-  through :func:`fastprompt.ops.prompt_attention`; prompt rows of Q, attention output,
-  projection, LN2 and MLP are never computed (``docs/design.md`` §3).
+- *tokens*: the prompts are tokens of the block (the official computation), inserted when the
+  block receives a set, overwriting the prompt outputs of the block before;
+- *keys/values*: the block receives a set whose outputs nobody reads: only its keys/values are
+  computed (once for the batch, or per image) and the other tokens' queries attend to
+  ``[K_p; K]`` through :func:`fastprompt.ops.prompt_attention`; prompt rows of Q, attention
+  output, projection, LN2 and MLP are never computed.
 
-Prompt keys/values can be computed once and reused at inference inside
-:meth:`PromptedViT.frozen_prompts`; methods that need to see each block's prompt attention
-(Prompt Condensation's scores) plug in through :meth:`PromptedViT.attention_override`.
+``impl="naive"`` runs every block as tokens; ``impl="fused"`` (default) uses keys/values wherever
+the rule allows, which covers VPT-deep, VPT-shallow (tokens throughout), prompt readouts and the
+official ablations with the same numbers. Prompt keys/values can be computed once and reused at
+inference inside :meth:`PromptedViT.frozen_prompts`; methods that need to see each block's
+prompt attention (Prompt Condensation's scores) plug in through
+:meth:`PromptedViT.attention_override`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import weakref
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastprompt.models import vit
-from fastprompt.models.vit import AttentionCall, AttentionFn
+from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
+from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.ops.attention import prompt_attention
+from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
 __all__ = ["IMPLS", "AttentionCall", "PromptedViT", "run_attention"]
 
 IMPLS = ("fused", "naive")
-
-
-class _Wrapping:
-    """One timm model's wrapping: its flags and modes before, and the wrappers that share it."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        self.modes = {n: m.training for n, m in model.named_modules()}
-        self.active = True
-        self.refs: list[weakref.ref] = []
-
-    def live(self) -> bool:
-        return any(r() is not None for r in self.refs)
-
-
-# model → its wrapping; weak, so a model that is gone leaves no entry.
-_WRAPPINGS: weakref.WeakKeyDictionary[nn.Module, _Wrapping] = weakref.WeakKeyDictionary()
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -69,8 +60,10 @@ def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
         call.prompt_k,
         call.prompt_v,
         call.prompt_index,
+        call.prompt_lengths,
         scale=call.scale,
         backend=call.backend,
+        key_bias=call.key_bias,
     )
 
 
@@ -78,24 +71,39 @@ def _default_attention(call: AttentionCall) -> Tensor:
     return run_attention(call)[0]
 
 
-class PromptedViT(nn.Module):
-    """A timm ``VisionTransformer`` with prompts from a :class:`~fastprompt.sources.PromptSource`.
+@dataclass(frozen=True)
+class _Step:
+    """How one block runs: whether a new prompt set enters before it, whether the prompts are
+    tokens of the block (False: only their keys/values), and how many prompt tokens the block's
+    input holds."""
 
-    Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method.
+    receive: bool
+    as_tokens: bool
+    held: int
+
+
+class PromptedViT(OwningWrapper):
+    """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
+
+    Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
+    and no model family (its name is historical: any backbone with an adapter can be wrapped).
 
     Parameters
     ----------
-    model : timm.models.vision_transformer.VisionTransformer
-        The backbone; it is frozen and kept in eval mode, its head stays trainable.
+    model : nn.Module
+        The backbone (timm ``VisionTransformer``, or any family with an adapter in
+        :mod:`fastprompt.backbones`); it is frozen and kept in eval mode, its head stays
+        trainable.
     source : PromptSource
         Where the prompts come from; its parameters are registered on the wrapper.
-    readout : {"cls", "patches", "patches+prompts"}
-        The class token, the mean of the patch tokens, or the mean of all non-prefix tokens
-        (prompt outputs included).
+    readout : str
+        What the head reads (the adapter's readouts; a ViT: ``"cls"``, ``"patches"`` or
+        ``"patches+prompts"``).
     impl : {"fused", "naive"}
-        Computation; both give the same numbers. Non-deep sources always run the naive path.
+        Computation; both give the same numbers.
     backend : str, optional
-        Backend of :func:`fastprompt.ops.prompt_attention`; None picks the best.
+        Backend of :func:`fastprompt.ops.prompt_attention` (one of
+        :data:`fastprompt.backends.NAMES`); None picks the best.
     method : str
         Name of the method that built the model (recorded in checkpoints).
     share_with : PromptedViT, optional
@@ -117,131 +125,44 @@ class PromptedViT(nn.Module):
         who = f"fastprompt.{method}"
         if isinstance(model, PromptedViT):
             raise TypeError(f"{who}: this model is already prompted; call .unwrap() first")
-        vit.check_wrappable(model, who)
+        backbone = adapter_for(model, who)
         if impl not in IMPLS:
             raise ValueError(f"{who}: impl must be one of {IMPLS}, got {impl!r}")
+        if backend is not None and backend not in BACKENDS:
+            raise ValueError(f"{who}: backend must be one of {BACKENDS} or None, got {backend!r}")
         if not isinstance(source, PromptSource) or source.position not in POSITIONS:
             raise TypeError(f"{who}: source must be a PromptSource, got {type(source).__name__}")
-        if readout == "cls" and model.cls_token is None:
-            raise ValueError(f"{who}: readout='cls' needs a model with a class token")
-        if impl == "fused" and source.deep:
-            reasons = vit.fused_unsupported_reasons(model)
-            if reasons:
-                raise TypeError(f"{who}: {'; '.join(reasons)}. Use impl='naive' for other blocks.")
+        if source.position not in backbone.positions:
+            raise ValueError(
+                f"{who}: a {backbone.description} takes prompts at {backbone.positions}, not "
+                f"{source.position!r}"
+            )
+        backbone.check_readout(readout, who)
+        object.__setattr__(self, "_backbone", backbone)
+        object.__setattr__(self, "_source", source)
+        self.readout = readout
+        self.impl = impl
+        self._attention: AttentionFn | None = None
+        # Block classes do not change under a wrapper: ask once.
+        object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
+        if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
+            raise TypeError(
+                f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
+            )
         object.__setattr__(self, "_adopted", [])
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
-        object.__setattr__(self, "_source", source)
         self._adopt(model)
         self._adopt(source)
-        self.readout = readout
-        self.impl = impl
         self.backend = backend
         self.method = method
         # Owned by the method that built the model (e.g. Prompt Condensation's kept mask).
         self.method_state: dict[str, Any] = {}
-        self._frozen: list[tuple[Tensor, Tensor]] | None = None
-        self._attention: AttentionFn | None = None
+        self._frozen: dict[int, PromptKV] | None = None
         for param in model.parameters():
             param.requires_grad_(False)
-        model.get_classifier().requires_grad_(True)
+        backbone.classifier().requires_grad_(True)
         self.train(model.training)
-
-    # -- ownership --------------------------------------------------------------------------------
-
-    def _claim(self, model: nn.Module, share_with: PromptedViT | None, who: str) -> _Wrapping:
-        record = _WRAPPINGS.get(model)
-        if share_with is not None:
-            if share_with._model is not model or record is not share_with._wrapping:
-                raise ValueError(f"{who}: share_with must be a live wrapper of the same model")
-            share_with._check_live()
-        elif record is not None and record.active and record.live():
-            raise TypeError(
-                f"{who}: this timm model is already wrapped by a live PromptedViT (which froze "
-                "its backbone and set up its head); call .unwrap() on that wrapper first, or "
-                "wrap a copy.deepcopy(model)"
-            )
-        elif record is None or not record.active:
-            record = _Wrapping(model)
-            _WRAPPINGS[model] = record
-        # else: earlier wrappers were dropped without unwrap(); the model is still frozen, and
-        # the record keeps its state from before, so a later unwrap() restores that state.
-        record.refs = [r for r in record.refs if r() is not None] + [weakref.ref(self)]
-        return record
-
-    def _check_live(self) -> None:
-        if not self._wrapping.active:
-            raise RuntimeError(
-                "fastprompt: this prompted model was unwrapped (its backbone is no longer "
-                "frozen); wrap the timm model again to use prompts"
-            )
-
-    def unwrap(self) -> nn.Module:
-        """Return the timm model with its original ``requires_grad`` flags and modes restored.
-
-        The model's weights (including the trained head) are the ones this wrapper used; the
-        prompts stay in this wrapper, which (with any wrapper sharing the model) stops working.
-        """
-        self._check_live()
-        self._sync()
-        record = self._wrapping
-        for name, param in self._model.named_parameters():
-            param.requires_grad_(record.flags.get(name, param.requires_grad))
-        for name, module in self._model.named_modules():
-            module.training = record.modes.get(name, module.training)
-        record.active = False
-        if _WRAPPINGS.get(self._model) is record:
-            del _WRAPPINGS[self._model]
-        return self._model
-
-    # -- adoption: the wrapper owns the parameters the model and the source also hold ---------
-
-    def _adopt(self, owner: nn.Module) -> None:
-        names = []
-        for name, child in owner.named_children():
-            self._check_free(name, owner)
-            self.add_module(name, child)
-            names.append(name)
-        for name, param in owner._parameters.items():  # None entries too (VPT-shallow's deep set)
-            self._check_free(name, owner)
-            self.register_parameter(name, param)
-            names.append(name)
-        for name, buf in owner.named_buffers(recurse=False):
-            self._check_free(name, owner)
-            self.register_buffer(
-                name, buf, persistent=name not in owner._non_persistent_buffers_set
-            )
-            names.append(name)
-        self._adopted.append((owner, tuple(names)))
-
-    def _check_free(self, name: str, owner: nn.Module) -> None:
-        if name in self._modules or name in self._parameters or name in self._buffers:
-            raise ValueError(
-                f"fastprompt: {type(owner).__name__} has an attribute {name!r} that another part "
-                "of the prompted model already uses"
-            )
-
-    def _sync(self) -> None:
-        """Point the model's and the source's entries at the wrapper's current objects."""
-        for owner, names in self._adopted:
-            for name in names:
-                for table in ("_parameters", "_buffers", "_modules"):
-                    mine = getattr(self, table)
-                    if name in mine:
-                        theirs = getattr(owner, table)
-                        if theirs.get(name) is not mine[name]:
-                            theirs[name] = mine[name]
-                        break
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        super().__setattr__(name, value)
-        if any(name in names for _, names in self.__dict__.get("_adopted", ())):
-            self._sync()
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._sync()
-        return result
 
     # -- modes and bookkeeping ------------------------------------------------------------------
 
@@ -254,7 +175,7 @@ class PromptedViT(nn.Module):
 
     @property
     def model(self) -> nn.Module:
-        """The wrapped timm model (shares every parameter with this wrapper)."""
+        """The wrapped model (shares every parameter with this wrapper)."""
         self._sync()
         return self._model
 
@@ -265,13 +186,28 @@ class PromptedViT(nn.Module):
         return self._source
 
     @property
+    def backbone(self) -> Backbone:
+        """The model's backbone adapter."""
+        return self._backbone
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks of the backbone."""
+        return self._backbone.depth
+
+    @property
     def config(self) -> Any:
-        """The prompt source's configuration."""
+        """The configuration of the method that built the model (held by the prompt source)."""
         return self._source.config()
 
     def prompt_count(self, block: int) -> int:
-        """Prompts that ``block`` receives (its own set when deep, block 0's otherwise)."""
-        return self._source.count(block)
+        """Prompt tokens in ``block``'s input in the official computation: the set it receives,
+        or the outputs of the last set received before it flowing on (0 before any)."""
+        held = 0
+        for i in range(block + 1):
+            if self._source.receives(i):
+                held = self._source.count(i)
+        return held
 
     def trainable_parameters(self) -> dict[str, nn.Parameter]:
         """Parameters that train: the prompt source's and the head (anything not frozen)."""
@@ -301,32 +237,35 @@ class PromptedViT(nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"method={self.method!r}, source={self._source.extra_repr()}, "
-            f"readout={self.readout!r}, impl={self.impl!r}"
+            f"method={self.method!r}, backbone={self._backbone.family!r}, "
+            f"source={self._source.extra_repr()}, readout={self.readout!r}, impl={self.impl!r}"
         )
 
     # -- plug-in points ---------------------------------------------------------------------------
 
     def fused_unsupported_reasons(self) -> list[str]:
         """Why the fused path cannot run this model (empty when it can)."""
+        fused = self._plan(fused=True)
         reasons = (
             []
-            if self._source.deep
+            if any(not s.as_tokens for s in fused)
             else [
                 "prompts are not deep (they are real tokens in every block, so there are no "
                 "per-block prompt keys/values to attend to)"
             ]
         )
-        return reasons + vit.fused_unsupported_reasons(self._model)
+        return reasons + self._backbone.fused_unsupported_reasons()
 
     @contextlib.contextmanager
     def attention_override(self, fn: AttentionFn) -> Iterator[PromptedViT]:
         """Run every block's prompt attention through ``fn`` inside the block (fused path).
 
-        ``fn`` receives a :class:`~fastprompt.models.vit.AttentionCall` and returns the attention
+        ``fn`` receives a :class:`~fastprompt.backbones.AttentionCall` and returns the attention
         output (B, H, N, d); it may compute anything on the side (Prompt Condensation's scores).
         The model runs the fused path inside, whatever its ``impl``, which is exact; a model the
-        fused path cannot reproduce is refused here with the reasons.
+        fused path cannot reproduce is refused here with the reasons. Blocks whose prompts are
+        tokens (their outputs are read later) run as in the official computation and are not
+        seen, unless the source hands them keys/values of its own.
         """
         if not callable(fn):
             raise TypeError(f"attention_override: fn must be callable, got {type(fn).__name__}")
@@ -355,11 +294,12 @@ class PromptedViT(nn.Module):
         """
         self._check_live()
         self._sync()
-        frozen = None
-        if self._runs_fused():
-            m = self._model
-            with torch.no_grad():
-                frozen = [vit.prompt_kv(m, i, self._source.shared(i)) for i in range(len(m.blocks))]
+        frozen: dict[int, PromptKV] = {}
+        with torch.no_grad():
+            for i, step in enumerate(self._plan()):
+                shared = None if step.as_tokens else self._source.shared(i)
+                if shared is not None:
+                    frozen[i] = PromptKV(*self._backbone.prompt_kv(i, shared))
         previous, self._frozen = self._frozen, frozen
         try:
             yield self
@@ -368,101 +308,171 @@ class PromptedViT(nn.Module):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _runs_fused(self) -> bool:
-        if not self._source.deep:
-            return False
-        return self.impl == "fused" or self._attention is not None
+    def _plan(self, fused: bool | None = None) -> list[_Step]:
+        """How each block runs (``docs/design.md`` §4, "The prompted core").
+
+        Block i's prompt outputs are needed when block i + 1 receives no new set (they flow on)
+        or when i is the last block and the readout reads them. On the fused path a block that
+        receives a set whose outputs are not needed runs on its keys/values only.
+        """
+        if fused is None:
+            fused = self.impl == "fused" or self._attention is not None
+        src, depth = self._source, self._backbone.depth
+        reads = self._backbone.reads_prompts(self.readout)
+        steps, held = [], 0
+        for i in range(depth):
+            receive = src.receives(i)
+            needed = reads if i == depth - 1 else not src.receives(i + 1)
+            if receive and fused and not needed:
+                steps.append(_Step(True, False, 0))
+                held = 0
+                continue
+            if receive:
+                held = src.count(i)
+            steps.append(_Step(receive, True, held))
+        return steps
 
     def _prompts_in_output(self) -> int:
-        """How many prompt tokens ``forward_features`` returns (between prefix and patches for
-        prefix sources, after the patches for suffix ones)."""
-        last = self._source.count(len(self._model.blocks) - 1 if self._source.deep else 0)
-        if not self._runs_fused() or self.readout == "patches+prompts":
-            return last
-        return 0
+        """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
+        plan = self._plan()
+        return plan[-1].held if plan and plan[-1].as_tokens else 0
 
-    def _insert(self, tokens: Tensor, prompts: Tensor) -> Tensor:
-        b, npre = tokens.shape[0], self._model.num_prefix_tokens
-        prompts = prompts.expand(b, -1, -1)
-        if self._source.position == "prefix":
-            return torch.cat([tokens[:, :npre], prompts, tokens[:, npre:]], dim=1)
-        return torch.cat([tokens, prompts], dim=1)
+    def _selected(self, block: int, table: Tensor, batch: int, state: Any, per_image: Tensor):
+        """``(prompt_index, prompt_lengths)`` of the ``table`` (T, ...) of sets of ``block``."""
+        index, lengths = self._source.selection(block, batch, state)
+        t = table.shape[0]
+        if index is None and t not in (1, batch):
+            raise ValueError(
+                f"fastprompt: block {block} got {t} prompt sets for {batch} images; a table of "
+                "sets needs the source's selection (prompt_index)"
+            )
+        if index is None and t != 1:
+            index = per_image
+        return index, lengths
 
-    def _replace(self, tokens: Tensor, prompts: Tensor, previous: int) -> Tensor:
-        """Overwrite the previous block's prompt outputs with a new set (VPT-deep)."""
-        npre = self._model.num_prefix_tokens
-        if self._source.position == "prefix":
-            kept = torch.cat([tokens[:, :npre], tokens[:, npre + previous :]], dim=1)
+    def _keys_values(self, block: int, batch: int, state: Any, per_image: Tensor) -> PromptKV:
+        """The block's prompt keys/values: its set's (cached inside ``frozen_prompts``), joined
+        with the source's own keys/values."""
+        frozen = None if self.training else self._frozen
+        if frozen is not None and block in frozen:
+            kv = frozen[block]
         else:
-            kept = tokens[:, : tokens.shape[1] - previous]
-        return self._insert(kept, prompts)
+            prompts = self._source.tokens(block, batch, state)
+            index, lengths = self._selected(block, prompts, batch, state, per_image)
+            kv = PromptKV(*self._backbone.prompt_kv(block, prompts), index, lengths)
+        return self._join_direct(block, kv, batch, state, per_image)
 
-    def forward_features(self, x: Tensor) -> Tensor:
+    def _join_direct(
+        self, block: int, kv: PromptKV | None, batch: int, state: Any, per_image: Tensor
+    ) -> PromptKV | None:
+        """``kv`` with the source's direct keys/values for ``block`` in front of it (they are
+        valid in full, so per-set lengths of ``kv`` stay a valid prefix once shifted)."""
+        direct = self._source.kv(block, batch, state)
+        if direct is None:
+            return kv
+        dk, dv = direct
+        if kv is None:
+            return PromptKV(dk, dv, *self._selected(block, dk, batch, state, per_image))
+        t = max(dk.shape[0], kv.k.shape[0])
+        if t != 1 and dk.shape[0] not in (1, t):
+            raise ValueError(
+                f"fastprompt: block {block}'s key-value prompts have {dk.shape[0]} sets and its "
+                f"prompt tokens {kv.k.shape[0]}"
+            )
+        k = torch.cat([dk.expand(t, -1, -1, -1), kv.k.expand(t, -1, -1, -1)], dim=2)
+        v = torch.cat([dv.expand(t, -1, -1, -1), kv.v.expand(t, -1, -1, -1)], dim=2)
+        index = kv.index if kv.index is not None or t == 1 else per_image
+        lengths = None if kv.lengths is None else kv.lengths + dk.shape[2]
+        return PromptKV(k, v, index, lengths)
+
+    def _block(
+        self,
+        i: int,
+        step: _Step,
+        tokens: Any,
+        held: int,
+        state: Any,
+        batch: int,
+        attend: AttentionFn,
+        per_image: Tensor,
+    ) -> Any:
+        """Block ``i`` on the token state holding ``held`` prompt tokens (one step of the loop,
+        so that each block can be wrapped on its own)."""
+        bb, position = self._backbone, self._source.position
+        tokens = bb.enter(i, tokens, held)
+        if not step.as_tokens:
+            if held:
+                tokens = bb.remove(tokens, held, position)
+            kv = self._keys_values(i, batch, state, per_image)
+            return bb.fused_block(i, tokens, 0, kv, attend, self.backend)
+        if step.receive:
+            prompts = self._source.tokens(i, batch, state)
+            index, lengths = self._selected(i, prompts, batch, state, per_image)
+            if lengths is not None:
+                raise ValueError(
+                    f"fastprompt: block {i}'s prompt sets differ in length; sets of different "
+                    "lengths can only enter blocks whose prompt outputs are not read (as keys "
+                    "and values)"
+                )
+            if index is not None:
+                prompts = prompts[index]
+            if held:
+                tokens = bb.remove(tokens, held, position)
+            tokens = bb.insert(tokens, i, prompts, position)
+        direct = self._join_direct(i, None, batch, state, per_image)
+        if direct is None:
+            return bb.block(i, tokens, step.held)
+        if self._fused_reasons:  # the source's own keys/values need the fused block anyway
+            raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
+        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend)
+
+    def forward_features(self, x: Tensor, **inputs: Any) -> Any:
         """Final normalised tokens.
 
         Parameters
         ----------
         x : Tensor, shape (B, C, H, W)
+        **inputs
+            Other forward inputs for the prompt source (none for the built-in sources).
 
         Returns
         -------
-        Tensor, shape (B, N_tokens, D)
-            The prefix and patch tokens, with the prompt tokens where the source puts them when
-            the path computes them (the naive path always; the fused path only for a readout
-            that reads them).
+        Tensor
+            The adapter's final tokens (a ViT: (B, N_tokens, D)): the image tokens, with the
+            prompt tokens where the source puts them when the last block computes them (the
+            naive path always; the fused path only for a readout that reads them).
         """
         self._check_live()
         self._sync()
-        m = self._model
-        tokens = vit.embed(m, x)
-        state = self._source.prepare(x)
-        if self._runs_fused():
-            return m.norm(self._fused_blocks(tokens, state))
-        return m.norm(self._naive_blocks(tokens, state))
-
-    def _naive_blocks(self, tokens: Tensor, state: Any) -> Tensor:
-        m, src, b = self._model, self._source, tokens.shape[0]
-        x = m.norm_pre(self._insert(tokens, src.tokens(0, b, state)))
-        for i, blk in enumerate(m.blocks):
-            if i > 0 and src.deep:
-                x = self._replace(x, src.tokens(i, b, state), src.count(i - 1))
-            x = blk(x)
-        return x
-
-    def _fused_blocks(self, tokens: Tensor, state: Any) -> Tensor:
-        m, src, b = self._model, self._source, tokens.shape[0]
-        x = m.norm_pre(tokens)
-        last = len(m.blocks) - 1
-        frozen = None if self.training else self._frozen
+        bb = self._backbone
+        tokens = bb.embed(x)
+        state = self._source.prepare(x, **inputs)
+        batch = x.shape[0]
         attend = self._attention or _default_attention
-        per_image = torch.arange(b, device=x.device)  # set of each image when prompts are per image
-        for i, blk in enumerate(m.blocks):
-            if i == last and self._prompts_in_output():
-                # The readout reads prompt outputs: only this block computes prompt rows.
-                return blk(self._insert(x, vit.entering(m.norm_pre, i, src.tokens(i, b, state))))
-            if frozen is not None:
-                pk, pv = frozen[i]
-            else:
-                pk, pv = vit.prompt_kv(m, i, src.tokens(i, b, state))
-            x = vit.fused_block(blk, i, x, pk, pv, attend, self.backend, per_image)
-        return x
+        per_image = torch.arange(batch, device=x.device)  # the set of each image (T = B)
+        held = 0
+        for i, step in enumerate(self._plan()):
+            tokens = self._block(i, step, tokens, held, state, batch, attend, per_image)
+            held = step.held if step.as_tokens else 0
+        return bb.features(tokens)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """Readout, ``fc_norm`` and head, as timm's ``forward_head`` with prompts in mind."""
-        npre, n = self._model.num_prefix_tokens, x.shape[1]
-        p = self._prompts_in_output()
-        patches = slice(npre + p, n) if self._source.position == "prefix" else slice(npre, n - p)
-        return vit.head(self._model, vit.pool(self._model, x, self.readout, patches), pre_logits)
+    def forward_head(self, x: Any, pre_logits: bool = False) -> Tensor:
+        """Readout and head, as timm's ``forward_head`` with prompts in mind."""
+        bb = self._backbone
+        pooled = bb.pool(x, self.readout, self._prompts_in_output(), self._source.position)
+        return bb.head(pooled, pre_logits)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, **inputs: Any) -> Tensor:
         """Logits.
 
         Parameters
         ----------
         x : Tensor, shape (B, C, H, W)
+        **inputs
+            Other forward inputs for the prompt source (none for the built-in sources).
 
         Returns
         -------
         Tensor, shape (B, num_classes)
         """
-        return self.forward_head(self.forward_features(x))
+        return self.forward_head(self.forward_features(x, **inputs))

@@ -1,18 +1,42 @@
-"""The backend registry: dispatch, the strict explicit choice, the one-time fallback message and the
-``FASTPROMPT_*`` settings."""
+"""The backend registry: declarations, dispatch (fixed order, strict, probed, measured), the
+``FASTPROMPT_*`` settings and what ``fastprompt info`` says."""
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import types
 import warnings
 
 import pytest
 import torch
+from helpers import make_prompts, make_qkv
 
 from fastprompt import _config, backends
-from fastprompt.backends import Call, choose, describe
+from fastprompt.backends import Backend, Call, choose, describe, measure, probe
+from fastprompt.backends import cache as dispatch_cache
+from fastprompt.ops import prompt_attention
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda")  # a device object needs no GPU; nothing here launches on it
+F32 = torch.float32
+
+
+@pytest.fixture(autouse=True)
+def clean_dispatch(monkeypatch, tmp_path):
+    """Every test starts with no decisions, no probes, its own cache file, no overrides."""
+    for name in ("FASTPROMPT_BACKEND", "FASTPROMPT_PROBE", "FASTPROMPT_MEASURE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("FASTPROMPT_DISPATCH_CACHE", str(tmp_path / "dispatch.json"))
+    backends._warned.clear()
+    probe.forget()
+    measure.forget()
+    dispatch_cache.forget()
+    yield
+    probe.forget()
+    measure.forget()
+    dispatch_cache.forget()
 
 
 @pytest.fixture
@@ -20,40 +44,110 @@ def no_gpu_no_interpreter(monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("Triton can run here")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    monkeypatch.delenv("FASTPROMPT_BACKEND", raising=False)
-    backends._warned.clear()
 
 
-def test_every_name_in_one_place():
+def _declare(name: str, module: str, **kw) -> Backend:
+    features = kw.pop("features", frozenset(backends.FEATURES))
+    lacks = {f: "not in this test backend" for f in backends.FEATURES if f not in features}
+    args = dict(
+        summary="test",
+        measured="-",
+        devices=("cpu",),
+        dtypes=(F32,),
+        features=frozenset(features),
+        lacks=lacks,
+        auto={"cpu": (F32,)},
+    )
+    args.update(kw)
+    return Backend(name=name, kernels=module, **args)
+
+
+def _register(monkeypatch, *extra: Backend, only: tuple[str, ...] | None = None) -> None:
+    kept = [b for b in backends.BACKENDS if only is None or b.name in only]
+    registry = (*extra, *kept)
+    monkeypatch.setattr(backends, "BACKENDS", registry)
+    monkeypatch.setattr(backends, "NAMES", tuple(b.name for b in registry))
+
+
+# ----------------------------------------------------------------------------------------------
+# Declarations
+# ----------------------------------------------------------------------------------------------
+
+
+def test_every_backend_implements_what_it_declares():
     assert backends.NAMES == tuple(b.name for b in backends.BACKENDS)
+    assert backends.YARDSTICK in backends.NAMES
     for b in backends.BACKENDS:
         assert b.kernels == f"fastprompt.kernels.{b.name}"
         module = b.module()
         for fn in ("availability", "prompt_attention_fwd", "prompt_attention_bwd"):
             assert callable(getattr(module, fn)), (b.name, fn)
-        assert hasattr(module, "prompt_attention_bwd_scored")
-        assert ("scores" in b.features) == (module.prompt_attention_bwd_scored is not None)
+        assert hasattr(module, "prompt_attention_bwd_scored") == ("scores" in b.features), b.name
+        for hook in backends.HOOKS:  # declared hooks exist, and no hook goes undeclared
+            assert hasattr(module, hook) == (hook in b.hooks), (b.name, hook)
+        assert set(b.features) | set(b.lacks) == set(backends.FEATURES), b.name
+        assert all(b.lacks.values()), b.name
 
 
-def test_cpu_picks_the_extension_for_fp32_and_torch_otherwise_silently(no_gpu_no_interpreter):
+def test_a_declaration_must_give_a_reason_for_every_feature_it_lacks():
+    with pytest.raises(ValueError, match="either implemented or lacked with a reason"):
+        Backend("x", "m", "s", "-", ("cpu",), (F32,), frozenset({"scores"}))
+    with pytest.raises(ValueError, match="unknown features"):
+        _declare("x", "m", features={"scores", "teleport"})
+
+
+def test_triton_is_chosen_automatically_only_where_it_is_covered():
+    triton = backends.get("triton")
+    assert "not chosen automatically on cpu" in triton.auto_reasons(Call(CPU, torch.float16, 64))[0]
+    assert "only float16/bfloat16" in triton.auto_reasons(Call(CUDA, F32, 64))[0]
+    assert any("head dim 48" in r for r in triton.auto_reasons(Call(CUDA, torch.float16, 48)))
+    assert triton.auto_reasons(Call(CUDA, torch.bfloat16, 64)) == [] or torch.cuda.is_available()
+
+
+def test_the_triton_declaration_is_stated_once():
+    """The kernels' head-dim split and the registry read the same declaration module."""
+    from fastprompt.kernels.triton import _capability
+
+    triton = backends.get("triton")
+    assert triton.head_dims == tuple(sorted(_capability.HEAD_DIM_SPLITS))
+    assert triton.dtypes == _capability.SUPPORTED_DTYPES
+    assert triton.auto_head_dims == _capability.AUTO_HEAD_DIMS
+
+
+def test_describe_reports_declarations_and_availability():
+    rows = describe(probe=lambda b: None if b.name == "torch" else f"{b.name} is switched off")
+    by_name = {r["backend"]: r for r in rows}
+    assert by_name["torch"]["available"] == "yes"
+    assert by_name["triton"]["available"] == "triton is switched off"
+    assert by_name["triton"]["auto"].startswith("cuda: float16/bfloat16 (head dims 32")
+    assert "key_bias: the Triton kernels add no bias" in by_name["triton"]["lacks"]
+    assert by_name["cascade"]["measured_candidate"].startswith("cpu: float32")
+    assert all(r["summary"] and r["measured"] for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fixed-order choice
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cpu_keeps_todays_defaults_silently(no_gpu_no_interpreter):
     cpp_runs = backends.get("cpp").availability("cpu") is None
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        if cpp_runs:
-            assert choose("op", Call(CPU, torch.float32, 64)).name == "cpp"
+        assert choose("op", Call(CPU, F32, 64)).name == ("cpp" if cpp_runs else "torch")
         for dtype in (torch.float64, torch.bfloat16):
             assert choose("op", Call(CPU, dtype, 64)).name == "torch"
 
 
-def test_fallback_from_a_better_backend_is_said_once(no_gpu_no_interpreter):
+def test_on_cuda_the_cascade_replaces_the_materialised_path(no_gpu_no_interpreter):
+    """Triton first where covered; its fallback is the cascade, said once."""
     call = Call(CUDA, torch.bfloat16, 64)
-    with pytest.warns(
-        RuntimeWarning, match="uses backend 'torch' because 'triton' cannot run: no CUDA"
-    ):
-        assert choose("op", call).name == "torch"
+    with pytest.warns(RuntimeWarning, match="uses backend 'cascade' because 'triton' cannot run"):
+        assert choose("op", call).name == "cascade"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        assert choose("op", call).name == "torch"
+        assert choose("op", call).name == "cascade"
+        assert choose("op", Call(CUDA, F32, 64)).name == "cascade"
 
 
 def test_explicit_choice_is_strict_and_lists_every_reason(no_gpu_no_interpreter):
@@ -62,38 +156,37 @@ def test_explicit_choice_is_strict_and_lists_every_reason(no_gpu_no_interpreter)
     message = str(err.value)
     assert "no CUDA device" in message and "dtype torch.float64" in message
     assert "head dim 40" in message
-    with pytest.raises(ValueError, match="does not exist; choose one of"):
-        choose("op", Call(CPU, torch.float32, 64), "cuda-magic")
+    with pytest.raises(ValueError, match="backend='cuda-magic' does not exist; choose one of"):
+        choose("op", Call(CPU, F32, 64), "cuda-magic")
 
 
-def test_a_missing_feature_rules_a_backend_out(monkeypatch):
-    narrow = backends.Backend(
-        name="narrow",
-        kernels="fastprompt.kernels.torch",
-        summary="test",
-        devices=("cpu",),
-        auto={"cpu": (torch.float64,)},
+def test_a_missing_feature_rules_a_backend_out_with_its_reason(monkeypatch):
+    narrow = _declare(
+        "narrow",
+        "fastprompt.kernels.torch",
+        features={"prompt_index"},
         dtypes=(torch.float64,),
-        features=frozenset({"prompt_index"}),
+        auto={"cpu": (torch.float64,)},
     )
-    monkeypatch.setattr(backends, "BACKENDS", (narrow, *backends.BACKENDS))
+    _register(monkeypatch, narrow)
     f64 = torch.float64
     assert choose("op", Call(CPU, f64, 64, frozenset({"prompt_index"}))).name == "narrow"
     assert choose("op", Call(CPU, f64, 64, frozenset({"scores"}))).name == "torch"
-    with pytest.raises(NotImplementedError, match="does not implement scores"):
+    with pytest.raises(NotImplementedError, match="no scores: not in this test backend"):
         choose("op", Call(CPU, f64, 64, frozenset({"scores"})), "narrow")
 
 
 def test_environment_override(monkeypatch, no_gpu_no_interpreter):
     monkeypatch.setenv("FASTPROMPT_BACKEND", "TORCH")
     assert _config.get().backend == "torch"
-    assert choose("op", Call(CPU, torch.float32, 64)).name == "torch"
+    assert choose("op", Call(CPU, F32, 64)).name == "torch"
     monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
     with pytest.raises(NotImplementedError, match="requested"):
-        choose("op", Call(CPU, torch.float32, 64))
+        choose("op", Call(CPU, F32, 64))
     monkeypatch.setenv("FASTPROMPT_BACKEND", "fast")
-    with pytest.raises(ValueError, match="FASTPROMPT_BACKEND='fast' is not a backend"):
-        _config.get()
+    assert _config.get().backend == "fast"  # the settings module knows no backend names
+    with pytest.raises(ValueError, match="FASTPROMPT_BACKEND='fast' does not exist"):
+        choose("op", Call(CPU, F32, 64))
 
 
 @pytest.mark.parametrize("value, expected", [("1", True), ("0", False), ("", False), ("yes", True)])
@@ -102,12 +195,21 @@ def test_verbose_flag(monkeypatch, value, expected):
     assert _config.get().verbose is expected
 
 
-def test_describe_reports_what_availability_says():
-    rows = describe(probe=lambda b: None if b.name == "torch" else f"{b.name} is switched off")
-    by_name = {r["backend"]: r for r in rows}
-    assert by_name["torch"]["available"] == "yes"
-    assert by_name["triton"]["available"] == "triton is switched off"
-    assert by_name["triton"]["auto"] == "cuda: float16/bfloat16"
+def test_probe_and_measure_settings(monkeypatch):
+    settings = _config.get()
+    assert settings.probe == settings.measure == "auto"
+    monkeypatch.setenv("FASTPROMPT_PROBE", "off")
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "ALWAYS")
+    monkeypatch.setenv("FASTPROMPT_DISPATCH_CACHE", "off")
+    settings = _config.get()
+    assert (settings.probe, settings.measure, settings.dispatch_cache) == ("off", "always", None)
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "sometimes")
+    with pytest.raises(ValueError, match="FASTPROMPT_MEASURE='sometimes' is not one of"):
+        _config.get()
+
+
+def test_settings_hold_no_unused_knob():
+    assert not hasattr(_config.get(), "build_ext")  # setup.py reads FASTPROMPT_BUILD_EXT itself
 
 
 def test_only_config_reads_fastprompt_environment_variables():
@@ -122,3 +224,209 @@ def test_only_config_reads_fastprompt_environment_variables():
         p.relative_to(root).as_posix() for p in root.rglob("*.py") if reading.search(p.read_text())
     ]
     assert readers == ["_config.py"]
+
+
+def test_the_layers_hold_as_the_import_contracts_say():
+    """ops -> backends -> kernels, references import only torch, no circle (pyproject.toml)."""
+    pytest.importorskip("importlinter")
+    result = subprocess.run(
+        [sys.executable, "-c", "from importlinter.cli import lint_imports_command as c; c()"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Kernels that check themselves
+# ----------------------------------------------------------------------------------------------
+
+
+def _fake_kernels(monkeypatch, name: str, skew: float = 0.0, fail: bool = False):
+    """A kernels module: the cascade's kernels with every output off by ``skew``, or raising."""
+    from fastprompt.kernels import cascade
+
+    module = types.ModuleType(name)
+
+    def fwd(*args, **kw):
+        if fail:
+            raise RuntimeError("no kernel image for this device")
+        out, lse = cascade.prompt_attention_fwd(*args, **kw)
+        return out * (1 + skew), lse
+
+    def bwd(*args, **kw):
+        return tuple(g * (1 + skew) for g in cascade.prompt_attention_bwd(*args, **kw))
+
+    module.availability = lambda: None
+    module.prompt_attention_fwd, module.prompt_attention_bwd = fwd, bwd
+    monkeypatch.setitem(sys.modules, name, module)
+    return name
+
+
+def test_a_wrong_kernel_is_disabled_once_with_its_error(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    wrong = _declare(
+        "wrong",
+        _fake_kernels(monkeypatch, "fp_wrong_kernels", skew=0.01),
+        features={"prompt_index", "prompt_lengths"},
+    )
+    _register(monkeypatch, wrong, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match=r"'wrong' failed its self-check .* out: error"):
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+    (_, result), *_ = [(k, r) for k, r in probe.results().items() if k[0] == "wrong"]
+    assert not result.ok and "against float64" in result.detail
+    recorded = dispatch_cache.entries("probes")
+    assert any(k.startswith("wrong|") and not v["ok"] for k, v in recorded.items())
+    assert probe.results()[("torch", "cpu", "torch.float32", 32)].ok
+
+
+def test_a_kernel_that_raises_fails_its_probe_and_one_within_the_rule_passes(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    broken = _declare("broken", _fake_kernels(monkeypatch, "fp_broken", fail=True))
+    close = _declare("close", _fake_kernels(monkeypatch, "fp_close", skew=1e-7))
+    _register(monkeypatch, broken, close, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match="'broken' failed .* raised RuntimeError: no kernel"):
+        assert choose("op", Call(CPU, F32, 16)).name == "close"
+
+
+def test_the_probe_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_PROBE", "off")
+    wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_off", skew=0.5))
+    _register(monkeypatch, wrong, only=("cascade", "torch"))
+    assert choose("op", Call(CPU, F32, 16)).name == "wrong"
+    assert probe.results() == {}
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch by measurement
+# ----------------------------------------------------------------------------------------------
+
+SHAPE = (2, 2, 9, 9, 1, 5)
+
+
+def test_measured_choice_keeps_the_fastest_and_caches_it_on_disk(monkeypatch, tmp_path):
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "always")
+    _register(monkeypatch, only=("cascade", "torch"))
+    timed = []
+
+    def fake_time(backend, call, shape, training):
+        timed.append(backend.name)
+        return {"cascade": 1.0, "torch": 2.0}[backend.name] * (3 if training else 1)
+
+    monkeypatch.setattr(measure, "time_backend", fake_time)
+    call = Call(CPU, F32, 16)
+    assert choose("op", call, shape=SHAPE).name == "cascade"
+    assert choose("op", call, shape=SHAPE).name == "cascade"
+    assert timed == ["cascade", "torch"]  # measured once per bucket
+    assert choose("op", call, shape=SHAPE, training=True).name == "cascade"
+    assert len(timed) == 4  # training is its own bucket
+    stored = json.loads((tmp_path / "dispatch.json").read_text())
+    (section,) = stored.values()
+    keys = list(section["measured"])
+    assert any("|infer|" in k for k in keys) and any("|train|" in k for k in keys)
+    assert section["measured"][keys[0]]["ms"] == {"cascade": 1.0, "torch": 2.0} or (
+        section["measured"][keys[0]]["ms"] == {"cascade": 3.0, "torch": 6.0}
+    )
+    # A new process reads the decision from disk without timing anything.
+    measure.forget()
+    dispatch_cache.forget()
+    monkeypatch.setattr(measure, "time_backend", lambda *a: pytest.fail("timed again"))
+    assert choose("op", call, shape=SHAPE).name == "cascade"
+    # backend= and FASTPROMPT_BACKEND still force one.
+    assert choose("op", call, "torch", shape=SHAPE).name == "torch"
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "torch")
+    assert choose("op", call, shape=SHAPE).name == "torch"
+
+
+def test_measurement_is_off_on_a_cpu_by_default(monkeypatch):
+    monkeypatch.setattr(measure, "time_backend", lambda *a: pytest.fail("timed on a CPU"))
+    assert choose("op", Call(CPU, torch.float64, 16), shape=SHAPE).name == "torch"
+
+
+def test_real_timings_of_the_op_pick_a_candidate(monkeypatch):
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "always")
+    _register(monkeypatch, only=("cascade", "torch"))
+    q, k, v = make_qkv(2, 2, 9, 16)
+    pk, pv = make_prompts(2, 2, 5, 16)
+    index = torch.tensor([1, 0])
+    prompt_attention(q, k, v, pk, pv, index)
+    (key, name), *_ = measure.decisions().items()
+    assert name in ("cascade", "torch") and "prompt_index" in key and "|P8|N16|" in key
+
+
+def test_measured_and_probed_choice_inside_torch_compile(monkeypatch):
+    """The decision runs while tracing and stays a constant of the compiled graph."""
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "always")
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    _register(monkeypatch, only=("cascade", "torch"))
+    monkeypatch.setattr(
+        measure, "time_backend", lambda b, *a: {"cascade": 2.0, "torch": 1.0}[b.name]
+    )
+    q, k, v = make_qkv(2, 2, 9, 16)
+    pk, pv = make_prompts(1, 2, 5, 16)
+    leaves = [t.requires_grad_() for t in (q, k, v, pk, pv)]
+    compiled = torch.compile(
+        lambda *a: prompt_attention(*a)[0], fullgraph=True, backend="aot_eager"
+    )
+    out = compiled(*leaves)
+    torch.autograd.grad(out.sum(), leaves)
+    assert list(measure.decisions().values()) == ["torch"]
+    assert {k[0] for k in probe.results()} == {"cascade", "torch"}
+
+
+# ----------------------------------------------------------------------------------------------
+# fastprompt info
+# ----------------------------------------------------------------------------------------------
+
+
+def test_info_reports_bad_settings_probe_results_and_measured_choices(monkeypatch, tmp_path):
+    """It used to crash on an invalid FASTPROMPT_BACKEND; now it says so and goes on."""
+    import os
+
+    cache_file = tmp_path / "dispatch.json"
+    monkeypatch.setenv("FASTPROMPT_DISPATCH_CACHE", str(cache_file))
+    dispatch_cache.record(
+        "probes", "triton|NVIDIA H100|torch.bfloat16|d64", {"ok": False, "detail": "dq: error 0.5"}
+    )
+    dispatch_cache.record(
+        "measured",
+        "prompt_attention|NVIDIA H100|bfloat16|d64|P256|N256|infer|plain",
+        {"backend": "cascade", "ms": {"cascade": 0.1}},
+    )
+    env = dict(os.environ, FASTPROMPT_BACKEND="bogus", FASTPROMPT_DISPATCH_CACHE=str(cache_file))
+    result = subprocess.run(
+        [sys.executable, "-m", "fastprompt", "info"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = result.stdout
+    assert "FASTPROMPT_BACKEND: 'bogus' is not a backend" in out
+    for name in backends.NAMES:
+        assert f"  {name}: " in out
+    assert "measured:" in out and "lacks:" in out
+    assert "probe triton|NVIDIA H100|torch.bfloat16|d64: FAILED: dq: error 0.5" in out
+    assert "P256|N256|infer|plain: cascade" in out
+
+
+def test_measured_choice_with_a_batch_traced_symbolically(monkeypatch):
+    """A dynamic batch cannot be a constant of the choice: it is left out, N and P key it."""
+    monkeypatch.setenv("FASTPROMPT_MEASURE", "always")
+    _register(monkeypatch, only=("cascade", "torch"))
+    shapes = []
+
+    def fake_time(backend, call, shape, training):
+        shapes.append(shape)
+        return {"cascade": 1.0, "torch": 2.0}[backend.name]
+
+    monkeypatch.setattr(measure, "time_backend", fake_time)
+    compiled = torch.compile(
+        lambda *a: prompt_attention(*a)[0], fullgraph=True, dynamic=True, backend="eager"
+    )
+    for b in (2, 3):
+        q, k, v = make_qkv(b, 2, 9, 16)
+        pk, pv = make_prompts(1, 2, 5, 16)
+        compiled(q, k, v, pk, pv)
+    assert set(measure.decisions().values()) == {"cascade"}
+    assert {s[2] for s in shapes} == {9} and {s[5] for s in shapes} == {5}

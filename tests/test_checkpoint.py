@@ -7,7 +7,6 @@ import torch
 from helpers import images, tiny_vit
 
 import fastprompt
-import fastprompt.models.vit
 
 
 def _trained(**kw):
@@ -100,7 +99,7 @@ def test_format_1_folders_still_load(tmp_path):
             "readout": "cls",
             "layer_counts": None,
         },
-        "model": fastprompt.models.vit.signature(prompted.model),
+        "model": prompted.backbone.signature(),
         "impl": "fused",
     }
     (folder / "config.json").write_text(json.dumps(config))

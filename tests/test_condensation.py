@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from helpers import assert_close, images, naive_vpt, naive_vpt_of, prompt_sets, tiny_vit
 
 import fastprompt
-from fastprompt.methods.condensation import _score_vectors, layer_summary
+from fastprompt.methods.condensation import layer_summary
+from fastprompt.methods.condensation.scores import _score_vectors
 from fastprompt.ops.gather import gather_prompts, gather_prompts_ref
 
 P = 6

@@ -1,5 +1,6 @@
 """Every ``vit_*`` / ``deit_*`` configuration in timm's registry, shrunk: it either matches the
-naive VPT oracle (logits and gradients) or is refused with a reason.
+naive VPT oracle (logits and gradients) or is refused with a reason; the models of
+:data:`MUST_ACCEPT` must be wrapped, on the path named there.
 
 A new timm release that changes a block, the attention or the embedding shows up here first.
 """
@@ -16,6 +17,26 @@ from helpers import assert_matches_naive
 import fastprompt
 
 NAMES = sorted(set(timm.list_models("vit_*")) | set(timm.list_models("deit_*")))
+
+# Models that must be accepted, one per variant fastprompt supports, and the path each runs:
+# "fused" (keys/values of deep prompts), or "naive" where the block class is not timm's Block.
+MUST_ACCEPT = {
+    "vit_tiny_patch16_224": "fused",
+    "vit_small_patch16_224": "fused",
+    "vit_base_patch16_224": "fused",
+    "vit_base_patch32_224": "fused",
+    "deit_tiny_patch16_224": "fused",  # DeiT without distillation
+    "vit_base_patch16_clip_224": "fused",  # norm_pre (CLIP's ln_pre)
+    "vit_small_patch14_dinov2": "fused",  # layer scale
+    "vit_small_patch14_reg4_dinov2": "fused",  # register tokens
+    "vit_medium_patch16_gap_256": "fused",  # no class token, average pooling
+    "vit_base_patch16_siglip_gap_224": "fused",  # no class token, average pooling, fc_norm
+    "vit_base_r50_s16_224": "fused",  # a hybrid CNN stem
+    "vit_small_r26_s32_224": "fused",
+    "vit_base_patch16_rpn_224": "naive",  # ResPostBlock
+    "vit_small_patch16_18x2_224": "naive",  # ParallelScalingBlock
+    "vit_base_patch16_xp_224": "naive",  # ParallelThingsBlock
+}
 
 # Shrink each configuration; the second set keeps the widths for models whose architecture ties
 # them together (hybrid CNN stems, per-block head counts).
@@ -44,14 +65,25 @@ def test_matches_naive_vpt_or_is_refused_with_its_reason(name):
         pytest.skip(f"{name}: no shrunk configuration of it can be built")
     if sum(p.numel() for p in model.parameters()) > 30e6:
         pytest.skip(f"{name}: the smallest buildable configuration is too large for a unit test")
+    expected = MUST_ACCEPT.get(name)
     try:
         prompted = fastprompt.vpt(model, 3)
     except (TypeError, ValueError) as e:
         message = str(e)
         assert message.startswith("fastprompt.vpt: ") and len(message) > 40, message
         if "impl='naive'" not in message:
+            assert expected is None, f"{name} must be accepted, got: {message}"
             return
+        assert expected != "fused", f"{name} must run the fused path, got: {message}"
         prompted = fastprompt.vpt(model, 3, impl="naive")
+    else:
+        assert expected != "naive", f"{name} should be refused the fused path"
     size = model.patch_embed.img_size
     x = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(0))
     assert_matches_naive(prompted.train(), x)
+
+
+def test_the_models_that_must_be_accepted_exist_in_this_timm():
+    """The sweep checks them only if timm lists them; most must be there."""
+    present = [n for n in MUST_ACCEPT if n in NAMES]
+    assert len(present) >= 12, f"timm lists only {present} of the models that must be accepted"

@@ -7,7 +7,7 @@ import torch
 from helpers import assert_close, assert_matches_naive, images, tiny_vit
 
 import fastprompt
-from fastprompt.sources.learned import READOUTS
+from fastprompt.backbones.vit import READOUTS
 
 
 def _compare(prompted, x, seed=0, atol=2e-5):

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "fastprompt/arith.h"
 
 namespace fastprompt::cpu {
 
@@ -33,16 +34,33 @@ struct Sets {
   int64_t length_of(int64_t t, int64_t P) const { return lengths.empty() ? P : lengths[t]; }
 };
 
+// The sequences of each set: set t holds order[offsets[t]] ... order[offsets[t + 1] - 1], in
+// increasing sequence order (a stable counting sort of prompt_index).
+struct SetMembers {
+  std::vector<int64_t> order;    // (B,)
+  std::vector<int64_t> offsets;  // (T + 1,)
+};
+
+inline SetMembers set_members(const Sets& sets, int64_t B, int64_t T) {
+  SetMembers m{std::vector<int64_t>(B), std::vector<int64_t>(T + 1, 0)};
+  for (int64_t b = 0; b < B; ++b) ++m.offsets[sets.set_of(b) + 1];
+  for (int64_t t = 0; t < T; ++t) m.offsets[t + 1] += m.offsets[t];
+  std::vector<int64_t> next(m.offsets.begin(), m.offsets.end() - 1);
+  for (int64_t b = 0; b < B; ++b) m.order[next[sets.set_of(b)]++] = b;
+  return m;
+}
+
 inline Sets read_sets(const std::optional<at::Tensor>& index,
                       const std::optional<at::Tensor>& lengths, const AttnShape& s,
                       const char* op) {
   Sets sets{to_vector(index), to_vector(lengths)};
   for (int64_t i : sets.index) {
-    TORCH_CHECK(i >= 0 && i < s.T, op, ": prompt_index values must lie in [0, ", s.T, "), got ", i);
+    TORCH_CHECK(set_index_ok(i, s.T), op, ": prompt_index values must lie in [0, ", s.T, "), got ",
+                i);
   }
   for (int64_t n : sets.lengths) {
-    TORCH_CHECK(n >= 0 && n <= s.P, op, ": prompt_lengths values must lie in [0, ", s.P, "], got ",
-                n);
+    TORCH_CHECK(set_length_ok(n, s.P), op, ": prompt_lengths values must lie in [0, ", s.P,
+                "], got ", n);
   }
   return sets;
 }
@@ -85,11 +103,12 @@ inline Mat<T> mat(const at::Tensor& t, int64_t i0, int64_t h) {
   return {t.const_data_ptr<T>() + i0 * t.stride(0) + h * t.stride(1), t.stride(2)};
 }
 
-// Prompt Condensation terms from per-sequence fp32 prompt gradients dpk_seq/dpv_seq (B, H, P, d)
-// and per-head gate parts (B, H, P): terms (S, B, P) and gate (B, P), both fp32, summed in a
-// fixed order. u_k/u_v: contiguous fp32 (S, T, H, P, d) (ignored when S = 0).
-void score_terms(const float* dpk_seq, const float* dpv_seq, const float* gate_part,
-                 const at::Tensor& u_k, const at::Tensor& u_v, int64_t S, const Sets& sets,
-                 const AttnShape& s, at::Tensor& terms, at::Tensor& gate);
+// The per-set reduction and the score epilogue of csrc/cpu/cascade_kernels.cpp, which the CPU
+// kernels' backward shares (arguments as in csrc/cascade/kernels.h).
+at::Tensor reduce_sets(const at::Tensor& per_seq, const at::Tensor& order,
+                       const at::Tensor& offsets, int64_t T);
+void score_terms(const at::Tensor& dk, const at::Tensor& dv, const at::Tensor& gate_src,
+                 double gate_mult, const at::Tensor& u_k, const at::Tensor& u_v,
+                 const at::Tensor& index, const at::Tensor& terms, const at::Tensor& gate);
 
 }  // namespace fastprompt::cpu

@@ -92,7 +92,11 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sbuf.data() + r * cols;
           const float alpha = row_rescale(st[r], row_max(srow, cols));
-          row_add(st[r], exp_sub_sum(srow, cols, safe_max(st[r].m)));
+          if (saturated(st[r].m)) {
+            std::fill(srow, srow + cols, 0.0f);
+          } else {
+            row_add(st[r], exp_sub_sum(srow, cols, safe_max(st[r].m)));
+          }
           if (c0 > 0) scale_row(acc.data() + r * d, alpha, d);
           if constexpr (kLowp) cast_row(srow, plow.data() + r * cols, cols);
         }
@@ -139,8 +143,10 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     BlasThreadGuard blas_threads;
     Scratch<float> pbuf(bm * kKeyGroup), dsbuf(bm * kKeyGroup), dq_acc(bm * d), delta(bm);
     Scratch<T> plow(kLowp ? bm * kKeyGroup : 0), dslow(kLowp ? bm * kKeyGroup : 0);
-    // fp32 inputs accumulate straight into dk/dv (contiguous fp32); others in these buffers.
+    // fp32 inputs accumulate straight into dk/dv (fp32, rows ld_img apart); others in these
+    // buffers (rows d apart).
     Scratch<float> dk_acc(kLowp ? s.Nk * d : 0), dv_acc(kLowp ? s.Nk * d : 0);
+    const int64_t ld_img = kLowp ? d : dk.stride(2);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / s.H, h = task % s.H;
       const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);
@@ -159,8 +165,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         dk_img = dk_acc.data();
         dv_img = dv_acc.data();
       } else {
-        dk_img = dk.data_ptr<float>() + (b * s.H + h) * s.Nk * d;
-        dv_img = dv.data_ptr<float>() + (b * s.H + h) * s.Nk * d;
+        dk_img = dk.data_ptr<float>() + b * dk.stride(0) + h * dk.stride(1);
+        dv_img = dv.data_ptr<float>() + b * dv.stride(0) + h * dv.stride(1);
       }
       for (int64_t r0 = 0; r0 < s.Nq; r0 += bm) {
         const int64_t rows = std::min(bm, s.Nq - r0);
@@ -175,11 +181,12 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           const int npc = pieces_of(c0, cols, np, pcs);
           auto keys = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PK : K; };
           auto vals = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PV : V; };
+          auto dld = [&](const Piece& pc) { return pc.segment == 0 ? d : ld_img; };
           auto dkey = [&](const Piece& pc) {
-            return (pc.segment == 0 ? dpk : dk_img) + pc.start * d;
+            return pc.segment == 0 ? dpk + pc.start * d : dk_img + pc.start * ld_img;
           };
           auto dval = [&](const Piece& pc) {
-            return (pc.segment == 0 ? dpv : dv_img) + pc.start * d;
+            return pc.segment == 0 ? dpv + pc.start * d : dv_img + pc.start * ld_img;
           };
           // P = exp(scale q k^T - lse)
           for (int i = 0; i < npc; ++i) {
@@ -196,10 +203,10 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             const Piece& pc = pcs[i];
             if constexpr (kLowp) {
               gemm(true, false, pc.len, d, rows, 1.0f, plow.data() + pc.col, cols, dorow, DO.ld,
-                   1.0f, dval(pc), d);
+                   1.0f, dval(pc), dld(pc));
             } else {
               gemm(true, false, pc.len, d, rows, 1.0f, pbuf.data() + pc.col, cols, dorow, DO.ld,
-                   1.0f, dval(pc), d);
+                   1.0f, dval(pc), dld(pc));
             }
             gemm(false, true, rows, pc.len, d, 1.0f, dorow, DO.ld, vals(pc).row(pc.start),
                  vals(pc).ld, 0.0f, dsbuf.data() + pc.col, cols);
@@ -218,41 +225,40 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               gemm(false, false, rows, d, pc.len, scale, dslow.data() + pc.col, cols,
                    keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
               gemm(true, false, pc.len, d, rows, scale, dslow.data() + pc.col, cols, qrow, Q.ld,
-                   1.0f, dkey(pc), d);
+                   1.0f, dkey(pc), dld(pc));
             } else {
               gemm(false, false, rows, d, pc.len, scale, dsbuf.data() + pc.col, cols,
                    keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
               gemm(true, false, pc.len, d, rows, scale, dsbuf.data() + pc.col, cols, qrow, Q.ld,
-                   1.0f, dkey(pc), d);
+                   1.0f, dkey(pc), dld(pc));
             }
           }
         }
-        T* dq_p = dq.data_ptr<T>() + ((b * s.H + h) * s.Nq + r0) * d;
-        for (int64_t r = 0; r < rows; ++r) store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * d, d);
+        T* dq_p = dq.data_ptr<T>() + b * dq.stride(0) + h * dq.stride(1) + r0 * dq.stride(2);
+        for (int64_t r = 0; r < rows; ++r) {
+          store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * dq.stride(2), d);
+        }
       }
       if constexpr (kLowp) {
-        T* dk_p = dk.data_ptr<T>() + (b * s.H + h) * s.Nk * d;
-        T* dv_p = dv.data_ptr<T>() + (b * s.H + h) * s.Nk * d;
-        store_row(dk_acc.data(), 1.0f, dk_p, s.Nk * d);
-        store_row(dv_acc.data(), 1.0f, dv_p, s.Nk * d);
+        T* dk_p = dk.data_ptr<T>() + b * dk.stride(0) + h * dk.stride(1);
+        T* dv_p = dv.data_ptr<T>() + b * dv.stride(0) + h * dv.stride(1);
+        for (int64_t n = 0; n < s.Nk; ++n) {
+          store_row(dk_acc.data() + n * d, 1.0f, dk_p + n * dk.stride(2), d);
+          store_row(dv_acc.data() + n * d, 1.0f, dv_p + n * dv.stride(2), d);
+        }
       }
     }
   });
 }
 
-// dprompt[t] = sum over sequences b with set t, in increasing b, of the per-sequence gradient.
-void reduce_sets(const float* per_seq, const Sets& sets, const AttnShape& s, float* out) {
-  const int64_t block = s.P * s.d;
-  at::parallel_for(0, s.T * s.H, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t th = begin; th < end; ++th) {
-      const int64_t t = th / s.H, h = th % s.H;
-      float* dst = out + th * block;
-      std::fill(dst, dst + block, 0.0f);
-      for (int64_t b = 0; b < s.B; ++b) {
-        if (sets.set_of(b) == t) add_row(dst, per_seq + (b * s.H + h) * block, block);
-      }
-    }
-  });
+// The sequences of each set as the tensors cpu::reduce_sets reads.
+std::pair<at::Tensor, at::Tensor> member_tensors(const Sets& sets, int64_t B, int64_t T) {
+  const SetMembers m = set_members(sets, B, T);
+  const auto i64 = at::TensorOptions().dtype(at::kLong);
+  at::Tensor order = at::empty({B}, i64), offsets = at::empty({T + 1}, i64);
+  std::copy(m.order.begin(), m.order.end(), order.data_ptr<int64_t>());
+  std::copy(m.offsets.begin(), m.offsets.end(), offsets.data_ptr<int64_t>());
+  return {order, offsets};
 }
 
 }  // namespace
@@ -272,7 +278,7 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
   const at::Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
   const at::Tensor pk = rows_readable(pk_), pv = rows_readable(pv_);
   // (B, H, N, d) stored as (B, N, H, d): merging heads afterwards is free.
-  at::Tensor out = at::empty({s.B, s.Nq, s.H, s.d}, q.options()).transpose(1, 2);
+  at::Tensor out = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.Nq == 0) return {out, lse};
   FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_fwd", [&] {
@@ -281,46 +287,37 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
   return {out, lse};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cpu(
+BwdResult prompt_attention_bwd_cpu(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
     const Tensor& pv_, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
     const Tensor& out_, const Tensor& lse_, double scale, const OptTensor& u_k_,
     const OptTensor& u_v_) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
-  check_exact(dout_, q_.sizes(), "dout", op);
-  check_exact(out_, q_.sizes(), "out", op);
-  check_same(dout_, q_, "dout", op);
-  check_same(out_, q_, "out", op);
-  check_exact(lse_, {s.B, s.H, s.Nq}, "lse", op);
-  TORCH_CHECK(lse_.scalar_type() == at::kFloat, op, ": lse must be float32, got ",
-              lse_.scalar_type());
-  TORCH_CHECK(u_k_.has_value() == u_v_.has_value(), op, ": give both u_k and u_v or neither");
+  const int64_t S = check_backward_args(dout_, q_, out_, lse_, u_k_, u_v_, s, op);
   const bool scored = u_k_.has_value();
-  int64_t S = 0;
-  if (scored) {
-    S = u_k_->size(0);
-    check_exact(*u_k_, {S, s.T, s.H, s.P, s.d}, "u_k", op);
-    check_exact(*u_v_, {S, s.T, s.H, s.P, s.d}, "u_v", op);
-  }
   const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
   const at::Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
   const at::Tensor pk = rows_readable(pk_), pv = rows_readable(pv_);
   const at::Tensor dout = rows_readable(dout_), out = rows_readable(out_);
   const at::Tensor lse = lse_.contiguous();
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({s.B, s.H, s.Nq, s.d}, q.options());
+  // dq, dk, dv stored (B, N, H, d), as the op keeps them (merging heads is then free).
+  at::Tensor dq = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
   // fp32 dk/dv are accumulated in place, so they start at zero.
-  at::Tensor dk = q.scalar_type() == at::kFloat ? at::zeros({s.B, s.H, s.Nk, s.d}, q.options())
-                                                : at::empty({s.B, s.H, s.Nk, s.d}, q.options());
-  at::Tensor dv = q.scalar_type() == at::kFloat ? at::zeros({s.B, s.H, s.Nk, s.d}, q.options())
-                                                : at::empty({s.B, s.H, s.Nk, s.d}, q.options());
+  at::Tensor dk = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
+  at::Tensor dv = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
+  if (q.scalar_type() == at::kFloat) {
+    dk.zero_();
+    dv.zero_();
+  }
   at::Tensor dpk_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
   at::Tensor dpv_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
-  at::Tensor gate_part = at::zeros({s.B, s.H, s.P}, f32);
+  // The gate (sum over queries of dS per prompt key) only when scores are asked for.
+  at::Tensor gate_part = at::zeros({scored ? s.B : 0, s.H, s.P}, f32);
   if (s.B * s.H * s.Nq > 0) {
     BwdBuffers buf{dpk_seq.data_ptr<float>(), dpv_seq.data_ptr<float>(),
-                   gate_part.data_ptr<float>()};
+                   scored ? gate_part.data_ptr<float>() : nullptr};
     FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
       backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, sets, s, static_cast<float>(scale), dq,
                          dk, dv, buf);
@@ -330,16 +327,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attent
     dk.zero_();
     dv.zero_();
   }
-  at::Tensor dpk = at::empty({s.T, s.H, s.P, s.d}, f32);
-  at::Tensor dpv = at::empty({s.T, s.H, s.P, s.d}, f32);
-  reduce_sets(dpk_seq.const_data_ptr<float>(), sets, s, dpk.data_ptr<float>());
-  reduce_sets(dpv_seq.const_data_ptr<float>(), sets, s, dpv.data_ptr<float>());
-  at::Tensor terms = at::empty({S, s.B, s.P}, f32);
-  at::Tensor gate = at::empty({s.B, s.P}, f32);
-  const at::Tensor uk = scored ? u_k_->to(at::kFloat).contiguous() : at::empty({0}, f32);
-  const at::Tensor uv = scored ? u_v_->to(at::kFloat).contiguous() : at::empty({0}, f32);
-  score_terms(dpk_seq.const_data_ptr<float>(), dpv_seq.const_data_ptr<float>(),
-              gate_part.const_data_ptr<float>(), uk, uv, S, sets, s, terms, gate);
+  const auto [order, offsets] = member_tensors(sets, s.B, s.T);
+  const at::Tensor dpk = reduce_sets(dpk_seq, order, offsets, s.T);
+  const at::Tensor dpv = reduce_sets(dpv_seq, order, offsets, s.T);
+  at::Tensor terms = at::zeros({S, s.B, s.P}, f32);
+  at::Tensor gate = at::zeros({s.B, s.P}, f32);
+  if (scored) {
+    const at::Tensor index = prompt_index.has_value() ? prompt_index->to(at::kLong) : at::Tensor();
+    score_terms(dpk_seq, dpv_seq, gate_part, 1.0, u_k_->to(at::kFloat).contiguous(),
+                u_v_->to(at::kFloat).contiguous(), index, terms, gate);
+  }
   return {dq, dk, dv, dpk, dpv, terms, gate};
 }
 

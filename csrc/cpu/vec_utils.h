@@ -12,6 +12,8 @@
 #include <limits>
 #include <type_traits>
 
+#include "fastprompt/arith.h"
+
 namespace fastprompt::cpu {
 
 using Vec = at::vec::Vectorized<float>;
@@ -48,9 +50,10 @@ inline float exp_sub_sum(float* x, int64_t n, float m) {
   return s;
 }
 
-// x <- exp(x - lse), or 0 everywhere when lse = -inf (a row that attended to nothing).
+// x <- exp(x - lse), or 0 everywhere when lse gives no key a probability (a row that attended
+// to nothing, or a saturated one: fastprompt/arith.h).
 inline void exp_sub(float* x, int64_t n, float lse) {
-  if (lse == -std::numeric_limits<float>::infinity()) {
+  if (lse_gives_no_probability(lse)) {
     std::fill(x, x + n, 0.0f);
     return;
   }

@@ -1,284 +1,213 @@
-// CUDA entry points of the fastprompt_ext operators: checks, allocation and launcher calls.
+// CUDA twins of the cascade's small kernels (csrc/cascade/kernels.h): tensors in, launcher
+// parameters out (csrc/cuda/params.h), launch errors raised with the kernel's name.
 //
-// Compiled by the host compiler (torch headers stay out of the .cu files). Outputs follow the
-// CPU kernels exactly: out stored (B, N, H, d), contiguous dq/dk/dv, fp32 per-set prompt
-// gradients, and the per-sequence buffers zeroed so prompt keys past a set's length get none.
-// prompt_index / prompt_lengths values are checked on the device (a bad value stops the kernel)
-// rather than here, which would synchronise.
+// Compiled by the host compiler (torch headers stay out of the .cu file).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_assert_async.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/nonzero.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <c10/util/intrusive_ptr.h>
 
-#include "../checks.h"
-#include "../ops.h"
+#include <mutex>
+#include <vector>
+
+#include "../cascade/kernels.h"
+#include "fastprompt/launch.h"
 #include "params.h"
 
-namespace fastprompt {
+namespace fastprompt::cuda {
 namespace {
 
-using cuda::View4;
+using at::Tensor;
 
-cuda::DType dtype_of(const at::Tensor& t) {
+DType dtype_of(const Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
-      return cuda::DType::f32;
+      return DType::f32;
     case at::kHalf:
-      return cuda::DType::f16;
+      return DType::f16;
+    case at::kBFloat16:
+      return DType::bf16;
     default:
-      return cuda::DType::bf16;
+      break;
   }
+  TORCH_CHECK(false, "fastprompt_ext: float32, float16 or bfloat16 expected, got ",
+              t.scalar_type());
 }
 
-// Unit stride along d is what the kernels need; other layouts are copied once.
-at::Tensor unit_last(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
+View4 view4(const Tensor& t) {
+  if (!t.defined()) return {nullptr, 0, 0, 0, 0};
+  return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2), t.stride(3)};
+}
 
-View4 view(const at::Tensor& t) {
+View3 view3(const Tensor& t) {
+  if (!t.defined()) return {nullptr, 0, 0, 0};
   return {t.const_data_ptr(), t.stride(0), t.stride(1), t.stride(2)};
 }
 
-const int64_t* index_ptr(const OptTensor& t, at::Tensor& keep_alive) {
-  if (!t.has_value()) return nullptr;
-  keep_alive = t->to(at::kLong).contiguous();
+launch::Rows rows_of(const Tensor& t) {
+  if (!t.defined()) return {0, {0, 0, 0}, 1};
+  return {reinterpret_cast<uintptr_t>(t.const_data_ptr()),
+          {t.stride(0), t.stride(1), t.stride(2)},
+          t.stride(3)};
+}
+
+const int64_t* i64_ptr(const Tensor& t, Tensor& keep_alive) {
+  if (!t.defined()) return nullptr;
+  keep_alive = t.to(at::kLong).contiguous();
   return keep_alive.const_data_ptr<int64_t>();
 }
 
-void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+void check_launch(cudaError_t err, const char* kernel) {
+  TORCH_CHECK(err == cudaSuccess, "fastprompt_ext: launching ", kernel,
+              " failed: ", cudaGetErrorString(err));
 }
 
-struct Prepared {
-  cuda::AttnParams a;
-  at::Tensor q, k, v, pk, pv, index, lengths;  // keep the copies alive
+// Index and length tensors already checked, so that a model calling attention once per block
+// with the same tensors synchronises once, not once per block. An entry holds a weak reference
+// (a freed tensor whose memory is reused is not mistaken for it) and the version counter (an
+// in-place change is checked again).
+struct Checked {
+  c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl> impl;
+  int64_t version;
+  int64_t bound;
 };
 
-Prepared prepare(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                 const at::Tensor& pk, const at::Tensor& pv, const OptTensor& index,
-                 const OptTensor& lengths, double scale, const char* op) {
-  const AttnShape s = check_attention(q, k, v, pk, pv, index, lengths, op);
-  TORCH_CHECK(s.d >= 1 && s.d <= 128, op, ": the CUDA kernels take head dims 1 to 128, got ", s.d);
-  Prepared r;
-  r.q = unit_last(q);
-  r.k = unit_last(k);
-  r.v = unit_last(v);
-  r.pk = unit_last(pk);
-  r.pv = unit_last(pv);
-  cuda::AttnParams& a = r.a;
-  a.dtype = dtype_of(q);
-  a.B = static_cast<int>(s.B);
-  a.H = static_cast<int>(s.H);
-  a.Nq = static_cast<int>(s.Nq);
-  a.Nk = static_cast<int>(s.Nk);
-  a.d = static_cast<int>(s.d);
-  a.T = static_cast<int>(s.T);
-  a.P = static_cast<int>(s.P);
-  a.q = view(r.q);
-  a.k = view(r.k);
-  a.v = view(r.v);
-  a.pk = view(r.pk);
-  a.pv = view(r.pv);
-  a.index = index_ptr(index, r.index);
-  a.lengths = index_ptr(lengths, r.lengths);
-  a.scale = static_cast<float>(scale);
-  return r;
+std::mutex checked_mutex;
+std::vector<Checked> checked;
+
+bool already_checked(const Tensor& t, int64_t bound) {
+  const std::lock_guard<std::mutex> lock(checked_mutex);
+  for (const Checked& c : checked) {
+    if (!c.impl.expired() && c.impl._unsafe_get_target() == t.unsafeGetTensorImpl() &&
+        c.version == t._version() && c.bound == bound) {
+      return true;
+    }
+  }
+  return false;
+}
+
+void mark_checked(const Tensor& t, int64_t bound) {
+  const std::lock_guard<std::mutex> lock(checked_mutex);
+  if (checked.size() >= 32) checked.erase(checked.begin());
+  checked.push_back({c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>(
+                         t.getIntrusivePtr()),
+                     t._version(), bound});
+}
+
+std::string value_range(const Tensor& t) {
+  return "[" + std::to_string(t.min().item<int64_t>()) + ", " +
+         std::to_string(t.max().item<int64_t>()) + "]";
+}
+
+// The values are checked on the device and the flag is read back: one synchronisation per new
+// index/lengths tensor, and an error the caller can catch (a device-side assertion would end the
+// process's CUDA context). Under CUDA graph capture a read-back is impossible: the check then
+// becomes a device assertion, which still never lets a bad index be used.
+void check_sets(const std::optional<Tensor>& index, const std::optional<Tensor>& lengths,
+                int64_t T, int64_t P, const char* op) {
+  const bool do_index = index.has_value() && index->numel() > 0 && !already_checked(*index, T);
+  const bool do_lengths =
+      lengths.has_value() && lengths->numel() > 0 && !already_checked(*lengths, P);
+  if (!do_index && !do_lengths) return;
+  const Tensor& any = do_index ? *index : *lengths;
+  const c10::cuda::CUDAGuard guard(any.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  Tensor idx, lens;
+  const Tensor flag = at::zeros({1}, any.options().dtype(at::kInt));
+  CheckSetsParams p{do_index ? i64_ptr(*index, idx) : nullptr,
+                    do_index ? index->size(0) : 0,
+                    T,
+                    do_lengths ? i64_ptr(*lengths, lens) : nullptr,
+                    P,
+                    flag.data_ptr<int>()};
+  check_launch(launch_check_sets(p, stream), "check_sets_kernel");
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  check_launch(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
+  if (capture != cudaStreamCaptureStatusNone) {
+    at::_assert_async(flag.eq(0).all(), "fastprompt_ext: prompt_index or prompt_lengths values "
+                                        "out of range");
+    return;
+  }
+  const int bad = flag.item<int>();
+  TORCH_CHECK((bad & 1) == 0, op, ": prompt_index values must lie in [0, ", T, "), got ",
+              value_range(idx));
+  TORCH_CHECK((bad & 2) == 0, op, ": prompt_lengths values must lie in [0, ", P, "], got ",
+              value_range(lens));
+  if (do_index) mark_checked(*index, T);
+  if (do_lengths) mark_checked(*lengths, P);
+}
+
+void merge(const Tensor& o_p, const Tensor& lse_p, const Tensor& o_i, const Tensor& lse_i,
+           const Tensor& counts, const Tensor& out, const Tensor& lse) {
+  TORCH_CHECK(lse.is_contiguous(), "fastprompt_ext: merge writes a contiguous lse");
+  const c10::cuda::CUDAGuard guard(out.device());
+  Tensor cnt;
+  const launch::Rows rows[] = {rows_of(o_p), rows_of(o_i), rows_of(out)};
+  MergeParams p{dtype_of(out),
+                launch::vector_elems(static_cast<int>(out.element_size()), out.size(3), rows, 3),
+                out.size(0),
+                out.size(1),
+                out.size(2),
+                out.size(3),
+                view4(o_p),
+                view4(o_i),
+                view3(lse_p),
+                view3(lse_i),
+                i64_ptr(counts, cnt),
+                view4(out),
+                lse.data_ptr<float>()};
+  check_launch(launch_merge(p, c10::cuda::getCurrentCUDAStream()), "merge_kernel");
+}
+
+Tensor reduce_sets(const Tensor& per_seq, const Tensor& order, const Tensor& offsets, int64_t T) {
+  const c10::cuda::CUDAGuard guard(per_seq.device());
+  Tensor out = at::empty({T, per_seq.size(1), per_seq.size(2), per_seq.size(3)},
+                         per_seq.options().dtype(at::kFloat));
+  Tensor ord, off;
+  ReduceParams p{dtype_of(per_seq),     T,
+                 per_seq.size(1),       per_seq.size(2),
+                 per_seq.size(3),       view4(per_seq),
+                 i64_ptr(order, ord),   i64_ptr(offsets, off),
+                 out.data_ptr<float>()};
+  check_launch(launch_reduce_sets(p, c10::cuda::getCurrentCUDAStream()), "reduce_sets_kernel");
+  return out;
+}
+
+void score_terms(const Tensor& dk, const Tensor& dv, const Tensor& gate_src, double gate_mult,
+                 const Tensor& u_k, const Tensor& u_v, const Tensor& index, const Tensor& terms,
+                 const Tensor& gate) {
+  TORCH_CHECK(terms.is_contiguous() && gate.is_contiguous() && u_k.is_contiguous() &&
+                  u_v.is_contiguous() && u_k.scalar_type() == at::kFloat,
+              "fastprompt_ext: score_terms takes contiguous fp32 u_k/u_v, terms and gate");
+  TORCH_CHECK(dk.size(3) <= 256, "fastprompt_ext: score_terms takes head dims up to 256");
+  const c10::cuda::CUDAGuard guard(dk.device());
+  Tensor idx;
+  TermsParams p{dtype_of(dk),
+                dk.size(0),
+                dk.size(1),
+                dk.size(2),
+                dk.size(3),
+                u_k.size(0),
+                u_k.size(1),
+                view4(dk),
+                view4(dv),
+                view3(gate_src),
+                static_cast<float>(gate_mult),
+                u_k.const_data_ptr<float>(),
+                u_v.const_data_ptr<float>(),
+                i64_ptr(index, idx),
+                terms.data_ptr<float>(),
+                gate.data_ptr<float>()};
+  check_launch(launch_score_terms(p, c10::cuda::getCurrentCUDAStream()), "score_terms_kernel");
 }
 
 }  // namespace
+}  // namespace fastprompt::cuda
 
-std::tuple<Tensor, Tensor> prompt_attention_fwd_cuda(const Tensor& q, const Tensor& k,
-                                                     const Tensor& v, const Tensor& prompt_k,
-                                                     const Tensor& prompt_v,
-                                                     const OptTensor& prompt_index,
-                                                     const OptTensor& prompt_lengths,
-                                                     double scale) {
-  constexpr const char* op = "fastprompt_ext::prompt_attention_fwd";
-  const c10::cuda::CUDAGuard guard(q.device());
-  Prepared in = prepare(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, op);
-  const auto& a = in.a;
-  at::Tensor out = at::empty({a.B, a.Nq, a.H, a.d}, q.options()).transpose(1, 2);
-  at::Tensor lse = at::empty({a.B, a.H, a.Nq}, q.options().dtype(at::kFloat));
-  cuda::FwdParams p{a, out.data_ptr(), lse.data_ptr<float>()};
-  check_launch(cuda::launch_prompt_attention_fwd(p, c10::cuda::getCurrentCUDAStream()), op);
-  return {out, lse};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> prompt_attention_bwd_cuda(
-    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& prompt_k,
-    const Tensor& prompt_v, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
-    const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k,
-    const OptTensor& u_v) {
-  constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
-  const c10::cuda::CUDAGuard guard(q.device());
-  Prepared in = prepare(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, op);
-  const auto& a = in.a;
-  check_exact(dout, q.sizes(), "dout", op);
-  check_exact(out, q.sizes(), "out", op);
-  check_same(dout, q, "dout", op);
-  check_same(out, q, "out", op);
-  check_exact(lse, {a.B, a.H, a.Nq}, "lse", op);
-  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.device() == q.device(), op,
-              ": lse must be float32 on ", q.device(), ", got ", lse.scalar_type(), " on ",
-              lse.device());
-  TORCH_CHECK(u_k.has_value() == u_v.has_value(), op, ": give both u_k and u_v or neither");
-  const int64_t S = u_k.has_value() ? u_k->size(0) : 0;
-  if (u_k.has_value()) {
-    check_exact(*u_k, {S, a.T, a.H, a.P, a.d}, "u_k", op);
-    check_exact(*u_v, {S, a.T, a.H, a.P, a.d}, "u_v", op);
-  }
-  const at::Tensor dout_u = unit_last(dout), out_u = unit_last(out), lse_c = lse.contiguous();
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq = at::empty({a.B, a.H, a.Nq, a.d}, q.options());
-  at::Tensor dk = at::empty({a.B, a.H, a.Nk, a.d}, q.options());
-  at::Tensor dv = at::empty({a.B, a.H, a.Nk, a.d}, q.options());
-  at::Tensor delta = at::empty({a.B, a.H, a.Nq}, f32);
-  at::Tensor dpk_seq = at::zeros({a.B, a.H, a.P, a.d}, f32);
-  at::Tensor dpv_seq = at::zeros({a.B, a.H, a.P, a.d}, f32);
-  at::Tensor gate_part = at::zeros({a.B, a.H, a.P}, f32);
-  at::Tensor dpk = at::empty({a.T, a.H, a.P, a.d}, f32);
-  at::Tensor dpv = at::empty({a.T, a.H, a.P, a.d}, f32);
-  cuda::BwdParams p{a,
-                    view(dout_u),
-                    view(out_u),
-                    lse_c.const_data_ptr<float>(),
-                    delta.data_ptr<float>(),
-                    dq.data_ptr(),
-                    dk.data_ptr(),
-                    dv.data_ptr(),
-                    dpk_seq.data_ptr<float>(),
-                    dpv_seq.data_ptr<float>(),
-                    gate_part.data_ptr<float>(),
-                    dpk.data_ptr<float>(),
-                    dpv.data_ptr<float>()};
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  check_launch(cuda::launch_prompt_attention_bwd(p, stream), op);
-  at::Tensor terms = at::empty({S, a.B, a.P}, f32);
-  at::Tensor gate = at::empty({a.B, a.P}, f32);
-  const at::Tensor uk = S > 0 ? u_k->to(at::kFloat).contiguous() : at::empty({0}, f32);
-  const at::Tensor uv = S > 0 ? u_v->to(at::kFloat).contiguous() : at::empty({0}, f32);
-  cuda::TermsParams tp{static_cast<int>(S),
-                       a.B,
-                       a.T,
-                       a.H,
-                       a.P,
-                       a.d,
-                       a.index,
-                       dpk_seq.const_data_ptr<float>(),
-                       dpv_seq.const_data_ptr<float>(),
-                       gate_part.const_data_ptr<float>(),
-                       uk.const_data_ptr<float>(),
-                       uv.const_data_ptr<float>(),
-                       terms.data_ptr<float>(),
-                       gate.data_ptr<float>()};
-  check_launch(cuda::launch_score_terms(tp, stream), op);
-  return {dq, dk, dv, dpk, dpv, terms, gate};
-}
-
-std::tuple<Tensor, Tensor> prompt_scores_cuda(const Tensor& q, const Tensor& prompt_k,
-                                              const Tensor& prompt_v, const Tensor& lse,
-                                              const Tensor& delta, const Tensor& dprompt_k,
-                                              const Tensor& dprompt_v, const Tensor& u_k,
-                                              const Tensor& u_v, double scale,
-                                              const OptTensor& prompt_index,
-                                              const OptTensor& prompt_lengths) {
-  constexpr const char* op = "fastprompt_ext::prompt_scores";
-  const c10::cuda::CUDAGuard guard(q.device());
-  Prepared in = prepare(q, q, q, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, op);
-  const auto& a = in.a;
-  check_exact(lse, {a.B, a.H, a.Nq}, "lse", op);
-  check_exact(delta, {a.B, a.H, a.Nq}, "delta", op);
-  check_exact(dprompt_k, {a.B, a.H, a.P, a.d}, "dprompt_k", op);
-  check_exact(dprompt_v, {a.B, a.H, a.P, a.d}, "dprompt_v", op);
-  TORCH_CHECK(u_k.dim() == 5, op, ": u_k must be (S, T, H, P, d), got ", u_k.sizes());
-  const int64_t S = u_k.size(0);
-  check_exact(u_k, {S, a.T, a.H, a.P, a.d}, "u_k", op);
-  check_exact(u_v, {S, a.T, a.H, a.P, a.d}, "u_v", op);
-  for (const auto* t : {&lse, &delta, &dprompt_k, &dprompt_v, &u_k, &u_v}) {
-    TORCH_CHECK(t->device() == q.device(), op, ": every tensor must be on ", q.device(),
-                ", got one on ", t->device());
-  }
-  const auto f32c = [](const at::Tensor& t) { return t.to(at::kFloat).contiguous(); };
-  const at::Tensor lse32 = f32c(lse), delta32 = f32c(delta), dpk = f32c(dprompt_k),
-                   dpv = f32c(dprompt_v), uk = f32c(u_k), uv = f32c(u_v);
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor gate_part = at::zeros({a.B, a.H, a.P}, f32);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cuda::GateParams gp{a, lse32.const_data_ptr<float>(), delta32.const_data_ptr<float>(),
-                      dpv.const_data_ptr<float>(), gate_part.data_ptr<float>()};
-  check_launch(cuda::launch_prompt_gate(gp, stream), op);
-  at::Tensor terms = at::empty({S, a.B, a.P}, f32);
-  at::Tensor gate = at::empty({a.B, a.P}, f32);
-  cuda::TermsParams tp{static_cast<int>(S),
-                       a.B,
-                       a.T,
-                       a.H,
-                       a.P,
-                       a.d,
-                       a.index,
-                       dpk.const_data_ptr<float>(),
-                       dpv.const_data_ptr<float>(),
-                       gate_part.const_data_ptr<float>(),
-                       uk.const_data_ptr<float>(),
-                       uv.const_data_ptr<float>(),
-                       terms.data_ptr<float>(),
-                       gate.data_ptr<float>()};
-  check_launch(cuda::launch_score_terms(tp, stream), op);
-  return {terms, gate};
-}
-
-namespace {
-
-void check_keep(const at::Tensor& data, const at::Tensor& keep, const char* op, const char* name) {
-  TORCH_CHECK(keep.dim() == 2 && keep.scalar_type() == at::kBool, op,
-              ": keep must be a 2-D bool tensor (L, P), got ", keep.scalar_type(), " ",
-              keep.sizes());
-  TORCH_CHECK(keep.device() == data.device(), op, ": keep is on ", keep.device(), ", ", name,
-              " on ", data.device());
-}
-
-}  // namespace
-
-std::tuple<Tensor, Tensor> gather_prompts_cuda(const Tensor& table, const Tensor& keep) {
-  constexpr const char* op = "fastprompt_ext::gather_prompts";
-  TORCH_CHECK(table.dim() == 3, op, ": table must be 3-D, got shape ", table.sizes());
-  check_keep(table, keep, op, "table");
-  TORCH_CHECK(keep.size(0) == table.size(0) && keep.size(1) == table.size(1), op,
-              ": keep must be (L, P) = (", table.size(0), ", ", table.size(1), "), got ",
-              keep.sizes());
-  const c10::cuda::CUDAGuard guard(table.device());
-  const int64_t L = table.size(0), P = table.size(1), D = table.size(2);
-  // The kept-row list (the packed size is data-dependent, so one synchronisation is inherent).
-  const at::Tensor rows = at::nonzero(keep.reshape({L * P})).reshape({-1}).contiguous();
-  const at::Tensor counts = keep.sum(1).to(at::kLong).cpu();
-  const at::Tensor src = table.reshape({L * P, D}).contiguous();
-  at::Tensor packed = at::empty({rows.size(0), D}, table.options());
-  check_launch(
-      cuda::launch_copy_rows(src.const_data_ptr(), packed.data_ptr(),
-                             rows.const_data_ptr<int64_t>(), rows.size(0), D * table.element_size(),
-                             false, c10::cuda::getCurrentCUDAStream()),
-      op);
-  return {packed, counts};
-}
-
-Tensor gather_prompts_backward_cuda(const Tensor& grad_packed, const Tensor& keep) {
-  constexpr const char* op = "fastprompt_ext::gather_prompts_backward";
-  TORCH_CHECK(grad_packed.dim() == 2, op, ": grad_packed must be 2-D, got shape ",
-              grad_packed.sizes());
-  check_keep(grad_packed, keep, op, "grad_packed");
-  const c10::cuda::CUDAGuard guard(grad_packed.device());
-  const int64_t L = keep.size(0), P = keep.size(1), D = grad_packed.size(1);
-  const at::Tensor rows = at::nonzero(keep.reshape({L * P})).reshape({-1}).contiguous();
-  TORCH_CHECK(grad_packed.size(0) == rows.size(0), op, ": grad_packed has ", grad_packed.size(0),
-              " rows but keep selects ", rows.size(0));
-  at::Tensor grad = at::zeros({L * P, D}, grad_packed.options());
-  const at::Tensor src = grad_packed.contiguous();
-  check_launch(
-      cuda::launch_copy_rows(src.const_data_ptr(), grad.data_ptr(), rows.const_data_ptr<int64_t>(),
-                             rows.size(0), D * grad_packed.element_size(), true,
-                             c10::cuda::getCurrentCUDAStream()),
-      op);
-  return grad.view({L, P, D});
-}
-
-}  // namespace fastprompt
+namespace fastprompt::cascade {
+const Kernels kCudaKernels{&cuda::check_sets, &cuda::merge, &cuda::reduce_sets,
+                           &cuda::score_terms};
+}  // namespace fastprompt::cascade

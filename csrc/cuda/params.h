@@ -1,8 +1,8 @@
 // Launcher interface of the CUDA kernels: plain structs of pointers, sizes and strides.
 //
-// dispatch.cpp (host compiler, torch headers) fills these from tensors; the .cu files (nvcc, no
-// torch headers, so they compile fast and the ptxas report can build them alone) launch the
-// kernels. Strides are in elements; every matrix has unit stride along its last dimension.
+// dispatch.cpp (host compiler, torch headers) fills these from tensors; cascade_kernels.cu (nvcc,
+// no torch headers, so it compiles fast and the ptxas report can build it alone) launches the
+// kernels. Strides are in elements.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -13,71 +13,67 @@ namespace fastprompt::cuda {
 
 enum class DType : int { f32 = 0, f16 = 1, bf16 = 2 };
 
-// A (batch-or-set, head, row, feature) view: element (i, h, r, f) is at p + i*si + h*sh + r*sr + f.
+// Element (i, j, k, l) of a 4-D view is at p + i*s0 + j*s1 + k*s2 + l*s3; p = null: absent.
 struct View4 {
   const void* p;
-  int64_t si, sh, sr;
+  int64_t s0, s1, s2, s3;
 };
 
-struct AttnParams {
+struct View3 {
+  const void* p;
+  int64_t s0, s1, s2;
+};
+
+// Sets flag bit 1 if an index value lies outside [0, T), bit 2 if a length lies outside [0, P].
+struct CheckSetsParams {
+  const int64_t* index;  // (B,) or null
+  int64_t B, T;
+  const int64_t* lengths;  // (T,) or null
+  int64_t P;
+  int* flag;
+};
+
+// out = w_p o_p + w_i o_i and lse merged (fastprompt/arith.h), one row (b, h, n) of d features.
+struct MergeParams {
   DType dtype;
-  int B, H, Nq, Nk, d, T, P;
-  View4 q, k, v, pk, pv;
-  const int64_t* index;    // (B,) set of each sequence, or null (set 0)
-  const int64_t* lengths;  // (T,) valid keys per set, or null (P)
-  float scale;
+  int vec;  // elements per load and store (launch::vector_elems)
+  int64_t B, H, N, d;
+  View4 o_p, o_i;       // (B, H, N, d), dtype; p = null for a part with no key
+  View3 lse_p, lse_i;   // (B, H, N) fp32
+  const int64_t* counts;  // (B,) valid prompt keys per sequence, or null (all)
+  View4 out;            // (B, H, N, d), dtype, written
+  float* lse;           // (B, H, N) contiguous, written
 };
 
-struct FwdParams {
-  AttnParams a;
-  void* out;   // (B, Nq, H, d) contiguous, dtype
-  float* lse;  // (B, H, Nq)
+// out[t, h, i, j] = sum over m in [offsets[t], offsets[t + 1]) of src[order[m], h, i, j].
+struct ReduceParams {
+  DType dtype;
+  int64_t T, H, P, d;
+  View4 src;  // (B, H, P, d), dtype
+  const int64_t* order;
+  const int64_t* offsets;
+  float* out;  // (T, H, P, d) contiguous fp32
 };
 
-struct BwdParams {
-  AttnParams a;
-  View4 dout, out;
-  const float* lse;  // (B, H, Nq) contiguous
-  float* delta;      // (B, H, Nq) scratch: sum(dout * out)
-  void* dq;          // (B, H, Nq, d) contiguous, dtype
-  void* dk;          // (B, H, Nk, d) contiguous, dtype
-  void* dv;
-  float* dpk_seq;  // (B, H, P, d) per-sequence prompt gradients
-  float* dpv_seq;
-  float* gate_part;  // (B, H, P): sum over queries of dS, per head
-  float* dpk;        // (T, H, P, d) per-set sums
-  float* dpv;
-};
-
-// Standalone score reduction: gate_part[b, h, i] = v_i . dV_i - sum_n P[n, i] delta_n.
-struct GateParams {
-  AttnParams a;
-  const float* lse;      // (B, H, Nq)
-  const float* delta;    // (B, H, Nq)
-  const float* dpv_seq;  // (B, H, P, d)
-  float* gate_part;      // (B, H, P)
-};
-
-// terms (S, B, P) and gate (B, P) from per-sequence gradients and per-head gate parts.
+// terms[s, b, i] = sum_{h, j} dk[b, h, i, j] uk[s, t_b, h, i, j] + dv uv, gate[b, i] =
+// gate_mult * sum_h gate_src[b, h, i].
 struct TermsParams {
-  int S, B, T, H, P, d;
-  const int64_t* index;
-  const float* dpk_seq;  // (B, H, P, d)
-  const float* dpv_seq;
-  const float* gate_part;  // (B, H, P)
-  const float* uk;         // (S, T, H, P, d) contiguous fp32
+  DType dtype;
+  int64_t B, H, P, d, S, T;
+  View4 dk, dv;     // (B, H, P, d), dtype
+  View3 gate_src;   // (B, H, P), dtype
+  float gate_mult;
+  const float* uk;  // (S, T, H, P, d) contiguous fp32
   const float* uv;
-  float* terms;
-  float* gate;
+  const int64_t* index;  // (B,) or null (set 0)
+  float* terms;     // (S, B, P) contiguous
+  float* gate;      // (B, P) contiguous
 };
 
 // Each launcher returns the launch's cudaError_t (cudaSuccess when nothing was launched).
-cudaError_t launch_prompt_attention_fwd(const FwdParams& p, cudaStream_t stream);
-cudaError_t launch_prompt_attention_bwd(const BwdParams& p, cudaStream_t stream);
-cudaError_t launch_prompt_gate(const GateParams& p, cudaStream_t stream);
+cudaError_t launch_check_sets(const CheckSetsParams& p, cudaStream_t stream);
+cudaError_t launch_merge(const MergeParams& p, cudaStream_t stream);
+cudaError_t launch_reduce_sets(const ReduceParams& p, cudaStream_t stream);
 cudaError_t launch_score_terms(const TermsParams& p, cudaStream_t stream);
-// dst row j <- src row rows[j] (gather), or dst row rows[j] <- src row j (scatter).
-cudaError_t launch_copy_rows(const void* src, void* dst, const int64_t* rows, int64_t n_rows,
-                             int64_t row_bytes, bool scatter, cudaStream_t stream);
 
 }  // namespace fastprompt::cuda

@@ -158,7 +158,7 @@ def _info(_args: argparse.Namespace) -> int:
     import torch
 
     import fastprompt
-    from fastprompt.backends import describe
+    from fastprompt.backends import info
 
     rows: list[tuple[str, Any]] = [
         ("fastprompt", fastprompt.__version__),
@@ -175,12 +175,8 @@ def _info(_args: argparse.Namespace) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
-    print("\nbackends (in order of preference):")
-    for row in describe():
-        print(f"  {row['backend']}: {row['summary']}")
-        print(f"    devices {row['devices']}; dtypes {row['dtypes']}; head dims {row['head_dims']}")
-        print(f"    features {row['features']}; chosen automatically: {row['auto']}")
-        print(f"    available here: {row['available']}")
+    print()
+    print("\n".join(info.lines()))
     _print_extension_info()
     return 0
 
@@ -203,10 +199,12 @@ def _print_extension_info() -> None:
         "archs",
         "cpu_isa",
         "cache",
+        "cache_state",
         "build_seconds",
         "aot",
         "library",
         "how",
+        "repaired",
         "build",
         "cuda_build_error",
         "last_error",

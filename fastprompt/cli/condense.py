@@ -56,7 +56,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
     from fastprompt.train import owner
-    from fastprompt.train.condense import default_out
+    from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
     from fastprompt.train.run import RunError, read_run
 
@@ -64,10 +64,9 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         config, _ = read_run(args.run)
     except RunError as e:
         return str(e)
-    if config.method != "vpt":
-        return f"{args.run} is a {config.method!r} run; Prompt Condensation condenses VPT-deep"
-    if not config.method_args.get("deep", True):
-        return f"{args.run} is VPT-shallow; Prompt Condensation condenses VPT-deep"
+    reason = not_condensable(config)
+    if reason is not None:
+        return f"{args.run} {reason}"
     if isinstance(args.keep, float) and not 0.0 <= args.keep <= 1.0:
         return f"--keep ratio must be in [0, 1], got {args.keep}"
     if isinstance(args.keep, int) and args.keep < 0:

@@ -15,7 +15,7 @@ import os
 import sys
 from typing import Any
 
-from fastprompt.backends import NAMES
+from fastprompt import registry
 from fastprompt.train.multi import spec_paths
 from fastprompt.train.recipes import (
     NORMALIZATIONS,
@@ -41,7 +41,7 @@ RUNTIME = {
     "command",
     "overwrite",
 }
-DEFAULT_METHOD_RECIPE = {"vpt": "vpt", "pgn": "pgn"}
+DEFAULT_METHOD = "vpt"
 
 
 def default_workers() -> int:
@@ -67,10 +67,54 @@ class _Repeatable(argparse.Action):
         setattr(namespace, self.dest, new)
 
 
+class _SharedGroup:
+    """An argparse group that every method adds its options to (:class:`fastprompt.registry.
+    CliOptions`): an option several methods declare is added once, its choices and help merged,
+    and which methods declare which option is recorded."""
+
+    def __init__(self, group: argparse._ArgumentGroup) -> None:
+        self.group = group
+        self.method = ""
+        self.owners: dict[str, list[str]] = {}
+        self._actions: dict[str, argparse.Action] = {}
+        self._helps: dict[str, dict[str, list[str]]] = {}
+
+    def add_argument(self, *flags: str, **kwargs: Any) -> argparse.Action:
+        dest = kwargs.get("dest") or flags[0].lstrip("-").replace("-", "_")
+        self.owners.setdefault(dest, []).append(self.method)
+        help_text = kwargs.pop("help", None)
+        action = self._actions.get(dest)
+        if action is None:
+            action = self._actions[dest] = self.group.add_argument(*flags, **kwargs)
+        elif tuple(flags) != tuple(action.option_strings):
+            raise ValueError(f"method {self.method!r} declares {dest} as {flags}, not {action}")
+        elif action.choices is not None and kwargs.get("choices") is not None:
+            action.choices = list(dict.fromkeys([*action.choices, *kwargs["choices"]]))
+        if help_text:
+            self._helps.setdefault(dest, {}).setdefault(help_text, []).append(self.method)
+            action.help = "; ".join(
+                f"{', '.join(ms)}: {text}" for text, ms in self._helps[dest].items()
+            )
+        return action
+
+
+def _add_method_options(group: argparse._ArgumentGroup) -> dict[str, list[str]]:
+    """Add every trainable method's options to ``group``; return each option's methods."""
+    shared = _SharedGroup(group)
+    for name in registry.trainable():
+        shared.method = name
+        registry.get(name).cli.add(shared)
+    return shared.owners
+
+
+def _given(value: Any) -> bool:
+    return value is not None and value is not False
+
+
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train VPT or PGN prompts on a frozen timm ViT into a run folder",
+        help="train prompts (VPT, PGN, ...) on a frozen timm ViT into a run folder",
         description="Train prompts (and the head) of a frozen timm ViT with a named recipe. "
         "Writes run.json, init/, last/, best/, metrics.jsonl, curves.png to --out. Under "
         "torchrun (torchrun --nproc-per-node N -m fastprompt train ...) the batch is split over "
@@ -91,36 +135,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="random-init backbone (default: timm's pretrained weights, downloaded by timm)",
     )
-    m.add_argument("--method", choices=["vpt", "pgn"], help="default vpt")
-    m.add_argument("--prompts", type=int, help="VPT: prompts per block; PGN: prompts L (16)")
     m.add_argument(
-        "--preset",
-        choices=sorted(PRESETS),
-        metavar="vtab1k-TASK",
-        help="a VTAB-1k task's official VPT setup: its prompt count, a square resize, ImageNet "
-        "mean/std (list: fastprompt recipes)",
+        "--method",
+        choices=registry.trainable(),
+        help=f"default {DEFAULT_METHOD} (options below; each says which methods take it)",
     )
-    m.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
-    m.add_argument("--prompt-dropout", type=float, help="VPT prompt dropout (default 0)")
-    m.add_argument("--project", type=int, help="VPT prompt width before a projection")
-    m.add_argument("--readout", choices=["cls", "patches", "patches+prompts"])
-    m.add_argument("--impl", choices=["fused", "naive"], help="VPT computation (default fused)")
-    m.add_argument("--backend", choices=list(NAMES), help="prompt-attention backend")
-    m.add_argument("--library-size", type=int, help="PGN library tokens M (default 256)")
-    m.add_argument(
-        "--generator", choices=["resnet10", "resnet18", "none"], help="PGN generator; none = IIP"
-    )
-    m.add_argument("--activation", choices=["softmax", "sigmoid"], help="PGN mixing")
-    m.add_argument(
-        "--pgn-resolution",
-        type=int,
-        help="PGN generator input's shorter side (default the model's input size: no resize)",
-    )
-    m.add_argument(
-        "--head-init",
-        choices=["vpt", "keep", "linear"],
-        help="head init: VPT's (VPT default), keep timm's (PGN default), a fresh nn.Linear",
-    )
+    _add_method_options(p.add_argument_group("method options"))
     d = p.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -192,12 +212,10 @@ def _explicit(args: argparse.Namespace) -> dict[str, Any]:
 
 def resolve_recipe(args: argparse.Namespace):
     """The recipe the arguments ask for (named recipe + preset + overrides)."""
-    method = args.method or "vpt"
-    recipe = RECIPES[args.recipe or DEFAULT_METHOD_RECIPE[method]]
-    changes: dict[str, Any] = {}
-    if args.preset:
-        # The official VTAB-1k pipeline: a square resize, ImageNet statistics.
-        changes.update(train_transform="resize", test_transform="resize", normalize="imagenet")
+    entry = registry.get(args.method or DEFAULT_METHOD)
+    recipe = RECIPES[args.recipe or entry.recipe]
+    # Recipe fields the method's options imply (VPT's VTAB-1k presets).
+    changes: dict[str, Any] = dict(entry.cli.recipe(args)) if entry.cli.recipe else {}
     for name in (
         "epochs",
         "batch_size",
@@ -227,44 +245,24 @@ def resolve_recipe(args: argparse.Namespace):
 
 
 def method_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
-    method = args.method or "vpt"
-    if method == "vpt":
-        prompts = args.prompts if args.prompts is not None else PRESETS.get(args.preset or "")
-        out: dict[str, Any] = {
-            "num_prompts": prompts,
-            "deep": not args.shallow,
-            "dropout": args.prompt_dropout or 0.0,
-            "project": -1 if args.project is None else args.project,
-            "readout": args.readout,
-            "impl": args.impl or "fused",
-            "backend": args.backend,
-            "head_init": args.head_init or "vpt",
-        }
-        return method, out
-    return method, {
-        "num_prompts": 16 if args.prompts is None else args.prompts,
-        "library_size": 256 if args.library_size is None else args.library_size,
-        "generator": None if args.generator == "none" else (args.generator or "resnet10"),
-        "activation": args.activation or "softmax",
-        "resolution": args.pgn_resolution,
-        "readout": args.readout,
-        "head_init": args.head_init or "keep",
-    }
+    """The method and the keyword arguments of its build function (its registry entry maps the
+    options); raises ``ValueError`` for a bad option value."""
+    method = args.method or DEFAULT_METHOD
+    return method, registry.get(method).cli.kwargs(args)
 
 
 def check_train_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, or None (nothing heavy runs here)."""
     import torch
 
-    import fastprompt
     from fastprompt.train import owner
     from fastprompt.train.distributed import env_rank, launched_by_torchrun
 
-    for name in ("epochs", "batch_size", "stop_after", "pgn_resolution", "library_size"):
+    for name in ("epochs", "batch_size", "stop_after"):
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    for name in ("prompts", "warmup_epochs", "workers", "seed"):
+    for name in ("warmup_epochs", "workers", "seed"):
         value = getattr(args, name)
         if value is not None and value < 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
@@ -272,8 +270,6 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if args.prompt_dropout is not None and not 0 <= args.prompt_dropout < 1:
-        return f"--prompt-dropout must be in [0, 1), got {args.prompt_dropout}"
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -306,18 +302,15 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         return f"--weights {args.weights} does not exist"
     if args.weights is not None and args.no_pretrained:
         return "--weights and --no-pretrained contradict each other"
-    method = args.method or "vpt"
-    if not hasattr(fastprompt, method):
-        return f"--method {method}: this fastprompt has no fastprompt.{method}"
-    vpt_only = ("shallow", "prompt_dropout", "project", "impl", "preset")
-    pgn_only = ("library_size", "generator", "activation", "pgn_resolution")
-    wrong = [n for n in (pgn_only if method == "vpt" else vpt_only) if getattr(args, n)]
+    method = args.method or DEFAULT_METHOD
+    owners = _add_method_options(argparse.ArgumentParser().add_argument_group())
+    wrong = [d for d, ms in owners.items() if method not in ms and _given(getattr(args, d))]
     if wrong:
         return f"--{wrong[0].replace('_', '-')} does not apply to --method {method}"
-    if method == "vpt" and args.head_init == "linear":
-        return "--head-init linear is PGN's option; VPT takes vpt or keep"
-    if method == "vpt" and args.prompts is None and args.preset is None:
-        return "--prompts is required for VPT (or --preset vtab1k-<task>)"
+    try:
+        method_args(args)
+    except ValueError as e:
+        return str(e)
     if args.val is not None and args.val_split is not None:
         return "pass either --val or --val-split, not both"
     problem = _check_mixture(args)

@@ -16,14 +16,15 @@ nothing else.
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastprompt import methods
+from fastprompt.backbones import adapter_for
 from fastprompt.deployment import deployment_forward, pixel_space_vit
 from fastprompt.inversion import (
     InversionReport,
@@ -32,11 +33,20 @@ from fastprompt.inversion import (
     invert_tokens,
     prompt_rows,
 )
-from fastprompt.models import vit
+from fastprompt.methods.common import (
+    config_from_json,
+    default_readout,
+    init_head_vpt,
+    split_overrides,
+    tied,
+)
 from fastprompt.prompted import PromptedViT
-from fastprompt.sources.generated import GeneratedPrompts, InputIndependentPrompts, PGNConfig
+from fastprompt.registry import CliOptions, register_peft_method
+from fastprompt.sources.generated import GeneratedPrompts, InputIndependentPrompts
+from fastprompt.sources.generators import GENERATORS
 
 __all__ = [
+    "ACTIVATIONS",
     "HEAD_INITS",
     "PGNConfig",
     "PromptImages",
@@ -49,6 +59,71 @@ __all__ = [
 # "keep": the head the timm model was created with; "linear": a fresh nn.Linear init (the official
 # --random_classifier); "vpt": VPT's kaiming-normal fan-out weight and bias −log 99.
 HEAD_INITS = ("keep", "linear", "vpt")
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def _count(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(
+            f"fastprompt.pgn: {name} must be an int >= 1, got {type(value).__name__} ({value!r})"
+        )
+    if value < 1:
+        raise ValueError(f"fastprompt.pgn: {name} must be >= 1, got {value}")
+
+
+@dataclass(frozen=True)
+class PGNConfig:
+    """How a PGN (or IIP) model is prompted; saved with its checkpoints.
+
+    Attributes
+    ----------
+    num_prompts : int
+        L, prompts per image (the official default 16).
+    library_size : int
+        M, tokens in the library (the official training scripts: 256).
+    generator : str or None
+        ``"resnet10"`` (official), ``"resnet18"``, or None for IIP (no generator, no library).
+    activation : {"softmax", "sigmoid"}
+        Over the M mixture logits of each prompt.
+    resolution : int
+        Shorter side the images are resized to for the generator (224).
+    readout : str
+        ``"cls"``, or for average-pooled backbones ``"patches+prompts"`` (prompt outputs pooled
+        too, which is what a plain ViT reading the image with its prompt rows computes).
+    generator_options : dict
+        More arguments for the generator (``max_pool``, ``widths``, ``blocks_per_stage``).
+    """
+
+    num_prompts: int = 16
+    library_size: int = 256
+    generator: str | None = "resnet10"
+    activation: str = "softmax"
+    resolution: int = 224
+    readout: str = "cls"
+    generator_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _count(self.num_prompts, "num_prompts")
+        _count(self.library_size, "library_size")
+        _count(self.resolution, "resolution")
+        if self.generator is not None and self.generator not in GENERATORS:
+            raise ValueError(
+                f"fastprompt.pgn: generator must be one of {GENERATORS} or None (IIP), got "
+                f"{self.generator!r}"
+            )
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"fastprompt.pgn: activation must be one of {ACTIVATIONS}, got {self.activation!r}"
+            )
+        if not isinstance(self.readout, str):
+            raise TypeError(
+                f"fastprompt.pgn: readout must be a str, got {type(self.readout).__name__}"
+            )
+        if not isinstance(self.generator_options, dict):
+            raise TypeError(
+                "fastprompt.pgn: generator_options must be a dict, got "
+                f"{type(self.generator_options).__name__}"
+            )
 
 
 def build(
@@ -59,30 +134,46 @@ def build(
     impl: str = "naive",
 ) -> PromptedViT:
     """A PGN (or IIP) model from a full :class:`PGNConfig` (what :func:`pgn` and checkpoints
-    call)."""
+    call). PGN prompts are tokens in every block, so both ``impl`` give the plain computation."""
     if head_init not in HEAD_INITS:
         raise ValueError(
             f"fastprompt.pgn: head_init must be one of {HEAD_INITS}, got {head_init!r}"
         )
     if isinstance(model, PromptedViT):
         raise TypeError("fastprompt.pgn: this model is already prompted; call .unwrap() first")
-    vit.check_wrappable(model, "fastprompt.pgn")
+    backbone = adapter_for(model, "fastprompt.pgn")
+    width, _ = tied(backbone, "fastprompt.pgn")
     ref = next(model.parameters())
-    if config.generator is not None:
-        in_chans = model.patch_embed.proj.in_channels
-        source = GeneratedPrompts(config, model.embed_dim, ref.device, ref.dtype, in_chans)
+    kw = {"config": config, "device": ref.device, "dtype": ref.dtype}
+    if config.generator is None:
+        source = InputIndependentPrompts(config.num_prompts, width, **kw)
     else:
-        source = InputIndependentPrompts(config, model.embed_dim, ref.device, ref.dtype)
-    # PGN prompts are real tokens in every block: the plain computation is the only one.
+        source = GeneratedPrompts(
+            config.num_prompts,
+            config.library_size,
+            config.generator,
+            config.activation,
+            config.resolution,
+            width,
+            config.generator_options,
+            in_chans=_in_chans(model),
+            **kw,
+        )
     prompted = PromptedViT(
-        model, source, readout=config.readout, impl="naive", backend=backend, method="pgn"
+        model, source, readout=config.readout, impl=impl, backend=backend, method="pgn"
     )
-    head = model.get_classifier()
+    head = backbone.classifier()
     if head_init == "vpt":
-        vit.init_head_vpt(model)
+        init_head_vpt(head)
     elif head_init == "linear" and isinstance(head, nn.Linear):
         head.reset_parameters()
     return prompted
+
+
+def _in_chans(model: nn.Module) -> int:
+    """Channels of the images the backbone takes (the generator reads the same images)."""
+    proj = getattr(getattr(model, "patch_embed", None), "proj", None)
+    return int(getattr(proj, "in_channels", 3))
 
 
 def pgn(
@@ -95,6 +186,8 @@ def pgn(
     readout: str | None = None,
     head_init: str = "keep",
     generator_options: Mapping[str, Any] | None = None,
+    impl: str = "naive",
+    backend: str | None = None,
 ) -> PromptedViT:
     """Wrap a timm VisionTransformer with a Prompt Generation Network (official PGN semantics).
 
@@ -123,6 +216,11 @@ def pgn(
         official ``--random_classifier``), or with VPT's init.
     generator_options : mapping, optional
         ``max_pool``, ``widths``, ``blocks_per_stage`` for the ResNet-10.
+    impl : {"naive", "fused"}
+        Recorded as asked; PGN prompts are tokens in every block, so both run the plain
+        computation.
+    backend : str, optional
+        Prompt-attention backend (one of :data:`fastprompt.backends.NAMES`), checked here.
 
     Returns
     -------
@@ -131,7 +229,7 @@ def pgn(
         ``prompt_vectors``) and the head.
     """
     if readout is None:
-        readout = vit.default_readout(model)
+        readout = default_readout(model, "fastprompt.pgn")
     config = PGNConfig(
         num_prompts,
         library_size,
@@ -141,7 +239,7 @@ def pgn(
         readout,
         dict(generator_options or {}),
     )
-    return build(model, config, head_init=head_init)
+    return build(model, config, backend=backend, head_init=head_init, impl=impl)
 
 
 def _check_pgn(prompted: object, who: str) -> None:
@@ -217,7 +315,7 @@ def invert_prompts(
         mean, std = cfg.get("mean"), cfg.get("std")
     inversion = invert_tokens(tokens, model, mean=mean, std=std, fit_range=fit_range)
     tall = append_prompt_rows(images, inversion.patches)
-    layout = prompt_rows(tokens.shape[1], tuple(images.shape[-2:]), vit.patch_size(model))
+    layout = prompt_rows(tokens.shape[1], tuple(images.shape[-2:]), prompted.backbone.patch_size())
     return PromptImages(tall, inversion.patches, layout, inversion.report)
 
 
@@ -243,22 +341,70 @@ def pixel_logits(prompted: PromptedViT, tall_images: Tensor) -> Tensor:
 
 
 def _check_readout(prompted: PromptedViT, who: str) -> None:
-    if prompted.readout != vit.default_readout(prompted.model):
+    own = prompted.backbone.default_readout()
+    if prompted.readout != own:
         raise ValueError(
-            f"{who}: the model reads out {prompted.readout!r}, but a plain ViT with "
-            f"global_pool={prompted.model.global_pool!r} reads "
-            f"{vit.default_readout(prompted.model)!r}; pixel deployment would not match"
+            f"{who}: the model reads out {prompted.readout!r}, but the plain model reads "
+            f"{own!r} (its own pooling); pixel deployment would not match"
         )
 
 
-# -- checkpoints ------------------------------------------------------------------------------
+# -- checkpoints and the registry entry -----------------------------------------------------
 
 
 def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str, Any]):
-    unknown = sorted(set(overrides) - {"impl", "backend"})
-    if unknown:
-        raise TypeError(f"load_prompts: {unknown} cannot be overridden for a PGN checkpoint")
-    return build(model, PGNConfig(**saved), backend=overrides.get("backend"))
+    config, run = split_overrides(config_from_json(PGNConfig, saved, "PGN"), overrides, ())
+    return build(model, config, **run)
 
 
-methods.register(methods.Method(name="pgn", describe=lambda p: asdict(p.config), rebuild=_rebuild))
+def _train_build(model: nn.Module, resolution: int | None = None, **kwargs: Any) -> PromptedViT:
+    """:func:`pgn` as ``fastprompt train`` calls it: the generator's input defaults to the
+    model's input size (the official ViT path resizes a 224 image to 224: no resize)."""
+    if resolution is None:
+        resolution = min(adapter_for(model, "fastprompt.pgn").image_size())
+    return pgn(model, resolution=resolution, **kwargs)
+
+
+def _add_options(group: argparse._ArgumentGroup) -> None:
+    from fastprompt.backbones import readouts
+
+    group.add_argument("--prompts", type=int, help="prompts per image L (default 16)")
+    group.add_argument("--library-size", type=int, help="library tokens M (default 256)")
+    group.add_argument(
+        "--generator", choices=[*GENERATORS, "none"], help="the generator; none = IIP"
+    )
+    group.add_argument("--activation", choices=ACTIVATIONS, help="mixing (default softmax)")
+    group.add_argument(
+        "--pgn-resolution",
+        type=int,
+        help="generator input's shorter side (default the model's input size: no resize)",
+    )
+    group.add_argument("--readout", choices=readouts(), help="default the model's own pooling")
+    group.add_argument("--head-init", choices=list(HEAD_INITS), help="head initialisation")
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    for name in ("prompts", "library_size", "pgn_resolution"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return {
+        "num_prompts": 16 if args.prompts is None else args.prompts,
+        "library_size": 256 if args.library_size is None else args.library_size,
+        "generator": None if args.generator == "none" else (args.generator or "resnet10"),
+        "activation": args.activation or "softmax",
+        "resolution": args.pgn_resolution,
+        "readout": args.readout,
+        "head_init": args.head_init or "keep",
+    }
+
+
+register_peft_method(
+    name="pgn",
+    config_cls=PGNConfig,
+    build=_train_build,
+    recipe="pgn",
+    cli=CliOptions(add=_add_options, kwargs=_kwargs),
+    describe=lambda prompted: asdict(prompted.config),
+    rebuild=_rebuild,
+)

@@ -1,28 +1,128 @@
-"""VPT (Jia et al., ECCV 2022; official code KMnP/vpt): :func:`vpt` and its checkpoint entry.
+"""VPT (Jia et al., ECCV 2022; official code KMnP/vpt): :func:`vpt` and its registry entry.
 
 The model is the prompted core (:class:`fastprompt.prompted.PromptedViT`) with VPT's learned
 prompt sets (:class:`fastprompt.sources.learned.LearnedPrompts`): prompts after the class (and
 register) tokens, shallow or deep, the official init, projection and per-image dropout, the
 official head init. ``impl="naive"`` is the official computation; ``impl="fused"`` (default) gives
-the same logits and gradients while computing only what VPT-deep needs.
+the same logits and gradients while computing only what VPT-deep needs. The entry registers the
+config, the ``vpt`` recipe, the command-line options (with the VTAB-1k presets), checkpoints
+(ours, format 1 and the official code's) and what Prompt Condensation needs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import asdict, fields, replace
+import argparse
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
-from fastprompt import methods
-from fastprompt.models import vit
+from fastprompt.backbones import Backbone
+from fastprompt.methods.common import (
+    LEARNED_HEAD_INITS,
+    Schedule,
+    add_learned_prompt_options,
+    build_learned,
+    check_learned_prompts,
+    config_from_json,
+    default_readout,
+    learned_prompt_kwargs,
+    split_overrides,
+)
 from fastprompt.prompted import PromptedViT
-from fastprompt.sources.learned import READOUTS, LearnedPrompts, VPTConfig
+from fastprompt.registry import CliOptions, Condensation, register_peft_method
 
-__all__ = ["READOUTS", "VPTConfig", "build", "vpt"]
+__all__ = ["HEAD_INITS", "PRESETS", "VTAB1K_PROMPTS", "VPTConfig", "build", "vpt"]
 
-HEAD_INITS = ("vpt", "keep")
+HEAD_INITS = LEARNED_HEAD_INITS
+
+# VPT-deep prompt counts per VTAB-1k task (the official per-task configurations).
+VTAB1K_PROMPTS: dict[str, int] = {
+    "cifar100": 10,
+    "caltech101": 10,
+    "dtd": 10,
+    "oxford_flowers102": 1,
+    "oxford_iiit_pet": 1,
+    "svhn": 50,
+    "sun397": 5,
+    "patch_camelyon": 100,
+    "eurosat": 100,
+    "resisc45": 10,
+    "diabetic_retinopathy": 1,
+    "clevr_count": 100,
+    "clevr_dist": 200,
+    "dmlab": 100,
+    "kitti": 100,
+    "dsprites_loc": 100,
+    "dsprites_ori": 100,
+    "smallnorb_azi": 200,
+    "smallnorb_ele": 200,
+}
+PRESETS = {f"vtab1k-{task}": n for task, n in VTAB1K_PROMPTS.items()}
+
+
+@dataclass(frozen=True)
+class VPTConfig:
+    """How a model is prompted; saved beside the prompts so a checkpoint rebuilds the wrapper.
+
+    Attributes
+    ----------
+    num_prompts : int
+        Prompt tokens per set (per block when deep).
+    deep : bool
+        A prompt set per block (VPT-deep) or one before block 0 (VPT-shallow).
+    dropout : float
+        Prompt dropout probability, applied per image after expanding over the batch.
+    project : int
+        Prompt dimension before a Linear projection to the model width; -1 means no projection.
+    readout : str
+        What the head reads; for a ViT ``"cls"``, ``"patches"`` or ``"patches+prompts"`` (the
+        official avg-pool path). Checked against the backbone when the model is built.
+    layer_counts : tuple of int, optional
+        Prompts per block after condensation (deep only); None means ``num_prompts`` in every
+        block. Deep prompts of blocks ≥ 1 are then packed in one (Σ counts, Dp) parameter.
+    """
+
+    num_prompts: int
+    deep: bool = True
+    dropout: float = 0.0
+    project: int = -1
+    readout: str = "cls"
+    layer_counts: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        who = "fastprompt.vpt"
+        check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        if not isinstance(self.deep, bool):
+            raise TypeError(f"{who}: deep must be a bool, got {type(self.deep).__name__}")
+        if not isinstance(self.readout, str):
+            raise TypeError(f"{who}: readout must be a str, got {type(self.readout).__name__}")
+        counts = self.layer_counts
+        if counts is not None:
+            if not self.deep:
+                raise ValueError(f"{who}: layer_counts needs deep prompts")
+            if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+                raise ValueError(f"{who}: layer_counts must hold ints >= 0, got {counts}")
+
+
+def _sets(config: VPTConfig) -> Callable[[Backbone], Schedule]:
+    """VPT's sets: set 0 before block 0, deep set i before block i (packed when condensed)."""
+
+    def sets(backbone: Backbone) -> Schedule:
+        depth, p, counts = backbone.depth, config.num_prompts, config.layer_counts
+        if counts is not None and len(counts) != depth:
+            raise ValueError(
+                f"fastprompt.vpt: layer_counts must hold {depth} ints (one per block), got "
+                f"{len(counts)}: {counts}"
+            )
+        first = counts[0] if counts is not None else p
+        if not config.deep:
+            return (0,) + (None,) * (depth - 1), first, None, False
+        deep = counts[1:] if counts is not None else (p,) * max(depth - 1, 0)
+        return tuple(range(depth)), first, deep, counts is not None
+
+    return sets
 
 
 def build(
@@ -31,38 +131,12 @@ def build(
     impl: str = "fused",
     backend: str | None = None,
     head_init: str = "vpt",
-    method: str = "vpt",
     share_with: PromptedViT | None = None,
 ) -> PromptedViT:
     """A VPT model from a full :class:`VPTConfig` (what :func:`vpt` and checkpoints call)."""
-    if head_init not in HEAD_INITS:
-        raise ValueError(
-            f"fastprompt.vpt: head_init must be one of {HEAD_INITS}, got {head_init!r}"
-        )
-    if isinstance(model, PromptedViT):
-        raise TypeError("fastprompt.vpt: this model is already prompted; call .unwrap() first")
-    vit.check_wrappable(model, "fastprompt.vpt")
-    ref = next(model.parameters())
-    source = LearnedPrompts(
-        config,
-        model.embed_dim,
-        len(model.blocks),
-        vit.patch_size(model),
-        device=ref.device,
-        dtype=ref.dtype,
+    return build_learned(
+        model, config, _sets(config), "vpt", impl, backend, head_init, share_with=share_with
     )
-    prompted = PromptedViT(
-        model,
-        source,
-        readout=config.readout,
-        impl=impl,
-        backend=backend,
-        method=method,
-        share_with=share_with,
-    )
-    if head_init == "vpt":
-        vit.init_head_vpt(model)
-    return prompted
 
 
 def vpt(
@@ -82,8 +156,9 @@ def vpt(
     ----------
     model : timm VisionTransformer
         Any ViT/DeiT-family model (class token or not, register tokens, ``no_embed_class``, token
-        or avg pooling, ``fc_norm``, layer scale, qk-norm). Frozen and kept in eval mode. A model
-        that another live wrapper holds is refused.
+        or avg pooling, ``fc_norm``, layer scale, qk-norm), or another backbone with an adapter
+        (:mod:`fastprompt.backbones`). Frozen and kept in eval mode. A model that another live
+        wrapper holds is refused.
     num_prompts : int
         Prompts per set, ≥ 0.
     deep : bool
@@ -110,7 +185,7 @@ def vpt(
         Shares the model's parameters and state-dict names; ``prompted.method == "vpt"``.
     """
     if readout is None:
-        readout = vit.default_readout(model)
+        readout = default_readout(model, "fastprompt.vpt")
     return build(
         model,
         VPTConfig(num_prompts, deep, dropout, project, readout),
@@ -122,51 +197,126 @@ def vpt(
 
 # -- checkpoints ------------------------------------------------------------------------------
 
-# What a user may change when loading a VPT checkpoint: how it runs, not what was trained.
-RUN_OPTIONS = ("impl", "backend")
+# What a user may change when loading a VPT checkpoint besides how it runs.
 CONFIG_OVERRIDES = ("dropout", "readout")
 
 
-def config_from_json(saved: Mapping[str, Any]) -> VPTConfig:
-    """A :class:`VPTConfig` from its JSON form (lists back to tuples)."""
-    known = {f.name for f in fields(VPTConfig)}
-    unknown = sorted(set(saved) - known)
-    if unknown:
-        raise ValueError(f"load_prompts: unknown VPT config fields {unknown}")
-    cfg = dict(saved)
-    if cfg.get("layer_counts") is not None:
-        cfg["layer_counts"] = tuple(cfg["layer_counts"])
-    return VPTConfig(**cfg)
-
-
-def split_overrides(
-    config: VPTConfig, overrides: Mapping[str, Any]
-) -> tuple[VPTConfig, dict[str, Any]]:
-    """Apply config overrides; return the config and the run options (impl, backend)."""
-    run: dict[str, Any] = {}
-    changes = {}
-    for key, value in overrides.items():
-        if key in RUN_OPTIONS:
-            run[key] = value
-        elif key in CONFIG_OVERRIDES:
-            changes[key] = value
-        else:
-            raise TypeError(
-                f"load_prompts: {key!r} cannot be overridden (allowed: "
-                f"{RUN_OPTIONS + CONFIG_OVERRIDES})"
-            )
-    return replace(config, **changes), run
-
-
 def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str, Any]):
-    config, run = split_overrides(config_from_json(saved), overrides)
+    config = config_from_json(VPTConfig, saved, "VPT")
+    config, run = split_overrides(config, overrides, CONFIG_OVERRIDES)
     return build(model, config, head_init="keep", **run)
 
 
-methods.register(
-    methods.Method(
-        name="vpt",
-        describe=lambda prompted: asdict(prompted.config),
-        rebuild=_rebuild,
+# Our names for the tensors of an official VPT checkpoint.
+_OFFICIAL_SUFFIXES = {
+    "deep_prompt_embeddings": "deep_prompt_embeddings",
+    "prompt_embeddings": "prompt_embeddings",
+    "prompt_proj.weight": "prompt_proj.weight",
+    "prompt_proj.bias": "prompt_proj.bias",
+    "head.last_layer.weight": "head.weight",
+    "head.last_layer.bias": "head.bias",
+}
+
+
+def _read_official(
+    raw: Mapping[str, Tensor], backbone: Backbone
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """Tensors and config of an official VPT state dict (keys ending in ``prompt_embeddings``,
+    ``deep_prompt_embeddings``, ``prompt_proj.*``, ``head.last_layer.*``); the config is read off
+    the shapes."""
+    state: dict[str, Tensor] = {}
+    for key, value in raw.items():
+        for suffix, ours in _OFFICIAL_SUFFIXES.items():
+            if key == suffix or key.endswith("." + suffix):
+                state[ours] = value
+                break
+        else:
+            if key in ("head.weight", "head.bias"):
+                state[key] = value
+    if "prompt_embeddings" not in state:
+        raise ValueError("load_prompts: the checkpoint holds no 'prompt_embeddings' tensor")
+    shallow = state["prompt_embeddings"]
+    if shallow.dim() != 3 or shallow.shape[0] != 1:
+        raise ValueError(
+            f"load_prompts: prompt_embeddings must be (1, P, D), got {tuple(shallow.shape)}"
+        )
+    proj = state.get("prompt_proj.weight")
+    config = {
+        "num_prompts": int(shallow.shape[1]),
+        "deep": "deep_prompt_embeddings" in state,
+        "project": -1 if proj is None else int(proj.shape[1]),
+        "readout": backbone.default_readout(),
+    }
+    return state, config
+
+
+def _legacy(saved: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """Format 1 kept a VPT config under ``"vpt"`` (a condensed one also held ``"kept"``)."""
+    return saved["vpt"] if "vpt" in saved and "kept" not in saved else None
+
+
+# -- command line -----------------------------------------------------------------------------
+
+
+def _add_options(group: argparse._ArgumentGroup) -> None:
+    add_learned_prompt_options(group, HEAD_INITS)
+    group.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        metavar="vtab1k-TASK",
+        help="a VTAB-1k task's official VPT setup: its prompt count, a square resize, ImageNet "
+        "mean/std (list: fastprompt recipes)",
     )
+    group.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
+
+
+def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    kw = learned_prompt_kwargs(args, "vpt")
+    if kw["num_prompts"] is None:
+        kw["num_prompts"] = PRESETS.get(args.preset or "")
+    if kw["num_prompts"] is None:
+        raise ValueError("--prompts is required for VPT (or --preset vtab1k-<task>)")
+    kw["deep"] = not args.shallow
+    return kw
+
+
+def _preset_recipe(args: argparse.Namespace) -> dict[str, Any]:
+    # The official VTAB-1k pipeline: a square resize, ImageNet statistics.
+    if not args.preset:
+        return {}
+    return {"train_transform": "resize", "test_transform": "resize", "normalize": "imagenet"}
+
+
+# -- Prompt Condensation ------------------------------------------------------------------------
+
+
+def _condensable(kwargs: Mapping[str, Any]) -> str | None:
+    if not kwargs.get("deep", True):
+        return "is VPT-shallow; Prompt Condensation condenses VPT-deep"
+    return None
+
+
+def _pack(prompted: PromptedViT, counts: tuple[int, ...]) -> PromptedViT:
+    config = replace(prompted.config, dropout=0.0, layer_counts=counts)
+    return build(
+        prompted.model,
+        config,
+        impl=prompted.impl,
+        backend=prompted.backend,
+        head_init="keep",
+        share_with=prompted,
+    )
+
+
+register_peft_method(
+    name="vpt",
+    config_cls=VPTConfig,
+    build=vpt,
+    recipe="vpt",
+    cli=CliOptions(add=_add_options, kwargs=_kwargs, recipe=_preset_recipe),
+    describe=lambda prompted: asdict(prompted.config),
+    rebuild=_rebuild,
+    read_official=_read_official,
+    legacy=_legacy,
+    condensation=Condensation(check=_condensable, pack=_pack),
 )

@@ -1,64 +1,40 @@
 """``prompt_attention``: image queries attend to a prompt set's keys/values, then their own.
 
-One op, one file: the fp32 reference, the registered ``torch.library`` ops with fakes, autograd,
-backend choice and the public :func:`prompt_attention`. The backends' kernels live in
-``fastprompt/kernels/<backend>/`` and follow the contract in :mod:`fastprompt.backends`.
-
-Contract (``docs/design.md`` §5): ``out = softmax(scale · q [K_p; K]ᵀ) [V_p; V]`` where
-``K_p`` is the prompt set ``prompt_index[b]`` of ``prompt_k``, cut to ``prompt_lengths[set]``
-keys. ``lse`` is the natural-log log-sum-exp of each query's scores, fp32. Backward returns
-d prompt_k/v summed over the sequences that share a set, reduced in fp32 in a fixed order
-(deterministic).
+The registered ``torch.library`` ops with their fakes, autograd, the input checks, backend choice
+and the public :func:`prompt_attention`. The fp32 reference is :mod:`fastprompt.ops.reference`;
+the op's semantics are ``docs/design.md`` section 5, the kernel contract the backends implement
+section 6.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 import weakref
 
 import torch
 from torch import Tensor
 
 from fastprompt import backends
-from fastprompt.kernels.torch.prompt_attention import key_bias, with_prompts
+from fastprompt.ops.reference import prompt_attention_ref
 
-__all__ = ["check_inputs", "choose_for", "prompt_attention", "prompt_attention_ref"]
+__all__ = [
+    "check_inputs",
+    "choose_for",
+    "empty_out",
+    "feature_args",
+    "gradient_fakes",
+    "guard_gradients",
+    "heads_last",
+    "prompt_attention",
+    "prompt_attention_ref",
+]
 
 
-# ----------------------------------------------------------------------------------------------
-# Reference: plain PyTorch, fp32 (or wider) math, differentiable by ordinary autograd.
-# ----------------------------------------------------------------------------------------------
-
-
-def prompt_attention_ref(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    prompt_k: Tensor,
-    prompt_v: Tensor,
-    prompt_index: Tensor | None = None,
-    prompt_lengths: Tensor | None = None,
-    scale: float | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Reference prompt attention in fp32 math (float64 stays float64); the test oracle.
-
-    Parameters and returns are those of :func:`prompt_attention`; ``out`` is cast back to
-    ``q.dtype``. A query with no key at all gets ``out = 0`` and ``lse = -inf``.
-    """
-    acc = torch.promote_types(q.dtype, torch.float32)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    keys, values = with_prompts(
-        k.to(acc), v.to(acc), prompt_k.to(acc), prompt_v.to(acc), prompt_index, prompt_lengths
-    )
-    s = (q.to(acc) @ keys.transpose(-1, -2)) * scale
-    bias = key_bias(
-        q.shape[0], prompt_k.shape[2], k.shape[2], prompt_index, prompt_lengths, acc, q.device
-    )
-    if bias is not None:
-        s = s + bias
-    lse = torch.logsumexp(s, dim=-1)
-    out = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0) @ values
-    return out.to(q.dtype), lse.to(acc if acc == torch.float64 else torch.float32)
+def feature_args(key_bias: Tensor | None) -> dict[str, Tensor]:
+    """Keyword arguments of the optional features a call uses: a backend gets a feature's
+    argument only if it declares the feature (``docs/design.md`` section 6)."""
+    return {} if key_bias is None else {"key_bias": key_bias}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -75,12 +51,13 @@ def _prompt_attention_op(
     prompt_v: Tensor,
     prompt_index: Tensor | None,
     prompt_lengths: Tensor | None,
+    key_bias: Tensor | None,
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor]:
     kernels = backends.get(backend).module()
     out, lse = kernels.prompt_attention_fwd(
-        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale
+        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, **feature_args(key_bias)
     )
     return heads_last(out), lse.contiguous()
 
@@ -100,10 +77,31 @@ def heads_last(t: Tensor) -> Tensor:
     return layout
 
 
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
 @_prompt_attention_op.register_fake
-def _(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, backend):
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return empty_out(q), q.new_empty(q.shape[:3], dtype=lse_dtype)
+def _(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, scale, backend):
+    return empty_out(q), q.new_empty(q.shape[:3], dtype=_lse_dtype(q))
+
+
+def guard_gradients(grads, inputs: tuple[Tensor, ...], prompt_k: Tensor, prompt_v: Tensor):
+    """Fixed layouts whatever the backend (the fakes predict them): dq, dk, dv stored (B, N, H, d),
+    prompt gradients contiguous in the prompts' dtype, any further outputs (scores) contiguous
+    fp32/fp64; and no output aliasing an input or another output (slices of one buffer would)."""
+    dq, dk, dv, dpk, dpv, *rest = grads
+    out = [heads_last(g) for g in (dq, dk, dv)]
+    out += [dpk.to(prompt_k.dtype).contiguous(), dpv.to(prompt_v.dtype).contiguous()]
+    out += [r.contiguous() for r in rest]
+    taken = {t.untyped_storage().data_ptr() for t in inputs if t is not None}
+    for i, g in enumerate(out):
+        if not g.numel():
+            out[i] = torch.empty_like(g)  # a fresh empty tensor: never the same object twice
+        elif g.untyped_storage().data_ptr() in taken:
+            out[i] = g = g.clone()  # preserves the layout of a dense tensor
+        taken.add(g.untyped_storage().data_ptr())
+    return tuple(out)
 
 
 @torch.library.custom_op("fastprompt::prompt_attention_backward", mutates_args=())
@@ -116,51 +114,14 @@ def _prompt_attention_backward_op(
     prompt_v: Tensor,
     prompt_index: Tensor | None,
     prompt_lengths: Tensor | None,
+    key_bias: Tensor | None,
     out: Tensor,
     lse: Tensor,
     scale: float,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     kernels = backends.get(backend).module()
-    dq, dk, dv, dpk, dpv = kernels.prompt_attention_bwd(
-        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale
-    )
-    # Fixed layouts whatever the backend (the fake must predict them), and no output aliasing an
-    # input or another output (slices of one buffer would).
-    grads = [heads_last(g) for g in (dq, dk, dv)]
-    grads += [dpk.to(prompt_k.dtype).contiguous(), dpv.to(prompt_v.dtype).contiguous()]
-    taken = {t.untyped_storage().data_ptr() for t in (dout, q, k, v, prompt_k, prompt_v, out)}
-    for i, g in enumerate(grads):
-        if g.numel() and g.untyped_storage().data_ptr() in taken:
-            grads[i] = g = g.clone()  # preserves the layout of a dense tensor
-        taken.add(g.untyped_storage().data_ptr())
-    return tuple(grads)
-
-
-@_prompt_attention_backward_op.register_fake
-def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, backend):
-    return (
-        empty_out(q),
-        empty_out(k),
-        empty_out(v),
-        prompt_k.new_empty(prompt_k.shape),
-        prompt_v.new_empty(prompt_v.shape),
-    )
-
-
-def _setup_context(ctx, inputs, output):
-    q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, backend = inputs
-    out, lse = output
-    # Only the image q/k/v, the prompt sets (once, not per sequence), out and lse are kept: the
-    # concatenated keys/values are rebuilt in backward, never saved.
-    ctx.save_for_backward(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse)
-    ctx.scale, ctx.backend = scale, backend
-    ctx.mark_non_differentiable(lse)
-
-
-def _backward(ctx, dout, dlse):
-    q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse = ctx.saved_tensors
-    grads = _prompt_attention_backward_op(
+    grads = kernels.prompt_attention_bwd(
         dout,
         q,
         k,
@@ -171,10 +132,46 @@ def _backward(ctx, dout, dlse):
         prompt_lengths,
         out,
         lse,
-        ctx.scale,
-        ctx.backend,
+        scale,
+        **feature_args(key_bias),
     )
-    return (*grads, None, None, None, None)
+    inputs = (dout, q, k, v, prompt_k, prompt_v, out, key_bias)
+    return guard_gradients(grads, inputs, prompt_k, prompt_v)
+
+
+def gradient_fakes(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor):
+    """What :func:`guard_gradients` returns for dq, dk, dv, dprompt_k, dprompt_v (the fakes)."""
+    return (
+        empty_out(q),
+        empty_out(k),
+        empty_out(v),
+        prompt_k.new_empty(prompt_k.shape),
+        prompt_v.new_empty(prompt_v.shape),
+    )
+
+
+@_prompt_attention_backward_op.register_fake
+def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, out, lse, *_):
+    return gradient_fakes(q, k, v, prompt_k, prompt_v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, scale, backend = inputs
+    out, lse = output
+    # Only the image q/k/v, the prompt sets (once, not per sequence), out and lse are kept: the
+    # concatenated keys/values are rebuilt in backward, never saved.
+    ctx.save_for_backward(
+        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, out, lse
+    )
+    ctx.scale, ctx.backend = scale, backend
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    saved = ctx.saved_tensors
+    grads = _prompt_attention_backward_op(dout, *saved[:10], ctx.scale, ctx.backend)
+    # key_bias is not differentiable (check_inputs refuses one that requires grad).
+    return (*grads, None, None, None, None, None)
 
 
 _prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)
@@ -195,13 +192,21 @@ def prompt_attention(
     prompt_lengths: Tensor | None = None,
     scale: float | None = None,
     backend: str | None = None,
+    *,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attention of image queries over a prompt set's keys/values followed by their own.
 
+    ``out = softmax(scale · q [K_p; K]ᵀ + [0; key_bias]) [V_p; V]`` with ``K_p`` the set
+    ``prompt_index[b]`` of ``prompt_k`` cut to ``prompt_lengths[set]`` keys (``docs/design.md``
+    section 5).
+
     Parameters
     ----------
-    q, k, v : Tensor, shape (B, H, N, d)
-        Image queries, keys and values, any strides, any N (including 0).
+    q : Tensor, shape (B, H, N, d)
+        Image queries, any strides, any N (including 0).
+    k, v : Tensor, shape (B, H, N_k, d)
+        Image keys and values, any strides; N_k may differ from N (including 0).
     prompt_k, prompt_v : Tensor, shape (T, H, P, d)
         A table of T prompt sets. T = 1 is the shared VPT-deep set: it is never expanded per
         sequence. P = 0 is allowed.
@@ -215,6 +220,11 @@ def prompt_attention(
     backend : str, optional
         One of :data:`fastprompt.backends.NAMES`; strict when given. Default:
         ``FASTPROMPT_BACKEND`` or the best backend that fits the inputs.
+    key_bias : Tensor, optional
+        Additive bias on the image keys' scores, broadcastable to (B, H, N, N_k), any float
+        dtype (Swin's relative-position bias and shifted-window mask; ``-inf`` masks a key).
+        Prompt keys get no bias. **Not differentiable**: no gradient flows to it, and one that
+        requires grad is refused (the bias tables of a frozen backbone do not train).
 
     Returns
     -------
@@ -222,46 +232,102 @@ def prompt_attention(
         Attention output, stored as (B, N, H, d) so that ``out.transpose(1, 2)`` is contiguous
         and merging heads is free. Zero for a query without any key.
     lse : Tensor, shape (B, H, N), float32 (float64 for float64 inputs)
-        Natural-log log-sum-exp of each query's scaled scores (−inf without any key).
+        Natural-log log-sum-exp of each query's scaled, biased scores (−inf without any key).
     """
-    check_inputs("prompt_attention", q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths)
-    name = choose_for("prompt_attention", q, prompt_index, prompt_lengths, backend)
+    check_inputs(
+        "prompt_attention", q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias
+    )
+    name = choose_for(
+        "prompt_attention",
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        key_bias,
+        backend,
+    )
     return _prompt_attention_op(
-        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, check_scale(q, scale), name
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        key_bias,
+        check_scale(q, scale),
+        name,
     )
 
 
 def choose_for(
     op: str,
     q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prompt_k: Tensor,
+    prompt_v: Tensor,
     prompt_index: Tensor | None,
     prompt_lengths: Tensor | None,
+    key_bias: Tensor | None,
     requested: str | None,
     *extra: str,
 ) -> str:
     """The backend (name) for a call with these inputs, needing features ``extra`` too."""
     features = [
         name
-        for name, t in (("prompt_index", prompt_index), ("prompt_lengths", prompt_lengths))
-        if t is not None
+        for name, used in (
+            ("prompt_index", prompt_index is not None),
+            ("prompt_lengths", prompt_lengths is not None),
+            ("key_bias", key_bias is not None),
+            ("key_count", k.shape[2] != q.shape[2]),
+        )
+        if used
     ]
+    b, h, n, d = q.shape
+    t, _, p, _ = prompt_k.shape
+    if torch.compiler.is_compiling():
+        # The batch (and a per-image set count) may be traced symbolically and cannot be a
+        # constant of the choice: left out (measured dispatch stands in a size). The sizes that
+        # key a measured choice are a model's constants: specialised.
+        index = operator.index
+        shape = (None, index(h), index(n), index(k.shape[2]), None, index(p))
+    else:
+        shape = (b, h, n, k.shape[2], t, p)
+    training = torch.is_grad_enabled() and any(
+        x.requires_grad for x in (q, k, v, prompt_k, prompt_v)
+    )
     return backends.choose_name(
-        op, str(q.device), q.dtype, int(q.shape[-1]), (*features, *extra), requested
+        op,
+        str(q.device),
+        q.dtype,
+        operator.index(d),
+        (*features, *extra),
+        requested,
+        shape,
+        training,
     )
 
 
 def check_scale(q: Tensor, scale: float | None) -> float:
-    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    """``scale`` as a float (default ``d ** -0.5``); NaN is refused."""
+    # The head dim is a model's constant: specialised if torch.compile traces it symbolically.
+    scale = float(operator.index(q.shape[-1]) ** -0.5 if scale is None else scale)
     if math.isnan(scale):
         raise ValueError("prompt_attention: scale is NaN")
     return scale
 
 
-def check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths) -> None:
+def check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias=None):
     """Raise a clear error for inputs the op cannot take; shared by every prompt-attention entry.
 
-    Index and length values are checked without a host sync: on the host for CPU tensors, by a
-    device-side assertion (``torch._assert_async``) for others.
+    Shapes are checked against what every backend assumes: k and v have their own row count N_k
+    (the same for both), the batch, heads and head dim of q; the prompt table matches the heads
+    and head dim. Index and length values are checked without a host sync: on the host for CPU
+    tensors, by a device-side assertion (``torch._assert_async``) for others.
     """
 
     def fail(msg: str) -> None:
@@ -278,16 +344,51 @@ def check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths) 
             )
     if not q.is_floating_point():
         fail(f"q must be a floating-point tensor, got {q.dtype}")
-    b, h, _, d = q.shape
-    if k.shape != v.shape or k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
-        fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must be (B={b}, H={h}, N, d={d})")
+    b, h, n, d = q.shape
+    if k.shape != v.shape:
+        fail(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape (B, H, N_k, d)")
+    if k.shape[0] != b or k.shape[1] != h or k.shape[3] != d:
+        fail(
+            f"k and v must be (B={b}, H={h}, N_k, d={d}) as q {tuple(q.shape)}, "
+            f"got {tuple(k.shape)}"
+        )
     if prompt_k.shape != prompt_v.shape:
         fail(f"prompt_k {tuple(prompt_k.shape)} and prompt_v {tuple(prompt_v.shape)} differ")
     t, hp, p, dp = prompt_k.shape
     if t < 1 or hp != h or dp != d:
         fail(f"prompt_k must be (T>=1, H={h}, P, d={d}), got {tuple(prompt_k.shape)}")
+    _check_key_bias(op, key_bias, (b, h, n, k.shape[2]), q.device)
     _check_int_vector(op, "prompt_index", prompt_index, b, q.device, 0, t - 1, f"[0, {t})")
     _check_int_vector(op, "prompt_lengths", prompt_lengths, t, q.device, 0, p, f"[0, {p}]")
+
+
+def _check_key_bias(op, key_bias, scores_shape, device) -> None:
+    if key_bias is None:
+        return
+    if not isinstance(key_bias, Tensor):
+        raise TypeError(f"{op}: key_bias must be a Tensor or None, got {type(key_bias).__name__}")
+    if not key_bias.is_floating_point() or key_bias.device != device:
+        raise ValueError(
+            f"{op}: key_bias must be a floating-point tensor on {device}, got {key_bias.dtype} on "
+            f"{key_bias.device}"
+        )
+    try:
+        ok = key_bias.dim() <= 4 and torch.broadcast_shapes(key_bias.shape, scores_shape) == (
+            torch.Size(scores_shape)
+        )
+    except RuntimeError:
+        ok = False
+    if not ok:
+        b, h, n, n_k = scores_shape
+        raise ValueError(
+            f"{op}: key_bias {tuple(key_bias.shape)} must broadcast to (B={b}, H={h}, N={n}, "
+            f"N_k={n_k})"
+        )
+    if key_bias.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{op}: key_bias requires grad, but the op does not differentiate it (a frozen "
+            "backbone's bias table); pass key_bias.detach()"
+        )
 
 
 # id(tensor) -> (weak reference, version, bounds) of index/length tensors already checked: a

@@ -1,7 +1,11 @@
 """``gather_prompts``: pack the kept prompts of every block into one table, no padding.
 
-Per-sequence gathering of prompt K/V by index needs no op of its own: ``prompt_attention`` reads a
-table of sets through ``prompt_index`` (stride 0 for a shared set) without per-sequence copies.
+Packing runs once per condensed model, on at most L·P rows (12 × 200 × 768 values for ViT-B/16),
+as one ``index_select``: a single gather kernel on any device, with autograd's scatter into the
+kept rows as its backward. A dedicated C++/CUDA kernel for it had nothing to win on that path and
+was removed. Per-sequence gathering of prompt K/V by index needs no op of its own:
+``prompt_attention`` reads a table of sets through ``prompt_index`` (stride 0 for a shared set)
+without per-sequence copies.
 """
 
 from __future__ import annotations

@@ -1,11 +1,25 @@
-"""Prompt sources: where a prompted ViT's prompt tokens come from.
+"""Prompt sources: where a prompted model's prompt tokens (and prompt keys/values) come from.
 
-A source is a small ``nn.Module`` that owns its parameters and answers a few questions for the
-prompted core (:class:`fastprompt.prompted.PromptedViT`): where its prompts go in the token
-sequence, whether each block receives its own set, and what the tokens are. VPT's learned
-per-block sets (:mod:`fastprompt.sources.learned`) are one; PGN's generated per-image sets are
-another. The core adopts a source's parameters under their own names, so a method's state-dict
-keys are its official ones (``prompt_embeddings``, not ``source.prompt_embeddings``).
+A source is a small ``nn.Module`` that owns its parameters and answers the prompted core
+(:class:`fastprompt.prompted.PromptedViT`) per block (``docs/design.md`` §4, "Prompt sources"):
+
+- :meth:`PromptSource.receives` / :meth:`PromptSource.count`: whether a new set of prompt tokens
+  enters before the block (overwriting the prompt outputs of the block before, or joining the
+  tokens when there are none), and how many tokens it holds;
+- :meth:`PromptSource.tokens`: those tokens, (1, P, W) shared by the batch, (B, P, W) one set per
+  image, or a table of T sets read through :meth:`PromptSource.selection`; W is the block's width
+  (it may differ per block: the backbone adapter says which);
+- :meth:`PromptSource.kv`: keys/values the block's queries attend to directly, joined after the
+  qkv projection (key-value prompts; None for most sources);
+- :meth:`PromptSource.shared` / :meth:`PromptSource.shared_kv`: the image-independent versions,
+  computed once per model at inference.
+
+Sources of learned per-block sets also expose them (:meth:`PromptSource.raw`,
+:meth:`PromptSource.projection`, :meth:`PromptSource.prompt_parameters`) for methods that act on
+individual prompts, such as Prompt Condensation. The core adopts a source's parameters under their
+own names, so a method's state-dict keys are its official ones (``prompt_embeddings``, not
+``source.prompt_embeddings``). Sources know no method and no backbone: a method's build function
+creates one from the widths its backbone adapter reports.
 """
 
 from __future__ import annotations
@@ -28,34 +42,81 @@ class PromptSource(nn.Module):
     ----------
     position : {"prefix", "suffix"}
         Where the prompts are inserted, after the positional embedding (prompts get none).
-    deep : bool
-        Each block receives its own set, overwriting the previous block's prompt outputs
-        (VPT-deep); otherwise one set enters block 0 and flows through every block as tokens.
     """
 
     position: ClassVar[str] = "prefix"
-    deep: bool = False
+
+    # -- the schedule ---------------------------------------------------------------------------
+
+    def receives(self, block: int) -> bool:
+        """Whether a new prompt set enters before ``block`` (block 0 only, by default)."""
+        return block == 0
 
     def count(self, block: int) -> int:
-        """Prompts block ``block`` receives (for a non-deep source: the count of block 0's set)."""
+        """Prompt tokens in the set ``block`` receives (0 when it receives none)."""
         raise NotImplementedError
 
-    def prepare(self, images: Tensor) -> Any:
-        """Per-forward state computed from the images (B, C, H, W); None for most sources."""
+    # -- the prompts ----------------------------------------------------------------------------
+
+    def prepare(self, images: Tensor, **inputs: Any) -> Any:
+        """Per-forward state from the images (B, C, H, W) and any other forward inputs; None for
+        most sources."""
+        if inputs:
+            raise TypeError(
+                f"{type(self).__name__} takes no forward inputs besides the images, got "
+                f"{sorted(inputs)}"
+            )
         return None
 
     def tokens(self, block: int, batch: int, state: Any) -> Tensor:
-        """Prompt tokens inserted before ``block``: (1, P, D) shared, or (B, P, D) per image."""
+        """Prompt tokens entering ``block`` (T, P, W): T = 1 shared, T = B one set per image, or
+        a table read through :meth:`selection`."""
         raise NotImplementedError
 
+    def selection(self, block: int, batch: int, state: Any) -> tuple[Tensor | None, Tensor | None]:
+        """``(prompt_index (B,), prompt_lengths (T,))`` of a table of sets that is neither shared
+        nor one per image (tasks of a mixed batch); ``(None, None)`` otherwise."""
+        return None, None
+
+    def kv(self, block: int, batch: int, state: Any) -> tuple[Tensor, Tensor] | None:
+        """Keys and values (T, H, N, d) the block's queries attend to besides its tokens', joined
+        after the qkv projection and qk-norm (key-value prompts), or None."""
+        return None
+
     def shared(self, block: int) -> Tensor | None:
-        """The image-independent set of ``block`` (1, P, D) as used at inference, or None.
+        """The image-independent set of ``block`` (1, P, W) as used at inference, or None.
 
         A source whose prompts depend on the image returns None; then nothing can be computed
         once per model and cached.
         """
         return None
 
+    def shared_kv(self, block: int) -> tuple[Tensor, Tensor] | None:
+        """The image-independent :meth:`kv` of ``block`` as used at inference, or None."""
+        return None
+
     def config(self) -> Any:
-        """The source's configuration (a dataclass), recorded in checkpoints."""
+        """The configuration of the method that built the source, recorded in checkpoints.
+
+        Sources hold it for the method (they do not read it)."""
         raise NotImplementedError
+
+    # -- learned per-block sets (Prompt Condensation and other per-prompt methods) -------------
+
+    def raw(self, block: int) -> Tensor:
+        """The learned set ``block`` receives before projection (P, Dp); a view of a parameter,
+        so writing into it writes the parameter."""
+        raise TypeError(f"{type(self).__name__} holds no learned per-block prompt sets")
+
+    def projection(self) -> nn.Module:
+        """The map from :meth:`raw` sets to prompt tokens (Identity when there is none)."""
+        return nn.Identity()
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        """The parameters that hold the :meth:`raw` sets."""
+        raise TypeError(f"{type(self).__name__} holds no learned per-block prompt sets")
+
+    def distinct_sets(self) -> bool:
+        """Whether every block that receives a set receives its own (not one shared by several
+        blocks), so that a prompt of one block can be kept or dropped on its own."""
+        return False

@@ -1,105 +1,61 @@
-"""VPT's learned prompt sets (KMnP/vpt): one before block 0 (shallow) or one per block (deep).
+"""Learned prompt sets (VPT, KMnP/vpt): a schedule of which set each block receives.
 
-Parameter names are the official ones: ``prompt_embeddings`` (1, P, Dp) for block 0,
-``deep_prompt_embeddings`` (L − 1, P, Dp) for the others (packed (Σ counts, Dp) when blocks keep
-different counts after Prompt Condensation), ``prompt_proj`` (Identity, or a Linear Dp → D with
-kaiming-normal fan-out init) and ``prompt_dropout``. Init: uniform(−v, v) with
-v = sqrt(6 / (3·patch_h·patch_w + Dp)).
+The sets are numbered: set 0 is ``prompt_embeddings`` (1, P, Dp), the official name of the set
+entering block 0 (it may be absent); sets 1, 2, ... are the rows of ``deep_prompt_embeddings``
+(n, P, Dp), or consecutive slices of it packed as (Σ counts, Dp) when the sets differ in size
+(after Prompt Condensation). A schedule gives, per block, the set it receives or None:
+
+- VPT-shallow ``(0, None, None, ...)``; VPT-deep ``(0, 1, 2, ..., L − 1)``;
+- the official ablations: deep prompts in the first k blocks only ``(0, 1, ..., k − 1, None,
+  ...)``, in the last k only ``(None, ..., None, 1, ..., k)`` (no set 0), one set shared by every
+  block ``(0, 0, ..., 0)``.
+
+``prompt_proj`` (Identity, or a Linear Dp → D with kaiming-normal fan-out init) maps every set to
+the model width; ``prompt_dropout`` is drawn per block, after expanding the set over the batch (a
+mask per image). Init: uniform(−v, v) with v = sqrt(6 / (3·patch_h·patch_w + Dp)), set 0 first.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from fastprompt.sources import PromptSource
 
-__all__ = ["READOUTS", "LearnedPrompts", "VPTConfig"]
-
-READOUTS = ("cls", "patches", "patches+prompts")
-
-
-@dataclass(frozen=True)
-class VPTConfig:
-    """How a model is prompted; saved beside the prompts so a checkpoint rebuilds the wrapper.
-
-    Attributes
-    ----------
-    num_prompts : int
-        Prompt tokens per set (per block when deep).
-    deep : bool
-        A prompt set per block (VPT-deep) or one before block 0 (VPT-shallow).
-    dropout : float
-        Prompt dropout probability, applied per image after expanding over the batch.
-    project : int
-        Prompt dimension before a Linear projection to the model width; -1 means no projection.
-    readout : str
-        ``"cls"``, ``"patches"`` or ``"patches+prompts"`` (the official avg-pool path).
-    layer_counts : tuple of int, optional
-        Prompts per block after condensation (deep only); None means ``num_prompts`` in every
-        block. Deep prompts of blocks ≥ 1 are then packed in one (Σ counts, Dp) parameter.
-    """
-
-    num_prompts: int
-    deep: bool = True
-    dropout: float = 0.0
-    project: int = -1
-    readout: str = "cls"
-    layer_counts: tuple[int, ...] | None = None
-
-    def __post_init__(self) -> None:
-        _check_config(self)
-
-
-def _check_config(c: VPTConfig) -> None:
-    who = "fastprompt.vpt"
-    if isinstance(c.num_prompts, bool) or not isinstance(c.num_prompts, int):
-        raise TypeError(
-            f"{who}: num_prompts must be an int, got {type(c.num_prompts).__name__} "
-            f"({c.num_prompts!r})"
-        )
-    if c.num_prompts < 0:
-        raise ValueError(f"{who}: num_prompts must be >= 0, got {c.num_prompts}")
-    if not isinstance(c.deep, bool):
-        raise TypeError(f"{who}: deep must be a bool, got {type(c.deep).__name__}")
-    if isinstance(c.dropout, bool) or not isinstance(c.dropout, (int, float)):
-        raise TypeError(
-            f"{who}: dropout must be a float in [0, 1), got {type(c.dropout).__name__} "
-            f"({c.dropout!r})"
-        )
-    if not 0.0 <= float(c.dropout) < 1.0:
-        raise ValueError(f"{who}: dropout must be in [0, 1), got {c.dropout}")
-    if (
-        isinstance(c.project, bool)
-        or not isinstance(c.project, int)
-        or (c.project < 1 and c.project != -1)
-    ):
-        raise ValueError(f"{who}: project must be -1 (none) or a width >= 1, got {c.project!r}")
-    if c.readout not in READOUTS:
-        raise ValueError(f"{who}: readout must be one of {READOUTS}, got {c.readout!r}")
-    counts = c.layer_counts
-    if counts is not None:
-        if not c.deep:
-            raise ValueError(f"{who}: layer_counts needs deep prompts")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
-            raise ValueError(f"{who}: layer_counts must hold ints >= 0, got {counts}")
+__all__ = ["LearnedPrompts"]
 
 
 class LearnedPrompts(PromptSource):
-    """VPT's learned prompt sets.
+    """Learned prompt sets and the schedule of which block receives which.
 
     Parameters
     ----------
-    config : VPTConfig
-    embed_dim : int
-        The backbone's width D.
-    depth : int
-        Number of blocks.
+    schedule : sequence of int or None
+        Per block, the set it receives (0: ``prompt_embeddings``; j ≥ 1: deep set j) or None.
+    shallow : int or None
+        Tokens of set 0, or None when there is no ``prompt_embeddings``.
+    deep : sequence of int, optional
+        Tokens of deep sets 1, 2, ...; None when there is no ``deep_prompt_embeddings`` (an
+        empty sequence makes an empty one, as the official code does for one block).
+    width : int
+        The model width D the prompts enter at.
     patch : tuple of int
         Patch height and width (for the official init bound).
+    project : int
+        Prompt width Dp before a Linear projection to D; -1 for none (Dp = D).
+    dropout : float
+        Prompt dropout probability.
+    packed : bool
+        Keep the deep sets as one (Σ counts, Dp) parameter (sets of different sizes) rather
+        than (n, P, Dp).
+    config : dataclass
+        The building method's configuration, handed back by :meth:`config`; :meth:`set_dropout`
+        keeps its ``dropout`` field in step.
     device, dtype
         Of the backbone's weights.
     """
@@ -108,70 +64,99 @@ class LearnedPrompts(PromptSource):
 
     def __init__(
         self,
-        config: VPTConfig,
-        embed_dim: int,
-        depth: int,
+        schedule: Sequence[int | None],
+        shallow: int | None,
+        deep: Sequence[int] | None,
+        width: int,
         patch: tuple[int, int],
+        project: int = -1,
+        dropout: float = 0.0,
+        packed: bool = False,
+        config: Any = None,
         device: torch.device | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         self._config = config
-        self.deep = config.deep
-        counts = config.layer_counts
-        if counts is None:
-            counts = (config.num_prompts,) * max(depth, 1)
-        elif len(counts) != depth:
+        self._schedule = tuple(schedule)
+        deep_sizes = tuple(deep or ())
+        self._sizes = (shallow, *deep_sizes)  # tokens per set; set 0 may be None (absent)
+        used = [s for s in self._schedule if s is not None]
+        if any(not 0 <= s < len(self._sizes) or self._sizes[s] is None for s in used):
+            raise ValueError(f"LearnedPrompts: schedule {self._schedule} names a missing set")
+        if not packed and len(set(deep_sizes)) > 1:
             raise ValueError(
-                f"fastprompt.vpt: layer_counts must hold {depth} ints (one per block), got "
-                f"{len(counts)}: {counts}"
+                f"LearnedPrompts: deep sets of different sizes {deep_sizes} need packed"
             )
-        self._counts = tuple(counts)
+        self._packed = packed
         self._offsets = [0]
-        for n in counts[1:]:
+        for n in deep_sizes:
             self._offsets.append(self._offsets[-1] + n)
-        dim = embed_dim if config.project == -1 else config.project
+        dim = width if project == -1 else project
         kw = {"device": device, "dtype": dtype}
         bound = math.sqrt(6.0 / float(3 * patch[0] * patch[1] + dim))
-        self.prompt_embeddings = nn.Parameter(
-            torch.empty(1, counts[0], dim, **kw).uniform_(-bound, bound)
-        )
-        if config.layer_counts is not None:
-            deep = torch.empty(self._offsets[-1], dim, **kw)
-        elif config.deep:
-            deep = torch.empty(max(depth - 1, 0), config.num_prompts, dim, **kw)
+        first = None
+        if shallow is not None:
+            first = nn.Parameter(torch.empty(1, shallow, dim, **kw).uniform_(-bound, bound))
+        self.register_parameter("prompt_embeddings", first)
+        if deep is None:
+            rest = None
+        elif packed:
+            rest = torch.empty(self._offsets[-1], dim, **kw)
         else:
-            deep = None
+            size = deep_sizes[0] if deep_sizes else shallow or 0
+            rest = torch.empty(len(deep_sizes), size, dim, **kw)
         self.register_parameter(
             "deep_prompt_embeddings",
-            None if deep is None else nn.Parameter(deep.uniform_(-bound, bound)),
+            None if rest is None else nn.Parameter(rest.uniform_(-bound, bound)),
         )
-        if config.project == -1:
+        if project == -1:
             self.prompt_proj = nn.Identity()
         else:
-            self.prompt_proj = nn.Linear(dim, embed_dim, **kw)
+            self.prompt_proj = nn.Linear(dim, width, **kw)
             nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
-        self.prompt_dropout = nn.Dropout(config.dropout)
+        self.prompt_dropout = nn.Dropout(dropout)
 
-    def config(self) -> VPTConfig:
+    def config(self) -> Any:
         return self._config
 
     def set_dropout(self, p: float) -> None:
         """Change the prompt dropout, in the module and in the recorded config."""
-        self._config = replace(self._config, dropout=float(p))
         self.prompt_dropout.p = float(p)
+        if dataclasses.is_dataclass(self._config):
+            self._config = dataclasses.replace(self._config, dropout=float(p))
+
+    # -- the schedule ---------------------------------------------------------------------------
+
+    def receives(self, block: int) -> bool:
+        return self._schedule[block] is not None
 
     def count(self, block: int) -> int:
-        return self._counts[block] if self.deep else self._counts[0]
+        s = self._schedule[block]
+        return 0 if s is None else self._sizes[s]
+
+    def distinct_sets(self) -> bool:
+        used = [s for s in self._schedule if s is not None]
+        return len(used) == len(set(used))
+
+    # -- the prompts ----------------------------------------------------------------------------
 
     def raw(self, block: int) -> Tensor:
-        """Block ``block``'s prompt parameters before projection, (P_block, Dp)."""
-        if block == 0:
+        s = self._schedule[block]
+        if s is None:
+            raise ValueError(f"LearnedPrompts: block {block} receives no prompt set")
+        if s == 0:
             return self.prompt_embeddings[0]
-        if self._config.layer_counts is not None:
-            start = self._offsets[block - 1]
-            return self.deep_prompt_embeddings[start : start + self._counts[block]]
-        return self.deep_prompt_embeddings[block - 1]
+        if self._packed:
+            start = self._offsets[s - 1]
+            return self.deep_prompt_embeddings[start : start + self._sizes[s]]
+        return self.deep_prompt_embeddings[s - 1]
+
+    def projection(self) -> nn.Module:
+        return self.prompt_proj
+
+    def prompt_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.prompt_embeddings, self.deep_prompt_embeddings) if p is not None]
 
     def shared(self, block: int) -> Tensor:
         return self.prompt_proj(self.raw(block)).unsqueeze(0)
@@ -189,9 +174,8 @@ class LearnedPrompts(PromptSource):
         return p
 
     def extra_repr(self) -> str:
-        c = self._config
-        counts = "" if c.layer_counts is None else f", layer_counts={list(c.layer_counts)}"
+        schedule = ["-" if s is None else s for s in self._schedule]
+        proj = "" if isinstance(self.prompt_proj, nn.Identity) else ", projected"
         return (
-            f"num_prompts={c.num_prompts}{counts}, deep={c.deep}, dropout={c.dropout}, "
-            f"project={c.project}"
+            f"sets={list(self._sizes)}, schedule={schedule}, dropout={self.prompt_dropout.p}{proj}"
         )

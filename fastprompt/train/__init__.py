@@ -1,6 +1,7 @@
 """The training layer: recipes, data, the loop, run folders, torchrun, Prompt Condensation runs.
 
-- :func:`fit`, :func:`finetune`, :func:`evaluate`: the loop on any loader, three calls.
+- :func:`fit`, :func:`finetune`, :func:`evaluate`: the loop on any loader, three calls;
+  :func:`prompt_condensation`: Prompt Condensation's Algorithm 1 on a trained model.
 - :class:`Trainer`: one epoch of a recipe at a time (mixed precision, compile, DDP, state).
 - :data:`RECIPES` / :class:`Recipe`: ``vpt``, ``pgn``, ``pc-finetune`` (:mod:`.recipes`).
 - :func:`train` / :func:`continue_run` / :class:`RunConfig`: run folders with checkpoints,
@@ -20,7 +21,7 @@ from fastprompt.train.run import (
     prepare_run,
     train,
 )
-from fastprompt.train.simple import evaluate, finetune, fit
+from fastprompt.train.simple import evaluate, finetune, fit, prompt_condensation
 
 __all__ = [
     "RECIPES",
@@ -40,5 +41,6 @@ __all__ = [
     "load_run_model",
     "lr_factor",
     "prepare_run",
+    "prompt_condensation",
     "train",
 ]

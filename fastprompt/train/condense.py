@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from fastprompt import registry
 from fastprompt.train import data as D
 from fastprompt.train import owner
 from fastprompt.train.distributed import DistEnv, all_reduce_sum, setup
@@ -36,7 +37,19 @@ from fastprompt.train.run import (
 )
 from fastprompt.train.splits import run_data
 
-__all__ = ["condense_run", "default_out"]
+__all__ = ["condense_run", "default_out", "not_condensable"]
+
+
+def not_condensable(config: RunConfig) -> str | None:
+    """Why Prompt Condensation cannot condense a run of ``config`` (its method's registry entry
+    says), or None."""
+    support = registry.get(config.method).condensation
+    if support is None:
+        return (
+            f"is a {config.method!r} run; Prompt Condensation condenses runs of "
+            f"{[n for n in registry.names() if registry.get(n).condensation is not None]}"
+        )
+    return support.check(config.method_args)
 
 
 def default_out(source: str, keep: float | int, score: str) -> str:
@@ -101,6 +114,7 @@ def condense_run(
         The fine-tuning run's per-epoch metrics.
     """
     from fastprompt.methods.condensation import (
+        METHOD,
         condense,
         layer_summary,
         score_prompts,
@@ -112,10 +126,9 @@ def condense_run(
     out = out or default_out(source, keep, score)
     if env.main:
         _owned(owner.check_out, out, overwrite)
-    if config.method != "vpt":
-        raise RunError(
-            f"Prompt Condensation condenses a VPT-deep run; {source} is a {config.method!r} run"
-        )
+    reason = not_condensable(config)
+    if reason is not None:
+        raise RunError(f"{source} {reason}")
     src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
     recipe = get_recipe("pc-finetune").override(
         epochs=epochs, batch_size=batch_size or config.recipe.batch_size
@@ -153,7 +166,7 @@ def condense_run(
         )
     new = RunConfig(
         model=config.model,
-        method="prompt_condensation",
+        method=METHOD,
         method_args=_run_options(config),
         data=config.data,
         recipe=recipe,

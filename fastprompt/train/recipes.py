@@ -23,6 +23,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   of the batch (``batch_norm="per-process"``, as the official code's DDP runs it);
   ``batch_norm="sync"`` (``--sync-bn``) normalises with the global batch
   (:mod:`fastprompt.train.syncbn`).
+- ``e2vpt`` (ChengHan111/E2VPT, the same solver code as VPT's): VPT's optimiser, schedule,
+  weight decay (the masks decay too; the head bias does not) and transforms, batch 64 (the official
+  VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and weight decay
+  over VPT's grids; the base lr here is VPT's pick.
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
   no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
   tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
@@ -40,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
 from fastprompt.train.syncbn import BATCH_NORMS
 
 __all__ = [
@@ -62,29 +67,6 @@ TRANSFORMS = ("resize-crop", "resize", "fgvc", "pgn", "pgn-test")
 NORMALIZATIONS = ("backbone", "imagenet", "clip", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 LR_SCALINGS = ("batch/256", "none")
-
-# VPT-deep prompt counts per VTAB-1k task (the official per-task configurations).
-VTAB1K_PROMPTS: dict[str, int] = {
-    "cifar100": 10,
-    "caltech101": 10,
-    "dtd": 10,
-    "oxford_flowers102": 1,
-    "oxford_iiit_pet": 1,
-    "svhn": 50,
-    "sun397": 5,
-    "patch_camelyon": 100,
-    "eurosat": 100,
-    "resisc45": 10,
-    "diabetic_retinopathy": 1,
-    "clevr_count": 100,
-    "clevr_dist": 200,
-    "dmlab": 100,
-    "kitti": 100,
-    "dsprites_loc": 100,
-    "dsprites_ori": 100,
-    "smallnorb_azi": 200,
-    "smallnorb_ele": 200,
-}
 
 
 @dataclass(frozen=True)
@@ -400,6 +382,7 @@ def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.opti
 
 RECIPES: dict[str, Recipe] = {
     "vpt": Recipe(name="vpt", epochs=100, batch_size=128, lr=0.25),
+    "e2vpt": Recipe(name="e2vpt", epochs=100, batch_size=64, lr=0.25),
     "pgn": Recipe(
         name="pgn",
         epochs=100,

@@ -22,7 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from fastprompt import registry
 from fastprompt.checkpoint import save_prompts
+from fastprompt.registry import RUN_OPTIONS
 from fastprompt.tensorfiles import FileDamaged, read_tensors
 from fastprompt.train import data as D
 from fastprompt.train import multi as M
@@ -51,7 +53,6 @@ from fastprompt.train.recipes import Recipe
 from fastprompt.train.splits import SPLIT_FILE, RunData, open_data, run_data, write_split
 
 __all__ = [
-    "METHODS",
     "DataConfig",
     "ModelSpec",
     "RunConfig",
@@ -65,8 +66,6 @@ __all__ = [
     "read_run",
     "train",
 ]
-
-METHODS = ("vpt", "pgn")
 
 
 def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Module:
@@ -127,30 +126,22 @@ def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
 
 
 def build_prompted(backbone: nn.Module, method: str, args: dict[str, Any]) -> nn.Module:
-    """Wrap ``backbone`` with ``method``'s entry point (``fastprompt.vpt`` / ``fastprompt.pgn``)."""
-    import fastprompt
-
-    entry = getattr(fastprompt, method, None) if method in METHODS else None
-    if entry is None:
+    """Wrap ``backbone`` with ``method``'s registered build function (``fastprompt.vpt``, ...)."""
+    build = registry.get(method).build if method in registry.trainable() else None
+    if build is None:
         raise RunError(
             f"method {method!r} is not available in this fastprompt (known: "
-            f"{[m for m in METHODS if hasattr(fastprompt, m)]})"
+            f"{list(registry.trainable())})"
         )
-    args = dict(args)
-    if method == "pgn" and args.get("resolution") is None:
-        # The official generator input is the ViT's 224×224 image resized to 224: no resize.
-        args["resolution"] = min(D.image_size(backbone))
     try:
-        return entry(backbone, **args)
+        return build(backbone, **args)
     except (TypeError, ValueError) as e:
         raise RunError(str(e)) from None
 
 
 def _run_options(config: RunConfig) -> dict[str, Any]:
-    """How to run a loaded checkpoint (impl, backend): VPT-family models only."""
-    if config.method not in ("vpt", "prompt_condensation"):
-        return {}
-    return {k: config.method_args[k] for k in ("impl", "backend") if k in config.method_args}
+    """How to run a loaded checkpoint (impl, backend), as the run was built."""
+    return {k: config.method_args[k] for k in RUN_OPTIONS if k in config.method_args}
 
 
 def transforms_for(model: nn.Module, recipe: Recipe):

@@ -1,4 +1,5 @@
-"""``fastprompt.fit``, ``finetune`` and ``evaluate``: the loop as three calls on any loader.
+"""``fastprompt.fit``, ``finetune``, ``evaluate`` and ``prompt_condensation``: the loop as calls
+on any loader.
 
 They run :class:`fastprompt.train.Trainer` without a run folder: no checkpoints, no validation,
 a recipe built from the arguments. For recipes by name, evaluation every epoch, checkpoints,
@@ -12,11 +13,17 @@ from collections.abc import Iterable
 from torch import nn
 
 from fastprompt.batches import BatchFn, check_reiterable
+from fastprompt.methods.condensation import (
+    condense,
+    layer_summary,
+    score_prompts,
+    select_prompts,
+)
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.loop import Trainer, evaluate_model
 from fastprompt.train.recipes import Recipe, get_recipe
 
-__all__ = ["evaluate", "finetune", "fit"]
+__all__ = ["evaluate", "finetune", "fit", "prompt_condensation"]
 
 
 def fit(
@@ -167,3 +174,65 @@ def evaluate(model: nn.Module, loader: Iterable, batch_fn: BatchFn | None = None
         If the loader yields no sample, or a label does not fit the model's head.
     """
     return evaluate_model(model, loader, batch_fn=batch_fn)["acc"]
+
+
+def prompt_condensation(
+    prompted: PromptedViT,
+    train_loader: Iterable,
+    keep: float | int = 0.3,
+    score: str = "taylor",
+    scope: str = "global",
+    epochs: int = 20,
+    lr: float | None = None,
+    finetune_kwargs: dict | None = None,
+    progress: bool = True,
+    verbose: bool = True,
+    batch_fn: BatchFn | None = None,
+) -> PromptedViT:
+    """Prompt Condensation's Algorithm 1: score, keep the top ``keep``, fine-tune only the kept
+    prompts and the head.
+
+    Parameters
+    ----------
+    prompted : PromptedViT
+        A trained VPT-deep model.
+    train_loader : iterable of batches
+    keep : float or int
+        Ratio or count, as :func:`fastprompt.select_prompts`.
+    score : str
+        One of :data:`fastprompt.methods.condensation.SCORES`; ``"taylor"`` is the paper's.
+    scope : {"global", "local"}
+        The paper's method is global.
+    epochs : int
+        Fine-tuning epochs (the paper: 20), prompt dropout off.
+    lr : float, optional
+        Fine-tuning learning rate; default that of :func:`finetune`.
+    finetune_kwargs : dict, optional
+        More arguments for :func:`finetune`.
+    progress, verbose : bool
+        Progress bars; print the per-block summary of kept prompts.
+    batch_fn : callable, optional
+        ``batch_fn(batch) -> (images, labels)`` for other batch formats.
+
+    Returns
+    -------
+    PromptedViT
+        The condensed, fine-tuned model.
+    """
+    # Scoring is one pass, fine-tuning `epochs` more: a generator would be empty by then.
+    check_reiterable(train_loader, 1 + epochs, "prompt_condensation")
+    scores = score_prompts(
+        prompted, train_loader, method=score, progress=progress, batch_fn=batch_fn
+    )
+    mask = select_prompts(scores, keep, scope)
+    if verbose:
+        print(f"Prompt Condensation ({score}, {scope}):\n{layer_summary(mask)}")
+    condensed = condense(prompted, mask)
+    kwargs = dict(finetune_kwargs or {})
+    if lr is not None:
+        kwargs["lr"] = lr
+    if epochs > 0:
+        finetune(
+            condensed, train_loader, epochs=epochs, progress=progress, batch_fn=batch_fn, **kwargs
+        )
+    return condensed

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -117,6 +118,12 @@ def test_ahead_of_time_build_is_checked_before_use(tmp_path, monkeypatch):
     assert "older than the csrc/ sources" in _build.aot_library()[1]
     meta["sources"] = _build.source_hash(sources, [])
     (tmp_path / "_fastprompt_ext.json").write_text(json.dumps(meta))
+    assert "no recorded size and hash" in _build.aot_library()[1]
+    meta["library"] = {"size": 7, "sha256": "0" * 64}
+    (tmp_path / "_fastprompt_ext.json").write_text(json.dumps(meta))
+    assert "is 0 bytes, but 7 were built" in _build.aot_library()[1]
+    meta["library"] = _build.file_digest(next(tmp_path.glob("_fastprompt_ext*.so")))
+    (tmp_path / "_fastprompt_ext.json").write_text(json.dumps(meta))
     lib, how = _build.aot_library()
     assert lib is not None and how == "ahead-of-time build"
 
@@ -163,3 +170,136 @@ def test_a_failed_build_is_not_retried_in_every_process(tmp_path):
     (tmp_path / plan.key / "error.txt").write_text("RuntimeError: boom\n")
     with pytest.raises(RuntimeError, match=r"delete that folder to try again.*boom"):
         _build.build(plan, tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------
+# The cache is verified before anything in it is loaded (each case in its own process: loading a
+# damaged library would kill the process, and one process can load the library only once).
+# ----------------------------------------------------------------------------------------------
+
+
+def _cached_build_dir() -> Path:
+    """The build folder of the library this process loaded (built on first use)."""
+    from fastprompt.kernels import cpp
+
+    why = cpp.availability()
+    if why is not None:
+        pytest.skip(f"the extension is not available here: {why}")
+    info = cpp.build_info()
+    if "first-use" not in str(info.get("how")):
+        pytest.skip(f"the extension was not loaded from the first-use cache ({info.get('how')})")
+    return Path(info["library"]).parent
+
+
+def _copy_cache(tmp_path: Path) -> tuple[Path, Path]:
+    """A cache holding this process's build under the key a new process computes now."""
+    from fastprompt import _config
+
+    src = _cached_build_dir()
+    settings = _config.get()
+    key = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list).key
+    cache = tmp_path / "cache"
+    shutil.copytree(src, cache / key, ignore=shutil.ignore_patterns("*.o", "*.ninja*"))
+    return cache, cache / key
+
+
+# Stands in for the compiler (a real rebuild takes minutes): "building" copies the good library.
+_FAKE_COMPILER = """
+import shutil, sys
+from pathlib import Path
+import torch.utils.cpp_extension as cpp_extension
+GOOD = sys.argv[1]
+def load(name, build_directory, **kw):
+    print("compiling", flush=True)
+    shutil.copy(GOOD, Path(build_directory) / "fastprompt_ext.so")
+cpp_extension.load = load
+"""
+
+_ATTENTION = """
+import torch
+from fastprompt.kernels import cpp
+from fastprompt.ops import prompt_attention
+q, pk = torch.randn(2, 2, 5, 8), torch.randn(1, 2, 3, 8)
+out, lse = prompt_attention(q, q, q, pk, pk, backend="cpp")
+assert torch.isfinite(out).all()
+print("how:", cpp.build_info()["how"])
+"""
+
+
+def _run(code: str, cache: Path, *args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, FASTPROMPT_EXT_CACHE=str(cache))
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True
+    )
+
+
+@pytest.mark.parametrize("size", [100_000, 20_000])
+def test_a_truncated_cached_library_is_reported_and_rebuilt_never_loaded(tmp_path, size):
+    cache, build_dir = _copy_cache(tmp_path)
+    lib = build_dir / "fastprompt_ext.so"
+    good = tmp_path / "good.so"
+    shutil.copy(lib, good)
+    with open(lib, "r+b") as f:
+        f.truncate(size)
+    info = _run("from fastprompt.kernels import cpp; print(cpp.build_info()['cache_state'])", cache)
+    assert info.returncode == 0, info.stderr[-2000:]
+    assert "DAMAGED" in info.stdout and f"is {size} bytes" in info.stdout, info.stdout
+
+    res = _run(_FAKE_COMPILER + _ATTENTION, cache, str(good))
+    assert res.returncode == 0, f"exit {res.returncode}: {res.stderr[-2000:]}"  # SIGBUS is -7
+    assert "compiling" in res.stdout and "replacing a damaged" in res.stdout, res.stdout
+    assert "damaged" in res.stderr and "rebuilding" in res.stderr
+    record = json.loads((build_dir / "build.json").read_text())
+    assert _build.check_digest(lib, record["library"]) is None
+
+
+def test_a_library_replaced_by_another_of_the_same_size_is_not_loaded(tmp_path):
+    _, build_dir = _copy_cache(tmp_path)
+    lib = build_dir / "fastprompt_ext.so"
+    data = bytearray(lib.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    lib.write_bytes(bytes(data))
+    found, damage = _build.cached_build(build_dir)
+    assert found is None and "SHA-256" in damage
+
+
+def test_a_read_only_cache_with_a_valid_build_is_used(tmp_path):
+    """No lock is needed to load a verified build (the lock file cannot be created there)."""
+    cache, build_dir = _copy_cache(tmp_path)
+    # As root, mode bits do not stop writes: make opening the lock fail as a read-only mount would.
+    refuse_lock = """
+import errno
+from fastprompt.kernels.cpp import _build
+def no_lock(path):
+    raise OSError(errno.EROFS, "Read-only file system", str(path))
+_build.file_lock = no_lock
+"""
+    for folder in (build_dir, cache):
+        folder.chmod(0o555)
+    try:
+        res = _run(refuse_lock + _ATTENTION, cache)
+    finally:
+        for folder in (cache, build_dir):
+            folder.chmod(0o755)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "how: cached first-use build" in res.stdout, res.stdout
+    assert not list(cache.glob("*.lock"))
+
+
+def test_a_read_only_cache_with_a_damaged_build_says_so(tmp_path):
+    cache, build_dir = _copy_cache(tmp_path)
+    with open(build_dir / "fastprompt_ext.so", "r+b") as f:
+        f.truncate(20_000)
+    code = """
+import errno
+from fastprompt.kernels.cpp import _build
+def no_lock(path):
+    raise OSError(errno.EROFS, "Read-only file system", str(path))
+_build.file_lock = no_lock
+from fastprompt.kernels import cpp
+print(cpp.availability())
+"""
+    res = _run(code, cache)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "cannot be written" in res.stdout and "is 20000 bytes" in res.stdout, res.stdout
+    assert "FASTPROMPT_EXT_CACHE" in res.stdout

@@ -239,14 +239,3 @@ def test_half_precision_under_twice_pytorchs_error(dtype):
     assert_close_vs_ref(grads[1], ref_grads[1], same_dk, "dk", factor=3.0)
     same_dpk = torch.zeros_like(ref_grads[3]).index_add_(0, idx, same_grads[1][:, :, :p].float())
     assert_close_vs_ref(grads[3].to(dtype), ref_grads[3], same_dpk.to(dtype), "dprompt_k", 3.0)
-
-
-def test_automatic_choice_is_limited_to_what_is_covered():
-    from fastprompt.kernels.triton._capability import not_auto_reasons
-
-    cpu = not_auto_reasons(torch.device("cpu"), torch.float16, 64)
-    assert cpu and "cpu" in cpu[0]
-    if torch.cuda.is_available():
-        cuda = torch.device("cuda")
-        assert any("float32" in r for r in not_auto_reasons(cuda, torch.float32, 64))
-        assert any("head dim 48" in r for r in not_auto_reasons(cuda, torch.float16, 48))

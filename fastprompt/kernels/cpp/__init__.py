@@ -1,12 +1,21 @@
 """The C++/CUDA extension backend (``csrc/``), behind the backend kernel contract.
 
-The extension registers low-level operators under ``torch.ops.fastprompt_ext`` (schemas in
-``csrc/registration.cpp``; CPU kernels in ``csrc/cpu/``, CUDA kernels in ``csrc/cuda/``). This
-module loads it (an ahead-of-time build from ``setup.py`` if one matches this torch and these
-sources, else a first-use ninja build cached per torch version, CUDA toolkit, CPU instruction
-set and source hash), registers a fake (meta) implementation for every operator so
-``torch.compile`` traces them, and exposes the contract functions the ops call. Nothing is
-compiled at import: the first call to :func:`availability` (or any kernel) builds or loads.
+The extension registers low-level operators under ``torch.ops.fastprompt_ext`` (schemas and their
+meaning in ``csrc/registration.cpp``). On the CPU they run the extension's own kernels
+(``csrc/cpu/``: tiled GEMMs over the prompt set read in place, an online softmax, per-set
+reductions and the fused score terms). On CUDA they run prompt attention as a cascade over
+PyTorch's fused attention kernels, orchestrated in C++ (``csrc/cascade/``): the prompt part and
+the image part each on FlashAttention-2 (fp16/bf16) or the memory-efficient kernel (fp32 as
+3xTF32, fp32-accurate; per-set lengths), merged by one log-sum-exp kernel, with the per-set
+reduction and Prompt Condensation's score epilogue as CUDA kernels (``csrc/cuda/``) whose CPU
+twins run the same arithmetic in the tests.
+
+This module loads the library (an ahead-of-time build from ``setup.py`` if one matches this torch
+and these sources, else a first-use ninja build cached per torch version, CUDA toolkit, CPU
+instruction set and source hash, verified by size and hash before it is loaded), registers a fake
+(meta) implementation for every operator so ``torch.compile`` traces them, and exposes the
+contract functions the ops call. Nothing is compiled at import: the first call to
+:func:`availability` (or any kernel) builds or loads.
 """
 
 from __future__ import annotations
@@ -27,13 +36,11 @@ __all__ = [
     "availability",
     "build_info",
     "device_availability",
-    "gather_prompts",
-    "gather_prompts_backward",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
     "prompt_attention_fwd",
-    "prompt_scores",
     "status",
+    "unsupported_reasons",
 ]
 
 # A plain list as cache (torch.compile traces availability(); it warns on lru_cache). One entry:
@@ -92,7 +99,10 @@ def _locate_or_build() -> Path:
         raise RuntimeError(f"cannot build it on first use: {' and '.join(missing)} not found")
     plan = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list)
     root = _cache_root()
-    fresh = not _build.library_path(root / plan.key).is_file()
+    cached, damage = _build.cached_build(root / plan.key)
+    fresh = cached is None
+    if damage is not None:
+        _INFO["repaired"] = damage
     if fresh:
         logging.getLogger("fastprompt").warning(
             "fastprompt: compiling the C++ extension into %s (once per torch/CUDA/source "
@@ -114,11 +124,10 @@ def _locate_or_build() -> Path:
         )
         plan = _build.plan(True, False, settings.cuda_arch_list)
         lib = _build.build(plan, root, verbose=settings.verbose)
-    _INFO.update(
-        library=str(lib),
-        how="first-use build" if fresh else "cached first-use build",
-        seconds=round(time.perf_counter() - start, 1),
-    )
+    how = "cached first-use build (size and hash checked)" if not fresh else "first-use build"
+    if damage is not None:
+        how = "first-use build, replacing a damaged cached one"
+    _INFO.update(library=str(lib), how=how, seconds=round(time.perf_counter() - start, 1))
     return lib
 
 
@@ -168,9 +177,11 @@ def build_info() -> dict[str, Any]:
     dict
         ``compiler`` (path or None), ``ninja``, ``cuda_toolkit`` (root, version, how found, or
         why none), ``cuda_kernels`` (whether a build here compiles them, and why), ``archs``,
-        ``cpu_isa``, ``cache`` (where first-use builds go), ``library`` and ``how`` (once
-        loaded), ``aot`` (why an ahead-of-time build was not used), ``build_seconds`` and
-        ``last_error`` (the last failed build's message, from this process or the cache).
+        ``cpu_isa``, ``cache`` (where first-use builds go), ``cache_state`` (built and verified,
+        damaged, or not built), ``library`` and ``how`` (once loaded), ``repaired`` (the damage
+        found in a cached build this process replaced), ``aot`` (why an ahead-of-time build was
+        not used), ``build_seconds`` and ``last_error`` (the last failed build's message, from
+        this process or the cache).
     """
     settings = _config.get()
     info: dict[str, Any] = {
@@ -188,11 +199,17 @@ def build_info() -> dict[str, Any]:
         info["cpu_isa"] = plan.isa
         build_dir = _cache_root() / plan.key
         info["cache"] = str(build_dir)
-        record = build_dir / "build.json"
-        if record.is_file():
+        lib, damage = _build.cached_build(build_dir)
+        if lib is not None:
             import json
 
-            info["build_seconds"] = json.loads(record.read_text()).get("seconds")
+            record = json.loads((build_dir / "build.json").read_text())
+            info["cache_state"] = "built, size and hash verified"
+            info["build_seconds"] = record.get("seconds")
+        elif damage is not None:
+            info["cache_state"] = f"DAMAGED (rebuilt on first use, never loaded): {damage}"
+        else:
+            info["cache_state"] = "not built yet (compiles on first use)"
         if (build_dir / "error.txt").is_file():
             info["last_error"] = (build_dir / "error.txt").read_text().strip()[-2000:]
     except Exception as e:  # no sources shipped, no torch CPU info...
@@ -201,6 +218,26 @@ def build_info() -> dict[str, Any]:
     if _INFO.get("loaded"):
         info["build"] = torch.ops.fastprompt_ext.build_info()
     return info
+
+
+def unsupported_reasons(device_type: str, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Why the extension cannot take a call on ``device_type`` with this dtype and head dim.
+
+    Never builds anything. The CPU kernels take float32, bfloat16 and float16 at any head dim;
+    the CUDA path runs PyTorch's fused attention kernels, which take head dims that are multiples
+    of 8 up to 256 (the scored backward pads the head dim by 8, so up to 248 there).
+    """
+    reasons = []
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        reasons.append(f"dtype {dtype} is not float32, bfloat16 or float16")
+    if device_type == "cuda" and (head_dim % 8 or head_dim > 256):
+        reasons.append(
+            f"head dim {head_dim}: the CUDA path takes multiples of 8 up to 256 (PyTorch's "
+            "fused attention kernels)"
+        )
+    elif device_type not in ("cpu", "cuda"):
+        reasons.append(f"no kernels for device type {device_type!r}")
+    return reasons
 
 
 def _ext():
@@ -265,10 +302,12 @@ def prompt_attention_bwd(
     Returns
     -------
     dq, dk, dv : Tensor
-        Shapes of q, k, v; dtype of q; contiguous.
+        Shapes of q, k, v; dtype of q; stored (B, N, H, d) like ``out``.
     dprompt_k, dprompt_v : Tensor, shape (T, H, P, d), float32
-        Per-sequence gradients accumulated in fp32, summed per set in sequence order
-        (deterministic); zero past a set's length.
+        Accumulated in fp32 and summed per set in a fixed order (deterministic): on the CPU per
+        sequence, then over the set's sequences in order; on CUDA a shared set's sum comes out of
+        one fused-kernel call over all the batch's queries, indexed sets' per-sequence gradients
+        are summed in sequence order. Zero past a set's length.
     """
     grads = _ext().prompt_attention_bwd(
         dout,
@@ -318,6 +357,9 @@ def prompt_attention_bwd_scored(
         ``Σ_{h,d} dK_seq[b,h,i]·u_k[s,t_b,h,i] + dV_seq[b,h,i]·u_v[s,t_b,h,i]``.
     gate : Tensor, shape (B, P), float32
         ``Σ_{h,n} dS[b,h,n,i]``.
+
+    On CUDA the scored backward's head dim is padded by 8 (the gate comes out of the fused
+    backward as an extra column of dK), so it takes head dims up to 248.
     """
     return tuple(
         _ext().prompt_attention_bwd(
@@ -338,76 +380,6 @@ def prompt_attention_bwd_scored(
     )
 
 
-def prompt_scores(
-    q: Tensor,
-    prompt_k: Tensor,
-    prompt_v: Tensor,
-    lse: Tensor,
-    delta: Tensor,
-    dprompt_k: Tensor,
-    dprompt_v: Tensor,
-    u_k: Tensor,
-    u_v: Tensor,
-    scale: float,
-    prompt_index: Tensor | None = None,
-    prompt_lengths: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """Standalone score reduction; same arguments and results as ``prompt_scores_ref``.
-
-    Parameters
-    ----------
-    q : Tensor, shape (B, H, N, d)
-    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
-    lse, delta : Tensor, shape (B, H, N)
-    dprompt_k, dprompt_v : Tensor, shape (B, H, P, d)
-        Per-sequence prompt gradients.
-    u_k, u_v : Tensor, shape (S, T, H, P, d)
-    scale : float
-    prompt_index, prompt_lengths : Tensor, optional
-
-    Returns
-    -------
-    terms : Tensor, shape (S, B, P), float32
-    gate : Tensor, shape (B, P), float32
-    """
-    return _ext().prompt_scores(
-        q,
-        prompt_k,
-        prompt_v,
-        lse,
-        delta,
-        dprompt_k,
-        dprompt_v,
-        u_k,
-        u_v,
-        float(scale),
-        prompt_index,
-        prompt_lengths,
-    )
-
-
-def gather_prompts(table: Tensor, keep: Tensor) -> tuple[Tensor, Tensor]:
-    """Kept prompts of every layer, packed layer after layer (``gather_prompts_ref``'s result).
-
-    Parameters
-    ----------
-    table : Tensor, shape (L, P, D)
-    keep : Tensor of bool, shape (L, P)
-        Moved to ``table``'s device if needed.
-
-    Returns
-    -------
-    packed : Tensor, shape (K, D), K = keep.sum()
-    counts : Tensor of int64, shape (L,), on the CPU
-    """
-    return _ext().gather_prompts(table, keep.to(table.device))
-
-
-def gather_prompts_backward(grad_packed: Tensor, keep: Tensor) -> Tensor:
-    """Gradient of :func:`gather_prompts` for ``table``: (L, P, D), zero off the kept rows."""
-    return _ext().gather_prompts_backward(grad_packed, keep.to(grad_packed.device))
-
-
 # ----------------------------------------------------------------------------------------------
 # Fake (meta) implementations: shapes, dtypes and layouts only, so torch.compile can trace.
 # ----------------------------------------------------------------------------------------------
@@ -421,42 +393,32 @@ def _register_fakes() -> None:
     _FAKES_DONE.append(True)
     register = torch.library.register_fake
 
-    @register("fastprompt_ext::prompt_attention_fwd")
-    def _(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
-        b, h, n, d = q.shape
-        out = q.new_empty((b, n, h, d)).transpose(1, 2)
-        return out, q.new_empty((b, h, n), dtype=torch.float32)
+    def fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
+        return _heads_last(q, q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
-    @register("fastprompt_ext::prompt_attention_bwd")
-    def _(
+    def bwd(
         dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
     ):
-        b, _, _, _ = q.shape
+        b = q.shape[0]
         t, h, p, d = prompt_k.shape
         s = 0 if u_k is None else u_k.shape[0]
         f32 = dict(dtype=torch.float32, device=q.device)
         return (
-            q.new_empty(q.shape),
-            q.new_empty(k.shape),
-            q.new_empty(v.shape),
+            _heads_last(q, q.shape),
+            _heads_last(q, k.shape),
+            _heads_last(q, v.shape),
             torch.empty((t, h, p, d), **f32),
             torch.empty((t, h, p, d), **f32),
             torch.empty((s, b, p), **f32),
             torch.empty((b, p), **f32),
         )
 
-    @register("fastprompt_ext::prompt_scores")
-    def _(q, prompt_k, prompt_v, lse, delta, dprompt_k, dprompt_v, u_k, u_v, scale, idx, lens):
-        f32 = dict(dtype=torch.float32, device=q.device)
-        b, p = q.shape[0], prompt_k.shape[2]
-        return torch.empty((u_k.shape[0], b, p), **f32), torch.empty((b, p), **f32)
+    for path in ("prompt_attention", "cascade_attention"):
+        register(f"fastprompt_ext::{path}_fwd")(fwd)
+        register(f"fastprompt_ext::{path}_bwd")(bwd)
 
-    @register("fastprompt_ext::gather_prompts")
-    def _(table, keep):
-        kept = torch.library.get_ctx().new_dynamic_size()
-        packed = table.new_empty((kept, table.shape[2]))
-        return packed, torch.empty((table.shape[0],), dtype=torch.long, device="cpu")
 
-    @register("fastprompt_ext::gather_prompts_backward")
-    def _(grad_packed, keep):
-        return grad_packed.new_empty((keep.shape[0], keep.shape[1], grad_packed.shape[1]))
+def _heads_last(like: Tensor, shape: torch.Size) -> Tensor:
+    """(B, H, N, d) stored as (B, N, H, d), the layout of every output of the library."""
+    b, h, n, d = shape
+    return like.new_empty((b, n, h, d)).transpose(1, 2)

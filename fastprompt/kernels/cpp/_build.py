@@ -8,9 +8,15 @@ them in :mod:`fastprompt._config`).
 Layout of a JIT build: ``<cache>/<key>/`` holds ninja's build tree and ``fastprompt_ext.so``, with
 ``<key> = torch<version>-<cu130|cpu>-<isa>-<hash of the sources and flags>``, so a change of
 torch, CUDA toolkit, CPU instruction set or source gets its own directory and nothing stale is
-ever loaded. ``build.json`` beside the library records what was built and how long it took; a
-failed build leaves ``error.txt``. A file lock (``<cache>/<key>.lock``) serialises concurrent first
-uses across processes: the second process waits, then loads what the first built.
+ever loaded. ``build.json`` beside the library records what was built, how long it took, and the
+library's size and SHA-256; a failed build leaves ``error.txt``.
+
+A cached library is loaded only after its size and hash match that record: a truncated or
+otherwise damaged file would be mapped by the dynamic loader and kill the process (SIGBUS) at its
+first call. A damaged build is deleted and rebuilt. A verified build is used without taking the
+lock, so a read-only cache holding one works; building takes a file lock
+(``<cache>/<key>.lock``) that serialises concurrent first uses across processes: the second process
+waits, then loads what the first built.
 """
 
 from __future__ import annotations
@@ -24,8 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,13 +41,12 @@ CPU_SOURCES = (
     "build_info.cpp",
     "cpu/blas.cpp",
     "cpu/prompt_attention.cpp",
-    "cpu/prompt_scores.cpp",
-    "cpu/gather_prompts.cpp",
+    "cpu/cascade_kernels.cpp",
+    "cascade/cascade.cpp",
+    "cascade/parts.cpp",
 )
 CUDA_SOURCES = (
-    "cuda/prompt_attention.cu",
-    "cuda/prompt_scores.cu",
-    "cuda/gather_prompts.cu",
+    "cuda/cascade_kernels.cu",
     "cuda/dispatch.cpp",
 )
 # Kernels only (no torch headers): what the ptxas report and its test compile with nvcc alone.
@@ -352,25 +356,111 @@ def default_cache_root() -> Path:
     return Path(base) / "fastprompt" / "ext"
 
 
-@contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock across processes (POSIX ``flock``; no-op where unavailable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+class FileLock:
+    """An exclusive lock across processes (POSIX ``flock``; no-op where unavailable).
+
+    The lock file is opened here, not on entry, so that a cache that cannot be written raises
+    ``OSError`` before anything is attempted.
+    """
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(path, "a+")  # closed by __exit__
+
+    def __enter__(self) -> FileLock:
         try:
             import fcntl
         except ImportError:  # Windows: builds there are not guarded
-            yield
-            return
-        fcntl.flock(f, fcntl.LOCK_EX)
+            return self
+        fcntl.flock(self._file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         try:
-            yield
+            import fcntl
+
+            fcntl.flock(self._file, fcntl.LOCK_UN)
+        except ImportError:
+            pass
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            self._file.close()
+
+
+def file_lock(path: Path) -> FileLock:
+    """:class:`FileLock` on ``path``; raises ``OSError`` if the lock file cannot be opened."""
+    return FileLock(path)
 
 
 def library_path(build_dir: Path) -> Path:
     return build_dir / f"{EXT_NAME}.so"
+
+
+def file_digest(path: Path) -> dict[str, int | str]:
+    """``{"size": bytes, "sha256": hex}`` of a file (what ``build.json`` records)."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+            size += len(chunk)
+    return {"size": size, "sha256": h.hexdigest()}
+
+
+def check_digest(path: Path, recorded: object) -> str | None:
+    """None when ``path`` has the recorded size and hash, else what is wrong with it."""
+    if not isinstance(recorded, dict) or "size" not in recorded or "sha256" not in recorded:
+        return f"{path} has no recorded size and hash to check it against"
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"{path} cannot be read ({e})"
+    if size != recorded["size"]:
+        return f"{path} is {size} bytes, but {recorded['size']} were built (truncated or replaced)"
+    if file_digest(path)["sha256"] != recorded["sha256"]:
+        return f"{path} does not match the SHA-256 recorded when it was built"
+    return None
+
+
+def cached_build(build_dir: Path) -> tuple[Path | None, str | None]:
+    """A verified library in ``build_dir``.
+
+    Returns
+    -------
+    library : Path or None
+        The library, when present and matching its record.
+    damage : str or None
+        Why a library that is present cannot be used (None when it can, or when there is none).
+    """
+    lib = library_path(build_dir)
+    record_path = build_dir / "build.json"
+    if not lib.is_file() and not record_path.is_file():
+        return None, None
+    if not record_path.is_file():
+        return None, f"{lib} has no build.json beside it (an interrupted build?)"
+    if not lib.is_file():
+        return None, None  # the record survived a deleted library: simply rebuild
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"{record_path} is unreadable ({e})"
+    damage = check_digest(lib, record.get("library"))
+    return (None, damage) if damage else (lib, None)
+
+
+def _discard_build(build_dir: Path) -> None:
+    """Delete a damaged library and its record so the next build relinks it.
+
+    The record goes first: a process reading the cache without the lock then sees no build
+    rather than a record next to a half-written library.
+    """
+    (build_dir / "build.json").unlink(missing_ok=True)
+    library_path(build_dir).unlink(missing_ok=True)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _use_toolkit(toolkit: CudaToolkit | None) -> None:
@@ -391,10 +481,29 @@ def build(p: BuildPlan, cache_root: Path, verbose: bool = False) -> Path:
     than spend minutes failing again in every process) until that directory is deleted.
     """
     build_dir = cache_root / p.key
-    lib = library_path(build_dir)
-    with file_lock(cache_root / f"{p.key}.lock"):
-        if lib.is_file() and (build_dir / "build.json").is_file():
+    lib, damage = cached_build(build_dir)
+    if lib is not None:
+        return lib
+    try:
+        lock = file_lock(cache_root / f"{p.key}.lock")
+    except OSError as e:
+        what = f"its build there is damaged ({damage})" if damage else "it holds no build"
+        raise RuntimeError(
+            f"the extension cache {cache_root} cannot be written ({e}) and {what} for this "
+            "torch/CUDA/source version; point FASTPROMPT_EXT_CACHE at a writable folder"
+        ) from e
+    with lock:
+        lib, damage = cached_build(build_dir)  # another process may have built it meanwhile
+        if lib is not None:
             return lib
+        if damage is not None:
+            warnings.warn(
+                f"fastprompt: the cached C++ extension is damaged ({damage}); rebuilding it",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            _discard_build(build_dir)
+        lib = library_path(build_dir)
         error = build_dir / "error.txt"
         if error.is_file():
             raise RuntimeError(
@@ -429,7 +538,8 @@ def build(p: BuildPlan, cache_root: Path, verbose: bool = False) -> Path:
         seconds = time.perf_counter() - start
         record = {"seconds": round(seconds, 1), "built": time.strftime("%Y-%m-%d %H:%M:%S")}
         record.update(asdict(p))
-        (build_dir / "build.json").write_text(json.dumps(record, indent=2))
+        record["library"] = file_digest(lib)
+        _write_atomic(build_dir / "build.json", json.dumps(record, indent=2))
         (build_dir / "error.txt").unlink(missing_ok=True)
         return lib
 
@@ -457,4 +567,7 @@ def aot_library() -> tuple[Path | None, str]:
     root = source_root()
     if root is not None and meta.get("sources") != source_hash(root, []):
         return None, f"{libs[0].name} is older than the csrc/ sources"
+    damage = check_digest(libs[0], meta.get("library"))
+    if damage is not None:
+        return None, f"the ahead-of-time build is not usable: {damage}"
     return libs[0], "ahead-of-time build"

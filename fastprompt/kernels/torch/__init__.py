@@ -1,4 +1,8 @@
-"""The ``torch`` backend: PyTorch's own attention on concatenated prompt K/V (runs everywhere)."""
+"""The ``torch`` backend: concatenated prompt K/V + PyTorch's fused attention (runs everywhere).
+
+Its declaration is in :mod:`fastprompt.backends`; the contract it implements in
+``docs/design.md`` section 6.
+"""
 
 from __future__ import annotations
 
@@ -17,5 +21,5 @@ __all__ = [
 
 
 def availability() -> str | None:
-    """Always None: plain PyTorch runs wherever torch does."""
+    """Always None: PyTorch's kernels run wherever torch does."""
     return None

@@ -1,17 +1,16 @@
-"""The ``triton`` backend: Triton kernels and their launchers (the contract in
-:mod:`fastprompt.backends`).
+"""The ``triton`` backend: Triton kernels and their launchers (the contract in ``docs/design.md``
+section 6).
 
 :func:`availability`, :func:`prompt_attention_fwd`, :func:`prompt_attention_bwd` (per-set fp32
 prompt gradients, reduced by the backend's own kernel) and :func:`prompt_attention_bwd_scored`.
 Kernel modules are imported on first use, so importing ``fastprompt`` never imports Triton.
-What the backend is chosen for automatically is in :mod:`._capability`.
+What the kernels support and are chosen for automatically is declared in :mod:`._capability`.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "availability",
-    "not_auto_reasons",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
     "prompt_attention_fwd",
@@ -74,10 +73,3 @@ def prompt_attention_bwd_scored(
     return bws(
         dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
     )
-
-
-def not_auto_reasons(device, dtype, head_dim) -> list[str]:
-    """Why Triton is not chosen automatically for a call it could run (see :mod:`._capability`)."""
-    from fastprompt.kernels.triton._capability import not_auto_reasons as reasons
-
-    return reasons(device, dtype, head_dim)

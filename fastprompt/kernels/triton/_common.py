@@ -15,15 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastprompt.kernels.triton._capability import HEAD_DIM_SPLITS, SUPPORTED_HEAD_DIMS
+
 LOG2E = 1.4426950408889634
 # The same constants as kernel globals (Triton reads only constexpr globals inside kernels).
 LOG2E_C = tl.constexpr(LOG2E)
 LN2_C = tl.constexpr(0.6931471805599453)
-
-# Head dims the kernels take without padding: one power-of-two chunk, or two (d = D0 + D1).
-HEAD_DIM_SPLITS = {16: (16, 0), 32: (32, 0), 48: (32, 16), 64: (64, 0), 80: (64, 16)}
-HEAD_DIM_SPLITS.update({96: (64, 32), 128: (128, 0)})
-SUPPORTED_HEAD_DIMS = tuple(sorted(HEAD_DIM_SPLITS))
 
 
 def split_head_dim(d: int) -> tuple[int, int]:

@@ -1,0 +1,272 @@
+"""The backbone adapter protocol: what the prompted core asks of a model family.
+
+The prompted core (:mod:`fastprompt.prompted`) reads no attribute of a timm model; it asks an
+adapter, one subclass of :class:`Backbone` per model family (``docs/design.md`` §4, "Backbone
+adapters"). The adapter owns the token layout: the core holds an opaque *token state* (for a ViT
+one (B, N, D) tensor; a windowed backbone may keep its patches and prompts apart) together with
+the number of prompt tokens in it, and moves it through the blocks with these calls:
+
+- ``embed(images)``: the image tokens entering block 0 (no prompts yet);
+- ``enter(block, tokens, held)``: the transition into ``block`` (a windowed backbone's patch
+  merging at a stage's first block, applied to the image tokens and to the ``held`` prompt
+  tokens; identity for a ViT), before any prompt of ``block`` leaves or enters;
+- ``insert(tokens, block, prompts, position)`` / ``remove(tokens, count, position)``: prompt
+  tokens entering before ``block``, or leaving (overwritten by a new set);
+- ``block(block, tokens, held)``: the block on every token, prompts included (the official
+  computation); ``fused_block(block, tokens, held, kv, attend, backend)``: the block whose queries
+  also attend to extra prompt keys/values ``kv`` through the attention function ``attend``;
+- ``prompt_kv(block, prompts)``: the keys/values a prompt set entering ``block`` contributes;
+- ``features(tokens)``, ``pool(features, readout, held, position)``, ``head(pooled)``.
+
+Widths may differ per block (:meth:`Backbone.block_shape`); the core never looks at them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from torch import Tensor, nn
+
+__all__ = [
+    "AttentionCall",
+    "AttentionFn",
+    "Backbone",
+    "BlockShape",
+    "PromptKV",
+    "PromptKVParts",
+]
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """One block's prompt attention, as handed to a pluggable attention function.
+
+    Attributes
+    ----------
+    block : int
+        Block index.
+    q, k, v : Tensor, shape (B, H, N, d)
+        The block's queries, keys and values (after qk-norm): image tokens, and prompt tokens too
+        when the block computes prompt rows. A windowed backbone's B counts windows.
+    prompt_k, prompt_v : Tensor, shape (T, H, P, d)
+        Extra keys/values every query also attends to: one shared set (T = 1), one per sequence
+        (T = B), or a table read through ``prompt_index``.
+    prompt_index : Tensor of int, shape (B,), or None
+        Set of each sequence; None means set 0 for all.
+    scale : float
+        The block's score scale.
+    backend : str or None
+        The backend the model was built with.
+    prompt_lengths : Tensor of int, shape (T,), or None
+        Valid keys per set (sets of different lengths); None means all P.
+    key_bias : Tensor or None
+        An additive bias on the scores of the sequence's own keys (a windowed backbone's
+        relative-position bias and shift mask), as :func:`fastprompt.ops.prompt_attention` takes
+        it; prompt keys get none. None for a ViT.
+    """
+
+    block: int
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    prompt_k: Tensor
+    prompt_v: Tensor
+    prompt_index: Tensor | None
+    scale: float
+    backend: str | None
+    prompt_lengths: Tensor | None = None
+    key_bias: Tensor | None = None
+
+
+AttentionFn = Callable[[AttentionCall], Tensor]
+
+
+@dataclass(frozen=True)
+class PromptKV:
+    """Extra keys/values a block's queries attend to (prompt sets, key-value prompts).
+
+    Attributes
+    ----------
+    k, v : Tensor, shape (T, H, P, d)
+    index : Tensor of int, shape (B,), or None
+        Set of each image; None means set 0 (T = 1).
+    lengths : Tensor of int, shape (T,), or None
+        Valid keys per set; None means all P.
+    """
+
+    k: Tensor
+    v: Tensor
+    index: Tensor | None = None
+    lengths: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """Widths of one block: token width, attention heads and head dimension."""
+
+    width: int
+    heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class PromptKVParts:
+    """A block's prompt keys/values as two maps, for scores that need the parts.
+
+    Attributes
+    ----------
+    normalize : callable
+        Prompt tokens entering the block (T, P, W) -> ``h``, the block's normalised input.
+    project : callable
+        ``h`` -> (k, v), each (T, H, P, d) (after qk-norm).
+    norm_bias : Tensor or None
+        The bias β of the normalisation producing ``h`` (None without one).
+    """
+
+    normalize: Callable[[Tensor], Tensor]
+    project: Callable[[Tensor], tuple[Tensor, Tensor]]
+    norm_bias: Tensor | None
+
+
+class Backbone:
+    """Base class of backbone adapters: one subclass per model family.
+
+    An adapter is built for one model (``Backbone(model, who)``), checking that it can be wrapped
+    (:meth:`check` raises with the reason otherwise), and holds no state besides the model.
+
+    Class attributes
+    ----------------
+    family : str
+        Short name (``"vit"``), recorded nowhere but in messages.
+    description : str
+        What the family covers, for the registry's error (``"timm VisionTransformer (vit_*,
+        deit_*)"``).
+    positions : tuple of str
+        Where prompt tokens can go: ``"prefix"`` (before the patches, after any class and
+        register tokens) and/or ``"suffix"`` (after the patches).
+    readouts : tuple of str
+        What :meth:`pool` can read.
+    """
+
+    family: ClassVar[str] = ""
+    description: ClassVar[str] = ""
+    positions: ClassVar[tuple[str, ...]] = ("prefix",)
+    readouts: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module, who: str) -> None:
+        self.check(model, who)
+        self.model = model
+
+    # -- what can be wrapped ----------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, model: nn.Module, who: str) -> None:
+        """Raise ``TypeError``/``ValueError`` starting with ``who`` when ``model`` cannot be
+        wrapped: the prompted forward would not reproduce its own."""
+        raise NotImplementedError
+
+    def fused_unsupported_reasons(self) -> list[str]:
+        """Why :meth:`fused_block` cannot reproduce this model's blocks ([] when it can)."""
+        raise NotImplementedError
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Number of blocks."""
+        raise NotImplementedError
+
+    def block_shape(self, block: int) -> BlockShape:
+        """Token width, heads and head dimension of ``block``."""
+        raise NotImplementedError
+
+    def patch_size(self) -> tuple[int, int]:
+        """Patch height and width (VPT's init bound uses it)."""
+        raise NotImplementedError
+
+    def image_size(self) -> tuple[int, int]:
+        """The (H, W) the model takes."""
+        raise NotImplementedError
+
+    def signature(self) -> dict[str, Any]:
+        """What a prompt checkpoint must agree with to load onto this model (JSON-ready)."""
+        raise NotImplementedError
+
+    def default_readout(self) -> str:
+        """The readout matching the model's own pooling."""
+        raise NotImplementedError
+
+    def check_readout(self, readout: str, who: str) -> None:
+        """Raise when this model cannot read out ``readout``."""
+        if readout not in self.readouts:
+            raise ValueError(f"{who}: readout must be one of {self.readouts}, got {readout!r}")
+
+    def reads_prompts(self, readout: str) -> bool:
+        """Whether ``readout`` reads prompt outputs (then the last block computes them)."""
+        raise NotImplementedError
+
+    def class_token(self) -> int | None:
+        """Index of the class token among the image tokens, None without one."""
+        raise NotImplementedError
+
+    def classifier(self) -> nn.Module:
+        """The head module (it trains; the rest of the backbone is frozen)."""
+        raise NotImplementedError
+
+    # -- the forward, piece by piece ----------------------------------------------------------
+
+    def embed(self, images: Tensor) -> Any:
+        """Image tokens entering block 0 (B, C, H, W) -> token state, no prompts."""
+        raise NotImplementedError
+
+    def enter(self, block: int, tokens: Any, held: int) -> Any:
+        """The transition into ``block`` from the block before it (``held`` prompt tokens in
+        ``tokens``): a stage change such as patch merging; identity by default."""
+        return tokens
+
+    def insert(self, tokens: Any, block: int, prompts: Tensor, position: str) -> Any:
+        """``tokens`` with prompts (T, P, W) entering before ``block`` (T = 1 or B)."""
+        raise NotImplementedError
+
+    def remove(self, tokens: Any, count: int, position: str) -> Any:
+        """``tokens`` without its ``count`` prompt tokens."""
+        raise NotImplementedError
+
+    def block(self, block: int, tokens: Any, held: int) -> Any:
+        """Block ``block`` on every token; ``held`` prompt tokens are in ``tokens``."""
+        raise NotImplementedError
+
+    def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        """Keys and values (T, H, P, d) of prompt tokens (T, P, W) entering ``block``."""
+        raise NotImplementedError
+
+    def prompt_kv_parts(self, block: int, dtype: Any) -> PromptKVParts:
+        """:meth:`prompt_kv` of ``block`` as its two maps, on copies in ``dtype``."""
+        raise NotImplementedError
+
+    def fused_block(
+        self,
+        block: int,
+        tokens: Any,
+        held: int,
+        kv: PromptKV,
+        attend: AttentionFn,
+        backend: str | None,
+    ) -> Any:
+        """Block ``block`` whose queries attend to ``kv`` before the tokens' own keys, through
+        ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out)."""
+        raise NotImplementedError
+
+    def features(self, tokens: Any) -> Tensor:
+        """The final normalised tokens (what ``forward_features`` returns)."""
+        raise NotImplementedError
+
+    def pool(self, features: Tensor, readout: str, held: int, position: str) -> Tensor:
+        """Pooled features (B, W) before the head's own normalisation."""
+        raise NotImplementedError
+
+    def head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
+        """The model's head on pooled features (its normalisation, dropout and classifier)."""
+        raise NotImplementedError

@@ -1,0 +1,275 @@
+"""The adapter of timm's ``VisionTransformer``: everything fastprompt knows about its internals.
+
+Which models can be wrapped and why not, the checkpoint signature, the embedding, the rule that
+``norm_pre`` applies only to what enters block 0, prompt keys/values from normalised prompts, the
+fused block (timm's ``Block`` whose queries also attend to prompt keys/values through a pluggable
+attention function), the readouts and the head. The token state is one (B, N, D) tensor:
+``[prefix, prompts, patches]`` for prefix prompts (VPT: after the class and register tokens),
+``[prefix, patches, prompts]`` for suffix ones (PGN).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastprompt.backbones.base import (
+    AttentionCall,
+    AttentionFn,
+    Backbone,
+    BlockShape,
+    PromptKV,
+    PromptKVParts,
+)
+
+__all__ = ["POOLS", "READOUTS", "ViTBackbone", "block_with_kv", "kv_from_normed"]
+
+POOLS = ("token", "avg")
+# "cls": the class token; "patches": the mean of the patch tokens; "patches+prompts": the mean of
+# every non-prefix token, prompt outputs included (the official VPT avg-pool path).
+READOUTS = ("cls", "patches", "patches+prompts")
+
+
+def _timm_classes():
+    try:
+        from timm.models.vision_transformer import Attention, Block, VisionTransformer
+    except ImportError as e:  # pragma: no cover - timm is a dependency
+        raise ImportError("fastprompt needs timm installed") from e
+    return VisionTransformer, Block, Attention
+
+
+def kv_from_normed(blk: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values from normalised prompt tokens ``h = LN1(p)`` (T, P, D): (T, H, P, d) each.
+
+    Only the K and V rows of the qkv projection are applied; prompt queries are never needed.
+    """
+    attn = blk.attn
+    t, p, _ = h.shape
+    width = attn.num_heads * attn.head_dim
+    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
+    kv = F.linear(h, attn.qkv.weight[width:], bias)
+    kv = kv.reshape(t, p, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    k, v = kv.unbind(0)
+    return attn.k_norm(k), v
+
+
+def _entering(norm_pre: nn.Module, block: int, prompts: Tensor) -> Tensor:
+    """Prompt tokens entering ``block`` as the block reads them.
+
+    ``norm_pre`` (CLIP's ``ln_pre``; Identity in most ViTs) runs once, on everything entering
+    block 0, so prompts inserted there go through it; prompts inserted later replace outputs of
+    an earlier block (or join them), which never see it again.
+    """
+    return norm_pre(prompts) if block == 0 else prompts
+
+
+def block_with_kv(
+    blk: nn.Module,
+    block: int,
+    tokens: Tensor,
+    kv: PromptKV,
+    attend: AttentionFn,
+    backend: str | None,
+) -> Tensor:
+    """timm ``vision_transformer.Block.forward`` on ``tokens`` (B, N, D), their queries
+    attending to ``[kv; K]`` through ``attend`` (an :class:`AttentionCall` in, the attention
+    output (B, H, N, d) out)."""
+    attn = blk.attn
+    b, n, _ = tokens.shape
+    h = blk.norm1(tokens)
+    qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    # Cached prompt K/V are kept in the weights' dtype; under autocast q is in the autocast one.
+    pk, pv = kv.k.to(q.dtype), kv.v.to(q.dtype)
+    call = AttentionCall(block, q, k, v, pk, pv, kv.index, attn.scale, backend, kv.lengths)
+    o = attend(call).transpose(1, 2).reshape(b, n, attn.num_heads * attn.head_dim)
+    norm = getattr(attn, "norm", None)  # timm >= 1.0.10 (scale_norm); absent before
+    if norm is not None:
+        o = norm(o)
+    gate = getattr(attn, "gate", None)
+    if gate is not None:
+        o = o * gate(h).sigmoid()
+    o = attn.proj_drop(attn.proj(o))
+    x = tokens + blk.drop_path1(blk.ls1(o))
+    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+
+class ViTBackbone(Backbone):
+    """timm ``VisionTransformer`` (ViT, DeiT, CLIP/SigLIP-style, register tokens, hybrids)."""
+
+    family = "vit"
+    description = "timm VisionTransformer (vit_*, deit_*)"
+    positions = ("prefix", "suffix")
+    readouts = READOUTS
+
+    # -- what can be wrapped ----------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, model: nn.Module, who: str) -> None:
+        vit_cls, _, _ = _timm_classes()
+        if not isinstance(model, vit_cls):
+            raise TypeError(
+                f"{who}: model must be a {cls.description}, got "
+                f"{type(model).__module__}.{type(model).__name__}"
+            )
+        for method in ("forward_features", "forward_head", "_pos_embed"):
+            if getattr(type(model), method) is not getattr(vit_cls, method):
+                raise TypeError(
+                    f"{who}: {type(model).__name__} overrides VisionTransformer.{method} "
+                    "(e.g. DeiT's distillation token), so the prompted forward would not match it"
+                )
+        if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+            raise ValueError(
+                f"{who}: global_pool={model.global_pool!r} is not supported; prompted models read "
+                "the class token ('token') or average tokens ('avg')"
+            )
+        if getattr(model, "pool_include_prefix", False):
+            raise ValueError(f"{who}: pool_include_prefix=True is not supported")
+        if list(model.named_buffers(recurse=False)):
+            raise TypeError(f"{who}: models with top-level buffers are not supported")
+
+    def fused_unsupported_reasons(self) -> list[str]:
+        """The fused block reproduces timm's ``vision_transformer.Block`` and ``Attention``
+        forwards; a subclass that overrides either (even keeping the attribute names) computes
+        something else."""
+        _, block_cls, attn_cls = _timm_classes()
+        reasons = []
+        for i, blk in enumerate(self.model.blocks):
+            attn = getattr(blk, "attn", None)
+            if (
+                type(blk).forward is not block_cls.forward
+                or type(attn).forward is not attn_cls.forward
+            ):
+                reasons.append(
+                    f"block {i} is {type(blk).__name__} with {type(attn).__name__}, and the fused "
+                    "path reproduces timm's vision_transformer.Block/Attention forwards only"
+                )
+        return reasons
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        return len(self.model.blocks)
+
+    def block_shape(self, block: int) -> BlockShape:
+        attn = getattr(self.model.blocks[block], "attn", None)
+        width = int(self.model.embed_dim)
+        if attn is None:  # a block class of another layout: only the width is known
+            return BlockShape(width, 0, 0)
+        return BlockShape(width, int(attn.num_heads), int(attn.head_dim))
+
+    def patch_size(self) -> tuple[int, int]:
+        ps = self.model.patch_embed.patch_size
+        return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+    def image_size(self) -> tuple[int, int]:
+        size = getattr(self.model.patch_embed, "img_size", None)
+        if size is None:
+            cfg = getattr(self.model, "pretrained_cfg", {}) or {}
+            size = cfg.get("input_size", (3, 224, 224))[1:]
+        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+    def signature(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "class": type(m).__name__,
+            "embed_dim": int(m.embed_dim),
+            "depth": len(m.blocks),
+            "num_heads": int(m.blocks[0].attn.num_heads) if len(m.blocks) else 0,
+            "patch_size": list(self.patch_size()),
+            "num_prefix_tokens": int(m.num_prefix_tokens),
+            "num_classes": int(m.num_classes),
+        }
+
+    def default_readout(self) -> str:
+        """The class token for ``global_pool="token"``; the official VPT avg-pool path (every
+        non-prefix token, prompts included) for ``"avg"``."""
+        return (
+            "cls" if getattr(self.model, "global_pool", "token") == "token" else "patches+prompts"
+        )
+
+    def check_readout(self, readout: str, who: str) -> None:
+        super().check_readout(readout, who)
+        if readout == "cls" and self.model.cls_token is None:
+            raise ValueError(f"{who}: readout='cls' needs a model with a class token")
+
+    def reads_prompts(self, readout: str) -> bool:
+        return readout == "patches+prompts"
+
+    def class_token(self) -> int | None:
+        return None if self.model.cls_token is None else 0
+
+    def classifier(self) -> nn.Module:
+        return self.model.get_classifier()
+
+    # -- the forward ------------------------------------------------------------------------------
+
+    def embed(self, images: Tensor) -> Tensor:
+        """``[prefix, patches]`` (B, n_prefix + N_patches, D) after the positional embedding and
+        ``norm_pre``."""
+        m = self.model
+        return m.norm_pre(m.patch_drop(m._pos_embed(m.patch_embed(images))))
+
+    def insert(self, tokens: Tensor, block: int, prompts: Tensor, position: str) -> Tensor:
+        prompts = _entering(self.model.norm_pre, block, prompts).expand(tokens.shape[0], -1, -1)
+        if position == "prefix":
+            npre = self.model.num_prefix_tokens
+            return torch.cat([tokens[:, :npre], prompts, tokens[:, npre:]], dim=1)
+        return torch.cat([tokens, prompts], dim=1)
+
+    def remove(self, tokens: Tensor, count: int, position: str) -> Tensor:
+        if position == "prefix":
+            npre = self.model.num_prefix_tokens
+            return torch.cat([tokens[:, :npre], tokens[:, npre + count :]], dim=1)
+        return tokens[:, : tokens.shape[1] - count]
+
+    def block(self, block: int, tokens: Tensor, held: int) -> Tensor:
+        return self.model.blocks[block](tokens)
+
+    def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        blk = self.model.blocks[block]
+        return kv_from_normed(blk, blk.norm1(_entering(self.model.norm_pre, block, prompts)))
+
+    def prompt_kv_parts(self, block: int, dtype: Any) -> PromptKVParts:
+        blk = copy.deepcopy(self.model.blocks[block]).to(dtype)
+        norm_pre = copy.deepcopy(self.model.norm_pre).to(dtype)
+        return PromptKVParts(
+            normalize=lambda p: blk.norm1(_entering(norm_pre, block, p)),
+            project=lambda h: kv_from_normed(blk, h),
+            norm_bias=getattr(blk.norm1, "bias", None),
+        )
+
+    def fused_block(
+        self,
+        block: int,
+        tokens: Tensor,
+        held: int,
+        kv: PromptKV,
+        attend: AttentionFn,
+        backend: str | None,
+    ) -> Tensor:
+        return block_with_kv(self.model.blocks[block], block, tokens, kv, attend, backend)
+
+    def features(self, tokens: Tensor) -> Tensor:
+        return self.model.norm(tokens)
+
+    def pool(self, features: Tensor, readout: str, held: int, position: str) -> Tensor:
+        npre, n = self.model.num_prefix_tokens, features.shape[1]
+        if readout == "cls":
+            return features[:, 0]
+        if readout == "patches":
+            patches = slice(npre + held, n) if position == "prefix" else slice(npre, n - held)
+            return features[:, patches].mean(dim=1)
+        return features[:, npre:].mean(dim=1)
+
+    def head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
+        """``fc_norm``, head dropout and head, as timm's ``forward_head`` after pooling."""
+        m = self.model
+        x = m.head_drop(m.fc_norm(pooled))
+        return x if pre_logits else m.head(x)

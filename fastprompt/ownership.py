@@ -1,0 +1,162 @@
+"""Ownership of a wrapped model: one live wrapper per model, one owner per parameter.
+
+:class:`OwningWrapper` is the base of :class:`fastprompt.prompted.PromptedViT`. It wraps a model
+without patching it (``docs/design.md`` §4, "Parameter ownership"):
+
+- *one live wrapper per model*: a model's flags and modes before wrapping are recorded; a second
+  wrapper of a model that a live one holds is refused (``share_with`` shares it on purpose);
+  :meth:`OwningWrapper.unwrap` restores the record and ends every wrapper sharing the model;
+  ``copy.deepcopy`` gives an independent wrapper of the copied model, registered as live;
+- *one owner per parameter*: the wrapper registers the submodules, parameters and buffers of the
+  model and of other owners (the prompt source) under their own names, and re-points the owners'
+  entries at its own objects whenever those change (``.to()`` with parameter overwriting,
+  ``to_empty()``, ``load_state_dict(assign=True)``, attribute assignment) and on request
+  (:meth:`OwningWrapper._sync`, at every forward, for ``torch.func.functional_call``).
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+from torch import nn
+
+__all__ = ["OwningWrapper"]
+
+
+class _Wrapping:
+    """One model's wrapping: its flags and modes before, and the wrappers that share it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        self.modes = {n: m.training for n, m in model.named_modules()}
+        self.active = True
+        self.refs: list[weakref.ref] = []
+
+    def live(self) -> bool:
+        return any(r() is not None for r in self.refs)
+
+
+# model → its wrapping; weak, so a model that is gone leaves no entry.
+_WRAPPINGS: weakref.WeakKeyDictionary[nn.Module, _Wrapping] = weakref.WeakKeyDictionary()
+
+
+class OwningWrapper(nn.Module):
+    """A module that wraps a model and owns the parameters it shares with it (see above)."""
+
+    _model: nn.Module
+    _wrapping: _Wrapping
+
+    # -- ownership --------------------------------------------------------------------------------
+
+    def _claim(self, model: nn.Module, share_with: OwningWrapper | None, who: str) -> _Wrapping:
+        record = _WRAPPINGS.get(model)
+        if share_with is not None:
+            if share_with._model is not model or record is not share_with._wrapping:
+                raise ValueError(f"{who}: share_with must be a live wrapper of the same model")
+            share_with._check_live()
+        elif record is not None and record.active and record.live():
+            raise TypeError(
+                f"{who}: this model is already wrapped by a live {type(self).__name__} (which "
+                "froze its backbone and set up its head); call .unwrap() on that wrapper first, "
+                "or wrap a copy.deepcopy(model)"
+            )
+        elif record is None or not record.active:
+            record = _Wrapping(model)
+            _WRAPPINGS[model] = record
+        # else: earlier wrappers were dropped without unwrap(); the model is still frozen, and
+        # the record keeps its state from before, so a later unwrap() restores that state.
+        record.refs = [r for r in record.refs if r() is not None] + [weakref.ref(self)]
+        return record
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> OwningWrapper:
+        """An independent wrapper of a copy of the model, registered as that copy's live wrapper.
+
+        Wrappers copied together (one ``deepcopy`` of a structure holding a model and its
+        condensed model) share the copied model and its wrapping, as the originals do.
+        """
+        new = type(self).__new__(type(self))
+        memo[id(self)] = new
+        new.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        record = new._wrapping
+        if record.active:
+            if _WRAPPINGS.get(new._model) is not record:
+                record.refs = []  # the copied weak references point at the originals
+                _WRAPPINGS[new._model] = record
+            record.refs.append(weakref.ref(new))
+        return new
+
+    def _check_live(self) -> None:
+        if not self._wrapping.active:
+            raise RuntimeError(
+                "fastprompt: this prompted model was unwrapped (its backbone is no longer "
+                "frozen); wrap the model again to use prompts"
+            )
+
+    def unwrap(self) -> nn.Module:
+        """Return the model with its original ``requires_grad`` flags and modes restored.
+
+        The model's weights (including the trained head) are the ones this wrapper used; the
+        prompts stay in this wrapper, which (with any wrapper sharing the model) stops working.
+        """
+        self._check_live()
+        self._sync()
+        record = self._wrapping
+        for name, param in self._model.named_parameters():
+            param.requires_grad_(record.flags.get(name, param.requires_grad))
+        for name, module in self._model.named_modules():
+            module.training = record.modes.get(name, module.training)
+        record.active = False
+        if _WRAPPINGS.get(self._model) is record:
+            del _WRAPPINGS[self._model]
+        return self._model
+
+    # -- adoption: the wrapper owns the parameters the model and the source also hold ---------
+
+    def _adopt(self, owner: nn.Module) -> None:
+        names = []
+        for name, child in owner.named_children():
+            self._check_free(name, owner)
+            self.add_module(name, child)
+            names.append(name)
+        for name, param in owner._parameters.items():  # None entries too (VPT-shallow's deep set)
+            self._check_free(name, owner)
+            self.register_parameter(name, param)
+            names.append(name)
+        for name, buf in owner.named_buffers(recurse=False):
+            self._check_free(name, owner)
+            self.register_buffer(
+                name, buf, persistent=name not in owner._non_persistent_buffers_set
+            )
+            names.append(name)
+        self._adopted.append((owner, tuple(names)))
+
+    def _check_free(self, name: str, owner: nn.Module) -> None:
+        if name in self._modules or name in self._parameters or name in self._buffers:
+            raise ValueError(
+                f"fastprompt: {type(owner).__name__} has an attribute {name!r} that another part "
+                "of the prompted model already uses"
+            )
+
+    def _sync(self) -> None:
+        """Point the model's and the source's entries at the wrapper's current objects."""
+        for owner, names in self._adopted:
+            for name in names:
+                for table in ("_parameters", "_buffers", "_modules"):
+                    mine = getattr(self, table)
+                    if name in mine:
+                        theirs = getattr(owner, table)
+                        if theirs.get(name) is not mine[name]:
+                            theirs[name] = mine[name]
+                        break
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        if any(name in names for _, names in self.__dict__.get("_adopted", ())):
+            self._sync()
+
+    def _apply(self, fn, recurse=True):
+        result = super()._apply(fn, recurse)
+        self._sync()
+        return result

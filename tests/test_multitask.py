@@ -1,0 +1,109 @@
+"""Batches that mix tasks: one pass over one frozen backbone gives each image its own task's logits,
+equal to that task's own model (VPT-deep of different prompt counts, a condensed model, E²VPT with
+pruned masks, different heads and readouts); tasks that cannot share blocks are refused."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import assert_close, images, tiny_vit
+
+import fastprompt
+from fastprompt.methods import e2vpt as E
+
+
+def _backbone(classes=5, **kw):
+    model = tiny_vit(**kw)  # the same seed: the same frozen weights
+    model.reset_classifier(classes)
+    return model
+
+
+def _tasks():
+    torch.manual_seed(1)
+    vpt3 = fastprompt.vpt(_backbone(), 3)
+    vpt5 = fastprompt.vpt(_backbone(7), 5, readout="patches")
+    deep = fastprompt.vpt(_backbone(4), 4)
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    condensed = fastprompt.condense(deep, keep)  # blocks hold 3, 0 and 2 prompts
+    e2 = E.e2vpt(_backbone(6), 3, 2)
+    with torch.no_grad():
+        e2.source.masks()[0][1] = 0.0  # a pruned zero token
+        e2.source.masks()[1][:, :3] = 0.0
+    tasks = {"vpt3": vpt3, "vpt5": vpt5, "condensed": condensed, "e2vpt": e2}
+    return {name: task.eval() for name, task in tasks.items()}
+
+
+def test_each_image_gets_its_own_tasks_logits_and_gradients():
+    tasks = _tasks()
+    mixed = fastprompt.multitask(tasks).eval()
+    assert mixed.num_classes == (5, 7, 4, 6)
+    names = ["e2vpt", "vpt3", "condensed", "vpt5", "e2vpt", "vpt3", "vpt5"]
+    x = images(len(names))
+    out = mixed(x, names)
+    for t, (name, task) in enumerate(tasks.items()):
+        rows = [i for i, n in enumerate(names) if n == name]
+        ref = task(x[rows])
+        assert_close(out[rows, : ref.shape[1]], ref, name, atol=2e-5, rtol=1e-5)
+        assert torch.isinf(out[rows, ref.shape[1] :]).all()
+        # Gradients reach each task's own (copied) prompts as in its own model.
+        params = list(mixed.tasks[t].parameters()) + list(mixed.heads[t].parameters())
+        got = torch.autograd.grad(out[rows, : ref.shape[1]].sum(), params, retain_graph=True)
+        own = list(task.source.parameters()) + list(task.backbone.classifier().parameters())
+        want = torch.autograd.grad(ref.sum(), own, allow_unused=True)
+        for g, w in zip(got, want):
+            assert_close(g, torch.zeros_like(g) if w is None else w, name, atol=3e-5, rtol=1e-4)
+    with torch.no_grad(), mixed.frozen_prompts():
+        again = mixed(x, torch.tensor([3, 0, 2, 1, 3, 0, 1]))
+    finite = torch.isfinite(out)
+    assert_close(again[finite], out.detach()[finite], "frozen", atol=2e-5, rtol=1e-5)
+
+
+def test_tasks_are_named_or_indexed():
+    tasks = _tasks()
+    mixed = fastprompt.multitask({"a": tasks["vpt3"], "b": tasks["e2vpt"]}).eval()
+    x = images(3)
+    with torch.no_grad():
+        by_name = mixed(x, ["b", "a", "b"])
+        assert torch.equal(by_name, mixed(x, [1, 0, 1]))
+        assert torch.equal(mixed(x, "a"), mixed(x, torch.zeros(3, dtype=torch.long)))
+    with pytest.raises(ValueError, match=r"unknown task 'c' \(tasks: \['a', 'b'\]\)"):
+        mixed(x, ["a", "c", "a"])
+    with pytest.raises(ValueError, match="2 tasks given for 3 images"):
+        mixed(x, ["a", "b"])
+    with pytest.raises(ValueError, match=r"task indices must be in \[0, 2\)"):
+        mixed(x, [0, 2, 1])
+
+
+@pytest.mark.parametrize(
+    "build, match",
+    [
+        (lambda: fastprompt.vpt(tiny_vit(seed=3), 2), r"backbone weights differ .*\(cls_token\)"),
+        (lambda: fastprompt.vpt(tiny_vit(embed_dim=32), 2), "another backbone .*embed_dim"),
+        (lambda: fastprompt.vpt(_backbone(), 2, deep=False), r"tokens of block\(s\) \[0, 1, 2\]"),
+        (lambda: fastprompt.pgn(_backbone(), 2), "depend on the image"),
+        (lambda: fastprompt.pgn(_backbone(), 2, generator=None), "tokens of block"),
+        (
+            lambda: fastprompt.vpt(_backbone(global_pool="avg"), 2, readout="patches+prompts"),
+            r"tokens of block\(s\) \[2\]",
+        ),
+    ],
+    ids=["weights", "architecture", "vpt-shallow", "pgn", "iip", "prompt-readout"],
+)
+def test_tasks_that_cannot_share_the_blocks_are_refused(build, match):
+    ok = fastprompt.vpt(_backbone(), 2)
+    with pytest.raises(ValueError, match=match):
+        fastprompt.multitask({"ok": ok, "other": build()})
+
+
+def test_the_task_models_are_copied_and_left_alone():
+    tasks = _tasks()
+    before = copy.deepcopy(tasks["vpt3"].state_dict())
+    mixed = fastprompt.multitask(tasks)
+    assert mixed.tasks[0].prompt_embeddings is not tasks["vpt3"].prompt_embeddings
+    after = tasks["vpt3"].state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert tasks["vpt3"](images(1)).shape == (1, 5)  # still live
+    with pytest.raises(NotImplementedError, match="save each task's model"):
+        mixed.save_prompts("unused")
