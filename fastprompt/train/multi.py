@@ -358,7 +358,7 @@ def per_dataset(sums: Sequence[Sequence[float]], names: Sequence[str]) -> dict[s
 def report_domains(run: str, config, log, device: torch.device | str = "cpu") -> None:
     """At the end of a PGN run over several datasets: ``domains.png`` and ``domains.json``
     (:func:`fastprompt.domains.run_report`), or a note saying why not."""
-    if config.method != "pgn" or config.method_args.get("generator") is None:
+    if config.method != "pgn" or config.method_args.get("generator", "resnet10") is None:
         return
     from fastprompt import domains
 

@@ -237,3 +237,18 @@ def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_
         if name.endswith("num_batches_tracked"):
             continue
         torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_the_report_is_written_for_pgn_runs_that_leave_the_generator_default(monkeypatch):
+    """A Python-API config may omit ``generator`` (the default ResNet-10): still PGN's report."""
+    from types import SimpleNamespace
+
+    from fastprompt import domains as DM
+
+    calls, lines = [], []
+    stub = DM.DomainReport(1.0, 0.5, 2, {"a": 2, "b": 2}, "pca", "x.png", "x.json")
+    monkeypatch.setattr(DM, "run_report", lambda run, device="cpu": calls.append(run) or stub)
+    M.report_domains("r", SimpleNamespace(method="pgn", method_args={}), lines.append)
+    M.report_domains("r", SimpleNamespace(method="pgn", method_args={"generator": None}), print)
+    M.report_domains("r", SimpleNamespace(method="vpt", method_args={}), print)
+    assert calls == ["r"] and "100.0%" in lines[0]
