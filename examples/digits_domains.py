@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     with open(os.path.join(run, "metrics.jsonl")) as f:
         last = [json.loads(line) for line in f][-1]
     if args.embedding != "pca":
-        from fastprompt.domains import run_report
+        from fastprompt.train.domains import run_report
 
         run_report(run, embedding=args.embedding)
     with open(os.path.join(run, "domains.json")) as f:

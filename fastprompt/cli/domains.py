@@ -1,5 +1,5 @@
 """``fastprompt domains RUN``: the domain-discovery report of a PGN run over several datasets
-(:mod:`fastprompt.domains`)."""
+(:mod:`fastprompt.train.domains`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def add_domains_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_domains_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.domains import extra_missing
+    from fastprompt.train.domains import extra_missing
 
     reason = extra_missing()
     if reason:
@@ -43,8 +43,8 @@ def check_domains_args(args: argparse.Namespace) -> str | None:
 
 
 def run_domains(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from fastprompt.domains import run_report
     from fastprompt.train.datasets import DataError
+    from fastprompt.train.domains import run_report
     from fastprompt.train.folder import RunError
 
     try:

@@ -2,8 +2,8 @@
 
 ``fastprompt train --data a/ --data b/ ...`` (``DataConfig(train=["a/", "b/"])`` in Python) trains
 one model (for PGN: one generator and one token library) on every dataset at once, the setting of
-the PGN paper's multi-dataset experiment (Loedeman et al., "PGNs scale to multiple datasets"; its
-Figure 5 shows the token library separating the training domains). The official code
+the PGN paper's multi-dataset experiment (Loedeman et al.: one PGN trained on several datasets at
+once; its Figure 5 shows the token library separating the training domains). The official code
 (jochemloedeman/PGN) has no multi-dataset path: its scripts train on one ``--dataset`` each. What
 fastprompt does, and why (``docs/design.md`` §"Multi-dataset PGN"):
 
@@ -357,10 +357,10 @@ def per_dataset(sums: Sequence[Sequence[float]], names: Sequence[str]) -> dict[s
 
 def report_domains(run: str, config, log, device: torch.device | str = "cpu") -> None:
     """At the end of a PGN run over several datasets: ``domains.png`` and ``domains.json``
-    (:func:`fastprompt.domains.run_report`), or a note saying why not."""
+    (:func:`fastprompt.train.domains.run_report`), or a note saying why not."""
     if config.method != "pgn" or config.method_args.get("generator", "resnet10") is None:
         return
-    from fastprompt import domains
+    from fastprompt.train import domains
 
     reason = domains.extra_missing()
     if reason:

@@ -1,5 +1,5 @@
 """Training on a mixture of datasets (fastprompt.train.multi), the domain report
-(fastprompt.domains) and synchronised BatchNorm (fastprompt.train.syncbn)."""
+(fastprompt.train.domains) and synchronised BatchNorm (fastprompt.train.syncbn)."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_cli_refuses_mismatched_val_and_duplicate_names(two_sets, tmp_path, caps
 
 
 def test_domain_report_separation_and_missing_extra(monkeypatch):
-    from fastprompt import domains as DM
+    from fastprompt.train import domains as DM
 
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(3).repeat_interleave(20)
@@ -243,7 +243,7 @@ def test_the_report_is_written_for_pgn_runs_that_leave_the_generator_default(mon
     """A Python-API config may omit ``generator`` (the default ResNet-10): still PGN's report."""
     from types import SimpleNamespace
 
-    from fastprompt import domains as DM
+    from fastprompt.train import domains as DM
 
     calls, lines = [], []
     stub = DM.DomainReport(1.0, 0.5, 2, {"a": 2, "b": 2}, "pca", "x.png", "x.json")
