@@ -17,7 +17,8 @@ accuracy of the dataset label from those weights.
 The frozen backbone is a small random-init ViT (nothing is downloaded): the generator, the
 library and the head do all the learning, which is what PGN trains anyway.
 
-    python examples/digits_domains.py [--quick] [--out DIR] [--embedding pca|tsne]
+    python examples/digits_domains.py [--quick] [--out DIR] [--embedding pca|tsne] [--epochs N]
+        [--per-class N]
 
 Needs scikit-learn and matplotlib (``pip install 'fastprompt[domains]'``). Everything runs on a
 CPU; ``--quick`` (a smoke test: 3 classes, a few images, 1 epoch) takes well under a minute.
@@ -80,8 +81,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="runs/digits_domains", help="data and run folder root")
     parser.add_argument("--embedding", choices=["pca", "tsne"], default="pca")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--epochs", type=int, help="default 30 (--quick: 1)")
+    parser.add_argument("--per-class", type=int, help="images per digit (default all, ~180)")
     args = parser.parse_args(argv)
     classes, per_class, epochs = (3, 10, 1) if args.quick else (10, None, 30)
+    epochs = args.epochs or epochs
+    per_class = args.per_class or per_class
     os.makedirs(args.out, exist_ok=True)
     data = write_datasets(os.path.join(args.out, "data"), classes, per_class)
     run = os.path.join(args.out, "pgn")
