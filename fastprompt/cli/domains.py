@@ -53,7 +53,8 @@ def run_domains(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         parser.error(f"domains: {e}")
     print(
         f"{args.run} ({args.checkpoint}): the datasets separate by their mixture weights with "
-        f"held-out nearest-centroid accuracy {100 * r.separation:.1f}% (chance "
-        f"{100 * r.chance:.1f}%, {r.held_out} images); {r.png}, {r.json}"
+        f"held-out nearest-centroid accuracy {100 * r.separation:.1f}% (untrained "
+        f"{'-' if r.separation_baseline is None else f'{100 * r.separation_baseline:.1f}%'}, "
+        f"chance {100 * r.chance:.1f}%, {r.held_out} images); {r.png}, {r.json}"
     )
     return 0

@@ -10,7 +10,10 @@ images (:mod:`fastprompt.train.multi`):
 - **separation**: nearest-centroid accuracy of the dataset label from those features, held out:
   per dataset a seeded half of the images gives the centroids (scikit-learn's
   ``NearestCentroid``, Euclidean) and the other half is classified; a number in [0, 1], printed
-  beside ``chance`` (the largest dataset's share of the held-out half);
+  beside ``chance`` (the largest dataset's share of the held-out half) and beside the same number
+  for the run's untrained model (``init/``). The baseline matters: a random generator already
+  maps images of visibly different datasets (inverted digits, say) to different mixtures, so
+  only the gain over it is what training discovered;
 - **picture**: the features embedded in 2-D (PCA by default, t-SNE on request; scikit-learn),
   one colour per dataset, written as a PNG with matplotlib, and the figures as JSON beside it.
 
@@ -83,6 +86,8 @@ class DomainReport:
         ``"pca"`` or ``"tsne"``.
     png, json : str or None
         The files written.
+    separation_baseline : float or None
+        ``separation`` of the baseline model (the run's untrained one), on the same images.
     """
 
     separation: float
@@ -92,6 +97,7 @@ class DomainReport:
     embedding: str
     png: str | None = None
     json: str | None = None
+    separation_baseline: float | None = None
 
 
 @torch.no_grad()
@@ -241,6 +247,7 @@ def domain_report(
     path: str | None,
     embedding: str = "pca",
     seed: int = 0,
+    baseline: nn.Module | None = None,
 ) -> DomainReport:
     """Mixture weights of ``loader``'s images, their separation by dataset, and their picture.
 
@@ -259,6 +266,8 @@ def domain_report(
     embedding : {"pca", "tsne"}
     seed : int
         Of the held-out split and the embedding.
+    baseline : PromptedViT, optional
+        A model to compare with (the untrained one): its separation on the same images.
 
     Returns
     -------
@@ -270,6 +279,10 @@ def domain_report(
     features, labels = mixture_features(prompted, loader)
     domains = label_domains.cpu()[labels]
     accuracy, chance, held_out = separation(features, domains, seed)
+    base = None
+    if baseline is not None:
+        base_features, _ = mixture_features(baseline, loader)
+        base = separation(base_features, domains, seed)[0]
     d = domains.numpy()
     samples = {name: int((d == k).sum()) for k, name in enumerate(names)}
     png = js = None
@@ -277,11 +290,13 @@ def domain_report(
         xy = embed_2d(features, embedding, seed)
         title = (
             f"PGN mixture weights ({embedding.upper()})\nnearest-centroid separation "
-            f"{100 * accuracy:.1f}% held out (chance {100 * chance:.1f}%)"
+            f"{100 * accuracy:.1f}% held out ("
+            + (f"untrained {100 * base:.1f}%, " if base is not None else "")
+            + f"chance {100 * chance:.1f}%)"
         )
         _plot(xy, d, names, path, title)
         png, js = path, os.path.splitext(path)[0] + ".json"
-    report = DomainReport(accuracy, chance, held_out, samples, embedding, png, js)
+    report = DomainReport(accuracy, chance, held_out, samples, embedding, png, js, base)
     if js is not None:
         record = {**asdict(report), "features": "mixture weights, L*M per image"}
         with open(js, "w") as f:
@@ -298,7 +313,8 @@ def run_report(
     device: str | torch.device = "cpu",
     batch_size: int = 64,
 ) -> DomainReport:
-    """:func:`domain_report` of a PGN run over several datasets, on its validation images.
+    """:func:`domain_report` of a PGN run over several datasets, on its validation images,
+    with the run's untrained model (``init/``) as the baseline.
 
     Parameters
     ----------
@@ -327,10 +343,11 @@ def run_report(
     if config.method != "pgn" or config.method_args.get("generator", "resnet10") is None:
         raise RunError(f"{run} is not a PGN run with a generator (method {config.method!r})")
     model = load_run_model(run, checkpoint, device, config, saved)
+    base = None if checkpoint == "init" else load_run_model(run, "init", device, config, saved)
     data = run_data(run, config, saved)
     _, test_tf, _ = transforms_for(model.model, config.recipe)
     spec = D.LoaderSpec(batch_size, 0, False, config.seed)
     loader = D.make_loader(D.Transformed(data.val, test_tf), spec)
     names, label_domains = M.class_domains(data.classes)
     out = path or os.path.join(run, "domains.png")
-    return domain_report(model, loader, label_domains, names, out, embedding, config.seed)
+    return domain_report(model, loader, label_domains, names, out, embedding, config.seed, base)

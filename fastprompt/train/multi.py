@@ -369,8 +369,13 @@ def report_domains(run: str, config, log, device: torch.device | str = "cpu") ->
     r = domains.run_report(run, device=device)
     log(
         f"domain discovery: the datasets separate by their mixture weights with nearest-centroid "
-        f"accuracy {100 * r.separation:.1f}% (chance {100 * r.chance:.1f}%): {r.png}"
+        f"accuracy {100 * r.separation:.1f}% (untrained: {_pct(r.separation_baseline)}, chance "
+        f"{100 * r.chance:.1f}%): {r.png}"
     )
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
 
 
 def describe(metrics: Mapping[str, Mapping[str, float]]) -> str:

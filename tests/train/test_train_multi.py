@@ -130,6 +130,7 @@ def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, t
     report = json.loads((run / "domains.json").read_text())
     assert (run / "domains.png").stat().st_size > 0
     assert 0.0 <= report["separation"] <= 1.0 and report["samples"] == {"a": 4, "b": 4}
+    assert 0.0 <= report["separation_baseline"] <= 1.0  # the untrained model's, for comparison
     assert "domain discovery" in (run / "log.txt").read_text()
     # One dataset of the run, named as in the run; and the report again, from the command line.
     assert main(["evaluate", str(run), "--data", f"b={b}", "--no-progress"]) == 0
