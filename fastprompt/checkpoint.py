@@ -171,15 +171,20 @@ def load_prompts(
             "was it edited by hand?"
         ) from None
     except TypeError as e:
-        raise CheckpointConfigError(f"load_prompts: {where}: {e}") from None
+        raise CheckpointConfigError(f"load_prompts: {where}: {_bare(e)}") from None
     except ValueError as e:
-        raise CheckpointError(f"load_prompts: {where}: {e}") from None
+        raise CheckpointError(f"load_prompts: {where}: {_bare(e)}") from None
     try:
         _copy_into(prompted, state, where)
     except BaseException:
         prompted.unwrap()  # the user's model is theirs again, to retry with
         raise
     return prompted
+
+
+def _bare(e: Exception) -> str:
+    """A builder's message without its own ``load_prompts:`` prefix (the file goes first)."""
+    return str(e).removeprefix("load_prompts: ")
 
 
 def _method(name: Any, where: str):

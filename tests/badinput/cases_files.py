@@ -85,6 +85,12 @@ def _load_best(ws: Workspace, model=None, folder: str = "vpt", path: str | None 
     return fastprompt.load_prompts(model or tiny_vit(), path or ws.path(folder, "best"))
 
 
+def _multitask(ws: Workspace):
+    import fastprompt
+
+    return fastprompt.multitask({"a": ws.path("vpt"), "b": ws.path("vpt")})
+
+
 def _pgn_unknown_field(ws: Workspace) -> None:
     run = ws.copy("pgn")
     edit_metadata(os.path.join(run, "best"), lambda c: c["config"].update(foo=1))
@@ -220,6 +226,16 @@ CASES = [
         names=["{case}/vpt/best/prompts.safetensors"],
     ),
     Case(
+        "multitask-run-with-a-flipped-byte",
+        call=_multitask,
+        setup=_run_with(
+            lambda ws, run: flip_byte(os.path.join(run, "best", "prompts.safetensors"))
+        ),
+        error=r"is damaged: its tensor data does not match the checksum",
+        exc="RunError",
+        names=["{case}/vpt/best/prompts.safetensors"],
+    ),
+    Case(
         "evaluate-checkpoint-of-another-run",
         argv=EVALUATE,
         setup=_run_with(_best_of_another_run),
@@ -272,8 +288,8 @@ CASES = [
         "load-pgn-unknown-field",
         call=lambda ws: _load_best(ws, folder="pgn"),
         setup=_pgn_unknown_field,
-        error=r"unexpected keyword argument 'foo'",
-        exc="TypeError",
+        error=r"prompts.safetensors: unknown PGN config fields \['foo'\]",
+        exc="CheckpointError",
         names=["{case}/pgn/best/prompts.safetensors"],
     ),
     Case(
