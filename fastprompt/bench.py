@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,8 @@ import torch
 from torch import nn
 
 import fastprompt
+from fastprompt.fits import all_trainable, peak_process_bytes, peak_step_bytes
+from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = [
     "BenchConfig",
@@ -209,11 +211,16 @@ class BenchConfig:
     train : bool
         Also time a training step (forward + backward to prompts and head).
     memory : bool
-        Also count activation memory.
+        Also count activation memory and a training step's peak memory.
+    policies : list of str
+        fastprompt's memory policies to measure (:data:`fastprompt.prompted.MEMORY_POLICIES`);
+        ``"none"`` is the ``fused`` row, each other one a ``fused+<policy>`` row.
     count_flops : bool
         Also count FLOPs with fvcore.
     img_size : int or None
         Image size override (tiny models in tests).
+    model_kwargs : dict
+        More arguments for ``timm.create_model`` (a shrunk Swin in tests: depths, widths).
     """
 
     model: str = "vit_base_patch16_224"
@@ -228,6 +235,8 @@ class BenchConfig:
     memory: bool = True
     count_flops: bool = True
     img_size: int | None = None
+    policies: list[str] = field(default_factory=lambda: list(MEMORY_POLICIES))
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 def summarize(times: list[float]) -> dict[str, float]:
@@ -248,34 +257,50 @@ def summarize(times: list[float]) -> dict[str, float]:
     }
 
 
-@contextlib.contextmanager
-def _full_backward(model: nn.Module) -> Iterator[None]:
-    """Every backbone weight trainable: the prompt-free model's full fine-tuning backward."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(True)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
+def _variants(cfg: BenchConfig) -> dict[str, tuple[str, str]]:
+    """Rows per prompt count: variant -> (impl, memory policy). ``fused`` is fastprompt with
+    the default policy; ``fused+<policy>`` the others asked for."""
+    rows = {"naive": ("naive", "none"), "fused": ("fused", "none")}
+    if cfg.train or cfg.memory:  # a policy changes nothing else
+        rows.update({f"fused+{m}": ("fused", m) for m in cfg.policies if m != "none"})
+    return rows
+
+
+def _peak(fn: Callable[[], object], exclude: list[torch.Tensor], device: torch.device) -> dict:
+    """Peak memory of a training step above what was allocated before it.
+
+    ``peak_bytes``: on a GPU, CUDA's ``max_memory_allocated``; elsewhere the tensors the step
+    creates that are alive at once, counted op by op (:func:`fastprompt.fits.peak_tensor_bytes`:
+    no allocator rounding or caching). On a CPU ``peak_rss_bytes`` is the rise of the process's
+    resident memory beside it (allocator-dependent; None where Linux's counters are missing).
+    """
+    if device.type == "cuda":
+        return {"peak_bytes": peak_step_bytes(fn, device, exclude), "peak_of": "cuda allocated"}
+    return {
+        "peak_bytes": peak_step_bytes(fn, device, exclude),
+        "peak_of": "tensors alive",
+        "peak_rss_bytes": peak_process_bytes(fn),
+    }
 
 
 def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure the prompt-free model, naive VPT and fastprompt for each prompt count.
+    """Measure the prompt-free model, naive VPT and fastprompt (under each memory policy) for
+    each prompt count.
 
     Returns
     -------
     dict
         ``{"config", "env", "rows"}``; each row holds one (prompts, variant) with latency for
-        inference and training, activation bytes and GFLOPs where asked.
+        inference (naive and ``fused`` only: the policies change nothing there) and training,
+        activation bytes saved for backward and a step's peak memory, and GFLOPs where asked.
+        The prompt-free row's backward is full fine-tuning's (every weight trains).
     """
     import timm
 
     device = torch.device(cfg.device)
     dtype = getattr(torch, cfg.dtype)
     torch.manual_seed(0)
-    kw = {} if cfg.img_size is None else {"img_size": cfg.img_size}
+    kw = dict(cfg.model_kwargs) | ({} if cfg.img_size is None else {"img_size": cfg.img_size})
     model = timm.create_model(cfg.model, pretrained=False, num_classes=100, **kw)
     model = model.to(device, dtype).eval()
     size = model.patch_embed.img_size
@@ -292,40 +317,55 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
 
         return step
 
+    def free_step() -> None:
+        with all_trainable(model):
+            train_step(model)()
+
     say(f"{cfg.model}: prompt-free")
     free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
     if cfg.memory:
-        with _full_backward(model):
+        with all_trainable(model):
             free["activation_bytes"] = activation_bytes(lambda: model(x), list(model.parameters()))
+        free_step()  # the first step's allocations are not the step's
+        free.update(_peak(free_step, [*model.parameters(), x], device))
     if cfg.count_flops:
         free["gflops"] = flops(model, x)
     rows.append(free)
     free_times: dict[str, list[float]] = {"infer": [], "train": []}
+    variants = _variants(cfg)
 
     for p in cfg.prompts:
         say(f"{cfg.model}: {p} prompts")
-        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend, readout="cls")
-        group = {impl: {"prompts": p, "variant": impl} for impl in ("naive", "fused")}
+        # The model's own readout (a ViT's class token; VPT-Swin's mean of every token).
+        prompted = fastprompt.vpt(model, p, deep=cfg.deep, backend=cfg.backend)
+        offered = prompted.memory_policies()
+        skipped = sorted({m for _, m in variants.values() if m not in offered})
+        if skipped:  # a Swin's blocks are checkpointed whole: no "mlp"
+            say(f"{cfg.model}: memory {skipped} not offered by this model, not measured")
+        group = {
+            name: {"prompts": p, "variant": name, "memory": policy}
+            for name, (_, policy) in variants.items()
+            if policy in offered
+        }
 
-        def infer(impl: str) -> Callable[[], object]:
+        def use(name: str) -> None:
+            prompted.impl, prompted.memory = variants[name]
+
+        def infer(name: str) -> Callable[[], object]:
             def call() -> object:
-                prompted.impl = impl
+                use(name)
                 return prompted(x)
 
             return call
 
-        def step(impl: str) -> Callable[[], None]:
+        def step(name: str) -> Callable[[], None]:
             def call() -> None:
-                prompted.impl = impl
+                use(name)
                 train_step(prompted)()
 
             return call
 
-        def free_step() -> None:
-            with _full_backward(model):
-                train_step(model)()
-
-        # Interleaved: each repetition times the three variants back to back, so drift in the
+        # Interleaved: each repetition times the variants back to back, so drift in the
         # machine's speed (other load, clocks) hits all of them alike.
         prompted.eval()
         # As deployed: fastprompt's prompt K/V once per model (frozen_prompts); naive VPT has
@@ -339,24 +379,18 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         _store(group, free_times, "infer", times)
         prompted.train()
         if cfg.train:
-            times = time_interleaved(
-                {"free": free_step, "naive": step("naive"), "fused": step("fused")},
-                device,
-                cfg.reps,
-            )
-            _store(group, free_times, "train", times)
-        for impl, row in group.items():
-            prompted.impl = impl
+            fns = {"free": free_step, **{name: step(name) for name in group}}
+            _store(group, free_times, "train", time_interleaved(fns, device, cfg.reps))
+        for name, row in group.items():
+            use(name)
             if cfg.memory:
                 prompted.train()
                 row["activation_bytes"] = activation_bytes(
                     lambda: prompted(x), list(prompted.parameters())
                 )
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                    train_step(prompted)()
-                    row["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
-            if cfg.count_flops:
+                train_step(prompted)()
+                row.update(_peak(train_step(prompted), [*prompted.parameters(), x], device))
+            if cfg.count_flops and name in ("naive", "fused"):
                 prompted.eval()
                 row["gflops"] = flops(prompted, x)
             rows.append(row)
@@ -372,9 +406,10 @@ def _store(group: dict, free_times: dict, kind: str, times: dict[str, list[float
     """Put interleaved timings into rows; the prompt-free median of the same group is kept
     beside each row so ratios compare measurements taken together."""
     free_times[kind] += times["free"]
-    for impl, row in group.items():
-        row[kind] = summarize(times[impl])
-        row[f"{kind}_free_median_s"] = statistics.median(times["free"])
+    for name, row in group.items():
+        if name in times:
+            row[kind] = summarize(times[name])
+            row[f"{kind}_free_median_s"] = statistics.median(times["free"])
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:
@@ -389,3 +424,5 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         if "activation_bytes" in r:
             r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]
             r["memory_vs_naive"] = r["activation_bytes"] / naive["activation_bytes"]
+        if r.get("peak_bytes") and free.get("peak_bytes"):
+            r["peak_vs_free"] = r["peak_bytes"] / free["peak_bytes"]

@@ -32,7 +32,7 @@ prompt attention (Prompt Condensation's scores) plug in through
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,13 +41,17 @@ from torch import Tensor, nn
 
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
+from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 
-__all__ = ["IMPLS", "AttentionCall", "PromptedViT", "run_attention"]
+__all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
 IMPLS = ("fused", "naive")
+
+# (block, prompt tokens (T, P, W)) -> the prompt tokens the block receives instead.
+TokenFn = Callable[[int, Tensor], Tensor]
 
 
 def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
@@ -82,7 +86,7 @@ class _Step:
     held: int
 
 
-class PromptedViT(OwningWrapper):
+class PromptedViT(MemoryPolicies, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -143,8 +147,11 @@ class PromptedViT(OwningWrapper):
         self.readout = readout
         self.impl = impl
         self._attention: AttentionFn | None = None
+        self._token_fn: TokenFn | None = None
         # Block classes do not change under a wrapper: ask once.
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
+        object.__setattr__(self, "_recompute", backbone.recompute_policies())
+        self._memory = "none"
         if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
             raise TypeError(
                 f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
@@ -236,9 +243,11 @@ class PromptedViT(OwningWrapper):
         save_prompts(self, path)
 
     def extra_repr(self) -> str:
+        memory = "" if self.memory_policy() == "none" else f", memory={self.memory_policy()!r}"
         return (
             f"method={self.method!r}, backbone={self._backbone.family!r}, "
             f"source={self._source.extra_repr()}, readout={self.readout!r}, impl={self.impl!r}"
+            + memory
         )
 
     # -- plug-in points ---------------------------------------------------------------------------
@@ -282,6 +291,22 @@ class PromptedViT(OwningWrapper):
             self._attention = previous
 
     @contextlib.contextmanager
+    def token_override(self, fn: TokenFn) -> Iterator[PromptedViT]:
+        """Hand the prompt tokens entering every block that holds them as tokens through ``fn``.
+
+        ``fn(block, prompts)`` receives the tokens (T, P, W) a block receives and returns the
+        tokens it gets instead (a per-image copy to take per-sample gradients of, a set without
+        one prompt); blocks on keys/values are not seen (:meth:`attention_override` sees them).
+        """
+        if not callable(fn):
+            raise TypeError(f"token_override: fn must be callable, got {type(fn).__name__}")
+        previous, self._token_fn = self._token_fn, fn
+        try:
+            yield self
+        finally:
+            self._token_fn = previous
+
+    @contextlib.contextmanager
     def frozen_prompts(self) -> Iterator[PromptedViT]:
         """Inference with each block's prompt keys/values computed once, on entry.
 
@@ -316,7 +341,7 @@ class PromptedViT(OwningWrapper):
         receives a set whose outputs are not needed runs on its keys/values only.
         """
         if fused is None:
-            fused = self.impl == "fused" or self._attention is not None
+            fused = self._fused_path()
         src, depth = self._source, self._backbone.depth
         reads = self._backbone.reads_prompts(self.readout)
         steps, held = [], 0
@@ -331,6 +356,14 @@ class PromptedViT(OwningWrapper):
                 held = src.count(i)
             steps.append(_Step(receive, True, held))
         return steps
+
+    def _fused_path(self) -> bool:
+        return self.impl == "fused" or self._attention is not None
+
+    def keys_values_only(self) -> list[bool]:
+        """Per block, whether the fused path computes only the keys/values of the prompts it
+        receives (their outputs are read by nobody); the other blocks hold prompt tokens."""
+        return [not s.as_tokens for s in self._plan(fused=True)]
 
     def _prompts_in_output(self) -> int:
         """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
@@ -385,6 +418,36 @@ class PromptedViT(OwningWrapper):
         lengths = None if kv.lengths is None else kv.lengths + dk.shape[2]
         return PromptKV(k, v, index, lengths)
 
+    def _step(
+        self,
+        i: int,
+        step: _Step,
+        tokens: Any,
+        held: int,
+        state: Any,
+        batch: int,
+        attend: AttentionFn,
+        per_image: Tensor,
+        memory: str,
+    ) -> Any:
+        """:meth:`_block` under the memory policy (:func:`fastprompt.memory.step_under`)."""
+
+        entry = dict(state) if memory == "block" and isinstance(state, dict) else None
+
+        def run(tokens: Any, policy: str) -> Any:
+            if entry is None:
+                return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
+            # A per-forward cache that the step fills (a Swin stage's dropped-out prompts) must
+            # look to the recomputation as it looked to the forward; later steps keep the
+            # forward's entries.
+            local = dict(entry)
+            out = self._block(i, step, tokens, held, local, batch, attend, per_image, policy)
+            for key, value in local.items():
+                state.setdefault(key, value)
+            return out
+
+        return step_under(memory, run, tokens, step.receive, self._backbone, i, self._recompute)
+
     def _block(
         self,
         i: int,
@@ -395,16 +458,19 @@ class PromptedViT(OwningWrapper):
         batch: int,
         attend: AttentionFn,
         per_image: Tensor,
+        memory: str = "none",
     ) -> Any:
         """Block ``i`` on the token state holding ``held`` prompt tokens (one step of the loop,
-        so that each block can be wrapped on its own)."""
+        so that each block can be wrapped on its own); ``memory`` goes to the adapter's block
+        when it is one of the adapter's own policies."""
         bb, position = self._backbone, self._source.position
+        kw = {"memory": memory} if memory != "none" else {}
         tokens = bb.enter(i, tokens, held)
         if not step.as_tokens:
             if held:
                 tokens = bb.remove(tokens, held, position)
             kv = self._keys_values(i, batch, state, per_image)
-            return bb.fused_block(i, tokens, 0, kv, attend, self.backend)
+            return bb.fused_block(i, tokens, 0, kv, attend, self.backend, **kw)
         if step.receive:
             prompts = self._source.tokens(i, batch, state)
             index, lengths = self._selected(i, prompts, batch, state, per_image)
@@ -416,15 +482,20 @@ class PromptedViT(OwningWrapper):
                 )
             if index is not None:
                 prompts = prompts[index]
+            if self._token_fn is not None:
+                prompts = self._token_fn(i, prompts)
             if held:
                 tokens = bb.remove(tokens, held, position)
             tokens = bb.insert(tokens, i, prompts, position)
         direct = self._join_direct(i, None, batch, state, per_image)
-        if direct is None:
-            return bb.block(i, tokens, step.held)
+        # An adapter whose fused block is also the faster way to run prompt tokens (Swin: once per
+        # image, not per window) takes every block of the fused path.
+        fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
+        if direct is None and not fast:
+            return bb.block(i, tokens, step.held, **kw)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
-        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend)
+        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend, **kw)
 
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:
         """Final normalised tokens.
@@ -450,9 +521,9 @@ class PromptedViT(OwningWrapper):
         batch = x.shape[0]
         attend = self._attention or _default_attention
         per_image = torch.arange(batch, device=x.device)  # the set of each image (T = B)
-        held = 0
+        held, memory = 0, self.memory_policy()
         for i, step in enumerate(self._plan()):
-            tokens = self._block(i, step, tokens, held, state, batch, attend, per_image)
+            tokens = self._step(i, step, tokens, held, state, batch, attend, per_image, memory)
             held = step.held if step.as_tokens else 0
         return bb.features(tokens)
 

@@ -17,9 +17,13 @@ _COLUMNS = (
     ("infer vs free", "infer_vs_free"),
     ("train ms", "train"),
     ("train vs naive", "train_vs_naive"),
+    ("train vs free", "train_vs_free"),
     ("act. MiB", "activation_bytes"),
     ("mem vs naive", "memory_vs_naive"),
     ("mem vs free", "memory_vs_free"),
+    ("peak MiB", "peak_bytes"),
+    ("peak vs free", "peak_vs_free"),
+    ("RSS rise MiB", "peak_rss_bytes"),
     ("GFLOPs/img", "gflops"),
 )
 
@@ -32,8 +36,8 @@ def _cell(row: dict[str, Any], key: str, batch: int) -> str:
         return f"{1e3 * s['median_s']:.1f} [{1e3 * s['p20_s']:.1f}, {1e3 * s['p80_s']:.1f}]"
     if key == "ips":
         return f"{batch / row['infer']['median_s']:.1f}" if "infer" in row else "-"
-    if key == "activation_bytes":
-        return f"{row[key] / 2**20:.1f}" if key in row else "-"
+    if key in ("activation_bytes", "peak_bytes", "peak_rss_bytes"):
+        return f"{row[key] / 2**20:.1f}" if row.get(key) is not None else "-"
     if key == "gflops":
         return f"{row[key] / batch:.2f}" if key in row else "-"
     value = row.get(key)
@@ -54,8 +58,15 @@ def _header(result: dict[str, Any]) -> str:
         f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"timm {env['timm']}, fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
-        "same run."
+        "same run (its training step: full fine-tuning's backward). fused+<policy>: fastprompt "
+        "under a memory policy. act.: bytes saved for backward; peak: a training step's rise "
+        f"in {_peak_of(result)} (gradients included, no optimiser); RSS rise: the process's "
+        "resident memory (CPU)."
     )
+
+
+def _peak_of(result: dict[str, Any]) -> str:
+    return next((r["peak_of"] for r in result["rows"] if r.get("peak_of")), "memory")
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -103,8 +114,16 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_LABELS = {"naive": "naive VPT", "fused": "fastprompt"}
+_FREE = {
+    "train": "prompt-free, full backward",
+    "activation_bytes": "prompt-free, full backward",
+    "peak_bytes": "prompt-free, full backward",
+}
+
+
 def plot(result: dict[str, Any], folder: str) -> list[str]:
-    """PNG plots of latency and GFLOPs against prompt count; returns the paths written."""
+    """PNG plots of latency, GFLOPs and memory against prompt count; returns the paths."""
     try:
         import matplotlib
 
@@ -116,45 +135,60 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
     rows = result["rows"]
     free = rows[0]
     prompts = sorted({r["prompts"] for r in rows[1:]})
+    variants = list(dict.fromkeys(r["variant"] for r in rows[1:]))
     paths = []
     figures = [
         ("latency.png", "infer", "inference latency (ms)"),
         ("train_latency.png", "train", "training step (ms)"),
         ("gflops.png", "gflops", "GFLOPs per image"),
+        ("memory.png", "activation_bytes", "saved for backward (MiB)"),
+        ("peak_memory.png", "peak_bytes", f"peak {_peak_of(result)} (MiB)"),
     ]
     batch = result["config"]["batch"]
+    timed = ("infer", "train")
     for name, key, label in figures:
-        if key not in free:
+        if free.get(key) is None:
             continue
 
         def value(r, stat="median_s", key=key):
-            return 1e3 * r[key][stat] if key != "gflops" else r[key] / batch
+            if key in timed:
+                return 1e3 * r[key][stat]
+            return r[key] / batch if key == "gflops" else r[key] / 2**20
 
         fig, ax = plt.subplots(figsize=(5, 3.5))
-        for variant, style in (("naive", "o-"), ("fused", "s-")):
+        for variant in variants:
             picked = [
-                r for p in prompts for r in rows if r["prompts"] == p and r["variant"] == variant
+                r
+                for p in prompts
+                for r in rows
+                if r["prompts"] == p and r["variant"] == variant and r.get(key) is not None
             ]
+            if len(picked) != len(prompts):
+                continue
+            # At 0 prompts every variant is the prompt-free model, except where its backward
+            # (full fine-tuning's) is what the others are set against.
+            start = [] if key in _FREE else [free]
+            xs = [0] * len(start) + prompts
             line = ax.plot(
-                [0, *prompts],
-                [value(free), *(value(r) for r in picked)],
-                style,
-                label="naive VPT" if variant == "naive" else "fastprompt",
+                xs,
+                [value(r) for r in start + picked],
+                "o-" if variant == "naive" else "s-",
+                label=_LABELS.get(variant, variant.replace("fused+", "fastprompt, memory=")),
             )[0]
-            if key != "gflops":  # the p20-p80 band of the repetitions
+            if key in timed:  # the p20-p80 band of the repetitions
                 ax.fill_between(
-                    [0, *prompts],
-                    [value(free, "p20_s"), *(value(r, "p20_s") for r in picked)],
-                    [value(free, "p80_s"), *(value(r, "p80_s") for r in picked)],
+                    xs,
+                    [value(r, "p20_s") for r in start + picked],
+                    [value(r, "p80_s") for r in start + picked],
                     color=line.get_color(),
                     alpha=0.2,
                     linewidth=0,
                 )
-        ax.axhline(value(free), color="gray", ls="--", label="prompt-free")
+        ax.axhline(value(free), color="gray", ls="--", label=_FREE.get(key, "prompt-free"))
         ax.set_xlabel("prompts per block" if result["config"]["deep"] else "prompts")
         ax.set_ylabel(label)
         ax.set_title(f"{result['config']['model']} on {result['env']['device']}", fontsize=8)
-        ax.legend()
+        ax.legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(folder, name)
         fig.savefig(path, dpi=120)

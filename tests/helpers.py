@@ -165,3 +165,23 @@ def assert_matches_naive(prompted, x, seed=0, atol=2e-5):
     for name, a, e in zip(prompted.trainable_parameters(), g_fused, g_naive):
         scale = (e.abs().max().item() if e.numel() else 0.0) + 1e-12
         assert_close(a / scale, e / scale, f"grad {name}", atol=atol, rtol=1e-4)
+
+
+def tiny_swin(seed: int = 0, **kw):
+    """A small random-init timm Swin v1 (32×32 images, patch 2, window 4): stage 0 has 16
+    windows per image and a shifted block, a patch merging, stage 1 has 4 windows (shifted),
+    stage 2 one window."""
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    args = dict(
+        img_size=32,
+        patch_size=2,
+        window_size=4,
+        embed_dim=16,
+        depths=(2, 2, 2),
+        num_heads=(2, 2, 4),
+        num_classes=5,
+    )
+    args.update(kw)
+    return SwinTransformer(**args).eval()

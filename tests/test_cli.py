@@ -39,11 +39,18 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert {"device", "torch", "timm", "triton", "commit", "date"} <= set(report["env"])
     variants = [(r["prompts"], r["variant"]) for r in report["rows"]]
-    assert variants == [(0, "prompt-free"), (4, "naive"), (4, "fused")]
+    policies = [(4, "fused+mlp"), (4, "fused+block")]
+    assert variants == [(0, "prompt-free"), (4, "naive"), (4, "fused"), *policies]
     for row in report["rows"]:
-        assert row["infer"]["median_s"] > 0 and row["train"]["median_s"] > 0
-        assert row["activation_bytes"] > 0 and row["gflops"] > 0
+        assert row["train"]["median_s"] > 0 and row["activation_bytes"] > 0
+        assert row["peak_bytes"] > 0 and row["peak_of"] == "tensors alive"
+        if row["variant"] in ("prompt-free", "naive", "fused"):  # policies change no inference
+            assert row["infer"]["median_s"] > 0 and row["gflops"] > 0
     naive, fused = report["rows"][1], report["rows"][2]
+    # Each memory policy keeps less than the one before it, for backward and at the peak.
+    for key in ("activation_bytes", "peak_bytes"):
+        kept = [r[key] for r in report["rows"][2:]]
+        assert kept == sorted(kept, reverse=True) and len(set(kept)) == 3, (key, kept)
     for kind in ("infer", "train"):
         assert fused[f"{kind}_vs_naive"] == pytest.approx(
             fused[kind]["median_s"] / naive[kind]["median_s"]
@@ -52,9 +59,11 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
             fused[kind]["median_s"] / fused[f"{kind}_free_median_s"]
         )
         for row in report["rows"]:  # inclusive quantiles stay inside the measured range
-            assert row[kind]["p20_s"] <= row[kind]["median_s"] <= row[kind]["p80_s"]
+            if kind in row:
+                assert row[kind]["p20_s"] <= row[kind]["median_s"] <= row[kind]["p80_s"]
     assert "| prompts | variant |" in (out / "report.md").read_text()
-    assert (out / "latency.png").stat().st_size > 0
+    for png in ("latency.png", "memory.png", "peak_memory.png"):
+        assert (out / png).stat().st_size > 0
     assert "fused" in capsys.readouterr().out
 
 
@@ -71,6 +80,7 @@ def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
     )
     text = (second / "report.md").read_text()
     assert "infer ms A | infer ms B | B/A" in text and "| 4 | fused |" in text
+    assert "| 4 | fused+" not in text  # memory policies change inference in nothing: no rows
 
 
 def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
@@ -105,6 +115,9 @@ def test_summarize_never_extrapolates():
         (["--model", "vit_nope"], "'vit_nope' is not a timm model name"),
         (["--device", "banana"], "--device 'banana' is not a device"),
         (["--compare", "missing.json"], "--compare missing.json is not a readable report.json"),
+        (["--fits", "0"], "--fits takes budgets in GiB > 0, got [0.0]"),
+        (["--fits", "24", "--fits-models", "vit_nope"], "--fits-models 'vit_nope' is not a timm"),
+        (["--fits-models", "vit_base_patch16_224"], "--fits-models goes with --fits GIB"),
     ],
 )
 def test_bench_validates_before_running(args, match, capsys, tmp_path):
@@ -113,6 +126,22 @@ def test_bench_validates_before_running(args, match, capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in err and err.startswith("fastprompt: error: bench: ")
+
+
+def test_bench_fits_writes_the_largest_batches(tmp_path, capsys):
+    out = tmp_path / "fits"
+    args = ["bench", "--fits", "0.02", "0.05", "--fits-models", "vit_tiny_patch16_224"]
+    args += ["--img-size", "32", "--prompts", "2", "--memory", "block", "--out", str(out)]
+    assert main([*args, "--device", "cpu"]) == 0
+    found = json.loads((out / "fits.json").read_text())["fits"]
+    variants = ["full fine-tuning", "naive VPT", "fastprompt, block"]
+    assert [f["variant"] for f in found] == variants
+    for f in found:
+        assert f["model"] == "vit_tiny_patch16_224" and set(f["batches"]) == {"0.02", "0.05"}
+        assert f["batches"]["0.02"] <= f["batches"]["0.05"]
+    table = (out / "fits.md").read_text()
+    assert "| vit_tiny_patch16_224 | fastprompt, block |" in table and "estimate" in table
+    assert "batch in 0.05 GiB" in capsys.readouterr().out
 
 
 def test_bench_refuses_an_out_file_and_cuda_without_a_gpu(capsys, tmp_path):

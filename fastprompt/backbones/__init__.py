@@ -39,6 +39,20 @@ __all__ = [
 # model class (qualified name) -> adapter class, or "module:Class" until first used.
 _REGISTRY: dict[str, type[Backbone] | str] = {
     "timm.models.vision_transformer.VisionTransformer": "fastprompt.backbones.vit:ViTBackbone",
+    "timm.models.swin_transformer.SwinTransformer": "fastprompt.backbones.swin:SwinBackbone",
+}
+
+# Windowed families fastprompt knows and does not prompt, and why (model class -> reason).
+_REFUSED: dict[str, str] = {
+    "timm.models.swin_transformer_v2.SwinTransformerV2": (
+        "Swin v2 (scaled cosine attention, a continuous relative-position bias, post-norm "
+        "blocks) has no official VPT code to follow; fastprompt prompts Swin v1 "
+        "(timm SwinTransformer, swin_*)"
+    ),
+    "timm.models.swin_transformer_v2_cr.SwinTransformerV2Cr": (
+        "Swin v2 (the CR variant) has no official VPT code to follow; fastprompt prompts Swin v1 "
+        "(timm SwinTransformer, swin_*)"
+    ),
 }
 
 
@@ -99,6 +113,8 @@ def adapter_for(model: object, who: str) -> Backbone:
             key = _qualified(cls)
             if key in _REGISTRY:
                 return _adapter_class(key)(model, who)
+            if key in _REFUSED:
+                raise TypeError(f"{who}: {type(model).__name__} is not supported: {_REFUSED[key]}")
     kind = type(model)
     raise TypeError(
         f"{who}: model must be a {' or a '.join(families())}, got "

@@ -36,7 +36,24 @@ __all__ = [
     "BlockShape",
     "PromptKV",
     "PromptKVParts",
+    "timm_image_size",
+    "timm_patch_size",
 ]
+
+
+def timm_patch_size(model: nn.Module) -> tuple[int, int]:
+    """Patch height and width of a timm model with a ``patch_embed`` (ViT, Swin)."""
+    ps = model.patch_embed.patch_size
+    return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+
+
+def timm_image_size(model: nn.Module) -> tuple[int, int]:
+    """The (H, W) a timm model takes: its ``patch_embed``'s, else its pretrained config's."""
+    size = getattr(model.patch_embed, "img_size", None)
+    if size is None:
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = cfg.get("input_size", (3, 224, 224))[1:]
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,9 @@ class AttentionCall:
         An additive bias on the scores of the sequence's own keys (a windowed backbone's
         relative-position bias and shift mask), as :func:`fastprompt.ops.prompt_attention` takes
         it; prompt keys get none. None for a ViT.
+    windows : int
+        Sequences per image, image by image (a windowed backbone's windows; 1 for a ViT): what
+        sums per-sequence quantities into per-image ones.
     """
 
     block: int
@@ -78,6 +98,7 @@ class AttentionCall:
     backend: str | None
     prompt_lengths: Tensor | None = None
     key_bias: Tensor | None = None
+    windows: int = 1
 
 
 AttentionFn = Callable[[AttentionCall], Tensor]
@@ -148,12 +169,18 @@ class Backbone:
         register tokens) and/or ``"suffix"`` (after the patches).
     readouts : tuple of str
         What :meth:`pool` can read.
+    fused_tokens : bool
+        Whether :meth:`fused_block` also computes blocks whose prompts are tokens faster than
+        :meth:`block` (a windowed backbone: the prompts' keys, values and queries once per image,
+        not per window). The core's fused path then runs every block through it, ``kv`` None when
+        the block has no extra keys/values; otherwise blocks with prompt tokens run :meth:`block`.
     """
 
     family: ClassVar[str] = ""
     description: ClassVar[str] = ""
     positions: ClassVar[tuple[str, ...]] = ("prefix",)
     readouts: ClassVar[tuple[str, ...]] = ()
+    fused_tokens: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module, who: str) -> None:
         self.check(model, who)
@@ -181,6 +208,11 @@ class Backbone:
     def block_shape(self, block: int) -> BlockShape:
         """Token width, heads and head dimension of ``block``."""
         raise NotImplementedError
+
+    def stages(self) -> tuple[int, ...] | None:
+        """Blocks per stage of a staged backbone (prompt widths follow the stage), or None for
+        one without stages (a ViT)."""
+        return None
 
     def patch_size(self) -> tuple[int, int]:
         """Patch height and width (VPT's init bound uses it)."""
@@ -234,8 +266,12 @@ class Backbone:
         """``tokens`` without its ``count`` prompt tokens."""
         raise NotImplementedError
 
-    def block(self, block: int, tokens: Any, held: int) -> Any:
-        """Block ``block`` on every token; ``held`` prompt tokens are in ``tokens``."""
+    def block(self, block: int, tokens: Any, held: int, memory: str = "none") -> Any:
+        """Block ``block`` on every token; ``held`` prompt tokens are in ``tokens``.
+
+        ``memory`` is passed only when it is one of :meth:`recompute_policies` (what the block
+        keeps for backward); an adapter offering none need not take it.
+        """
         raise NotImplementedError
 
     def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
@@ -251,13 +287,53 @@ class Backbone:
         block: int,
         tokens: Any,
         held: int,
-        kv: PromptKV,
+        kv: PromptKV | None,
         attend: AttentionFn,
         backend: str | None,
+        memory: str = "none",
     ) -> Any:
         """Block ``block`` whose queries attend to ``kv`` before the tokens' own keys, through
-        ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out)."""
+        ``attend`` (an :class:`AttentionCall` in, the attention output (B, H, N, d) out); ``kv``
+        is None only for a block with ``held`` prompt tokens of a ``fused_tokens`` adapter;
+        ``memory`` as in :meth:`block`."""
         raise NotImplementedError
+
+    # -- memory (``docs/design.md`` §4, "Memory") --------------------------------------------
+
+    def grad_checkpointing(self) -> bool:
+        """Whether the model asks for per-block gradient checkpointing (timm's
+        ``set_grad_checkpointing``, which sets its ``grad_checkpointing`` attribute)."""
+        return bool(getattr(self.model, "grad_checkpointing", False))
+
+    def set_grad_checkpointing(self, enable: bool) -> None:
+        """Turn the model's own switch (read back by :meth:`grad_checkpointing`)."""
+        setter = getattr(self.model, "set_grad_checkpointing", None)
+        if not callable(setter):
+            raise TypeError(
+                f"set_grad_checkpointing: a {type(self.model).__name__} has no gradient "
+                "checkpointing switch; set the prompted model's memory='block' instead"
+            )
+        setter(enable)
+
+    def recompute_policies(self) -> tuple[str, ...]:
+        """Recompute policies :meth:`block` and :meth:`fused_block` take as ``memory=``.
+
+        ``"none"`` (keep what autograd saves) and ``"block"`` (the core recomputes the whole
+        step from its input) work for every adapter without it. An adapter that lists
+        ``"block"`` returns, under it, a partial result whose frozen tail :meth:`finish_block`
+        computes outside the recomputed region, so backward does not recompute the tail; any
+        other name (a ViT's ``"mlp"``) is a policy of the adapter's own blocks.
+        """
+        return ()
+
+    def recompute_reasons(self) -> list[str]:
+        """Why the adapter's blocks offer no policy of their own (said when one is refused)."""
+        return [] if self.recompute_policies() else ["the adapter recomputes no part of a block"]
+
+    def finish_block(self, block: int, partial: Any) -> Any:
+        """The tokens of ``block`` from what its block returned under ``memory="block"``
+        (identity unless :meth:`recompute_policies` lists ``"block"``)."""
+        return partial
 
     def features(self, tokens: Any) -> Tensor:
         """The final normalised tokens (what ``forward_features`` returns)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from fastprompt.backbones.base import (
     AttentionCall,
@@ -24,9 +25,18 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
+    timm_image_size,
+    timm_patch_size,
 )
 
-__all__ = ["POOLS", "READOUTS", "ViTBackbone", "block_with_kv", "kv_from_normed"]
+__all__ = [
+    "POOLS",
+    "READOUTS",
+    "ViTBackbone",
+    "block_with_kv",
+    "kv_from_normed",
+    "mlp_hidden",
+]
 
 POOLS = ("token", "avg")
 # "cls": the class token; "patches": the mean of the patch tokens; "patches+prompts": the mean of
@@ -67,6 +77,60 @@ def _entering(norm_pre: nn.Module, block: int, prompts: Tensor) -> Tensor:
     return norm_pre(prompts) if block == 0 else prompts
 
 
+def _timm_mlps() -> tuple[type, ...]:
+    from timm.layers.mlp import GluMlp, Mlp, SwiGLU
+
+    return Mlp, GluMlp, SwiGLU
+
+
+def mlp_hidden(mlp: nn.Module, x: Tensor) -> Tensor:
+    """timm's ``Mlp``, ``GluMlp`` or ``SwiGLU`` forward up to its output projection ``fc2``:
+    the hidden (B, N, hidden) that ``fc2`` reads."""
+    mlp_cls, glu_cls, swiglu_cls = _timm_mlps()
+    forward = type(mlp).forward
+    if forward is mlp_cls.forward:
+        x = mlp.act(mlp.fc1(x))
+    elif forward is glu_cls.forward:
+        x1, x2 = mlp.fc1(x).chunk(2, dim=mlp.chunk_dim)
+        x = x1 * mlp.act(x2) if mlp.gate_last else mlp.act(x1) * x2
+    elif forward is swiglu_cls.forward:
+        gate = mlp.fc1_g(x)
+        x = mlp.act(gate) * mlp.fc1_x(x)
+    else:  # pragma: no cover - refused by ViTBackbone.recompute_policies
+        raise TypeError(f"mlp_hidden: {type(mlp).__name__} is not a timm Mlp, GluMlp or SwiGLU")
+    return mlp.norm(mlp.drop1(x))
+
+
+def _finish(blk: nn.Module, x: Tensor, hidden: Tensor) -> Tensor:
+    """The block's frozen tail: ``x + MLP output`` from the MLP's hidden. A frozen ``fc2``
+    saves no activation, so the tail stays outside every recomputed region."""
+    return x + blk.drop_path2(blk.ls2(blk.mlp.drop2(blk.mlp.fc2(hidden))))
+
+
+def _mlp_residual(blk: nn.Module, x: Tensor, memory: str) -> Tensor | tuple[Tensor, Tensor]:
+    """``x + MLP(norm2(x))`` under a recompute policy (``docs/design.md`` §4, "Memory").
+
+    ``"none"``: timm's modules as they are. ``"mlp"``: the MLP hidden (the GELU input, 4·D
+    per token) is recomputed in backward from ``x``, which is kept; ``fc2`` is not recomputed.
+    ``"block"``: ``(x, hidden)``, for the core to finish outside its recomputed region.
+    """
+    if memory == "none":
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
+    def hidden_of(t: Tensor) -> Tensor:
+        return mlp_hidden(blk.mlp, blk.norm2(t))
+
+    if memory == "block":
+        return x, hidden_of(x)
+    if memory != "mlp":
+        raise ValueError(f"fastprompt: unknown memory policy {memory!r}")
+    if torch.is_grad_enabled() and x.requires_grad:
+        hidden = checkpoint(hidden_of, x, use_reentrant=False, preserve_rng_state=True)
+    else:
+        hidden = hidden_of(x)
+    return _finish(blk, x, hidden)
+
+
 def block_with_kv(
     blk: nn.Module,
     block: int,
@@ -74,10 +138,11 @@ def block_with_kv(
     kv: PromptKV,
     attend: AttentionFn,
     backend: str | None,
-) -> Tensor:
+    memory: str = "none",
+) -> Tensor | tuple[Tensor, Tensor]:
     """timm ``vision_transformer.Block.forward`` on ``tokens`` (B, N, D), their queries
     attending to ``[kv; K]`` through ``attend`` (an :class:`AttentionCall` in, the attention
-    output (B, H, N, d) out)."""
+    output (B, H, N, d) out); ``memory`` as in :func:`_mlp_residual`."""
     attn = blk.attn
     b, n, _ = tokens.shape
     h = blk.norm1(tokens)
@@ -96,7 +161,7 @@ def block_with_kv(
         o = o * gate(h).sigmoid()
     o = attn.proj_drop(attn.proj(o))
     x = tokens + blk.drop_path1(blk.ls1(o))
-    return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return _mlp_residual(blk, x, memory)
 
 
 class ViTBackbone(Backbone):
@@ -165,15 +230,10 @@ class ViTBackbone(Backbone):
         return BlockShape(width, int(attn.num_heads), int(attn.head_dim))
 
     def patch_size(self) -> tuple[int, int]:
-        ps = self.model.patch_embed.patch_size
-        return (ps, ps) if isinstance(ps, int) else (int(ps[0]), int(ps[1]))
+        return timm_patch_size(self.model)
 
     def image_size(self) -> tuple[int, int]:
-        size = getattr(self.model.patch_embed, "img_size", None)
-        if size is None:
-            cfg = getattr(self.model, "pretrained_cfg", {}) or {}
-            size = cfg.get("input_size", (3, 224, 224))[1:]
-        return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+        return timm_image_size(self.model)
 
     def signature(self) -> dict[str, Any]:
         m = self.model
@@ -229,8 +289,14 @@ class ViTBackbone(Backbone):
             return torch.cat([tokens[:, :npre], tokens[:, npre + count :]], dim=1)
         return tokens[:, : tokens.shape[1] - count]
 
-    def block(self, block: int, tokens: Tensor, held: int) -> Tensor:
-        return self.model.blocks[block](tokens)
+    def block(
+        self, block: int, tokens: Tensor, held: int, memory: str = "none"
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        blk = self.model.blocks[block]
+        if memory == "none":
+            return blk(tokens)
+        x = tokens + blk.drop_path1(blk.ls1(blk.attn(blk.norm1(tokens))))
+        return _mlp_residual(blk, x, memory)
 
     def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
         blk = self.model.blocks[block]
@@ -253,8 +319,37 @@ class ViTBackbone(Backbone):
         kv: PromptKV,
         attend: AttentionFn,
         backend: str | None,
-    ) -> Tensor:
-        return block_with_kv(self.model.blocks[block], block, tokens, kv, attend, backend)
+        memory: str = "none",
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        blk = self.model.blocks[block]
+        return block_with_kv(blk, block, tokens, kv, attend, backend, memory)
+
+    # -- memory -----------------------------------------------------------------------------------
+
+    def recompute_reasons(self) -> list[str]:
+        """Why the blocks cannot be split at the MLP's output projection ([] when they can)."""
+        _, block_cls, _ = _timm_classes()
+        mlps = _timm_mlps()
+        reasons = []
+        for i, blk in enumerate(self.model.blocks):
+            mlp = getattr(blk, "mlp", None)
+            if type(blk).forward is not block_cls.forward or not any(
+                type(mlp).forward is cls.forward for cls in mlps
+            ):
+                reasons.append(
+                    f"block {i} is {type(blk).__name__} with {type(mlp).__name__}, and the split "
+                    "reproduces timm's vision_transformer.Block with Mlp, GluMlp or SwiGLU only"
+                )
+        return reasons
+
+    def recompute_policies(self) -> tuple[str, ...]:
+        """``"mlp"`` and ``"block"`` when every block is timm's ``Block`` with a timm MLP."""
+        return () if self.recompute_reasons() else ("mlp", "block")
+
+    def finish_block(self, block: int, partial: Any) -> Tensor:
+        if isinstance(partial, tuple):
+            return _finish(self.model.blocks[block], *partial)
+        return partial
 
     def features(self, tokens: Tensor) -> Tensor:
         return self.model.norm(tokens)

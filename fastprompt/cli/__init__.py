@@ -20,6 +20,8 @@ from fastprompt.cli.train import (
     run_recipes,
     run_train,
 )
+from fastprompt.fits import FIT_MODELS
+from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = ["main"]
 
@@ -47,8 +49,34 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--img-size", type=int, default=None, help="image size override")
     p.add_argument("--quick", action="store_true", help="batch 2, 3 reps, prompts 50 200")
     p.add_argument("--no-train", action="store_true", help="skip the training-step timing")
-    p.add_argument("--no-memory", action="store_true", help="skip activation memory")
+    p.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the memory measurements (saved for backward, peak)",
+    )
     p.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    p.add_argument(
+        "--memory",
+        nargs="+",
+        choices=MEMORY_POLICIES,
+        default=None,
+        help="fastprompt's memory policies to measure (default all: "
+        f"{' '.join(MEMORY_POLICIES)}); none is the plain fastprompt row",
+    )
+    p.add_argument(
+        "--fits",
+        type=float,
+        nargs="+",
+        metavar="GIB",
+        help="instead: the largest batch that fits in each budget (GiB) for --fits-models, "
+        "full fine-tuning, naive VPT and fastprompt under each policy (an estimate on a CPU)",
+    )
+    p.add_argument(
+        "--fits-models",
+        nargs="+",
+        default=None,
+        help=f"timm models for --fits (default {' '.join(FIT_MODELS)})",
+    )
     p.add_argument("--out", default="fastprompt-report", help="report folder")
     p.add_argument("--compare", default=None, help="an earlier report.json to set beside this one")
 
@@ -64,8 +92,14 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
     if args.prompts is not None and any(p < 0 for p in args.prompts):
         return f"--prompts must be >= 0, got {args.prompts}"
-    if not timm.is_model(args.model):
-        return f"--model {args.model!r} is not a timm model name (see timm.list_models())"
+    names = [("--model", args.model)] + [("--fits-models", m) for m in args.fits_models or []]
+    for flag, name in names:
+        if not timm.is_model(name):
+            return f"{flag} {name!r} is not a timm model name (see timm.list_models())"
+    if args.fits is not None and not all(g > 0 for g in args.fits):
+        return f"--fits takes budgets in GiB > 0, got {args.fits}"
+    if args.fits_models is not None and args.fits is None:
+        return "--fits-models goes with --fits GIB ..."
     if args.device is not None:
         try:
             device = torch.device(args.device)
@@ -98,6 +132,8 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
+    if args.fits is not None:
+        return _fits(args, device)
     cfg = bench.BenchConfig(
         model=args.model,
         prompts=args.prompts or ([50, 200] if args.quick else [50, 100, 200]),
@@ -111,6 +147,7 @@ def _bench(args: argparse.Namespace) -> int:
         memory=not args.no_memory,
         count_flops=not args.no_flops,
         img_size=args.img_size,
+        policies=args.memory or list(MEMORY_POLICIES),
     )
     # The prompt-free model is always measured; 0 in --prompts adds nothing.
     cfg.prompts = [p for p in cfg.prompts if p > 0]
@@ -149,6 +186,44 @@ def _bench(args: argparse.Namespace) -> int:
     for path in plot(result, args.out):
         print(f"wrote {path}")
     print(f"wrote {os.path.join(args.out, 'report.json')} and report.md")
+    return 0
+
+
+def _fits(args: argparse.Namespace, device: str) -> int:
+    """``fastprompt bench --fits GIB ...``: the largest batches, as a table and fits.json."""
+    import torch
+
+    from fastprompt import bench, fits
+
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr)
+
+    prompts = [p for p in args.prompts or [200] if p > 0] or [200]
+    keep = args.memory or MEMORY_POLICIES  # the baselines are always measured
+    kw = {} if args.img_size is None else {"img_size": args.img_size}
+    found = fits.estimate_fits(
+        args.fits_models or FIT_MODELS,
+        args.fits,
+        prompts=prompts[-1],
+        variants=[
+            v for v, (_, impl, m) in fits.FIT_VARIANTS.items() if impl != "fused" or m in keep
+        ],
+        device=device,
+        model_kwargs=kw,
+        progress=progress,
+    )
+    table = fits.fits_table(found, device)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "fits.json"), "w") as f:
+        json.dump(
+            {"env": bench.environment(torch.device(device)), "fits": fits.fits_json(found)},
+            f,
+            indent=2,
+        )
+    with open(os.path.join(args.out, "fits.md"), "w") as f:
+        f.write(table + "\n")
+    print(table)
+    print(f"wrote {os.path.join(args.out, 'fits.json')} and fits.md")
     return 0
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from fastprompt import registry
 from fastprompt.train.multi import spec_paths
 from fastprompt.train.recipes import (
+    MEMORY_POLICIES,
     NORMALIZATIONS,
     RECIPES,
     TRANSFORMS,
@@ -169,6 +170,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "batch_norm=sync; default per-process, as the official code)",
     )
     r.add_argument(
+        "--memory",
+        choices=MEMORY_POLICIES,
+        help="what each block keeps for backward: none (default), mlp (the MLP hidden "
+        "recomputed), block (per-block checkpointing); same gradients",
+    )
+    r.add_argument(
         "--set", nargs="+", type=_model_arg, metavar="FIELD=VALUE", help="any recipe field"
     )
     r.add_argument("--print-recipe", action="store_true", help="print the recipe and exit")
@@ -226,6 +233,7 @@ def resolve_recipe(args: argparse.Namespace):
         "normalize",
         "train_transform",
         "test_transform",
+        "memory",
     ):
         value = getattr(args, name)
         if value is not None:

@@ -13,13 +13,14 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from fastprompt.backbones import Backbone, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.prompted import PromptedViT
 from fastprompt.registry import RUN_OPTIONS
 from fastprompt.sources.learned import LearnedPrompts
+from fastprompt.sources.staged import StagedPrompts
 
 __all__ = [
     "IMPLS",
@@ -82,7 +83,8 @@ def tied(backbone: Backbone, who: str) -> tuple[int, tuple[int, int]]:
     widths = {backbone.block_shape(i).width for i in range(backbone.depth)}
     if len(widths) > 1:
         raise ValueError(
-            f"{who}: learned prompt sets of one width need blocks of one width, got {widths}"
+            f"{who}: prompts of one width need blocks of one width, got {sorted(widths)} (a "
+            f"{backbone.description} has one width per stage; fastprompt.vpt prompts it)"
         )
     width = widths.pop() if widths else backbone.block_shape(0).width
     return width, backbone.patch_size()
@@ -128,22 +130,13 @@ def build_learned(
     if isinstance(model, PromptedViT):
         raise TypeError(f"{who}: this model is already prompted; call .unwrap() first")
     backbone = adapter_for(model, who)
-    width, patch = tied(backbone, who)
-    schedule, shallow, deep, packed = sets(backbone)
-    ref = next(model.parameters())
-    source = LearnedPrompts(
-        schedule,
-        shallow,
-        deep,
-        width,
-        patch,
-        project=config.project,
-        dropout=config.dropout,
-        packed=packed,
-        config=config,
-        device=ref.device,
-        dtype=ref.dtype,
-    )
+    mixing = bool(getattr(config, "window_mixing", False))
+    if mixing and backbone.stages() is None:
+        raise ValueError(
+            f"{who}: window_mixing reproduces the official VPT-Swin's cross-image window mixing; "
+            f"a {backbone.description} has no windows"
+        )
+    source = _source(backbone, config, sets(backbone), who, next(model.parameters()))
     prompted = PromptedViT(
         model,
         source,
@@ -153,9 +146,57 @@ def build_learned(
         method=method,
         share_with=share_with,
     )
+    if mixing:
+        prompted.backbone.window_mixing = True
     if head_init == "vpt":
         init_head_vpt(backbone.classifier())
     return prompted
+
+
+def _source(backbone: Backbone, config: Any, sets: Schedule, who: str, ref: Tensor):
+    """The learned prompt source for ``backbone``: one width (``LearnedPrompts``) or one width per
+    stage (``StagedPrompts``, VPT-Swin's layout: shallow or deep only)."""
+    schedule, shallow, deep, packed = sets
+    kw = {"config": config, "device": ref.device, "dtype": ref.dtype}
+    stages = backbone.stages()
+    if stages is None:
+        width, patch = tied(backbone, who)
+        return LearnedPrompts(
+            schedule,
+            shallow,
+            deep,
+            width,
+            patch,
+            project=config.project,
+            dropout=config.dropout,
+            packed=packed,
+            **kw,
+        )
+    if config.project != -1:
+        raise ValueError(
+            f"{who}: project={config.project} is not supported on a {backbone.description}: the "
+            "official VPT-Swin builds prompt_proj but never applies it (prompts are learned at "
+            "each stage's width), so a projection has no official meaning there"
+        )
+    depth = backbone.depth
+    is_deep = deep is not None and schedule == tuple(range(depth))
+    is_shallow = deep is None and schedule == (0,) + (None,) * (depth - 1)
+    if shallow is None or not (is_deep or is_shallow):
+        raise ValueError(
+            f"{who}: a {backbone.description} takes VPT's shallow or deep prompts only (the "
+            "official VPT-Swin has no other schedule)"
+        )
+    firsts = [sum(stages[:s]) for s in range(len(stages))]
+    return StagedPrompts(
+        stages,
+        [backbone.block_shape(i).width for i in firsts],
+        (shallow, *deep) if is_deep else (shallow,),
+        is_deep,
+        backbone.patch_size(),
+        dropout=config.dropout,
+        packed=packed,
+        **kw,
+    )
 
 
 # -- command-line options -----------------------------------------------------------------------

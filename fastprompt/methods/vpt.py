@@ -12,6 +12,8 @@ config, the ``vpt`` recipe, the command-line options (with the VTAB-1k presets),
 from __future__ import annotations
 
 import argparse
+import re
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
@@ -81,7 +83,12 @@ class VPTConfig:
         official avg-pool path). Checked against the backbone when the model is built.
     layer_counts : tuple of int, optional
         Prompts per block after condensation (deep only); None means ``num_prompts`` in every
-        block. Deep prompts of blocks ≥ 1 are then packed in one (Σ counts, Dp) parameter.
+        block. Deep prompts of blocks ≥ 1 are then packed in one (Σ counts, Dp) parameter (per
+        stage on Swin).
+    window_mixing : bool
+        Swin only: reproduce the official VPT-Swin's cross-image window mixing (a defect of that
+        code: with B > 1 and several windows an image receives and averages other images'
+        prompts), for bit-reproducing official runs. Default False: each image its own prompts.
     """
 
     num_prompts: int
@@ -90,6 +97,7 @@ class VPTConfig:
     project: int = -1
     readout: str = "cls"
     layer_counts: tuple[int, ...] | None = None
+    window_mixing: bool = False
 
     def __post_init__(self) -> None:
         who = "fastprompt.vpt"
@@ -98,6 +106,10 @@ class VPTConfig:
             raise TypeError(f"{who}: deep must be a bool, got {type(self.deep).__name__}")
         if not isinstance(self.readout, str):
             raise TypeError(f"{who}: readout must be a str, got {type(self.readout).__name__}")
+        if not isinstance(self.window_mixing, bool):
+            raise TypeError(
+                f"{who}: window_mixing must be a bool, got {type(self.window_mixing).__name__}"
+            )
         counts = self.layer_counts
         if counts is not None:
             if not self.deep:
@@ -149,14 +161,16 @@ def vpt(
     impl: str = "fused",
     backend: str | None = None,
     head_init: str = "vpt",
+    window_mixing: bool = False,
 ) -> PromptedViT:
-    """Wrap a timm VisionTransformer with VPT prompts (official VPT semantics).
+    """Wrap a timm VisionTransformer or SwinTransformer with VPT prompts (official semantics).
 
     Parameters
     ----------
-    model : timm VisionTransformer
+    model : timm VisionTransformer or SwinTransformer
         Any ViT/DeiT-family model (class token or not, register tokens, ``no_embed_class``, token
-        or avg pooling, ``fc_norm``, layer scale, qk-norm), or another backbone with an adapter
+        or avg pooling, ``fc_norm``, layer scale, qk-norm), a Swin v1 (the official VPT-Swin:
+        per-stage prompt widths, prompts in every window), or another backbone with an adapter
         (:mod:`fastprompt.backbones`). Frozen and kept in eval mode. A model that another live
         wrapper holds is refused.
     num_prompts : int
@@ -169,7 +183,7 @@ def vpt(
         -1 for no prompt projection, else the prompt width projected to the model width.
     readout : {"cls", "patches", "patches+prompts"}, optional
         Default: ``"cls"`` for ``global_pool="token"``, ``"patches+prompts"`` (the official
-        avg-pool path) for ``"avg"``.
+        avg-pool path, and the official VPT-Swin's) for ``"avg"``.
     impl : {"fused", "naive"}
         ``"naive"`` is the official computation, for comparison; same logits.
     backend : str, optional
@@ -178,6 +192,8 @@ def vpt(
     head_init : {"vpt", "keep"}
         Re-initialise the head as the official VPT code (kaiming-normal fan-out weight, bias
         −log(99) ≈ −4.595), or keep it.
+    window_mixing : bool
+        Swin only: the official code's cross-image window mixing (:class:`VPTConfig`).
 
     Returns
     -------
@@ -188,7 +204,7 @@ def vpt(
         readout = default_readout(model, "fastprompt.vpt")
     return build(
         model,
-        VPTConfig(num_prompts, deep, dropout, project, readout),
+        VPTConfig(num_prompts, deep, dropout, project, readout, window_mixing=window_mixing),
         impl=impl,
         backend=backend,
         head_init=head_init,
@@ -198,7 +214,15 @@ def vpt(
 # -- checkpoints ------------------------------------------------------------------------------
 
 # What a user may change when loading a VPT checkpoint besides how it runs.
-CONFIG_OVERRIDES = ("dropout", "readout")
+CONFIG_OVERRIDES = ("dropout", "readout", "window_mixing")
+
+
+def _describe(prompted: PromptedViT) -> dict[str, Any]:
+    # window_mixing is recorded only when on, so other checkpoints read as they always have.
+    config = asdict(prompted.config)
+    if not config["window_mixing"]:
+        del config["window_mixing"]
+    return config
 
 
 def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str, Any]):
@@ -207,31 +231,44 @@ def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str,
     return build(model, config, head_init="keep", **run)
 
 
-# Our names for the tensors of an official VPT checkpoint.
+# Our names for the tensors of an official VPT checkpoint ("HEAD": the classifier's own name).
 _OFFICIAL_SUFFIXES = {
     "deep_prompt_embeddings": "deep_prompt_embeddings",
     "prompt_embeddings": "prompt_embeddings",
     "prompt_proj.weight": "prompt_proj.weight",
     "prompt_proj.bias": "prompt_proj.bias",
-    "head.last_layer.weight": "head.weight",
-    "head.last_layer.bias": "head.bias",
+    "head.last_layer.weight": "HEAD.weight",
+    "head.last_layer.bias": "HEAD.bias",
 }
+# VPT-Swin's per-stage deep prompts (src/models/vit_prompt/swin_transformer.py).
+_STAGE_KEY = re.compile(r"(?:^|\.)(deep_prompt_embeddings_\d+)$")
+
+
+def _head_name(backbone: Backbone) -> str:
+    head = backbone.classifier()
+    return next(n for n, m in backbone.model.named_modules() if m is head)
 
 
 def _read_official(
     raw: Mapping[str, Tensor], backbone: Backbone
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     """Tensors and config of an official VPT state dict (keys ending in ``prompt_embeddings``,
-    ``deep_prompt_embeddings``, ``prompt_proj.*``, ``head.last_layer.*``); the config is read off
-    the shapes."""
+    ``deep_prompt_embeddings`` (ViT) or ``deep_prompt_embeddings_<stage>`` (Swin),
+    ``prompt_proj.*``, ``head.last_layer.*``); the config is read off the shapes."""
+    head = _head_name(backbone)
+    staged = backbone.stages() is not None
     state: dict[str, Tensor] = {}
     for key, value in raw.items():
+        stage = _STAGE_KEY.search(key)
+        if stage:
+            state[stage.group(1)] = value
+            continue
         for suffix, ours in _OFFICIAL_SUFFIXES.items():
             if key == suffix or key.endswith("." + suffix):
-                state[ours] = value
+                state[ours.replace("HEAD", head)] = value
                 break
         else:
-            if key in ("head.weight", "head.bias"):
+            if key in (f"{head}.weight", f"{head}.bias"):
                 state[key] = value
     if "prompt_embeddings" not in state:
         raise ValueError("load_prompts: the checkpoint holds no 'prompt_embeddings' tensor")
@@ -240,10 +277,32 @@ def _read_official(
         raise ValueError(
             f"load_prompts: prompt_embeddings must be (1, P, D), got {tuple(shallow.shape)}"
         )
+    stages = sorted(k for k in state if _STAGE_KEY.search(k))
+    if staged and "deep_prompt_embeddings" in state:
+        raise ValueError(
+            "load_prompts: the checkpoint holds one 'deep_prompt_embeddings' tensor (VPT-ViT), "
+            f"but the model is a {backbone.description} (VPT-Swin keeps deep_prompt_embeddings_<s>)"
+        )
+    if not staged and stages:
+        raise ValueError(
+            f"load_prompts: the checkpoint holds per-stage {stages} (VPT-Swin), but the model is a "
+            f"{backbone.description}"
+        )
     proj = state.get("prompt_proj.weight")
+    if staged and proj is not None:
+        # Built by the official VPT-Swin when PROJECT > -1, never applied to the prompts.
+        warnings.warn(
+            "load_prompts: the official VPT-Swin checkpoint's prompt_proj is dropped: that code "
+            "builds it but never applies it, so it changes no output",
+            UserWarning,
+            stacklevel=3,
+        )
+        state.pop("prompt_proj.weight")
+        state.pop("prompt_proj.bias", None)
+        proj = None
     config = {
         "num_prompts": int(shallow.shape[1]),
-        "deep": "deep_prompt_embeddings" in state,
+        "deep": "deep_prompt_embeddings" in state or bool(stages),
         "project": -1 if proj is None else int(proj.shape[1]),
         "readout": backbone.default_readout(),
     }
@@ -314,7 +373,7 @@ register_peft_method(
     build=vpt,
     recipe="vpt",
     cli=CliOptions(add=_add_options, kwargs=_kwargs, recipe=_preset_recipe),
-    describe=lambda prompted: asdict(prompted.config),
+    describe=_describe,
     rebuild=_rebuild,
     read_official=_read_official,
     legacy=_legacy,

@@ -24,11 +24,12 @@ creates one from the widths its backbone adapter reports.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
-__all__ = ["POSITIONS", "PromptSource"]
+__all__ = ["POSITIONS", "DropoutConfigured", "PromptSource"]
 
 # "prefix": after the class and register tokens, before the patches (VPT).
 # "suffix": after the patches (PGN).
@@ -120,3 +121,17 @@ class PromptSource(nn.Module):
         """Whether every block that receives a set receives its own (not one shared by several
         blocks), so that a prompt of one block can be kept or dropped on its own."""
         return False
+
+
+class DropoutConfigured(PromptSource):
+    """A source that keeps its method's config (``self._config``, set by the subclass) and one
+    prompt dropout module (``self.prompt_dropout``) whose rate the config records."""
+
+    def config(self) -> Any:
+        return self._config
+
+    def set_dropout(self, p: float) -> None:
+        """Change the prompt dropout, in the module and in the recorded config."""
+        self.prompt_dropout.p = float(p)
+        if dataclasses.is_dataclass(self._config):
+            self._config = dataclasses.replace(self._config, dropout=float(p))

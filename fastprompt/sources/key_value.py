@@ -25,14 +25,13 @@ official code has one per attention module (``encoder.layer.{i}.attn.deep_QKV_em
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastprompt.sources import PromptSource
+from fastprompt.sources import DropoutConfigured
 
 __all__ = ["KV_INITS", "KeyValuePrompts"]
 
@@ -43,7 +42,7 @@ TOKEN_MASK = "prompt_soft_tokens_mask_cls_token"
 SEGMENT_MASK = "prompt_soft_tokens_pieces_mask_cls_token"
 
 
-class KeyValuePrompts(PromptSource):
+class KeyValuePrompts(DropoutConfigured):
     """E²VPT's visual prompts, their token and segment masks, and the key-value prompts.
 
     Parameters
@@ -161,15 +160,6 @@ class KeyValuePrompts(PromptSource):
             self.register_parameter(name, nn.Parameter(value))
         else:
             self.register_buffer(name, value)
-
-    def config(self) -> Any:
-        return self._config
-
-    def set_dropout(self, p: float) -> None:
-        """Change the visual prompt dropout, in the module and in the recorded config."""
-        self.prompt_dropout.p = float(p)
-        if dataclasses.is_dataclass(self._config):
-            self._config = dataclasses.replace(self._config, dropout=float(p))
 
     # -- the schedule ---------------------------------------------------------------------------
 

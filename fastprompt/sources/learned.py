@@ -17,7 +17,6 @@ mask per image). Init: uniform(−v, v) with v = sqrt(6 / (3·patch_h·patch_w +
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,12 +24,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from fastprompt.sources import PromptSource
+from fastprompt.sources import DropoutConfigured
 
 __all__ = ["LearnedPrompts"]
 
 
-class LearnedPrompts(PromptSource):
+class LearnedPrompts(DropoutConfigured):
     """Learned prompt sets and the schedule of which block receives which.
 
     Parameters
@@ -116,15 +115,6 @@ class LearnedPrompts(PromptSource):
             self.prompt_proj = nn.Linear(dim, width, **kw)
             nn.init.kaiming_normal_(self.prompt_proj.weight, a=0, mode="fan_out")
         self.prompt_dropout = nn.Dropout(dropout)
-
-    def config(self) -> Any:
-        return self._config
-
-    def set_dropout(self, p: float) -> None:
-        """Change the prompt dropout, in the module and in the recorded config."""
-        self.prompt_dropout.p = float(p)
-        if dataclasses.is_dataclass(self._config):
-            self._config = dataclasses.replace(self._config, dropout=float(p))
 
     # -- the schedule ---------------------------------------------------------------------------
 

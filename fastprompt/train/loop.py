@@ -26,7 +26,7 @@ from fastprompt.batches import BatchFn, LabelError, check_batch, head_classes, s
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.distributed import DistEnv, all_reduce_sum
 from fastprompt.train.multi import STAT_COLUMNS, domain_stats
-from fastprompt.train.recipes import Recipe, check_no_decay, make_optimizer
+from fastprompt.train.recipes import Recipe, check_no_decay, classifier_name, make_optimizer
 from fastprompt.train.syncbn import count_batchnorm, sync_batchnorm
 
 __all__ = [
@@ -229,9 +229,11 @@ class Trainer:
         self.classes = head_classes(model)
         if recipe.prompt_dropout is not None and hasattr(model.source, "set_dropout"):
             model.source.set_dropout(recipe.prompt_dropout)
+        if recipe.memory is not None:
+            model.memory = recipe.memory
         if recipe.batch_norm == "sync":
             sync_batchnorm(model.source)
-        self.optimizer = make_optimizer(named, recipe)
+        self.optimizer = make_optimizer(named, recipe, classifier_name(model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
         # Compile the model itself, fullgraph (a graph break is an error); DDP wraps the compiled

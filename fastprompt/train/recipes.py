@@ -45,9 +45,11 @@ import torch
 from torch import nn
 
 from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
+from fastprompt.prompted import MEMORY_POLICIES
 from fastprompt.train.syncbn import BATCH_NORMS
 
 __all__ = [
+    "MEMORY_POLICIES",
     "NORMALIZATIONS",
     "RECIPES",
     "SCHEDULES",
@@ -55,6 +57,7 @@ __all__ = [
     "VTAB1K_PROMPTS",
     "Recipe",
     "check_no_decay",
+    "classifier_name",
     "coerce_field",
     "get_recipe",
     "lr_factor",
@@ -93,7 +96,9 @@ class Recipe:
         SGD momentum (dampening 0, no Nesterov).
     weight_decay : float
     no_decay : tuple of str
-        Trainable tensors (state-dict names) without weight decay.
+        Trainable tensors (state-dict names) without weight decay. ``head.<name>`` also names
+        that tensor of the model's classifier wherever it lives (``head.fc`` on a timm Swin), so
+        ``head.bias`` is the official VPT code's exempt ``last_layer.bias`` on every backbone.
     train_transform, test_transform : str
         One of :data:`TRANSFORMS` (:mod:`fastprompt.train.data`).
     crop_pct : float
@@ -104,6 +109,9 @@ class Recipe:
         ``backbone``: the mean/std of the model's timm ``pretrained_cfg``.
     prompt_dropout : float or None
         Sets the prompt source's dropout for the run (None: leave the model's).
+    memory : {"none", "mlp", "block"} or None
+        What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
+        gradients under every policy); None: leave the model's.
     batch_norm : {"per-process", "sync"}
         Under torchrun, the prompt source's BatchNorm (PGN's generator) normalises each process's
         share of the batch, or the whole batch (:mod:`fastprompt.train.syncbn`); one process:
@@ -127,6 +135,7 @@ class Recipe:
     interpolation: str = "bilinear"
     normalize: str = "backbone"
     prompt_dropout: float | None = None
+    memory: str | None = None
     batch_norm: str = "per-process"
 
     def __post_init__(self) -> None:
@@ -261,6 +270,13 @@ def coerce_field(name: str, value: Any, who: str = "recipe") -> Any:
     raise bad
 
 
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
+    inner = getattr(model, "model", model) if hasattr(model, "source") else model
+    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
+    return next((n for n, m in model.named_modules() if m is head and n), "head")
+
+
 def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe) -> None:
     """Refuse ``recipe.no_decay`` names that exempt nothing by mistake (a typo, a frozen tensor).
 
@@ -273,7 +289,10 @@ def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: 
         Listing the model's trainable names closest to the one given.
     """
     frozen = {n for n, _ in model.named_parameters()} - set(named)
-    for name in recipe.no_decay:
+    head = classifier_name(model)
+    for given in recipe.no_decay:
+        # ``head.<x>`` names the classifier's tensor whatever its module is called (param_groups).
+        name = f"{head}.{given[len('head.') :]}" if given.startswith("head.") else given
         if name in named:
             continue
         owner, _, attr = name.rpartition(".")
@@ -328,6 +347,8 @@ def _check(r: Recipe) -> None:
         raise ValueError(f"{who}: crop_pct must be in (0, 1], got {r.crop_pct!r}")
     if r.prompt_dropout is not None and not 0.0 <= r.prompt_dropout < 1.0:
         raise ValueError(f"{who}: prompt_dropout must be in [0, 1), got {r.prompt_dropout!r}")
+    if r.memory is not None and r.memory not in MEMORY_POLICIES:
+        raise ValueError(f"{who}: memory must be one of {MEMORY_POLICIES}, got {r.memory!r}")
     if not all(isinstance(n, str) for n in r.no_decay):
         raise ValueError(f"{who}: no_decay must hold parameter names, got {r.no_decay!r}")
 
@@ -353,15 +374,20 @@ def lr_factor(schedule: str, epoch: int, epochs: int, warmup: int, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * cosine
 
 
-def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[str, Any]]:
+def param_groups(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> list[dict[str, Any]]:
     """SGD parameter groups: weight decay on every tensor but ``recipe.no_decay``.
 
     One group when nothing is exempt (or the decay is 0), as the official PGN code; two otherwise
-    (numerically the official VPT code's one group per tensor).
+    (numerically the official VPT code's one group per tensor). ``head`` is the classifier's
+    module name (``head.fc`` on a timm Swin): ``head.<name>`` in ``no_decay`` names its tensor.
     """
+    names = set(recipe.no_decay)
+    names |= {f"{head}.{n[len('head.') :]}" for n in recipe.no_decay if n.startswith("head.")}
     # A name the model lacks (a bias-free head) exempts nothing.
-    decay = [p for n, p in named.items() if n not in recipe.no_decay]
-    exempt = [p for n, p in named.items() if n in recipe.no_decay]
+    decay = [p for n, p in named.items() if n not in names]
+    exempt = [p for n, p in named.items() if n in names]
     if recipe.weight_decay == 0 or not exempt:
         return [{"params": decay + exempt, "weight_decay": recipe.weight_decay}]
     return [
@@ -370,13 +396,16 @@ def param_groups(named: dict[str, nn.Parameter], recipe: Recipe) -> list[dict[st
     ]
 
 
-def make_optimizer(named: dict[str, nn.Parameter], recipe: Recipe) -> torch.optim.SGD:
-    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop)."""
+def make_optimizer(
+    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
+) -> torch.optim.SGD:
+    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop);
+    ``head`` as in :func:`param_groups`."""
     if not named:
         raise ValueError("make_optimizer: the model has no trainable parameters")
     # foreach=False: the same arithmetic on every device and torch version (bitwise resume).
     return torch.optim.SGD(
-        param_groups(named, recipe), lr=0.0, momentum=recipe.momentum, foreach=False
+        param_groups(named, recipe, head), lr=0.0, momentum=recipe.momentum, foreach=False
     )
 
 

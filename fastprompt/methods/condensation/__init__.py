@@ -151,11 +151,16 @@ def condense(prompted: PromptedViT, keep: Tensor) -> PromptedViT:
     condensed = support.pack(prompted, counts)
     _mark(condensed, prompted.method, keep.cpu())
     dst = condensed.source
+    # Blocks of one width are gathered together (all of them on a ViT; a stage's on Swin).
+    widths: dict[int, list[int]] = {}
+    for i in range(depth):
+        widths.setdefault(src.raw(i).shape[-1], []).append(i)
     with torch.no_grad():
-        table = torch.stack([src.raw(i) for i in range(depth)])
-        packed, _ = gather_prompts(table, keep.to(table.device))
-        for i, rows in enumerate(packed.split(counts)):
-            dst.raw(i).copy_(rows)
+        for blocks in widths.values():
+            table = torch.stack([src.raw(i) for i in blocks])
+            packed, _ = gather_prompts(table, keep[blocks].to(table.device))
+            for i, rows in zip(blocks, packed.split([counts[i] for i in blocks])):
+                dst.raw(i).copy_(rows)
         dst.projection().load_state_dict(src.projection().state_dict())
     return condensed
 

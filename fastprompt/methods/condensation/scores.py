@@ -32,7 +32,7 @@ _GRADIENT = ("taylor", "taylor_normed", "gate")
 
 def check_scorable(prompted: PromptedViT, who: str) -> None:
     """Raise unless every block of ``prompted`` receives its own learned prompt set, all of one
-    size (VPT-deep), and the readout reads no prompt output."""
+    size (VPT-deep), each image its own prompts."""
     if not isinstance(prompted, PromptedViT):
         raise TypeError(
             f"{who}: expected a VPT-deep model from fastprompt.vpt(), got {type(prompted).__name__}"
@@ -46,10 +46,28 @@ def check_scorable(prompted: PromptedViT, who: str) -> None:
             f"{counts}{'' if src.distinct_sets() else ', shared'})"
         )
     src.raw(0)  # a source without learned sets says so
-    if prompted.backbone.reads_prompts(prompted.readout):
+    if getattr(prompted.backbone, "window_mixing", False):
         raise ValueError(
-            f"{who}: readout={prompted.readout!r} reads prompt outputs, so a prompt's effect is "
-            "not only through attention; score with a readout that reads none (e.g. 'cls')"
+            f"{who}: with window_mixing (the official VPT-Swin's defect) an image's loss depends "
+            "on the other images' prompts, so per-sample scores are not defined; rebuild with "
+            "window_mixing=False"
+        )
+
+
+def _token_blocks(prompted: PromptedViT) -> list[int]:
+    """Blocks whose prompt outputs are read (the last block of a readout that reads prompts):
+    their prompts act through every path of the block, not only as keys/values."""
+    return [i for i, kv in enumerate(prompted.keys_values_only()) if not kv]
+
+
+def _check_method(prompted: PromptedViT, method: str, who: str) -> None:
+    tokens = _token_blocks(prompted)
+    if tokens and method in ("taylor_normed", "gate", "cls_sim"):
+        raise ValueError(
+            f"{who}: readout={prompted.readout!r} reads the prompt outputs of block(s) {tokens}, "
+            f"so {method!r}, which sees a prompt through attention only, would miss part of their "
+            "effect; score with 'taylor' (every path), 'leave_one_out' or 'random', or with a "
+            "readout that reads no prompt (e.g. 'cls' or 'patches')"
         )
 
 
@@ -162,6 +180,7 @@ def score_prompts(
     check_scorable(prompted, who)
     if method not in SCORES:
         raise ValueError(f"{who}: method must be one of {SCORES}, got {method!r}")
+    _check_method(prompted, method, who)
     reasons = prompted.fused_unsupported_reasons()
     if reasons:
         raise TypeError(f"{who}: the scores need the fused path, which cannot run: {reasons}")
@@ -201,15 +220,50 @@ def score_prompts(
     return scores
 
 
+def _per_image(values: Tensor, windows: int) -> Tensor:
+    """Per-sequence values (..., S, P) summed over each image's ``windows`` sequences: a prompt
+    shared by an image's windows has one gradient per image, their sum."""
+    if windows == 1:
+        return values
+    *lead, s, p = values.shape
+    return values.reshape(*lead, s // windows, windows, p).sum(-2)
+
+
+def _token_vectors(prompted: PromptedViT, blocks: list[int]) -> dict[int, Tensor]:
+    """Per token block, ``J_proj(raw) raw`` (P, W): the paper's Taylor term is its dot with the
+    gradient of the prompt tokens entering the block."""
+    src = prompted.source
+    proj = copy.deepcopy(src.projection()).double()
+    out = {}
+    for i in blocks:
+        raw = src.raw(i).detach().double()
+        with torch.no_grad():
+            out[i] = torch.func.jvp(proj, (raw,), (raw,))[1]
+    return out
+
+
 def _gradient_scores(prompted, data, loss_fn, method) -> tuple[Tensor, int]:
     depth, p = prompted.depth, prompted.source.count(0)
     sums = torch.zeros(depth, p, dtype=torch.float64)
     vectors = _score_vectors(prompted)
     which = _GRADIENT.index(method)
+    token_blocks = _token_blocks(prompted)
+    token_vectors = _token_vectors(prompted, token_blocks)
+    leaves: dict[int, Tensor] = {}
+    batch = [0]
+
+    def tokens(block: int, prompts: Tensor) -> Tensor:
+        # A copy per image: its gradient is each sample's own (the image's loss only).
+        leaf = prompts.detach().expand(batch[0], -1, -1).clone().requires_grad_(True)
+        leaves[block] = leaf
+        return leaf
 
     def attend(call: AttentionCall) -> Tensor:
+        if call.block in token_blocks:
+            return run_attention(call)[0]
+
         def sink(terms: Tensor, gate: Tensor) -> None:
-            chosen = gate if method == "gate" else terms[which]
+            chosen = _per_image(gate if method == "gate" else terms[which], call.windows)
             sums[call.block] += chosen.abs().sum(0).double().cpu()
 
         uk, uv = (u.to(call.q.device) for u in vectors[call.block])
@@ -232,10 +286,18 @@ def _gradient_scores(prompted, data, loss_fn, method) -> tuple[Tensor, int]:
 
     count = 0
     params = _prompt_params(prompted)
-    with _scoring(prompted, attend, needs_grad=True):
+    with _scoring(prompted, attend, needs_grad=True), prompted.token_override(tokens):
         for x, y in data:
+            leaves.clear()
+            batch[0] = x.shape[0]
             loss = loss_fn(prompted(x), y)
-            torch.autograd.grad(loss, params)
+            blocks = list(leaves)
+            grads = torch.autograd.grad(
+                loss, params + [leaves[i] for i in blocks], allow_unused=True
+            )
+            for i, g in zip(blocks, grads[len(params) :]):
+                term = (g.double() * token_vectors[i].to(g.device)).sum(-1)
+                sums[i] += term.abs().sum(0).cpu()
             count += x.shape[0]
     return sums, count
 
@@ -265,9 +327,17 @@ def _leave_one_out(prompted, data, loss_fn) -> tuple[Tensor, int]:
     depth, p = prompted.depth, prompted.source.count(0)
     sums = torch.zeros(depth, p, dtype=torch.float64)
     removed: list[tuple[int, int]] = []
+    token_blocks = _token_blocks(prompted)
+
+    def tokens(block: int, prompts: Tensor) -> Tensor:
+        # A block whose prompt outputs are read loses the token itself (the readout too).
+        if removed and removed[0][0] == block:
+            keep = [j for j in range(prompts.shape[1]) if j != removed[0][1]]
+            return prompts[:, keep]
+        return prompts
 
     def attend(call: AttentionCall) -> Tensor:
-        if removed and removed[0][0] == call.block:
+        if removed and removed[0][0] == call.block and call.block not in token_blocks:
             keep = [j for j in range(call.prompt_k.shape[2]) if j != removed[0][1]]
             call = replace(
                 call, prompt_k=call.prompt_k[:, :, keep], prompt_v=call.prompt_v[:, :, keep]
@@ -275,7 +345,11 @@ def _leave_one_out(prompted, data, loss_fn) -> tuple[Tensor, int]:
         return run_attention(call)[0]
 
     count = 0
-    with _scoring(prompted, attend, needs_grad=False), torch.no_grad():
+    with (
+        _scoring(prompted, attend, needs_grad=False),
+        prompted.token_override(tokens),
+        torch.no_grad(),
+    ):
         for x, y in data:
             base = float(loss_fn(prompted(x), y))
             for layer in range(depth):

@@ -1,0 +1,454 @@
+"""The adapter of timm's ``SwinTransformer`` (v1): VPT on shifted windows (``docs/design.md`` §4,
+"Swin").
+
+The official VPT-Swin (KMnP/vpt, ``src/models/vit_prompt/swin_transformer.py``) prepends the same
+prompt tokens to every window of a block: ``norm1`` runs on every token, the prompts are split
+off, only the patches are shifted and partitioned, the relative-position bias and the shift mask
+get zero rows and columns for the prompts, the prompt outputs are averaged over the image's
+windows, then residual and MLP run on every token. A patch merging turns a prompt ``p`` into the
+merge of ``cat([p, p, p, p])``; the readout is the final norm and the mean over every token.
+
+The token state is :class:`SwinTokens`: the patches (B, H, W, C) as timm keeps them and the prompt
+tokens (B, P, C) apart (None without any). Blocks are numbered across stages; entering a stage's
+first block runs the stage's patch merging (timm merges at the start of a stage, the official code
+at the end of the previous one: the same order of operations).
+
+``block`` is the official computation, prompts copied into every window. ``fused_block`` gives the
+same numbers computing each prompt's keys, values and query once per image (not per window): the
+windows' queries attend to the prompt keys/values through :func:`fastprompt.ops.prompt_attention`,
+which takes the relative-position bias and the shift mask as ``key_bias`` (prompt keys get none,
+as in the official code); prompt rows are computed only when their outputs are kept, as P queries
+per window whose outputs are averaged over the windows before the projection (both linear), so
+the projection, ``norm2`` and the MLP run on P rows per image.
+
+The official code hands prompts to windows and averages them window by window while windows are
+stored image by image, so with B > 1 and several windows window j gets image (j mod B)'s prompts
+and an image's prompt outputs average windows of other images. fastprompt gives each image its own
+prompts (the paper's rule); ``window_mixing = True`` reproduces the official code instead.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastprompt.backbones.base import (
+    AttentionCall,
+    AttentionFn,
+    Backbone,
+    BlockShape,
+    PromptKV,
+    PromptKVParts,
+    timm_image_size,
+    timm_patch_size,
+)
+
+__all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
+
+# "patches+prompts": the mean of every token, prompt outputs included (the official VPT-Swin);
+# "patches": the mean of the patch tokens (timm's own avg pooling).
+READOUTS = ("patches", "patches+prompts")
+
+
+class SwinTokens(NamedTuple):
+    """The token state: patches (B, H, W, C) and prompt tokens (B, P, C) or None."""
+
+    patches: Tensor
+    prompts: Tensor | None
+
+
+def _timm_classes() -> dict[str, type]:
+    from timm.models import swin_transformer as swin
+
+    return {
+        "model": swin.SwinTransformer,
+        "stage": swin.SwinTransformerStage,
+        "block": swin.SwinTransformerBlock,
+        "attention": swin.WindowAttention,
+        "merging": swin.PatchMerging,
+    }
+
+
+def _overrides(obj: object, base: type, methods: tuple[str, ...]) -> list[str]:
+    return [m for m in methods if getattr(type(obj), m, None) is not getattr(base, m)]
+
+
+def kv_rows(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
+    """Keys and values (T, H, P, d) of normalised tokens ``h`` (T, P, C): only the K and V rows of
+    the qkv projection run."""
+    t, p, _ = h.shape
+    width = attn.qkv.out_features // 3
+    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
+    kv = F.linear(h, attn.qkv.weight[width:], bias)
+    shape = (t, p, 2, attn.num_heads, width // attn.num_heads)  # sizes, not -1: P may be 0
+    k, v = kv.reshape(shape).permute(2, 0, 3, 1, 4).unbind(0)
+    return k, v
+
+
+def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (S, H, N, d) of tokens (S, N, C), as timm's ``WindowAttention`` splits them."""
+    s, n, _ = x.shape
+    d = attn.qkv.out_features // 3 // attn.num_heads
+    q, k, v = attn.qkv(x).reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    return q, k, v
+
+
+class _Windows(NamedTuple):
+    """A block's window partition of normalised patches, as timm's ``SwinTransformerBlock._attn``
+    makes it: (B·nW, M, C) windows, image by image, and how to put them back."""
+
+    windows: Tensor
+    mask: Tensor | None
+    count: int  # windows per image
+    size: tuple[int, int, int, int]  # B, H, W, C of the patches
+    padded: tuple[int, int]  # H, W after padding to whole windows
+
+
+def _partition(blk: nn.Module, h: Tensor) -> _Windows:
+    b, hh, ww, c = h.shape
+    ws, shift = blk.window_size, blk.shift_size
+    if any(shift):
+        h = torch.roll(h, shifts=(-shift[0], -shift[1]), dims=(1, 2))
+    pad_h = (ws[0] - hh % ws[0]) % ws[0]
+    pad_w = (ws[1] - ww % ws[1]) % ws[1]
+    h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
+    hp, wp = h.shape[1], h.shape[2]
+    mask = blk.get_attn_mask(h) if getattr(blk, "dynamic_mask", False) else blk.attn_mask
+    windows = h.view(b, hp // ws[0], ws[0], wp // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    windows = windows.reshape(-1, ws[0] * ws[1], c)
+    count = (hp // ws[0]) * (wp // ws[1])
+    return _Windows(windows, mask, count, (b, hh, ww, c), (hp, wp))
+
+
+def _reverse(blk: nn.Module, part: _Windows, out: Tensor) -> Tensor:
+    """Window outputs (B·nW, M, C) back to (B, H, W, C): merge, crop the padding, unshift."""
+    b, hh, ww, _ = part.size
+    hp, wp = part.padded
+    ws, shift = blk.window_size, blk.shift_size
+    c = out.shape[-1]
+    x = out.view(b, hp // ws[0], wp // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
+    x = x.reshape(b, hp, wp, c)[:, :hh, :ww, :]
+    if any(shift):
+        x = torch.roll(x, shifts=shift, dims=(1, 2))
+    return x
+
+
+def _window_bias(blk: nn.Module, part: _Windows, dtype: torch.dtype) -> Tensor:
+    """The windows' relative-position bias plus the shift mask, (1 or B·nW, H, M, M)."""
+    rel = blk.attn._get_rel_pos_bias().to(dtype)
+    if part.mask is None:
+        return rel
+    nw, m = part.count, rel.shape[-1]
+    b = part.size[0]
+    mask = part.mask.to(dtype).view(1, nw, 1, m, m)
+    return (rel.unsqueeze(0) + mask).expand(b, -1, -1, -1, -1).reshape(b * nw, -1, m, m)
+
+
+def _mlp(blk: nn.Module, x: Tensor) -> Tensor:
+    return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
+
+
+class SwinBackbone(Backbone):
+    """timm ``SwinTransformer`` v1 (``swin_*``, including the S3 search-space models).
+
+    Attributes
+    ----------
+    window_mixing : bool
+        Reproduce the official code's cross-image window mixing (see the module docstring);
+        False (default) gives each image its own prompts.
+    """
+
+    family = "swin"
+    description = "timm SwinTransformer (swin_*)"
+    positions = ("prefix",)
+    readouts = READOUTS
+    fused_tokens = True
+
+    def __init__(self, model: nn.Module, who: str) -> None:
+        super().__init__(model, who)
+        self.window_mixing = False
+        # (stage, index in the stage) of every block, numbered across stages.
+        self._where: list[tuple[int, int]] = [
+            (s, j) for s, stage in enumerate(model.layers) for j in range(len(stage.blocks))
+        ]
+
+    # -- what can be wrapped ----------------------------------------------------------------------
+
+    @classmethod
+    def check(cls, model: nn.Module, who: str) -> None:
+        timm = _timm_classes()
+        if not isinstance(model, timm["model"]):
+            raise TypeError(
+                f"{who}: model must be a {cls.description}, got "
+                f"{type(model).__module__}.{type(model).__name__}"
+            )
+        changed = _overrides(model, timm["model"], ("forward_features", "forward_head"))
+        if changed:
+            raise TypeError(
+                f"{who}: {type(model).__name__} overrides SwinTransformer.{changed[0]}, so the "
+                "prompted forward would not match it"
+            )
+        if model.global_pool != "avg":
+            raise ValueError(
+                f"{who}: global_pool={model.global_pool!r} is not supported; a prompted Swin "
+                "averages tokens ('avg'), as the official VPT-Swin does"
+            )
+        head = getattr(model, "head", None)
+        if not (hasattr(head, "drop") and hasattr(head, "fc")):
+            raise TypeError(f"{who}: the Swin head must be timm's ClassifierHead (drop, fc)")
+        for s, stage in enumerate(model.layers):
+            where = f"stage {s}"
+            plain = isinstance(stage, timm["stage"]) and not _overrides(
+                stage, timm["stage"], ("forward",)
+            )
+            if not plain:
+                raise TypeError(f"{who}: {where} is not timm's SwinTransformerStage")
+            if len(stage.blocks) == 0:
+                raise ValueError(f"{who}: {where} has no blocks; every stage needs one")
+            ds = stage.downsample
+            if not isinstance(ds, nn.Identity) and (
+                not isinstance(ds, timm["merging"]) or _overrides(ds, timm["merging"], ("forward",))
+            ):
+                raise TypeError(
+                    f"{who}: {where} merges patches with {type(ds).__name__}; prompts go through "
+                    "timm's PatchMerging only (a prompt p is merged as cat([p, p, p, p]))"
+                )
+            for j, blk in enumerate(stage.blocks):
+                attn = getattr(blk, "attn", None)
+                if (
+                    not isinstance(blk, timm["block"])
+                    or _overrides(blk, timm["block"], ("forward", "_attn"))
+                    or not isinstance(attn, timm["attention"])
+                    or _overrides(attn, timm["attention"], ("forward",))
+                ):
+                    raise TypeError(
+                        f"{who}: block {j} of {where} is {type(blk).__name__}; prompts are "
+                        "prepended to the windows of timm's SwinTransformerBlock/WindowAttention "
+                        "only"
+                    )
+
+    def fused_unsupported_reasons(self) -> list[str]:
+        """None: :meth:`check` admits only timm's own blocks, which both paths reproduce."""
+        return []
+
+    # -- facts ------------------------------------------------------------------------------------
+
+    def grad_checkpointing(self) -> bool:
+        """timm's switch on a Swin (``set_grad_checkpointing``) sets each stage's flag, not the
+        model's: any stage's flag asks for per-block checkpointing."""
+        return any(getattr(stage, "grad_checkpointing", False) for stage in self.model.layers)
+
+    @property
+    def depth(self) -> int:
+        return len(self._where)
+
+    def stages(self) -> tuple[int, ...]:
+        return tuple(len(stage.blocks) for stage in self.model.layers)
+
+    def _block(self, block: int) -> nn.Module:
+        s, j = self._where[block]
+        return self.model.layers[s].blocks[j]
+
+    def block_shape(self, block: int) -> BlockShape:
+        blk = self._block(block)
+        heads = int(blk.attn.num_heads)
+        return BlockShape(int(blk.dim), heads, int(blk.attn.qkv.out_features) // 3 // heads)
+
+    def patch_size(self) -> tuple[int, int]:
+        return timm_patch_size(self.model)
+
+    def image_size(self) -> tuple[int, int]:
+        return timm_image_size(self.model)
+
+    def signature(self) -> dict[str, Any]:
+        m = self.model
+        return {
+            "class": type(m).__name__,
+            "embed_dim": int(m.embed_dim),
+            "depths": list(self.stages()),
+            "widths": [self.block_shape(self._first(s)).width for s in range(len(m.layers))],
+            "num_heads": [self.block_shape(self._first(s)).heads for s in range(len(m.layers))],
+            "patch_size": list(self.patch_size()),
+            "num_classes": int(m.num_classes),
+        }
+
+    def _first(self, stage: int) -> int:
+        return self._where.index((stage, 0))
+
+    def default_readout(self) -> str:
+        """The official VPT-Swin readout: the mean of every token, prompts included."""
+        return "patches+prompts"
+
+    def reads_prompts(self, readout: str) -> bool:
+        return readout == "patches+prompts"
+
+    def class_token(self) -> int | None:
+        return None
+
+    def classifier(self) -> nn.Module:
+        return self.model.head.fc
+
+    # -- the forward ------------------------------------------------------------------------------
+
+    def embed(self, images: Tensor) -> SwinTokens:
+        """The patch embedding (with its norm), (B, H, W, C); Swin has no positional one."""
+        return SwinTokens(self.model.patch_embed(images), None)
+
+    def enter(self, block: int, tokens: SwinTokens, held: int) -> SwinTokens:
+        """A stage's patch merging at its first block, a held prompt p merged as
+        cat([p, p, p, p]) (the official ``PromptedPatchMerging``)."""
+        s, j = self._where[block]
+        merge = self.model.layers[s].downsample
+        if j != 0 or isinstance(merge, nn.Identity):
+            return tokens
+        x, p = tokens
+        if p is not None:
+            p = merge.reduction(merge.norm(torch.cat([p, p, p, p], dim=-1)))
+        return SwinTokens(merge(x), p)
+
+    def insert(self, tokens: SwinTokens, block: int, prompts: Tensor, position: str) -> SwinTokens:
+        return SwinTokens(tokens.patches, prompts.expand(tokens.patches.shape[0], -1, -1))
+
+    def remove(self, tokens: SwinTokens, count: int, position: str) -> SwinTokens:
+        return SwinTokens(tokens.patches, None)
+
+    def _owner(self, batch: int, count: int, device: torch.device) -> Tensor:
+        """The image whose prompts window j (image by image, B·nW of them) receives."""
+        images = torch.arange(batch, device=device)
+        return images.repeat(count) if self.window_mixing else images.repeat_interleave(count)
+
+    def _window_mean(self, rows: Tensor, batch: int, count: int) -> Tensor:
+        """Prompt outputs (B·nW, P, C) averaged over the windows that received each image's."""
+        p, c = rows.shape[1:]
+        if self.window_mixing:  # the official view(-1, B, P, C).mean(0)
+            return rows.view(count, batch, p, c).mean(0)
+        return rows.view(batch, count, p, c).mean(1)
+
+    def block(self, block: int, tokens: SwinTokens, held: int) -> SwinTokens:
+        """The official block: the prompts copied into every window, zero bias and mask for them,
+        their outputs averaged over the windows."""
+        blk = self._block(block)
+        x, p = tokens
+        if p is None:
+            return SwinTokens(blk(x), None)
+        attn, n_p = blk.attn, p.shape[1]
+        part = _partition(blk, blk.norm1(x))
+        b, nw = x.shape[0], part.count
+        hp = blk.norm1(p)[self._owner(b, nw, x.device)]
+        seq = torch.cat([hp, part.windows], dim=1)
+        q, k, v = _qkv(attn, seq)
+        bias = F.pad(_window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+        o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1)))
+        x = x + blk.drop_path1(_reverse(blk, part, o[:, n_p:]))
+        p = p + blk.drop_path1(self._window_mean(o[:, :n_p], b, nw))
+        # One MLP over every token, as the official code runs it: the same numbers as two calls,
+        # and a traced FLOP count keeps the prompt rows even where the next block drops them.
+        h, w = x.shape[1:3]
+        out = _mlp(blk, torch.cat([p, x.flatten(1, 2)], dim=1))
+        return SwinTokens(out[:, n_p:].unflatten(1, (h, w)), out[:, :n_p])
+
+    def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]:
+        blk = self._block(block)
+        return kv_rows(blk.attn, blk.norm1(prompts))
+
+    def prompt_kv_parts(self, block: int, dtype: Any) -> PromptKVParts:
+        blk = copy.deepcopy(self._block(block)).to(dtype)
+        return PromptKVParts(
+            normalize=blk.norm1,
+            project=lambda h: kv_rows(blk.attn, h),
+            norm_bias=getattr(blk.norm1, "bias", None),
+        )
+
+    def fused_block(
+        self,
+        block: int,
+        tokens: SwinTokens,
+        held: int,
+        kv: PromptKV | None,
+        attend: AttentionFn,
+        backend: str | None,
+    ) -> SwinTokens:
+        """The block with every prompt's key, value and query computed once per image.
+
+        The windows' queries attend to the prompt keys/values (``kv``: a set entering the block
+        whose outputs are not kept; and the held prompt tokens' own, computed here) before their
+        window's keys, with the relative-position bias and shift mask as ``key_bias``. Held prompt
+        tokens also get their rows: P queries per window attending to the same keys without a
+        bias, averaged over the windows, then projection, residual and MLP once per image. A block
+        with held prompts makes two ``attend`` calls (windows' queries, prompts' queries).
+        """
+        blk = self._block(block)
+        attn = blk.attn
+        x, p = tokens
+        part = _partition(blk, blk.norm1(x))
+        b, nw = x.shape[0], part.count
+        q, k, v = _qkv(attn, part.windows)
+        pk, pv, index, lengths = self._prompt_table(blk, p, kv, b, q.dtype)
+        # Ordinary tensors even under torch.inference_mode: prompt_attention's host-side check of
+        # prompt_index reads its version counter, which inference tensors lack.
+        with torch.inference_mode(False):
+            owner = self._owner(b, nw, x.device)
+            window_index = None if index is None else index[owner]
+        bias = _window_bias(blk, part, q.dtype)
+        call = AttentionCall(
+            block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
+        )
+        o = attend(call).transpose(1, 2).reshape(part.windows.shape[0], part.windows.shape[1], -1)
+        o = attn.proj_drop(attn.proj(o))
+        x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
+        if p is None:
+            return SwinTokens(x, None)
+        qp = _qkv(attn, blk.norm1(p))[0][owner]
+        call = AttentionCall(
+            block, qp, k, v, pk, pv, window_index, attn.scale, backend, lengths, None, nw
+        )
+        rows = attend(call).transpose(1, 2).reshape(b * nw, p.shape[1], -1)
+        op = attn.proj_drop(attn.proj(self._window_mean(rows, b, nw)))
+        return SwinTokens(x, _mlp(blk, p + blk.drop_path1(op)))
+
+    def _prompt_table(
+        self, blk: nn.Module, p: Tensor | None, kv: PromptKV | None, batch: int, dtype
+    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """The prompt keys/values every window of an image attends to: ``kv``'s sets (cast to the
+        queries' dtype: cached ones are in the weights'), then the held prompts' own (one set
+        per image). Returns (k, v, per-image set index or None, per-set lengths or None)."""
+        if p is None:
+            if kv is None:
+                raise ValueError("SwinBackbone.fused_block: a block without prompts needs kv")
+            return kv.k.to(dtype), kv.v.to(dtype), kv.index, kv.lengths
+        own_k, own_v = kv_rows(blk.attn, blk.norm1(p))
+        if kv is None:
+            return own_k, own_v, torch.arange(batch, device=p.device), None
+        if kv.lengths is not None:
+            raise ValueError(
+                "SwinBackbone.fused_block: keys/values of sets of different lengths cannot join "
+                "prompt tokens"
+            )
+        idx = kv.index
+        if idx is None:
+            idx = torch.zeros(batch, dtype=torch.long, device=p.device)
+        k = torch.cat([kv.k.to(dtype)[idx], own_k], dim=2)
+        v = torch.cat([kv.v.to(dtype)[idx], own_v], dim=2)
+        return k, v, torch.arange(batch, device=p.device), None
+
+    def features(self, tokens: SwinTokens) -> Tensor:
+        """The final norm over every token, (B, P + H·W, C): prompts first, then the patches in
+        row-major order (the official layout)."""
+        x, p = tokens
+        x = self.model.norm(x).flatten(1, 2)
+        return x if p is None else torch.cat([self.model.norm(p), x], dim=1)
+
+    def pool(self, features: Tensor, readout: str, held: int, position: str) -> Tensor:
+        if readout == "patches":
+            return features[:, held:].mean(dim=1)
+        return features.mean(dim=1)
+
+    def head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
+        """timm's ``ClassifierHead`` after its pooling: dropout, then the classifier."""
+        x = self.model.head.drop(pooled)
+        return x if pre_logits else self.model.head.fc(x)
