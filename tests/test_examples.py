@@ -50,3 +50,23 @@ def test_digits_pgn_quick(tmp_path):
         assert len(row["acc"]) == 1 and 0.0 <= row["mean"] <= 1.0 and row["trainable"] > 0
     spec = report["specialisation"]
     assert 0.0 <= spec["shuffled_tv_mean"] <= 1.0 and 0.0 <= spec["nearest_class_mean_acc"] <= 1.0
+
+
+@pytest.mark.slow
+def test_digits_domains_quick(tmp_path):
+    script = os.path.join(ROOT, "examples", "digits_domains.py")
+    subprocess.run(
+        [sys.executable, script, "--quick", "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    run = tmp_path / "pgn"
+    report = json.loads((run / "domains.json").read_text())
+    assert (run / "domains.png").stat().st_size > 0
+    assert 0.0 <= report["separation"] <= 1.0
+    assert set(report["samples"]) == {"upright", "rot90", "inverted"}
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    per = last["val_datasets"]
+    assert sum(m["samples"] for m in per.values()) == last["val_samples"]

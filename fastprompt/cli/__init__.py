@@ -1,5 +1,5 @@
-"""``fastprompt`` command line: ``train``, ``condense``, ``evaluate``, ``recipes``, ``bench``
-(latency, FLOPs, memory report) and ``info``."""
+"""``fastprompt`` command line: ``train``, ``condense``, ``evaluate``, ``recipes``, ``domains``
+(multi-dataset PGN), ``bench`` (latency, FLOPs, memory report) and ``info``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from typing import Any
 
 from fastprompt.backends import NAMES
 from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
+from fastprompt.cli.domains import add_domains_parser, check_domains_args, run_domains
 from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
 from fastprompt.cli.train import (
     add_recipes_parser,
@@ -299,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     add_condense_parser(sub)
     add_evaluate_parser(sub)
     add_recipes_parser(sub)
+    add_domains_parser(sub)
     _bench_parser(sub)
     sub.add_parser("info", help="versions, device and which backends can run here")
     args = parser.parse_args(argv)
@@ -307,13 +309,19 @@ def main(argv: list[str] | None = None) -> int:
         "train": check_train_args,
         "condense": check_condense_args,
         "evaluate": check_evaluate_args,
+        "domains": check_domains_args,
     }
     if args.command in checks:
         problem = checks[args.command](args)
         if problem is not None:
             parser.error(f"{args.command}: {problem}")
-    if args.command in ("train", "condense", "evaluate"):
-        run = {"train": run_train, "condense": run_condense, "evaluate": run_evaluate}
+    if args.command in ("train", "condense", "evaluate", "domains"):
+        run = {
+            "train": run_train,
+            "condense": run_condense,
+            "evaluate": run_evaluate,
+            "domains": run_domains,
+        }
         return run[args.command](args, parser)
     return {"bench": _bench, "info": _info, "recipes": run_recipes}[args.command](args)
 

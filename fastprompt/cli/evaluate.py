@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from fastprompt.train.multi import spec_paths
+
 __all__ = ["add_evaluate_parser", "check_evaluate_args", "run_evaluate"]
 
 
@@ -20,7 +22,11 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "RUN/evaluations.jsonl.",
     )
     p.add_argument("run", metavar="RUN")
-    p.add_argument("--data", help="default: the run's validation data")
+    p.add_argument(
+        "--data",
+        help="default: the run's validation data (a run over several datasets: NAME=PATH for "
+        "one of them, per-dataset top-1 with its own)",
+    )
     p.add_argument("--checkpoint", choices=["best", "last", "init"], default="best")
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
@@ -42,14 +48,15 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
         return f"--batch-size must be >= 1, got {args.batch_size}"
     if args.workers is not None and args.workers < 0:
         return f"--workers must be >= 0, got {args.workers}"
-    if args.data is not None and not (args.data == "digits" or args.data.startswith("digits:")):
-        if not os.path.exists(args.data):
-            return f"--data {args.data} does not exist"
+    for spec in spec_paths(args.data):  # NAME=PATH names one dataset of a mixture run
+        if not (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec):
+            return f"--data {spec} does not exist"
     return None
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastprompt.train import data as D
+    from fastprompt.train import multi as M
     from fastprompt.train.distributed import setup, teardown
     from fastprompt.train.loop import LabelError, evaluate_model
     from fastprompt.train.run import RunError, load_run_model, read_run, transforms_for
@@ -65,7 +72,11 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         else:
             # Read through the run's class map: digits:6-9 on a digits:5-9 run is labelled
             # as the run's classes 6-9, digits:0-4 is refused.
-            opened = D.open_dataset(args.data, "val", exclude=[args.run])
+            opened = (
+                M.open_member(args.data, "val", exclude=[args.run])
+                if M.is_mixture(config.data.train)
+                else D.open_dataset(args.data, "val", exclude=[args.run])
+            )
             dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
             name = args.data
         _, test_tf, _ = transforms_for(model.model, config.recipe)
@@ -79,6 +90,8 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             pin_memory=env.device.type == "cuda",
         )
         loader = D.make_loader(D.Transformed(dataset, test_tf), spec)
+        mixture = M.is_mixture(config.data.train)
+        names, domains = M.class_domains(saved["classes"]) if mixture else ([], None)
         result = evaluate_model(
             model,
             loader,
@@ -86,6 +99,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             precision=args.precision or config.precision,
             env=env,
             progress=not args.no_progress,
+            domains=domains,
         )
     except (D.DataError, RunError, LabelError) as e:
         teardown(env)
@@ -99,6 +113,8 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             "samples": result["samples"],
             "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         }
+        if domains is not None:
+            record["datasets"] = M.per_dataset(result["domain_sums"], names)
         path = os.path.join(args.run, "evaluations.jsonl")
         try:
             with open(path, "a") as f:
@@ -109,5 +125,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             f"{args.run} ({args.checkpoint}) on {name}: top-1 {100 * result['acc']:.2f}%  "
             f"loss {result['loss']:.4f}  ({result['samples']} images)"
         )
+        if domains is not None:
+            print(f"  top-1 per dataset: {M.describe(record['datasets'])}")
     teardown(env)
     return 0

@@ -16,6 +16,7 @@ import sys
 from typing import Any
 
 from fastprompt import registry
+from fastprompt.train.multi import spec_paths
 from fastprompt.train.recipes import (
     MEMORY_POLICIES,
     NORMALIZATIONS,
@@ -56,6 +57,15 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+class _Repeatable(argparse.Action):
+    """A flag that may repeat: once, a string; several times, a list (a mixture of datasets)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        old = getattr(namespace, self.dest, None)
+        new = values if old is None else [*old, values] if isinstance(old, list) else [old, values]
+        setattr(namespace, self.dest, new)
 
 
 class _SharedGroup:
@@ -133,8 +143,13 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add_method_options(p.add_argument_group("method options"))
     d = p.add_argument_group("data")
-    d.add_argument("--data", help="ImageFolder folder, .csv/.txt list, or digits[:5-9]")
-    d.add_argument("--val", help="validation data (same forms as --data)")
+    d.add_argument(
+        "--data",
+        action=_Repeatable,
+        help="ImageFolder folder, .csv/.txt list, or digits[:5-9]; repeat it to train one model "
+        "on a mixture of datasets (joint label space; name one with NAME=PATH)",
+    )
+    d.add_argument("--val", action=_Repeatable, help="validation data (same forms; one per --data)")
     d.add_argument("--val-split", help="hold out of --data: a fraction, a count, or vtab-1k")
     d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
     r = p.add_argument_group("recipe (overrides)")
@@ -148,6 +163,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--normalize", choices=NORMALIZATIONS)
     r.add_argument("--train-transform", choices=TRANSFORMS)
     r.add_argument("--test-transform", choices=TRANSFORMS)
+    r.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun, PGN's generator BatchNorm uses the global batch (recipe "
+        "batch_norm=sync; default per-process, as the official code)",
+    )
     r.add_argument(
         "--memory",
         choices=MEMORY_POLICIES,
@@ -217,6 +238,8 @@ def resolve_recipe(args: argparse.Namespace):
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    if getattr(args, "sync_bn", False):
+        changes["batch_norm"] = "sync"
     for key, value in args.set or []:
         try:
             changes[key] = coerce_field(key, value, f"--set {key}={value}")
@@ -298,14 +321,18 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         return str(e)
     if args.val is not None and args.val_split is not None:
         return "pass either --val or --val-split, not both"
-    for flag, spec in (("--data", args.data), ("--val", args.val)):
-        if spec is not None and not (spec == "digits" or spec.startswith("digits:")):
-            if not os.path.exists(spec):
+    problem = _check_mixture(args)
+    if problem:
+        return problem
+    for flag, value in (("--data", args.data), ("--val", args.val)):
+        for spec in spec_paths(value):
+            if not (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec):
                 return f"{flag} {spec} does not exist (a folder, a .csv/.txt list, or digits)"
     # Under torchrun rank 0 creates the folder; another rank may look after it did.
     if env_rank() == 0:
         try:
-            owner.check_out(args.out, args.overwrite, "--out", [args.data, args.val, args.weights])
+            keep = [*spec_paths(args.data), *spec_paths(args.val), args.weights]
+            owner.check_out(args.out, args.overwrite, "--out", keep)
         except owner.OwnerError as e:
             return str(e)
     try:
@@ -316,6 +343,25 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         world = int(os.environ["WORLD_SIZE"])
         if recipe.batch_size % world:
             return f"--batch-size {recipe.batch_size} does not split over {world} processes"
+    return None
+
+
+def _check_mixture(args: argparse.Namespace) -> str | None:
+    from fastprompt.train.multi import DataError, parse_specs
+
+    if not isinstance(args.data, list):
+        if isinstance(args.val, list):
+            return f"--val is given {len(args.val)} times for one --data"
+        return None
+    try:
+        parse_specs(args.data)
+    except DataError as e:
+        return str(e)
+    if args.val is not None and len(spec_paths(args.val)) != len(args.data):
+        return (
+            f"--val: {len(args.data)} datasets need one --val each (in --data's order), got "
+            f"{len(spec_paths(args.val))}; or --val-split, or none for datasets with their own"
+        )
     return None
 
 

@@ -92,10 +92,14 @@ class ModelSpec:
 
 @dataclass
 class DataConfig:
-    """Where the images come from (:mod:`fastprompt.train.data`)."""
+    """Where the images come from (:mod:`fastprompt.train.data`).
 
-    train: str
-    val: str | None = None
+    ``train`` (and then ``val``) may be a list: a run over a mixture of datasets
+    (:mod:`fastprompt.train.multi`).
+    """
+
+    train: str | list[str]
+    val: str | list[str] | None = None
     val_split: str | None = None
     workers: int = 0
 

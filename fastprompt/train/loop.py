@@ -25,7 +25,9 @@ from torch import nn
 from fastprompt.batches import BatchFn, LabelError, check_batch, head_classes, split_batch
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.distributed import DistEnv, all_reduce_sum
-from fastprompt.train.recipes import Recipe, check_no_decay, make_optimizer
+from fastprompt.train.multi import STAT_COLUMNS, domain_stats
+from fastprompt.train.recipes import Recipe, check_no_decay, classifier_name, make_optimizer
+from fastprompt.train.syncbn import count_batchnorm, sync_batchnorm
 
 __all__ = [
     "PRECISIONS",
@@ -38,13 +40,6 @@ __all__ = [
 ]
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def classifier_name(model: nn.Module) -> str:
-    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
-    inner = model.model if isinstance(model, PromptedViT) else model
-    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
-    return next((n for n, m in model.named_modules() if m is head and n), "head")
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -95,17 +90,20 @@ def evaluate_model(
     env: DistEnv | None = None,
     progress: bool = False,
     desc: str = "evaluating",
-) -> dict[str, float]:
+    domains: torch.Tensor | None = None,
+) -> dict[str, Any]:
     """Top-1 accuracy and mean cross-entropy of ``model`` on ``loader``, summed over processes.
 
     Eval mode; a prompted model's prompt keys/values are computed once for the pass
     (:meth:`PromptedViT.frozen_prompts`). ``forward`` (e.g. the compiled model) replaces
-    ``model``'s call.
+    ``model``'s call. ``domains`` (a mixture of datasets: the dataset index of every class,
+    :func:`fastprompt.train.multi.class_domains`) adds the per-dataset sums.
 
     Returns
     -------
     dict
-        ``loss``, ``acc`` and ``samples`` (over every process).
+        ``loss``, ``acc`` and ``samples`` (over every process); with ``domains`` also
+        ``domain_sums``, (G, 5) per dataset (:data:`fastprompt.train.multi.STAT_COLUMNS`).
 
     Raises
     ------
@@ -121,6 +119,10 @@ def evaluate_model(
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     correct = torch.zeros((), dtype=torch.int64, device=device)
     count = 0
+    groups = None
+    if domains is not None:
+        groups = torch.zeros(int(domains.max()) + 1, len(STAT_COLUMNS), dtype=torch.float64)
+        groups = groups.to(device)
     total = len(loader) if hasattr(loader, "__len__") else None  # type: ignore[arg-type]
     bar = _progress(total, desc, progress and env.main)
     try:
@@ -132,6 +134,8 @@ def evaluate_model(
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 correct += (logits.argmax(-1) == y).sum()
                 count += y.numel()
+                if groups is not None:
+                    groups += domain_stats(logits, y, domains)  # type: ignore[arg-type]
                 bar.update(1)
     finally:
         bar.close()
@@ -141,7 +145,11 @@ def evaluate_model(
     ).tolist()
     if sums[2] == 0:
         raise ValueError("evaluate: the loader yielded no samples")
-    return {"loss": sums[0] / sums[2], "acc": sums[1] / sums[2], "samples": int(sums[2])}
+    out: dict[str, Any] = {"loss": sums[0] / sums[2], "acc": sums[1] / sums[2]}
+    out["samples"] = int(sums[2])
+    if groups is not None:
+        out["domain_sums"] = all_reduce_sum(env, groups).tolist()
+    return out
 
 
 def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None = None) -> None:
@@ -156,7 +164,12 @@ def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None 
     named = model.trainable_parameters()
     if not named:
         raise ValueError("Trainer: the model has no trainable parameters")
-    check_no_decay(model, named, recipe, classifier_name(model))
+    check_no_decay(model, named, recipe)
+    if recipe.batch_norm == "sync" and not count_batchnorm(model.source):
+        raise ValueError(
+            f"recipe {recipe.name!r} sets batch_norm='sync', but a {model.method!r} model's "
+            "prompts have no BatchNorm to synchronise"
+        )
     p = recipe.prompt_dropout
     if p is not None and p > 0 and not hasattr(model.source, "set_dropout"):
         raise ValueError(
@@ -218,6 +231,8 @@ class Trainer:
             model.source.set_dropout(recipe.prompt_dropout)
         if recipe.memory is not None:
             model.memory = recipe.memory
+        if recipe.batch_norm == "sync":
+            sync_batchnorm(model.source)
         self.optimizer = make_optimizer(named, recipe, classifier_name(model))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=precision == "fp16")
         self.epoch = 0  # epochs completed
@@ -330,8 +345,11 @@ class Trainer:
             "data_wait": sums[3] / self.env.world,
         }
 
-    def evaluate(self, loader: Iterable, progress: bool | None = None) -> dict[str, float]:
-        """``loss``, ``acc`` and ``samples`` of the model on ``loader`` (summed over processes)."""
+    def evaluate(
+        self, loader: Iterable, progress: bool | None = None, domains: torch.Tensor | None = None
+    ) -> dict[str, Any]:
+        """``loss``, ``acc`` and ``samples`` of the model on ``loader`` (summed over processes);
+        per-dataset sums with ``domains`` (:func:`evaluate_model`)."""
         return evaluate_model(
             self.model,
             loader,
@@ -341,6 +359,7 @@ class Trainer:
             batch_fn=self.batch_fn,
             env=self.env,
             progress=self.progress if progress is None else progress,
+            domains=domains,
         )
 
     # -- state -----------------------------------------------------------------------------------

@@ -19,7 +19,10 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   checkpoints' step counters); the official augmentation (``"pgn"`` transform) and a resize +
   centre crop at test time. The official code normalises with CLIP's statistics for every
   backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``) unless
-  ``normalize="clip"``.
+  ``normalize="clip"``. Under torchrun the generator's BatchNorm normalises each process's share
+  of the batch (``batch_norm="per-process"``, as the official code's DDP runs it);
+  ``batch_norm="sync"`` (``--sync-bn``) normalises with the global batch
+  (:mod:`fastprompt.train.syncbn`).
 - ``e2vpt`` (ChengHan111/E2VPT, the same solver code as VPT's): VPT's optimiser, schedule,
   weight decay (the masks decay too; the head bias does not) and transforms, batch 64 (the official
   VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and weight decay
@@ -43,6 +46,7 @@ from torch import nn
 
 from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
 from fastprompt.prompted import MEMORY_POLICIES
+from fastprompt.train.syncbn import BATCH_NORMS
 
 __all__ = [
     "MEMORY_POLICIES",
@@ -53,6 +57,7 @@ __all__ = [
     "VTAB1K_PROMPTS",
     "Recipe",
     "check_no_decay",
+    "classifier_name",
     "coerce_field",
     "get_recipe",
     "lr_factor",
@@ -107,6 +112,10 @@ class Recipe:
     memory : {"none", "mlp", "block"} or None
         What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
         gradients under every policy); None: leave the model's.
+    batch_norm : {"per-process", "sync"}
+        Under torchrun, the prompt source's BatchNorm (PGN's generator) normalises each process's
+        share of the batch, or the whole batch (:mod:`fastprompt.train.syncbn`); one process:
+        the same.
     """
 
     name: str
@@ -127,6 +136,7 @@ class Recipe:
     normalize: str = "backbone"
     prompt_dropout: float | None = None
     memory: str | None = None
+    batch_norm: str = "per-process"
 
     def __post_init__(self) -> None:
         who = f"recipe {self.name!r}"
@@ -260,9 +270,14 @@ def coerce_field(name: str, value: Any, who: str = "recipe") -> Any:
     raise bad
 
 
-def check_no_decay(
-    model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe, head: str = "head"
-) -> None:
+def classifier_name(model: nn.Module) -> str:
+    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
+    inner = getattr(model, "model", model) if hasattr(model, "source") else model
+    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
+    return next((n for n, m in model.named_modules() if m is head and n), "head")
+
+
+def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe) -> None:
     """Refuse ``recipe.no_decay`` names that exempt nothing by mistake (a typo, a frozen tensor).
 
     A name is fine when it is a trainable tensor of ``model`` (``named``), or the ``bias`` of a
@@ -275,7 +290,9 @@ def check_no_decay(
         Listing the model's trainable names closest to the one given.
     """
     frozen = {n for n, _ in model.named_parameters()} - set(named)
+    head = classifier_name(model)
     for given in recipe.no_decay:
+        # ``head.<x>`` names the classifier's tensor whatever its module is called (param_groups).
         name = f"{head}.{given[len('head.') :]}" if given.startswith("head.") else given
         if name in named:
             continue
@@ -319,6 +336,7 @@ def _check(r: Recipe) -> None:
         ("test_transform", r.test_transform, TRANSFORMS),
         ("interpolation", r.interpolation, INTERPOLATIONS),
         ("normalize", r.normalize, NORMALIZATIONS),
+        ("batch_norm", r.batch_norm, BATCH_NORMS),
     ):
         if value not in options:
             raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")

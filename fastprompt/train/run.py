@@ -27,6 +27,7 @@ from fastprompt.checkpoint import save_prompts
 from fastprompt.registry import RUN_OPTIONS
 from fastprompt.tensorfiles import FileDamaged, read_tensors
 from fastprompt.train import data as D
+from fastprompt.train import multi as M
 from fastprompt.train import owner
 from fastprompt.train.checkpoints import read_trainer_state, save_epoch, sha256
 from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
@@ -205,7 +206,7 @@ def prepare_run(
     env = env or DistEnv()
     # Rank 0 alone looks: under torchrun another rank may get here after rank 0 wrote the run.
     # What --overwrite must not move aside with the old content.
-    keep = [config.data.train, config.data.val, config.model.weights]
+    keep = [*M.spec_paths(config.data.train), *M.spec_paths(config.data.val), config.model.weights]
     if env.main:
         _owned(owner.check_out, out, overwrite, "--out", keep)
     if data is None:
@@ -429,14 +430,19 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         local_batch, workers, True, config.seed, env.rank, env.world, pin, drop_last=lone
     )
     val_spec = D.LoaderSpec(local_batch, workers, False, config.seed, env.rank, env.world, pin)
+    names, domains = (
+        M.class_domains(data.classes) if M.is_mixture(config.data.train) else ([], None)
+    )
     for epoch in range(trainer.epoch, recipe.epochs):
         if stop_after is not None and epoch >= stop_after:
             break
         train_ds.set_epoch(config.seed, epoch)
         m = trainer.train_epoch(D.make_loader(train_ds, train_spec, epoch), epoch)
         t0 = time.perf_counter()
-        v = trainer.evaluate(D.make_loader(val_ds, val_spec))
+        v = trainer.evaluate(D.make_loader(val_ds, val_spec), domains=domains)
         m.update(val_loss=v["loss"], val_acc=v["acc"], val_samples=v["samples"])
+        if domains is not None:
+            m["val_datasets"] = M.per_dataset(v["domain_sums"], names)
         m["eval_time_s"] = time.perf_counter() - t0
         improved = m["val_acc"] > best["val_acc"]
         if improved:
@@ -448,11 +454,15 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
             save_epoch(run, model, trainer, best, rng, improved, rows, data.classes)
         barrier(env)
         log(_line(m, recipe.epochs))
+        if domains is not None:
+            log(f"  validation top-1 per dataset: {M.describe(m['val_datasets'])}")
     if env.main and trainer.epoch >= recipe.epochs:
         log(
             f"done: best validation top-1 {100 * best['val_acc']:.2f}% at epoch "
             f"{best['epoch'] + 1}; checkpoints in {run}/best and {run}/last"
         )
+        if domains is not None:
+            M.report_domains(run, config, log, env.device)
     return rows
 
 

@@ -23,6 +23,7 @@ from fastprompt.train import datasets as DS
 from fastprompt.train.data import split_dataset
 from fastprompt.train.datasets import DataError
 from fastprompt.train.folder import RunError
+from fastprompt.train.multi import is_mixture, open_mixture_data
 
 __all__ = [
     "SPLIT_FILE",
@@ -181,6 +182,8 @@ def open_data(
         the run.
     """
     exclude = list(exclude)
+    if is_mixture(cfg.train):
+        return open_mixture_data(cfg, seed, exclude, classes, stored)
     if cfg.val is not None and cfg.val_split is not None:
         raise DataError("pass either --val or --val-split, not both")
     base = DS.open_dataset(cfg.train, "train", exclude)
