@@ -4,19 +4,14 @@ global batch, metrics are reduced across processes, and only rank 0 writes the r
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from train_helpers import TINY_MODEL
+from train_helpers import TINY_MODEL, torchrun
 
 from fastprompt.cli import main
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
@@ -25,18 +20,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_csv, tmp_path):
     args += ["--epochs", "1", "--warmup-epochs", "0", "--batch-size", "8", "--lr", "16"]
     args += ["--workers", "0", "--device", "cpu", "--no-progress", "--quiet"]
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd = [*launcher, "--nproc-per-node", "2", "-m", "fastprompt", "train", *args]
-    done = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "two")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(["train", *args], tmp_path / "two")
     one = load_file(tmp_path / "one" / "last" / "prompts.safetensors")
     two = load_file(tmp_path / "two" / "last" / "prompts.safetensors")
     for name in one:  # 3 SGD steps: equal up to fp32 reduction order

@@ -4,20 +4,16 @@ under torchrun (gloo, CPU) with per-block checkpointing."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
-from train_helpers import TINY_MODEL
+from train_helpers import TINY_MODEL, torchrun
 
 from fastprompt.cli import main
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 ARGS = ["--prompts", "3", "--epochs", "1", "--warmup-epochs", "0"]
 ARGS += ["--batch-size", "8", "--lr", "16", "--workers", "0", "--device", "cpu"]
 ARGS += ["--no-progress", "--quiet"]
@@ -37,12 +33,7 @@ def test_every_policy_trains_the_same_prompts_in_one_process_and_under_torchrun(
     none, mlp = _prompts(tmp_path / "none"), _prompts(tmp_path / "mlp")
     assert all(torch.equal(mlp[name], none[name]) for name in none)
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd = [*launcher, "--nproc-per-node", "2", "-m", "fastprompt", *args]
-    cmd += ["--set", "memory=block", "--out", str(tmp_path / "two")]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun([*args, "--set", "memory=block"], tmp_path / "two")
     two = _prompts(tmp_path / "two")
     for name in none:  # 3 SGD steps over 2 processes: equal up to fp32 reduction order
         torch.testing.assert_close(two[name], none[name], rtol=1e-5, atol=1e-6, msg=name)

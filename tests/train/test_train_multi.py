@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import TINY_MODEL, write_images
+from train_helpers import TINY_MODEL, torchrun, write_images
 
 from fastprompt.cli import main
 from fastprompt.train import multi as M
@@ -23,7 +22,6 @@ from fastprompt.train.recipes import get_recipe
 from fastprompt.train.splits import open_data
 from fastprompt.train.syncbn import SyncBatchNorm2d, sync_batchnorm
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PGN = ["--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--prompts", "3"]
 FAST = ["--warmup-epochs", "0", "--batch-size", "8", "--lr", "0.5", "--workers", "0"]
 FAST += ["--device", "cpu", "--no-progress", "--quiet"]
@@ -219,18 +217,7 @@ def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_
     args = [*TINY_MODEL, *PGN, "--data", f"a={a}", "--data", f"b={b}", "--val-split", "4"]
     args += [*FAST, "--epochs", "1", "--sync-bn", "--train-transform", "pgn-test"]
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    cmd = [*launcher, "--nproc-per-node", "2", "-m", "fastprompt", "train", *args]
-    done = subprocess.run(
-        [*cmd, "--out", str(tmp_path / "two")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
+    torchrun(["train", *args], tmp_path / "two")
     one = load_file(tmp_path / "one" / "last" / "prompts.safetensors")
     two = load_file(tmp_path / "two" / "last" / "prompts.safetensors")
     assert any("running_var" in n for n in one)

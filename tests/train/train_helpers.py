@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # A timm ViT small enough that an epoch takes milliseconds (16×16 images, 16 patches).
 TINY_MODEL = [
@@ -31,3 +37,12 @@ def write_images(folder, count: int, classes: int, size: int = 12, seed: int = 0
         Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(folder / f"{i}.png")
         rows.append((f"{folder.name}/{i}.png", label))
     return rows
+
+
+def torchrun(argv: list, out) -> None:
+    """``fastprompt *argv --out out`` as 2 CPU processes under torchrun (gloo); must succeed."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd = [*launcher, "2", "-m", "fastprompt", *argv, "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
