@@ -71,6 +71,32 @@ inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const
   return s;
 }
 
+// key_bias: an additive bias on the scores of the image keys (a windowed backbone's
+// relative-position bias and shift mask), broadcastable to (B, H, Nq, Nk), never differentiated.
+inline void check_key_bias(const std::optional<at::Tensor>& key_bias, const AttnShape& s,
+                           const at::Tensor& q, const char* op) {
+  if (!key_bias.has_value()) return;
+  const at::Tensor& kb = *key_bias;
+  TORCH_CHECK(kb.is_floating_point() && kb.device() == q.device(), op,
+              ": key_bias must be a floating-point tensor on ", q.device(), ", got ",
+              kb.scalar_type(), " on ", kb.device());
+  const int64_t full[4] = {s.B, s.H, s.Nq, s.Nk};
+  bool ok = kb.dim() <= 4;
+  for (int64_t i = 0; ok && i < kb.dim(); ++i) {
+    const int64_t want = full[4 - kb.dim() + i];
+    ok = kb.size(i) == 1 || kb.size(i) == want;
+  }
+  TORCH_CHECK(ok, op, ": key_bias ", kb.sizes(), " must broadcast to (B=", s.B, ", H=", s.H,
+              ", Nq=", s.Nq, ", Nk=", s.Nk, ")");
+}
+
+// A checked key_bias as a 4-D view (leading dims of size 1 added; nothing copied).
+inline at::Tensor key_bias_4d(const at::Tensor& kb) {
+  at::Tensor r = kb;
+  while (r.dim() < 4) r = r.unsqueeze(0);
+  return r;
+}
+
 // An uninitialised (B, H, N, d) tensor stored as (B, N, H, d): the layout of every attention
 // output and input gradient of this library (merging heads is then free).
 inline at::Tensor heads_last_empty(int64_t B, int64_t H, int64_t N, int64_t d,

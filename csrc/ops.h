@@ -22,25 +22,28 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q, const Tenso
                                                     const Tensor& v, const Tensor& prompt_k,
                                                     const Tensor& prompt_v,
                                                     const OptTensor& prompt_index,
-                                                    const OptTensor& prompt_lengths, double scale);
+                                                    const OptTensor& prompt_lengths, double scale,
+                                                    const OptTensor& key_bias);
 
 BwdResult prompt_attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Tensor& k,
                                    const Tensor& v, const Tensor& prompt_k, const Tensor& prompt_v,
                                    const OptTensor& prompt_index, const OptTensor& prompt_lengths,
                                    const Tensor& out, const Tensor& lse, double scale,
-                                   const OptTensor& u_k, const OptTensor& u_v);
+                                   const OptTensor& u_k, const OptTensor& u_v,
+                                   const OptTensor& key_bias);
 
 // The cascade (csrc/cascade/cascade.cpp), on any device the build has kernels for.
 std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& prompt_k, const Tensor& prompt_v,
                                        const OptTensor& prompt_index,
-                                       const OptTensor& prompt_lengths, double scale);
+                                       const OptTensor& prompt_lengths, double scale,
+                                       const OptTensor& key_bias);
 
 BwdResult cascade_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v,
                       const Tensor& prompt_k, const Tensor& prompt_v,
                       const OptTensor& prompt_index, const OptTensor& prompt_lengths,
                       const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k,
-                      const OptTensor& u_v);
+                      const OptTensor& u_v, const OptTensor& key_bias);
 
 // What this build is: CPU ISA it was compiled for, GEMM providers, CUDA archs (for `info`).
 std::string build_info();

@@ -5,13 +5,15 @@
 // the "cpp" backend it can pick (fastprompt/kernels/cpp/__init__.py wraps it and registers the
 // fake (meta) implementations used by torch.compile). Shapes:
 //
-//   prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index?, prompt_lengths?, scale)
+//   prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index?, prompt_lengths?, scale,
+//                        key_bias?)
 //       q (B, H, Nq, d), k/v (B, H, Nk, d), any strides; prompt_k/v (T, H, P, d); prompt_index
 //       (B,) int: the set of each sequence (None: set 0); prompt_lengths (T,) int: valid keys per
-//       set (None: P). Returns out (B, H, Nq, d) stored as (B, Nq, H, d), and lse (B, H, Nq)
+//       set (None: P); key_bias: floating point, broadcastable to (B, H, Nq, Nk), added to the
+//       scores of the image keys only (prompt keys get none), not differentiated. Returns out (B, H, Nq, d) stored as (B, Nq, H, d), and lse (B, H, Nq)
 //       fp32 contiguous, natural log; a query with no key gets out 0 and lse -inf.
 //   prompt_attention_bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index?, prompt_lengths?, out,
-//                        lse, scale, u_k?, u_v?)
+//                        lse, scale, u_k?, u_v?, key_bias?)
 //       Returns dq, dk, dv (shapes of q, k, v, dtype of q, any layout), dprompt_k/v (T, H, P, d)
 //       fp32 summed per set in a fixed order (deterministic), and, when u_k, u_v (S, T, H, P, d)
 //       are given, Prompt Condensation's terms (S, B, P) and gate (B, P), fp32, from the
@@ -29,11 +31,12 @@
 
 #define FP_FWD_SCHEMA                                                                      \
   "(Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, Tensor? prompt_index, " \
-  "Tensor? prompt_lengths, float scale) -> (Tensor, Tensor)"
-#define FP_BWD_SCHEMA                                                                     \
-  "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, "        \
-  "Tensor? prompt_index, Tensor? prompt_lengths, Tensor out, Tensor lse, float scale, "   \
-  "Tensor? u_k, Tensor? u_v) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+  "Tensor? prompt_lengths, float scale, Tensor? key_bias=None) -> (Tensor, Tensor)"
+#define FP_BWD_SCHEMA                                                                   \
+  "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, "      \
+  "Tensor? prompt_index, Tensor? prompt_lengths, Tensor out, Tensor lse, float scale, " \
+  "Tensor? u_k, Tensor? u_v, Tensor? key_bias=None) "                                    \
+  "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 TORCH_LIBRARY(fastprompt_ext, m) {
   m.def("prompt_attention_fwd" FP_FWD_SCHEMA);

@@ -42,6 +42,17 @@ def test_matches_the_official_vpt_swin(deep, impl, p, batch, dropout):
     assert_matches_official(prompted, _images(batch))
 
 
+@pytest.mark.parametrize("backend", ["cpp", "cascade", "torch"])
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_every_backend_with_a_key_bias_gives_the_official_vpt_swin(deep, backend):
+    """The windows' relative-position bias and shift mask through each backend that takes a
+    key_bias (``cpp`` is the CPU default; the cases above run it)."""
+    prompted = fastprompt.vpt(tiny_swin(), 5, deep=deep, backend=backend).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no backend may fall back here
+        assert_matches_official(prompted, _images(3))
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 @pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
 def test_dropout_masks_are_the_official_ones(deep, impl):

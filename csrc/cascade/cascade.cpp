@@ -16,6 +16,9 @@
 // ceil(P / 128) * H thread blocks. The per-sequence prompt gradients are then summed per set by a
 // kernel that visits each set's members in order (fp32, deterministic).
 //
+// A key_bias (a windowed backbone's relative-position bias and shift mask) belongs to the image
+// keys only: it goes to the image part, and the prompt part never sees it.
+//
 // Prompt Condensation's scores need those per-sequence prompt gradients and the gate
 // sum_n dS[n, i], which no fused kernel returns. The scored backward pads the head dim by 8: q
 // gets a feature equal to 1 that the prompt keys have 0 in, which changes no score, and the
@@ -84,7 +87,7 @@ Tensor valid_slots(const Tensor& lengths, int64_t P) {
 
 // (K, 1, 1, P) additive bias: -inf on invalid slots. Rows padded to 16 elements: the
 // memory-efficient kernel needs an aligned batch stride.
-Tensor key_bias(const Tensor& valid, at::ScalarType dtype) {
+Tensor slot_bias(const Tensor& valid, at::ScalarType dtype) {
   const int64_t K = valid.size(0), P = valid.size(1);
   Tensor bias = at::zeros({K, (P + 15) / 16 * 16}, valid.options().dtype(dtype)).narrow(1, 0, P);
   bias.masked_fill_(valid.logical_not(), -INFINITY);
@@ -128,7 +131,7 @@ PromptKeys prompt_keys(const Tensor& pk, const Tensor& pv, const OptTensor& inde
     const Tensor lens = lengths->to(at::kLong);
     Tensor valid_seq = valid.narrow(0, 0, 1);
     if (per_sequence) valid_seq = shared ? valid_seq.expand({B, -1}) : valid.index_select(0, idx);
-    r.bias = key_bias(valid_seq, pk.scalar_type());
+    r.bias = slot_bias(valid_seq, pk.scalar_type());
     r.counts = shared ? lens.narrow(0, 0, 1).expand({B}) : lens.index_select(0, idx);
   }
   return r;
@@ -144,6 +147,28 @@ std::pair<Tensor, Tensor> set_members(const OptTensor& index, int64_t B, int64_t
   }
   auto [sorted, order] = at::sort(index->to(at::kLong), /*stable=*/true, 0, false);
   return {order, at::searchsorted(sorted, at::arange(T + 1, i64))};
+}
+
+// The image part's bias from a checked key_bias, 4-D and broadcast where it broadcasts. On the CPU
+// in fp32 (the CPU flash kernel takes it, and it stays exact for 16-bit inputs); on CUDA in q's
+// dtype (the memory-efficient kernel's rule) with every stride of a dimension of size > 1 but the
+// last a multiple of 16 elements, as scaled_dot_product_attention prepares a mask for it.
+Tensor image_bias(const OptTensor& key_bias, const Tensor& q) {
+  if (!key_bias.has_value()) return Tensor();
+  Tensor bias = key_bias_4d(key_bias->to(q.is_cpu() ? at::kFloat : q.scalar_type()));
+  if (q.is_cpu()) return bias;
+  constexpr int64_t kAlign = 16;
+  bool aligned = bias.stride(3) == 1;
+  for (int64_t i = 0; aligned && i < 3; ++i) {
+    aligned = bias.size(i) == 1 || bias.stride(i) % kAlign == 0;
+  }
+  if (aligned) return bias;
+  const int64_t n = bias.size(3);
+  Tensor padded =
+      at::zeros({bias.size(0), bias.size(1), bias.size(2), (n + kAlign - 1) / kAlign * kAlign},
+                bias.options());
+  padded.narrow(3, 0, n).copy_(bias);
+  return padded.narrow(3, 0, n);
 }
 
 // The fused kernels read rows with unit stride along d; other layouts are copied once.
@@ -172,17 +197,27 @@ Prepared prepare(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor
 std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                        const Tensor& pk_, const Tensor& pv_,
                                        const OptTensor& index, const OptTensor& lengths,
-                                       double scale) {
+                                       double scale, const OptTensor& key_bias) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_fwd (cascade)";
   const c10::DeviceGuard guard(q_.device());
   const auto [s, kernels] = prepare(q_, k_, v_, pk_, pv_, index, lengths, op);
+  check_key_bias(key_bias, s, q_, op);
   const Tensor q = unit_last(q_), k = unit_last(k_), v = unit_last(v_);
   const Tensor pk = unit_last(pk_), pv = unit_last(pv_);
   Tensor out = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
   Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.Nq == 0) return {out, lse};
   Tensor o_i, lse_i, o_p, lse_p, counts;
-  if (s.Nk > 0) std::tie(o_i, lse_i) = part_forward(q, k, v, Tensor(), scale);
+  if (s.Nk > 0) {
+    std::tie(o_i, lse_i) = part_forward(q, k, v, image_bias(key_bias, q), scale);
+    if (key_bias.has_value()) {
+      // A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ on
+      // what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
+      const Tensor masked = key_bias_4d(*key_bias).isneginf().all(-1).expand({s.B, s.H, s.Nq});
+      lse_i = lse_i.masked_fill(masked, -INFINITY);
+      o_i = o_i.masked_fill(masked.unsqueeze(-1), 0.0);
+    }
+  }
   if (s.P > 0) {
     const bool shared = s.T == 1 || !index.has_value();
     const PromptKeys pr = prompt_keys(pk, pv, index, lengths, s.B, !shared);
@@ -233,10 +268,12 @@ Tensor scored_prompt_part(const Tensor& dout, const Tensor& q, const Tensor& out
 BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_,
                       const Tensor& pk_, const Tensor& pv_, const OptTensor& index,
                       const OptTensor& lengths, const Tensor& out_, const Tensor& lse,
-                      double scale, const OptTensor& u_k, const OptTensor& u_v) {
+                      double scale, const OptTensor& u_k, const OptTensor& u_v,
+                      const OptTensor& key_bias) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd (cascade)";
   const c10::DeviceGuard guard(q_.device());
   const auto [s, kernels] = prepare(q_, k_, v_, pk_, pv_, index, lengths, op);
+  check_key_bias(key_bias, s, q_, op);
   const int64_t S = check_backward_args(dout_, q_, out_, lse, u_k, u_v, s, op);
   const bool scored = u_k.has_value();
   TORCH_CHECK(!(scored && q_.is_cuda() && s.d > 248), op,
@@ -256,7 +293,8 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
   // A row with no key (lse = -inf) must give every key probability 0: +inf does (exp(s - inf)).
   const Tensor lse_b = at::where(lse.eq(-INFINITY), INFINITY, lse).contiguous();
   if (s.Nk > 0) {
-    std::tie(dq, dk, dv) = part_backward(dout, q, k, v, Tensor(), out, lse_b, scale);
+    std::tie(dq, dk, dv) =
+        part_backward(dout, q, k, v, image_bias(key_bias, q), out, lse_b, scale);
   } else {
     dk = heads_last_zeros(k);
     dv = heads_last_zeros(v);

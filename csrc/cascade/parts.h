@@ -17,7 +17,9 @@ namespace fastprompt::cascade {
 using Tensor = at::Tensor;
 
 // out (B, H, Nq, d) in q's dtype, any layout; lse (B, H, Nq) fp32, any layout. bias: additive,
-// broadcastable to (B, H, Nq, Nk) as (B, 1, 1, Nk), dtype of q, or undefined.
+// 4-D, broadcastable to (B, H, Nq, Nk), or undefined; in q's dtype on CUDA with the strides of its
+// non-broadcast dims but the last multiples of 16 elements (the memory-efficient kernel's
+// alignment), in q's dtype or fp32 on the CPU.
 std::tuple<Tensor, Tensor> part_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& bias, double scale);
 

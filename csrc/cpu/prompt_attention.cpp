@@ -3,7 +3,7 @@
 // Each task is one (sequence, head, block of query rows). Its keys are two segments read in
 // place: the sequence's prompt set (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; stride
 // 0 over the batch for a shared set, never copied per sequence) followed by the sequence's own
-// keys. Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the
+// keys, whose scores get the optional key_bias (read through its broadcast strides, in fp32). Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the
 // prompt segment and the start of the image one, and is computed as one score block by up to two
 // GEMMs (one per segment) writing side by side into the same buffer. The softmax runs online
 // across groups (fastprompt/arith.h), so the concatenated K/V is never built and long key sets
@@ -51,12 +51,41 @@ int pieces_of(int64_t c0, int64_t cols, int64_t np, Piece out[2]) {
   return n;
 }
 
+// key_bias broadcast to (B, H, Nq, Nk) in fp32, read through its strides (0 where it
+// broadcasts); p is null without one.
+struct BiasView {
+  const float* p = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0, sk = 0;
+};
+
+BiasView bias_view(const at::Tensor& expanded) {
+  if (!expanded.defined()) return {};
+  return {expanded.const_data_ptr<float>(), expanded.stride(0), expanded.stride(1),
+          expanded.stride(2), expanded.stride(3)};
+}
+
+// The image piece's scores (rows x pc.len, rows ld apart, from column pc.col) += key_bias of
+// sequence b, head h, query rows r0..., keys pc.start...
+void add_key_bias(float* scores, int64_t ld, int64_t rows, const BiasView& kb, int64_t b,
+                  int64_t h, int64_t r0, const Piece& pc) {
+  if (kb.p == nullptr || pc.segment != 1) return;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src = kb.p + b * kb.sb + h * kb.sh + (r0 + r) * kb.sn + pc.start * kb.sk;
+    float* dst = scores + r * ld + pc.col;
+    if (kb.sk == 1) {
+      add_row(dst, src, pc.len);
+    } else {
+      for (int64_t j = 0; j < pc.len; ++j) dst[j] += src[j * kb.sk];
+    }
+  }
+}
+
 int64_t row_blocks(int64_t n) { return std::max<int64_t>(1, (n + kRowBlock - 1) / kRowBlock); }
 
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& pk,
-             const at::Tensor& pv, const Sets& sets, const AttnShape& s, float scale,
-             at::Tensor& out, at::Tensor& lse) {
+             const at::Tensor& pv, const Sets& sets, const BiasView& kb, const AttnShape& s,
+             float scale, at::Tensor& out, at::Tensor& lse) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
@@ -88,6 +117,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           const Mat<T>& KS = pcs[i].segment == 0 ? PK : K;
           gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld, KS.row(pcs[i].start), KS.ld,
                0.0f, sbuf.data() + pcs[i].col, cols);
+          add_key_bias(sbuf.data(), cols, rows, kb, b, h, r0, pcs[i]);
         }
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sbuf.data() + r * cols;
@@ -131,8 +161,9 @@ struct BwdBuffers {
 template <typename T>
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
-              const at::Tensor& lse, const Sets& sets, const AttnShape& s, float scale,
-              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv, const BwdBuffers& buf) {
+              const at::Tensor& lse, const Sets& sets, const BiasView& kb, const AttnShape& s,
+              float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              const BwdBuffers& buf) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
@@ -188,11 +219,12 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
           auto dval = [&](const Piece& pc) {
             return pc.segment == 0 ? dpv + pc.start * d : dv_img + pc.start * ld_img;
           };
-          // P = exp(scale q k^T - lse)
+          // P = exp(scale q k^T + key_bias - lse)
           for (int i = 0; i < npc; ++i) {
             gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld,
                  keys(pcs[i]).row(pcs[i].start), keys(pcs[i]).ld, 0.0f, pbuf.data() + pcs[i].col,
                  cols);
+            add_key_bias(pbuf.data(), cols, rows, kb, b, h, r0, pcs[i]);
           }
           for (int64_t r = 0; r < rows; ++r) {
             exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
@@ -251,6 +283,13 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
   });
 }
 
+// A checked key_bias as the kernels read it: fp32 (exact for 16-bit inputs), broadcast to
+// (B, H, Nq, Nk) without copying; undefined without one.
+at::Tensor expanded_bias(const OptTensor& key_bias, const AttnShape& s) {
+  if (!key_bias.has_value()) return at::Tensor();
+  return key_bias_4d(key_bias->to(at::kFloat)).expand({s.B, s.H, s.Nq, s.Nk});
+}
+
 // The sequences of each set as the tensors cpu::reduce_sets reads.
 std::pair<at::Tensor, at::Tensor> member_tensors(const Sets& sets, int64_t B, int64_t T) {
   const SetMembers m = set_members(sets, B, T);
@@ -271,9 +310,12 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
                                                     const Tensor& v_, const Tensor& pk_,
                                                     const Tensor& pv_,
                                                     const OptTensor& prompt_index,
-                                                    const OptTensor& prompt_lengths, double scale) {
+                                                    const OptTensor& prompt_lengths, double scale,
+                                                    const OptTensor& key_bias) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_fwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
+  check_key_bias(key_bias, s, q_, op);
+  const at::Tensor kb = expanded_bias(key_bias, s);
   const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
   const at::Tensor q = rows_readable(q_), k = rows_readable(k_), v = rows_readable(v_);
   const at::Tensor pk = rows_readable(pk_), pv = rows_readable(pv_);
@@ -282,7 +324,8 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.Nq == 0) return {out, lse};
   FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_fwd", [&] {
-    forward<scalar_t>(q, k, v, pk, pv, sets, s, static_cast<float>(scale), out, lse);
+    forward<scalar_t>(q, k, v, pk, pv, sets, bias_view(kb), s, static_cast<float>(scale), out,
+                      lse);
   });
   return {out, lse};
 }
@@ -291,9 +334,11 @@ BwdResult prompt_attention_bwd_cpu(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
     const Tensor& pv_, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
     const Tensor& out_, const Tensor& lse_, double scale, const OptTensor& u_k_,
-    const OptTensor& u_v_) {
+    const OptTensor& u_v_, const OptTensor& key_bias) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
+  check_key_bias(key_bias, s, q_, op);
+  const at::Tensor kb = expanded_bias(key_bias, s);
   const int64_t S = check_backward_args(dout_, q_, out_, lse_, u_k_, u_v_, s, op);
   const bool scored = u_k_.has_value();
   const Sets sets = read_sets(prompt_index, prompt_lengths, s, op);
@@ -319,8 +364,8 @@ BwdResult prompt_attention_bwd_cpu(
     BwdBuffers buf{dpk_seq.data_ptr<float>(), dpv_seq.data_ptr<float>(),
                    scored ? gate_part.data_ptr<float>() : nullptr};
     FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
-      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, sets, s, static_cast<float>(scale), dq,
-                         dk, dv, buf);
+      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, sets, bias_view(kb), s,
+                         static_cast<float>(scale), dq, dk, dv, buf);
     });
   } else {
     dq.zero_();

@@ -255,8 +255,7 @@ BACKENDS: tuple[Backend, ...] = (
         "(benchmarks/results/cpu-2core/op_cascade); nothing on a GPU yet",
         devices=("cpu", "cuda"),
         dtypes=_FLOATS,
-        features=frozenset({"prompt_index", "prompt_lengths", "scores", "key_count"}),
-        lacks={"key_bias": "the C++ kernels add no bias to the scores"},
+        features=frozenset(FEATURES),
         # On the CPU it beat every other path in fp32 and bf16 (op_cascade); fp16 is unmeasured.
         auto={"cpu": (torch.float32, torch.bfloat16)},
         # On CUDA it competes only when choices are measured, and only on the GPUs the

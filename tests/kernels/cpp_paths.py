@@ -51,40 +51,43 @@ class CppPath:
         self._fwd = getattr(torch.ops.fastprompt_ext, f"{prefix}_fwd")
         self._bwd = getattr(torch.ops.fastprompt_ext, f"{prefix}_bwd")
 
-    def fwd(self, q, k, v, pk, pv, index, lengths, scale):
-        return self._fwd(q, k, v, pk, pv, index, lengths, float(scale))
+    def fwd(self, q, k, v, pk, pv, index, lengths, scale, key_bias=None):
+        return self._fwd(q, k, v, pk, pv, index, lengths, float(scale), key_bias)
 
-    def bwd(self, dout, q, k, v, pk, pv, index, lengths, out, lse, scale):
+    def bwd(self, dout, q, k, v, pk, pv, index, lengths, out, lse, scale, key_bias=None):
         args = (dout, q, k, v, pk, pv, index, lengths, out, lse, float(scale))
-        return tuple(self._bwd(*args, None, None)[:5])
+        return tuple(self._bwd(*args, None, None, key_bias)[:5])
 
-    def scored(self, dout, q, k, v, pk, pv, index, lengths, out, lse, scale, u_k, u_v):
+    def scored(
+        self, dout, q, k, v, pk, pv, index, lengths, out, lse, scale, u_k, u_v, key_bias=None
+    ):
         args = (dout, q, k, v, pk, pv, index, lengths, out, lse, float(scale))
-        return tuple(self._bwd(*args, u_k, u_v))
+        return tuple(self._bwd(*args, u_k, u_v, key_bias))
 
 
 class PathAttention(torch.autograd.Function):
     """A path's contract functions under autograd, as the op will call them."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pk, pv, index, lengths, scale, path):
-        out, lse = path.fwd(q, k, v, pk, pv, index, lengths, scale)
-        ctx.save_for_backward(q, k, v, pk, pv, index, lengths, out, lse)
+    def forward(ctx, q, k, v, pk, pv, index, lengths, scale, path, key_bias):
+        out, lse = path.fwd(q, k, v, pk, pv, index, lengths, scale, key_bias)
+        ctx.save_for_backward(q, k, v, pk, pv, index, lengths, out, lse, key_bias)
         ctx.scale, ctx.path = scale, path
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, _dlse):
-        q, k, v, pk, pv, index, lengths, out, lse = ctx.saved_tensors
+        q, k, v, pk, pv, index, lengths, out, lse, key_bias = ctx.saved_tensors
         dq, dk, dv, dpk, dpv = ctx.path.bwd(
-            dout, q, k, v, pk, pv, index, lengths, out, lse, ctx.scale
+            dout, q, k, v, pk, pv, index, lengths, out, lse, ctx.scale, key_bias
         )
-        return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype), None, None, None, None
+        return dq, dk, dv, dpk.to(pk.dtype), dpv.to(pv.dtype), None, None, None, None, None
 
 
-def ext(q, k, v, pk, pv, index=None, lengths=None, path="kernels"):
-    return PathAttention.apply(q, k, v, pk, pv, index, lengths, q.shape[-1] ** -0.5, CppPath(path))
+def ext(q, k, v, pk, pv, index=None, lengths=None, path="kernels", key_bias=None):
+    scale = q.shape[-1] ** -0.5
+    return PathAttention.apply(q, k, v, pk, pv, index, lengths, scale, CppPath(path), key_bias)
 
 
 def run(fn, tensors, dout, **kw):
@@ -102,8 +105,8 @@ def compare(got, ref, atol=2e-5, rtol=2e-5):
         assert_close(a, e, name, atol=atol, rtol=rtol)
 
 
-def against_reference(path, tensors, dout, index=None, lengths=None):
+def against_reference(path, tensors, dout, index=None, lengths=None, key_bias=None):
     """(path's results, the fp32 reference's): out, lse and every gradient."""
-    got = run(lambda *a: ext(*a, index, lengths, path=path), tensors, dout)
-    ref = run(lambda *a: prompt_attention_ref(*a, index, lengths), tensors, dout)
+    got = run(lambda *a: ext(*a, index, lengths, path=path, key_bias=key_bias), tensors, dout)
+    ref = run(lambda *a: prompt_attention_ref(*a, index, lengths, key_bias=key_bias), tensors, dout)
     return got, ref

@@ -132,6 +132,63 @@ def test_long_key_sets_span_several_key_groups(path):
     compare(got, ref, atol=5e-5, rtol=5e-5)
 
 
+# Broadcast forms of key_bias: Swin's table over windows (1, H, N, N_k), one per window and head
+# (B, H, N, N_k; Swin's shift mask), a 2-D (N, N_k) read transposed (a key stride other than 1),
+# and a per-sequence row (B, 1, 1, N_k).
+BIAS_FORMS = ["table", "full", "2d-strided", "per-sequence"]
+
+
+def _key_bias(form, b, h, n, n_k, device="cpu"):
+    g = torch.Generator().manual_seed(11)
+    if form == "2d-strided":
+        return torch.randn(n_k, n, generator=g).to(device).t()
+    size = {"table": (1, h, n, n_k), "full": (b, h, n, n_k), "per-sequence": (b, 1, 1, n_k)}[form]
+    return torch.randn(size, generator=g).to(device)
+
+
+@pytest.mark.parametrize("form", BIAS_FORMS)
+@pytest.mark.parametrize("place", PLACES, ids=_place_id)
+def test_key_bias_on_the_image_keys_matches_reference(form, place):
+    """Indexed sets with lengths (one empty), N_k != N: the bias reaches the image keys only."""
+    device, path = place
+    b, h, n, n_k, d, t, p = 4, 2, 13, 11, 16, 3, 5
+    q, _, _ = make_qkv(b, h, n, d, non_contiguous=True, device=device)
+    k, v, _ = make_qkv(b, h, n_k, d, seed=3, device=device)
+    pk, pv = make_prompts(t, h, p, d, device=device)
+    index = torch.tensor([2, 0, 2, 1], device=device)
+    lengths = torch.tensor([5, 0, 3], device=device)
+    bias = _key_bias(form, b, h, n, n_k, device)
+    dout = torch.randn(b, h, n, d, device=device)
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, lengths, bias)
+    compare(got, ref)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_key_bias_that_masks_every_image_key_of_a_row_leaves_the_prompts(path):
+    """Swin's shift mask is -100; -inf on a whole row leaves that query only its prompt keys, and
+    more than 512 keys make the CPU kernels' online softmax cross key groups."""
+    b, h, n, d, p = 2, 2, 520, 16, 7
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(1, h, p, d)
+    bias = torch.randn(b, 1, n, n)
+    bias[:, :, 3] = float("-inf")
+    bias[:, :, 5, ::2] = -100.0
+    dout = torch.randn(b, h, n, d)
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, None, None, bias)
+    compare(got, ref, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_key_bias_that_does_not_broadcast_is_refused(path):
+    fns = CppPath(path)
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(1, 2, 3, 8)
+    with pytest.raises(RuntimeError, match=r"key_bias \[3, 2, 5, 5\] must broadcast to \(B=2"):
+        fns.fwd(q, k, v, pk, pv, None, None, 0.3, torch.zeros(3, 2, 5, 5))
+    with pytest.raises(RuntimeError, match="key_bias must be a floating-point tensor"):
+        fns.fwd(q, k, v, pk, pv, None, None, 0.3, torch.zeros(5, 5, dtype=torch.long))
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_own_key_count_and_empty_cases(path):
     """Nk != Nq; Nq = 0; no key at all (out 0, lse -inf, zero gradients)."""

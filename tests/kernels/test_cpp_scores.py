@@ -23,14 +23,16 @@ def extension():
     require_extension()
 
 
-def _reference_scores(q, k, v, pk, pv, index, lengths, u_k, u_v, dout, scale):
+def _reference_scores(q, k, v, pk, pv, index, lengths, u_k, u_v, dout, scale, key_bias=None):
     """Per-sequence prompt gradients by autograd on per-sequence copies, then prompt_scores_ref."""
     b = q.shape[0]
     seq = torch.zeros(b, dtype=torch.long) if index is None else index.long()
     pk_seq = pk[seq].clone().requires_grad_()
     pv_seq = pv[seq].clone().requires_grad_()
     lens_seq = None if lengths is None else lengths[seq]
-    out, lse = prompt_attention_ref(q, k, v, pk_seq, pv_seq, torch.arange(b), lens_seq, scale)
+    out, lse = prompt_attention_ref(
+        q, k, v, pk_seq, pv_seq, torch.arange(b), lens_seq, scale, key_bias=key_bias
+    )
     gk, gv = torch.autograd.grad(out, (pk_seq, pv_seq), dout)
     delta = (dout * out).sum(-1)
     return prompt_scores_ref(q, pk, pv, lse, delta, gk, gv, u_k, u_v, scale, index, lengths)
@@ -40,7 +42,17 @@ def _reference_scores(q, k, v, pk, pv, index, lengths, u_k, u_v, dout, scale):
 @pytest.mark.parametrize("with_lengths", [False, True])
 @pytest.mark.parametrize("path", PATHS)
 def test_scored_backward_matches_reference(indexed, with_lengths, path):
-    fns = CppPath(path)
+    _check_scored(CppPath(path), indexed, with_lengths, key_bias=None)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_scored_backward_with_a_key_bias_matches_reference(path):
+    """Swin's condensation: the scores through windows whose image keys carry a bias."""
+    bias = torch.randn(1, 2, 21, 21, generator=torch.Generator().manual_seed(2))
+    _check_scored(CppPath(path), True, True, key_bias=bias)
+
+
+def _check_scored(fns, indexed, with_lengths, key_bias):
     b, h, n, d, p = 3, 2, 21, 32, 7
     t = 2 if indexed else 1
     q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
@@ -51,13 +63,15 @@ def test_scored_backward_matches_reference(indexed, with_lengths, path):
     lengths = (torch.tensor([7, 4]) if indexed else torch.tensor([5])) if with_lengths else None
     dout = torch.randn(b, h, n, d)
     scale = d**-0.5
-    terms, gate = _reference_scores(q, k, v, pk, pv, index, lengths, u_k, u_v, dout, scale)
-    out, lse = fns.fwd(q, k, v, pk, pv, index, lengths, scale)
-    res = fns.scored(dout, q, k, v, pk, pv, index, lengths, out, lse, scale, u_k, u_v)
+    terms, gate = _reference_scores(
+        q, k, v, pk, pv, index, lengths, u_k, u_v, dout, scale, key_bias
+    )
+    out, lse = fns.fwd(q, k, v, pk, pv, index, lengths, scale, key_bias)
+    res = fns.scored(dout, q, k, v, pk, pv, index, lengths, out, lse, scale, u_k, u_v, key_bias)
     assert len(res) == 7
     assert_close(res[5], terms, "terms", atol=1e-4, rtol=1e-4)
     assert_close(res[6], gate, "gate", atol=1e-4, rtol=1e-4)
-    plain = fns.bwd(dout, q, k, v, pk, pv, index, lengths, out, lse, scale)
+    plain = fns.bwd(dout, q, k, v, pk, pv, index, lengths, out, lse, scale, key_bias)
     for name, a, e in zip(NAMES[2:], res[:5], plain):
         assert_close(a, e, name, atol=2e-6, rtol=2e-6)
 
@@ -160,6 +174,9 @@ def test_opcheck_every_schema(prefix):
     bwd_args = (dout, q, k, v, pk, pv, index, lengths, out, lse, 0.3)
     torch.library.opcheck(bwd, (*bwd_args, None, None))
     torch.library.opcheck(bwd, (*bwd_args, u, u))
+    bias = torch.randn(1, 2, 5, 5)
+    torch.library.opcheck(fwd, (q, k, v, pk, pv, index, lengths, 0.3, bias))
+    torch.library.opcheck(bwd, (*bwd_args, u, u, bias))
 
 
 def test_torch_compile_fullgraph_traces_the_ops():

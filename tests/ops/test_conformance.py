@@ -119,6 +119,29 @@ def test_a_feature_it_lacks_is_refused_with_its_reason(backend, case):
         prompt_attention(*tensors, backend=backend.name, **extra)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
+    """Rows whose image keys are all -inf attend to their prompt keys only (the cascade's image
+    part once merged the CPU flash kernel's lse 0 for such a row); a -100 mask as Swin's."""
+    _runnable(backend, device)
+    _needs(backend, "key_bias")
+    q, k, v = make_qkv(2, 2, 7, 16, device=device)
+    pk, pv = make_prompts(1, 2, 4, 16, device=device)
+    bias = torch.randn(2, 1, 7, 7)
+    bias[:, :, 2] = float("-inf")
+    bias[1, :, 4, 1::2] = -100.0
+    bias = bias.to(device)
+    dout = torch.randn(2, 2, 7, 16, device=device)
+    got = _run(
+        lambda *a: prompt_attention(*a, backend=backend.name, key_bias=bias),
+        (q, k, v, pk, pv),
+        dout,
+    )
+    ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), (q, k, v, pk, pv), dout)
+    for name, a, e in zip(NAMES, got, ref):
+        assert_close(a, e, name, **_tol(backend))
+
+
 def test_masked_prompt_slots_never_influence_anything(backend):
     _runnable(backend, "cpu")
     _needs(backend, "prompt_index", "prompt_lengths")

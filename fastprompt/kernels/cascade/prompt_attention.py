@@ -91,7 +91,14 @@ def long_chunks(q: Tensor, num_prompts: int) -> int:
 def _image_part(q, k, v, key_bias, scale):
     if k.shape[2] == 0:
         return None
-    return attend(kernel_for(q, key_bias is not None), q, k, v, key_bias, scale)
+    o, lse = attend(kernel_for(q, key_bias is not None), q, k, v, key_bias, scale)
+    if key_bias is not None:
+        # A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ
+        # on what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
+        masked = torch.isneginf(key_bias).all(-1)
+        lse = lse.masked_fill(masked, float("-inf"))
+        o = o.masked_fill(masked[..., None], 0.0)
+    return o, lse
 
 
 def _prompt_part(q, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):

@@ -261,6 +261,7 @@ def prompt_attention_fwd(
     prompt_index: Tensor | None,
     prompt_lengths: Tensor | None,
     scale: float,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prompt attention forward.
 
@@ -273,6 +274,10 @@ def prompt_attention_fwd(
     prompt_index : Tensor of int, shape (B,), optional
     prompt_lengths : Tensor of int, shape (T,), optional
     scale : float
+    key_bias : Tensor, optional
+        Added to the scores of the image keys (broadcastable to (B, H, N, N_k), not
+        differentiated); the CPU kernels read it in fp32 through its broadcast strides, the CUDA
+        path hands it to the image part's memory-efficient kernel.
 
     Returns
     -------
@@ -280,7 +285,7 @@ def prompt_attention_fwd(
     lse : Tensor, shape (B, H, N), float32, contiguous; -inf for a query with no key.
     """
     return _ext().prompt_attention_fwd(
-        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, float(scale)
+        q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, float(scale), key_bias
     )
 
 
@@ -296,6 +301,7 @@ def prompt_attention_bwd(
     out: Tensor,
     lse: Tensor,
     scale: float,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Prompt attention backward.
 
@@ -323,6 +329,7 @@ def prompt_attention_bwd(
         float(scale),
         None,
         None,
+        key_bias,
     )
     return tuple(grads[:5])
 
@@ -341,6 +348,7 @@ def prompt_attention_bwd_scored(
     scale: float,
     u_k: Tensor,
     u_v: Tensor,
+    key_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`prompt_attention_bwd` plus Prompt Condensation's terms, fused.
 
@@ -376,6 +384,7 @@ def prompt_attention_bwd_scored(
             float(scale),
             u_k,
             u_v,
+            key_bias,
         )
     )
 
@@ -393,11 +402,24 @@ def _register_fakes() -> None:
     _FAKES_DONE.append(True)
     register = torch.library.register_fake
 
-    def fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):
+    def fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, key_bias=None):
         return _heads_last(q, q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def bwd(
-        dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v
+        dout,
+        q,
+        k,
+        v,
+        prompt_k,
+        prompt_v,
+        prompt_index,
+        prompt_lengths,
+        out,
+        lse,
+        scale,
+        u_k,
+        u_v,
+        key_bias=None,
     ):
         b = q.shape[0]
         t, h, p, d = prompt_k.shape
