@@ -132,12 +132,9 @@ def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
     bias[1, :, 4, 1::2] = -100.0
     bias = bias.to(device)
     dout = torch.randn(2, 2, 7, 16, device=device)
-    got = _run(
-        lambda *a: prompt_attention(*a, backend=backend.name, key_bias=bias),
-        (q, k, v, pk, pv),
-        dout,
-    )
-    ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), (q, k, v, pk, pv), dout)
+    tensors = (q, k, v, pk, pv)
+    got = _run(lambda *a: prompt_attention(*a, backend=backend.name, key_bias=bias), tensors, dout)
+    ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), tensors, dout)
     for name, a, e in zip(NAMES, got, ref):
         assert_close(a, e, name, **_tol(backend))
 
