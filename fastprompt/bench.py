@@ -293,7 +293,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         ``{"config", "env", "rows"}``; each row holds one (prompts, variant) with latency for
         inference (naive and ``fused`` only: the policies change nothing there) and training,
         activation bytes saved for backward and a step's peak memory, and GFLOPs where asked.
-        The prompt-free row's backward is full fine-tuning's (every weight trains).
+        The prompt-free row's backward is full fine-tuning's (every weight trains). Training
+        rows also hold ``train_vs_frozen``: against the prompt-free model's step with its weights
+        as the prompted model trains them (the backbone frozen, the head trained) and the
+        gradient taken to the images, timed with them. That is the floor
+        of a prompt method's step: its backward needs the same input gradients through every
+        block (less the first block's, which it may skip, and the patch embedding's).
     """
     import timm
 
@@ -320,6 +325,12 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     def free_step() -> None:
         with all_trainable(model):
             train_step(model)()
+
+    images = x.detach().requires_grad_()
+
+    def frozen_step() -> None:
+        model(images).float().logsumexp(-1).mean().backward()
+        images.grad = None
 
     say(f"{cfg.model}: prompt-free")
     free: dict[str, Any] = {"prompts": 0, "variant": "prompt-free"}
@@ -379,8 +390,11 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
         _store(group, free_times, "infer", times)
         prompted.train()
         if cfg.train:
-            fns = {"free": free_step, **{name: step(name) for name in group}}
-            _store(group, free_times, "train", time_interleaved(fns, device, cfg.reps))
+            fns = {"free": free_step, "frozen": frozen_step, **{n: step(n) for n in group}}
+            times = time_interleaved(fns, device, cfg.reps)
+            _store(group, free_times, "train", times)
+            for row in group.values():
+                row["train_frozen_median_s"] = statistics.median(times["frozen"])
         for name, row in group.items():
             use(name)
             if cfg.memory:
@@ -421,6 +435,8 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
             if kind in r:
                 r[f"{kind}_vs_free"] = r[kind]["median_s"] / r[f"{kind}_free_median_s"]
                 r[f"{kind}_vs_naive"] = r[kind]["median_s"] / naive[kind]["median_s"]
+        if "train_frozen_median_s" in r and "train" in r:
+            r["train_vs_frozen"] = r["train"]["median_s"] / r["train_frozen_median_s"]
         if "activation_bytes" in r:
             r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]
             r["memory_vs_naive"] = r["activation_bytes"] / naive["activation_bytes"]

@@ -18,6 +18,7 @@ _COLUMNS = (
     ("train ms", "train"),
     ("train vs naive", "train_vs_naive"),
     ("train vs free", "train_vs_free"),
+    ("train vs frozen", "train_vs_frozen"),
     ("act. MiB", "activation_bytes"),
     ("mem vs naive", "memory_vs_naive"),
     ("mem vs free", "memory_vs_free"),
@@ -58,7 +59,9 @@ def _header(result: dict[str, Any]) -> str:
         f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"timm {env['timm']}, fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
-        "same run (its training step: full fine-tuning's backward). fused+<policy>: fastprompt "
+        "same run (its training step: full fine-tuning's backward; frozen: its step with the "
+        "backbone frozen and the gradient taken to the images, a prompt method's floor). "
+        "fused+<policy>: fastprompt "
         "under a memory policy. act.: bytes saved for backward; peak: a training step's rise "
         f"in {_peak_of(result)} (gradients included, no optimiser); RSS rise: the process's "
         "resident memory (CPU)."

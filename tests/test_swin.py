@@ -265,6 +265,8 @@ def test_bench_rows_on_a_shrunk_swin():
     for row in rows[:3]:
         assert row["infer"]["median_s"] > 0 and row["train"]["median_s"] > 0
         assert row["activation_bytes"] > 0 and row["gflops"] > 0
+    for row in rows[1:]:  # beside the frozen prompt-free step, a prompt method's floor
+        assert row["train_vs_frozen"] > 0
     free, naive, fused, blocked = rows
     assert blocked["activation_bytes"] < fused["activation_bytes"]
     # Prompts add work to naive VPT-Swin; the fused path computes prompt K/V once per model.
