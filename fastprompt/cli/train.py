@@ -115,9 +115,9 @@ def _given(value: Any) -> bool:
 def add_train_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "train",
-        help="train prompts (VPT, PGN, ...) on a frozen timm ViT into a run folder",
-        description="Train prompts (and the head) of a frozen timm ViT with a named recipe. "
-        "Writes run.json, init/, last/, best/, metrics.jsonl, curves.png to --out. Under "
+        help="train prompts (VPT, PGN, ...) on a frozen timm ViT or Swin into a run folder",
+        description="Train prompts (and the head) of a frozen timm ViT or Swin with a named "
+        "recipe. Writes run.json, init/, last/, best/, metrics.jsonl, curves.png to --out. Under "
         "torchrun (torchrun --nproc-per-node N -m fastprompt train ...) the batch is split over "
         "the processes.",
     )
