@@ -153,10 +153,12 @@ std::pair<Tensor, Tensor> set_members(const OptTensor& index, int64_t B, int64_t
 // in fp32 (the CPU flash kernel takes it, and it stays exact for 16-bit inputs); on CUDA in q's
 // dtype (the memory-efficient kernel's rule) with every stride of a dimension of size > 1 but the
 // last a multiple of 16 elements, as scaled_dot_product_attention prepares a mask for it.
-Tensor image_bias(const OptTensor& key_bias, const Tensor& q) {
+Tensor image_bias(const OptTensor& key_bias, const Tensor& q, int64_t nk) {
   if (!key_bias.has_value()) return Tensor();
   Tensor bias = key_bias_4d(key_bias->to(q.is_cpu() ? at::kFloat : q.scalar_type()));
   if (q.is_cpu()) return bias;
+  // A bias broadcast over the keys is read with unit stride along them, so it is widened first.
+  if (bias.size(3) != nk) bias = bias.expand({-1, -1, -1, nk});
   constexpr int64_t kAlign = 16;
   bool aligned = bias.stride(3) == 1;
   for (int64_t i = 0; aligned && i < 3; ++i) {
@@ -209,7 +211,7 @@ std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const
   if (s.B * s.H * s.Nq == 0) return {out, lse};
   Tensor o_i, lse_i, o_p, lse_p, counts;
   if (s.Nk > 0) {
-    std::tie(o_i, lse_i) = part_forward(q, k, v, image_bias(key_bias, q), scale);
+    std::tie(o_i, lse_i) = part_forward(q, k, v, image_bias(key_bias, q, s.Nk), scale);
     if (key_bias.has_value()) {
       // A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ on
       // what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
@@ -294,7 +296,7 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
   const Tensor lse_b = at::where(lse.eq(-INFINITY), INFINITY, lse).contiguous();
   if (s.Nk > 0) {
     std::tie(dq, dk, dv) =
-        part_backward(dout, q, k, v, image_bias(key_bias, q), out, lse_b, scale);
+        part_backward(dout, q, k, v, image_bias(key_bias, q, s.Nk), out, lse_b, scale);
   } else {
     dk = heads_last_zeros(k);
     dv = heads_last_zeros(v);

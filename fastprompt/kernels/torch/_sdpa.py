@@ -217,6 +217,8 @@ def _efficient_bias(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
     bias = bias.to(q.dtype)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
+    # A bias broadcast over the keys is read with unit stride along them: widen it first.
+    bias = bias.expand(*bias.shape[:-1], k.shape[2])
     aligned = bias.stride(-1) == 1 and all(
         s % _BIAS_ALIGNMENT == 0 for s, n in zip(bias.stride()[:-1], bias.shape[:-1]) if n > 1
     )
