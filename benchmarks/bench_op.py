@@ -18,8 +18,12 @@ Inputs are laid out as timm's: q/k/v views of one (B, N, 3, H, d) buffer; the in
 (B, N, H, d). Timing: ``triton.testing.do_bench`` on CUDA (CUDA events, L2 flushed); on a CPU the
 implementations run in turn within each repetition (load hits all alike), median of ``--reps``.
 Rows are appended to ``rows.jsonl`` as they are measured; ``report.md`` holds the table.
+``--key-bias table|full`` adds an image-key bias as Swin's windows carry it: its relative-position
+bias (1, H, N, N), or that plus the shift mask per window (B, H, N, N); ``cat_sdpa`` then builds
+the mask over [prompt keys; keys] per call, as the naive way must.
 
     python benchmarks/bench_op.py --device cpu                      # ViT-B/16 shapes, B 8
+    python benchmarks/bench_op.py --device cpu --shape 32 16 49 32 --key-bias full  # Swin-B
     python benchmarks/bench_op.py --device cuda --dtypes bfloat16 float32
     python benchmarks/bench_op.py --tiny --out /tmp/op               # seconds, any device
 """
@@ -79,20 +83,31 @@ def _expanded(table, index, b):
     return table.expand(b, -1, -1, -1) if index is None else table[index]
 
 
+def _mask(bias, q, p):
+    """The additive mask over [prompt keys; keys]: zero for the prompts, then ``bias``."""
+    if bias is None:
+        return None
+    b, h, n, _ = q.shape
+    image = bias.to(q.dtype).expand(b, h, n, bias.shape[-1])
+    return torch.cat([image.new_zeros(b, h, n, p), image], -1)
+
+
 def _cat_sdpa(kind: str) -> Callable:
-    def run(q, k, v, pk, pv, index):
+    def run(q, k, v, pk, pv, index, bias):
         b = q.shape[0]
         keys = torch.cat([_expanded(pk, index, b), k], 2)
         values = torch.cat([_expanded(pv, index, b), v], 2)
         with _sdpa_context(kind):
-            return F.scaled_dot_product_attention(q, keys, values)
+            return F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=_mask(bias, q, pk.shape[2])
+            )
 
     return run
 
 
 def _backend(name: str | None) -> Callable:
-    def run(q, k, v, pk, pv, index):
-        return prompt_attention(q, k, v, pk, pv, index, backend=name)[0]
+    def run(q, k, v, pk, pv, index, bias):
+        return prompt_attention(q, k, v, pk, pv, index, backend=name, key_bias=bias)[0]
 
     return run
 
@@ -127,55 +142,61 @@ def _impl(name: str) -> Callable:
     raise ValueError(name)
 
 
-def _why_not(name: str, device: torch.device, dtype: torch.dtype, d: int) -> str | None:
+def _why_not(
+    name: str, device: torch.device, dtype: torch.dtype, d: int, biased: bool = False
+) -> str | None:
     backend = {"auto": None, "triton_default": "triton"}.get(name, name)
     if backend == "triton" and device.type == "cpu":
         return "Triton runs on a CPU only in its interpreter: a test, not a benchmark"
     if backend in backends.NAMES:
-        reasons = backends.get(backend).not_supported_reasons(backends.Call(device, dtype, d))
+        call = backends.Call(device, dtype, d, frozenset({"key_bias"} if biased else ()))
+        reasons = backends.get(backend).not_supported_reasons(call)
         return "; ".join(reasons) or None
     if name in ("cat_sdpa_flash", "cat_sdpa_efficient", "cat_sdpa_cudnn") and device.type != "cuda":
         return "a CUDA kernel"
     return None
 
 
-def _inputs(b, h, n, d, t, p, dtype, device, seed=0):
+def _inputs(b, h, n, d, t, p, dtype, device, key_bias="none", seed=0):
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(b, n, 3, h, d, generator=g).to(device, dtype)
     pk = torch.randn(t, h, p, d, generator=g).to(device, dtype)
     pv = torch.randn(t, h, p, d, generator=g).to(device, dtype)
     dout = torch.randn(b, n, h, d, generator=g).to(device, dtype).transpose(1, 2)
     index = None if t == 1 else torch.arange(b, device=device) % t
-    return qkv, pk, pv, index, dout
+    size = {"none": None, "table": (1, h, n, n), "full": (b, h, n, n)}[key_bias]
+    bias = None if size is None else torch.randn(size, generator=g).to(device)
+    return qkv, pk, pv, index, dout, bias
 
 
-def _call(fn, qkv, pk, pv, index, dout, backward):
+def _call(fn, qkv, pk, pv, index, dout, backward, bias=None):
     """One forward (no autograd) or forward + backward to q/k/v and the prompts."""
     if not backward:
         with torch.no_grad():
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            return fn(q, k, v, pk, pv, index), None
+            return fn(q, k, v, pk, pv, index, bias), None
     leaves = [x.detach().requires_grad_() for x in (qkv, pk, pv)]
     q, k, v = leaves[0].permute(2, 0, 3, 1, 4).unbind(0)
-    out = fn(q, k, v, leaves[1], leaves[2], index)
+    out = fn(q, k, v, leaves[1], leaves[2], index, bias)
     grads = torch.autograd.grad(out, leaves, dout)
     return out, grads
 
 
-def _floor(qkv, pk, pv, index, dout, backward):
-    """SDPA on K/V concatenated beforehand (outside the timed call)."""
+def _floor(qkv, pk, pv, index, dout, backward, bias=None):
+    """SDPA on K/V (and the mask) concatenated beforehand (outside the timed call)."""
     b = qkv.shape[0]
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     keys = torch.cat([_expanded(pk, index, b), k], 2).detach()
     values = torch.cat([_expanded(pv, index, b), v], 2).detach()
     q = q.detach()
+    mask = _mask(bias, q, pk.shape[2])
 
     def call():
         if not backward:
             with torch.no_grad():
-                return F.scaled_dot_product_attention(q, keys, values), None
+                return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask), None
         leaves = [x.requires_grad_() for x in (q.clone(), keys.clone(), values.clone())]
-        out = F.scaled_dot_product_attention(*leaves)
+        out = F.scaled_dot_product_attention(*leaves, attn_mask=mask)
         return out, torch.autograd.grad(out, leaves, dout)
 
     return call
@@ -248,29 +269,34 @@ def run(args) -> list[dict]:
         for p in args.prompts:
             for sets in args.sets:
                 t = 1 if sets == "shared" else b
-                qkv, pk, pv, index, dout = _inputs(b, h, n, d, t, p, dtype, device)
+                qkv, pk, pv, index, dout, bias = _inputs(
+                    b, h, n, d, t, p, dtype, device, args.key_bias
+                )
                 for mode in args.modes:
                     backward = mode == "fwd+bwd"
                     ref_in = [x.float() for x in (qkv, pk, pv)]
                     ref = _call(
-                        lambda *a: prompt_attention_ref(*a)[0],
+                        lambda *a: prompt_attention_ref(*a[:6], key_bias=a[6])[0],
                         *ref_in,
                         index,
                         dout.float(),
                         backward,
+                        bias,
                     )
                     calls, skipped = {}, {}
                     for name in args.impls:
-                        why = _why_not(name, device, dtype, d)
+                        why = _why_not(name, device, dtype, d, bias is not None)
                         if why is None:
                             try:
                                 fn = _impl(name) if name != "sdpa_floor" else None
                                 if fn is None:
-                                    call = _floor(qkv, pk, pv, index, dout, backward)
+                                    call = _floor(qkv, pk, pv, index, dout, backward, bias)
                                 else:
                                     call = (
                                         lambda fn: (
-                                            lambda: _call(fn, qkv, pk, pv, index, dout, backward)
+                                            lambda: _call(
+                                                fn, qkv, pk, pv, index, dout, backward, bias
+                                            )
                                         )
                                     )(fn)
                                 got = call()  # warm-up: compile, autotune, measured dispatch
@@ -285,7 +311,12 @@ def run(args) -> list[dict]:
                     times = _time({k: c for k, (c, _) in calls.items()}, device, args.reps)
                     base = times.get(BASELINE, [None] * 3)[1]
                     common = dict(
-                        dtype=dtype_name, prompts=p, sets=sets, mode=mode, shape=[b, h, n, d]
+                        dtype=dtype_name,
+                        prompts=p,
+                        sets=sets,
+                        mode=mode,
+                        shape=[b, h, n, d],
+                        key_bias=args.key_bias,
                     )
                     for name, (call, errs) in calls.items():
                         p20, median, p80 = times[name]
@@ -307,9 +338,11 @@ def run(args) -> list[dict]:
 
 
 def markdown(rows: list[dict], env: dict) -> str:
+    first = rows[0] if rows else {}
     lines = [
         f"prompt_attention on {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
-        f"CUDA {env.get('cuda')}, commit {env.get('commit')}, {env.get('date')}",
+        f"CUDA {env.get('cuda')}, commit {env.get('commit')}, {env.get('date')}; shape (B, H, N, "
+        f"d) {first.get('shape', '-')}, key bias {first.get('key_bias', 'none')}",
         "",
         "| dtype | P | sets | mode | impl | ms median [p20, p80] | x cat+SDPA | err out "
         "| err grads (rel) | peak MiB |",
@@ -349,6 +382,13 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         metavar=("B", "H", "N", "d"),
         help="default 64 12 197 64 on a GPU, 8 12 197 64 on a CPU",
+    )
+    parser.add_argument(
+        "--key-bias",
+        default="none",
+        choices=["none", "table", "full"],
+        help="an image-key bias: (1, H, N, N) as Swin's relative-position bias, or (B, H, N, N) "
+        "with its shift mask (N_k = N)",
     )
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
     parser.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
