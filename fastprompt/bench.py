@@ -110,14 +110,18 @@ def time_fn(
 def time_interleaved(
     fns: dict[str, Callable[[], object]], device: torch.device, reps: int, warmup: int = 1
 ) -> dict[str, list[float]]:
-    """Seconds per call of several functions, timed in turn within each repetition."""
+    """Seconds per call of several functions, timed in turn within each repetition; the order
+    rotates from one repetition to the next, so that what one call leaves behind (the
+    allocator's state, caches) does not always fall on the same next one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            times[name] += time_fn(fn, device, 1, warmup=0)
+    order = list(fns)
+    for rep in range(reps):
+        shift = rep % len(order)
+        for name in order[shift:] + order[:shift]:
+            times[name] += time_fn(fns[name], device, 1, warmup=0)
     return times
 
 

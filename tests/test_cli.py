@@ -106,6 +106,17 @@ def test_summarize_never_extrapolates():
     assert 0.1 <= s["p20_s"] <= s["median_s"] == 2.0 <= s["p80_s"] <= 4.1
 
 
+def test_interleaved_timing_rotates_the_order():
+    """No variant always follows the same other one (it would inherit its allocator state)."""
+    from fastprompt.bench import time_interleaved
+
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = time_interleaved(fns, torch.device("cpu"), reps=3, warmup=0)
+    assert calls == list("abcbcacab")
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
 @pytest.mark.parametrize(
     "args, match",
     [
