@@ -276,38 +276,54 @@ def test_scored_backward_matches_the_reference_scores(backend, case):
     assert t == pk.shape[0]
 
 
-def _pytorch_same_dtype(q, k, v, pk, pv, index):
-    """PyTorch's own computation in the input dtype: cat + SDPA, and logsumexp for lse."""
+def _pytorch_same_dtype(q, k, v, pk, pv, index, key_bias=None):
+    """PyTorch's own computation in the input dtype: cat + SDPA, and logsumexp for lse (the key
+    bias, if any, in the input dtype too)."""
     keys, values = torch.cat([pk[index], k], 2), torch.cat([pv[index], v], 2)
-    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values)
-    lse = torch.logsumexp((q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5, -1)
-    return out, lse
+    scores = (q @ keys.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    mask = None
+    if key_bias is not None:
+        b, h, n, _ = q.shape
+        image = key_bias.to(q.dtype).expand(b, h, n, k.shape[2])
+        mask = torch.cat([image.new_zeros(b, h, n, pk.shape[2]), image], -1)
+        scores = scores + mask
+    out = torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return out, torch.logsumexp(scores, -1)
 
 
+@pytest.mark.parametrize("biased", [False, True], ids=["", "key-bias"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_error_within_twice_pytorchs(backend, dtype):
+def test_half_precision_error_within_twice_pytorchs(backend, dtype, biased):
     """Error vs the fp32 reference <= 2x PyTorch's same-dtype error (3x for gradients)."""
     if backend.name == "triton":
         # Triton 3.8's interpreter returns garbage for a bf16 tl.dot (fp16 ones are computed in
         # fp32), so the rule says nothing here: covered on a GPU below.
         pytest.skip("Triton's interpreter gets bf16 dots wrong: covered on a GPU")
     _runnable(backend, "cpu", dtype)
-    _needs(backend, "prompt_index")
-    _half_precision_case(backend, "cpu", dtype, 64)
+    _needs(backend, "prompt_index", *(["key_bias"] if biased else []))
+    _half_precision_case(backend, "cpu", dtype, 64, biased)
 
 
-def _half_precision_case(backend, device, dtype, d):
+def _half_precision_case(backend, device, dtype, d, biased=False):
     b, h, n, t, p = 3, 2, 61, 2, 50
     q, k, v = make_qkv(b, h, n, d, non_contiguous=True, device=device)
     pk, pv = make_prompts(t, h, p, d, device=device)
     dout = torch.randn(b, h, n, d, device=device)
     index = torch.tensor([0, 1, 1], device=device)
+    g = torch.Generator().manual_seed(4)
+    bias = torch.randn(1, h, n, n, generator=g).to(device) if biased else None
     low = [x.to(dtype) for x in (q, k, v, pk, pv)]
     ref = _run(
-        lambda *a: prompt_attention_ref(*a, index), [x.float() for x in low], dout.to(dtype).float()
+        lambda *a: prompt_attention_ref(*a, index, key_bias=bias),
+        [x.float() for x in low],
+        dout.to(dtype).float(),
     )
-    got = _run(lambda *a: prompt_attention(*a, index, backend=backend.name), low, dout.to(dtype))
-    same = _run(lambda *a: _pytorch_same_dtype(*a, index), low, dout.to(dtype))
+    got = _run(
+        lambda *a: prompt_attention(*a, index, backend=backend.name, key_bias=bias),
+        low,
+        dout.to(dtype),
+    )
+    same = _run(lambda *a: _pytorch_same_dtype(*a, index, bias), low, dout.to(dtype))
     for i, name in enumerate(NAMES):
         assert_close_vs_ref(got[i], ref[i], same[i], name, factor=2.0 if i < 2 else 3.0)
 
@@ -348,6 +364,15 @@ def test_half_precision_on_the_gpu(backend, dtype, d):
     _runnable(backend, "cuda", dtype, d)
     _needs(backend, "prompt_index")
     _half_precision_case(backend, "cuda", dtype, d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_with_a_key_bias_on_the_gpu(backend, dtype):
+    """The bias goes to the memory-efficient kernel in the input dtype, as SDPA hands it."""
+    _runnable(backend, "cuda", dtype, 32)
+    _needs(backend, "prompt_index", "key_bias")
+    _half_precision_case(backend, "cuda", dtype, 32, biased=True)
 
 
 @pytest.mark.gpu
