@@ -405,9 +405,9 @@ def _register_fakes() -> None:
     def fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale, key_bias=None):
         return _heads_last(q, q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
-    def bwd(dout, q, k, v, prompt_k, *rest):
+    def bwd(dout, q, k, v, prompt_k, *rest, **named):
         # rest: prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v[, key_bias]
-        u_k = rest[6]
+        u_k = rest[6] if len(rest) > 6 else named.get("u_k")
         b = q.shape[0]
         t, h, p, d = prompt_k.shape
         s = 0 if u_k is None else u_k.shape[0]
