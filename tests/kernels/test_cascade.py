@@ -312,6 +312,10 @@ def test_efficient_bias_is_aligned_and_broadcast_without_copies():
     prepared = _sdpa._efficient_bias(windows, q, k)
     assert prepared.stride(-2) % 16 == 0 and prepared.stride(1) == 0
     assert torch.equal(prepared[:, 0], windows[:, 0])
+    per_query = torch.randn(2, 1, 5, 1)  # broadcast over the keys: widened, unit stride along them
+    prepared = _sdpa._efficient_bias(per_query, q, k)
+    assert prepared.stride(-1) == 1 and prepared.stride(-2) % 16 == 0
+    assert torch.equal(prepared[:, 0], per_query[:, 0].expand(2, 5, 7))
 
 
 def test_long_calls_are_chunked_to_fill_a_gpu(monkeypatch):
