@@ -3,11 +3,12 @@
 // Each task is one (sequence, head, block of query rows). Its keys are two segments read in
 // place: the sequence's prompt set (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; stride
 // 0 over the batch for a shared set, never copied per sequence) followed by the sequence's own
-// keys, whose scores get the optional key_bias (read through its broadcast strides, in fp32). Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the
-// prompt segment and the start of the image one, and is computed as one score block by up to two
-// GEMMs (one per segment) writing side by side into the same buffer. The softmax runs online
-// across groups (fastprompt/arith.h), so the concatenated K/V is never built and long key sets
-// stay in cache-sized blocks. GEMMs come from blas.h; low-precision inputs multiply in their own
+// keys, whose scores get the optional key_bias (read through its broadcast strides, in fp32).
+// Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the prompt
+// segment and the start of the image one, and is computed as one score block by up to two GEMMs
+// (one per segment) writing side by side into the same buffer. The softmax runs online across
+// groups (fastprompt/arith.h), so the concatenated K/V is never built and long key sets stay in
+// cache-sized blocks. GEMMs come from blas.h; low-precision inputs multiply in their own
 // type with fp32 accumulation (P and dS are rounded to the input type before their GEMMs, as
 // PyTorch's own CPU flash attention does).
 //

@@ -215,12 +215,13 @@ class Backbone:
         return None
 
     def patch_size(self) -> tuple[int, int]:
-        """Patch height and width (VPT's init bound uses it)."""
-        raise NotImplementedError
+        """Patch height and width (VPT's init bound uses it); by default a timm model's
+        ``patch_embed``'s, as ViT and Swin have it."""
+        return timm_patch_size(self.model)
 
     def image_size(self) -> tuple[int, int]:
-        """The (H, W) the model takes."""
-        raise NotImplementedError
+        """The (H, W) the model takes; by default a timm model's (:func:`timm_image_size`)."""
+        return timm_image_size(self.model)
 
     def signature(self) -> dict[str, Any]:
         """What a prompt checkpoint must agree with to load onto this model (JSON-ready)."""

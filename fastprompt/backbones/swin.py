@@ -43,8 +43,6 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
-    timm_image_size,
-    timm_patch_size,
 )
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
@@ -257,12 +255,6 @@ class SwinBackbone(Backbone):
         blk = self._block(block)
         heads = int(blk.attn.num_heads)
         return BlockShape(int(blk.dim), heads, int(blk.attn.qkv.out_features) // 3 // heads)
-
-    def patch_size(self) -> tuple[int, int]:
-        return timm_patch_size(self.model)
-
-    def image_size(self) -> tuple[int, int]:
-        return timm_image_size(self.model)
 
     def signature(self) -> dict[str, Any]:
         m = self.model

@@ -25,8 +25,6 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
-    timm_image_size,
-    timm_patch_size,
 )
 
 __all__ = [
@@ -228,12 +226,6 @@ class ViTBackbone(Backbone):
         if attn is None:  # a block class of another layout: only the width is known
             return BlockShape(width, 0, 0)
         return BlockShape(width, int(attn.num_heads), int(attn.head_dim))
-
-    def patch_size(self) -> tuple[int, int]:
-        return timm_patch_size(self.model)
-
-    def image_size(self) -> tuple[int, int]:
-        return timm_image_size(self.model)
 
     def signature(self) -> dict[str, Any]:
         m = self.model
