@@ -1,20 +1,20 @@
 // Prompt attention on the CPU: forward and backward (with the optional score terms).
 //
-// Each task is one (sequence, head, block of query rows). Its keys are two segments read in
-// place: the sequence's prompt set (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; stride
-// 0 over the batch for a shared set, never copied per sequence) followed by the sequence's own
-// keys, whose scores get the optional key_bias (read through its broadcast strides, in fp32).
-// Keys are taken in groups of at most kKeyGroup columns; a group may span the end of the prompt
-// segment and the start of the image one, and is computed as one score block by up to two GEMMs
-// (one per segment) writing side by side into the same buffer. The softmax runs online across
-// groups (fastprompt/arith.h), so the concatenated K/V is never built and long key sets stay in
-// cache-sized blocks. GEMMs come from blas.h; low-precision inputs multiply in their own
-// type with fp32 accumulation (P and dS are rounded to the input type before their GEMMs, as
-// PyTorch's own CPU flash attention does).
+// Each task is one (sequence, head, block of query rows). Its keys are the sequence's prompt set
+// (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; a shared set is one tensor, never expanded
+// per sequence) followed by the sequence's own keys, whose scores get the optional key_bias (read
+// through its broadcast strides, in fp32). The task packs the two segments of one (sequence,
+// head) into a contiguous scratch block, so that each score or value product is one GEMM: with
+// windows of 49 tokens the products are tiny and their number costs more than the copy (the
+// PyTorch-level alternative, a cat per sequence, materialises every sequence's keys at once).
+// Keys are taken in groups of at most kKeyGroup columns and the softmax runs online across groups
+// (fastprompt/arith.h), so long key sets stay in cache-sized blocks. GEMMs come from blas.h;
+// low-precision inputs multiply in their own type with fp32 accumulation (P and dS are rounded to
+// the input type before their GEMMs, as PyTorch's own CPU flash attention does).
 //
-// Backward tasks are (sequence, head): a task owns the gradients of its image keys and its
-// sequence's prompt-key gradients, which go to a per-sequence fp32 buffer and are then summed
-// per set in sequence order (deterministic for a given thread count and input; no atomics).
+// Backward tasks are (run of sequences, head): a task owns the gradients of its sequences' image
+// keys and the run's prompt-key gradients, which go to a per-run fp32 buffer and are then summed
+// per set in run order (deterministic whatever the thread count; no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -22,6 +22,7 @@
 #include <ATen/ops/zeros.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "../checks.h"
@@ -37,21 +38,6 @@ namespace {
 constexpr int64_t kRowBlock = 256;  // query rows per task (balanced: ceil(N / ceil(N / 256)))
 constexpr int64_t kKeyGroup = 512;  // key columns per score block
 
-// The part of a key group that falls in one segment: keys [start, start + len) of the segment,
-// written to columns [col, col + len) of the group's score block.
-struct Piece {
-  int segment;  // 0 = prompt set, 1 = image keys
-  int64_t start, len, col;
-};
-
-int pieces_of(int64_t c0, int64_t cols, int64_t np, Piece out[2]) {
-  int n = 0;
-  if (c0 < np) out[n++] = {0, c0, std::min(c0 + cols, np) - c0, 0};
-  const int64_t img0 = std::max(c0, np);
-  if (c0 + cols > img0) out[n++] = {1, img0 - np, c0 + cols - img0, img0 - c0};
-  return n;
-}
-
 // key_bias broadcast to (B, H, Nq, Nk) in fp32, read through its strides (0 where it
 // broadcasts); p is null without one.
 struct BiasView {
@@ -65,20 +51,39 @@ BiasView bias_view(const at::Tensor& expanded) {
           expanded.stride(2), expanded.stride(3)};
 }
 
-// The image piece's scores (rows x pc.len, rows ld apart, from column pc.col) += key_bias of
-// sequence b, head h, query rows r0..., keys pc.start...
+// A key group's scores (rows x cols, ld apart; keys c0 .. c0 + cols - 1 of [prompt set; image
+// keys], np prompt keys) += key_bias of sequence b, head h, query rows r0... on its image keys.
 void add_key_bias(float* scores, int64_t ld, int64_t rows, const BiasView& kb, int64_t b,
-                  int64_t h, int64_t r0, const Piece& pc) {
-  if (kb.p == nullptr || pc.segment != 1) return;
+                  int64_t h, int64_t r0, int64_t c0, int64_t cols, int64_t np) {
+  const int64_t img0 = std::max(c0, np);  // the group's first image key, as a packed column
+  if (kb.p == nullptr || c0 + cols <= img0) return;
+  const int64_t len = c0 + cols - img0;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* src = kb.p + b * kb.sb + h * kb.sh + (r0 + r) * kb.sn + pc.start * kb.sk;
-    float* dst = scores + r * ld + pc.col;
+    const float* src = kb.p + b * kb.sb + h * kb.sh + (r0 + r) * kb.sn + (img0 - np) * kb.sk;
+    float* dst = scores + r * ld + (img0 - c0);
     if (kb.sk == 1) {
-      add_row(dst, src, pc.len);
+      add_row(dst, src, len);
     } else {
-      for (int64_t j = 0; j < pc.len; ++j) dst[j] += src[j * kb.sk];
+      for (int64_t j = 0; j < len; ++j) dst[j] += src[j * kb.sk];
     }
   }
+}
+
+// Rows [0, n) of m into dst, rows d apart.
+template <typename T>
+void copy_rows(const Mat<T>& m, int64_t n, int64_t d, T* dst) {
+  for (int64_t r = 0; r < n; ++r) std::copy(m.row(r), m.row(r) + d, dst + r * d);
+}
+
+// scores (rows x cols, rows cols apart) = scale q k^T. An infinite scale multiplies the finished
+// products, as the reference does: a BLAS may fold alpha into an operand before summing, and
+// inf * a_i b_i summed gives NaN where the reference's inf * (a . b) is +-inf.
+template <typename T>
+void scaled_scores(int64_t rows, int64_t cols, int64_t d, float scale, const T* q, int64_t ldq,
+                   const T* k, float* scores) {
+  const bool finite = std::isfinite(scale);
+  gemm(false, true, rows, cols, d, finite ? scale : 1.0f, q, ldq, k, d, 0.0f, scores, cols);
+  if (!finite) scale_row(scores, scale, rows * cols);
 }
 
 int64_t row_blocks(int64_t n) { return std::max<int64_t>(1, (n + kRowBlock - 1) / kRowBlock); }
@@ -91,6 +96,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
   const int64_t d = s.d;
+  const int64_t key_rows = s.P + s.Nk;
   T* out_p = out.data_ptr<T>();  // (B, Nq, H, d) storage
   float* lse_p = lse.data_ptr<float>();
 
@@ -98,28 +104,26 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     BlasThreadGuard blas_threads;
     Scratch<float> sbuf(bm * kKeyGroup), acc(bm * d);
     Scratch<T> plow(kLowp ? bm * kKeyGroup : 0);
+    Scratch<T> kcat(key_rows * d), vcat(key_rows * d);
     std::vector<RowState> st(bm);
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task / (s.H * nqb), h = (task / nqb) % s.H, qb = task % nqb;
       const int64_t r0 = qb * bm, rows = std::min(bm, s.Nq - r0);
       if (rows <= 0) continue;
       const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);
-      const Mat<T> Q = mat<T>(q, b, h), K = mat<T>(k, b, h), V = mat<T>(v, b, h);
-      const Mat<T> PK = mat<T>(pk, t, h), PV = mat<T>(pv, t, h);
+      const Mat<T> Q = mat<T>(q, b, h);
+      copy_rows(mat<T>(pk, t, h), np, d, kcat.data());
+      copy_rows(mat<T>(k, b, h), s.Nk, d, kcat.data() + np * d);
+      copy_rows(mat<T>(pv, t, h), np, d, vcat.data());
+      copy_rows(mat<T>(v, b, h), s.Nk, d, vcat.data() + np * d);
       const T* qrow = Q.row(r0);
       const int64_t total = np + s.Nk;
       std::fill(st.begin(), st.begin() + rows, row_init());
       if (total == 0) std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
       for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
         const int64_t cols = std::min(kKeyGroup, total - c0);
-        Piece pcs[2];
-        const int npc = pieces_of(c0, cols, np, pcs);
-        for (int i = 0; i < npc; ++i) {
-          const Mat<T>& KS = pcs[i].segment == 0 ? PK : K;
-          gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld, KS.row(pcs[i].start), KS.ld,
-               0.0f, sbuf.data() + pcs[i].col, cols);
-          add_key_bias(sbuf.data(), cols, rows, kb, b, h, r0, pcs[i]);
-        }
+        scaled_scores(rows, cols, d, scale, qrow, Q.ld, kcat.data() + c0 * d, sbuf.data());
+        add_key_bias(sbuf.data(), cols, rows, kb, b, h, r0, c0, cols, np);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sbuf.data() + r * cols;
           const float alpha = row_rescale(st[r], row_max(srow, cols));
@@ -131,16 +135,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           if (c0 > 0) scale_row(acc.data() + r * d, alpha, d);
           if constexpr (kLowp) cast_row(srow, plow.data() + r * cols, cols);
         }
-        for (int i = 0; i < npc; ++i) {
-          const Mat<T>& VS = pcs[i].segment == 0 ? PV : V;
-          const float beta = (c0 == 0 && i == 0) ? 0.0f : 1.0f;
-          if constexpr (kLowp) {
-            gemm(false, false, rows, d, pcs[i].len, 1.0f, plow.data() + pcs[i].col, cols,
-                 VS.row(pcs[i].start), VS.ld, beta, acc.data(), d);
-          } else {
-            gemm(false, false, rows, d, pcs[i].len, 1.0f, sbuf.data() + pcs[i].col, cols,
-                 VS.row(pcs[i].start), VS.ld, beta, acc.data(), d);
-          }
+        const float beta = c0 == 0 ? 0.0f : 1.0f;
+        if constexpr (kLowp) {
+          gemm(false, false, rows, d, cols, 1.0f, plow.data(), cols, vcat.data() + c0 * d, d,
+               beta, acc.data(), d);
+        } else {
+          gemm(false, false, rows, d, cols, 1.0f, sbuf.data(), cols, vcat.data() + c0 * d, d,
+               beta, acc.data(), d);
         }
       }
       for (int64_t r = 0; r < rows; ++r) {
@@ -152,132 +153,139 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   });
 }
 
-// Per-sequence results of the backward that are reduced afterwards.
+// The backward's units of prompt-key gradient: runs of consecutive sequences with one prompt set,
+// at most kRunSeqs long (one sequence each when the score terms need per-sequence gradients).
+// A run's gradient is summed in sequence order in its own fp32 buffer, and the runs' buffers per
+// set in run order: deterministic whatever the thread count, without atomics. Runs rather than
+// single sequences keep the buffers small: a Swin stage has thousands of (window, head) pairs,
+// and a buffer each was hundreds of MB per training step to allocate and fault in.
+constexpr int64_t kRunSeqs = 16;
+
+struct Runs {
+  std::vector<int64_t> begin;  // (n + 1,): run u holds sequences begin[u] .. begin[u + 1] - 1
+  Sets sets;                   // each run's set (index) and the sets' lengths
+  int64_t count() const { return static_cast<int64_t>(begin.size()) - 1; }
+};
+
+Runs make_runs(const Sets& sets, int64_t B, int64_t max_len) {
+  Runs runs;
+  runs.sets.lengths = sets.lengths;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = sets.set_of(b);
+    if (runs.begin.empty() || b - runs.begin.back() == max_len || t != runs.sets.index.back()) {
+      runs.begin.push_back(b);
+      runs.sets.index.push_back(t);
+    }
+  }
+  runs.begin.push_back(B);
+  return runs;
+}
+
+// Results of the backward reduced afterwards.
 struct BwdBuffers {
-  float* dpk_seq;  // (B, H, P, d) fp32, zeroed
-  float* dpv_seq;
+  float* dpk_run;    // (runs, H, P, d) fp32, written by the tasks
+  float* dpv_run;
   float* gate_part;  // (B, H, P) fp32, zeroed; sum over queries of dS per head
 };
 
+// Tasks are (run, head). For each sequence the task packs [prompt keys; image keys] (and the
+// values) into one contiguous block, so each step of a key group is one GEMM rather than one per
+// segment (with windows of 49 tokens the GEMMs are tiny and their number is what costs), and
+// accumulates the key/value gradients in a matching fp32 block: its prompt rows are added to the
+// run's buffer, its image rows stored to dk/dv.
 template <typename T>
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
-              const at::Tensor& lse, const Sets& sets, const BiasView& kb, const AttnShape& s,
+              const at::Tensor& lse, const Runs& runs, const BiasView& kb, const AttnShape& s,
               float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               const BwdBuffers& buf) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
   const int64_t bm = (s.Nq + nqb - 1) / nqb;
   const int64_t d = s.d;
+  const int64_t key_rows = s.P + s.Nk;
   const float* lse_p = lse.const_data_ptr<float>();  // contiguous (B, H, Nq)
 
-  at::parallel_for(0, s.B * s.H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, runs.count() * s.H, 1, [&](int64_t begin, int64_t end) {
     BlasThreadGuard blas_threads;
     Scratch<float> pbuf(bm * kKeyGroup), dsbuf(bm * kKeyGroup), dq_acc(bm * d), delta(bm);
     Scratch<T> plow(kLowp ? bm * kKeyGroup : 0), dslow(kLowp ? bm * kKeyGroup : 0);
-    // fp32 inputs accumulate straight into dk/dv (fp32, rows ld_img apart); others in these
-    // buffers (rows d apart).
-    Scratch<float> dk_acc(kLowp ? s.Nk * d : 0), dv_acc(kLowp ? s.Nk * d : 0);
-    const int64_t ld_img = kLowp ? d : dk.stride(2);
+    Scratch<T> kcat(key_rows * d), vcat(key_rows * d);
+    Scratch<float> dkcat(key_rows * d), dvcat(key_rows * d);
     for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / s.H, h = task % s.H;
-      const int64_t t = sets.set_of(b), np = sets.length_of(t, s.P);
-      const Mat<T> Q = mat<T>(q, b, h), K = mat<T>(k, b, h), V = mat<T>(v, b, h);
-      const Mat<T> PK = mat<T>(pk, t, h), PV = mat<T>(pv, t, h);
-      const Mat<T> DO = mat<T>(dout, b, h), O = mat<T>(out, b, h);
+      const int64_t u = task / s.H, h = task % s.H;
+      const int64_t t = runs.sets.set_of(u), np = runs.sets.length_of(t, s.P);
       const int64_t total = np + s.Nk;
-      float* dpk = buf.dpk_seq + (b * s.H + h) * s.P * d;
-      float* dpv = buf.dpv_seq + (b * s.H + h) * s.P * d;
-      float* gate = buf.gate_part == nullptr ? nullptr : buf.gate_part + (b * s.H + h) * s.P;
-      float* dk_img;
-      float* dv_img;
-      if constexpr (kLowp) {
-        std::fill(dk_acc.begin(), dk_acc.end(), 0.0f);
-        std::fill(dv_acc.begin(), dv_acc.end(), 0.0f);
-        dk_img = dk_acc.data();
-        dv_img = dv_acc.data();
-      } else {
-        dk_img = dk.data_ptr<float>() + b * dk.stride(0) + h * dk.stride(1);
-        dv_img = dv.data_ptr<float>() + b * dv.stride(0) + h * dv.stride(1);
-      }
-      for (int64_t r0 = 0; r0 < s.Nq; r0 += bm) {
-        const int64_t rows = std::min(bm, s.Nq - r0);
-        const T* qrow = Q.row(r0);
-        const T* dorow = DO.row(r0);
-        const float* lrow = lse_p + (b * s.H + h) * s.Nq + r0;
-        for (int64_t r = 0; r < rows; ++r) delta[r] = dot_row(DO.row(r0 + r), O.row(r0 + r), d);
-        std::fill(dq_acc.begin(), dq_acc.begin() + rows * d, 0.0f);
-        for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
-          const int64_t cols = std::min(kKeyGroup, total - c0);
-          Piece pcs[2];
-          const int npc = pieces_of(c0, cols, np, pcs);
-          auto keys = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PK : K; };
-          auto vals = [&](const Piece& pc) -> const Mat<T>& { return pc.segment == 0 ? PV : V; };
-          auto dld = [&](const Piece& pc) { return pc.segment == 0 ? d : ld_img; };
-          auto dkey = [&](const Piece& pc) {
-            return pc.segment == 0 ? dpk + pc.start * d : dk_img + pc.start * ld_img;
-          };
-          auto dval = [&](const Piece& pc) {
-            return pc.segment == 0 ? dpv + pc.start * d : dv_img + pc.start * ld_img;
-          };
-          // P = exp(scale q k^T + key_bias - lse)
-          for (int i = 0; i < npc; ++i) {
-            gemm(false, true, rows, pcs[i].len, d, scale, qrow, Q.ld,
-                 keys(pcs[i]).row(pcs[i].start), keys(pcs[i]).ld, 0.0f, pbuf.data() + pcs[i].col,
-                 cols);
-            add_key_bias(pbuf.data(), cols, rows, kb, b, h, r0, pcs[i]);
-          }
-          for (int64_t r = 0; r < rows; ++r) {
-            exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
-            if constexpr (kLowp) cast_row(pbuf.data() + r * cols, plow.data() + r * cols, cols);
-          }
-          // dV += P^T dO ; dP = dO V^T
-          for (int i = 0; i < npc; ++i) {
-            const Piece& pc = pcs[i];
-            if constexpr (kLowp) {
-              gemm(true, false, pc.len, d, rows, 1.0f, plow.data() + pc.col, cols, dorow, DO.ld,
-                   1.0f, dval(pc), dld(pc));
-            } else {
-              gemm(true, false, pc.len, d, rows, 1.0f, pbuf.data() + pc.col, cols, dorow, DO.ld,
-                   1.0f, dval(pc), dld(pc));
+      float* dpk = buf.dpk_run + (u * s.H + h) * s.P * d;
+      float* dpv = buf.dpv_run + (u * s.H + h) * s.P * d;
+      std::fill(dpk, dpk + s.P * d, 0.0f);
+      std::fill(dpv, dpv + s.P * d, 0.0f);
+      copy_rows(mat<T>(pk, t, h), np, d, kcat.data());
+      copy_rows(mat<T>(pv, t, h), np, d, vcat.data());
+      for (int64_t b = runs.begin[u]; b < runs.begin[u + 1]; ++b) {
+        const Mat<T> Q = mat<T>(q, b, h), DO = mat<T>(dout, b, h), O = mat<T>(out, b, h);
+        copy_rows(mat<T>(k, b, h), s.Nk, d, kcat.data() + np * d);
+        copy_rows(mat<T>(v, b, h), s.Nk, d, vcat.data() + np * d);
+        std::fill(dkcat.begin(), dkcat.begin() + total * d, 0.0f);
+        std::fill(dvcat.begin(), dvcat.begin() + total * d, 0.0f);
+        float* gate = buf.gate_part == nullptr ? nullptr : buf.gate_part + (b * s.H + h) * s.P;
+        for (int64_t r0 = 0; r0 < s.Nq; r0 += bm) {
+          const int64_t rows = std::min(bm, s.Nq - r0);
+          const T* qrow = Q.row(r0);
+          const T* dorow = DO.row(r0);
+          const float* lrow = lse_p + (b * s.H + h) * s.Nq + r0;
+          for (int64_t r = 0; r < rows; ++r) delta[r] = dot_row(DO.row(r0 + r), O.row(r0 + r), d);
+          std::fill(dq_acc.begin(), dq_acc.begin() + rows * d, 0.0f);
+          for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
+            const int64_t cols = std::min(kKeyGroup, total - c0);
+            const T* kg = kcat.data() + c0 * d;
+            const T* vg = vcat.data() + c0 * d;
+            float* dkg = dkcat.data() + c0 * d;
+            float* dvg = dvcat.data() + c0 * d;
+            // P = exp(scale q k^T + key_bias - lse)
+            scaled_scores(rows, cols, d, scale, qrow, Q.ld, kg, pbuf.data());
+            add_key_bias(pbuf.data(), cols, rows, kb, b, h, r0, c0, cols, np);
+            for (int64_t r = 0; r < rows; ++r) {
+              exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
+              if constexpr (kLowp) cast_row(pbuf.data() + r * cols, plow.data() + r * cols, cols);
             }
-            gemm(false, true, rows, pc.len, d, 1.0f, dorow, DO.ld, vals(pc).row(pc.start),
-                 vals(pc).ld, 0.0f, dsbuf.data() + pc.col, cols);
-          }
-          // dS = P (dP - delta); the gate sums dS over queries for each prompt key.
-          for (int64_t r = 0; r < rows; ++r) {
-            float* dsrow = dsbuf.data() + r * cols;
-            dscore_row(dsrow, pbuf.data() + r * cols, delta[r], cols);
-            if (gate != nullptr && c0 < np) add_row(gate + c0, dsrow, std::min(cols, np - c0));
-            if constexpr (kLowp) cast_row(dsrow, dslow.data() + r * cols, cols);
-          }
-          // dQ += scale dS K ; dK += scale dS^T Q
-          for (int i = 0; i < npc; ++i) {
-            const Piece& pc = pcs[i];
+            // dV += P^T dO ; dP = dO V^T
             if constexpr (kLowp) {
-              gemm(false, false, rows, d, pc.len, scale, dslow.data() + pc.col, cols,
-                   keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
-              gemm(true, false, pc.len, d, rows, scale, dslow.data() + pc.col, cols, qrow, Q.ld,
-                   1.0f, dkey(pc), dld(pc));
+              gemm(true, false, cols, d, rows, 1.0f, plow.data(), cols, dorow, DO.ld, 1.0f, dvg, d);
             } else {
-              gemm(false, false, rows, d, pc.len, scale, dsbuf.data() + pc.col, cols,
-                   keys(pc).row(pc.start), keys(pc).ld, 1.0f, dq_acc.data(), d);
-              gemm(true, false, pc.len, d, rows, scale, dsbuf.data() + pc.col, cols, qrow, Q.ld,
-                   1.0f, dkey(pc), dld(pc));
+              gemm(true, false, cols, d, rows, 1.0f, pbuf.data(), cols, dorow, DO.ld, 1.0f, dvg, d);
+            }
+            gemm(false, true, rows, cols, d, 1.0f, dorow, DO.ld, vg, d, 0.0f, dsbuf.data(), cols);
+            // dS = P (dP - delta); the gate sums dS over queries for each prompt key.
+            for (int64_t r = 0; r < rows; ++r) {
+              float* dsrow = dsbuf.data() + r * cols;
+              dscore_row(dsrow, pbuf.data() + r * cols, delta[r], cols);
+              if (gate != nullptr && c0 < np) add_row(gate + c0, dsrow, std::min(cols, np - c0));
+              if constexpr (kLowp) cast_row(dsrow, dslow.data() + r * cols, cols);
+            }
+            // dQ += scale dS K ; dK += scale dS^T Q
+            if constexpr (kLowp) {
+              gemm(false, false, rows, d, cols, scale, dslow.data(), cols, kg, d, 1.0f,
+                   dq_acc.data(), d);
+              gemm(true, false, cols, d, rows, scale, dslow.data(), cols, qrow, Q.ld, 1.0f, dkg, d);
+            } else {
+              gemm(false, false, rows, d, cols, scale, dsbuf.data(), cols, kg, d, 1.0f,
+                   dq_acc.data(), d);
+              gemm(true, false, cols, d, rows, scale, dsbuf.data(), cols, qrow, Q.ld, 1.0f, dkg, d);
             }
           }
+          T* dq_p = dq.data_ptr<T>() + b * dq.stride(0) + h * dq.stride(1) + r0 * dq.stride(2);
+          for (int64_t r = 0; r < rows; ++r) {
+            store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * dq.stride(2), d);
+          }
         }
-        T* dq_p = dq.data_ptr<T>() + b * dq.stride(0) + h * dq.stride(1) + r0 * dq.stride(2);
-        for (int64_t r = 0; r < rows; ++r) {
-          store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * dq.stride(2), d);
-        }
-      }
-      if constexpr (kLowp) {
+        add_row(dpk, dkcat.data(), np * d);
+        add_row(dpv, dvcat.data(), np * d);
         T* dk_p = dk.data_ptr<T>() + b * dk.stride(0) + h * dk.stride(1);
         T* dv_p = dv.data_ptr<T>() + b * dv.stride(0) + h * dv.stride(1);
         for (int64_t n = 0; n < s.Nk; ++n) {
-          store_row(dk_acc.data() + n * d, 1.0f, dk_p + n * dk.stride(2), d);
-          store_row(dv_acc.data() + n * d, 1.0f, dv_p + n * dv.stride(2), d);
+          store_row(dkcat.data() + (np + n) * d, 1.0f, dk_p + n * dk.stride(2), d);
+          store_row(dvcat.data() + (np + n) * d, 1.0f, dv_p + n * dv.stride(2), d);
         }
       }
     }
@@ -350,37 +358,32 @@ BwdResult prompt_attention_bwd_cpu(
   const auto f32 = q.options().dtype(at::kFloat);
   // dq, dk, dv stored (B, N, H, d), as the op keeps them (merging heads is then free).
   at::Tensor dq = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
-  // fp32 dk/dv are accumulated in place, so they start at zero.
   at::Tensor dk = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
   at::Tensor dv = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
-  if (q.scalar_type() == at::kFloat) {
-    dk.zero_();
-    dv.zero_();
-  }
-  at::Tensor dpk_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
-  at::Tensor dpv_seq = at::zeros({s.B, s.H, s.P, s.d}, f32);
+  // The score terms read each sequence's own prompt-key gradients: runs of one sequence then.
+  const Runs runs = make_runs(sets, s.B, scored ? 1 : kRunSeqs);
+  at::Tensor dpk_run = at::empty({runs.count(), s.H, s.P, s.d}, f32);
+  at::Tensor dpv_run = at::empty({runs.count(), s.H, s.P, s.d}, f32);
   // The gate (sum over queries of dS per prompt key) only when scores are asked for.
   at::Tensor gate_part = at::zeros({scored ? s.B : 0, s.H, s.P}, f32);
   if (s.B * s.H * s.Nq > 0) {
-    BwdBuffers buf{dpk_seq.data_ptr<float>(), dpv_seq.data_ptr<float>(),
+    BwdBuffers buf{dpk_run.data_ptr<float>(), dpv_run.data_ptr<float>(),
                    scored ? gate_part.data_ptr<float>() : nullptr};
     FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
-      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, sets, bias_view(kb), s,
+      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, runs, bias_view(kb), s,
                          static_cast<float>(scale), dq, dk, dv, buf);
     });
   } else {
-    dq.zero_();
-    dk.zero_();
-    dv.zero_();
+    for (at::Tensor* t : {&dq, &dk, &dv, &dpk_run, &dpv_run}) t->zero_();
   }
-  const auto [order, offsets] = member_tensors(sets, s.B, s.T);
-  const at::Tensor dpk = reduce_sets(dpk_seq, order, offsets, s.T);
-  const at::Tensor dpv = reduce_sets(dpv_seq, order, offsets, s.T);
+  const auto [order, offsets] = member_tensors(runs.sets, runs.count(), s.T);
+  const at::Tensor dpk = reduce_sets(dpk_run, order, offsets, s.T);
+  const at::Tensor dpv = reduce_sets(dpv_run, order, offsets, s.T);
   at::Tensor terms = at::zeros({S, s.B, s.P}, f32);
   at::Tensor gate = at::zeros({s.B, s.P}, f32);
   if (scored) {
     const at::Tensor index = prompt_index.has_value() ? prompt_index->to(at::kLong) : at::Tensor();
-    score_terms(dpk_seq, dpv_seq, gate_part, 1.0, u_k_->to(at::kFloat).contiguous(),
+    score_terms(dpk_run, dpv_run, gate_part, 1.0, u_k_->to(at::kFloat).contiguous(),
                 u_v_->to(at::kFloat).contiguous(), index, terms, gate);
   }
   return {dq, dk, dv, dpk, dpv, terms, gate};

@@ -291,6 +291,39 @@ def test_per_image_sets_sum_each_sets_own_sequences(path):
         assert got[5][-1].abs().max() == 0
 
 
+@pytest.mark.parametrize("path", PATHS)
+def test_long_runs_of_sequences_with_one_set(path):
+    """The CPU backward sums a set's prompt-key gradients in runs of consecutive sequences (at
+    most 16 each): a shared set over 40 sequences, and indexed sets in runs longer and shorter
+    than 16, interrupted and resumed, as a windowed model's windows arrive image by image."""
+    b, h, n, d = 40, 2, 9, 8
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(3, h, 5, d)
+    dout = torch.randn(b, h, n, d)
+    runs = torch.tensor([0] * 18 + [2] * 3 + [0] * 17 + [1] * 2)
+    for index in (None, runs, torch.arange(2).repeat_interleave(20)):
+        got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, None)
+        compare(got, ref)
+
+
+def test_backward_does_not_depend_on_the_thread_count():
+    """Runs of sequences are fixed by the input, not by how the work is split among threads."""
+    q, k, v = make_qkv(37, 3, 23, 16, non_contiguous=True)
+    pk, pv = make_prompts(2, 3, 7, 16)
+    index = torch.tensor([0] * 20 + [1] * 17)
+    dout = torch.randn(37, 3, 23, 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run(lambda *a: ext(*a, index), (q, k, v, pk, pv), dout)
+        torch.set_num_threads(3)
+        three = run(lambda *a: ext(*a, index), (q, k, v, pk, pv), dout)
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, c in zip(NAMES, one, three):
+        assert torch.equal(a, c), name
+
+
 _DIGEST = """
 import hashlib, sys, torch
 sys.path.insert(0, "tests")
