@@ -30,7 +30,7 @@ BwdResult prompt_attention_bwd_cpu(const Tensor& dout, const Tensor& q, const Te
                                    const OptTensor& prompt_index, const OptTensor& prompt_lengths,
                                    const Tensor& out, const Tensor& lse, double scale,
                                    const OptTensor& u_k, const OptTensor& u_v,
-                                   const OptTensor& key_bias);
+                                   const OptTensor& key_bias, bool image_grads);
 
 // The cascade (csrc/cascade/cascade.cpp), on any device the build has kernels for.
 std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
@@ -43,7 +43,7 @@ BwdResult cascade_bwd(const Tensor& dout, const Tensor& q, const Tensor& k, cons
                       const Tensor& prompt_k, const Tensor& prompt_v,
                       const OptTensor& prompt_index, const OptTensor& prompt_lengths,
                       const Tensor& out, const Tensor& lse, double scale, const OptTensor& u_k,
-                      const OptTensor& u_v, const OptTensor& key_bias);
+                      const OptTensor& u_v, const OptTensor& key_bias, bool image_grads);
 
 // What this build is: CPU ISA it was compiled for, GEMM providers, CUDA archs (for `info`).
 std::string build_info();

@@ -14,8 +14,9 @@
 //       (B, H, Nq, d) stored as (B, Nq, H, d), and lse (B, H, Nq) fp32 contiguous, natural log;
 //       a query with no key gets out 0 and lse -inf.
 //   prompt_attention_bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index?, prompt_lengths?, out,
-//                        lse, scale, u_k?, u_v?, key_bias?)
-//       Returns dq, dk, dv (shapes of q, k, v, dtype of q, any layout), dprompt_k/v (T, H, P, d)
+//                        lse, scale, u_k?, u_v?, key_bias?, image_grads=True)
+//       Returns dq, dk, dv (shapes of q, k, v, dtype of q, any layout; with image_grads false
+//       they are not computed and their values are unspecified), dprompt_k/v (T, H, P, d)
 //       fp32 summed per set in a fixed order (deterministic), and, when u_k, u_v (S, T, H, P, d)
 //       are given, Prompt Condensation's terms (S, B, P) and gate (B, P), fp32, from the
 //       per-sequence prompt gradients before they are summed (fastprompt.ops.scores.
@@ -36,7 +37,7 @@
 #define FP_BWD_SCHEMA                                                                   \
   "(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor prompt_k, Tensor prompt_v, "      \
   "Tensor? prompt_index, Tensor? prompt_lengths, Tensor out, Tensor lse, float scale, " \
-  "Tensor? u_k, Tensor? u_v, Tensor? key_bias=None) "                                    \
+  "Tensor? u_k, Tensor? u_v, Tensor? key_bias=None, bool image_grads=True) "              \
   "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 
 TORCH_LIBRARY(fastprompt_ext, m) {

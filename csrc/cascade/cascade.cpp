@@ -271,7 +271,7 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
                       const Tensor& pk_, const Tensor& pv_, const OptTensor& index,
                       const OptTensor& lengths, const Tensor& out_, const Tensor& lse,
                       double scale, const OptTensor& u_k, const OptTensor& u_v,
-                      const OptTensor& key_bias) {
+                      const OptTensor& key_bias, bool image_grads) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd (cascade)";
   const c10::DeviceGuard guard(q_.device());
   const auto [s, kernels] = prepare(q_, k_, v_, pk_, pv_, index, lengths, op);
@@ -294,7 +294,9 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
   }
   // A row with no key (lse = -inf) must give every key probability 0: +inf does (exp(s - inf)).
   const Tensor lse_b = at::where(lse.eq(-INFINITY), INFINITY, lse).contiguous();
-  if (s.Nk > 0) {
+  // Without image gradients only the prompt part runs: its gradients need the merged out and lse,
+  // not the image part's backward.
+  if (s.Nk > 0 && image_grads) {
     std::tie(dq, dk, dv) =
         part_backward(dout, q, k, v, image_bias(key_bias, q, s.Nk), out, lse_b, scale);
   } else {

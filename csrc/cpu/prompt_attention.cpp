@@ -197,7 +197,7 @@ template <typename T>
 void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
               const at::Tensor& pk, const at::Tensor& pv, const at::Tensor& out,
               const at::Tensor& lse, const Runs& runs, const BiasView& kb, const AttnShape& s,
-              float scale, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
+              float scale, bool image_grads, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv,
               const BwdBuffers& buf) {
   constexpr bool kLowp = !std::is_same_v<T, float>;
   const int64_t nqb = row_blocks(s.Nq);
@@ -215,7 +215,9 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
     for (int64_t task = begin; task < end; ++task) {
       const int64_t u = task / s.H, h = task % s.H;
       const int64_t t = runs.sets.set_of(u), np = runs.sets.length_of(t, s.P);
-      const int64_t total = np + s.Nk;
+      // Without image gradients only the prompt keys' columns are needed: their probabilities
+      // come from the forward's lse, and dS of a column from that column alone.
+      const int64_t total = np + (image_grads ? s.Nk : 0);
       float* dpk = buf.dpk_run + (u * s.H + h) * s.P * d;
       float* dpv = buf.dpv_run + (u * s.H + h) * s.P * d;
       std::fill(dpk, dpk + s.P * d, 0.0f);
@@ -224,8 +226,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
       copy_rows(mat<T>(pv, t, h), np, d, vcat.data());
       for (int64_t b = runs.begin[u]; b < runs.begin[u + 1]; ++b) {
         const Mat<T> Q = mat<T>(q, b, h), DO = mat<T>(dout, b, h), O = mat<T>(out, b, h);
-        copy_rows(mat<T>(k, b, h), s.Nk, d, kcat.data() + np * d);
-        copy_rows(mat<T>(v, b, h), s.Nk, d, vcat.data() + np * d);
+        copy_rows(mat<T>(k, b, h), total - np, d, kcat.data() + np * d);
+        copy_rows(mat<T>(v, b, h), total - np, d, vcat.data() + np * d);
         std::fill(dkcat.begin(), dkcat.begin() + total * d, 0.0f);
         std::fill(dvcat.begin(), dvcat.begin() + total * d, 0.0f);
         float* gate = buf.gate_part == nullptr ? nullptr : buf.gate_part + (b * s.H + h) * s.P;
@@ -263,17 +265,19 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               if (gate != nullptr && c0 < np) add_row(gate + c0, dsrow, std::min(cols, np - c0));
               if constexpr (kLowp) cast_row(dsrow, dslow.data() + r * cols, cols);
             }
-            // dQ += scale dS K ; dK += scale dS^T Q
+            // dK += scale dS^T Q ; dQ += scale dS K
+            const T* ds;
             if constexpr (kLowp) {
-              gemm(false, false, rows, d, cols, scale, dslow.data(), cols, kg, d, 1.0f,
-                   dq_acc.data(), d);
-              gemm(true, false, cols, d, rows, scale, dslow.data(), cols, qrow, Q.ld, 1.0f, dkg, d);
+              ds = dslow.data();
             } else {
-              gemm(false, false, rows, d, cols, scale, dsbuf.data(), cols, kg, d, 1.0f,
-                   dq_acc.data(), d);
-              gemm(true, false, cols, d, rows, scale, dsbuf.data(), cols, qrow, Q.ld, 1.0f, dkg, d);
+              ds = dsbuf.data();
+            }
+            gemm(true, false, cols, d, rows, scale, ds, cols, qrow, Q.ld, 1.0f, dkg, d);
+            if (image_grads) {
+              gemm(false, false, rows, d, cols, scale, ds, cols, kg, d, 1.0f, dq_acc.data(), d);
             }
           }
+          if (!image_grads) continue;
           T* dq_p = dq.data_ptr<T>() + b * dq.stride(0) + h * dq.stride(1) + r0 * dq.stride(2);
           for (int64_t r = 0; r < rows; ++r) {
             store_row(dq_acc.data() + r * d, 1.0f, dq_p + r * dq.stride(2), d);
@@ -283,7 +287,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
         add_row(dpv, dvcat.data(), np * d);
         T* dk_p = dk.data_ptr<T>() + b * dk.stride(0) + h * dk.stride(1);
         T* dv_p = dv.data_ptr<T>() + b * dv.stride(0) + h * dv.stride(1);
-        for (int64_t n = 0; n < s.Nk; ++n) {
+        for (int64_t n = 0; n < total - np; ++n) {
           store_row(dkcat.data() + (np + n) * d, 1.0f, dk_p + n * dk.stride(2), d);
           store_row(dvcat.data() + (np + n) * d, 1.0f, dv_p + n * dv.stride(2), d);
         }
@@ -343,7 +347,7 @@ BwdResult prompt_attention_bwd_cpu(
     const Tensor& dout_, const Tensor& q_, const Tensor& k_, const Tensor& v_, const Tensor& pk_,
     const Tensor& pv_, const OptTensor& prompt_index, const OptTensor& prompt_lengths,
     const Tensor& out_, const Tensor& lse_, double scale, const OptTensor& u_k_,
-    const OptTensor& u_v_, const OptTensor& key_bias) {
+    const OptTensor& u_v_, const OptTensor& key_bias, bool image_grads) {
   constexpr const char* op = "fastprompt_ext::prompt_attention_bwd";
   const AttnShape s = check_attention(q_, k_, v_, pk_, pv_, prompt_index, prompt_lengths, op);
   check_key_bias(key_bias, s, q_, op);
@@ -371,7 +375,7 @@ BwdResult prompt_attention_bwd_cpu(
                    scored ? gate_part.data_ptr<float>() : nullptr};
     FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
       backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, runs, bias_view(kb), s,
-                         static_cast<float>(scale), dq, dk, dv, buf);
+                         static_cast<float>(scale), image_grads, dq, dk, dv, buf);
     });
   } else {
     for (at::Tensor* t : {&dq, &dk, &dv, &dpk_run, &dpv_run}) t->zero_();

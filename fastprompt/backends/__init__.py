@@ -115,6 +115,10 @@ class Backend:
         Device type → dtypes where it competes only when choices are measured.
     hooks : frozenset of str
         Optional functions of :data:`HOOKS` its kernels module has.
+    prompt_grads_only : bool
+        Its backward takes ``image_grads=False`` and then skips dq, dk, dv. The op passes it when
+        no image input needs a gradient (a frozen backbone's first prompted block); other
+        backends compute every gradient and the op drops the unneeded ones.
     """
 
     name: str
@@ -131,6 +135,7 @@ class Backend:
     auto_capabilities: tuple[tuple[int, int], ...] | None = None
     candidate: Mapping[str, tuple[torch.dtype, ...]] = field(default_factory=dict)
     hooks: frozenset[str] = frozenset()
+    prompt_grads_only: bool = False
 
     def __post_init__(self) -> None:
         unknown = (set(self.features) | set(self.lacks)) - set(FEATURES)
@@ -264,6 +269,7 @@ BACKENDS: tuple[Backend, ...] = (
         candidate={"cpu": (torch.float16,), "cuda": _FLOATS},
         auto_capabilities=((8, 0), (9, 0)),
         hooks=frozenset({"device_availability", "status", "unsupported_reasons"}),
+        prompt_grads_only=True,
     ),
     Backend(
         name="cascade",
@@ -280,6 +286,7 @@ BACKENDS: tuple[Backend, ...] = (
         features=frozenset(FEATURES),
         auto={"cuda": _ALL_FLOATS},
         candidate={"cpu": _ALL_FLOATS},
+        prompt_grads_only=True,
     ),
     Backend(
         name="torch",

@@ -119,8 +119,11 @@ def _prompt_attention_backward_op(
     lse: Tensor,
     scale: float,
     backend: str,
+    image_grads: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = backends.get(backend).module()
+    declared = backends.get(backend)
+    kernels = declared.module()
+    skip = {} if image_grads or not declared.prompt_grads_only else {"image_grads": False}
     grads = kernels.prompt_attention_bwd(
         dout,
         q,
@@ -134,9 +137,18 @@ def _prompt_attention_backward_op(
         lse,
         scale,
         **feature_args(key_bias),
+        **skip,
     )
+    if not image_grads:
+        grads = (*_not_computed(q), *grads[3:])
     inputs = (dout, q, k, v, prompt_k, prompt_v, out, key_bias)
     return guard_gradients(grads, inputs, prompt_k, prompt_v)
+
+
+def _not_computed(q: Tensor) -> tuple[Tensor, ...]:
+    """dq, dk, dv of a backward asked for prompt gradients only: empty, so the op's outputs are
+    defined whichever backend ran (one that skips them leaves their memory unset)."""
+    return tuple(q.new_empty((0, 0, 0, 0)) for _ in range(3))
 
 
 def gradient_fakes(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: Tensor):
@@ -151,8 +163,10 @@ def gradient_fakes(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: 
 
 
 @_prompt_attention_backward_op.register_fake
-def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, out, lse, *_):
-    return gradient_fakes(q, k, v, prompt_k, prompt_v)
+def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, out, lse, *rest):
+    grads = gradient_fakes(q, k, v, prompt_k, prompt_v)
+    image_grads = rest[-1]
+    return grads if image_grads else (*_not_computed(q), *grads[3:])
 
 
 def _setup_context(ctx, inputs, output):
@@ -169,9 +183,16 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, dlse):
     saved = ctx.saved_tensors
-    grads = _prompt_attention_backward_op(dout, *saved[:10], ctx.scale, ctx.backend)
+    # A frozen backbone's first prompted block: its image q, k, v need no gradient, and a
+    # backend that can skips them (dq, dk, dv are then unspecified and dropped here).
+    image_grads = any(ctx.needs_input_grad[:3])
+    dq, dk, dv, dpk, dpv = _prompt_attention_backward_op(
+        dout, *saved[:10], ctx.scale, ctx.backend, image_grads
+    )
+    if not image_grads:
+        dq = dk = dv = None
     # key_bias is not differentiable (check_inputs refuses one that requires grad).
-    return (*grads, None, None, None, None, None)
+    return (dq, dk, dv, dpk, dpv, None, None, None, None, None)
 
 
 _prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)

@@ -163,6 +163,31 @@ def test_key_bias_on_the_image_keys_matches_reference(form, place):
     compare(got, ref)
 
 
+@pytest.mark.parametrize("lowp", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("place", PLACES, ids=_place_id)
+def test_prompt_gradients_without_image_gradients(lowp, place):
+    """image_grads=False: only the prompt keys' columns are scored (CPU kernels) or only the
+    prompt part runs (cascade); the prompt gradients are those of the full backward. Indexed
+    sets with lengths, a key bias, N_k != N, more than 512 keys."""
+    device, path = place
+    dtype = torch.bfloat16 if lowp else torch.float32
+    b, h, n, n_k, d, t, p = 4, 2, 13, 530, 16, 3, 5
+    q, _, _ = make_qkv(b, h, n, d, non_contiguous=True, device=device, dtype=dtype)
+    k, v, _ = make_qkv(b, h, n_k, d, seed=3, device=device, dtype=dtype)
+    pk, pv = make_prompts(t, h, p, d, device=device, dtype=dtype)
+    index = torch.tensor([2, 0, 2, 1], device=device)
+    lengths = torch.tensor([5, 0, 3], device=device)
+    bias = _key_bias("full", b, h, n, n_k, device)
+    dout = torch.randn(b, h, n, d, device=device).to(dtype)
+    fns = CppPath(path)
+    out, lse = fns.fwd(q, k, v, pk, pv, index, lengths, 0.25, bias)
+    args = (dout, q, k, v, pk, pv, index, lengths, out, lse, 0.25, None, None, bias)
+    full = fns._bwd(*args, True)
+    alone = fns._bwd(*args, False)
+    for name, a, e in zip(("dprompt_k", "dprompt_v"), alone[3:5], full[3:5]):
+        torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_a_key_bias_that_masks_every_image_key_of_a_row_leaves_the_prompts(path):
     """Swin's shift mask is -100; -inf on a whole row leaves that query only its prompt keys, and

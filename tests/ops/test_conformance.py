@@ -108,6 +108,32 @@ def test_matches_the_reference(backend, case, device):
     assert got[0].transpose(1, 2).is_contiguous() and got[1].is_contiguous()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_prompt_gradients_alone_match_the_reference(backend, case, device, monkeypatch):
+    """Image q, k, v that need no gradient (a frozen backbone's first prompted block): a backend
+    declaring ``prompt_grads_only`` is asked to skip dq, dk, dv, and the prompt gradients still
+    match the reference."""
+    _runnable(backend, device)
+    _needs(backend, *_features(CASES[case]))
+    (q, k, v, pk, pv), extra, dout = _case_inputs(CASES[case], device)
+    kernels = backend.module()
+    asked = []
+    full = kernels.prompt_attention_bwd
+
+    def spy(*args, **kw):
+        asked.append(kw.get("image_grads", True))
+        return full(*args, **kw)
+
+    monkeypatch.setattr(kernels, "prompt_attention_bwd", spy)
+    got = _run(lambda a, b: prompt_attention(q, k, v, a, b, backend=backend.name, **extra),
+               (pk, pv), dout)  # fmt: skip
+    ref = _run(lambda a, b: prompt_attention_ref(q, k, v, a, b, **extra), (pk, pv), dout)
+    for name, a, e in zip(("out", "lse", "dprompt_k", "dprompt_v"), got, ref):
+        assert_close(a, e, name, **_tol(backend))
+    assert asked == [not backend.prompt_grads_only]
+
+
 @pytest.mark.parametrize("case", ["key-count", "key-bias"])
 def test_a_feature_it_lacks_is_refused_with_its_reason(backend, case):
     missing = [f for f in _features(CASES[case]) if f not in backend.features]
@@ -204,8 +230,9 @@ def test_opcheck_every_registered_op(backend):
     torch.library.opcheck(op_module._prompt_attention_op, fwd)
     out, lse = op_module._prompt_attention_op(*fwd)
     dout = torch.randn_like(q)
-    bwd = (dout, q, k, v, pk, pv, index, lengths, None, out, lse, 0.25, backend.name)
-    torch.library.opcheck(op_module._prompt_attention_backward_op, bwd)
+    for image_grads in (True, False):
+        bwd = (dout, q, k, v, pk, pv, index, lengths, None, out, lse, 0.25, backend.name)
+        torch.library.opcheck(op_module._prompt_attention_backward_op, (*bwd, image_grads))
     if "scores" in backend.features:
         u = torch.randn(2, 2, 1, 3, 16)
         scored = (dout, q, k, v, pk, pv, index, lengths, None, out, lse, u, u, 0.25, backend.name)

@@ -218,6 +218,7 @@ def _backward(
     key_bias,
     chunks,
     with_gate,
+    image_grads=True,
 ):
     b, h, n, _ = q.shape
     p = prompt_k.shape[2]
@@ -225,7 +226,9 @@ def _backward(
     dq = dk = dv = dpk = dpv = gate = None
     if b * h * n > 0:
         lse_b = backward_lse(lse)
-        if k.shape[2] > 0:
+        # The prompt part's gradients need only the merged out and lse: without image
+        # gradients the image part's backward is skipped.
+        if k.shape[2] > 0 and image_grads:
             dq, dk, dv = attend_backward(
                 kernel_for(q, key_bias is not None), dout, q, k, v, key_bias, out, lse_b, scale
             )
@@ -271,10 +274,13 @@ def prompt_attention_bwd(
     scale,
     key_bias=None,
     chunks=None,
+    image_grads=True,
 ):
     """Backward: ``(dq, dk, dv, dprompt_k, dprompt_v)``, prompt gradients per set in fp32.
 
-    ``chunks`` (tests) overrides :func:`long_chunks`; it must divide B.
+    ``image_grads=False`` (only the prompt gradients are needed) skips the image part's backward:
+    dk and dv come back zero and dq holds only the prompt part's share. ``chunks`` (tests)
+    overrides :func:`long_chunks`; it must divide B.
     """
     dq, dk, dv, dpk, dpv, _ = _backward(
         dout,
@@ -291,6 +297,7 @@ def prompt_attention_bwd(
         key_bias,
         chunks,
         with_gate=False,
+        image_grads=image_grads,
     )
     t = prompt_k.shape[0]
     if prompt_index is None:  # summed over the batch already, set 0 only

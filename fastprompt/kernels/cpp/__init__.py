@@ -302,16 +302,26 @@ def prompt_attention_bwd(
     lse: Tensor,
     scale: float,
     key_bias: Tensor | None = None,
+    image_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Prompt attention backward.
+
+    Parameters
+    ----------
+    image_grads : bool
+        False when the caller needs only the prompt gradients (the first block of a frozen
+        backbone): dq, dk, dv are then not computed, and the CPU kernels score only the prompt
+        keys' columns.
 
     Returns
     -------
     dq, dk, dv : Tensor
-        Shapes of q, k, v; dtype of q; stored (B, N, H, d) like ``out``.
+        Shapes of q, k, v; dtype of q; stored (B, N, H, d) like ``out``. Unspecified values
+        without ``image_grads``.
     dprompt_k, dprompt_v : Tensor, shape (T, H, P, d), float32
         Accumulated in fp32 and summed per set in a fixed order (deterministic): on the CPU per
-        sequence, then over the set's sequences in order; on CUDA a shared set's sum comes out of
+        run of up to 16 sequences with one set, then over the set's runs in order (whatever the
+        thread count); on CUDA a shared set's sum comes out of
         one fused-kernel call over all the batch's queries, indexed sets' per-sequence gradients
         are summed in sequence order. Zero past a set's length.
     """
@@ -330,6 +340,7 @@ def prompt_attention_bwd(
         None,
         None,
         key_bias,
+        image_grads,
     )
     return tuple(grads[:5])
 
@@ -406,7 +417,8 @@ def _register_fakes() -> None:
         return _heads_last(q, q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
     def bwd(dout, q, k, v, prompt_k, *rest, **named):
-        # rest: prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v[, key_bias]
+        # rest: prompt_v, prompt_index, prompt_lengths, out, lse, scale, u_k, u_v[, key_bias,
+        # image_grads]
         u_k = rest[6] if len(rest) > 6 else named.get("u_k")
         b = q.shape[0]
         t, h, p, d = prompt_k.shape
