@@ -251,8 +251,8 @@ BACKENDS: tuple[Backend, ...] = (
     Backend(
         name="cpp",
         kernels="fastprompt.kernels.cpp",
-        summary="C++/CUDA extension (csrc/): CPU kernels reading prompt sets in place, one task "
-        "per (sequence, head, query block); on CUDA a C++-orchestrated cascade over PyTorch's "
+        summary="C++/CUDA extension (csrc/): CPU kernels, one task per (sequence, head, query "
+        "block) over its prompt set and keys packed into one block; on CUDA a C++-orchestrated cascade over PyTorch's "
         "fused attention with fused merge, per-set sum and score kernels (compiled for "
         "sm_80/sm_90, not yet run on a GPU)",
         measured="CPU, 2 cores, ViT-B/16 shapes (B 8, P 50/200): fp32 1.02-1.24x cat + SDPA, "
