@@ -252,9 +252,9 @@ BACKENDS: tuple[Backend, ...] = (
         name="cpp",
         kernels="fastprompt.kernels.cpp",
         summary="C++/CUDA extension (csrc/): CPU kernels, one task per (sequence, head, query "
-        "block) over its prompt set and keys packed into one block; on CUDA a C++-orchestrated cascade over PyTorch's "
-        "fused attention with fused merge, per-set sum and score kernels (compiled for "
-        "sm_80/sm_90, not yet run on a GPU)",
+        "block) over its prompt set and keys packed into one block; on CUDA a C++-orchestrated "
+        "cascade over PyTorch's fused attention with fused merge, per-set sum and score "
+        "kernels (compiled for sm_80/sm_90, not yet run on a GPU)",
         measured="CPU, 2 cores, ViT-B/16 shapes (B 8, P 50/200): fp32 1.02-1.24x cat + SDPA, "
         "bf16 forward 1.00-1.10x and forward + backward 3.8-5.0x "
         "(benchmarks/results/cpu-2core/op_cascade); Swin-B windows with their bias 1.6-2.3x "

@@ -3,12 +3,12 @@
 The extension registers low-level operators under ``torch.ops.fastprompt_ext`` (schemas and their
 meaning in ``csrc/registration.cpp``). On the CPU they run the extension's own kernels
 (``csrc/cpu/``: GEMMs over each sequence's prompt set and keys packed into one block, an online
-softmax, per-set reductions and the fused score terms). On CUDA they run prompt attention as a cascade over
-PyTorch's fused attention kernels, orchestrated in C++ (``csrc/cascade/``): the prompt part and
-the image part each on FlashAttention-2 (fp16/bf16) or the memory-efficient kernel (fp32 as
-3xTF32, fp32-accurate; per-set lengths), merged by one log-sum-exp kernel, with the per-set
-reduction and Prompt Condensation's score epilogue as CUDA kernels (``csrc/cuda/``) whose CPU
-twins run the same arithmetic in the tests.
+softmax, per-set reductions and the fused score terms). On CUDA they run prompt attention as a
+cascade over PyTorch's fused attention kernels, orchestrated in C++ (``csrc/cascade/``): the
+prompt part and the image part each on FlashAttention-2 (fp16/bf16) or the memory-efficient
+kernel (fp32 as 3xTF32, fp32-accurate; per-set lengths), merged by one log-sum-exp kernel, with
+the per-set reduction and Prompt Condensation's score epilogue as CUDA kernels (``csrc/cuda/``)
+whose CPU twins run the same arithmetic in the tests.
 
 This module loads the library (an ahead-of-time build from ``setup.py`` if one matches this torch
 and these sources, else a first-use ninja build cached per torch version, CUDA toolkit, CPU
