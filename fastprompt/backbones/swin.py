@@ -380,7 +380,9 @@ class SwinBackbone(Backbone):
         part = _partition(blk, blk.norm1(x))
         b, nw = x.shape[0], part.count
         q, k, v = _qkv(attn, part.windows)
-        pk, pv, index, lengths = self._prompt_table(blk, p, kv, b, q.dtype)
+        # The held prompts' queries, keys and values: one projection of their P rows per image.
+        own = None if p is None else _qkv(attn, blk.norm1(p))
+        pk, pv, index, lengths = self._prompt_table(own, kv, b, q.dtype, x.device)
         # Ordinary tensors even under torch.inference_mode: prompt_attention's host-side check of
         # prompt_index reads its version counter, which inference tensors lack.
         with torch.inference_mode(False):
@@ -395,7 +397,7 @@ class SwinBackbone(Backbone):
         x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
         if p is None:
             return SwinTokens(x, None)
-        qp = _qkv(attn, blk.norm1(p))[0][owner]
+        qp = own[0][owner]
         call = AttentionCall(
             block, qp, k, v, pk, pv, window_index, attn.scale, backend, lengths, None, nw
         )
@@ -404,18 +406,24 @@ class SwinBackbone(Backbone):
         return SwinTokens(x, _mlp(blk, p + blk.drop_path1(op)))
 
     def _prompt_table(
-        self, blk: nn.Module, p: Tensor | None, kv: PromptKV | None, batch: int, dtype
+        self,
+        own: tuple[Tensor, Tensor, Tensor] | None,
+        kv: PromptKV | None,
+        batch: int,
+        dtype: torch.dtype,
+        device: torch.device,
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """The prompt keys/values every window of an image attends to: ``kv``'s sets (cast to the
-        queries' dtype: cached ones are in the weights'), then the held prompts' own (one set
-        per image). Returns (k, v, per-image set index or None, per-set lengths or None)."""
-        if p is None:
+        queries' dtype: cached ones are in the weights'), then the held prompts' own (``own``:
+        their q, k, v, one set per image). Returns (k, v, per-image set index or None, per-set
+        lengths or None)."""
+        if own is None:
             if kv is None:
                 raise ValueError("SwinBackbone.fused_block: a block without prompts needs kv")
             return kv.k.to(dtype), kv.v.to(dtype), kv.index, kv.lengths
-        own_k, own_v = kv_rows(blk.attn, blk.norm1(p))
+        _, own_k, own_v = own
         if kv is None:
-            return own_k, own_v, torch.arange(batch, device=p.device), None
+            return own_k, own_v, torch.arange(batch, device=device), None
         if kv.lengths is not None:
             raise ValueError(
                 "SwinBackbone.fused_block: keys/values of sets of different lengths cannot join "
@@ -423,10 +431,10 @@ class SwinBackbone(Backbone):
             )
         idx = kv.index
         if idx is None:
-            idx = torch.zeros(batch, dtype=torch.long, device=p.device)
+            idx = torch.zeros(batch, dtype=torch.long, device=device)
         k = torch.cat([kv.k.to(dtype)[idx], own_k], dim=2)
         v = torch.cat([kv.v.to(dtype)[idx], own_v], dim=2)
-        return k, v, torch.arange(batch, device=p.device), None
+        return k, v, torch.arange(batch, device=device), None
 
     def features(self, tokens: SwinTokens) -> Tensor:
         """The final norm over every token, (B, P + H·W, C): prompts first, then the patches in
