@@ -63,6 +63,18 @@ def test_every_backend_with_a_key_bias_gives_the_official_vpt_swin_on_cuda(deep,
     assert_matches_official(prompted, _images(3).cuda(), tol=10.0)
 
 
+@pytest.mark.parametrize("fused_attn", [False, True], ids=["written-out", "sdpa"])
+def test_naive_attends_as_the_models_own_window_attention(fused_attn):
+    """``impl="naive"`` follows timm's ``fused_attn`` switch (off by default for Swin, as the
+    official code writes attention out): either way it is the official VPT-Swin."""
+    model = tiny_swin()
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused_attn
+    prompted = fastprompt.vpt(model, 5, deep=True, impl="naive").eval()
+    assert_matches_official(prompted, _images(3))
+
+
 @pytest.mark.parametrize("impl", ["fused", "naive"])
 @pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
 def test_dropout_masks_are_the_official_ones(deep, impl):

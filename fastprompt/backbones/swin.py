@@ -13,7 +13,8 @@ tokens (B, P, C) apart (None without any). Blocks are numbered across stages; en
 first block runs the stage's patch merging (timm merges at the start of a stage, the official code
 at the end of the previous one: the same order of operations).
 
-``block`` is the official computation, prompts copied into every window. ``fused_block`` gives the
+``block`` is the official computation, prompts copied into every window, its attention computed as
+the model's own (timm's ``fused_attn`` switch). ``fused_block`` gives the
 same numbers computing each prompt's keys, values and query once per image (not per window): the
 windows' queries attend to the prompt keys/values through :func:`fastprompt.ops.prompt_attention`,
 which takes the relative-position bias and the shift mask as ``key_bias`` (prompt keys get none,
@@ -144,6 +145,16 @@ def _window_bias(blk: nn.Module, part: _Windows, dtype: torch.dtype) -> Tensor:
     b = part.size[0]
     mask = part.mask.to(dtype).view(1, nw, 1, m, m)
     return (rel.unsqueeze(0) + mask).expand(b, -1, -1, -1, -1).reshape(b * nw, -1, m, m)
+
+
+def _window_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """Attention of windows (S, H, M, d) under a bias, computed as the model's own
+    ``WindowAttention`` computes it: PyTorch's fused attention when timm's ``fused_attn`` is on,
+    else scores, bias, softmax and product written out, as timm does by default (its switch is
+    experimental for Swin) and as the official VPT-Swin does."""
+    if attn.fused_attn:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+    return (((q * attn.scale) @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
 
 
 def _mlp(blk: nn.Module, x: Tensor) -> Tensor:
@@ -334,7 +345,7 @@ class SwinBackbone(Backbone):
         seq = torch.cat([hp, part.windows], dim=1)
         q, k, v = _qkv(attn, seq)
         bias = F.pad(_window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
+        o = _window_attention(attn, q, k, v, bias)
         o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1)))
         x = x + blk.drop_path1(_reverse(blk, part, o[:, n_p:]))
         p = p + blk.drop_path1(self._window_mean(o[:, :n_p], b, nw))
