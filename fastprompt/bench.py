@@ -72,6 +72,12 @@ def environment(device: torch.device) -> dict[str, Any]:
         "cuda": torch.version.cuda,
         "triton": triton_version,
         "timm": timm.__version__,
+        # timm's switch between PyTorch's fused attention and attention written out
+        # (TIMM_FUSED_ATTN): it moves the prompt-free model's time, Swin's (experimental) most.
+        "timm_fused_attn": {
+            "stable": timm.layers.use_fused_attn(),
+            "experimental": timm.layers.use_fused_attn(experimental=True),
+        },
         "fastprompt": fastprompt.__version__,
         "python": platform.python_version(),
         "commit": commit,

@@ -52,12 +52,21 @@ def _rows(result: dict[str, Any]) -> list[list[str]]:
     return [[_cell(r, key, batch) for _, key in _COLUMNS] for r in result["rows"]]
 
 
+def _timm_attention(env: dict[str, Any]) -> str:
+    fused = env.get("timm_fused_attn")  # absent from reports before it was recorded
+    if fused is None:
+        return ""
+    said = {True: "fused", False: "written out"}
+    return f" (attention {said[fused['stable']]}, experimental {said[fused['experimental']]})"
+
+
 def _header(result: dict[str, Any]) -> str:
     env, cfg = result["env"], result["config"]
     return (
         f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}, "
         f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"timm {env['timm']}, fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
+        f"timm {env['timm']}{_timm_attention(env)}, fastprompt {env['fastprompt']} "
+        f"({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
         "same run (its training step: full fine-tuning's backward; frozen: its step with the "
         "backbone frozen and the gradient taken to the images, a prompt method's floor). "
