@@ -119,8 +119,11 @@ def _prompt_attention_backward_op(
     lse: Tensor,
     scale: float,
     backend: str,
-    image_grads: bool,
+    image_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    # image_grads has a default because torch.compile's caches key a graph by its ops' names,
+    # not by the Python that defines their autograd: a backward compiled before the argument
+    # existed still calls this op without it, and must get every gradient.
     declared = backends.get(backend)
     kernels = declared.module()
     skip = {} if image_grads or not declared.prompt_grads_only else {"image_grads": False}
@@ -165,7 +168,7 @@ def gradient_fakes(q: Tensor, k: Tensor, v: Tensor, prompt_k: Tensor, prompt_v: 
 @_prompt_attention_backward_op.register_fake
 def _(dout, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, out, lse, *rest):
     grads = gradient_fakes(q, k, v, prompt_k, prompt_v)
-    image_grads = rest[-1]
+    image_grads = rest[2] if len(rest) > 2 else True  # rest: scale, backend[, image_grads]
     return grads if image_grads else (*_not_computed(q), *grads[3:])
 
 
