@@ -1,5 +1,5 @@
 """Two builds of the C++ extension's CPU kernels, side by side: forward and backward times at
-Swin-B's window shapes (or any), one thread, in CPU time.
+Swin-B's window shapes and a ViT-B/16 shape, one thread, in CPU time.
 
 Two libraries registering the same operator namespace cannot share a process, so each
 measurement is a fresh process that loads one library (``torch.ops.load_library``) and times
@@ -21,9 +21,13 @@ import subprocess
 import sys
 from pathlib import Path
 
-# (name, windows·batch B, heads H): Swin-B's stage 0 and stage 2 at batch 8; 49 queries and
-# 49 + 50 keys of head dim 32 each, a per-window bias.
-SHAPES = (("stage0", 512, 4), ("stage2", 32, 16))
+# (name, sequences B, heads H, tokens N, head dim d, prompts P, a per-sequence key bias):
+# Swin-B's stage-0 and stage-2 windows at batch 8, and ViT-B/16 at batch 2 with 200 prompts.
+SHAPES = (
+    ("swin-stage0", 512, 4, 49, 32, 50, True),
+    ("swin-stage2", 32, 16, 49, 32, 50, True),
+    ("vit-b16-p200", 2, 12, 197, 64, 200, False),
+)
 
 _CHILD = """
 import json, statistics, sys, time, torch
@@ -31,12 +35,11 @@ torch.ops.load_library(sys.argv[1])
 torch.set_num_threads(1)
 ops = torch.ops.fastprompt_ext
 reps, out = int(sys.argv[2]), {}
-for name, b, h in json.loads(sys.argv[3]):
-    n, p, d = 49, 50, 32
+for name, b, h, n, d, p, biased in json.loads(sys.argv[3]):
     torch.manual_seed(0)
     q, k, v = torch.randn(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
     pk, pv = torch.randn(1, h, p, d), torch.randn(1, h, p, d)
-    bias, scale = torch.randn(b, h, n, n), d ** -0.5
+    bias, scale = torch.randn(b, h, n, n) if biased else None, d ** -0.5
     o, lse = ops.prompt_attention_fwd(q, k, v, pk, pv, None, None, scale, bias)
     dout = torch.randn_like(o)
     calls = {

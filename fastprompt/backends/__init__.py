@@ -257,8 +257,8 @@ BACKENDS: tuple[Backend, ...] = (
         "kernels (compiled for sm_80/sm_90, not yet run on a GPU)",
         measured="CPU, 2 cores, ViT-B/16 shapes (B 8, P 50/200): fp32 1.02-1.24x cat + SDPA, "
         "bf16 forward 1.00-1.10x and forward + backward 3.8-5.0x "
-        "(benchmarks/results/cpu-2core/op_cascade); Swin-B windows with their bias 1.6-2.3x "
-        "torch (op_swin_stage0/2); nothing on a GPU yet",
+        "(benchmarks/results/cpu-2core/op_cascade); Swin-B windows with their bias 2.0-2.5x "
+        "torch (op_swin_stage0/2_packed); nothing on a GPU yet",
         devices=("cpu", "cuda"),
         dtypes=_FLOATS,
         features=frozenset(FEATURES),
