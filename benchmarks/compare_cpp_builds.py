@@ -68,12 +68,18 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=15, help="timed calls per process (median)")
     ap.add_argument("--out", type=Path, help="folder for rows.jsonl and report.md")
     args = ap.parse_args()
+    for which in ("old", "new"):
+        lib = getattr(args, which)
+        if not lib.is_file():
+            ap.error(f"{which}: no library at {lib} (a build's fastprompt_ext.so)")
     runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     for _ in range(args.rounds):
         for which in ("old", "new"):
             lib = str(getattr(args, which))
             cmd = [sys.executable, "-c", _CHILD, lib, str(args.reps), json.dumps(SHAPES)]
-            result = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            result = subprocess.run(cmd, capture_output=True, text=True)
+            if result.returncode != 0:
+                sys.exit(f"{which} ({lib}) failed:\n{result.stderr.strip()}")
             runs[which].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(which, runs[which][-1], flush=True)
     lines = [

@@ -69,6 +69,17 @@ void add_key_bias(float* scores, int64_t ld, int64_t rows, const BiasView& kb, i
   }
 }
 
+// The GEMM operand of a fp32 block of P or dS: the block itself, or its copy in the inputs'
+// low-precision type.
+template <typename T>
+const T* operand(Scratch<float>& f32, Scratch<T>& low) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f32.data();
+  } else {
+    return low.data();
+  }
+}
+
 // Rows [0, n) of m into dst, rows d apart.
 template <typename T>
 void copy_rows(const Mat<T>& m, int64_t n, int64_t d, T* dst) {
@@ -136,13 +147,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           if constexpr (kLowp) cast_row(srow, plow.data() + r * cols, cols);
         }
         const float beta = c0 == 0 ? 0.0f : 1.0f;
-        if constexpr (kLowp) {
-          gemm(false, false, rows, d, cols, 1.0f, plow.data(), cols, vcat.data() + c0 * d, d,
-               beta, acc.data(), d);
-        } else {
-          gemm(false, false, rows, d, cols, 1.0f, sbuf.data(), cols, vcat.data() + c0 * d, d,
-               beta, acc.data(), d);
-        }
+        gemm(false, false, rows, d, cols, 1.0f, operand(sbuf, plow), cols, vcat.data() + c0 * d,
+             d, beta, acc.data(), d);
       }
       for (int64_t r = 0; r < rows; ++r) {
         T* orow = out_p + ((b * s.Nq + r0 + r) * s.H + h) * d;
@@ -252,11 +258,8 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               if constexpr (kLowp) cast_row(pbuf.data() + r * cols, plow.data() + r * cols, cols);
             }
             // dV += P^T dO ; dP = dO V^T
-            if constexpr (kLowp) {
-              gemm(true, false, cols, d, rows, 1.0f, plow.data(), cols, dorow, DO.ld, 1.0f, dvg, d);
-            } else {
-              gemm(true, false, cols, d, rows, 1.0f, pbuf.data(), cols, dorow, DO.ld, 1.0f, dvg, d);
-            }
+            gemm(true, false, cols, d, rows, 1.0f, operand(pbuf, plow), cols, dorow, DO.ld, 1.0f,
+                 dvg, d);
             gemm(false, true, rows, cols, d, 1.0f, dorow, DO.ld, vg, d, 0.0f, dsbuf.data(), cols);
             // dS = P (dP - delta); the gate sums dS over queries for each prompt key.
             for (int64_t r = 0; r < rows; ++r) {
@@ -266,12 +269,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
               if constexpr (kLowp) cast_row(dsrow, dslow.data() + r * cols, cols);
             }
             // dK += scale dS^T Q ; dQ += scale dS K
-            const T* ds;
-            if constexpr (kLowp) {
-              ds = dslow.data();
-            } else {
-              ds = dsbuf.data();
-            }
+            const T* ds = operand(dsbuf, dslow);
             gemm(true, false, cols, d, rows, scale, ds, cols, qrow, Q.ld, 1.0f, dkg, d);
             if (image_grads) {
               gemm(false, false, rows, d, cols, scale, ds, cols, kg, d, 1.0f, dq_acc.data(), d);
