@@ -391,8 +391,11 @@ class SwinBackbone(Backbone):
         part = _partition(blk, blk.norm1(x))
         b, nw = x.shape[0], part.count
         q, k, v = _qkv(attn, part.windows)
-        # The held prompts' queries, keys and values: one projection of their P rows per image.
-        own = None if p is None else _qkv(attn, blk.norm1(p))
+        # The held prompts' queries, keys and values: one projection of their P rows per image,
+        # or once for the batch when every image holds the same set (a deep set, which insert
+        # expands): the backward then sums the images' gradients before the projection's.
+        shared = p is not None and p.shape[0] > 1 and p.stride(0) == 0
+        own = None if p is None else _qkv(attn, blk.norm1(p[:1] if shared else p))
         pk, pv, index, lengths = self._prompt_table(own, kv, b, q.dtype, x.device)
         # Ordinary tensors even under torch.inference_mode: prompt_attention's host-side check of
         # prompt_index reads its version counter, which inference tensors lack.
@@ -408,7 +411,7 @@ class SwinBackbone(Backbone):
         x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
         if p is None:
             return SwinTokens(x, None)
-        qp = own[0][owner]
+        qp = own[0].expand(b * nw, -1, -1, -1) if shared else own[0][owner]
         call = AttentionCall(
             block, qp, k, v, pk, pv, window_index, attn.scale, backend, lengths, None, nw
         )
@@ -426,15 +429,18 @@ class SwinBackbone(Backbone):
     ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """The prompt keys/values every window of an image attends to: ``kv``'s sets (cast to the
         queries' dtype: cached ones are in the weights'), then the held prompts' own (``own``:
-        their q, k, v, one set per image). Returns (k, v, per-image set index or None, per-set
-        lengths or None)."""
+        their q, k, v, one set per image or a single set that every image holds). Returns (k, v,
+        per-image set index or None, per-set lengths or None)."""
         if own is None:
             if kv is None:
                 raise ValueError("SwinBackbone.fused_block: a block without prompts needs kv")
             return kv.k.to(dtype), kv.v.to(dtype), kv.index, kv.lengths
         _, own_k, own_v = own
         if kv is None:
+            if own_k.shape[0] == 1:
+                return own_k, own_v, None, None
             return own_k, own_v, torch.arange(batch, device=device), None
+        own_k, own_v = own_k.expand(batch, -1, -1, -1), own_v.expand(batch, -1, -1, -1)
         if kv.lengths is not None:
             raise ValueError(
                 "SwinBackbone.fused_block: keys/values of sets of different lengths cannot join "
