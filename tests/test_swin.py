@@ -147,6 +147,55 @@ def test_frozen_prompts_and_the_fused_path_shape():
     assert [c[0] for c in calls[-2:]] == [5, 5] and calls[-1][1][2] == 5  # prompt rows
 
 
+def test_a_set_every_image_holds_is_projected_once_and_window_indices_are_kept(monkeypatch):
+    """The last deep block's prompt tokens (one set for the batch) attend as that one set, their
+    queries the same rows for every window; shallow prompts (one set per image) give each window
+    its image's set through one index tensor per stage, reused by the stage's blocks (a new one
+    costs the CUDA extension a host synchronisation)."""
+    x = _images(3)
+    run = fastprompt.prompted.run_attention
+    calls = []
+
+    def spy(call):
+        calls.append(call)
+        return run(call)
+
+    monkeypatch.setattr(fastprompt.prompted, "run_attention", spy)
+    for deep in (True, False):
+        prompted = fastprompt.vpt(tiny_swin(), 5, deep=deep).eval()
+        calls.clear()
+        assert_matches_official(prompted, x)  # logits and prompt gradients, the spy looking on
+        calls.clear()
+        with torch.no_grad():
+            prompted(x)
+        if deep:
+            last = [c for c in calls if c.block == 5]
+            assert all(c.prompt_k.shape[0] == 1 and c.prompt_index is None for c in last)
+            assert last[-1].q.stride(0) == 0  # the set's queries, not one copy per window
+            continue
+        assert all(c.prompt_index is None for c in calls if c.block == 0)  # the parameter itself
+        owners = {}
+        for c in (c for c in calls if c.block > 0):
+            owners.setdefault(c.windows, set()).add(id(c.prompt_index))
+            expected = torch.arange(3).repeat_interleave(c.windows)
+            assert torch.equal(c.prompt_index, expected), c.block
+        assert all(len(ids) == 1 for ids in owners.values()), owners
+
+
+def test_a_kept_window_index_follows_its_index():
+    backbone = fastprompt.vpt(tiny_swin(), 5).backbone
+    index = torch.tensor([2, 0])
+    first = backbone._window_index(index, 2, 3, index.device)
+    assert torch.equal(first, torch.tensor([2, 2, 2, 0, 0, 0]))
+    assert backbone._window_index(index, 2, 3, index.device) is first
+    index[1] = 1  # changed in place: made anew
+    assert torch.equal(
+        backbone._window_index(index, 2, 3, index.device), torch.tensor([2] * 3 + [1] * 3)
+    )
+    backbone.window_mixing = True
+    assert torch.equal(backbone._window_index(None, 2, 3, index.device), torch.tensor([0, 1] * 3))
+
+
 def test_parameters_names_and_the_official_init():
     model = tiny_swin()
     prompted = fastprompt.vpt(model, 5)

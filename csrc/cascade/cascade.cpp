@@ -40,6 +40,7 @@
 #include <c10/core/DeviceGuard.h>
 
 #include <cmath>
+#include <limits>
 
 #include "../checks.h"
 #include "../ops.h"
@@ -75,10 +76,11 @@ Tensor heads_last(const Tensor& t) {
   return r;
 }
 
-Tensor heads_last_zeros(const Tensor& like) {
-  return heads_last_empty(like.size(0), like.size(1), like.size(2), like.size(3), like.options())
-      .zero_();
+Tensor heads_last_like(const Tensor& like) {
+  return heads_last_empty(like.size(0), like.size(1), like.size(2), like.size(3), like.options());
 }
+
+Tensor heads_last_zeros(const Tensor& like) { return heads_last_like(like).zero_(); }
 
 // (K,) lengths -> (K, P) bool: which slots of each set (or sequence) hold a valid key.
 Tensor valid_slots(const Tensor& lengths, int64_t P) {
@@ -149,13 +151,32 @@ std::pair<Tensor, Tensor> set_members(const OptTensor& index, int64_t B, int64_t
   return {order, at::searchsorted(sorted, at::arange(T + 1, i64))};
 }
 
+// The largest finite value of a floating dtype.
+double finite_max(at::ScalarType t) {
+  switch (t) {
+    case at::kHalf: return static_cast<double>(std::numeric_limits<at::Half>::max());
+    case at::kBFloat16: return static_cast<double>(std::numeric_limits<at::BFloat16>::max());
+    case at::kFloat: return static_cast<double>(std::numeric_limits<float>::max());
+    default: return std::numeric_limits<double>::max();
+  }
+}
+
+// kb cast to dtype with its finite values clamped to dtype's range: a plain cast makes a large
+// finite mask (finfo(float32).min) -inf in fp16/bf16, and a row it masks entirely would then
+// have no key where the fp32 computation keeps it. Infinities stay (the Python bias_in's rule).
+Tensor bias_in(const Tensor& kb, at::ScalarType dtype) {
+  const double top = finite_max(dtype);
+  if (kb.scalar_type() == dtype || top >= finite_max(kb.scalar_type())) return kb.to(dtype);
+  return at::where(kb.isinf(), kb, kb.clamp(-top, top)).to(dtype);
+}
+
 // The image part's bias from a checked key_bias, 4-D and broadcast where it broadcasts. On the CPU
 // in fp32 (the CPU flash kernel takes it, and it stays exact for 16-bit inputs); on CUDA in q's
 // dtype (the memory-efficient kernel's rule) with every stride of a dimension of size > 1 but the
 // last a multiple of 16 elements, as scaled_dot_product_attention prepares a mask for it.
 Tensor image_bias(const OptTensor& key_bias, const Tensor& q, int64_t nk) {
   if (!key_bias.has_value()) return Tensor();
-  Tensor bias = key_bias_4d(key_bias->to(q.is_cpu() ? at::kFloat : q.scalar_type()));
+  Tensor bias = key_bias_4d(bias_in(*key_bias, q.is_cpu() ? at::kFloat : q.scalar_type()));
   if (q.is_cpu()) return bias;
   // A bias broadcast over the keys is read with unit stride along them, so it is widened first.
   if (bias.size(3) != nk) bias = bias.expand({-1, -1, -1, nk});
@@ -299,9 +320,12 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
   if (s.Nk > 0 && image_grads) {
     std::tie(dq, dk, dv) =
         part_backward(dout, q, k, v, image_bias(key_bias, q, s.Nk), out, lse_b, scale);
-  } else {
+  } else if (image_grads) {  // no image keys
     dk = heads_last_zeros(k);
     dv = heads_last_zeros(v);
+  } else {  // not asked for: the op drops them, so they are left unwritten (no memset)
+    dk = heads_last_like(k);
+    dv = heads_last_like(v);
   }
   Tensor dq_p;
   if (s.P > 0) {
@@ -320,7 +344,7 @@ BwdResult cascade_bwd(const Tensor& dout_, const Tensor& q_, const Tensor& k_, c
     }
   }
   if (!dq.defined()) {
-    dq = dq_p.defined() ? dq_p : heads_last_zeros(q);
+    dq = dq_p.defined() ? dq_p : image_grads ? heads_last_zeros(q) : heads_last_like(q);
   } else if (dq_p.defined()) {
     dq = heads_last(dq).add_(dq_p);
   }

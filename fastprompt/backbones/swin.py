@@ -31,6 +31,7 @@ prompts (the paper's rule); ``window_mixing = True`` reproduces the official cod
 from __future__ import annotations
 
 import copy
+import weakref
 from typing import Any, NamedTuple
 
 import torch
@@ -51,6 +52,10 @@ __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
 # "patches+prompts": the mean of every token, prompt outputs included (the official VPT-Swin);
 # "patches": the mean of the patch tokens (timm's own avg pooling).
 READOUTS = ("patches", "patches+prompts")
+
+
+# _prompt_table's index when image b attends to set b: a window's set is then its owner image.
+_EACH_IMAGE = "each image"
 
 
 class SwinTokens(NamedTuple):
@@ -161,6 +166,14 @@ def _mlp(blk: nn.Module, x: Tensor) -> Tensor:
     return x + blk.drop_path2(blk.mlp(blk.norm2(x)))
 
 
+def _same(tag: Any, index: Tensor | None) -> bool:
+    """Whether a cached window index was made from ``index`` as it is now."""
+    if tag is None or index is None:
+        return tag is None and index is None
+    ref, version = tag
+    return ref() is index and version == index._version
+
+
 class SwinBackbone(Backbone):
     """timm ``SwinTransformer`` v1 (``swin_*``, including the S3 search-space models).
 
@@ -180,6 +193,10 @@ class SwinBackbone(Backbone):
     def __init__(self, model: nn.Module, who: str) -> None:
         super().__init__(model, who)
         self.window_mixing = False
+        # Per-window set indices by (index tensor or None, batch, windows, device, mixing): the
+        # blocks of a stage reuse one tensor, which the CUDA extension range-checks once (a new
+        # tensor costs it a host synchronisation).
+        self._window_sets: dict[tuple, tuple[Any, Tensor]] = {}
         # (stage, index in the stage) of every block, numbered across stages.
         self._where: list[tuple[int, int]] = [
             (s, j) for s, stage in enumerate(model.layers) for j in range(len(stage.blocks))
@@ -321,8 +338,31 @@ class SwinBackbone(Backbone):
 
     def _owner(self, batch: int, count: int, device: torch.device) -> Tensor:
         """The image whose prompts window j (image by image, B·nW of them) receives."""
-        images = torch.arange(batch, device=device)
-        return images.repeat(count) if self.window_mixing else images.repeat_interleave(count)
+        return self._window_index(None, batch, count, device)
+
+    def _window_index(
+        self, index: Tensor | None, batch: int, count: int, device: torch.device
+    ) -> Tensor:
+        """The set each window (B·nW of them) attends to: its owner image's entry of ``index``
+        (None: the owner image itself). Ordinary tensors even under torch.inference_mode:
+        prompt_attention's host-side check of prompt_index reads their version counter."""
+        key = (None if index is None else id(index), batch, count, device, self.window_mixing)
+        hit = self._window_sets.get(key)
+        if hit is not None and _same(hit[0], index):
+            return hit[1]
+        with torch.inference_mode(False):
+            images = torch.arange(batch, device=device)
+            if self.window_mixing:
+                owner = images.repeat(count)
+            else:
+                owner = images.repeat_interleave(count)
+            found = owner if index is None else index[owner]
+        if index is None or not index.is_inference():  # an inference tensor has no version
+            if len(self._window_sets) >= 64:
+                self._window_sets.clear()
+            tag = None if index is None else (weakref.ref(index), index._version)
+            self._window_sets[key] = (tag, found)
+        return found
 
     def _window_mean(self, rows: Tensor, batch: int, count: int) -> Tensor:
         """Prompt outputs (B·nW, P, C) averaged over the windows that received each image's."""
@@ -397,11 +437,10 @@ class SwinBackbone(Backbone):
         shared = p is not None and p.shape[0] > 1 and p.stride(0) == 0
         own = None if p is None else _qkv(attn, blk.norm1(p[:1] if shared else p))
         pk, pv, index, lengths = self._prompt_table(own, kv, b, q.dtype, x.device)
-        # Ordinary tensors even under torch.inference_mode: prompt_attention's host-side check of
-        # prompt_index reads its version counter, which inference tensors lack.
-        with torch.inference_mode(False):
-            owner = self._owner(b, nw, x.device)
-            window_index = None if index is None else index[owner]
+        if index is _EACH_IMAGE:
+            window_index = self._owner(b, nw, x.device)
+        else:
+            window_index = None if index is None else self._window_index(index, b, nw, x.device)
         bias = _window_bias(blk, part, q.dtype)
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
@@ -411,7 +450,7 @@ class SwinBackbone(Backbone):
         x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
         if p is None:
             return SwinTokens(x, None)
-        qp = own[0].expand(b * nw, -1, -1, -1) if shared else own[0][owner]
+        qp = own[0].expand(b * nw, -1, -1, -1) if shared else own[0][self._owner(b, nw, x.device)]
         call = AttentionCall(
             block, qp, k, v, pk, pv, window_index, attn.scale, backend, lengths, None, nw
         )
@@ -426,20 +465,19 @@ class SwinBackbone(Backbone):
         batch: int,
         dtype: torch.dtype,
         device: torch.device,
-    ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+    ) -> tuple[Tensor, Tensor, Any, Tensor | None]:
         """The prompt keys/values every window of an image attends to: ``kv``'s sets (cast to the
         queries' dtype: cached ones are in the weights'), then the held prompts' own (``own``:
         their q, k, v, one set per image or a single set that every image holds). Returns (k, v,
-        per-image set index or None, per-set lengths or None)."""
+        per-image set index, None for set 0 or ``_EACH_IMAGE`` for set b, per-set lengths or
+        None)."""
         if own is None:
             if kv is None:
                 raise ValueError("SwinBackbone.fused_block: a block without prompts needs kv")
             return kv.k.to(dtype), kv.v.to(dtype), kv.index, kv.lengths
         _, own_k, own_v = own
         if kv is None:
-            if own_k.shape[0] == 1:
-                return own_k, own_v, None, None
-            return own_k, own_v, torch.arange(batch, device=device), None
+            return own_k, own_v, None if own_k.shape[0] == 1 else _EACH_IMAGE, None
         own_k, own_v = own_k.expand(batch, -1, -1, -1), own_v.expand(batch, -1, -1, -1)
         if kv.lengths is not None:
             raise ValueError(
@@ -451,7 +489,7 @@ class SwinBackbone(Backbone):
             idx = torch.zeros(batch, dtype=torch.long, device=device)
         k = torch.cat([kv.k.to(dtype)[idx], own_k], dim=2)
         v = torch.cat([kv.v.to(dtype)[idx], own_v], dim=2)
-        return k, v, torch.arange(batch, device=device), None
+        return k, v, _EACH_IMAGE, None
 
     def features(self, tokens: SwinTokens) -> Tensor:
         """The final norm over every token, (B, P + H·W, C): prompts first, then the patches in

@@ -319,7 +319,7 @@ def _pytorch_same_dtype(q, k, v, pk, pv, index, key_bias=None):
     return out, torch.logsumexp(scores, -1)
 
 
-@pytest.mark.parametrize("biased", [False, True], ids=["", "key-bias"])
+@pytest.mark.parametrize("biased", [False, True, "masked"], ids=["", "key-bias", "masked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 def test_half_precision_error_within_twice_pytorchs(backend, dtype, biased):
     """Error vs the fp32 reference <= 2x PyTorch's same-dtype error (3x for gradients)."""
@@ -339,7 +339,13 @@ def _half_precision_case(backend, device, dtype, d, biased=False):
     dout = torch.randn(b, h, n, d, device=device)
     index = torch.tensor([0, 1, 1], device=device)
     g = torch.Generator().manual_seed(4)
-    bias = torch.randn(1, h, n, n, generator=g).to(device) if biased else None
+    bias = torch.randn(1, h, n, n, generator=g) if biased else None
+    if biased == "masked":
+        # fp32's lowest value as a mask (common in attention masks): beyond fp16's and bf16's
+        # range, it must still act as a large finite bias, for a whole row's image keys too.
+        bias[..., 5, :] = torch.finfo(torch.float32).min
+        bias[..., 7, ::2] = torch.finfo(torch.float32).min
+    bias = None if bias is None else bias.to(device)
     low = [x.to(dtype) for x in (q, k, v, pk, pv)]
     ref = _run(
         lambda *a: prompt_attention_ref(*a, index, key_bias=bias),
@@ -395,12 +401,27 @@ def test_half_precision_on_the_gpu(backend, dtype, d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("biased", [True, "masked"], ids=["key-bias", "masked"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-def test_half_precision_with_a_key_bias_on_the_gpu(backend, dtype):
-    """The bias goes to the memory-efficient kernel in the input dtype, as SDPA hands it."""
+def test_half_precision_with_a_key_bias_on_the_gpu(backend, dtype, biased):
+    """The bias goes to the memory-efficient kernel in the input dtype, as SDPA hands it (finite
+    values clamped to that dtype's range, infinities kept)."""
     _runnable(backend, "cuda", dtype, 32)
     _needs(backend, "prompt_index", "key_bias")
-    _half_precision_case(backend, "cuda", dtype, 32, biased=True)
+    _half_precision_case(backend, "cuda", dtype, 32, biased=biased)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+def test_a_bias_in_a_narrower_dtype_keeps_large_finite_values_finite(dtype):
+    from fastprompt.kernels.torch._sdpa import bias_in
+
+    low = torch.finfo(torch.float32).min
+    got = bias_in(torch.tensor([low, -1e30, float("-inf"), float("inf"), 1.5]), dtype)
+    top = torch.finfo(dtype).max
+    assert got.dtype == dtype
+    big = torch.tensor(max(-1e30, -top)).to(dtype).item()  # in bf16's range, beyond fp16's
+    assert got.tolist() == [-top, big, float("-inf"), float("inf"), 1.5]
+    assert bias_in(torch.tensor([low], dtype=dtype), dtype).dtype == dtype
 
 
 @pytest.mark.gpu

@@ -247,10 +247,12 @@ def _backward(
                 with_gate,
             )
             dq = dq_p if dq is None else dq + dq_p
+    # Gradients not asked for are dropped by the op: left unwritten rather than zero-filled.
+    fill = torch.zeros_like if image_grads else torch.empty_like
     if dq is None:
-        dq = torch.zeros_like(q)
+        dq = fill(q)
     if dk is None:
-        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dk, dv = fill(k), fill(v)
     per_sequence = with_gate or prompt_index is not None
     rows = b if per_sequence else 1
     if dpk is None:

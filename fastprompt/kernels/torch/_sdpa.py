@@ -210,11 +210,24 @@ def _lse_to_raw(lse: Tensor, shape: torch.Size) -> Tensor:
     return raw
 
 
+def bias_in(bias: Tensor, dtype: torch.dtype) -> Tensor:
+    """``bias`` cast to ``dtype`` with its finite values clamped to that dtype's range.
+
+    A plain cast turns a large finite mask value (``torch.finfo(torch.float32).min``, common in
+    attention masks) into -inf in fp16 or bf16; a row it masks entirely would then have no key,
+    where the fp32 computation keeps it (docs/design.md, section 5). Infinities stay infinite.
+    """
+    if bias.dtype == dtype or torch.finfo(dtype).max >= torch.finfo(bias.dtype).max:
+        return bias.to(dtype)
+    top = torch.finfo(dtype).max
+    return torch.where(bias.isinf(), bias, bias.clamp(-top, top)).to(dtype)
+
+
 def _efficient_bias(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
     """``bias`` in q's dtype, broadcast to (B, H, N, N_k) without copying where it broadcasts, its
     base padded so that every stride but the last is a multiple of the kernel's alignment (as
     ``scaled_dot_product_attention`` prepares it)."""
-    bias = bias.to(q.dtype)
+    bias = bias_in(bias, q.dtype)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
     # A bias broadcast over the keys is read with unit stride along them: widen it first.
