@@ -28,6 +28,7 @@ from torch import Tensor
 from fastprompt import backends
 from fastprompt.ops.attention import (
     _lse_dtype,
+    _not_computed,
     _prompt_attention_op,
     check_inputs,
     check_scale,
@@ -68,9 +69,13 @@ def _scored_backward_op(
     u_v: Tensor,
     scale: float,
     backend: str,
+    image_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels = backends.get(backend).module()
-    dq, dk, dv, dpk, dpv, terms, gate = kernels.prompt_attention_bwd_scored(
+    # image_grads defaults to True for backwards compiled before it existed (see the plain
+    # backward op in ops/attention.py).
+    declared = backends.get(backend)
+    skip = {} if image_grads or not declared.prompt_grads_only else {"image_grads": False}
+    dq, dk, dv, dpk, dpv, terms, gate = declared.module().prompt_attention_bwd_scored(
         dout,
         q,
         k,
@@ -85,7 +90,10 @@ def _scored_backward_op(
         u_k,
         u_v,
         **feature_args(key_bias),
+        **skip,
     )
+    if not image_grads:
+        dq, dk, dv = _not_computed(q)
     scores = (terms.to(_lse_dtype(q)), gate.to(_lse_dtype(q)))
     inputs = (dout, q, k, v, prompt_k, prompt_v, out, key_bias, u_k, u_v)
     return guard_gradients((dq, dk, dv, dpk, dpv, *scores), inputs, prompt_k, prompt_v)
@@ -108,11 +116,15 @@ def _(
     u_v,
     scale,
     backend,
+    image_grads=True,
 ):
     b, p = q.shape[0], prompt_k.shape[2]
     f = _lse_dtype(q)
     terms = q.new_empty((u_k.shape[0], b, p), dtype=f)
-    return (*gradient_fakes(q, k, v, prompt_k, prompt_v), terms, q.new_empty((b, p), dtype=f))
+    grads = gradient_fakes(q, k, v, prompt_k, prompt_v)
+    if not image_grads:
+        grads = (*_not_computed(q), *grads[3:])
+    return (*grads, terms, q.new_empty((b, p), dtype=f))
 
 
 ScoreSink = Callable[[Tensor, Tensor], None]
@@ -158,10 +170,14 @@ class ScoredPromptAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout, _dlse):
         *saved, u_k, u_v = ctx.saved_tensors
+        # As the plain op's backward: a frozen backbone's first block needs prompt gradients only.
+        image_grads = any(ctx.needs_input_grad[:3])
         dq, dk, dv, dpk, dpv, terms, gate = _scored_backward_op(
-            dout, *saved, u_k, u_v, ctx.scale, ctx.backend
+            dout, *saved, u_k, u_v, ctx.scale, ctx.backend, image_grads
         )
         ctx.sink(terms, gate)
+        if not image_grads:
+            dq = dk = dv = None
         return (dq, dk, dv, dpk, dpv, *([None] * 8))
 
 

@@ -237,7 +237,8 @@ def test_opcheck_every_registered_op(backend):
     if "scores" in backend.features:
         u = torch.randn(2, 2, 1, 3, 16)
         scored = (dout, q, k, v, pk, pv, index, lengths, None, out, lse, u, u, 0.25, backend.name)
-        torch.library.opcheck(scores_module._scored_backward_op, scored)
+        for args in (scored, (*scored, False)):
+            torch.library.opcheck(scores_module._scored_backward_op, args)
 
 
 def test_torch_compile_fullgraph_matches_eager(backend):
@@ -259,8 +260,11 @@ def test_torch_compile_fullgraph_matches_eager(backend):
         assert_close(g, r, "grad", atol=0, rtol=0)
 
 
+@pytest.mark.parametrize("alone", [False, True], ids=["", "prompt-grads-alone"])
 @pytest.mark.parametrize("case", ["shared", "indexed-lengths", "key-bias"])
-def test_scored_backward_matches_the_reference_scores(backend, case):
+def test_scored_backward_matches_the_reference_scores(backend, case, alone, monkeypatch):
+    """Also with image q, k, v that need no gradient (a frozen backbone's first block): a backend
+    declaring ``prompt_grads_only`` is asked to skip dq, dk, dv there, the scores unchanged."""
     _runnable(backend, "cpu")
     _needs(backend, "scores", *_features(CASES[case]))
     (q, k, v, pk, pv), extra, dout = _case_inputs(CASES[case])
@@ -268,7 +272,16 @@ def test_scored_backward_matches_the_reference_scores(backend, case):
     g = torch.Generator().manual_seed(5)
     u_k, u_v = (torch.randn(2, *pk.shape, generator=g) for _ in "kv")
     got = {}
-    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v, pk, pv)]
+    kernels, asked = backend.module(), []
+    full = kernels.prompt_attention_bwd_scored
+
+    def spy(*args, **kw):
+        asked.append(kw.get("image_grads", True))
+        return full(*args, **kw)
+
+    monkeypatch.setattr(kernels, "prompt_attention_bwd_scored", spy)
+    leaves = [x.detach().clone().requires_grad_(not alone or i > 2) for i, x in
+              enumerate((q, k, v, pk, pv))]  # fmt: skip
     out, _ = scored_prompt_attention(
         *leaves,
         u_k,
@@ -280,10 +293,12 @@ def test_scored_backward_matches_the_reference_scores(backend, case):
         extra["prompt_lengths"],
         key_bias=extra["key_bias"],
     )
-    grads = torch.autograd.grad(out, leaves, dout)
+    wanted = leaves[3:] if alone else leaves
+    grads = torch.autograd.grad(out, wanted, dout)
     ref = _run(lambda *a: prompt_attention_ref(*a, **extra), (q, k, v, pk, pv), dout)
-    for name, a, e in zip(NAMES[2:], grads, ref[2:]):
+    for name, a, e in zip(NAMES[-len(wanted) :], grads, ref[-len(wanted) :]):
         assert_close(a, e, name, **_tol(backend))
+    assert asked == [not (alone and backend.prompt_grads_only)]
     # Per-sequence prompt gradients by autograd on per-sequence copies, then the reference scores.
     index, lengths = extra["prompt_index"], extra["prompt_lengths"]
     sets = torch.zeros(b, dtype=torch.long) if index is None else index

@@ -337,9 +337,11 @@ def prompt_attention_bwd_scored(
     u_k,
     u_v,
     key_bias=None,
+    image_grads=True,
 ):
     """Backward plus Prompt Condensation's ``terms`` (S, B, P) and ``gate`` (B, P): the prompt part
-    runs per sequence, with :func:`~fastprompt.kernels.torch._common.gate_column` for the gate."""
+    runs per sequence, with :func:`~fastprompt.kernels.torch._common.gate_column` for the gate;
+    ``image_grads`` as in :func:`prompt_attention_bwd`."""
     grads = _backward(
         dout,
         q,
@@ -355,5 +357,6 @@ def prompt_attention_bwd_scored(
         key_bias,
         None,
         with_gate=True,
+        image_grads=image_grads,
     )
     return finish_scored(*grads, prompt_index, prompt_k.shape[0], u_k, u_v)

@@ -360,6 +360,7 @@ def prompt_attention_bwd_scored(
     u_k: Tensor,
     u_v: Tensor,
     key_bias: Tensor | None = None,
+    image_grads: bool = True,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """:func:`prompt_attention_bwd` plus Prompt Condensation's terms, fused.
 
@@ -367,6 +368,8 @@ def prompt_attention_bwd_scored(
     ----------
     u_k, u_v : Tensor, shape (S, T, H, P, d)
         Per-prompt vectors dotted with the per-sequence prompt gradients.
+    image_grads : bool
+        As in :func:`prompt_attention_bwd`.
 
     Returns
     -------
@@ -396,6 +399,7 @@ def prompt_attention_bwd_scored(
             u_k,
             u_v,
             key_bias,
+            image_grads,
         )
     )
 
