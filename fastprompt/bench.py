@@ -29,6 +29,7 @@ __all__ = [
     "activation_bytes",
     "environment",
     "flops",
+    "paired_ratios",
     "run",
     "summarize",
     "time_fn",
@@ -426,14 +427,32 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
     return {"config": cfg.__dict__.copy(), "env": environment(device), "rows": rows}
 
 
+def paired_ratios(times: list[float], against: list[float]) -> dict[str, float]:
+    """Median, p20 and p80 of the ratios of two interleaved timings, repetition by repetition.
+
+    Each repetition times the variants back to back, so a ratio taken within it cancels the
+    machine's drift between repetitions, which a ratio of medians keeps.
+    """
+    if len(times) != len(against):
+        raise ValueError(f"paired_ratios: {len(times)} timings against {len(against)}")
+    s = summarize([a / b for a, b in zip(times, against)])
+    return {"median": s["median_s"], "p20": s["p20_s"], "p80": s["p80_s"]}
+
+
 def _store(group: dict, free_times: dict, kind: str, times: dict[str, list[float]]) -> None:
     """Put interleaved timings into rows; the prompt-free median of the same group is kept
-    beside each row so ratios compare measurements taken together."""
+    beside each row so ratios compare measurements taken together, and each row gets its ratios
+    repetition by repetition (``<kind>_paired``: against free, naive and frozen where timed)."""
     free_times[kind] += times["free"]
     for name, row in group.items():
         if name in times:
             row[kind] = summarize(times[name])
             row[f"{kind}_free_median_s"] = statistics.median(times["free"])
+            row[f"{kind}_paired"] = {
+                ref: paired_ratios(times[name], times[ref])
+                for ref in ("free", "naive", "frozen")
+                if ref in times and ref != name
+            }
 
 
 def _add_ratios(rows: list[dict[str, Any]]) -> None:

@@ -44,7 +44,22 @@ def _cell(row: dict[str, Any], key: str, batch: int) -> str:
     value = row.get(key)
     if value is None:
         return "-"
+    if key in _PAIRED:
+        kind, ref = _PAIRED[key]
+        spread = row.get(f"{kind}_paired", {}).get(ref)  # absent from older reports
+        if spread is not None:
+            return f"{value:.3f} ({spread['p20']:.2f}–{spread['p80']:.2f})"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+# Ratio columns and the per-repetition ratios whose p20–p80 their cells show.
+_PAIRED = {
+    "infer_vs_naive": ("infer", "naive"),
+    "infer_vs_free": ("infer", "free"),
+    "train_vs_naive": ("train", "naive"),
+    "train_vs_free": ("train", "free"),
+    "train_vs_frozen": ("train", "frozen"),
+}
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:
@@ -69,7 +84,9 @@ def _header(result: dict[str, Any]) -> str:
         f"({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
         "same run (its training step: full fine-tuning's backward; frozen: its step with the "
-        "backbone frozen and the gradient taken to the images, a prompt method's floor). "
+        "backbone frozen and the gradient taken to the images, a prompt method's floor), the "
+        "ratio of the medians followed by the p20–p80 of the ratios taken repetition by "
+        "repetition (each repetition times the variants back to back). "
         "fused+<policy>: fastprompt "
         "under a memory policy. act.: bytes saved for backward; peak: a training step's rise "
         f"in {_peak_of(result)} (gradients included, no optimiser); RSS rise: the process's "

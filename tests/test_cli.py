@@ -61,10 +61,29 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
         for row in report["rows"]:  # inclusive quantiles stay inside the measured range
             if kind in row:
                 assert row[kind]["p20_s"] <= row[kind]["median_s"] <= row[kind]["p80_s"]
-    assert "| prompts | variant |" in (out / "report.md").read_text()
+        refs = {"free", "naive"} | ({"frozen"} if kind == "train" else set())
+        assert set(fused[f"{kind}_paired"]) == refs and set(naive[f"{kind}_paired"]) == refs - {
+            "naive"
+        }
+        paired = fused[f"{kind}_paired"]["naive"]
+        assert paired["p20"] <= paired["median"] <= paired["p80"]
+    md = (out / "report.md").read_text()
+    assert "| prompts | variant |" in md
+    spread = fused["train_paired"]["frozen"]
+    assert f"{fused['train_vs_frozen']:.3f} ({spread['p20']:.2f}–{spread['p80']:.2f})" in md
     for png in ("latency.png", "memory.png", "peak_memory.png"):
         assert (out / png).stat().st_size > 0
     assert "fused" in capsys.readouterr().out
+
+
+def test_paired_ratios_cancel_drift_between_repetitions():
+    from fastprompt.bench import paired_ratios
+
+    slow_down = [1.0, 2.0, 4.0]  # the machine's speed drifts; the variant is always half as fast
+    r = paired_ratios([2 * t for t in slow_down], slow_down)
+    assert r == {"median": 2.0, "p20": 2.0, "p80": 2.0}
+    with pytest.raises(ValueError, match="3 timings against 2"):
+        paired_ratios(slow_down, [1.0, 2.0])
 
 
 def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
