@@ -72,7 +72,8 @@ inline AttnShape check_attention(const at::Tensor& q, const at::Tensor& k, const
 }
 
 // key_bias: an additive bias on the scores of the image keys (a windowed backbone's
-// relative-position bias and shift mask), broadcastable to (B, H, Nq, Nk), never differentiated.
+// relative-position bias and shift mask), broadcastable to (B, H, Nq, Nk), never differentiated;
+// its first dimension may also be a divisor G of B (sequence b reads row b mod G).
 inline void check_key_bias(const std::optional<at::Tensor>& key_bias, const AttnShape& s,
                            const at::Tensor& q, const char* op) {
   if (!key_bias.has_value()) return;
@@ -84,10 +85,19 @@ inline void check_key_bias(const std::optional<at::Tensor>& key_bias, const Attn
   bool ok = kb.dim() <= 4;
   for (int64_t i = 0; ok && i < kb.dim(); ++i) {
     const int64_t want = full[4 - kb.dim() + i];
-    ok = kb.size(i) == 1 || kb.size(i) == want;
+    const bool period = kb.dim() == 4 && i == 0 && kb.size(0) > 0 && s.B % kb.size(0) == 0;
+    ok = kb.size(i) == 1 || kb.size(i) == want || period;
   }
   TORCH_CHECK(ok, op, ": key_bias ", kb.sizes(), " must broadcast to (B=", s.B, ", H=", s.H,
-              ", Nq=", s.Nq, ", Nk=", s.Nk, ")");
+              ", Nq=", s.Nq, ", Nk=", s.Nk, "), its first dimension 1, B or a divisor of B");
+}
+
+// A checked 4-D key_bias with B rows: a periodic one (G rows, 1 < G < B) repeated B / G times,
+// for kernels that take only a bias that broadcasts.
+inline at::Tensor key_bias_rows(const at::Tensor& kb4, int64_t B) {
+  const int64_t g = kb4.size(0);
+  if (g == 1 || g == B) return kb4;
+  return kb4.repeat({B / g, 1, 1, 1});
 }
 
 // A checked key_bias as a 4-D view (leading dims of size 1 added; nothing copied).

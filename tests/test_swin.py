@@ -129,10 +129,12 @@ def test_frozen_prompts_and_the_fused_path_shape():
     window a sequence; only the last block computes prompt rows (the readout reads them)."""
     prompted = fastprompt.vpt(tiny_swin(), 5).eval()
     x = _images(2)
-    calls = []
+    calls, biases = [], []
 
     def spy(call):
         calls.append((call.block, tuple(call.q.shape), call.prompt_k.shape[0], call.windows))
+        if call.key_bias is not None:  # one bias per window of an image, never one per image
+            biases.append((call.block, call.key_bias.shape[0]))
         return fastprompt.prompted.run_attention(call)[0]
 
     with torch.no_grad():
@@ -145,6 +147,8 @@ def test_frozen_prompts_and_the_fused_path_shape():
     for block, q, sets, count in calls[:-2]:
         assert (q[0], q[2], sets, count) == (2 * windows[block], 16, 1, windows[block])
     assert [c[0] for c in calls[-2:]] == [5, 5] and calls[-1][1][2] == 5  # prompt rows
+    shifted = {block: rows for block, rows in biases if rows > 1}
+    assert shifted == {1: 16, 3: 4}, biases
 
 
 def test_a_set_every_image_holds_is_projected_once_and_window_indices_are_kept(monkeypatch):

@@ -176,7 +176,8 @@ Tensor bias_in(const Tensor& kb, at::ScalarType dtype) {
 // last a multiple of 16 elements, as scaled_dot_product_attention prepares a mask for it.
 Tensor image_bias(const OptTensor& key_bias, const Tensor& q, int64_t nk) {
   if (!key_bias.has_value()) return Tensor();
-  Tensor bias = key_bias_4d(bias_in(*key_bias, q.is_cpu() ? at::kFloat : q.scalar_type()));
+  const at::ScalarType dtype = q.is_cpu() ? at::kFloat : q.scalar_type();
+  Tensor bias = key_bias_rows(key_bias_4d(bias_in(*key_bias, dtype)), q.size(0));
   if (q.is_cpu()) return bias;
   // A bias broadcast over the keys is read with unit stride along them, so it is widened first.
   if (bias.size(3) != nk) bias = bias.expand({-1, -1, -1, nk});
@@ -236,7 +237,8 @@ std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const
     if (key_bias.has_value()) {
       // A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ on
       // what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
-      const Tensor masked = key_bias_4d(*key_bias).isneginf().all(-1).expand({s.B, s.H, s.Nq});
+      const Tensor masked =
+          key_bias_rows(key_bias_4d(*key_bias), s.B).isneginf().all(-1).expand({s.B, s.H, s.Nq});
       lse_i = lse_i.masked_fill(masked, -INFINITY);
       o_i = o_i.masked_fill(masked.unsqueeze(-1), 0.0);
     }

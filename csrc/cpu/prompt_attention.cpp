@@ -38,17 +38,18 @@ namespace {
 constexpr int64_t kRowBlock = 256;  // query rows per task (balanced: ceil(N / ceil(N / 256)))
 constexpr int64_t kKeyGroup = 512;  // key columns per score block
 
-// key_bias broadcast to (B, H, Nq, Nk) in fp32, read through its strides (0 where it
-// broadcasts); p is null without one.
+// key_bias broadcast to (G, H, Nq, Nk) in fp32, read through its strides (0 where it
+// broadcasts), sequence b reading row b mod G (G = B, or a period: a bias per window, never
+// repeated in memory); p is null without one.
 struct BiasView {
   const float* p = nullptr;
-  int64_t sb = 0, sh = 0, sn = 0, sk = 0;
+  int64_t sb = 0, sh = 0, sn = 0, sk = 0, period = 1;
 };
 
 BiasView bias_view(const at::Tensor& expanded) {
   if (!expanded.defined()) return {};
   return {expanded.const_data_ptr<float>(), expanded.stride(0), expanded.stride(1),
-          expanded.stride(2), expanded.stride(3)};
+          expanded.stride(2), expanded.stride(3), std::max<int64_t>(expanded.size(0), 1)};
 }
 
 // A key group's scores (rows x cols, ld apart; keys c0 .. c0 + cols - 1 of [prompt set; image
@@ -59,7 +60,8 @@ void add_key_bias(float* scores, int64_t ld, int64_t rows, const BiasView& kb, i
   if (kb.p == nullptr || c0 + cols <= img0) return;
   const int64_t len = c0 + cols - img0;
   for (int64_t r = 0; r < rows; ++r) {
-    const float* src = kb.p + b * kb.sb + h * kb.sh + (r0 + r) * kb.sn + (img0 - np) * kb.sk;
+    const float* src =
+        kb.p + (b % kb.period) * kb.sb + h * kb.sh + (r0 + r) * kb.sn + (img0 - np) * kb.sk;
     float* dst = scores + r * ld + (img0 - c0);
     if (kb.sk == 1) {
       add_row(dst, src, len);
@@ -295,10 +297,12 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
 }
 
 // A checked key_bias as the kernels read it: fp32 (exact for 16-bit inputs), broadcast to
-// (B, H, Nq, Nk) without copying; undefined without one.
+// (B or its period G, H, Nq, Nk) without copying; undefined without one.
 at::Tensor expanded_bias(const OptTensor& key_bias, const AttnShape& s) {
   if (!key_bias.has_value()) return at::Tensor();
-  return key_bias_4d(key_bias->to(at::kFloat)).expand({s.B, s.H, s.Nq, s.Nk});
+  const at::Tensor kb = key_bias_4d(key_bias->to(at::kFloat));
+  const int64_t rows = kb.size(0) == 1 ? s.B : kb.size(0);
+  return kb.expand({rows, s.H, s.Nq, s.Nk});
 }
 
 // The sequences of each set as the tensors cpu::reduce_sets reads.

@@ -142,14 +142,14 @@ def _reverse(blk: nn.Module, part: _Windows, out: Tensor) -> Tensor:
 
 
 def _window_bias(blk: nn.Module, part: _Windows, dtype: torch.dtype) -> Tensor:
-    """The windows' relative-position bias plus the shift mask, (1 or B·nW, H, M, M)."""
+    """The windows' relative-position bias plus the shift mask: (1, H, M, M) without a mask,
+    else (nW, H, M, M), one per window of an image, which prompt_attention reads with period nW
+    over the B·nW windows (stored image by image): never repeated per image."""
     rel = blk.attn._get_rel_pos_bias().to(dtype)
     if part.mask is None:
         return rel
-    nw, m = part.count, rel.shape[-1]
-    b = part.size[0]
-    mask = part.mask.to(dtype).view(1, nw, 1, m, m)
-    return (rel.unsqueeze(0) + mask).expand(b, -1, -1, -1, -1).reshape(b * nw, -1, m, m)
+    m = rel.shape[-1]
+    return rel + part.mask.to(dtype).view(part.count, 1, m, m)
 
 
 def _window_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
@@ -385,6 +385,8 @@ class SwinBackbone(Backbone):
         seq = torch.cat([hp, part.windows], dim=1)
         q, k, v = _qkv(attn, seq)
         bias = F.pad(_window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
+        if bias.shape[0] > 1:  # one per window: every image's windows get it, as officially
+            bias = bias.repeat(b, 1, 1, 1)
         o = _window_attention(attn, q, k, v, bias)
         o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1)))
         x = x + blk.drop_path1(_reverse(blk, part, o[:, n_p:]))

@@ -246,7 +246,10 @@ def prompt_attention(
         ``FASTPROMPT_BACKEND`` or the best backend that fits the inputs.
     key_bias : Tensor, optional
         Additive bias on the image keys' scores, broadcastable to (B, H, N, N_k), any float
-        dtype (Swin's relative-position bias and shifted-window mask; ``-inf`` masks a key).
+        dtype (Swin's relative-position bias and shifted-window mask; ``-inf`` masks a key). Its
+        first dimension may also be a divisor G of B: sequence b then reads row b mod G (a
+        windowed backbone's bias per window, its windows stored image by image), never
+        repeated in memory by the backends that read it through strides.
         Prompt keys get no bias. **Not differentiable**: no gradient flows to it, and one that
         requires grad is refused (the bias tables of a frozen backbone do not train).
 
@@ -396,17 +399,20 @@ def _check_key_bias(op, key_bias, scores_shape, device) -> None:
             f"{op}: key_bias must be a floating-point tensor on {device}, got {key_bias.dtype} on "
             f"{key_bias.device}"
         )
+    b, h, n, n_k = scores_shape
+    four = key_bias.dim() == 4
+    lead = key_bias.shape[0] if four else 1
+    rows = key_bias.shape[1:] if four else key_bias.shape
     try:
-        ok = key_bias.dim() <= 4 and torch.broadcast_shapes(key_bias.shape, scores_shape) == (
-            torch.Size(scores_shape)
-        )
+        ok = key_bias.dim() <= 4 and torch.broadcast_shapes(rows, (h, n, n_k)) == (h, n, n_k)
     except RuntimeError:
         ok = False
+    # Its first dimension broadcasts (1 or B) or repeats with a period G dividing B.
+    ok = ok and (lead in (1, b) or (lead > 0 and b % lead == 0))
     if not ok:
-        b, h, n, n_k = scores_shape
         raise ValueError(
             f"{op}: key_bias {tuple(key_bias.shape)} must broadcast to (B={b}, H={h}, N={n}, "
-            f"N_k={n_k})"
+            f"N_k={n_k}), its first dimension 1, B or a divisor of B"
         )
     if key_bias.requires_grad and torch.is_grad_enabled():
         raise ValueError(

@@ -70,7 +70,8 @@ def prompt_attention_ref(
     scale : float, optional
         Default ``d ** -0.5``.
     key_bias : Tensor, optional
-        Additive bias on the image keys, broadcastable to (B, H, N, N_k); prompt keys get none.
+        Additive bias on the image keys, broadcastable to (B, H, N, N_k), or (G, ...) with G
+        dividing B, sequence i reading row i mod G; prompt keys get none.
 
     Returns
     -------
@@ -103,7 +104,12 @@ def prompt_attention_ref(
     prompt_scores, image_scores = scores.split([p, k.shape[2]], dim=-1)
     prompt_scores = prompt_scores.masked_fill(~valid[:, None, None, :], float("-inf"))
     if key_bias is not None:
-        image_scores = image_scores + key_bias.to(acc)
+        bias = key_bias.to(acc)
+        if bias.dim() == 4 and bias.shape[0] not in (1, b):  # periodic: sequence i, row i mod G
+            image_scores = image_scores.unflatten(0, (-1, bias.shape[0])) + bias
+            image_scores = image_scores.flatten(0, 1)
+        else:
+            image_scores = image_scores + bias
     scores = torch.cat([prompt_scores, image_scores], dim=-1)
     lse = torch.logsumexp(scores, dim=-1)
     # exp(s - lse) is NaN, not 0, for a query without keys (lse = -inf): those rows give 0.

@@ -204,6 +204,22 @@ def test_a_key_bias_that_masks_every_image_key_of_a_row_leaves_the_prompts(path)
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_key_bias_with_a_period_is_read_per_window(path):
+    """(G, H, N, N_k) for B = 3G sequences: sequence b reads row b mod G (Swin's bias per window,
+    windows stored image by image), with -100 and -inf masks as the shift mask gives."""
+    b, h, n, d, p = 6, 2, 9, 16, 5
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(2, h, p, d)
+    bias = torch.randn(2, h, n, n)
+    bias[1, :, 2] = float("-inf")
+    bias[0, :, 4, ::2] = -100.0
+    index = torch.tensor([0, 1, 1, 0, 1, 0])
+    dout = torch.randn(b, h, n, d)
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, None, bias)
+    compare(got, ref, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_a_key_bias_that_does_not_broadcast_is_refused(path):
     fns = CppPath(path)
     q, k, v = make_qkv(2, 2, 5, 8)

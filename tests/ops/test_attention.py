@@ -112,6 +112,7 @@ def test_does_not_save_concatenated_keys():
         (dict(backend="nope"), "backend='nope' does not exist"),
         (dict(key_bias=torch.zeros(3, 2, 5, 5)), r"key_bias \(3, 2, 5, 5\) must broadcast"),
         (dict(key_bias=torch.zeros(2, 5, 4)), "must broadcast to"),
+        (dict(key_bias=torch.zeros(0, 2, 5, 5)), "first dimension 1, B or a divisor of B"),
         (dict(key_bias=torch.zeros(1, 1, 5, 5, dtype=torch.long)), "floating-point"),
         (dict(key_bias=torch.zeros(1, 1, 5, 5, requires_grad=True)), "does not differentiate"),
     ],

@@ -65,6 +65,8 @@ CASES = {
     "indexed-lengths": (4, 2, 9, 9, 16, 3, 5, [2, 0, 2, 1], [5, 0, 3], None),
     "key-count": (2, 2, 9, 14, 16, 1, 6, None, None, None),
     "key-bias": (2, 2, 9, 9, 16, 2, 4, [1, 0], None, (1, 2, 9, 9)),
+    # A bias per window with period 2 over 4 sequences (Swin's windows, image by image).
+    "key-bias-period": (4, 2, 9, 9, 16, 2, 4, [1, 0, 1, 1], None, (2, 2, 9, 9)),
 }
 
 

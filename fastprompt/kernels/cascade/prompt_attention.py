@@ -29,6 +29,7 @@ from torch import Tensor
 from fastprompt.kernels.cascade._merge import merge
 from fastprompt.kernels.torch._common import (
     backward_lse,
+    broadcastable_bias,
     empty_out,
     finish_scored,
     gate_column,
@@ -91,6 +92,7 @@ def long_chunks(q: Tensor, num_prompts: int) -> int:
 def _image_part(q, k, v, key_bias, scale):
     if k.shape[2] == 0:
         return None
+    key_bias = broadcastable_bias(key_bias, q.shape[0])
     o, lse = attend(kernel_for(q, key_bias is not None), q, k, v, key_bias, scale)
     if key_bias is not None:
         # A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ
@@ -230,7 +232,15 @@ def _backward(
         # gradients the image part's backward is skipped.
         if k.shape[2] > 0 and image_grads:
             dq, dk, dv = attend_backward(
-                kernel_for(q, key_bias is not None), dout, q, k, v, key_bias, out, lse_b, scale
+                kernel_for(q, key_bias is not None),
+                dout,
+                q,
+                k,
+                v,
+                broadcastable_bias(key_bias, b),
+                out,
+                lse_b,
+                scale,
             )
         if p > 0:
             dq_p, dpk, dpv, gate = _prompt_backward(

@@ -14,6 +14,7 @@ from torch import Tensor
 __all__ = [
     "PromptKeys",
     "backward_lse",
+    "broadcastable_bias",
     "empty_out",
     "finish_scored",
     "gate_column",
@@ -23,6 +24,15 @@ __all__ = [
     "score_terms",
     "sets_of",
 ]
+
+
+def broadcastable_bias(key_bias: Tensor | None, batch: int) -> Tensor | None:
+    """``key_bias`` as PyTorch's kernels take it: a periodic one (G sets of rows for B sequences,
+    1 < G < B, sequence b reading row b mod G; a windowed backbone's bias per window) repeated to
+    B rows; any other as it is (it broadcasts)."""
+    if key_bias is None or key_bias.dim() < 4 or key_bias.shape[0] in (1, batch):
+        return key_bias
+    return key_bias.repeat(batch // key_bias.shape[0], 1, 1, 1)
 
 
 def empty_out(q: Tensor) -> Tensor:

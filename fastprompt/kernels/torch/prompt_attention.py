@@ -13,6 +13,7 @@ from torch import Tensor
 
 from fastprompt.kernels.torch._common import (
     backward_lse,
+    broadcastable_bias,
     empty_out,
     finish_scored,
     gate_column,
@@ -30,9 +31,9 @@ def _concatenated(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key
     sequences have any key at all (None: all of them)."""
     b, h, n, _ = q.shape
     p, n_k = prompt_k.shape[2], k.shape[2]
+    key_bias = broadcastable_bias(key_bias, b)
     if p == 0:
-        bias = None if key_bias is None else key_bias
-        return k, v, bias, None
+        return k, v, key_bias, None
     keys = prompt_keys(prompt_k, prompt_v, prompt_index, prompt_lengths, b, per_sequence=True)
     kk, vv = torch.cat([keys.k, k], 2), torch.cat([keys.v, v], 2)
     if keys.bias is None and key_bias is None:
