@@ -9,8 +9,9 @@
 //                        key_bias?)
 //       q (B, H, Nq, d), k/v (B, H, Nk, d), any strides; prompt_k/v (T, H, P, d); prompt_index
 //       (B,) int: the set of each sequence (None: set 0); prompt_lengths (T,) int: valid keys per
-//       set (None: P); key_bias: floating point, broadcastable to (B, H, Nq, Nk), added to the
-//       scores of the image keys only (prompt keys get none), not differentiated. Returns out
+//       set (None: P); key_bias: floating point, broadcastable to (B, H, Nq, Nk) or with a first
+//       dimension G dividing B (sequence b reads row b mod G), added to the scores of the image
+//       keys only (prompt keys get none), not differentiated. Returns out
 //       (B, H, Nq, d) stored as (B, Nq, H, d), and lse (B, H, Nq) fp32 contiguous, natural log;
 //       a query with no key gets out 0 and lse -inf.
 //   prompt_attention_bwd(dout, q, k, v, prompt_k, prompt_v, prompt_index?, prompt_lengths?, out,

@@ -520,7 +520,10 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         state = self._source.prepare(x, **inputs)
         batch = x.shape[0]
         attend = self._attention or _default_attention
-        per_image = torch.arange(batch, device=x.device)  # the set of each image (T = B)
+        # The set of each image (T = B); an ordinary tensor even under inference_mode, so that
+        # adapters can key caches on it and the op's check of it is cached too.
+        with torch.inference_mode(False):
+            per_image = torch.arange(batch, device=x.device)
         held, memory = 0, self.memory_policy()
         for i, step in enumerate(self._plan()):
             tokens = self._step(i, step, tokens, held, state, batch, attend, per_image, memory)

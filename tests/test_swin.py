@@ -5,7 +5,9 @@ window mixing; dropout masks; parameters, init and official checkpoints; what is
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
+import pickle
 import warnings
 
 import pytest
@@ -186,6 +188,26 @@ def test_a_set_every_image_holds_is_projected_once_and_window_indices_are_kept(m
         assert all(len(ids) == 1 for ids in owners.values()), owners
 
 
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_compiled_swin_gives_the_eager_logits_and_prompt_gradients(deep):
+    """``fullgraph=True`` through the fused Swin block: the window-index cache stays out of the
+    trace, shallow prompts included (one set per image, read through an index per window)."""
+    torch._dynamo.reset()
+    prompted = fastprompt.vpt(tiny_swin(), 5, deep=deep).eval()
+    x = _images(3)
+    ref = prompted(x)
+    ref_grads = torch.autograd.grad(ref.square().sum(), _prompts(prompted))
+    kept = dict(prompted.backbone._window_sets)
+    compiled = torch.compile(prompted, fullgraph=True, backend="eager")
+    for _ in range(2):
+        got = compiled(x)
+        grads = torch.autograd.grad(got.square().sum(), _prompts(prompted))
+        assert_close(got, ref, "compiled logits", atol=2e-5, rtol=1e-5)
+        for g, r in zip(grads, ref_grads):
+            assert_close(g, r, "compiled prompt gradient", atol=2e-5, rtol=1e-5)
+    assert prompted.backbone._window_sets == kept  # what eager kept; the trace added nothing
+
+
 def test_a_kept_window_index_follows_its_index():
     backbone = fastprompt.vpt(tiny_swin(), 5).backbone
     index = torch.tensor([2, 0])
@@ -198,6 +220,9 @@ def test_a_kept_window_index_follows_its_index():
     )
     backbone.window_mixing = True
     assert torch.equal(backbone._window_index(None, 2, 3, index.device), torch.tensor([0, 1] * 3))
+    # The cache (weak references) is dropped when the adapter is pickled or copied; it refills.
+    for clone in (pickle.loads(pickle.dumps(backbone)), copy.deepcopy(backbone)):
+        assert clone._window_sets == {}
 
 
 def test_parameters_names_and_the_official_init():

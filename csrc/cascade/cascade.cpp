@@ -151,48 +151,51 @@ std::pair<Tensor, Tensor> set_members(const OptTensor& index, int64_t B, int64_t
   return {order, at::searchsorted(sorted, at::arange(T + 1, i64))};
 }
 
-// The largest finite value of a floating dtype.
-double finite_max(at::ScalarType t) {
-  switch (t) {
-    case at::kHalf: return static_cast<double>(std::numeric_limits<at::Half>::max());
-    case at::kBFloat16: return static_cast<double>(std::numeric_limits<at::BFloat16>::max());
-    case at::kFloat: return static_cast<double>(std::numeric_limits<float>::max());
-    default: return std::numeric_limits<double>::max();
-  }
-}
-
-// kb cast to dtype with its finite values clamped to dtype's range: a plain cast makes a large
-// finite mask (finfo(float32).min) -inf in fp16/bf16, and a row it masks entirely would then
-// have no key where the fp32 computation keeps it. Infinities stay (the Python bias_in's rule).
+// kb cast to dtype through fp32, as the reference adds it, with its finite values clamped to a
+// 16-bit dtype's range: a plain cast makes a large finite mask (finfo(float32).min) -inf in
+// fp16/bf16, and a row it masks entirely would then have no key where the fp32 computation keeps
+// it. Infinities stay (the Python bias_in's rule).
 Tensor bias_in(const Tensor& kb, at::ScalarType dtype) {
-  const double top = finite_max(dtype);
-  if (kb.scalar_type() == dtype || top >= finite_max(kb.scalar_type())) return kb.to(dtype);
-  return at::where(kb.isinf(), kb, kb.clamp(-top, top)).to(dtype);
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || kb.scalar_type() == dtype) {
+    return kb.to(dtype);
+  }
+  const double top = dtype == at::kHalf
+                         ? static_cast<double>(std::numeric_limits<at::Half>::max())
+                         : static_cast<double>(std::numeric_limits<at::BFloat16>::max());
+  const Tensor wide = kb.to(at::kFloat);
+  return at::where(wide.isinf(), wide, wide.clamp(-top, top)).to(dtype);
 }
 
-// The image part's bias from a checked key_bias, 4-D and broadcast where it broadcasts. On the CPU
-// in fp32 (the CPU flash kernel takes it, and it stays exact for 16-bit inputs); on CUDA in q's
-// dtype (the memory-efficient kernel's rule) with every stride of a dimension of size > 1 but the
-// last a multiple of 16 elements, as scaled_dot_product_attention prepares a mask for it.
+// The image part's bias from a checked key_bias, 4-D, broadcast where it broadcasts and a period
+// repeated to B rows. On the CPU in fp32 (the CPU flash kernel takes it, and it stays exact for
+// 16-bit inputs); on CUDA in q's dtype (the memory-efficient kernel's rule) with every stride of a
+// dimension of size > 1 but the last a multiple of 16 elements, as scaled_dot_product_attention
+// prepares a mask for it (a period is repeated straight into that padded buffer).
 Tensor image_bias(const OptTensor& key_bias, const Tensor& q, int64_t nk) {
   if (!key_bias.has_value()) return Tensor();
-  const at::ScalarType dtype = q.is_cpu() ? at::kFloat : q.scalar_type();
-  Tensor bias = key_bias_rows(key_bias_4d(bias_in(*key_bias, dtype)), q.size(0));
-  if (q.is_cpu()) return bias;
+  const int64_t B = q.size(0);
+  Tensor bias = key_bias_4d(bias_in(*key_bias, q.is_cpu() ? at::kFloat : q.scalar_type()));
+  if (q.is_cpu()) return key_bias_rows(bias, B);
   // A bias broadcast over the keys is read with unit stride along them, so it is widened first.
   if (bias.size(3) != nk) bias = bias.expand({-1, -1, -1, nk});
+  const int64_t g = bias.size(0);
+  const bool period = g != 1 && g != B;
   constexpr int64_t kAlign = 16;
-  bool aligned = bias.stride(3) == 1;
+  bool aligned = !period && bias.stride(3) == 1;
   for (int64_t i = 0; aligned && i < 3; ++i) {
     aligned = bias.size(i) == 1 || bias.stride(i) % kAlign == 0;
   }
   if (aligned) return bias;
-  const int64_t n = bias.size(3);
-  Tensor padded =
-      at::zeros({bias.size(0), bias.size(1), bias.size(2), (n + kAlign - 1) / kAlign * kAlign},
-                bias.options());
-  padded.narrow(3, 0, n).copy_(bias);
-  return padded.narrow(3, 0, n);
+  const int64_t n = bias.size(3), rows = period ? B : g;
+  Tensor padded = at::zeros(
+      {rows, bias.size(1), bias.size(2), (n + kAlign - 1) / kAlign * kAlign}, bias.options());
+  Tensor body = padded.narrow(3, 0, n);
+  if (period) {
+    body.view({B / g, g, bias.size(1), bias.size(2), n}).copy_(bias.unsqueeze(0));
+  } else {
+    body.copy_(bias);
+  }
+  return body;
 }
 
 // The fused kernels read rows with unit stride along d; other layouts are copied once.
@@ -237,8 +240,12 @@ std::tuple<Tensor, Tensor> cascade_fwd(const Tensor& q_, const Tensor& k_, const
     if (key_bias.has_value()) {
       // A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ on
       // what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
-      const Tensor masked =
-          key_bias_rows(key_bias_4d(*key_bias), s.B).isneginf().all(-1).expand({s.B, s.H, s.Nq});
+      // Found in the dtype the reference adds the bias in, on the bias's own rows, then repeated.
+      const at::ScalarType acc = c10::promoteTypes(q.scalar_type(), at::kFloat);
+      const Tensor wide = key_bias_4d(key_bias->to(acc));
+      const Tensor masked = key_bias_rows(wide.isneginf().all(-1, /*keepdim=*/true), s.B)
+                                .squeeze(-1)
+                                .expand({s.B, s.H, s.Nq});
       lse_i = lse_i.masked_fill(masked, -INFINITY);
       o_i = o_i.masked_fill(masked.unsqueeze(-1), 0.0);
     }

@@ -155,7 +155,8 @@ class Backbone:
     """Base class of backbone adapters: one subclass per model family.
 
     An adapter is built for one model (``Backbone(model, who)``), checking that it can be wrapped
-    (:meth:`check` raises with the reason otherwise), and holds no state besides the model.
+    (:meth:`check` raises with the reason otherwise), and holds no state besides the model
+    (and caches that refill themselves: a Swin adapter's window-index tensors).
 
     Class attributes
     ----------------

@@ -15,7 +15,8 @@ at the end of the previous one: the same order of operations).
 
 ``block`` is the official computation, prompts copied into every window, its attention computed as
 the model's own (timm's ``fused_attn`` switch). ``fused_block`` gives the
-same numbers computing each prompt's keys, values and query once per image (not per window): the
+same numbers computing each prompt's keys, values and query once per image (once per batch for a
+set every image holds; never per window): the
 windows' queries attend to the prompt keys/values through :func:`fastprompt.ops.prompt_attention`,
 which takes the relative-position bias and the shift mask as ``key_bias`` (prompt keys get none,
 as in the official code); prompt rows are computed only when their outputs are kept, as P queries
@@ -202,6 +203,12 @@ class SwinBackbone(Backbone):
             (s, j) for s, stage in enumerate(model.layers) for j in range(len(stage.blocks))
         ]
 
+    def __getstate__(self) -> dict[str, Any]:
+        # The window-index cache holds weak references, which do not pickle; it refills.
+        state = self.__dict__.copy()
+        state["_window_sets"] = {}
+        return state
+
     # -- what can be wrapped ----------------------------------------------------------------------
 
     @classmethod
@@ -346,8 +353,10 @@ class SwinBackbone(Backbone):
         """The set each window (B·nW of them) attends to: its owner image's entry of ``index``
         (None: the owner image itself). Ordinary tensors even under torch.inference_mode:
         prompt_attention's host-side check of prompt_index reads their version counter."""
+        # Traced (torch.compile, export): no cache, whose ids and versions a trace cannot keep.
+        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         key = (None if index is None else id(index), batch, count, device, self.window_mixing)
-        hit = self._window_sets.get(key)
+        hit = None if traced else self._window_sets.get(key)
         if hit is not None and _same(hit[0], index):
             return hit[1]
         with torch.inference_mode(False):
@@ -357,6 +366,8 @@ class SwinBackbone(Backbone):
             else:
                 owner = images.repeat_interleave(count)
             found = owner if index is None else index[owner]
+        if traced:
+            return found
         if index is None or not index.is_inference():  # an inference tensor has no version
             if len(self._window_sets) >= 64:
                 self._window_sets.clear()

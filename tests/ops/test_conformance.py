@@ -439,6 +439,9 @@ def test_a_bias_in_a_narrower_dtype_keeps_large_finite_values_finite(dtype):
     big = torch.tensor(max(-1e30, -top)).to(dtype).item()  # in bf16's range, beyond fp16's
     assert got.tolist() == [-top, big, float("-inf"), float("inf"), 1.5]
     assert bias_in(torch.tensor([low], dtype=dtype), dtype).dtype == dtype
+    # Into fp32 a plain cast, as the reference adds a bias (fp64's huge values become -inf).
+    wide = torch.tensor([-1e300, 2.0], dtype=torch.float64)
+    assert bias_in(wide, torch.float32).tolist() == [float("-inf"), 2.0]
 
 
 @pytest.mark.gpu

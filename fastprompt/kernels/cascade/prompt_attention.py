@@ -92,12 +92,15 @@ def long_chunks(q: Tensor, num_prompts: int) -> int:
 def _image_part(q, k, v, key_bias, scale):
     if k.shape[2] == 0:
         return None
-    key_bias = broadcastable_bias(key_bias, q.shape[0])
-    o, lse = attend(kernel_for(q, key_bias is not None), q, k, v, key_bias, scale)
+    bias = broadcastable_bias(key_bias, q.shape[0])
+    o, lse = attend(kernel_for(q, bias is not None), q, k, v, bias, scale)
     if key_bias is not None:
-        # A row whose image keys the bias masks entirely (-inf) has no image key; kernels differ
-        # on what they return for it (the CPU flash kernel: lse 0), which would poison the merge.
-        masked = torch.isneginf(key_bias).all(-1)
+        # A row whose image keys the bias masks entirely (-inf, in the dtype the reference adds it
+        # in) has no image key; kernels differ on what they return for it (the CPU flash kernel:
+        # lse 0), which would poison the merge. Found on the bias's own rows, then repeated.
+        acc = torch.promote_types(q.dtype, torch.float32)
+        rows = torch.isneginf(key_bias.to(acc)).all(-1, keepdim=True)
+        masked = broadcastable_bias(rows, q.shape[0]).squeeze(-1)
         lse = lse.masked_fill(masked, float("-inf"))
         o = o.masked_fill(masked[..., None], 0.0)
     return o, lse
@@ -291,7 +294,7 @@ def prompt_attention_bwd(
     """Backward: ``(dq, dk, dv, dprompt_k, dprompt_v)``, prompt gradients per set in fp32.
 
     ``image_grads=False`` (only the prompt gradients are needed) skips the image part's backward:
-    dk and dv come back zero and dq holds only the prompt part's share. ``chunks`` (tests)
+    dq, dk and dv come back unspecified (the op drops them). ``chunks`` (tests)
     overrides :func:`long_chunks`; it must divide B.
     """
     dq, dk, dv, dpk, dpv, _ = _backward(

@@ -275,9 +275,10 @@ def prompt_attention_fwd(
     prompt_lengths : Tensor of int, shape (T,), optional
     scale : float
     key_bias : Tensor, optional
-        Added to the scores of the image keys (broadcastable to (B, H, N, N_k), not
-        differentiated); the CPU kernels read it in fp32 through its broadcast strides, the CUDA
-        path hands it to the image part's memory-efficient kernel.
+        Added to the scores of the image keys (broadcastable to (B, H, N, N_k), or with a first
+        dimension G dividing B, sequence b reading row b mod G; not differentiated); the CPU
+        kernels read it in fp32 through its broadcast strides, the CUDA path hands it to the
+        image part's memory-efficient kernel.
 
     Returns
     -------

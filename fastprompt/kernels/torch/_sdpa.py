@@ -211,16 +211,18 @@ def _lse_to_raw(lse: Tensor, shape: torch.Size) -> Tensor:
 
 
 def bias_in(bias: Tensor, dtype: torch.dtype) -> Tensor:
-    """``bias`` cast to ``dtype`` with its finite values clamped to that dtype's range.
+    """``bias`` cast to ``dtype``, through fp32 as the reference adds it, its finite values
+    clamped to a 16-bit dtype's range.
 
     A plain cast turns a large finite mask value (``torch.finfo(torch.float32).min``, common in
     attention masks) into -inf in fp16 or bf16; a row it masks entirely would then have no key,
     where the fp32 computation keeps it (docs/design.md, section 5). Infinities stay infinite.
     """
-    if bias.dtype == dtype or torch.finfo(dtype).max >= torch.finfo(bias.dtype).max:
+    if dtype not in (torch.float16, torch.bfloat16) or bias.dtype == dtype:
         return bias.to(dtype)
+    wide = bias.to(torch.float32)
     top = torch.finfo(dtype).max
-    return torch.where(bias.isinf(), bias, bias.clamp(-top, top)).to(dtype)
+    return torch.where(wide.isinf(), wide, wide.clamp(-top, top)).to(dtype)
 
 
 def _efficient_bias(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
