@@ -66,12 +66,15 @@ def results() -> dict[tuple[str, str, str, int], ProbeResult]:
 
 
 def _cases(backend: Backend, head_dim: int):
-    """(B, H, N, N_k, T, P, index, lengths, with_bias) cases the backend declares it takes."""
+    """(B, H, N, N_k, T, P, index, lengths, with_bias) cases the backend declares it takes
+    (``with_bias``: False, True, or ``"period"`` for a bias read with period 2)."""
     yield 3, 2, 37, 37, 1, 13, None, None, False
     if {"prompt_index", "prompt_lengths"} <= backend.features:
         yield 3, 2, 37, 37, 2, 13, [1, 0, 1], [13, 6], False
     if "key_count" in backend.features:
         yield 2, 2, 21, 45, 1, 9, None, None, "key_bias" in backend.features
+    if "key_bias" in backend.features:  # a bias per window, period 2 over 4 sequences (Swin's)
+        yield 4, 2, 21, 21, 1, 9, None, None, "period"
 
 
 def _inputs(case, head_dim: int, seed: int):
@@ -89,7 +92,11 @@ def _inputs(case, head_dim: int, seed: int):
     extra = {
         "prompt_index": None if index is None else torch.tensor(index),
         "prompt_lengths": None if lengths is None else torch.tensor(lengths),
-        "key_bias": torch.randn(1, h, n, n_k, generator=g) if with_bias else None,
+        "key_bias": (
+            torch.randn(2 if with_bias == "period" else 1, h, n, n_k, generator=g)
+            if with_bias
+            else None
+        ),
     }
     return tensors, extra
 
