@@ -16,7 +16,8 @@ missing tool skips its step and says so; a failing step never stops the next):
 4. ``model``: ``fastprompt bench --device cuda`` on ViT-B/16 with 200 prompts in bf16: inference
    and a training step against the prompt-free model and naive VPT;
 5. ``tests``: the GPU tests that matter first (bf16 at d 64/80/96, determinism, large grids);
-6. while time remains: the rest of the GPU tests, the fp32 model benchmark.
+6. while time remains: the rest of the GPU tests, Swin-B with 50 deep prompts in bf16 (issue 20's
+   first GPU figures), the fp32 model benchmark.
 
 Everything lands in ``OUT`` (default ``benchmarks/results/<device>/validate``): ``steps.jsonl``
 (one line per step as it ends), each step's log, the op rows (``op/rows.jsonl``), the model
@@ -168,6 +169,27 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             skip=again,
         ),
         Step(
+            "model_swin",
+            [
+                *CLI,
+                "bench",
+                "--device",
+                device,
+                "--dtype",
+                "bfloat16",
+                "--no-flops",
+                "--model",
+                "swin_base_patch4_window7_224",
+                "--prompts",
+                "50",
+                "--out",
+                str(out / "model_swin"),
+            ],
+            240,
+            essential=False,
+            skip="dry run: model_bf16's command with another model" if dry_run else "",
+        ),
+        Step(
             "model_fp32",
             [
                 *CLI,
@@ -256,7 +278,7 @@ def summary(out: Path, records: list[dict], wall: float) -> str:
                 f"| {r['ms_median']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} "
                 f"| {r.get('err_out', float('nan')):.2e} |"
             )
-    for name in ("model_bf16", "model_fp32"):
+    for name in ("model_bf16", "model_swin", "model_fp32"):
         report = out / name / "report.md"
         if report.is_file():
             lines += ["", f"## {name}", "", report.read_text().strip()]

@@ -23,6 +23,8 @@ def test_the_gpu_plan_fits_its_budget(tmp_path):
     op = next(s for s in plan if s.name == "op").command
     assert {"bfloat16", "float32", "50", "200", "cuda"} <= set(op)
     assert not any(s.skip for s in plan)
+    swin = next(s for s in plan if s.name == "model_swin")
+    assert not swin.essential and "swin_base_patch4_window7_224" in swin.command
     # precompile builds what the op step launches: its dtypes, head dim 64
     precompile = next(s for s in plan if s.name == "precompile").command[-1]
     assert "t.precompile([torch.bfloat16, torch.float32], [64]" in precompile
