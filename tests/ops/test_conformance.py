@@ -428,6 +428,19 @@ def test_half_precision_with_a_key_bias_on_the_gpu(backend, dtype, biased):
     _half_precision_case(backend, "cuda", dtype, 32, biased=biased)
 
 
+@pytest.mark.parametrize("g", [1, 2, 4], ids=["broadcast", "period", "per-sequence"])
+def test_the_memory_efficient_kernels_bias_is_aligned_and_repeats_a_period(g):
+    """What the CUDA memory-efficient kernel is handed (built here on the CPU): every stride but
+    the last a multiple of its alignment, a periodic bias repeated straight into that buffer."""
+    from fastprompt.kernels.torch._sdpa import _BIAS_ALIGNMENT, _efficient_bias
+
+    q, k = torch.randn(4, 2, 9, 8), torch.randn(4, 2, 7, 8)
+    bias = torch.randn(g, 2, 9, 7)
+    got = _efficient_bias(bias, q, k)
+    assert torch.equal(got, bias.repeat(4 // g, 1, 1, 1))
+    assert all(s % _BIAS_ALIGNMENT == 0 for s, n in zip(got.stride()[:-1], got.shape) if n > 1)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 def test_a_bias_in_a_narrower_dtype_keeps_large_finite_values_finite(dtype):
     from fastprompt.kernels.torch._sdpa import bias_in

@@ -92,8 +92,7 @@ def long_chunks(q: Tensor, num_prompts: int) -> int:
 def _image_part(q, k, v, key_bias, scale):
     if k.shape[2] == 0:
         return None
-    bias = broadcastable_bias(key_bias, q.shape[0])
-    o, lse = attend(kernel_for(q, bias is not None), q, k, v, bias, scale)
+    o, lse = attend(kernel_for(q, key_bias is not None), q, k, v, key_bias, scale)
     if key_bias is not None:
         # A row whose image keys the bias masks entirely (-inf, in the dtype the reference adds it
         # in) has no image key; kernels differ on what they return for it (the CPU flash kernel:
@@ -240,7 +239,7 @@ def _backward(
                 q,
                 k,
                 v,
-                broadcastable_bias(key_bias, b),
+                key_bias,
                 out,
                 lse_b,
                 scale,

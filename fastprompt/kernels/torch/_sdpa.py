@@ -35,6 +35,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from fastprompt.kernels.torch._common import broadcastable_bias
+
 __all__ = ["KERNELS", "attend", "attend_backward", "kernel_for", "select"]
 
 KERNELS = ("flash", "cudnn", "efficient", "cpu_flash", "math")
@@ -228,27 +230,39 @@ def bias_in(bias: Tensor, dtype: torch.dtype) -> Tensor:
 def _efficient_bias(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
     """``bias`` in q's dtype, broadcast to (B, H, N, N_k) without copying where it broadcasts, its
     base padded so that every stride but the last is a multiple of the kernel's alignment (as
-    ``scaled_dot_product_attention`` prepares it)."""
+    ``scaled_dot_product_attention`` prepares it); a periodic one (G rows, 1 < G < B) repeated
+    straight into that padded buffer."""
     bias = bias_in(bias, q.dtype)
     while bias.dim() < 4:
         bias = bias.unsqueeze(0)
     # A bias broadcast over the keys is read with unit stride along them: widen it first.
     bias = bias.expand(*bias.shape[:-1], k.shape[2])
-    aligned = bias.stride(-1) == 1 and all(
-        s % _BIAS_ALIGNMENT == 0 for s, n in zip(bias.stride()[:-1], bias.shape[:-1]) if n > 1
+    b, h, m, _ = q.shape
+    g = bias.shape[0]
+    period = g not in (1, b)
+    aligned = (
+        not period
+        and bias.stride(-1) == 1
+        and all(
+            s % _BIAS_ALIGNMENT == 0 for s, n in zip(bias.stride()[:-1], bias.shape[:-1]) if n > 1
+        )
     )
     if not aligned:
         n = bias.shape[-1]
-        padded = bias.new_zeros((*bias.shape[:-1], -(-n // _BIAS_ALIGNMENT) * _BIAS_ALIGNMENT))
-        padded[..., :n] = bias
-        bias = padded[..., :n]
-    b, h, m, _ = q.shape
+        width = -(-n // _BIAS_ALIGNMENT) * _BIAS_ALIGNMENT
+        body = bias.new_zeros((b if period else g, *bias.shape[1:-1], width))[..., :n]
+        if period:
+            body.unflatten(0, (b // g, g)).copy_(bias.unsqueeze(0))
+        else:
+            body.copy_(bias)
+        bias = body
     return bias.expand(b, h, m, k.shape[2])
 
 
 def _cpu_mask(bias: Tensor | None, q: Tensor) -> Tensor | None:
     if bias is None:
         return None
+    bias = broadcastable_bias(bias, q.shape[0])
     while bias.dim() < 4:  # the CPU kernel takes 2-D or 4-D masks, broadcast in any dim
         bias = bias.unsqueeze(0)
     # fp32 keeps the bias exact for 16-bit inputs (the CPU kernel accepts it).
@@ -277,7 +291,8 @@ def attend(
     k, v : Tensor, shape (B, H, N_k, d)
         N >= 1, N_k >= 1.
     bias : Tensor or None
-        Broadcastable to (B, H, N, N_k).
+        Broadcastable to (B, H, N, N_k), or with a first dimension G dividing B (sequence b
+        reads row b mod G).
     scale : float
 
     Returns
@@ -370,7 +385,7 @@ def _math_fwd(q, k, v, bias, scale):
     acc = _acc(q.dtype)
     s = (q.to(acc) @ k.to(acc).transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + bias.to(acc)
+        s = s + broadcastable_bias(bias, q.shape[0]).to(acc)
     lse = torch.logsumexp(s, dim=-1)
     # exp(s - lse) is NaN, not 0, for a row whose keys are all masked (lse = -inf).
     out = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0) @ v.to(acc)
@@ -382,7 +397,7 @@ def _math_bwd(dout, q, k, v, bias, out, lse, scale):
     qf, kf, vf, dof = q.to(acc), k.to(acc), v.to(acc), dout.to(acc)
     s = (qf @ kf.transpose(-1, -2)) * scale
     if bias is not None:
-        s = s + bias.to(acc)
+        s = s + broadcastable_bias(bias, q.shape[0]).to(acc)
     probs = torch.exp(s - lse.to(acc).unsqueeze(-1)).nan_to_num(0.0)
     dv = probs.transpose(-1, -2) @ dof
     ds = probs * (dof @ vf.transpose(-1, -2) - (dof * out.to(acc)).sum(-1, keepdim=True))
