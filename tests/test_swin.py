@@ -208,6 +208,20 @@ def test_compiled_swin_gives_the_eager_logits_and_prompt_gradients(deep):
     assert prompted.backbone._window_sets == kept  # what eager kept; the trace added nothing
 
 
+def test_the_window_index_cache_stays_out_of_a_trace():
+    """Traced with an index tensor (a table of sets), the cache is neither read nor filled: its
+    ids, weak references and versions are not the trace's to keep."""
+    torch._dynamo.reset()
+    backbone = fastprompt.vpt(tiny_swin(), 5).backbone
+
+    def windows(index):
+        return backbone._window_index(index, 2, 3, index.device)
+
+    traced = torch.compile(windows, fullgraph=True, backend="eager")
+    assert torch.equal(traced(torch.tensor([2, 0])), torch.tensor([2, 2, 2, 0, 0, 0]))
+    assert backbone._window_sets == {}
+
+
 def test_a_kept_window_index_follows_its_index():
     backbone = fastprompt.vpt(tiny_swin(), 5).backbone
     index = torch.tensor([2, 0])
