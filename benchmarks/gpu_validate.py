@@ -107,6 +107,13 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         op_args = ["--dtypes", "bfloat16", "float32", "--prompts", "50", "200"]
         model = ["--model", "vit_base_patch16_224", "--prompts", "200"]
     pytest_gpu = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    swin = ["--model", "swin_base_patch4_window7_224", "--prompts", "50"]
+
+    def bench(dtype: str, args: list[str], name: str) -> list[str]:
+        """``fastprompt bench`` on the device, without FLOP counts, its report in OUT/name."""
+        common = ["--device", device, "--dtype", dtype, "--no-flops"]
+        return [*CLI, "bench", *common, *args, "--out", str(out / name)]
+
     # A dry run checks every command line once and skips what only repeats one on a GPU.
     again = "dry run: the same command as an earlier step" if dry_run else ""
     return [
@@ -125,22 +132,7 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             ],
             300,
         ),
-        Step(
-            "model_bf16",
-            [
-                *CLI,
-                "bench",
-                "--device",
-                device,
-                "--dtype",
-                "bfloat16",
-                "--no-flops",
-                *model,
-                "--out",
-                str(out / "model_bf16"),
-            ],
-            240,
-        ),
+        Step("model_bf16", bench("bfloat16", model, "model_bf16"), 240),
         Step(
             "tests_first",
             [
@@ -170,43 +162,12 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         ),
         Step(
             "model_swin",
-            [
-                *CLI,
-                "bench",
-                "--device",
-                device,
-                "--dtype",
-                "bfloat16",
-                "--no-flops",
-                "--model",
-                "swin_base_patch4_window7_224",
-                "--prompts",
-                "50",
-                "--out",
-                str(out / "model_swin"),
-            ],
+            bench("bfloat16", swin, "model_swin"),
             240,
             essential=False,
             skip="dry run: model_bf16's command with another model" if dry_run else "",
         ),
-        Step(
-            "model_fp32",
-            [
-                *CLI,
-                "bench",
-                "--device",
-                device,
-                "--dtype",
-                "float32",
-                "--no-flops",
-                *model,
-                "--out",
-                str(out / "model_fp32"),
-            ],
-            240,
-            essential=False,
-            skip=again,
-        ),
+        Step("model_fp32", bench("float32", model, "model_fp32"), 240, essential=False, skip=again),
     ]
 
 
