@@ -44,22 +44,13 @@ def _cell(row: dict[str, Any], key: str, batch: int) -> str:
     value = row.get(key)
     if value is None:
         return "-"
-    if key in _PAIRED:
-        kind, ref = _PAIRED[key]
-        spread = row.get(f"{kind}_paired", {}).get(ref)  # absent from older reports
-        if spread is not None:
-            return f"{value:.3f} ({spread['p20']:.2f}–{spread['p80']:.2f})"
+    # A timing ratio ("<kind>_vs_<ref>") with the p20–p80 of its per-repetition ratios, which
+    # older reports (and memory ratios) lack.
+    kind, _, ref = key.partition("_vs_")
+    spread = row.get(f"{kind}_paired", {}).get(ref)
+    if spread is not None:
+        return f"{value:.3f} ({spread['p20']:.2f}–{spread['p80']:.2f})"
     return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-# Ratio columns and the per-repetition ratios whose p20–p80 their cells show.
-_PAIRED = {
-    "infer_vs_naive": ("infer", "naive"),
-    "infer_vs_free": ("infer", "free"),
-    "train_vs_naive": ("train", "naive"),
-    "train_vs_free": ("train", "free"),
-    "train_vs_frozen": ("train", "frozen"),
-}
 
 
 def _rows(result: dict[str, Any]) -> list[list[str]]:

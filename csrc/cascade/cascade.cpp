@@ -190,10 +190,8 @@ Tensor image_bias(const OptTensor& key_bias, const Tensor& q, int64_t nk) {
   Tensor padded = at::zeros(
       {rows, bias.size(1), bias.size(2), (n + kAlign - 1) / kAlign * kAlign}, bias.options());
   Tensor body = padded.narrow(3, 0, n);
-  if (period) {
-    body.view({B / g, g, bias.size(1), bias.size(2), n}).copy_(bias.unsqueeze(0));
-  } else {
-    body.copy_(bias);
+  if (g > 0) {  // the G rows once, or rows / G times for a period
+    body.view({rows / g, g, bias.size(1), bias.size(2), n}).copy_(bias.unsqueeze(0));
   }
   return body;
 }

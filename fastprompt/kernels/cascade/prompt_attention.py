@@ -234,15 +234,7 @@ def _backward(
         # gradients the image part's backward is skipped.
         if k.shape[2] > 0 and image_grads:
             dq, dk, dv = attend_backward(
-                kernel_for(q, key_bias is not None),
-                dout,
-                q,
-                k,
-                v,
-                key_bias,
-                out,
-                lse_b,
-                scale,
+                kernel_for(q, key_bias is not None), dout, q, k, v, key_bias, out, lse_b, scale
             )
         if p > 0:
             dq_p, dpk, dpv, gate = _prompt_backward(

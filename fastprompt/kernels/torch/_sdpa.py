@@ -250,11 +250,10 @@ def _efficient_bias(bias: Tensor, q: Tensor, k: Tensor) -> Tensor:
     if not aligned:
         n = bias.shape[-1]
         width = -(-n // _BIAS_ALIGNMENT) * _BIAS_ALIGNMENT
-        body = bias.new_zeros((b if period else g, *bias.shape[1:-1], width))[..., :n]
-        if period:
-            body.unflatten(0, (b // g, g)).copy_(bias.unsqueeze(0))
-        else:
-            body.copy_(bias)
+        rows = b if period else g
+        body = bias.new_zeros((rows, *bias.shape[1:-1], width))[..., :n]
+        if g:  # once, or rows // g times for a period
+            body.unflatten(0, (rows // g, g)).copy_(bias.unsqueeze(0))
         bias = body
     return bias.expand(b, h, m, k.shape[2])
 
