@@ -167,6 +167,25 @@ def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
         assert_close(a, e, name, **_tol(backend))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_wider_bias_whose_values_only_mask_once_cast(backend, device):
+    """An fp64 bias whose huge finite values become -inf in the fp32 the reference adds it in: a
+    row of them has no image key there, and the cascades' fix-up for such rows must see it so."""
+    _runnable(backend, device)
+    _needs(backend, "key_bias")
+    q, k, v = make_qkv(2, 2, 7, 16, device=device)
+    pk, pv = make_prompts(1, 2, 4, 16, device=device)
+    bias = torch.randn(2, 1, 7, 7, dtype=torch.float64)
+    bias[:, :, 2] = -1e300
+    bias = bias.to(device)
+    dout = torch.randn(2, 2, 7, 16, device=device)
+    tensors = (q, k, v, pk, pv)
+    got = _run(lambda *a: prompt_attention(*a, backend=backend.name, key_bias=bias), tensors, dout)
+    ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), tensors, dout)
+    for name, a, e in zip(NAMES, got, ref):
+        assert_close(a, e, name, **_tol(backend))
+
+
 def test_masked_prompt_slots_never_influence_anything(backend):
     _runnable(backend, "cpu")
     _needs(backend, "prompt_index", "prompt_lengths")
