@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fastprompt.backbones import adapter_for
@@ -187,7 +188,15 @@ class MultiTaskViT(PromptedViT):
             raise TypeError(f"{_WHO}: task must name tasks or index them, got {type(task)}")
         if index.shape != (batch,):
             raise ValueError(f"{_WHO}: {index.numel()} tasks given for {batch} images")
-        if batch and (int(index.min()) < 0 or int(index.max()) >= count):
+        if not batch:
+            return index
+        if torch.compiler.is_compiling():
+            # Reading the indices back would break the graph: the check runs inside it instead.
+            torch._assert_async(
+                ((index >= 0) & (index < count)).all(),
+                f"{_WHO}: task indices must be in [0, {count})",
+            )
+        elif int(index.min()) < 0 or int(index.max()) >= count:
             raise ValueError(f"{_WHO}: task indices must be in [0, {count}), got {index.tolist()}")
         return index
 
@@ -222,10 +231,14 @@ class MultiTaskViT(PromptedViT):
             mask = torch.tensor(rows, device=index.device)[index].unsqueeze(1)
             pooled = p if pooled is None else torch.where(mask, p, pooled)
         pre = bb.head(pooled, pre_logits=True)
-        logits = pre.new_full((pre.shape[0], max(self.num_classes)), float("-inf"))
-        for t in index.unique().tolist():
-            rows = (index == t).nonzero().squeeze(1)
-            logits[rows, : self.num_classes[t]] = self.heads[t](pre[rows])
+        width = max(self.num_classes)
+        logits = pre.new_full((pre.shape[0], width), float("-inf"))
+        # Every head runs on every image and each row keeps its own task's: a head costs
+        # nothing beside the blocks, and a loop over the tasks present would read the indices
+        # back to the host (a graph break under torch.compile).
+        for t, head in enumerate(self.heads):
+            own = F.pad(head(pre), (0, width - self.num_classes[t]), value=float("-inf"))
+            logits = torch.where((index == t).unsqueeze(1), own, logits)
         return logits
 
     @contextlib.contextmanager

@@ -107,3 +107,27 @@ def test_the_task_models_are_copied_and_left_alone():
     assert tasks["vpt3"](images(1)).shape == (1, 5)  # still live
     with pytest.raises(NotImplementedError, match="save each task's model"):
         mixed.save_prompts("unused")
+
+
+def test_a_compiled_mixed_model_gives_the_eager_logits_and_gradients():
+    """``fullgraph=True``: the task indices are neither read back to the host for their range
+    check nor to pick the heads (a graph break each); the check runs inside the graph."""
+    torch._dynamo.reset()
+    mixed = fastprompt.multitask(_tasks()).eval()
+    x = images(5)
+    task = torch.tensor([3, 0, 2, 0, 1])
+    params = [p for p in mixed.parameters() if p.requires_grad]
+    ref = mixed(x, task)
+    finite = torch.isfinite(ref)
+    ref_grads = torch.autograd.grad(ref[finite].sum(), params, allow_unused=True)
+    compiled = torch.compile(mixed, fullgraph=True, backend="eager")
+    got = compiled(x, task)
+    grads = torch.autograd.grad(got[finite].sum(), params, allow_unused=True)
+    assert torch.equal(torch.isfinite(got), finite)
+    assert_close(got[finite], ref[finite], "compiled logits", atol=2e-5, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert_close(g, r, "compiled gradient", atol=2e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match=r"task indices must be in \[0, 4\)"):
+        compiled(x, torch.tensor([3, 0, 4, 0, 1]))
