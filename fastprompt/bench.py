@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -79,6 +80,15 @@ def environment(device: torch.device) -> dict[str, Any]:
             "stable": timm.layers.use_fused_attn(),
             "experimental": timm.layers.use_fused_attn(experimental=True),
         },
+        # On a CPU, glibc's malloc returns large freed tensors to the system, and the next
+        # step's page faults cost up to a fifth of a step, more for a model that keeps more:
+        # its settings (or a preloaded allocator) move the ratios, so they are recorded.
+        "cpu_allocator": {
+            k: v
+            for k, v in sorted(os.environ.items())
+            if k.startswith("MALLOC_") or k == "LD_PRELOAD"
+        }
+        or "default",
         "fastprompt": fastprompt.__version__,
         "python": platform.python_version(),
         "commit": commit,

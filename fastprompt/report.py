@@ -66,13 +66,23 @@ def _timm_attention(env: dict[str, Any]) -> str:
     return f" (attention {said[fused['stable']]}, experimental {said[fused['experimental']]})"
 
 
+def _allocator(env: dict[str, Any]) -> str:
+    alloc = env.get("cpu_allocator")  # absent from reports before it was recorded
+    if env.get("device_type") != "cpu" or alloc is None:
+        return ""
+    said = (
+        "glibc's default" if alloc == "default" else ", ".join(f"{k}={v}" for k, v in alloc.items())
+    )
+    return f", CPU allocator {said}"
+
+
 def _header(result: dict[str, Any]) -> str:
     env, cfg = result["env"], result["config"]
     return (
         f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}, "
         f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
-        f"timm {env['timm']}{_timm_attention(env)}, fastprompt {env['fastprompt']} "
-        f"({env['commit']}), {env['date']}. "
+        f"timm {env['timm']}{_timm_attention(env)}{_allocator(env)}, "
+        f"fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
         "same run (its training step: full fine-tuning's backward; frozen: its step with the "
         "backbone frozen and the gradient taken to the images, a prompt method's floor), the "

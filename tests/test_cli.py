@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -38,6 +39,10 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
     out = _bench(tmp_path, "a")
     report = json.loads((out / "report.json").read_text())
     assert {"device", "torch", "timm", "triton", "commit", "date"} <= set(report["env"])
+    assert report["env"]["cpu_allocator"] == (
+        {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
+        or "default"
+    )
     variants = [(r["prompts"], r["variant"]) for r in report["rows"]]
     policies = [(4, "fused+mlp"), (4, "fused+block")]
     assert variants == [(0, "prompt-free"), (4, "naive"), (4, "fused"), *policies]
@@ -69,6 +74,7 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
         assert paired["p20"] <= paired["median"] <= paired["p80"]
     md = (out / "report.md").read_text()
     assert "| prompts | variant |" in md
+    assert ", CPU allocator " in md
     spread = fused["train_paired"]["frozen"]
     assert f"{fused['train_vs_frozen']:.3f} ({spread['p20']:.2f}–{spread['p80']:.2f})" in md
     for png in ("latency.png", "memory.png", "peak_memory.png"):
