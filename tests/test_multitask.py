@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
-from helpers import assert_close, images, tiny_vit
+from helpers import assert_close, images, tiny_swin, tiny_vit
 
 import fastprompt
 from fastprompt.methods import e2vpt as E
@@ -131,3 +132,23 @@ def test_a_compiled_mixed_model_gives_the_eager_logits_and_gradients():
             assert_close(g, r, "compiled gradient", atol=2e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match=r"task indices must be in \[0, 4\)"):
         compiled(x, torch.tensor([3, 0, 4, 0, 1]))
+
+
+def test_a_swin_task_index_changed_between_forwards_is_read_anew():
+    """Swin keeps each stage's window-to-set index for the blocks of one forward only: a caller's
+    index buffer (here sharing a numpy array's memory, so writes bump no version counter) may
+    hold other tasks at the next forward."""
+    torch.manual_seed(1)
+    tasks = {
+        n: fastprompt.vpt(tiny_swin(), p, readout="patches").eval() for n, p in (("a", 2), ("b", 3))
+    }
+    mixed = fastprompt.multitask(tasks).eval()
+    x = torch.randn(2, 3, 32, 32)
+    values = np.zeros(2, dtype=np.int64)
+    index = torch.from_numpy(values)
+    with torch.no_grad():
+        mixed(x, index)
+        values[:] = [1, 0]
+        got = mixed(x, index)
+        want = mixed(x, torch.tensor([1, 0]))
+    assert torch.equal(got, want)

@@ -196,7 +196,9 @@ class SwinBackbone(Backbone):
         self.window_mixing = False
         # Per-window set indices by (index tensor or None, batch, windows, device, mixing): the
         # blocks of a stage reuse one tensor, which the CUDA extension range-checks once (a new
-        # tensor costs it a host synchronisation).
+        # tensor costs it a host synchronisation). It lives for one forward (emptied by embed):
+        # a caller's index may change between forwards by writes its version counter does not
+        # see (a numpy array sharing its memory).
         self._window_sets: dict[tuple, tuple[Any, Tensor]] = {}
         # (stage, index in the stage) of every block, numbered across stages.
         self._where: list[tuple[int, int]] = [
@@ -323,6 +325,8 @@ class SwinBackbone(Backbone):
 
     def embed(self, images: Tensor) -> SwinTokens:
         """The patch embedding (with its norm), (B, H, W, C); Swin has no positional one."""
+        if not torch.compiler.is_compiling():  # a trace neither reads nor fills the cache
+            self._window_sets.clear()  # a new forward
         return SwinTokens(self.model.patch_embed(images), None)
 
     def enter(self, block: int, tokens: SwinTokens, held: int) -> SwinTokens:

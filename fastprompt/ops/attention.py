@@ -421,8 +421,11 @@ def _check_key_bias(op, key_bias, scores_shape, device) -> None:
         )
 
 
-# id(tensor) -> (weak reference, version, bounds) of index/length tensors already checked: a
-# model reuses one per forward across its blocks, so the check runs once, not once per block.
+# id(tensor) -> (weak reference, version, bounds) of CUDA index/length tensors already checked:
+# a model reuses one per forward across its blocks, so the device-side check is launched once,
+# not once per block. Writes that bypass the version counter (``.data``, DLPack) are not seen, so
+# CPU tensors, which numpy may share (``torch.from_numpy``), are checked on every call: there
+# the check is two reductions of a (B,) vector and no synchronisation.
 _CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
@@ -450,16 +453,22 @@ def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
         )
     if t.device != device:
         raise ValueError(f"{op}: {name} is on {t.device}, q on {device}")
-    if size == 0 or torch.compiler.is_compiling() or _already_checked(t, lo, hi):
+    if size == 0:
+        return
+    if torch.compiler.is_compiling():  # in the graph: reading the values back would break it
+        torch._assert_async(
+            ((t >= lo) & (t <= hi)).all(), f"{op}: {name} values must lie in {span}"
+        )
         return
     if t.device.type == "cpu":
         got_lo, got_hi = int(t.min()), int(t.max())
         if got_lo < lo or got_hi > hi:
             raise ValueError(f"{op}: {name} values must lie in {span}, got [{got_lo}, {got_hi}]")
-    else:
+        return
+    if not _already_checked(t, lo, hi):
         # Two tiny reductions and a device-side assert: no host sync in the hot path; a bad value
         # stops the stream with this message instead of reading out of bounds.
         torch._assert_async(
             ((t >= lo) & (t <= hi)).all(), f"{op}: {name} values must lie in {span}"
         )
-    _mark_checked(t, lo, hi)
+        _mark_checked(t, lo, hi)

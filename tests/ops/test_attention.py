@@ -3,6 +3,7 @@ reference against independent computations, what autograd keeps, gradcheck, and 
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,6 +166,34 @@ def test_the_reference_refuses_out_of_range_values_clearly(kwargs, match):
     pk, pv = make_prompts(1, 2, 3, 8)
     with pytest.raises(ValueError, match=match):
         prompt_attention_ref(q, k, v, pk, pv, **kwargs)
+
+
+def test_an_index_changed_behind_its_version_counter_is_checked_again():
+    """A CPU index sharing a numpy array's memory changes without a version bump; a check kept
+    per tensor and version let the kernels read its new, out-of-range values."""
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(2, 2, 3, 8)
+    values = np.array([0, 1])
+    index = torch.from_numpy(values)
+    prompt_attention(q, k, v, pk, pv, index, backend="torch")
+    values[1] = 7
+    assert index._version == 0
+    with pytest.raises(ValueError, match=r"prompt_index values must lie in \[0, 2\)"):
+        prompt_attention(q, k, v, pk, pv, index, backend="torch")
+
+
+def test_a_compiled_call_checks_the_index_in_its_graph():
+    torch._dynamo.reset()
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(2, 2, 3, 8)
+
+    def call(index):
+        return prompt_attention(q, k, v, pk, pv, index, backend="torch")[0]
+
+    compiled = torch.compile(call, fullgraph=True, backend="eager")
+    assert_close(compiled(torch.tensor([1, 0])), call(torch.tensor([1, 0])), "compiled")
+    with pytest.raises(RuntimeError, match=r"prompt_index values must lie in \[0, 2\)"):
+        compiled(torch.tensor([1, 2]))
 
 
 def test_collecting_the_op_tests_builds_nothing():
