@@ -6,7 +6,8 @@ without patching it (``docs/design.md`` §4, "Parameter ownership"):
 - *one live wrapper per model*: a model's flags and modes before wrapping are recorded; a second
   wrapper of a model that a live one holds is refused (``share_with`` shares it on purpose);
   :meth:`OwningWrapper.unwrap` restores the record and ends every wrapper sharing the model;
-  ``copy.deepcopy`` gives an independent wrapper of the copied model, registered as live;
+  ``copy.deepcopy`` and unpickling give an independent wrapper of the copied model, registered
+  as live;
 - *one owner per parameter*: the wrapper registers the submodules, parameters and buffers of the
   model and of other owners (the prompt source) under their own names, and re-points the owners'
   entries at its own objects whenever those change (``.to()`` with parameter overwriting,
@@ -36,6 +37,10 @@ class _Wrapping:
 
     def live(self) -> bool:
         return any(r() is not None for r in self.refs)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Weak references do not pickle; an unpickled wrapper registers itself (__setstate__).
+        return {**self.__dict__, "refs": []}
 
 
 # model → its wrapping; weak, so a model that is gone leaves no entry.
@@ -79,13 +84,22 @@ class OwningWrapper(nn.Module):
         new = type(self).__new__(type(self))
         memo[id(self)] = new
         new.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        record = new._wrapping
-        if record.active:
-            if _WRAPPINGS.get(new._model) is not record:
-                record.refs = []  # the copied weak references point at the originals
-                _WRAPPINGS[new._model] = record
-            record.refs.append(weakref.ref(new))
+        new._register_copy()
         return new
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled (``pickle``, ``torch.save`` of the module): like a deep copy, an independent
+        wrapper of the unpickled model, registered as its live wrapper."""
+        super().__setstate__(state)
+        self._register_copy()
+
+    def _register_copy(self) -> None:
+        record = self._wrapping
+        if record.active:
+            if _WRAPPINGS.get(self._model) is not record:
+                record.refs = []  # copied weak references point at the originals
+                _WRAPPINGS[self._model] = record
+            record.refs.append(weakref.ref(self))
 
     def _check_live(self) -> None:
         if not self._wrapping.active:

@@ -10,6 +10,8 @@
 from __future__ import annotations
 
 import copy
+import io
+import pickle
 
 import pytest
 import torch
@@ -331,11 +333,25 @@ def test_images_of_several_tasks_in_one_batch():
 # -- copies and backends --------------------------------------------------------------------
 
 
-def test_a_deep_copy_is_an_independent_live_wrapper():
+def _saved_and_loaded(obj):
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "clone",
+    [copy.deepcopy, lambda obj: pickle.loads(pickle.dumps(obj)), _saved_and_loaded],
+    ids=["deepcopy", "pickle", "torch.save"],
+)
+def test_a_copy_is_an_independent_live_wrapper(clone):
+    """Deep-copied, pickled or saved whole with ``torch.save`` (pickling used to fail on the
+    wrapping's weak references)."""
     model = tiny_vit()
     flags = {n: p.requires_grad for n, p in model.named_parameters()}
     prompted = fastprompt.vpt(model, 3).eval()
-    twin = copy.deepcopy(prompted)
+    twin = clone(prompted)
     assert twin.model is not model and twin.prompt_embeddings is not prompted.prompt_embeddings
     assert twin.model.head is twin.head and twin.source.prompt_embeddings is twin.prompt_embeddings
     with torch.no_grad():
@@ -346,7 +362,7 @@ def test_a_deep_copy_is_an_independent_live_wrapper():
     assert {n: p.requires_grad for n, p in back.named_parameters()} == flags
     assert prompted(images(1)).shape == (1, 5)  # the original is untouched
     keep = torch.ones(3, 3, dtype=torch.bool)
-    pair = copy.deepcopy([prompted, fastprompt.condense(prompted, keep)])
+    pair = clone([prompted, fastprompt.condense(prompted, keep)])
     assert pair[1].model is pair[0].model  # copied together, they share the copied backbone
     pair[1].unwrap()
     with pytest.raises(RuntimeError, match="was unwrapped"):
