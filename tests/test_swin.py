@@ -420,3 +420,15 @@ def test_naive_flops_count_the_prompt_rows_the_official_code_computes():
         prompted.unwrap()
     merges = p * sum(4 * c * 2 * c for c in (16, 32))  # a prompt merged as cat([p, p, p, p])
     assert linear[False] - linear[True] == merges
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+@pytest.mark.parametrize("deep", [False, True], ids=["shallow", "deep"])
+def test_no_prompts_give_the_models_own_logits(deep, impl):
+    """``num_prompts=0`` (allowed, as for a ViT) used to fail on the fused path."""
+    model = tiny_swin()
+    x = _images(2)
+    with torch.no_grad():
+        want = model(x)
+        prompted = fastprompt.vpt(model, 0, deep=deep, impl=impl, head_init="keep").eval()
+        assert_close(prompted(x), want, "logits", atol=2e-6, rtol=1e-6)

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close, tiny_swin
 from swin_official import official_vpt_swin
+from torch import Tensor
 
 import fastprompt
 
@@ -140,16 +141,31 @@ def test_scores_that_see_attention_only_are_refused_when_the_readout_reads_promp
         fastprompt.score_prompts(mixed, [(x, y)], "taylor", progress=False)
 
 
-@pytest.mark.parametrize("impl", ["fused", "naive"])
-def test_the_condensed_model_is_the_official_one_with_the_kept_prompts(impl, tmp_path):
-    prompted = _trained(dtype=torch.float32)
-    keep = fastprompt.select_prompts(
+def _nine_kept() -> Tensor:
+    return fastprompt.select_prompts(
         torch.rand(6, P, generator=torch.Generator().manual_seed(0)), 9
     )
+
+
+def _blocks_keep_none() -> Tensor:
+    """Every other block keeps none, the last included (its prompt rows feed the readout)."""
+    keep = torch.zeros(6, P, dtype=torch.bool)
+    keep[0, 1] = keep[2, :2] = keep[4, 3] = True
+    return keep
+
+
+@pytest.mark.parametrize(
+    "select", [_nine_kept, _blocks_keep_none], ids=["nine", "blocks-keep-none"]
+)
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+def test_the_condensed_model_is_the_official_one_with_the_kept_prompts(impl, select, tmp_path):
+    """Blocks that keep no prompt, the last one included, used to fail on the fused path."""
+    prompted = _trained(dtype=torch.float32)
+    keep = select()
     condensed = fastprompt.condense(prompted, keep)
     condensed.impl = impl
     counts = tuple(keep.sum(1).tolist())
-    assert condensed.config.layer_counts == counts and sum(counts) == 9
+    assert condensed.config.layer_counts == counts
     shapes = {n: tuple(t.shape) for n, t in condensed.named_parameters() if "prompt" in n}
     assert shapes == {
         "prompt_embeddings": (1, counts[0], 16),

@@ -462,7 +462,7 @@ class SwinBackbone(Backbone):
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
         )
-        o = attend(call).transpose(1, 2).reshape(part.windows.shape[0], part.windows.shape[1], -1)
+        o = attend(call).transpose(1, 2).flatten(2)
         o = attn.proj_drop(attn.proj(o))
         x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
         if p is None:
@@ -471,7 +471,7 @@ class SwinBackbone(Backbone):
         call = AttentionCall(
             block, qp, k, v, pk, pv, window_index, attn.scale, backend, lengths, None, nw
         )
-        rows = attend(call).transpose(1, 2).reshape(b * nw, p.shape[1], -1)
+        rows = attend(call).transpose(1, 2).flatten(2)  # (B·nW, P, C), P may be 0
         op = attn.proj_drop(attn.proj(self._window_mean(rows, b, nw)))
         return SwinTokens(x, _mlp(blk, p + blk.drop_path1(op)))
 
