@@ -152,3 +152,22 @@ def test_a_swin_task_index_changed_between_forwards_is_read_anew():
         got = mixed(x, index)
         want = mixed(x, torch.tensor([1, 0]))
     assert torch.equal(got, want)
+
+
+def test_swin_tasks_with_a_block_no_task_prompts():
+    """Condensed Swin tasks that all keep no prompt in block 1: the mixed model runs that block
+    without prompts, as each task does (it used to ask for keys/values there)."""
+    base = tiny_swin()
+    keep = torch.ones(6, 3, dtype=torch.bool)
+    keep[1] = False
+    tasks = {}
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        prompted = fastprompt.vpt(copy.deepcopy(base), 3, readout="patches")
+        tasks[name] = fastprompt.condense(prompted, keep).eval()
+    mixed = fastprompt.multitask(tasks).eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        out = mixed(x, ["b", "a", "b"])
+        for name, rows in (("a", [1]), ("b", [0, 2])):
+            assert_close(out[rows], tasks[name](x[rows]), name, atol=2e-5, rtol=1e-5)

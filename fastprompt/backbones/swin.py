@@ -442,6 +442,8 @@ class SwinBackbone(Backbone):
         bias, averaged over the windows, then projection, residual and MLP once per image. A block
         with held prompts makes two ``attend`` calls (windows' queries, prompts' queries).
         """
+        if tokens.prompts is None and kv is None:  # no prompt here (a mixed batch's empty block)
+            return self.block(block, tokens, held)
         blk = self._block(block)
         attn = blk.attn
         x, p = tokens
@@ -489,8 +491,6 @@ class SwinBackbone(Backbone):
         per-image set index, None for set 0 or ``_EACH_IMAGE`` for set b, per-set lengths or
         None)."""
         if own is None:
-            if kv is None:
-                raise ValueError("SwinBackbone.fused_block: a block without prompts needs kv")
             return kv.k.to(dtype), kv.v.to(dtype), kv.index, kv.lengths
         _, own_k, own_v = own
         if kv is None:
