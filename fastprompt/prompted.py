@@ -311,9 +311,11 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         """Inference with each block's prompt keys/values computed once, on entry.
 
         Every eval-mode forward inside the block reuses them, so a batch costs the image rows
-        only. Prompts and weights are constants inside: an update made there is not seen until
-        the next ``frozen_prompts()``, and no gradient reaches the prompts through the cached
-        keys/values. Training-mode forwards (dropout) inside compute them afresh. Outside the
+        only. The cached keys/values are constants inside: an update made there is not seen
+        through them until the next ``frozen_prompts()``, and no gradient reaches the prompts
+        through them. Prompts that stay tokens (VPT-shallow's, VPT-Swin's last block under the
+        official readout) are not cached: those read the current parameters, so do not update
+        prompts inside the block. Training-mode forwards (dropout) inside compute them afresh. Outside the
         block nothing is cached: every forward sees the current parameters, however they were
         updated (fused optimisers, ``.data`` writes, EMA).
         """
