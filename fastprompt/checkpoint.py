@@ -335,10 +335,11 @@ def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
     if not isinstance(saved, dict):
         raise CheckpointError(f"load_prompts: {where}: its 'model' entry is not a JSON object")
     have = adapter_for(model, "load_prompts").signature()
+    # A key the checkpoint lacks was not recorded when it was saved (older fastprompt).
     diff = [
-        f"{k}: checkpoint {saved.get(k)!r}, model {have[k]!r}"
+        f"{k}: checkpoint {saved[k]!r}, model {have[k]!r}"
         for k in have
-        if k != "class" and saved.get(k) != have[k]
+        if k != "class" and k in saved and saved[k] != have[k]
     ]
     if diff:
         raise CheckpointError(

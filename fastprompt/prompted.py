@@ -315,9 +315,9 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         through them until the next ``frozen_prompts()``, and no gradient reaches the prompts
         through them. Prompts that stay tokens (VPT-shallow's, VPT-Swin's last block under the
         official readout) are not cached: those read the current parameters, so do not update
-        prompts inside the block. Training-mode forwards (dropout) inside compute them afresh. Outside the
-        block nothing is cached: every forward sees the current parameters, however they were
-        updated (fused optimisers, ``.data`` writes, EMA).
+        prompts inside the block. Training-mode forwards (dropout) inside compute them afresh.
+        Outside the block nothing is cached: every forward sees the current parameters, however
+        they were updated (fused optimisers, ``.data`` writes, EMA).
         """
         self._check_live()
         self._sync()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import json
 import math
 import pickle
 import warnings
@@ -13,6 +14,8 @@ import warnings
 import pytest
 import torch
 from helpers import assert_close, tiny_swin, tiny_vit
+from safetensors import safe_open
+from safetensors.torch import save_file
 from swin_official import assert_matches_official, official_of, official_vpt_swin
 
 import fastprompt
@@ -312,6 +315,24 @@ def test_checkpoints_round_trip(tmp_path):
         assert torch.equal(loaded.prompt_state()[name], p), name
     with pytest.raises(ValueError, match="another model shape"):
         fastprompt.load_prompts(tiny_swin(depths=(2, 2), num_heads=(2, 2)), tmp_path / "run")
+    # Every width the same, other windows (as Swin-B at window 7 and at 12): another model.
+    with pytest.raises(ValueError, match=r"window_size: checkpoint \[\[4, 4\], .*\[2, 2\]"):
+        fastprompt.load_prompts(tiny_swin(window_size=2), tmp_path / "run")
+
+
+def test_a_checkpoint_saved_before_a_signature_field_existed_loads(tmp_path):
+    prompted = fastprompt.vpt(tiny_swin(), 4)
+    prompted.save_prompts(tmp_path / "run")
+    path = tmp_path / "run" / "prompts.safetensors"
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    config = json.loads(meta["config"])
+    del config["model"]["window_size"]
+    save_file(tensors, str(path), metadata={**meta, "config": json.dumps(config)})
+    (path.parent / "config.json").write_text(json.dumps(config))
+    loaded = fastprompt.load_prompts(tiny_swin(), path)
+    for name, p in prompted.prompt_state().items():
+        assert torch.equal(loaded.prompt_state()[name], p), name
 
 
 def test_a_vit_checkpoint_records_no_window_mixing(tmp_path):

@@ -301,6 +301,12 @@ class SwinBackbone(Backbone):
             "depths": list(self.stages()),
             "widths": [self.block_shape(self._first(s)).width for s in range(len(m.layers))],
             "num_heads": [self.block_shape(self._first(s)).heads for s in range(len(m.layers))],
+            # Swin-B at window 7 and at window 12 share every width: prompts of one are not the
+            # other's.
+            "window_size": [
+                [int(w) for w in self._block(self._first(s)).window_size]
+                for s in range(len(m.layers))
+            ],
             "patch_size": list(self.patch_size()),
             "num_classes": int(m.num_classes),
         }
