@@ -12,7 +12,8 @@ without patching it (``docs/design.md`` §4, "Parameter ownership"):
   model and of other owners (the prompt source) under their own names, and re-points the owners'
   entries at its own objects whenever those change (``.to()`` with parameter overwriting,
   ``to_empty()``, ``load_state_dict(assign=True)``, attribute assignment) and on request
-  (:meth:`OwningWrapper._sync`, at every forward, for ``torch.func.functional_call``).
+  (:meth:`OwningWrapper._sync`, at every forward, for ``torch.func.functional_call``); an entry
+  the model itself replaced (timm's ``reset_classifier``, ``set_input_size``) is taken instead.
 """
 
 from __future__ import annotations
@@ -129,21 +130,26 @@ class OwningWrapper(nn.Module):
     # -- adoption: the wrapper owns the parameters the model and the source also hold ---------
 
     def _adopt(self, owner: nn.Module) -> None:
+        # What the wrapper and each owner last agreed on, by name (names are unique across owners).
+        agreed = self.__dict__.setdefault("_agreed", {})
         names = []
         for name, child in owner.named_children():
             self._check_free(name, owner)
             self.add_module(name, child)
             names.append(name)
+            agreed[name] = child
         for name, param in owner._parameters.items():  # None entries too (VPT-shallow's deep set)
             self._check_free(name, owner)
             self.register_parameter(name, param)
             names.append(name)
+            agreed[name] = param
         for name, buf in owner.named_buffers(recurse=False):
             self._check_free(name, owner)
             self.register_buffer(
                 name, buf, persistent=name not in owner._non_persistent_buffers_set
             )
             names.append(name)
+            agreed[name] = buf
         self._adopted.append((owner, tuple(names)))
 
     def _check_free(self, name: str, owner: nn.Module) -> None:
@@ -154,7 +160,14 @@ class OwningWrapper(nn.Module):
             )
 
     def _sync(self) -> None:
-        """Point the model's and the source's entries at the wrapper's current objects."""
+        """Agree the wrapper's entries with the model's and the source's.
+
+        The side that replaced an entry since they last agreed wins: the wrapper's (``.to()``,
+        ``load_state_dict(assign=True)``, ``functional_call``) is copied to its owner; the owner's
+        (timm's ``reset_classifier`` or ``set_input_size`` called on the model) is taken, through
+        :meth:`_taken_from_owner`. Where both replaced it, the wrapper's wins.
+        """
+        agreed = self._agreed
         for owner, names in self._adopted:
             for name in names:
                 for table in ("_parameters", "_buffers", "_modules"):
@@ -162,8 +175,16 @@ class OwningWrapper(nn.Module):
                     if name in mine:
                         theirs = getattr(owner, table)
                         if theirs.get(name) is not mine[name]:
-                            theirs[name] = mine[name]
+                            if name in theirs and mine[name] is agreed.get(name):
+                                mine[name] = theirs[name]
+                                self._taken_from_owner(owner, theirs[name])
+                            else:
+                                theirs[name] = mine[name]
+                        agreed[name] = mine[name]
                         break
+
+    def _taken_from_owner(self, owner: nn.Module, value: Any) -> None:
+        """Hook: ``value`` replaced an entry of ``owner`` and is now the wrapper's."""
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)

@@ -173,6 +173,26 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
 
     # -- modes and bookkeeping ------------------------------------------------------------------
 
+    def _taken_from_owner(self, owner: nn.Module, value: Any) -> None:
+        """What the model replaced itself (timm's ``reset_classifier``, ``set_input_size``) joins
+        the frozen backbone, in eval mode; a new classifier trains, as the one wrapped did."""
+        if owner is not self._model or value is None:
+            return
+        value.requires_grad_(False)
+        if isinstance(value, nn.Module):
+            value.eval()
+            classifier = self._backbone.classifier()
+            if any(m is classifier for m in value.modules()):
+                classifier.requires_grad_(True)
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        """timm's ``reset_classifier`` of the wrapped model: a new head of ``num_classes``
+        outputs, which trains. Its pooling arguments pass through; the readout stays the one
+        the wrapper was built with."""
+        self._check_live()
+        self._model.reset_classifier(num_classes, *args, **kwargs)
+        self._sync()
+
     def train(self, mode: bool = True) -> PromptedViT:
         """Set the prompt source's mode; the frozen backbone always stays in eval mode."""
         self.training = mode

@@ -183,6 +183,38 @@ def test_replacing_the_head_on_the_wrapper_reaches_the_model():
     assert prompted(images(1)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("on", ["model", "wrapper"])
+def test_timms_reset_classifier_gives_a_new_head_that_trains(on):
+    """Called on the wrapped model, the new head used to be put back to the old one at the next
+    forward (the wrapper re-pointed the model's entry at its own)."""
+    model = tiny_vit()
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    prompted = fastprompt.vpt(model, 2)
+    (model if on == "model" else prompted).reset_classifier(7)
+    assert prompted(images(2)).shape == (2, 7)
+    assert prompted.head is model.head and model.head.out_features == 7
+    trainable = set(prompted.trainable_parameters())
+    assert trainable == {"prompt_embeddings", "deep_prompt_embeddings", "head.weight", "head.bias"}
+    assert not model.head.training
+    prompted.unwrap()
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_timms_set_input_size_on_the_wrapped_model_reaches_the_forward():
+    """A resized position embedding stays frozen and is not put back to the old one (which
+    failed at the new size)."""
+    model = tiny_vit()
+    prompted = fastprompt.vpt(model, 2).eval()
+    model.set_input_size(img_size=(48, 48))
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        got = prompted(x)
+    assert prompted.pos_embed is model.pos_embed and model.pos_embed.shape[1] == 37
+    assert not model.pos_embed.requires_grad
+    with torch.no_grad():
+        assert_close(got, _fresh(prompted, x), "logits at 48 px", atol=2e-5, rtol=1e-5)
+
+
 # -- 3. one live wrapper per model --------------------------------------------------------------
 
 
