@@ -46,9 +46,15 @@ def shareable(task: PromptedViT) -> list[str]:
         reasons.append("its prompts depend on the image (generated per image, as PGN's)")
     tokens = [i for i, s in enumerate(task._plan(fused=True)) if s.as_tokens and s.held]
     if tokens and not reasons:
+        hint = (
+            f"; its readout {task.readout!r} reads prompt outputs: build it with "
+            "readout='patches' to share the blocks"
+            if task.backbone.reads_prompts(task.readout)
+            else ""
+        )
         reasons.append(
             f"its prompts are tokens of block(s) {tokens} (VPT-shallow, IIP, a readout of prompt "
-            "outputs, or prompts that flow on), so they would need the blocks to themselves"
+            f"outputs, or prompts that flow on), so they would need the blocks to themselves{hint}"
         )
     return reasons + task.backbone.fused_unsupported_reasons()
 

@@ -87,7 +87,8 @@ def test_tasks_are_named_or_indexed():
         (lambda: fastprompt.pgn(_backbone(), 2, generator=None), "tokens of block"),
         (
             lambda: fastprompt.vpt(_backbone(global_pool="avg"), 2, readout="patches+prompts"),
-            r"tokens of block\(s\) \[2\]",
+            r"tokens of block\(s\) \[2\] .*readout 'patches\+prompts' reads prompt outputs: "
+            r"build it with readout='patches'",
         ),
     ],
     ids=["weights", "architecture", "vpt-shallow", "pgn", "iip", "prompt-readout"],

@@ -141,6 +141,20 @@ def test_scores_that_see_attention_only_are_refused_when_the_readout_reads_promp
         fastprompt.score_prompts(mixed, [(x, y)], "taylor", progress=False)
 
 
+def test_a_given_mask_condenses_a_window_mixing_model():
+    """Only scores need each image's loss to be its own: condensing by a mask keeps the official
+    mixing (it used to be refused with the scores' reason)."""
+    mixed = fastprompt.vpt(tiny_swin(), P, window_mixing=True).eval()
+    keep = _blocks_keep_none()
+    condensed = fastprompt.condense(mixed, keep).eval()
+    assert condensed.backbone.window_mixing
+    x = _data(3, torch.float32)[0]
+    with torch.no_grad():
+        got = condensed(x)
+        condensed.impl = "naive"
+        assert_close(got, condensed(x), "fused vs the official computation", atol=2e-5, rtol=1e-5)
+
+
 def _nine_kept() -> Tensor:
     return fastprompt.select_prompts(
         torch.rand(6, P, generator=torch.Generator().manual_seed(0)), 9

@@ -22,6 +22,7 @@ from fastprompt.backbones.base import (
     PromptKV,
     PromptKVParts,
 )
+from fastprompt.ownership import OwningWrapper
 
 __all__ = [
     "AttentionCall",
@@ -108,6 +109,11 @@ def adapter_for(model: object, who: str) -> Backbone:
     ValueError
         The adapter refuses a configuration of the family (the message says why).
     """
+    if isinstance(model, OwningWrapper):
+        raise TypeError(
+            f"{who}: this model is already prompted (a {type(model).__name__}); call .unwrap() "
+            "first"
+        )
     if isinstance(model, nn.Module):
         for cls in type(model).__mro__:
             key = _qualified(cls)

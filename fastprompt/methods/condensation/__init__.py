@@ -135,7 +135,7 @@ def condense(prompted: PromptedViT, keep: Tensor) -> PromptedViT:
         its prompts are new parameters holding the kept rows, so gradients reach only them. It
         runs the same fused path as a model built with these counts from scratch.
     """
-    check_scorable(prompted, "condense")
+    check_scorable(prompted, "condense", per_sample=False)  # a given mask needs no scores
     support = get(prompted.method).condensation
     if support is None:
         raise TypeError(

@@ -30,9 +30,10 @@ SCORES = ("taylor", "taylor_normed", "gate", "cls_sim", "random", "leave_one_out
 _GRADIENT = ("taylor", "taylor_normed", "gate")
 
 
-def check_scorable(prompted: PromptedViT, who: str) -> None:
+def check_scorable(prompted: PromptedViT, who: str, per_sample: bool = True) -> None:
     """Raise unless every block of ``prompted`` receives its own learned prompt set, all of one
-    size (VPT-deep), each image its own prompts."""
+    size (VPT-deep), and (``per_sample``, what scores need) each image's loss depends on its own
+    prompts only."""
     if not isinstance(prompted, PromptedViT):
         raise TypeError(
             f"{who}: expected a VPT-deep model from fastprompt.vpt(), got {type(prompted).__name__}"
@@ -46,7 +47,7 @@ def check_scorable(prompted: PromptedViT, who: str) -> None:
             f"{counts}{'' if src.distinct_sets() else ', shared'})"
         )
     src.raw(0)  # a source without learned sets says so
-    if getattr(prompted.backbone, "window_mixing", False):
+    if per_sample and getattr(prompted.backbone, "window_mixing", False):
         raise ValueError(
             f"{who}: with window_mixing (the official VPT-Swin's defect) an image's loss depends "
             "on the other images' prompts, so per-sample scores are not defined; rebuild with "
