@@ -53,6 +53,8 @@ class OwningWrapper(nn.Module):
 
     _model: nn.Module
     _wrapping: _Wrapping
+    # Read by backbones.adapter_for, which may not import this module, to refuse a wrapper.
+    wraps_a_model = True
 
     # -- ownership --------------------------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from fastprompt.backbones.base import (
     PromptKV,
     PromptKVParts,
 )
-from fastprompt.ownership import OwningWrapper
 
 __all__ = [
     "AttentionCall",
@@ -109,7 +108,8 @@ def adapter_for(model: object, who: str) -> Backbone:
     ValueError
         The adapter refuses a configuration of the family (the message says why).
     """
-    if isinstance(model, OwningWrapper):
+    # A wrapper says so by a class flag (ownership.OwningWrapper): adapters sit below it.
+    if getattr(type(model), "wraps_a_model", False):
         raise TypeError(
             f"{who}: this model is already prompted (a {type(model).__name__}); call .unwrap() "
             "first"
