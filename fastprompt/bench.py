@@ -38,6 +38,10 @@ __all__ = [
 ]
 
 
+# glibc's malloc (MALLOC_*, GLIBC_TUNABLES), jemalloc (MALLOC_CONF), tcmalloc, a preloaded one.
+_ALLOCATOR_VARS = ("MALLOC_", "GLIBC_TUNABLES", "TCMALLOC_", "LD_PRELOAD")
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Device name, library versions, git commit and date, recorded with every result."""
     import timm
@@ -84,9 +88,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         # step's page faults cost up to a fifth of a step, more for a model that keeps more:
         # its settings (or a preloaded allocator) move the ratios, so they are recorded.
         "cpu_allocator": {
-            k: v
-            for k, v in sorted(os.environ.items())
-            if k.startswith("MALLOC_") or k == "LD_PRELOAD"
+            k: v for k, v in sorted(os.environ.items()) if k.startswith(_ALLOCATOR_VARS)
         }
         or "default",
         "fastprompt": fastprompt.__version__,

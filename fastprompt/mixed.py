@@ -253,6 +253,13 @@ class MultiTaskViT(PromptedViT):
         with super().frozen_prompts(), self._source.cached():
             yield self
 
+    _classifier_trains = False
+
+    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
+        raise NotImplementedError(
+            f"{_WHO}: each task has its own head (heads[t]); the backbone's is not used"
+        )
+
     def save_prompts(self, path: str) -> None:
         raise NotImplementedError(
             f"{_WHO}: save each task's model (save_prompts) and rebuild the mixed model from them"

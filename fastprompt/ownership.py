@@ -22,9 +22,15 @@ import copy
 import weakref
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["OwningWrapper"]
+
+
+def _stand_in(value: Any) -> bool:
+    """A plain tensor where a parameter belongs: ``functional_call``'s, for one call."""
+    return value is not None and not isinstance(value, nn.Parameter)
 
 
 class _Wrapping:
@@ -167,33 +173,77 @@ class OwningWrapper(nn.Module):
         The side that replaced an entry since they last agreed wins: the wrapper's (``.to()``,
         ``load_state_dict(assign=True)``, ``functional_call``) is copied to its owner; the owner's
         (timm's ``reset_classifier`` or ``set_input_size`` called on the model) is taken, through
-        :meth:`_taken_from_owner`. Where both replaced it, the wrapper's wins.
+        :meth:`_taken_from_owner`, when it is what an owner's own method makes: a parameter or a
+        module. A plain tensor in an owner's parameter table is ``functional_call``'s stand-in
+        (perhaps another wrapper's of a shared model): it is never taken and never agreed on.
+        Where both sides replaced an entry, the wrapper's wins.
         """
         agreed = self._agreed
         for owner, names in self._adopted:
             for name in names:
                 for table in ("_parameters", "_buffers", "_modules"):
                     mine = getattr(self, table)
-                    if name in mine:
-                        theirs = getattr(owner, table)
-                        if theirs.get(name) is not mine[name]:
-                            if name in theirs and mine[name] is agreed.get(name):
-                                mine[name] = theirs[name]
-                                self._taken_from_owner(owner, theirs[name])
-                            else:
-                                theirs[name] = mine[name]
+                    if name not in mine:
+                        continue
+                    theirs = getattr(owner, table)
+                    value = theirs.get(name)
+                    if value is not mine[name]:
+                        taken = (
+                            name in theirs
+                            and table != "_buffers"
+                            and (value is None or isinstance(value, (nn.Parameter, nn.Module)))
+                            and mine[name] is agreed.get(name)
+                        )
+                        if taken and torch.compiler.is_compiling():
+                            raise RuntimeError(
+                                f"fastprompt: the wrapped model replaced its {name!r} (timm's "
+                                "reset_classifier or set_input_size?) since the wrapper last "
+                                "saw it; let the wrapper see it eagerly first (call "
+                                "prompted.reset_classifier, or prompted.trainable_parameters())"
+                            )
+                        if taken:
+                            mine[name] = value
+                            self._taken_from_owner(owner, value)
+                        else:
+                            theirs[name] = mine[name]
+                    if table != "_parameters" or not _stand_in(mine[name]):
                         agreed[name] = mine[name]
-                        break
+                    break
 
     def _taken_from_owner(self, owner: nn.Module, value: Any) -> None:
         """Hook: ``value`` replaced an entry of ``owner`` and is now the wrapper's."""
+
+    # What lists, converts, saves or loads the wrapper's entries sees the owners' replacements.
+
+    def _apply(self, fn, recurse=True):
+        self._sync()
+        result = super()._apply(fn, recurse)
+        self._sync()
+        return result
+
+    def named_parameters(self, *args: Any, **kwargs: Any):
+        self._sync()
+        return super().named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args: Any, **kwargs: Any):
+        self._sync()
+        return super().named_buffers(*args, **kwargs)
+
+    def named_modules(self, *args: Any, **kwargs: Any):
+        self._sync()
+        return super().named_modules(*args, **kwargs)
+
+    def state_dict(self, *args: Any, **kwargs: Any):
+        self._sync()
+        return super().state_dict(*args, **kwargs)
+
+    def load_state_dict(self, *args: Any, **kwargs: Any):
+        self._sync()
+        result = super().load_state_dict(*args, **kwargs)
+        self._sync()  # assign=True replaced the wrapper's entries
+        return result
 
     def __setattr__(self, name: str, value: Any) -> None:
         super().__setattr__(name, value)
         if any(name in names for _, names in self.__dict__.get("_adopted", ())):
             self._sync()
-
-    def _apply(self, fn, recurse=True):
-        result = super()._apply(fn, recurse)
-        self._sync()
-        return result

@@ -173,6 +173,9 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
 
     # -- modes and bookkeeping ------------------------------------------------------------------
 
+    # Whether the model's classifier trains (a mixed-task model has heads of its own).
+    _classifier_trains = True
+
     def _taken_from_owner(self, owner: nn.Module, value: Any) -> None:
         """What the model replaced itself (timm's ``reset_classifier``, ``set_input_size``) joins
         the frozen backbone, in eval mode; a new classifier trains, as the one wrapped did."""
@@ -182,13 +185,13 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         if isinstance(value, nn.Module):
             value.eval()
             classifier = self._backbone.classifier()
-            if any(m is classifier for m in value.modules()):
+            if self._classifier_trains and any(m is classifier for m in value.modules()):
                 classifier.requires_grad_(True)
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         """timm's ``reset_classifier`` of the wrapped model: a new head of ``num_classes``
-        outputs, which trains. Its pooling arguments pass through; the readout stays the one
-        the wrapper was built with."""
+        outputs in timm's initialisation (not the method's ``head_init``), which trains. Its
+        pooling arguments pass through; the readout stays the one the wrapper was built with."""
         self._check_live()
         self._model.reset_classifier(num_classes, *args, **kwargs)
         self._sync()
@@ -543,7 +546,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         batch = x.shape[0]
         attend = self._attention or _default_attention
         # The set of each image (T = B); an ordinary tensor even under inference_mode, so that
-        # adapters can key caches on it and the op's check of it is cached too.
+        # adapters can key caches on it and the op's check of a CUDA index is kept per version.
         with torch.inference_mode(False):
             per_image = torch.arange(batch, device=x.device)
         held, memory = 0, self.memory_policy()

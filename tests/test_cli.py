@@ -10,7 +10,7 @@ import torch
 from helpers import tiny_vit
 
 import fastprompt
-from fastprompt.bench import activation_bytes, flops
+from fastprompt.bench import _ALLOCATOR_VARS, activation_bytes, flops
 from fastprompt.cli import main
 
 
@@ -40,8 +40,7 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
     report = json.loads((out / "report.json").read_text())
     assert {"device", "torch", "timm", "triton", "commit", "date"} <= set(report["env"])
     assert report["env"]["cpu_allocator"] == (
-        {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "LD_PRELOAD"}
-        or "default"
+        {k: v for k, v in os.environ.items() if k.startswith(_ALLOCATOR_VARS)} or "default"
     )
     variants = [(r["prompts"], r["variant"]) for r in report["rows"]]
     policies = [(4, "fused+mlp"), (4, "fused+block")]

@@ -109,6 +109,8 @@ def test_the_task_models_are_copied_and_left_alone():
     assert tasks["vpt3"](images(1)).shape == (1, 5)  # still live
     with pytest.raises(NotImplementedError, match="save each task's model"):
         mixed.save_prompts("unused")
+    with pytest.raises(NotImplementedError, match=r"each task has its own head \(heads\[t\]\)"):
+        mixed.reset_classifier(9)
 
 
 def test_a_compiled_mixed_model_gives_the_eager_logits_and_gradients():

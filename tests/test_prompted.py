@@ -200,6 +200,51 @@ def test_timms_reset_classifier_gives_a_new_head_that_trains(on):
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
+def test_a_replaced_head_is_seen_before_any_forward():
+    """Listing, converting, saving and loading see the model's new head at once (they used to
+    see the old one until a forward: the optimizer trained a head no forward used)."""
+    model = tiny_vit()
+    prompted = fastprompt.vpt(model, 2)
+    model.reset_classifier(7)
+    assert prompted.trainable_parameters()["head.weight"] is model.head.weight
+    assert prompted.state_dict()["head.weight"].shape == (7, 64)
+    prompted.double()
+    assert model.head.weight.dtype == model.pos_embed.dtype == torch.float64
+    assert prompted(images(2).double()).shape == (2, 7)
+    prompted.load_state_dict(prompted.state_dict())
+
+
+def test_a_functional_call_leaves_a_wrapper_sharing_the_model_alone():
+    """functional_call's stand-in tensors pass through the shared model during the call; the
+    condensed model sharing it must not take them for the model's own replacement."""
+    model = tiny_vit()
+    parent = fastprompt.vpt(model, 3).eval()
+    child = fastprompt.condense(parent, torch.ones(3, 3, dtype=torch.bool)).eval()
+    x = images(2)
+    with torch.no_grad():
+        before = child(x)
+        torch.func.functional_call(parent, {"pos_embed": torch.zeros_like(parent.pos_embed)}, (x,))
+        assert torch.equal(child(x), before)
+    assert child.pos_embed is parent.pos_embed is model.pos_embed
+    stand_in = parent.pos_embed.detach() + torch.zeros_like(parent.pos_embed, requires_grad=True)
+    torch.func.functional_call(parent, {"pos_embed": stand_in}, (x,))
+    assert child(x).shape == (2, 5)  # a non-leaf stand-in used to crash the other wrapper
+
+
+def test_a_replacement_met_inside_a_compiled_forward_is_refused_clearly():
+    torch._dynamo.reset()
+    model = tiny_vit()
+    prompted = fastprompt.vpt(model, 2).eval()
+    compiled = torch.compile(prompted, fullgraph=True, backend="eager")
+    x = images(2)
+    compiled(x)
+    model.reset_classifier(7)
+    with pytest.raises(Exception, match="the wrapped model replaced its 'head'"):
+        compiled(x)
+    prompted.trainable_parameters()  # seen eagerly: the compiled forward recompiles with it
+    assert compiled(x).shape == (2, 7)
+
+
 def test_timms_set_input_size_on_the_wrapped_model_reaches_the_forward():
     """A resized position embedding stays frozen and is not put back to the old one (which
     failed at the new size)."""

@@ -362,7 +362,7 @@ class SwinBackbone(Backbone):
     ) -> Tensor:
         """The set each window (B·nW of them) attends to: its owner image's entry of ``index``
         (None: the owner image itself). Ordinary tensors even under torch.inference_mode:
-        prompt_attention's host-side check of prompt_index reads their version counter."""
+        prompt_attention keeps its check of a CUDA prompt_index per version counter."""
         # Traced (torch.compile, export): no cache, whose ids and versions a trace cannot keep.
         traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
         key = (None if index is None else id(index), batch, count, device, self.window_mixing)
