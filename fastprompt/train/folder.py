@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fastprompt.train.distributed import DistEnv
+from fastprompt.train.owner import only_ours, retire, swap_dir
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
@@ -207,14 +208,10 @@ def read_run(path: str) -> tuple[RunConfig, dict[str, Any]]:
 
 def checkpoint_dir(run: str, name: str) -> str | None:
     """``run/name``, or its previous copy if a save was interrupted mid-swap."""
-    for candidate in (os.path.join(run, name), os.path.join(run, name + ".old")):
+    for candidate in (os.path.join(run, name), swap_dir(run, name)):
         if os.path.isfile(os.path.join(candidate, "prompts.safetensors")):
             return candidate
     return None
-
-
-# What fastprompt writes into a checkpoint folder; anything else there is a person's.
-OWN_FILES = ("prompts.safetensors", "config.json", "trainer.pt", "trainer.pt.sha256", "best.json")
 
 
 def _umask() -> int:
@@ -226,8 +223,8 @@ def _umask() -> int:
 def save_dir(run: str, name: str, write) -> None:
     """Write a checkpoint folder whole, then swap it in (an interrupted save keeps the old one).
 
-    Files in the old folder that fastprompt does not write (a person's notes) are moved into the
-    new one first: a checkpoint never replaces a user's file.
+    Files in the old folder that fastprompt does not write (a person's notes) move into the new
+    one: a checkpoint never replaces or removes a person's file, even when interrupted.
     """
     tmp = tempfile.mkdtemp(dir=run, prefix=f".{name}-")
     try:
@@ -237,20 +234,22 @@ def save_dir(run: str, name: str, write) -> None:
         os.chmod(tmp, 0o777 & ~mask)
         for entry in os.listdir(tmp):
             os.chmod(os.path.join(tmp, entry), 0o666 & ~mask)
-        final, old = os.path.join(run, name), os.path.join(run, name + ".old")
+        final, previous = os.path.join(run, name), swap_dir(run, name)
+        if os.path.isdir(previous):  # an earlier save was interrupted mid-swap
+            if not os.path.isdir(final):
+                os.rename(previous, final)
+            elif not retire(previous, final):
+                raise OSError(
+                    f"{previous}: a checkpoint's previous copy holds files that clash with "
+                    f"{final}'s; move them away and run again"
+                )
         if os.path.isdir(final):
-            for entry in os.listdir(final):
-                if entry not in OWN_FILES and not entry.startswith(".tmp-"):
-                    os.rename(os.path.join(final, entry), os.path.join(tmp, entry))
-        if os.path.exists(old):
-            shutil.rmtree(old)
-        if os.path.exists(final):
-            os.rename(final, old)
+            os.rename(final, previous)
         os.rename(tmp, final)
-        if os.path.exists(old):
-            shutil.rmtree(old)
+        if os.path.isdir(previous):
+            retire(previous, final)
     finally:
-        if os.path.exists(tmp):
+        if os.path.isdir(tmp) and only_ours(tmp):
             shutil.rmtree(tmp)
 
 

@@ -16,8 +16,9 @@ the file holds the holder's pid and host for the error message). A second proces
 folder is refused instead of interleaving its checkpoints with the first one's.
 
 Interrupted saves leave temporary folders (``.last-XXXXXXXX``) and files (``.tmp-XXXXXXXX``) that
-only fastprompt makes; :func:`clean_stale` removes them (and finishes an interrupted swap of
-``NAME.old``) once the lock is held, so they are ours and no other process is writing them.
+only fastprompt makes; :func:`clean_stale` removes them (and finishes an interrupted swap of a
+checkpoint's hidden previous copy, :func:`swap_dir`) once the lock is held, so they are ours and no
+other process is writing them. A folder holding anything else is left.
 """
 
 from __future__ import annotations
@@ -41,7 +42,10 @@ __all__ = [
     "clean_stale",
     "hold",
     "is_run_folder",
+    "only_ours",
     "release",
+    "retire",
+    "swap_dir",
 ]
 
 MARKER = ".fastprompt-run"
@@ -52,6 +56,8 @@ MARKER_FORMAT = "fastprompt.run-folder/1"
 _STALE_DIR = re.compile(r"^\.(init|last|best)-[A-Za-z0-9_]{8}$")
 _STALE_FILE = re.compile(r"^\.tmp-[A-Za-z0-9_]{8}$")
 _CHECKPOINTS = ("init", "last", "best")
+# What fastprompt writes into a checkpoint folder; anything else there is a person's.
+OWN_FILES = ("prompts.safetensors", "config.json", "trainer.pt", "trainer.pt.sha256", "best.json")
 
 
 class OwnerError(ValueError):
@@ -311,31 +317,37 @@ def hold(path: str, flag: str = "run folder") -> Iterator[None]:
 
 
 def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str]:
-    """Remove what interrupted saves left in the run folder ``path`` (hold its lock first).
+    """Settle what interrupted saves left in the run folder ``path`` (hold its lock first).
 
-    Temporary checkpoint folders and files go; a ``NAME.old`` left by a swap interrupted after
-    the old folder moved out becomes ``NAME`` again (or goes, when ``NAME`` was written).
+    Temporary checkpoint folders and files go, when they hold only what fastprompt writes; a
+    checkpoint's previous copy (:func:`swap_dir`) left by a swap interrupted mid-way becomes the
+    checkpoint again, or hands a person's files to the new one and goes. Nothing a person may
+    have named (``best.old``, a folder holding their files) is removed.
 
     Returns
     -------
     list of str
-        What was removed or restored (relative names).
+        What was removed, restored or left (relative names).
     """
     done: list[str] = []
     for entry in sorted(os.listdir(path)):
         full = os.path.join(path, entry)
         if _STALE_DIR.match(entry) and os.path.isdir(full) and not os.path.islink(full):
-            shutil.rmtree(full)
-            done.append(entry)
-    for name in _CHECKPOINTS:
-        final, old = os.path.join(path, name), os.path.join(path, name + ".old")
-        if os.path.isdir(old) and not os.path.islink(old):
-            if os.path.isdir(final):
-                shutil.rmtree(old)
-                done.append(name + ".old")
+            if only_ours(full):
+                shutil.rmtree(full)
+                done.append(entry)
             else:
-                os.rename(old, final)
-                done.append(f"{name}.old -> {name}")
+                done.append(f"{entry} left (it holds files fastprompt does not write)")
+    for name in _CHECKPOINTS:
+        final, swap = os.path.join(path, name), swap_dir(path, name)
+        if os.path.isdir(swap) and not os.path.islink(swap):
+            if not os.path.isdir(final):
+                os.rename(swap, final)
+                done.append(f"{os.path.basename(swap)} -> {name}")
+            elif retire(swap, final):
+                done.append(os.path.basename(swap))
+            else:
+                done.append(f"{os.path.basename(swap)} left (its files clash with {name}'s)")
         if os.path.isdir(final):
             for entry in os.listdir(final):
                 if _STALE_FILE.match(entry):
@@ -348,3 +360,30 @@ def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str
     if done and log is not None:
         log(f"note: removed what interrupted saves left: {', '.join(done)}")
     return done
+
+
+def swap_dir(run: str, name: str) -> str:
+    """Where a checkpoint's previous copy waits while a save swaps the new one in: a hidden name
+    of fastprompt's own (``NAME.old`` was one a person may give a backup)."""
+    return os.path.join(run, f".{name}.swap")
+
+
+def only_ours(folder: str) -> bool:
+    """Whether ``folder`` holds nothing but files fastprompt writes into a checkpoint."""
+    return all(
+        (e in OWN_FILES or _STALE_FILE.match(e)) and os.path.isfile(os.path.join(folder, e))
+        for e in os.listdir(folder)
+    )
+
+
+def retire(previous: str, final: str) -> bool:
+    """Hand a person's files from a checkpoint's previous copy to its new one, then remove the
+    copy if nothing else is left in it. Returns whether it was removed."""
+    for entry in os.listdir(previous):
+        target = os.path.join(final, entry)
+        if entry not in OWN_FILES and not _STALE_FILE.match(entry) and not os.path.lexists(target):
+            os.rename(os.path.join(previous, entry), target)
+    if not only_ours(previous):
+        return False
+    shutil.rmtree(previous)
+    return True

@@ -67,17 +67,58 @@ def test_the_lock_is_per_process_and_reentrant(tmp_path):
 
 def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
     run = tmp_path / "run"
-    for d in ("last", "last.old", "best.old", ".last-abcd1234", ".init-_x_y_z_1"):
+    for d in (
+        "last",
+        ".last.swap",
+        ".best.swap",
+        ".last-abcd1234",
+        ".init-_x_y_z_1",
+        ".best-xyzw1234",
+    ):
         (run / d).mkdir(parents=True)
-    (run / "best.old" / "prompts.safetensors").write_text("the previous best")
+    (run / ".best.swap" / "prompts.safetensors").write_text("the previous best")
+    (run / ".last.swap" / "prompts.safetensors").write_text("the last but one")
+    (run / ".last.swap" / "notes.txt").write_text("a person's, moved there by the swap")
+    (run / ".best-xyzw1234" / "mine.txt").write_text("a person's hidden folder")
     (run / "last" / ".tmp-12345678").write_text("half")
     (run / ".lastly").mkdir()  # not ours: another name
-    (run / "last" / "notes.txt").write_text("a person's")
+    for backup in ("best.old", "last.old", "init.old"):  # a person's names, the old swap's too
+        (run / backup).mkdir()
+        (run / backup / "prompts.safetensors").write_text("a person's backup")
     done = owner.clean_stale(str(run))
-    assert sorted(os.listdir(run)) == [".lastly", "best", "last"]
+    assert sorted(os.listdir(run)) == [
+        ".best-xyzw1234",
+        ".lastly",
+        "best",
+        "best.old",
+        "init.old",
+        "last",
+        "last.old",
+    ]
     assert (run / "best" / "prompts.safetensors").read_text() == "the previous best"
     assert os.listdir(run / "last") == ["notes.txt"]
-    assert "best.old -> best" in done and ".last-abcd1234" in done
+    assert ".best.swap -> best" in done and ".last-abcd1234" in done and ".last.swap" in done
+    assert (run / "best.old" / "prompts.safetensors").read_text() == "a person's backup"
+
+
+def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
+    """Interrupted after the old checkpoint moved aside: the person's files are in the previous
+    copy, which the next save (or clean_stale) hands over to the new checkpoint."""
+
+    def write(text):
+        def into(folder):
+            with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
+                f.write(text)
+
+        return into
+
+    (tmp_path / ".best.swap").mkdir()
+    (tmp_path / ".best.swap" / "prompts.safetensors").write_text("old")
+    (tmp_path / ".best.swap" / "draft.tex").write_text("mine")
+    save_dir(str(tmp_path), "best", write("new"))
+    assert sorted(os.listdir(tmp_path)) == ["best"]
+    assert (tmp_path / "best" / "prompts.safetensors").read_text() == "new"
+    assert (tmp_path / "best" / "draft.tex").read_text() == "mine"
 
 
 def test_a_checkpoint_save_carries_a_persons_files_over(tmp_path):
