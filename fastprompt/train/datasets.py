@@ -102,12 +102,23 @@ class ImageFolderData(Dataset):
         empty = []
         for label, cls in enumerate(self.classes):
             before = len(self.samples)
-            walk = os.walk(os.path.join(root, cls), followlinks=True)
-            for dirpath, dirnames, files in sorted(walk):
-                dirnames[:] = [d for d in dirnames if not _skipped(os.path.join(dirpath, d), skip)]
-                for f in sorted(files):
-                    if f.lower().endswith(IMAGE_EXTENSIONS):
-                        self.samples.append((os.path.join(dirpath, f), label))
+            found = []
+            # Pruned as it walks (a sorted walk would be read whole first, pruning nothing):
+            # hidden entries (.ipynb_checkpoints copies, macOS's ._name AppleDouble files) and run
+            # folders are not the class's images.
+            for dirpath, dirnames, files in os.walk(os.path.join(root, cls), followlinks=True):
+                dirnames[:] = [
+                    d
+                    for d in dirnames
+                    if not d.startswith(".") and not _skipped(os.path.join(dirpath, d), skip)
+                ]
+                found += [
+                    (dirpath, f)
+                    for f in files
+                    if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)
+                ]
+            # Folder by folder, then by name: the order (and so the split) runs saved before.
+            self.samples += [(os.path.join(d, f), label) for d, f in sorted(found)]
             if len(self.samples) == before:
                 empty.append(cls)
         if not self.samples:

@@ -206,6 +206,25 @@ def test_run_folders_inside_an_image_folder_are_not_classes(tmp_path):
         D.open_dataset(str(tmp_path))
 
 
+def test_only_a_class_folders_own_images_are_its_samples(tmp_path):
+    """Hidden files and folders (a notebook's checkpoint copy of another class's image, macOS's
+    ._name files) and a run folder inside a class folder used to be read as that class's images:
+    the walk was sorted before it was pruned, which pruned nothing."""
+    from fastprompt.train import owner
+
+    write_images(tmp_path / "cat", 2, 1)
+    write_images(tmp_path / "dog" / "indoor", 2, 1)
+    write_images(tmp_path / "dog", 1, 1)
+    write_images(tmp_path / "dog" / ".ipynb_checkpoints", 1, 1)
+    (tmp_path / "dog" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    write_images(tmp_path / "cat" / "run", 1, 1)
+    (tmp_path / "cat" / "run" / owner.MARKER).write_text("{}")
+    write_images(tmp_path / "cat" / "elsewhere", 1, 1)
+    ds = D.open_dataset(str(tmp_path), exclude=[str(tmp_path / "cat" / "elsewhere")])
+    assert ds.ids == ["cat/0.png", "cat/1.png", "dog/0.png", "dog/indoor/0.png", "dog/indoor/1.png"]
+    assert [label for _, label in ds.samples] == [0, 0, 1, 1, 1]
+
+
 def test_a_split_is_stored_and_read_back(tmp_path):
     from fastprompt.train.folder import DataConfig
     from fastprompt.train.splits import open_data, read_split, write_split
