@@ -377,11 +377,13 @@ def only_ours(folder: str) -> bool:
 
 
 def retire(previous: str, final: str) -> bool:
-    """Hand a person's files from a checkpoint's previous copy to its new one, then remove the
-    copy if nothing else is left in it. Returns whether it was removed."""
+    """Hand what the new checkpoint ``final`` did not write over from its previous copy (a
+    person's files, whatever their names: ``best.json`` is fastprompt's only in ``best/``), then
+    remove the copy if only fastprompt's files, replaced by the new ones, are left in it.
+    Returns whether it was removed."""
     for entry in os.listdir(previous):
         target = os.path.join(final, entry)
-        if entry not in OWN_FILES and not _STALE_FILE.match(entry) and not os.path.lexists(target):
+        if not _STALE_FILE.match(entry) and not os.path.lexists(target):
             os.rename(os.path.join(previous, entry), target)
     if not only_ours(previous):
         return False

@@ -81,6 +81,7 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
     (run / ".last.swap" / "notes.txt").write_text("a person's, moved there by the swap")
     (run / ".best-xyzw1234" / "mine.txt").write_text("a person's hidden folder")
     (run / "last" / ".tmp-12345678").write_text("half")
+    (run / "last" / "prompts.safetensors").write_text("the last")
     (run / ".lastly").mkdir()  # not ours: another name
     for backup in ("best.old", "last.old", "init.old"):  # a person's names, the old swap's too
         (run / backup).mkdir()
@@ -96,7 +97,8 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
         "last.old",
     ]
     assert (run / "best" / "prompts.safetensors").read_text() == "the previous best"
-    assert os.listdir(run / "last") == ["notes.txt"]
+    assert sorted(os.listdir(run / "last")) == ["notes.txt", "prompts.safetensors"]
+    assert (run / "last" / "prompts.safetensors").read_text() == "the last"
     assert ".best.swap -> best" in done and ".last-abcd1234" in done and ".last.swap" in done
     assert (run / "best.old" / "prompts.safetensors").read_text() == "a person's backup"
 
@@ -119,6 +121,12 @@ def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["best"]
     assert (tmp_path / "best" / "prompts.safetensors").read_text() == "new"
     assert (tmp_path / "best" / "draft.tex").read_text() == "mine"
+    # A person's file named as fastprompt names a file of another checkpoint (best.json is
+    # best/'s) is theirs in last/.
+    (tmp_path / "last").mkdir()
+    (tmp_path / "last" / "best.json").write_text("my notes")
+    save_dir(str(tmp_path), "last", write("new"))
+    assert (tmp_path / "last" / "best.json").read_text() == "my notes"
 
 
 def test_a_checkpoint_save_carries_a_persons_files_over(tmp_path):
