@@ -84,7 +84,7 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     out = args.out or default_out(args.run, args.keep, args.score)
     if env_rank() == 0:
         try:
-            owner.check_out(out, args.overwrite)
+            owner.check_out(out, args.overwrite, "--out", [args.run])
         except owner.OwnerError as e:
             return str(e).replace("--resume", "fastprompt train --resume")
     return None

@@ -125,7 +125,7 @@ def condense_run(
     env = env or setup(config.device)
     out = out or default_out(source, keep, score)
     if env.main:
-        _owned(owner.check_out, out, overwrite)
+        _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
     reason = not_condensable(config)
     if reason is not None:
         raise RunError(f"{source} {reason}")

@@ -133,8 +133,9 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     for what, inside in [("the current folder", os.getcwd()), *given]:
         full = os.path.realpath(inside)
         if full == real or full.startswith(real + os.sep):
+            where = "is" if full == real else "holds"
             raise OwnerError(
-                f"{flag} {path} holds {what}; --overwrite would move it aside with the rest: "
+                f"{flag} {path} {where} {what}; --overwrite would move it aside with the rest: "
                 f"choose another {flag}"
             )
     holder = _holder_if_locked(path)

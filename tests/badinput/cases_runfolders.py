@@ -221,6 +221,23 @@ CASES = [
         writes=["empty", "empty/*", "empty/*/*"],
     ),
     Case(
+        "condense-out-is-the-run",
+        argv=[
+            "condense",
+            "{case}/vpt",
+            "--keep",
+            "0.5",
+            "--quiet",
+            "--no-progress",
+            "--overwrite",
+            "--out",
+            "{case}/vpt",
+        ],
+        setup=lambda ws: ws.copy("vpt"),
+        error=r"--out .*vpt is .*vpt; --overwrite would move it aside with the rest",
+        names=["--out {case}/vpt"],
+    ),
+    Case(
         "condense-out-user-folder",
         argv=[
             "condense",
