@@ -66,6 +66,10 @@ def _timm_attention(env: dict[str, Any]) -> str:
     return f" (attention {said[fused['stable']]}, experimental {said[fused['experimental']]})"
 
 
+# What ``fastprompt bench`` writes into its --out folder, beside report.json and report.md.
+FIGURES = ("latency.png", "train_latency.png", "gflops.png", "memory.png", "peak_memory.png")
+
+
 def _allocator(env: dict[str, Any]) -> str:
     alloc = env.get("cpu_allocator")  # absent from reports before it was recorded
     if env.get("device_type") != "cpu" or alloc is None:
@@ -167,13 +171,10 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
     prompts = sorted({r["prompts"] for r in rows[1:]})
     variants = list(dict.fromkeys(r["variant"] for r in rows[1:]))
     paths = []
-    figures = [
-        ("latency.png", "infer", "inference latency (ms)"),
-        ("train_latency.png", "train", "training step (ms)"),
-        ("gflops.png", "gflops", "GFLOPs per image"),
-        ("memory.png", "activation_bytes", "saved for backward (MiB)"),
-        ("peak_memory.png", "peak_bytes", f"peak {_peak_of(result)} (MiB)"),
-    ]
+    labels = ["inference latency (ms)", "training step (ms)", "GFLOPs per image"]
+    labels += ["saved for backward (MiB)", f"peak {_peak_of(result)} (MiB)"]
+    keys = ["infer", "train", "gflops", "activation_bytes", "peak_bytes"]
+    figures = list(zip(FIGURES, keys, labels))
     batch = result["config"]["batch"]
     timed = ("infer", "train")
     for name, key, label in figures:

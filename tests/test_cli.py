@@ -81,6 +81,21 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
     assert "fused" in capsys.readouterr().out
 
 
+def test_bench_never_replaces_a_persons_files(tmp_path, capsys):
+    """A folder holding a report.md (or a figure) bench did not write is refused before any
+    measuring; an earlier bench's folder is written again."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "report.md").write_text("my own notes")
+    args = ["bench", "--quick", "--model", "vit_tiny_patch16_224", "--out", str(mine)]
+    assert main(args) == 2
+    assert (mine / "report.md").read_text() == "my own notes"
+    assert "holds report.md, which fastprompt bench did not write" in capsys.readouterr().err
+    out = _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
+    _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
+    assert json.loads((out / "report.json").read_text())["rows"]
+
+
 def test_paired_ratios_cancel_drift_between_repetitions():
     from fastprompt.bench import paired_ratios
 

@@ -128,10 +128,15 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from fastprompt import bench
-    from fastprompt.report import compare_table, markdown_table, plot, print_table
+    from fastprompt.report import FIGURES, compare_table, markdown_table, plot, print_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
+    outputs = ["fits.json", "fits.md"] if args.fits is not None else ["report.json", "report.md"]
+    problem = _foreign_outputs(args.out, outputs if args.fits is not None else [*outputs, *FIGURES])
+    if problem:
+        print(f"fastprompt bench: {problem}", file=sys.stderr)
+        return 2
     if args.fits is not None:
         return _fits(args, device)
     cfg = bench.BenchConfig(
@@ -187,6 +192,25 @@ def _bench(args: argparse.Namespace) -> int:
         print(f"wrote {path}")
     print(f"wrote {os.path.join(args.out, 'report.json')} and report.md")
     return 0
+
+
+def _foreign_outputs(out: str, names: list[str]) -> str | None:
+    """Why bench may not write ``names`` into ``out``: one of them is there and the folder is
+    not an earlier bench's (its JSON, report.json or fits.json, carries ``env``), so a person's
+    file would be replaced."""
+    present = [n for n in names if os.path.lexists(os.path.join(out, n))]
+    if not present:
+        return None
+    try:
+        with open(os.path.join(out, names[0])) as f:
+            if "env" in json.load(f):
+                return None  # an earlier bench's folder: its results are replaced
+    except (OSError, ValueError, TypeError):
+        pass
+    return (
+        f"--out {out} holds {', '.join(present)}, which fastprompt bench did not write; choose "
+        "another --out (nothing was written)"
+    )
 
 
 def _fits(args: argparse.Namespace, device: str) -> int:
