@@ -407,13 +407,20 @@ def _check_resume(args: argparse.Namespace) -> str | None:
     for key, value in _explicit(args).items():
         if key in RUNTIME or key == "out":
             continue
-        old = before.get(key)
+        flag = f"--{key.replace('_', '-')}"
+        if key not in before:
+            # Its value then came from a default or the recipe, which this check cannot see.
+            return (
+                f"{flag} was not given when the run began (it runs with the default or its "
+                f"recipe's value); a resumed run keeps its settings: drop {flag}"
+            )
+        old = before[key]
         if isinstance(value, list):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
         if old != value:
             return (
-                f"--{key.replace('_', '-')} {value!r} differs from the run's ({old!r}); a resumed "
-                "run keeps its settings"
+                f"{flag} {value!r} differs from the run's ({old!r}); a resumed run keeps its "
+                "settings"
             )
     return None
 

@@ -124,6 +124,20 @@ def spec_paths(value: str | Sequence[str] | None) -> list[str]:
     return [_split_name(v)[1] for v in items]
 
 
+def absolute_specs(value: str | Sequence[str] | None) -> str | list[str] | None:
+    """``--data``/``--val`` with every path made absolute (``NAME=`` and built-in names kept):
+    what a run records, so a resume or an evaluation from another folder reads the same data."""
+    if value is None:
+        return None
+
+    def one(text: str) -> str:
+        name, spec = _split_name(text)
+        spec = spec if is_digits(spec) else os.path.abspath(spec)
+        return spec if name is None else f"{name}={spec}"
+
+    return one(value) if isinstance(value, str) else [one(v) for v in value]
+
+
 class Mixture(Dataset):
     """Several datasets as one: classes ``NAME/class``, labels offset per dataset.
 

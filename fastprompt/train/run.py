@@ -209,6 +209,8 @@ def prepare_run(
     keep = [*M.spec_paths(config.data.train), *M.spec_paths(config.data.val), config.model.weights]
     if env.main:
         _owned(owner.check_out, out, overwrite, "--out", keep)
+    config.data.train = M.absolute_specs(config.data.train)
+    config.data.val = M.absolute_specs(config.data.val)
     if data is None:
         data = open_data(config.data, config.seed, exclude=[out])
     if config.model.weights is not None:

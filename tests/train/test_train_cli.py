@@ -129,6 +129,8 @@ def test_resume_refuses_changed_settings_and_accepts_repeated_ones(tiny_csv, tmp
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", "--stop-after", "1")
     err = _error(capsys, ["train", "--resume", str(run), "--lr", "3"])
     assert "--lr 3.0 differs from the run's (16.0)" in err
+    err = _error(capsys, ["train", "--resume", str(run), "--seed", "0"])
+    assert "--seed was not given when the run began" in err and "None" not in err
     # The original command line with --resume appended (the README's form) is fine.
     args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv)]
     args += ["--prompts", "3", *FAST, "--out", str(run), "--epochs", "2", "--resume", str(run)]
@@ -138,6 +140,23 @@ def test_resume_refuses_changed_settings_and_accepts_repeated_ones(tiny_csv, tmp
         capsys, ["train", *TINY_MODEL, "--data", str(tiny_csv), "--prompts", "1", "--out", str(run)]
     )
     assert f"--out {run} already holds a run; continue it with --resume" in err
+
+
+def test_a_run_records_where_its_data_is(tiny_csv, tmp_path, monkeypatch):
+    """Data given by a relative path is recorded absolute: a resume from another folder used to
+    read whatever that folder held under the same relative path."""
+    monkeypatch.chdir(tiny_csv.parent)
+    run = tmp_path / "run"
+    args = ["train", *TINY_MODEL, "--data", tiny_csv.name, "--val", tiny_csv.name, "--prompts"]
+    assert main([*args, "3", *FAST, "--epochs", "2", "--stop-after", "1", "--out", str(run)]) == 0
+    data = json.loads((run / "run.json").read_text())["config"]["data"]
+    assert data["train"] == data["val"] == str(tiny_csv)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / tiny_csv.name).write_text("path,label\n")  # another data.csv, same name
+    monkeypatch.chdir(elsewhere)
+    assert main(["train", "--resume", str(run), "--no-progress", "--quiet"]) == 0
+    assert len(_metrics(run)) == 2
 
 
 def test_clear_errors_before_any_work(tiny_csv, tmp_path, capsys):
