@@ -344,3 +344,16 @@ def test_prompt_condensation_refuses_e2vpt_with_the_reason():
         fastprompt.score_prompts(prompted, _batches(1), progress=False)
     with pytest.raises(TypeError, match="E2VPT prunes with its own masks"):
         fastprompt.condense(prompted, torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_impossible_masks_and_prune_counts_are_refused():
+    """rewind took a mask of 2.0 or NaN and fixed it into the model; prune_counts returned
+    negative counts or more tokens than there are."""
+    prompted = E.e2vpt(tiny_vit(), 4, 2)
+    for bad in (torch.full((4,), 2.0), torch.full((4,), float("nan"))):
+        with pytest.raises(ValueError, match=r"token_mask must hold 0 \(pruned\) or 1 \(kept\)"):
+            E.rewind(prompted, bad, torch.ones(4, 16))
+    with pytest.raises(ValueError, match=r"minimum must lie in \[0, total=3\], got 5"):
+        E.prune_counts(3, 5)
+    with pytest.raises(ValueError, match=r"percents must lie in \[0, 100\], got \[150\]"):
+        E.prune_counts(10, 0, (150,))

@@ -143,6 +143,12 @@ def prune_counts(total: int, minimum: int, percents: Iterable[float] = PERCENTS)
         ``minimum`` replaced by ``total − minimum`` and the rest dropped; sorted, without
         repeats (P = 5 gives 0, 1, 2, 3, 4; S = 16 gives 1, 3, 4, 6, 8, 9, 11, 12).
     """
+    percents = list(percents)
+    if not 0 <= minimum <= total:
+        raise ValueError(f"prune_counts: minimum must lie in [0, total={total}], got {minimum}")
+    bad = [p for p in percents if not 0 <= p <= 100]
+    if bad:
+        raise ValueError(f"prune_counts: percents must lie in [0, 100], got {bad}")
     counts = []
     for percent in percents:
         n = int(total * percent / 100)
@@ -240,6 +246,9 @@ def rewind(
         if not isinstance(mask, Tensor) or mask.shape != own.shape:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"rewind: {name} must have shape {tuple(own.shape)}, got {got}")
+        if not ((mask == 0) | (mask == 1)).all():
+            odd = mask[(mask != 0) & (mask != 1)].flatten()[:4].tolist()
+            raise ValueError(f"rewind: {name} must hold 0 (pruned) or 1 (kept), got {odd}")
     config = replace(prompted.config, train_masks=False)
     impl, backend = prompted.impl, prompted.backend
     backbone = prompted.unwrap() if model is None else model
