@@ -196,3 +196,11 @@ def test_models_pgn_cannot_wrap_are_refused():
         fastprompt.pgn(tiny_vit(global_pool="map"))
     with pytest.raises(TypeError, match=r"expected a model from fastprompt\.pgn"):
         fastprompt.invert_prompts(fastprompt.vpt(tiny_vit(), 2), images(1))
+
+
+def test_invert_prompts_refuses_images_the_model_cannot_read():
+    """16×16 images for a 32×32 model used to be inverted, their prompt rows laid out for the
+    wrong width."""
+    prompted = fastprompt.pgn(tiny_vit(), 4, 8, resolution=32).eval()
+    with pytest.raises(ValueError, match=r"images must be 32×32, the model's input size, got"):
+        fastprompt.invert_prompts(prompted, torch.randn(2, 3, 16, 16))

@@ -301,6 +301,20 @@ def invert_prompts(
     PromptImages
     """
     _check_pgn(prompted, "invert_prompts")
+    embed = prompted.model.patch_embed
+    strict = getattr(embed, "strict_img_size", True) and not getattr(
+        prompted.model, "dynamic_img_size", False
+    )
+    size = tuple(embed.img_size or ()) if strict else ()
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        got = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
+        raise ValueError(f"invert_prompts: images must be (B, C, H, W), got {got}")
+    if size and tuple(images.shape[-2:]) != size:
+        # The prompt rows are laid out for the image width: the pixel model reads its own size.
+        raise ValueError(
+            f"invert_prompts: images must be {size[0]}×{size[1]}, the model's input size, got "
+            f"{tuple(images.shape[-2:])}"
+        )
     training = prompted.training
     prompted.eval()
     try:
