@@ -357,3 +357,12 @@ def test_impossible_masks_and_prune_counts_are_refused():
         E.prune_counts(3, 5)
     with pytest.raises(ValueError, match=r"percents must lie in \[0, 100\], got \[150\]"):
         E.prune_counts(10, 0, (150,))
+
+
+def test_condensation_refuses_an_e2vpt_model_naming_the_call():
+    prompted = E.e2vpt(tiny_vit(), 3, 2)
+    x, y = images(2), torch.tensor([0, 1])
+    with pytest.raises(TypeError, match=r"^score_prompts: E2VPT's key-value prompts"):
+        fastprompt.score_prompts(prompted, [(x, y)], "taylor", progress=False)
+    with pytest.raises(TypeError, match=r"^condense: E2VPT's key-value prompts"):
+        fastprompt.condense(prompted, torch.ones(3, 3, dtype=torch.bool))

@@ -46,7 +46,10 @@ def check_scorable(prompted: PromptedViT, who: str, per_sample: bool = True) -> 
             f"prompt set, all of one size (this {prompted.method!r} model's blocks receive "
             f"{counts}{'' if src.distinct_sets() else ', shared'})"
         )
-    src.raw(0)  # a source without learned sets says so
+    try:
+        src.raw(0)  # a source without learned sets says why
+    except TypeError as e:
+        raise TypeError(f"{who}: {e}") from None
     if per_sample and getattr(prompted.backbone, "window_mixing", False):
         raise ValueError(
             f"{who}: with window_mixing (the official VPT-Swin's defect) an image's loss depends "
