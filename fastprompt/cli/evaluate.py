@@ -78,7 +78,11 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 else D.open_dataset(args.data, "val", exclude=[args.run])
             )
             dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
-            name = args.data
+            # A split folder is evaluated on its val/ (or validation/, test/) part: say which.
+            split = isinstance(opened, D.ImageFolderData) and os.path.normpath(
+                opened.root
+            ) != os.path.normpath(args.data)
+            name = opened.root if split else args.data
         _, test_tf, _ = transforms_for(model.model, config.recipe)
         batch = args.batch_size or config.recipe.batch_size
         workers = config.data.workers if args.workers is None else args.workers
