@@ -91,6 +91,9 @@ def test_bench_never_replaces_a_persons_files(tmp_path, capsys):
     assert main(args) == 2
     assert (mine / "report.md").read_text() == "my own notes"
     assert "holds report.md, which fastprompt bench did not write" in capsys.readouterr().err
+    (mine / "report.json").write_text('{"env": "prod"}')  # a person's JSON is not bench's
+    assert main(args) == 2
+    assert (mine / "report.md").read_text() == "my own notes"
     out = _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
     _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
     assert json.loads((out / "report.json").read_text())["rows"]

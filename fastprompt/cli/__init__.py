@@ -175,8 +175,7 @@ def _bench(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "report.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    _write_json(os.path.join(args.out, "report.json"), result)
     md = markdown_table(result)
     if args.compare:
         with open(args.compare) as f:
@@ -194,18 +193,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_json(path: str, data: Any) -> None:
+    """``path`` written whole: a temporary file renamed over it."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2)
+    os.replace(tmp, path)
+
+
 def _foreign_outputs(out: str, names: list[str]) -> str | None:
     """Why bench may not write ``names`` into ``out``: one of them is there and the folder is
-    not an earlier bench's (its JSON, report.json or fits.json, carries ``env``), so a person's
-    file would be replaced."""
+    not an earlier bench's (its JSON, report.json or fits.json, holds what bench writes), so a
+    person's file would be replaced. Bench writes its JSON whole (a killed bench leaves none)."""
     present = [n for n in names if os.path.lexists(os.path.join(out, n))]
     if not present:
         return None
+    keys = {"env", "fits"} if names[0] == "fits.json" else {"config", "env", "rows"}
     try:
         with open(os.path.join(out, names[0])) as f:
-            if "env" in json.load(f):
-                return None  # an earlier bench's folder: its results are replaced
-    except (OSError, ValueError, TypeError):
+            saved = json.load(f)
+        if isinstance(saved, dict) and keys <= saved.keys():
+            return None  # an earlier bench's folder: its results are replaced
+    except (OSError, ValueError):
         pass
     return (
         f"--out {out} holds {', '.join(present)}, which fastprompt bench did not write; choose "
@@ -238,12 +247,10 @@ def _fits(args: argparse.Namespace, device: str) -> int:
     )
     table = fits.fits_table(found, device)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "fits.json"), "w") as f:
-        json.dump(
-            {"env": bench.environment(torch.device(device)), "fits": fits.fits_json(found)},
-            f,
-            indent=2,
-        )
+    _write_json(
+        os.path.join(args.out, "fits.json"),
+        {"env": bench.environment(torch.device(device)), "fits": fits.fits_json(found)},
+    )
     with open(os.path.join(args.out, "fits.md"), "w") as f:
         f.write(table + "\n")
     print(table)

@@ -58,6 +58,8 @@ _STALE_FILE = re.compile(r"^\.tmp-[A-Za-z0-9_]{8}$")
 _CHECKPOINTS = ("init", "last", "best")
 # What fastprompt writes into a checkpoint folder; anything else there is a person's.
 OWN_FILES = ("prompts.safetensors", "config.json", "trainer.pt", "trainer.pt.sha256", "best.json")
+# Written into a checkpoint just before a save moves it aside: the previous copy is ours.
+SWAP_MARK = ".fastprompt-swap"
 
 
 class OwnerError(ValueError):
@@ -341,17 +343,23 @@ def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str
                 done.append(f"{entry} left (it holds files fastprompt does not write)")
     for name in _CHECKPOINTS:
         final, swap = os.path.join(path, name), swap_dir(path, name)
-        if os.path.isdir(swap) and not os.path.islink(swap):
+        if ours_swap(swap):
             if not os.path.isdir(final):
                 os.rename(swap, final)
+                os.remove(os.path.join(final, SWAP_MARK))
                 done.append(f"{os.path.basename(swap)} -> {name}")
             elif retire(swap, final):
                 done.append(os.path.basename(swap))
-            else:
-                done.append(f"{os.path.basename(swap)} left (its files clash with {name}'s)")
+        # An older fastprompt's interrupted swap: NAME.old with nothing but its files. Renamed
+        # back (a rename loses nothing, were it a person's copy); never removed.
+        legacy = os.path.join(path, name + ".old")
+        if not os.path.lexists(final) and os.path.isdir(legacy) and not os.path.islink(legacy):
+            if only_ours(legacy) and os.path.isfile(os.path.join(legacy, "prompts.safetensors")):
+                os.rename(legacy, final)
+                done.append(f"{name}.old -> {name}")
         if os.path.isdir(final):
             for entry in os.listdir(final):
-                if _STALE_FILE.match(entry):
+                if _STALE_FILE.match(entry) or entry == SWAP_MARK:
                     os.remove(os.path.join(final, entry))
                     done.append(f"{name}/{entry}")
     for entry in ("metrics.jsonl.tmp", MARKER + ".tmp"):
@@ -359,7 +367,7 @@ def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str
             os.remove(os.path.join(path, entry))
             done.append(entry)
     if done and log is not None:
-        log(f"note: removed what interrupted saves left: {', '.join(done)}")
+        log(f"note: settled what interrupted saves left: {', '.join(done)}")
     return done
 
 
@@ -372,9 +380,26 @@ def swap_dir(run: str, name: str) -> str:
 def only_ours(folder: str) -> bool:
     """Whether ``folder`` holds nothing but files fastprompt writes into a checkpoint."""
     return all(
-        (e in OWN_FILES or _STALE_FILE.match(e)) and os.path.isfile(os.path.join(folder, e))
+        (e in OWN_FILES or e == SWAP_MARK or _STALE_FILE.match(e))
+        and os.path.isfile(os.path.join(folder, e))
+        and not os.path.islink(os.path.join(folder, e))
         for e in os.listdir(folder)
     )
+
+
+def ours_swap(swap: str) -> bool:
+    """Whether ``swap`` is a previous copy a save of fastprompt moved aside (it bears the mark)."""
+    return (
+        os.path.isdir(swap)
+        and not os.path.islink(swap)
+        and os.path.isfile(os.path.join(swap, SWAP_MARK))
+    )
+
+
+def leftover_swaps(run: str) -> list[str]:
+    """Previous copies :func:`clean_stale` could not settle (a person's file clashes, or a folder
+    of that name fastprompt did not make): a save would have to refuse."""
+    return [swap_dir(run, n) for n in _CHECKPOINTS if os.path.lexists(swap_dir(run, n))]
 
 
 def retire(previous: str, final: str) -> bool:
@@ -384,7 +409,8 @@ def retire(previous: str, final: str) -> bool:
     Returns whether it was removed."""
     for entry in os.listdir(previous):
         target = os.path.join(final, entry)
-        if not _STALE_FILE.match(entry) and not os.path.lexists(target):
+        ours = _STALE_FILE.match(entry) or entry == SWAP_MARK
+        if not ours and not os.path.lexists(target):
             os.rename(os.path.join(previous, entry), target)
     if not only_ours(previous):
         return False

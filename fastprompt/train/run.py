@@ -370,6 +370,12 @@ def continue_run(
     try:
         owner.mark(run)  # a run folder written before markers existed becomes a marked one
         owner.clean_stale(run, Log(run, env, quiet))
+        left = owner.leftover_swaps(run)
+        if left:  # a save would refuse after an epoch: say so before any work
+            raise RunError(
+                f"{left[0]} is in the way of the run's checkpoints (a folder fastprompt did not "
+                "make, or files clashing with the checkpoint's); move it away and resume again"
+            )
         return _continue(run, env, config, saved, stop_after, workers, progress, quiet)
     finally:
         owner.release(run)
@@ -384,6 +390,15 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         )
     last = checkpoint_dir(run, "last")
     start = "last" if last is not None else "init"
+    if last is None and os.path.isfile(os.path.join(run, "metrics.jsonl")):
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            trained = any(line.strip() for line in f)
+        if trained:  # starting over would cut its history and replace best/
+            raise RunError(
+                f"{run} has trained epochs (metrics.jsonl) but no last/ checkpoint to continue "
+                "from; restore last/ (an older fastprompt's interrupted save leaves last.old) "
+                "and resume again"
+            )
     model = load_run_model(run, start, env.device, config, saved)
     data = run_data(run, config, saved)
     for note in data.notes:

@@ -134,9 +134,17 @@ def _select(base: Dataset, part: dict[str, Any], classes: list[str], where: str)
     ids, labels = part["ids"], part["labels"]
     gone = [sid for sid in ids if sid not in index]
     if gone:
+        root = getattr(base, "root", None)
+        skipped = root is not None and os.path.exists(os.path.join(root, gone[0]))
+        why = (
+            "; they are still there, but this fastprompt no longer reads hidden files, hidden "
+            "folders or run folders inside a class folder as images (an older one did)"
+            if skipped
+            else ""
+        )
         raise DataError(
             f"{len(gone)} of the run's {len(ids)} images are gone from {where} (first: "
-            f"{gone[0]}); the run continues only on the data it began with"
+            f"{gone[0]}){why}; the run continues only on the data it began with"
         )
     chosen = Subset(base, [index[sid] for sid in ids])
     own = chosen.classes

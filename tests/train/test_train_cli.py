@@ -159,6 +159,26 @@ def test_a_run_records_where_its_data_is(tiny_csv, tmp_path, monkeypatch):
     assert len(_metrics(run)) == 2
 
 
+def test_a_run_without_its_last_checkpoint_is_not_started_over(tiny_csv, tmp_path):
+    """An older fastprompt's interrupted save left last.old and no last/: resume started over
+    from init/, cutting metrics.jsonl and replacing best/. It is renamed back now; with last/
+    gone for good the resume refuses."""
+    import shutil
+
+    from fastprompt.train.run import RunError, continue_run
+
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "3", "--stop-after", "1")
+    (run / "last").rename(run / "last.old")
+    assert (
+        main(["train", "--resume", str(run), "--stop-after", "2", "--no-progress", "--quiet"]) == 0
+    )
+    assert len(_metrics(run)) == 2 and not (run / "last.old").exists()
+    shutil.rmtree(run / "last")
+    with pytest.raises(RunError, match=r"has trained epochs .* but no last/ checkpoint"):
+        continue_run(str(run), quiet=True, progress=False)
+    assert len(_metrics(run)) == 2
+
+
 def test_clear_errors_before_any_work(tiny_csv, tmp_path, capsys):
     base = ["train", *TINY_MODEL, "--out", str(tmp_path / "r")]
     empty = tmp_path / "empty.csv"

@@ -76,6 +76,8 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
         ".best-xyzw1234",
     ):
         (run / d).mkdir(parents=True)
+    for swap in (".best.swap", ".last.swap"):  # what a save moved aside bears the mark
+        (run / swap / owner.SWAP_MARK).write_text("")
     (run / ".best.swap" / "prompts.safetensors").write_text("the previous best")
     (run / ".last.swap" / "prompts.safetensors").write_text("the last but one")
     (run / ".last.swap" / "notes.txt").write_text("a person's, moved there by the swap")
@@ -83,24 +85,52 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
     (run / "last" / ".tmp-12345678").write_text("half")
     (run / "last" / "prompts.safetensors").write_text("the last")
     (run / ".lastly").mkdir()  # not ours: another name
-    for backup in ("best.old", "last.old", "init.old"):  # a person's names, the old swap's too
+    for backup in ("last.old", "init.old"):  # a person's names (init.old holds their notes)
         (run / backup).mkdir()
         (run / backup / "prompts.safetensors").write_text("a person's backup")
+    (run / "init.old" / "notes.txt").write_text("mine")
     done = owner.clean_stale(str(run))
     assert sorted(os.listdir(run)) == [
         ".best-xyzw1234",
         ".lastly",
         "best",
-        "best.old",
         "init.old",
         "last",
         "last.old",
     ]
+    assert sorted(os.listdir(run / "best")) == ["prompts.safetensors"]
     assert (run / "best" / "prompts.safetensors").read_text() == "the previous best"
     assert sorted(os.listdir(run / "last")) == ["notes.txt", "prompts.safetensors"]
     assert (run / "last" / "prompts.safetensors").read_text() == "the last"
     assert ".best.swap -> best" in done and ".last-abcd1234" in done and ".last.swap" in done
-    assert (run / "best.old" / "prompts.safetensors").read_text() == "a person's backup"
+    assert (run / "last.old" / "prompts.safetensors").read_text() == "a person's backup"
+
+
+def test_an_older_versions_interrupted_swap_is_renamed_back_never_removed(tmp_path):
+    """The previous fastprompt swapped through NAME.old: with NAME gone and nothing but its files
+    in NAME.old, resuming used to start over from init/ (cutting metrics.jsonl, replacing best/)."""
+    (tmp_path / "last.old").mkdir()
+    (tmp_path / "last.old" / "prompts.safetensors").write_text("epoch 2")
+    (tmp_path / "last.old" / "trainer.pt").write_text("state")
+    assert "last.old -> last" in owner.clean_stale(str(tmp_path))
+    assert (tmp_path / "last" / "prompts.safetensors").read_text() == "epoch 2"
+
+
+def test_a_folder_named_like_a_swap_that_fastprompt_did_not_make_is_left(tmp_path):
+    def write(folder):
+        with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
+            f.write("new")
+
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "prompts.safetensors").write_text("old")
+    (tmp_path / ".best.swap").mkdir()  # a person's copy, under the hidden name
+    (tmp_path / ".best.swap" / "prompts.safetensors").write_text("a person's copy")
+    assert owner.clean_stale(str(tmp_path)) == []
+    with pytest.raises(OSError, match="fastprompt did not make this folder"):
+        save_dir(str(tmp_path), "best", write)
+    assert (tmp_path / ".best.swap" / "prompts.safetensors").read_text() == "a person's copy"
+    assert (tmp_path / "best" / "prompts.safetensors").read_text() == "old"
+    assert owner.leftover_swaps(str(tmp_path)) == [str(tmp_path / ".best.swap")]
 
 
 def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
@@ -115,6 +145,7 @@ def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
         return into
 
     (tmp_path / ".best.swap").mkdir()
+    (tmp_path / ".best.swap" / owner.SWAP_MARK).write_text("")
     (tmp_path / ".best.swap" / "prompts.safetensors").write_text("old")
     (tmp_path / ".best.swap" / "draft.tex").write_text("mine")
     save_dir(str(tmp_path), "best", write("new"))
