@@ -65,6 +65,16 @@ def test_the_lock_is_per_process_and_reentrant(tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def write(text: str = "new"):
+    """A checkpoint writer for save_dir: its prompts file holds ``text``."""
+
+    def into(folder):
+        with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
+            f.write(text)
+
+    return into
+
+
 def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
     run = tmp_path / "run"
     for d in (
@@ -117,17 +127,13 @@ def test_an_older_versions_interrupted_swap_is_renamed_back_never_removed(tmp_pa
 
 
 def test_a_folder_named_like_a_swap_that_fastprompt_did_not_make_is_left(tmp_path):
-    def write(folder):
-        with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
-            f.write("new")
-
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "prompts.safetensors").write_text("old")
     (tmp_path / ".best.swap").mkdir()  # a person's copy, under the hidden name
     (tmp_path / ".best.swap" / "prompts.safetensors").write_text("a person's copy")
     assert owner.clean_stale(str(tmp_path)) == []
     with pytest.raises(OSError, match="fastprompt did not make this folder"):
-        save_dir(str(tmp_path), "best", write)
+        save_dir(str(tmp_path), "best", write())
     assert (tmp_path / ".best.swap" / "prompts.safetensors").read_text() == "a person's copy"
     assert (tmp_path / "best" / "prompts.safetensors").read_text() == "old"
     assert owner.leftover_swaps(str(tmp_path)) == [str(tmp_path / ".best.swap")]
@@ -136,13 +142,6 @@ def test_a_folder_named_like_a_swap_that_fastprompt_did_not_make_is_left(tmp_pat
 def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
     """Interrupted after the old checkpoint moved aside: the person's files are in the previous
     copy, which the next save (or clean_stale) hands over to the new checkpoint."""
-
-    def write(text):
-        def into(folder):
-            with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
-                f.write(text)
-
-        return into
 
     (tmp_path / ".best.swap").mkdir()
     (tmp_path / ".best.swap" / owner.SWAP_MARK).write_text("")
@@ -161,14 +160,10 @@ def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
 
 
 def test_a_checkpoint_save_carries_a_persons_files_over(tmp_path):
-    def write(folder):
-        with open(os.path.join(folder, "prompts.safetensors"), "w") as f:
-            f.write("new")
-
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "prompts.safetensors").write_text("old")
     (tmp_path / "best" / "draft.tex").write_text("mine")
-    save_dir(str(tmp_path), "best", write)
+    save_dir(str(tmp_path), "best", write())
     assert (tmp_path / "best" / "prompts.safetensors").read_text() == "new"
     assert (tmp_path / "best" / "draft.tex").read_text() == "mine"
     assert oct(os.stat(tmp_path / "best").st_mode & 0o777) != oct(0o700)  # not owner-only
