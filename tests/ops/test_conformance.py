@@ -147,17 +147,10 @@ def test_a_feature_it_lacks_is_refused_with_its_reason(backend, case):
         prompt_attention(*tensors, backend=backend.name, **extra)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
-    """Rows whose image keys are all -inf attend to their prompt keys only (the cascade's image
-    part once merged the CPU flash kernel's lse 0 for such a row); a -100 mask as Swin's."""
-    _runnable(backend, device)
-    _needs(backend, "key_bias")
+def _check_bias(backend: backends.Backend, device: str, bias: torch.Tensor) -> None:
+    """Output and every gradient against the reference under ``bias`` (2, 1, 7, 7)."""
     q, k, v = make_qkv(2, 2, 7, 16, device=device)
     pk, pv = make_prompts(1, 2, 4, 16, device=device)
-    bias = torch.randn(2, 1, 7, 7)
-    bias[:, :, 2] = float("-inf")
-    bias[1, :, 4, 1::2] = -100.0
     bias = bias.to(device)
     dout = torch.randn(2, 2, 7, 16, device=device)
     tensors = (q, k, v, pk, pv)
@@ -165,6 +158,18 @@ def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
     ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), tensors, dout)
     for name, a, e in zip(NAMES, got, ref):
         assert_close(a, e, name, **_tol(backend))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_key_bias_masking_every_image_key_of_a_row(backend, device):
+    """Rows whose image keys are all -inf attend to their prompt keys only (the cascade's image
+    part once merged the CPU flash kernel's lse 0 for such a row); a -100 mask as Swin's."""
+    _runnable(backend, device)
+    _needs(backend, "key_bias")
+    bias = torch.randn(2, 1, 7, 7)
+    bias[:, :, 2] = float("-inf")
+    bias[1, :, 4, 1::2] = -100.0
+    _check_bias(backend, device, bias)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -173,17 +178,9 @@ def test_a_wider_bias_whose_values_only_mask_once_cast(backend, device):
     row of them has no image key there, and the cascades' fix-up for such rows must see it so."""
     _runnable(backend, device)
     _needs(backend, "key_bias")
-    q, k, v = make_qkv(2, 2, 7, 16, device=device)
-    pk, pv = make_prompts(1, 2, 4, 16, device=device)
     bias = torch.randn(2, 1, 7, 7, dtype=torch.float64)
     bias[:, :, 2] = -1e300
-    bias = bias.to(device)
-    dout = torch.randn(2, 2, 7, 16, device=device)
-    tensors = (q, k, v, pk, pv)
-    got = _run(lambda *a: prompt_attention(*a, backend=backend.name, key_bias=bias), tensors, dout)
-    ref = _run(lambda *a: prompt_attention_ref(*a, key_bias=bias), tensors, dout)
-    for name, a, e in zip(NAMES, got, ref):
-        assert_close(a, e, name, **_tol(backend))
+    _check_bias(backend, device, bias)
 
 
 def test_masked_prompt_slots_never_influence_anything(backend):
