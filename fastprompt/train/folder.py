@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastprompt.train.distributed import DistEnv
-from fastprompt.train.owner import SWAP_MARK, only_ours, ours_swap, retire, swap_dir
+from fastprompt.train.owner import SWAP_MARK, only_ours, retire, settle_swap, swap_dir
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
@@ -237,17 +237,12 @@ def save_dir(run: str, name: str, write) -> None:
         final, previous = os.path.join(run, name), swap_dir(run, name)
         if os.path.islink(final) or os.path.islink(previous):
             raise OSError(f"{final}: a checkpoint folder may not be a symbolic link")
-        if os.path.lexists(previous):  # an earlier save was interrupted mid-swap
-            if not ours_swap(previous):
-                raise OSError(f"{previous}: fastprompt did not make this folder; move it away")
-            if not os.path.isdir(final):
-                os.rename(previous, final)
-                os.remove(os.path.join(final, SWAP_MARK))
-            elif not retire(previous, final):
-                raise OSError(
-                    f"{previous}: a checkpoint's previous copy holds files that clash with "
-                    f"{final}'s; move them away and run again"
-                )
+        settle_swap(run, name)  # an earlier save interrupted mid-swap
+        if os.path.lexists(previous):
+            raise OSError(
+                f"{previous} is in the way: fastprompt did not make this folder, or its files "
+                f"clash with {final}'s; move it away and run again"
+            )
         if os.path.isdir(final):
             # Marked first: a previous copy bearing the mark is fastprompt's to remove.
             with open(os.path.join(final, SWAP_MARK), "w"):

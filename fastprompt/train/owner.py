@@ -45,6 +45,7 @@ __all__ = [
     "only_ours",
     "release",
     "retire",
+    "settle_swap",
     "swap_dir",
 ]
 
@@ -342,14 +343,10 @@ def clean_stale(path: str, log: Callable[[str], None] | None = None) -> list[str
             else:
                 done.append(f"{entry} left (it holds files fastprompt does not write)")
     for name in _CHECKPOINTS:
-        final, swap = os.path.join(path, name), swap_dir(path, name)
-        if ours_swap(swap):
-            if not os.path.isdir(final):
-                os.rename(swap, final)
-                os.remove(os.path.join(final, SWAP_MARK))
-                done.append(f"{os.path.basename(swap)} -> {name}")
-            elif retire(swap, final):
-                done.append(os.path.basename(swap))
+        final = os.path.join(path, name)
+        settled = settle_swap(path, name)
+        if settled is not None:
+            done.append(settled)
         # An older fastprompt's interrupted swap: NAME.old with nothing but its files. Renamed
         # back (a rename loses nothing, were it a person's copy); never removed.
         legacy = os.path.join(path, name + ".old")
@@ -394,6 +391,21 @@ def ours_swap(swap: str) -> bool:
         and not os.path.islink(swap)
         and os.path.isfile(os.path.join(swap, SWAP_MARK))
     )
+
+
+def settle_swap(run: str, name: str) -> str | None:
+    """Finish a save of ``name`` interrupted mid-swap: the marked previous copy becomes the
+    checkpoint again (none was swapped in), or hands a person's files to the new one and goes.
+    Returns what was done; None when there was nothing of ours to settle (a clash, or a folder
+    fastprompt did not make, stays: :func:`leftover_swaps`)."""
+    final, swap = os.path.join(run, name), swap_dir(run, name)
+    if not ours_swap(swap):
+        return None
+    if not os.path.isdir(final):
+        os.rename(swap, final)
+        os.remove(os.path.join(final, SWAP_MARK))
+        return f"{os.path.basename(swap)} -> {name}"
+    return os.path.basename(swap) if retire(swap, final) else None
 
 
 def leftover_swaps(run: str) -> list[str]:
