@@ -157,6 +157,17 @@ def _select(base: Dataset, part: dict[str, Any], classes: list[str], where: str)
     return chosen
 
 
+def _shared_files(train: Dataset, val: Dataset) -> int:
+    """How many of ``val``'s image files are ``train``'s too (by real path: a symlinked folder
+    is the same folder)."""
+
+    def files(dataset: Dataset) -> set[str]:
+        samples = getattr(dataset, "samples", [])
+        return {os.path.realpath(s) for s, _ in samples if isinstance(s, str)}
+
+    return len(files(val) & files(train))
+
+
 def _added(base: Dataset, kept: Iterable[str]) -> int:
     return len(set(base.ids) - set(kept))  # type: ignore[attr-defined]
 
@@ -213,6 +224,14 @@ def open_data(
             "(a fraction, a count, or vtab-1k)"
         )
     notes: list[str] = []
+    shared = _shared_files(base, val_base) if val_base is not base else 0
+    if shared:
+        # Accepted (an overfitting check is a use), but said at every start and in run.json.
+        how += f", {shared} of its images also in --data"
+        notes.append(
+            f"note: {shared} of the {len(val_base)} images of {val_where} are also training images "
+            f"of --data {cfg.train}: their 'val' accuracy is training accuracy, not held-out"
+        )
     if stored is not None:
         run_classes = list(stored.get("classes") or classes or base.classes)
         train = _select(base, stored["train"], run_classes, f"--data {cfg.train}")

@@ -241,3 +241,33 @@ def test_a_split_is_stored_and_read_back(tmp_path):
     again = open_data(cfg, seed=2, classes=first.classes, stored=stored)
     assert again.train.ids == first.train.ids and again.val.ids == first.val.ids
     assert again.notes and "3 image(s)" in again.notes[0]
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "listed"])
+def test_validation_images_that_are_training_images_are_said_and_recorded(tmp_path, how):
+    from fastprompt.train.folder import DataConfig
+    from fastprompt.train.splits import open_data
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "data" / cls, 4, 1)
+    val, shared = tmp_path / "data", 8
+    if how == "symlink":
+        (tmp_path / "link").symlink_to(tmp_path / "data")
+        val = tmp_path / "link"
+    elif how == "listed":
+        (tmp_path / "val.txt").write_text("data/a/0.png a\ndata/b/1.png b\n")
+        val, shared = tmp_path / "val.txt", 2
+    run = open_data(DataConfig(train=str(tmp_path / "data"), val=str(val)))
+    assert run.how.endswith(f"{shared} of its images also in --data")
+    assert len(run.notes) == 1 and "training accuracy, not held-out" in run.notes[0]
+
+
+def test_held_out_validation_images_are_not_noted(tmp_path):
+    from fastprompt.train.folder import DataConfig
+    from fastprompt.train.splits import open_data
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "data" / cls, 4, 1)
+        write_images(tmp_path / "val" / cls, 2, 1, seed=1)
+    run = open_data(DataConfig(train=str(tmp_path / "data"), val=str(tmp_path / "val")))
+    assert (len(run.train), len(run.val), run.notes) == (8, 4, [])
