@@ -401,8 +401,6 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
             )
     model = load_run_model(run, start, env.device, config, saved)
     data = run_data(run, config, saved)
-    for note in data.notes:
-        log(note)
     train_tf, test_tf, _ = transforms_for(model.model, recipe)
     train_ds, val_ds = D.Transformed(data.train, train_tf), D.Transformed(data.val, test_tf)
     trainer = Trainer(
@@ -430,6 +428,8 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
     else:
         seed_all(D.epoch_seed(config.seed, 0, env.rank))
         log(recipe.describe(config.base_lr))
+    for note in data.notes:  # after every refusal: a refused resume writes nothing
+        log(note)
     missing = matplotlib_missing()
     if missing:
         log(f"note: no curves.png: {missing}")
