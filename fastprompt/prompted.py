@@ -32,6 +32,7 @@ prompt attention (Prompt Condensation's scores) plug in through
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -73,6 +74,15 @@ def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
 
 def _default_attention(call: AttentionCall) -> Tensor:
     return run_attention(call)[0]
+
+
+def _skipped_hooks(own: list[tuple[str, nn.Module]]) -> list[str]:
+    """The names among ``own`` of modules with hooks (which the prompted forward never runs)."""
+    return [
+        name
+        for name, m in own
+        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+    ]
 
 
 @dataclass(frozen=True)
@@ -148,14 +158,11 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         self.impl = impl
         self._attention: AttentionFn | None = None
         self._token_fn: TokenFn | None = None
-        # Block classes do not change under a wrapper: ask once.
+        # Asked again only when the blocks change (_check_model).
         object.__setattr__(self, "_fused_reasons", backbone.fused_unsupported_reasons())
         object.__setattr__(self, "_recompute", backbone.recompute_policies())
         self._memory = "none"
-        if impl == "fused" and any(not s.as_tokens for s in self._plan()) and self._fused_reasons:
-            raise TypeError(
-                f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
-            )
+        self._refuse_unfused(who)
         object.__setattr__(self, "_adopted", [])
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
@@ -273,6 +280,40 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
             + memory
         )
 
+    def _refuse_unfused(self, who: str) -> None:
+        if self.impl == "fused" and self._fused_reasons and any(self.keys_values_only()):
+            raise TypeError(
+                f"{who}: {'; '.join(self._fused_reasons)}. Use impl='naive' for other blocks."
+            )
+
+    def _check_model(self) -> None:
+        """Before a forward: the model's blocks as they were checked (a block replaced since is
+        checked again), and no hooks where the forward would skip them."""
+        bb = self._backbone
+        if bb.check_unchanged("fastprompt: the wrapped model changed since wrapping"):
+            object.__setattr__(self, "_fused_reasons", bb.fused_unsupported_reasons())
+            object.__setattr__(self, "_recompute", bb.recompute_policies())
+        self._refuse_unfused("fastprompt")
+        self._warn_hooks(None, self._fused_path())
+
+    def _warn_hooks(self, block: int | None, fused: bool, memory: str = "none") -> None:
+        """Say once per module that its hooks do not run: this forward computes it its own way
+        (observers such as FLOP counters register hooks on every module, so it is not refused;
+        a hook that changes an output is then ignored, which the warning says)."""
+        bb, said = self._backbone, self.__dict__.setdefault("_hooks_said", set())
+        names = [n for n in _skipped_hooks(bb.own_forwards(block, fused, memory)) if n not in said]
+        if not names:
+            return
+        said.update(names)
+        naive = [n for n, _ in bb.own_forwards(block, False, "none")]
+        hint = "" if any(n in naive for n in names) else "; impl='naive' runs them"
+        warnings.warn(
+            f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
+            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts (hooks on the "
+            f"modules it calls run: a block's norm1, attn.qkv, attn.proj, mlp){hint}",
+            stacklevel=2,
+        )
+
     # -- plug-in points ---------------------------------------------------------------------------
 
     def fused_unsupported_reasons(self) -> list[str]:
@@ -344,6 +385,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         """
         self._check_live()
         self._sync()
+        self._check_model()
         frozen: dict[int, PromptKV] = {}
         with torch.no_grad():
             for i, step in enumerate(self._plan()):
@@ -495,6 +537,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
             if held:
                 tokens = bb.remove(tokens, held, position)
             kv = self._keys_values(i, batch, state, per_image)
+            self._warn_hooks(i, True, memory)
             return bb.fused_block(i, tokens, 0, kv, attend, self.backend, **kw)
         if step.receive:
             prompts = self._source.tokens(i, batch, state)
@@ -517,9 +560,11 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         # image, not per window) takes every block of the fused path.
         fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
         if direct is None and not fast:
+            self._warn_hooks(i, False, memory)
             return bb.block(i, tokens, step.held, **kw)
         if self._fused_reasons:  # the source's own keys/values need the fused block anyway
             raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
+        self._warn_hooks(i, True, memory)
         return bb.fused_block(i, tokens, step.held, direct, attend, self.backend, **kw)
 
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:
@@ -540,6 +585,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         """
         self._check_live()
         self._sync()
+        self._check_model()
         bb = self._backbone
         tokens = bb.embed(x)
         state = self._source.prepare(x, **inputs)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -36,9 +37,27 @@ __all__ = [
     "BlockShape",
     "PromptKV",
     "PromptKVParts",
+    "key_value_columns",
     "timm_image_size",
     "timm_patch_size",
 ]
+
+
+def key_value_columns(qkv: nn.Module, h: Tensor) -> Tensor:
+    """The key and value columns (..., 2·W) of a fused qkv projection (W = its output / 3) of
+    tokens ``h`` (..., C).
+
+    A plain ``nn.Linear`` without hooks runs its K and V rows only (prompt queries are never
+    needed). Any other module (LoRA, an adapter, a quantised linear, one with hooks) is known
+    only by its forward, which runs whole, queries included: slicing its ``weight`` would skip
+    what it adds.
+    """
+    if type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks):
+        width = qkv.out_features // 3
+        bias = None if qkv.bias is None else qkv.bias[width:]
+        return F.linear(h, qkv.weight[width:], bias)
+    out = qkv(h)
+    return out[..., out.shape[-1] // 3 :]
 
 
 def timm_patch_size(model: nn.Module) -> tuple[int, int]:
@@ -186,6 +205,7 @@ class Backbone:
     def __init__(self, model: nn.Module, who: str) -> None:
         self.check(model, who)
         self.model = model
+        self._structure = self.structure()
 
     # -- what can be wrapped ----------------------------------------------------------------------
 
@@ -198,6 +218,41 @@ class Backbone:
     def fused_unsupported_reasons(self) -> list[str]:
         """Why :meth:`fused_block` cannot reproduce this model's blocks ([] when it can)."""
         raise NotImplementedError
+
+    def structure(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        """``(blocks per stage, what else check() and fused_unsupported_reasons() judge)``, cheap
+        enough to compare at every forward: a block replaced, added or removed after wrapping.
+        By default the depth alone."""
+        return (self.depth,), ()
+
+    def check_unchanged(self, who: str) -> bool:
+        """Whether the model changed since it was checked (then checked again: True).
+
+        Raises
+        ------
+        ValueError
+            Blocks added or removed: prompts, and an adapter's block map, are per block.
+        TypeError, ValueError
+            :meth:`check` refuses what the model became.
+        """
+        now = self.structure()
+        if now == self._structure:
+            return False
+        then = self._structure[0]
+        if now[0] != then:
+            raise ValueError(
+                f"{who}: the model's blocks per stage are now {list(now[0])}, but it was wrapped "
+                f"with {list(then)} (prompts are per block): wrap the changed model again"
+            )
+        self.check(self.model, who)
+        self._structure = now
+        return True
+
+    def own_forwards(self, block: int | None, fused: bool, memory: str) -> list[tuple[str, Any]]:
+        """``(name, module)`` of the modules whose forward the prompted forward computes its own
+        way, so hooks on them never run: for ``block`` (run on the fused path or not, under the
+        ``memory`` policy), or the model's own (``block`` None). By default none are listed."""
+        return []
 
     # -- facts ------------------------------------------------------------------------------------
 

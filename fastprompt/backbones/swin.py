@@ -46,6 +46,7 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
+    key_value_columns,
 )
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
@@ -84,12 +85,10 @@ def _overrides(obj: object, base: type, methods: tuple[str, ...]) -> list[str]:
 
 def kv_rows(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values (T, H, P, d) of normalised tokens ``h`` (T, P, C): only the K and V rows of
-    the qkv projection run."""
+    a plain qkv projection run."""
     t, p, _ = h.shape
-    width = attn.qkv.out_features // 3
-    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
-    kv = F.linear(h, attn.qkv.weight[width:], bias)
-    shape = (t, p, 2, attn.num_heads, width // attn.num_heads)  # sizes, not -1: P may be 0
+    kv = key_value_columns(attn.qkv, h)
+    shape = (t, p, 2, attn.num_heads, kv.shape[-1] // 2 // attn.num_heads)  # not -1: P may be 0
     k, v = kv.reshape(shape).permute(2, 0, 3, 1, 4).unbind(0)
     return k, v
 
@@ -97,8 +96,9 @@ def kv_rows(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
 def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v (S, H, N, d) of tokens (S, N, C), as timm's ``WindowAttention`` splits them."""
     s, n, _ = x.shape
-    d = attn.qkv.out_features // 3 // attn.num_heads
-    q, k, v = attn.qkv(x).reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
+    qkv = attn.qkv(x)
+    d = qkv.shape[-1] // 3 // attn.num_heads
+    q, k, v = qkv.reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
 
 
@@ -269,6 +269,26 @@ class SwinBackbone(Backbone):
     def fused_unsupported_reasons(self) -> list[str]:
         """None: :meth:`check` admits only timm's own blocks, which both paths reproduce."""
         return []
+
+    def structure(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        m = self.model
+        kinds = tuple(
+            (type(st), type(st.downsample), *((type(b), type(b.attn)) for b in st.blocks))
+            for st in m.layers
+        )
+        return tuple(len(st.blocks) for st in m.layers), (m.global_pool, kinds)
+
+    def own_forwards(self, block: int | None, fused: bool, memory: str) -> list[tuple[str, Any]]:
+        # Both paths run a block their own way (prompts join every window); the model, its
+        # stages and their block lists are never called as modules.
+        if block is None:
+            own = [("the wrapped model", self.model), ("layers", self.model.layers)]
+            for s, stage in enumerate(self.model.layers):
+                own += [(f"layers.{s}", stage), (f"layers.{s}.blocks", stage.blocks)]
+            return own
+        s, j = self._where[block]
+        blk, name = self.model.layers[s].blocks[j], f"layers.{s}.blocks.{j}"
+        return [(name, blk), (f"{name}.attn", blk.attn)]
 
     # -- facts ------------------------------------------------------------------------------------
 

@@ -14,7 +14,6 @@ import copy
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -25,6 +24,7 @@ from fastprompt.backbones.base import (
     BlockShape,
     PromptKV,
     PromptKVParts,
+    key_value_columns,
 )
 
 __all__ = [
@@ -53,14 +53,15 @@ def _timm_classes():
 def kv_from_normed(blk: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
     """Keys and values from normalised prompt tokens ``h = LN1(p)`` (T, P, D): (T, H, P, d) each.
 
-    Only the K and V rows of the qkv projection are applied; prompt queries are never needed.
+    Prompt queries are never needed: only the K and V rows of a plain qkv projection run.
     """
     attn = blk.attn
     t, p, _ = h.shape
-    width = attn.num_heads * attn.head_dim
-    bias = attn.qkv.bias[width:] if attn.qkv.bias is not None else None
-    kv = F.linear(h, attn.qkv.weight[width:], bias)
-    kv = kv.reshape(t, p, 2, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    kv = (
+        key_value_columns(attn.qkv, h)
+        .reshape(t, p, 2, attn.num_heads, attn.head_dim)
+        .permute(2, 0, 3, 1, 4)
+    )
     k, v = kv.unbind(0)
     return attn.k_norm(k), v
 
@@ -213,6 +214,22 @@ class ViTBackbone(Backbone):
                     "path reproduces timm's vision_transformer.Block/Attention forwards only"
                 )
         return reasons
+
+    def structure(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
+        blocks = self.model.blocks
+        kinds = tuple((type(b), type(getattr(b, "attn", None))) for b in blocks)
+        return (len(blocks),), kinds
+
+    def own_forwards(self, block: int | None, fused: bool, memory: str) -> list[tuple[str, Any]]:
+        if block is None:  # the core runs the blocks one by one, never the model or its list
+            return [("the wrapped model", self.model), ("blocks", self.model.blocks)]
+        blk, name = self.model.blocks[block], f"blocks.{block}"
+        own = [(name, blk)] if fused or memory != "none" else []
+        if fused:
+            own.append((f"{name}.attn", blk.attn))
+        if memory != "none":  # the MLP hidden is recomputed from its layers
+            own.append((f"{name}.mlp", blk.mlp))
+        return own
 
     # -- facts ------------------------------------------------------------------------------------
 

@@ -1,0 +1,143 @@
+"""A wrapped model stays the model a user changed: a qkv with a forward of its own (LoRA), hooks,
+blocks replaced, added or removed after wrapping. Each either gives the official computation or
+is refused with its reason, never ignored."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from helpers import assert_matches_naive, images, tiny_swin, tiny_vit
+from swin_official import assert_matches_official
+from timm.models.vision_transformer import Block
+from torch import nn
+
+import fastprompt
+
+
+class LoRALinear(nn.Linear):
+    """A linear layer plus a low-rank update, as LoRA adds one to a frozen qkv."""
+
+    def __init__(self, base: nn.Linear, rank: int = 2) -> None:
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None)
+        self.load_state_dict(base.state_dict())
+        g = torch.Generator().manual_seed(3)
+        self.a = nn.Parameter(torch.randn(rank, base.in_features, generator=g) / 4)
+        self.b = nn.Parameter(torch.randn(base.out_features, rank, generator=g) / 4)
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.a.t() @ self.b.t()
+
+
+def _lora(blocks) -> None:
+    for blk in blocks:
+        blk.attn.qkv = LoRALinear(blk.attn.qkv).requires_grad_(False)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["before", "after-wrapping"])
+def test_prompt_keys_go_through_a_qkv_with_a_forward_of_its_own(after):
+    model = tiny_vit()
+    if not after:
+        _lora(model.blocks)
+    prompted = fastprompt.vpt(model, num_prompts=3, deep=True).eval()
+    if after:
+        _lora(prompted.blocks)
+    assert_matches_naive(prompted, images())
+
+
+def test_a_hook_on_qkv_reaches_the_prompt_keys_too():
+    prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+    for blk in prompted.blocks:
+        blk.attn.qkv.register_forward_hook(lambda _m, _i, out: out * 1.5)
+    assert_matches_naive(prompted, images())
+
+
+def test_swin_prompt_keys_go_through_a_qkv_with_a_forward_of_its_own():
+    model = tiny_swin()
+    _lora(b for stage in model.layers for b in stage.blocks)
+    assert_matches_official(fastprompt.vpt(model, num_prompts=2, deep=True).eval(), images(2))
+
+
+def test_hooks_the_fused_path_skips_are_said_once_and_the_naive_path_runs_them():
+    prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+    seen = []
+    prompted.blocks[1].register_forward_hook(lambda _m, _i, out: seen.append(out.shape))
+    with pytest.warns(UserWarning, match=r"hooks on blocks\.1 do not run.*impl='naive' runs them"):
+        prompted(images())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        prompted(images())  # said once
+    assert seen == []
+    prompted.impl = "naive"
+    prompted(images())
+    assert seen == [torch.Size([3, 1 + 16 + 3, 64])]
+
+
+@pytest.mark.parametrize(
+    "where", ["blocks", "attn", "model"], ids=["block-list", "attention", "wrapped-model"]
+)
+def test_a_hook_on_any_module_the_forward_computes_its_own_way_is_said(where):
+    prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+    module, name = {
+        "blocks": (prompted.model.blocks, "blocks"),
+        "attn": (prompted.blocks[0].attn, r"blocks\.0\.attn"),
+        "model": (prompted.model, "the wrapped model"),
+    }[where]
+    module.register_forward_pre_hook(lambda _m, _i: None)
+    with pytest.warns(UserWarning, match=f"hooks on {name} do not run"):
+        prompted(images())
+
+
+def test_swin_block_hooks_are_said_on_both_paths():
+    for impl in ("fused", "naive"):
+        prompted = fastprompt.vpt(tiny_swin(), num_prompts=2, deep=True, impl=impl).eval()
+        prompted.model.layers[1].blocks[0].register_forward_hook(lambda *_: None)
+        with pytest.warns(UserWarning, match=r"hooks on layers\.1\.blocks\.0 do") as said:
+            prompted(images(2))
+        assert all("impl='naive'" not in str(w.message) for w in said)
+
+
+def test_observers_hooking_every_module_count_a_prompted_model():
+    from fastprompt.bench import flops
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert flops(fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True), images(1)) > 0
+
+
+class DoubledBlock(Block):
+    def forward(self, x, **kwargs):
+        return super().forward(x) * 2
+
+
+def test_a_block_replaced_after_wrapping_is_checked_again():
+    prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+    new = DoubledBlock(64, 4, qkv_bias=True)
+    new.load_state_dict(prompted.blocks[1].state_dict())
+    prompted.blocks[1] = new.requires_grad_(False)
+    for _ in range(2):  # refused at every forward, not only at the first
+        with pytest.raises(TypeError, match="block 1 is DoubledBlock"):
+            prompted(images())
+    prompted.impl = "naive"
+    assert_matches_naive(prompted, images())
+
+
+@pytest.mark.parametrize("change", ["truncated", "appended"])
+def test_blocks_added_or_removed_after_wrapping_are_refused(change):
+    model = tiny_vit()
+    prompted = fastprompt.vpt(model, num_prompts=3, deep=True).eval()
+    if change == "truncated":
+        model.blocks = model.blocks[:2]
+    else:
+        model.blocks.append(Block(64, 4))
+    count = 2 if change == "truncated" else 4
+    with pytest.raises(ValueError, match=rf"blocks per stage are now \[{count}\].*with \[3\]"):
+        prompted(images())
+
+
+def test_a_swin_block_replaced_by_another_kind_is_refused():
+    prompted = fastprompt.vpt(tiny_swin(), num_prompts=2, deep=True).eval()
+    prompted.model.layers[0].blocks[1] = Block(16, 2)
+    with pytest.raises(TypeError, match="block 1 of stage 0 is Block"):
+        prompted(images(2))
