@@ -30,3 +30,24 @@ def test_public_names_are_exported_explicitly():
     assert {"vpt", "pgn", "load_prompts", "save_prompts", "score_prompts", "fit"} <= set(
         fastprompt.__all__
     )
+
+
+# torch APIs newer than the oldest supported torch (2.6), each asked for only in _compat.
+NEWER_THAN_TORCH_2_6 = ("torch.compiler.is_exporting",)
+
+
+def test_torch_apis_newer_than_2_6_are_asked_for_through_compat(monkeypatch):
+    import pathlib
+
+    import torch
+
+    from fastprompt._compat import tracing
+
+    root = pathlib.Path(fastprompt.__file__).parent
+    for path in root.rglob("*.py"):
+        if path.name != "_compat.py":
+            text = path.read_text()
+            used = [api for api in NEWER_THAN_TORCH_2_6 if api in text]
+            assert not used, f"{path.relative_to(root)} uses {used}: go through fastprompt._compat"
+    monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
+    assert tracing() is False

@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastprompt._compat import tracing
 from fastprompt.backbones.base import (
     AttentionCall,
     AttentionFn,
@@ -384,7 +385,7 @@ class SwinBackbone(Backbone):
         (None: the owner image itself). Ordinary tensors even under torch.inference_mode:
         prompt_attention keeps its check of a CUDA prompt_index per version counter."""
         # Traced (torch.compile, export): no cache, whose ids and versions a trace cannot keep.
-        traced = torch.compiler.is_compiling() or torch.compiler.is_exporting()
+        traced = tracing()
         key = (None if index is None else id(index), batch, count, device, self.window_mixing)
         hit = None if traced else self._window_sets.get(key)
         if hit is not None and _same(hit[0], index):
