@@ -142,3 +142,25 @@ def test_shared_memory_estimate_is_an_upper_bound():
             if _tuning.smem_estimate(r["kernel"], cfg, r["d"], elt) < r["smem"]:
                 under.append(f"sm_{r['arch']} {r['kernel']} {cfg} {r['dtype']} d={r['d']}")
     assert not under, "\n".join(under)
+
+
+# Builds an older supported Triton spills where the static report's (3.8) does not: (arch, kernel,
+# config, head dim, what was seen). The report cannot show them, and its --suggest would admit them.
+OLDER_TRITON_SPILLS = [
+    (90, "dkdv", _tuning.Cfg(32, 32, 8, 3), 80, "Triton 3.2: 255 registers, spills"),
+    (90, "dkdv", _tuning.Cfg(32, 32, 8, 3), 96, "Triton 3.2: 255 registers, spills"),
+]
+
+
+@pytest.mark.parametrize(
+    "arch, role, cfg, d, seen",
+    OLDER_TRITON_SPILLS,
+    ids=[
+        f"sm{a}-{r}-{c.block_m}x{c.block_n}w{c.warps}s{c.stages}-d{d}"
+        for a, r, c, d, _ in OLDER_TRITON_SPILLS
+    ],
+)
+def test_what_an_older_triton_spills_is_not_admitted(arch, role, cfg, d, seen):
+    """The pruner's table holds for every supported Triton (>= 3.2), not only the report's."""
+    admitted = _tuning.admissible(role, _tuning.CONFIGS[role], d, 2, arch, _tuning.SMEM_LIMIT[arch])
+    assert cfg not in admitted, f"{role} {cfg} fp16/bf16 d={d} on sm_{arch} ({seen})"
