@@ -1,28 +1,47 @@
 """Validate fastprompt on a lent GPU in one command that fits its time: every step under its own
-timeout, its rows written as it goes, one summary table at the end.
+timeout, in its own process group (a timeout ends the step's compilers and workers too), its rows
+written as it goes, one summary table at the end.
 
-Steps, in order (each a subprocess; a step's timeout is cut to what is left of ``--budget``; a
-missing tool skips its step and says so; a failing step never stops the next):
+The essential steps, in order, and their shares of the default ``--budget`` of 540 s (planned for
+an H100 with 16 CPU cores; the device allows 600 s per command):
 
-1. ``env``: ``fastprompt info``, versions, ``nvidia-smi``;
-2. ``precompile``: every Triton build the op step may launch (bf16 and fp32, d 64, every config
-   the autotuner may pick on this GPU) compiled in parallel into Triton's disk cache
-   (``fastprompt.kernels.triton.precompile``), so later steps do not wait on the compiler; its
-   report in ``precompile.json``;
-3. ``op``: ``benchmarks/bench_op.py``: bf16 and fp32, B 64, H 12, N 197, d 64, P 50 and 200,
-   shared and per-image sets, forward and forward + backward: the automatic choice, every
-   backend, Triton's default config, cat + SDPA (default, flash, efficient, cuDNN) and SDPA on
-   pre-concatenated K/V, each with its error against the fp32 reference and peak memory;
-4. ``model``: ``fastprompt bench --device cuda`` on ViT-B/16 with 200 prompts in bf16: inference
-   and a training step against the prompt-free model and naive VPT;
-5. ``tests``: the GPU tests that matter first (bf16 at d 64/80/96, determinism, large grids);
-6. while time remains: the rest of the GPU tests, Swin-B with 50 deep prompts in bf16 (issue 20's
-   first GPU figures), the fp32 model benchmark.
+==============  =====  ==========================================================================
+step            share  what
+==============  =====  ==========================================================================
+(setup)         ~10    ``environment.json`` (versions, capability) and ``nvidia-smi.txt``
+``env``         30     ``fastprompt info``
+``precompile``  130    every Triton build the op step may launch (bf16 and fp32, d 64, P 200,
+                       every config the autotuner may pick on this GPU) compiled in parallel into
+                       Triton's disk cache, with its own deadline of 110 s so that its report
+                       (``precompile.json``) is always written; beside it the C++ extension
+                       builds (or loads), so that no later step waits on a compiler
+``tests_first`` 150    the GPU tests that matter first (:data:`TESTS_FIRST`): Triton's bf16
+                       accuracy at d 64/80/96, determinism, grids past 65,535, every backend
+                       against the reference on CUDA, a few of PyTorch's own kernels; in
+                       parallel workers where pytest-xdist is installed
+``op``          110    ``benchmarks/bench_op.py``: bf16 and fp32, B 64, H 12, N 197, d 64, P 200,
+                       shared and per-image sets, forward and forward + backward: the automatic
+                       choice, each backend, cat + SDPA and SDPA on pre-concatenated K/V
+                       (:data:`OP_IMPLS`), each with its error against the fp32 reference and
+                       peak memory
+``model_bf16``  90     ``fastprompt bench --device cuda`` on ViT-B/16 with 200 prompts in bf16:
+                       inference and a training step against the prompt-free model and naive VPT
+==============  =====  ==========================================================================
+
+The shares sum to 510 s; with the setup, 20 s of the 540 are left as margin. A step's timeout is
+its share, or more when earlier steps ended early (what is left less the shares of the essential
+steps still to come), never more than what is left: every essential step gets at least its share
+unless an earlier one ran past its own. A missing tool skips its step and says so; a failing step
+never stops the next. While time remains after them: the rest of the GPU tests (``tests_rest``),
+Swin-B with 50 deep prompts in bf16 (``model_swin``), the fp32 model benchmark (``model_fp32``).
+The full op matrix (P 50 too, Triton's default config, each SDPA kernel forced) is
+``benchmarks/bench_op.py --device cuda`` run on its own.
 
 Everything lands in ``OUT`` (default ``benchmarks/results/<device>/validate``): ``steps.jsonl``
-(one line per step as it ends), each step's log, the op rows (``op/rows.jsonl``), the model
-report, the test report, and ``summary.md``. ``--dry-run`` runs the same steps on the CPU with tiny
-shapes in seconds (CI runs it).
+(one line per step as it ends), each step's log, the op rows (``op/rows.jsonl``), each model
+step's rows as they are measured (``model_*/rows.jsonl``) and its report, the tests' JUnit XML,
+and ``summary.md`` (a model step cut by its timeout is summarised from its rows). ``--dry-run``
+runs the same steps on the CPU with tiny shapes in seconds (CI runs it).
 
     benchmarks/gpu_validate.sh [OUT]          # the same as python benchmarks/gpu_validate.py --out
     python benchmarks/gpu_validate.py --dry-run --out /tmp/validate
@@ -35,9 +54,11 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,48 +66,102 @@ ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 CLI = [PY, "-c", "import sys; from fastprompt.cli import main; sys.exit(main(sys.argv[1:]))"]
 
+BUDGET = 540  # seconds, the default --budget
+SETUP = 10  # seconds, about: environment.json and nvidia-smi, before the first step
+MIN_STEP = 10  # seconds: a step given less than this is skipped ("no time left")
+PRECOMPILE_DEADLINE = 110  # seconds: precompile's own, inside its share (130)
+
+# The op step's implementations: what users get, each backend, and the naive way.
+OP_IMPLS = ("auto", "cascade", "torch", "cpp", "triton", "cat_sdpa", "sdpa_floor")
+
+# The GPU tests that matter first (pytest -k over the gpu-marked tests): the Triton kernels'
+# bf16 accuracy at the head dims the models use, determinism, grids past CUDA's 65,535 cap, every
+# backend against the reference on CUDA, and a sample of the adapters on PyTorch's own kernels
+# (bf16, two cases: the rest come with tests_rest).
+TESTS_FIRST = " or ".join(
+    [
+        "(test_half_precision and bf16 and (64 or 80 or 96))",
+        "deterministic",
+        "test_more_than_65535_sequence_heads",
+        "test_large_grids",
+        "(test_matches_the_reference and cuda)",
+        "(test_each_pytorch_kernel_on_the_gpu and bf16 and (shared or indexed))",
+    ]
+)
+
 
 @dataclass
 class Step:
     name: str
     command: list[str]
-    timeout: float
+    timeout: float  # its share of the budget, in seconds
     needs: tuple[str, ...] = ()  # modules that must be importable
     essential: bool = True  # run before the "while time remains" steps
     skip: str = ""  # why it does not run at all (a dry run)
 
+    def why_not(self) -> str | None:
+        """Why it does not run (a dry run's skip, a missing module), else None."""
+        missing = [m for m in self.needs if importlib.util.find_spec(m) is None]
+        return self.skip or (f"{', '.join(missing)} not installed" if missing else None)
 
-def _gpu_tests_first() -> str:
-    return (
-        "(bf16 and (64 or 80 or 96)) or deterministic or large_grids"
-        " or test_matches_the_reference or test_each_pytorch_kernel_on_the_gpu"
-    )
+
+def step_timeout(step: Step, left: float, later: list[Step]) -> float:
+    """Seconds ``step`` may run with ``left`` seconds of the budget left and ``later`` steps to
+    come: an essential step its share, or what is left less the later essential steps' shares if
+    that is more (time an earlier step did not use); never more than what is left."""
+    if not step.essential:
+        return min(step.timeout, left)
+    reserved = sum(s.timeout for s in later if s.essential and s.why_not() is None)
+    return min(left, max(step.timeout, left - reserved))
 
 
 def _precompile_code(out: Path, dry_run: bool) -> str:
-    """The precompile step: every Triton build the op step's bf16 and fp32 calls (d 64, the
-    validation's shapes) may launch, for this GPU, with its own deadline inside the step's so that
-    its report (``precompile.json``) is always written. A dry run compiles one small kernel ahead
-    of time for sm_90, which checks the same code path without a GPU."""
+    """The precompile step: every Triton build the op step's bf16 and fp32 calls (d 64, P 200) may
+    launch, for this GPU, with its own deadline inside the step's so that its report
+    (``precompile.json``) is always written; beside it, in another process, the C++ extension
+    builds or loads (the tests and the op step use it; a build takes a minute or more). A dry run
+    compiles one small kernel ahead of time for sm_90, which checks the same code path without a
+    GPU."""
     if dry_run:
         args = (
             "[torch.bfloat16], [64], [Shape(batch=2, heads=2, n=16, p=4)], arch=90, "
             "roles=('reduce',), jobs=1, timeout=120"
         )
     else:
-        args = "[torch.bfloat16, torch.float32], [64], timeout=150"
+        args = (
+            "[torch.bfloat16, torch.float32], [64], "
+            "[Shape(p=200), Shape(p=200, sets=64, indexed=True)], "
+            f"timeout={PRECOMPILE_DEADLINE}"
+        )
+    cpp = (
+        "from fastprompt.kernels import cpp; why = cpp.availability(); "
+        "print('C++ extension:', why or 'loaded', flush=True); raise SystemExit(1 if why else 0)"
+    )
     return (
-        "import json, sys, torch\n"
+        "import json, subprocess, sys, torch\n"
+        f"ext = subprocess.Popen([sys.executable, '-c', {cpp!r}])\n"
         "from fastprompt.kernels import triton as t\n"
         "from fastprompt.kernels.triton._precompile import Shape\n"
         f"r = t.precompile({args})\n"
         f"open({str(out / 'precompile.json')!r}, 'w').write(json.dumps(r.as_dict(), indent=1))\n"
-        "print(r.summary()); sys.exit(1 if r.failures else 0)\n"
+        "print(r.summary(), flush=True)\n"
+        "sys.exit(1 if r.failures or ext.wait() else 0)\n"
     )
 
 
+def _pytest(out: Path, name: str, selection: str, parallel: bool) -> list[str]:
+    """pytest over the gpu-marked tests, its JUnit XML in OUT; in parallel workers (compiling
+    kernels is most of the time) and under a per-test timeout where the plugins are installed."""
+    cmd = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
+    if parallel and importlib.util.find_spec("xdist") is not None:
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    if importlib.util.find_spec("pytest_timeout") is not None:
+        cmd += ["--timeout", "120"]
+    return [*cmd, f"--junitxml={out / f'{name}.xml'}", "-k", selection, "tests"]
+
+
 def steps(out: Path, dry_run: bool) -> list[Step]:
-    """What runs, in order."""
+    """What runs, in order (the essential steps first)."""
     device = "cpu" if dry_run else "cuda"
     if dry_run:
         op_args = ["--tiny", "--dtypes", "bfloat16", "float32"]
@@ -104,9 +179,8 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
             "--no-memory",
         ]
     else:
-        op_args = ["--dtypes", "bfloat16", "float32", "--prompts", "50", "200"]
+        op_args = ["--dtypes", "bfloat16", "float32", "--prompts", "200"]
         model = ["--model", "vit_base_patch16_224", "--prompts", "200"]
-    pytest_gpu = [PY, "-m", "pytest", "-m", "gpu", "-q", "-rs", "-p", "no:cacheprovider"]
     swin = ["--model", "swin_base_patch4_window7_224", "--prompts", "50"]
 
     def bench(dtype: str, args: list[str], name: str) -> list[str]:
@@ -114,47 +188,24 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
         common = ["--device", device, "--dtype", dtype, "--no-flops"]
         return [*CLI, "bench", *common, *args, "--out", str(out / name)]
 
+    op = [PY, str(ROOT / "benchmarks" / "bench_op.py"), "--device", device, *op_args]
+    op += ["--impls", *OP_IMPLS, "--out", str(out / "op")]
     # A dry run checks every command line once and skips what only repeats one on a GPU.
     again = "dry run: the same command as an earlier step" if dry_run else ""
     return [
-        Step("env", [*CLI, "info"], 90),
-        Step("precompile", [PY, "-c", _precompile_code(out, dry_run)], 180, needs=("triton",)),
-        Step(
-            "op",
-            [
-                PY,
-                str(ROOT / "benchmarks" / "bench_op.py"),
-                "--device",
-                device,
-                *op_args,
-                "--out",
-                str(out / "op"),
-            ],
-            300,
-        ),
-        Step("model_bf16", bench("bfloat16", model, "model_bf16"), 240),
+        Step("env", [*CLI, "info"], 30),
+        Step("precompile", [PY, "-c", _precompile_code(out, dry_run)], 130, needs=("triton",)),
         Step(
             "tests_first",
-            [
-                *pytest_gpu,
-                f"--junitxml={out / 'tests_first.xml'}",
-                "-k",
-                _gpu_tests_first(),
-                "tests/ops/test_conformance.py",
-                "tests/kernels",
-            ],
-            240,
+            _pytest(out, "tests_first", TESTS_FIRST, parallel=True),
+            150,
             needs=("pytest",),
         ),
+        Step("op", op, 110),
+        Step("model_bf16", bench("bfloat16", model, "model_bf16"), 90),
         Step(
             "tests_rest",
-            [
-                *pytest_gpu,
-                f"--junitxml={out / 'tests_rest.xml'}",
-                "-k",
-                f"not ({_gpu_tests_first()})",
-                "tests",
-            ],
+            _pytest(out, "tests_rest", f"not ({TESTS_FIRST})", parallel=True),
             420,
             needs=("pytest",),
             essential=False,
@@ -187,69 +238,130 @@ def _environment(out: Path, dry_run: bool) -> None:
         (out / "nvidia-smi.txt").write_text(smi.stdout + smi.stderr)
 
 
-def _run_step(step: Step, out: Path, left: float, env: dict) -> dict:
-    missing = [m for m in step.needs if importlib.util.find_spec(m) is None]
+def _end_group(proc: subprocess.Popen) -> None:
+    """End everything left in the step's process group (its workers, compilers): asked to stop,
+    a few seconds for the step itself to go, then killed."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            break  # nothing left in the group
+        if sig == signal.SIGTERM:
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                pass
+    proc.wait()
+
+
+def _run_step(step: Step, out: Path, timeout: float, env: dict) -> dict:
+    """Run one step for at most ``timeout`` seconds, in its own process group (session), its
+    output in OUT/<name>.log; nothing it started outlives it."""
     record = {"step": step.name, "command": " ".join(step.command)}
-    if step.skip:
-        return {**record, "status": "skipped", "why": step.skip}
-    if missing:
-        return {**record, "status": "skipped", "why": f"{', '.join(missing)} not installed"}
-    timeout = min(step.timeout, left)
-    if timeout < 10:
-        return {**record, "status": "skipped", "why": "no time left"}
     log = out / f"{step.name}.log"
     start = time.monotonic()
     with open(log, "w") as f:
+        proc = subprocess.Popen(
+            step.command,
+            cwd=ROOT,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
         try:
-            proc = subprocess.run(
-                step.command,
-                cwd=ROOT,
-                stdout=f,
-                stderr=subprocess.STDOUT,
-                timeout=timeout,
-                env=env,
-            )
-            status = "ok" if proc.returncode == 0 else f"failed (exit {proc.returncode})"
+            code = proc.wait(timeout=timeout)
+            status = "ok" if code == 0 else f"failed (exit {code})"
         except subprocess.TimeoutExpired:
             status = f"timed out after {timeout:.0f} s"
+        finally:
+            _end_group(proc)
     seconds = round(time.monotonic() - start, 1)
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] or [""]
     return {**record, "status": status, "seconds": seconds, "log": log.name, "last": tail[0]}
 
 
+def _op_table(rows_file: Path) -> list[str]:
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
+    lines = ["", "## op: the automatic choice and each backend against cat + SDPA", ""]
+    lines += ["| dtype | P | sets | mode | impl | ms | x cat+SDPA | err out |"]
+    lines += ["|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "skipped" in r or r["impl"] not in ("auto", "cascade", "torch", "triton", "cpp"):
+            continue
+        ratio = r.get("speed_vs_cat_sdpa")
+        lines.append(
+            f"| {r['dtype']} | {r['prompts']} | {r['sets']} | {r['mode']} | {r['impl']} "
+            f"| {r['ms_median']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} "
+            f"| {r.get('err_out', float('nan')):.2e} |"
+        )
+    return lines
+
+
+def _model_rows_table(rows_file: Path) -> list[str]:
+    """The rows a model step finished before its timeout (``fastprompt bench``'s rows.jsonl)."""
+    rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
+    lines = [f"cut by its timeout: the {len(rows)} rows it finished (rows.jsonl)", ""]
+    lines += ["| prompts | variant | infer ms | infer vs naive | train ms | train vs naive "]
+    lines[-1] += "| train vs free | peak MiB |"
+    lines += ["|---|---|---|---|---|---|---|---|"]
+
+    def ms(r: dict, kind: str) -> str:
+        return f"{1e3 * r[kind]['median_s']:.2f}" if kind in r else "-"
+
+    def ratio(r: dict, key: str) -> str:
+        return f"{r[key]:.3f}" if r.get(key) is not None else "-"
+
+    for r in rows:
+        peak = f"{r['peak_bytes'] / 2**20:.0f}" if r.get("peak_bytes") else "-"
+        lines.append(
+            f"| {r['prompts']} | {r['variant']} | {ms(r, 'infer')} | "
+            f"{ratio(r, 'infer_vs_naive')} | {ms(r, 'train')} | {ratio(r, 'train_vs_naive')} | "
+            f"{ratio(r, 'train_vs_free')} | {peak} |"
+        )
+    return lines
+
+
+def _test_counts(xml: Path) -> str:
+    try:
+        root = ET.parse(xml).getroot()
+    except (OSError, ET.ParseError) as e:
+        return f"no readable report ({type(e).__name__})"
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    total = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors")}
+    skipped = sum(int(s.get("skipped", 0)) for s in suites)
+    passed = total["tests"] - total["failures"] - total["errors"] - skipped
+    return (
+        f"{passed} passed, {total['failures']} failed, {total['errors']} errors, {skipped} skipped"
+    )
+
+
 def summary(out: Path, records: list[dict], wall: float) -> str:
-    """The table at the end: steps, then the op's headline ratios, the model's, the tests'."""
+    """The table at the end: steps, the tests' counts, then the op's headline ratios, the
+    models' (from a step's rows where its timeout cut it before its report)."""
     lines = ["# GPU validation summary", "", f"wall time {wall:.0f} s", ""]
     lines += ["| step | status | seconds | last line |", "|---|---|---|---|"]
     for r in records:
         last = str(r.get("last", r.get("why", ""))).replace("|", "/")[:120]
         lines.append(f"| {r['step']} | {r['status']} | {r.get('seconds', '')} | {last} |")
-    rows_file = out / "op" / "rows.jsonl"
-    if rows_file.is_file():
-        rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
-        lines += ["", "## op: the automatic choice and each backend against cat + SDPA", ""]
-        lines += ["| dtype | P | sets | mode | impl | ms | x cat+SDPA | err out |"]
-        lines += ["|---|---|---|---|---|---|---|---|"]
-        for r in rows:
-            if "skipped" in r or r["impl"] not in ("auto", "cascade", "torch", "triton", "cpp"):
-                continue
-            ratio = r.get("speed_vs_cat_sdpa")
-            lines.append(
-                f"| {r['dtype']} | {r['prompts']} | {r['sets']} | {r['mode']} | {r['impl']} "
-                f"| {r['ms_median']:.3f} | {'' if ratio is None else f'{ratio:.2f}'} "
-                f"| {r.get('err_out', float('nan')):.2e} |"
-            )
+    for name in ("tests_first", "tests_rest"):
+        if (out / f"{name}.xml").is_file():
+            lines += ["", f"{name}: {_test_counts(out / f'{name}.xml')}"]
+    if (out / "op" / "rows.jsonl").is_file():
+        lines += _op_table(out / "op" / "rows.jsonl")
     for name in ("model_bf16", "model_swin", "model_fp32"):
-        report = out / name / "report.md"
+        report, rows = out / name / "report.md", out / name / "rows.jsonl"
         if report.is_file():
             lines += ["", f"## {name}", "", report.read_text().strip()]
+        elif rows.is_file():
+            lines += ["", f"## {name}", "", *_model_rows_table(rows)]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=None, help="default benchmarks/results/<device>/validate")
-    parser.add_argument("--budget", type=float, default=540, help="seconds for all steps")
+    parser.add_argument("--budget", type=float, default=BUDGET, help="seconds for all steps")
     parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes (CI)")
     parser.add_argument("--steps", nargs="+", default=None, help="only these steps")
     args = parser.parse_args(argv)
@@ -270,10 +382,18 @@ def main(argv: list[str] | None = None) -> int:
     begin = time.monotonic()
     _environment(out, args.dry_run)
     plan = [s for s in steps(out, args.dry_run) if args.steps is None or s.name in args.steps]
+    plan.sort(key=lambda s: not s.essential)
     records = []
-    for step in sorted(plan, key=lambda s: not s.essential):
-        left = args.budget - (time.monotonic() - begin)
-        record = _run_step(step, out, left, env)
+    for i, step in enumerate(plan):
+        record = {"step": step.name, "command": " ".join(step.command)}
+        why = step.why_not()
+        timeout = step_timeout(step, args.budget - (time.monotonic() - begin), plan[i + 1 :])
+        if why is None and timeout < MIN_STEP:
+            why = "no time left"
+        if why is not None:
+            record.update(status="skipped", why=why)
+        else:
+            record = _run_step(step, out, timeout, env)
         records.append(record)
         with open(out / "steps.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

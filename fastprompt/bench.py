@@ -8,6 +8,7 @@ are what a report should quote; absolute times depend on the machine.
 from __future__ import annotations
 
 import contextlib
+import copy
 import datetime
 import os
 import platform
@@ -310,9 +311,17 @@ def _peak(fn: Callable[[], object], exclude: list[torch.Tensor], device: torch.d
     }
 
 
-def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run(
+    cfg: BenchConfig,
+    progress: Callable[[str], None] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
     """Measure the prompt-free model, naive VPT and fastprompt (under each memory policy) for
     each prompt count.
+
+    ``on_row`` is handed each row as soon as it is final (a copy, ratios included): the rows of a
+    prompt count when that count is done, the prompt-free row (whose times gather every count's)
+    last. A run cut short has handed on what it finished.
 
     Returns
     -------
@@ -436,10 +445,15 @@ def run(cfg: BenchConfig, progress: Callable[[str], None] | None = None) -> dict
                 row["gflops"] = flops(prompted, x)
             rows.append(row)
         prompted.unwrap()
+        for row in group.values():
+            _add_ratios(row, free, group["naive"])
+            if on_row is not None:
+                on_row(copy.deepcopy(row))
     for kind, times in free_times.items():
         if times:
             free[kind] = summarize(times)
-    _add_ratios(rows)
+    if on_row is not None:
+        on_row(copy.deepcopy(free))
     return {"config": cfg.__dict__.copy(), "env": environment(device), "rows": rows}
 
 
@@ -471,19 +485,17 @@ def _store(group: dict, free_times: dict, kind: str, times: dict[str, list[float
             }
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    free = rows[0]
-    by_key = {(r["prompts"], r["variant"]): r for r in rows}
-    for r in rows[1:]:
-        naive = by_key[(r["prompts"], "naive")]
-        for kind in ("infer", "train"):
-            if kind in r:
-                r[f"{kind}_vs_free"] = r[kind]["median_s"] / r[f"{kind}_free_median_s"]
-                r[f"{kind}_vs_naive"] = r[kind]["median_s"] / naive[kind]["median_s"]
-        if "train_frozen_median_s" in r and "train" in r:
-            r["train_vs_frozen"] = r["train"]["median_s"] / r["train_frozen_median_s"]
-        if "activation_bytes" in r:
-            r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]
-            r["memory_vs_naive"] = r["activation_bytes"] / naive["activation_bytes"]
-        if r.get("peak_bytes") and free.get("peak_bytes"):
-            r["peak_vs_free"] = r["peak_bytes"] / free["peak_bytes"]
+def _add_ratios(r: dict[str, Any], free: dict[str, Any], naive: dict[str, Any]) -> None:
+    """A prompted row's ratios against the prompt-free row and naive VPT of its prompt count
+    (timings against the prompt-free medians of the same group, kept in the row)."""
+    for kind in ("infer", "train"):
+        if kind in r:
+            r[f"{kind}_vs_free"] = r[kind]["median_s"] / r[f"{kind}_free_median_s"]
+            r[f"{kind}_vs_naive"] = r[kind]["median_s"] / naive[kind]["median_s"]
+    if "train_frozen_median_s" in r and "train" in r:
+        r["train_vs_frozen"] = r["train"]["median_s"] / r["train_frozen_median_s"]
+    if "activation_bytes" in r:
+        r["memory_vs_free"] = r["activation_bytes"] / free["activation_bytes"]
+        r["memory_vs_naive"] = r["activation_bytes"] / naive["activation_bytes"]
+    if r.get("peak_bytes") and free.get("peak_bytes"):
+        r["peak_vs_free"] = r["peak_bytes"] / free["peak_bytes"]

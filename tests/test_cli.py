@@ -71,6 +71,10 @@ def test_bench_quick_writes_a_valid_report(tmp_path, capsys):
         }
         paired = fused[f"{kind}_paired"]["naive"]
         assert paired["p20"] <= paired["median"] <= paired["p80"]
+    # Each row was also written as it was final, one JSON line: the prompt-free row last.
+    written = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(written) == len(report["rows"])
+    assert written == report["rows"][1:] + report["rows"][:1]
     md = (out / "report.md").read_text()
     assert "| prompts | variant |" in md
     assert ", CPU allocator " in md
@@ -94,9 +98,41 @@ def test_bench_never_replaces_a_persons_files(tmp_path, capsys):
     (mine / "report.json").write_text('{"env": "prod"}')  # a person's JSON is not bench's
     assert main(args) == 2
     assert (mine / "report.md").read_text() == "my own notes"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "rows.jsonl").write_text('{"id": 1}\n')  # a person's rows are not bench's
+    args[-1] = str(theirs)
+    assert main(args) == 2
+    assert (theirs / "rows.jsonl").read_text() == '{"id": 1}\n'
+    assert "holds rows.jsonl, which fastprompt bench did not write" in capsys.readouterr().err
     out = _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
     _bench(tmp_path, "again", "--no-train", "--no-memory", "--no-flops")
     assert json.loads((out / "report.json").read_text())["rows"]
+
+
+def test_a_bench_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """Rows are written as they are final: a bench that stops during its second prompt count
+    (killed, out of time) leaves the first count's rows; its folder is bench's to write again."""
+    real_vpt = fastprompt.vpt
+
+    def vpt(model, prompts, **kw):
+        if prompts == 6:
+            raise KeyboardInterrupt("cut short")
+        return real_vpt(model, prompts, **kw)
+
+    monkeypatch.setattr(fastprompt, "vpt", vpt)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, "cut", "--prompts", "4", "6", "--reps", "1", "--no-train", "--no-flops")
+    out = tmp_path / "cut"
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert [(r["prompts"], r["variant"]) for r in rows][:2] == [(4, "naive"), (4, "fused")]
+    assert {r["prompts"] for r in rows} == {4} and "prompt-free" not in str(rows)
+    assert rows[1]["infer_vs_naive"] > 0 and rows[1]["memory_vs_free"] > 0
+    assert not (out / "report.json").exists()
+    monkeypatch.setattr(fastprompt, "vpt", real_vpt)
+    _bench(tmp_path, "cut", "--no-train", "--no-memory", "--no-flops")
+    rows = [json.loads(x) for x in (out / "rows.jsonl").read_text().splitlines()]
+    assert len(rows) == len(json.loads((out / "report.json").read_text())["rows"])
 
 
 def test_paired_ratios_cancel_drift_between_repetitions():

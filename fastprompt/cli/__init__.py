@@ -25,6 +25,9 @@ from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = ["main"]
 
+# ``fastprompt bench``'s rows, one JSON line each as it is measured (beside report.json).
+ROWS = "rows.jsonl"
+
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -132,8 +135,11 @@ def _bench(args: argparse.Namespace) -> int:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
-    outputs = ["fits.json", "fits.md"] if args.fits is not None else ["report.json", "report.md"]
-    problem = _foreign_outputs(args.out, outputs if args.fits is not None else [*outputs, *FIGURES])
+    if args.fits is not None:
+        outputs = ["fits.json", "fits.md"]
+    else:
+        outputs = ["report.json", "report.md", ROWS, *FIGURES]
+    problem = _foreign_outputs(args.out, outputs)
     if problem:
         print(f"fastprompt bench: {problem}", file=sys.stderr)
         return 2
@@ -171,10 +177,17 @@ def _bench(args: argparse.Namespace) -> int:
         def progress(msg: str) -> None:
             print(msg, file=sys.stderr)
 
-    result = bench.run(cfg, progress)
+    # Each row as it is final, one JSON line: a run cut short keeps what it measured.
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, ROWS), "w") as rows:
+
+        def on_row(row: dict) -> None:
+            rows.write(json.dumps(row) + "\n")
+            rows.flush()
+
+        result = bench.run(cfg, progress, on_row)
     if bar is not None:
         bar.close()
-    os.makedirs(args.out, exist_ok=True)
     _write_json(os.path.join(args.out, "report.json"), result)
     md = markdown_table(result)
     if args.compare:
@@ -203,8 +216,9 @@ def _write_json(path: str, data: Any) -> None:
 
 def _foreign_outputs(out: str, names: list[str]) -> str | None:
     """Why bench may not write ``names`` into ``out``: one of them is there and the folder is
-    not an earlier bench's (its JSON, report.json or fits.json, holds what bench writes), so a
-    person's file would be replaced. Bench writes its JSON whole (a killed bench leaves none)."""
+    not an earlier bench's (its JSON, report.json or fits.json, holds what bench writes; or, for
+    a bench killed before its report, its rows.jsonl holds only bench rows), so a person's file
+    would be replaced. Bench writes its JSON whole (a killed bench leaves none)."""
     present = [n for n in names if os.path.lexists(os.path.join(out, n))]
     if not present:
         return None
@@ -216,6 +230,14 @@ def _foreign_outputs(out: str, names: list[str]) -> str | None:
             return None  # an earlier bench's folder: its results are replaced
     except (OSError, ValueError):
         pass
+    if ROWS in names and not os.path.lexists(os.path.join(out, names[0])):
+        try:
+            with open(os.path.join(out, ROWS)) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+            if all(isinstance(r, dict) and {"prompts", "variant"} <= r.keys() for r in rows):
+                return None  # a bench cut short before its report
+        except (OSError, ValueError):
+            pass
     return (
         f"--out {out} holds {', '.join(present)}, which fastprompt bench did not write; choose "
         "another --out (nothing was written)"

@@ -66,7 +66,7 @@ def _inputs(b, h, n, d, t, p, dtype, seed=0, device="cuda"):
     return q, k, v, pk, pv, dout
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("d", [32, 64, 80, 96, 128])
 def test_half_precision_within_pytorchs_own_error(dtype, d):
     b, h, n, t, p = 4, 6, 197, 3, 50
