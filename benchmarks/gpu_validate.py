@@ -301,7 +301,7 @@ def _op_table(rows_file: Path) -> list[str]:
 def _model_rows_table(rows_file: Path) -> list[str]:
     """The rows a model step finished before its timeout (``fastprompt bench``'s rows.jsonl)."""
     rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
-    lines = [f"cut by its timeout: the {len(rows)} rows it finished (rows.jsonl)", ""]
+    lines = [f"cut short: the {len(rows)} rows it finished (rows.jsonl)", ""]
     lines += ["| prompts | variant | infer ms | infer vs naive | train ms | train vs naive "]
     lines[-1] += "| train vs free | peak MiB |"
     lines += ["|---|---|---|---|---|---|---|---|"]
@@ -349,12 +349,14 @@ def summary(out: Path, records: list[dict], wall: float) -> str:
             lines += ["", f"{name}: {_test_counts(out / f'{name}.xml')}"]
     if (out / "op" / "rows.jsonl").is_file():
         lines += _op_table(out / "op" / "rows.jsonl")
+    status = {r["step"]: r["status"] for r in records}
     for name in ("model_bf16", "model_swin", "model_fp32"):
         report, rows = out / name / "report.md", out / name / "rows.jsonl"
-        if report.is_file():
-            lines += ["", f"## {name}", "", report.read_text().strip()]
-        elif rows.is_file():
+        cut = status.get(name, "").startswith("timed out")  # a report there is an older run's
+        if rows.is_file() and (cut or not report.is_file()):
             lines += ["", f"## {name}", "", *_model_rows_table(rows)]
+        elif report.is_file():
+            lines += ["", f"## {name}", "", report.read_text().strip()]
     return "\n".join(lines) + "\n"
 
 

@@ -166,7 +166,9 @@ def test_a_model_step_cut_by_its_timeout_is_summarised_from_its_rows(tmp_path):
     ]
     (tmp_path / "model_bf16").mkdir()
     (tmp_path / "model_bf16" / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "model_bf16" / "report.md").write_text("an earlier run's report")
     record = {"step": "model_bf16", "status": "timed out after 90 s", "seconds": 90.0}
     text = gpu_validate.summary(tmp_path, [record], 100)
+    assert "an earlier run's report" not in text
     assert "## model_bf16" in text and "the 2 rows it finished" in text
     assert "| 200 | fused | 10.00 | 0.500 | - |" in text
