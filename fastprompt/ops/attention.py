@@ -425,7 +425,8 @@ def _check_key_bias(op, key_bias, scores_shape, device) -> None:
 # a model reuses one per forward across its blocks, so the device-side check is launched once,
 # not once per block. Writes that bypass the version counter (``.data``, DLPack) are not seen, so
 # CPU tensors, which numpy may share (``torch.from_numpy``), are checked on every call: there
-# the check is two reductions of a (B,) vector and no synchronisation.
+# the check is two reductions of a (B,) vector and no synchronisation. Inference tensors have no
+# version counter: they are checked at every call too.
 _CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
@@ -465,10 +466,12 @@ def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
         if got_lo < lo or got_hi > hi:
             raise ValueError(f"{op}: {name} values must lie in {span}, got [{got_lo}, {got_hi}]")
         return
-    if not _already_checked(t, lo, hi):
+    inference = t.is_inference()
+    if inference or not _already_checked(t, lo, hi):
         # Two tiny reductions and a device-side assert: no host sync in the hot path; a bad value
         # stops the stream with this message instead of reading out of bounds.
         torch._assert_async(
             ((t >= lo) & (t <= hi)).all(), f"{op}: {name} values must lie in {span}"
         )
-        _mark_checked(t, lo, hi)
+        if not inference:
+            _mark_checked(t, lo, hi)

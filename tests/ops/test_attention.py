@@ -182,6 +182,17 @@ def test_an_index_changed_behind_its_version_counter_is_checked_again():
         prompt_attention(q, k, v, pk, pv, index, backend="torch")
 
 
+def test_an_inference_index_on_a_device_is_checked_at_every_call():
+    """A device index made under inference_mode has no version counter: the per-version cache
+    of device checks raised reading it (the meta device takes the same branch as CUDA)."""
+    from fastprompt.ops.attention import _check_int_vector
+
+    with torch.inference_mode():
+        index = torch.tensor([0, 1], device="meta")
+    for _ in range(2):
+        _check_int_vector("op", "prompt_index", index, 2, index.device, 0, 1, "[0, 2)")
+
+
 def test_a_compiled_call_checks_the_index_in_its_graph():
     torch._dynamo.reset()
     q, k, v = make_qkv(2, 2, 5, 8)
