@@ -182,6 +182,31 @@ def test_an_index_changed_behind_its_version_counter_is_checked_again():
         prompt_attention(q, k, v, pk, pv, index, backend="torch")
 
 
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [
+        (float("inf"), ValueError, "scale must be finite, got inf"),
+        (float("-inf"), ValueError, "scale must be finite"),
+        (float("nan"), ValueError, "scale must be finite"),
+        ("0.5", TypeError, "scale must be a real number, got str"),
+        (True, TypeError, "scale must be a real number, got bool"),
+    ],
+)
+def test_a_scale_the_backends_would_disagree_on_is_refused(scale, error, match):
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(1, 2, 3, 8)
+    with pytest.raises(error, match=match):
+        prompt_attention(q, k, v, pk, pv, scale=scale, backend="torch")
+    assert prompt_attention(q, k, v, pk, pv, scale=np.float32(0.5), backend="torch")[0].shape
+
+
+def test_head_dim_0_asks_for_a_scale():
+    q, k, v = (torch.randn(2, 2, 5, 0) for _ in range(3))
+    pk, pv = make_prompts(1, 2, 3, 0)
+    with pytest.raises(ValueError, match="head dim 0 has no default scale"):
+        prompt_attention(q, k, v, pk, pv, backend="torch")
+
+
 def test_an_inference_index_on_a_device_is_checked_at_every_call():
     """A device index made under inference_mode has no version counter: the per-version cache
     of device checks raised reading it (the meta device takes the same branch as CUDA)."""
