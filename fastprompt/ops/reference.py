@@ -117,7 +117,8 @@ def prompt_attention_ref(
     keyless = torch.isneginf(scores).all(-1, keepdim=True)
     scores = scores.masked_fill(keyless, 0.0)
     lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.exp(scores - lse).masked_fill(keyless, 0.0) @ values
+    # nan_to_num: an infinite scale has no finite softmax (out 0, lse +inf, as the kernels).
+    out = torch.exp(scores - lse).nan_to_num(0.0).masked_fill(keyless, 0.0) @ values
     lse = lse.masked_fill(keyless, float("-inf")).squeeze(-1)
     return out.to(q.dtype), lse.to(acc if acc == torch.float64 else torch.float32)
 
