@@ -46,6 +46,7 @@ from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
+from fastprompt.timm_facing import TimmFacing
 
 __all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
@@ -96,7 +97,7 @@ class _Step:
     held: int
 
 
-class PromptedViT(MemoryPolicies, OwningWrapper):
+class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -194,14 +195,6 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
             classifier = self._backbone.classifier()
             if self._classifier_trains and any(m is classifier for m in value.modules()):
                 classifier.requires_grad_(True)
-
-    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        """timm's ``reset_classifier`` of the wrapped model: a new head of ``num_classes``
-        outputs in timm's initialisation (not the method's ``head_init``), which trains. Its
-        pooling arguments pass through; the readout stays the one the wrapper was built with."""
-        self._check_live()
-        self._model.reset_classifier(num_classes, *args, **kwargs)
-        self._sync()
 
     def train(self, mode: bool = True) -> PromptedViT:
         """Set the prompt source's mode; the frozen backbone always stays in eval mode."""
