@@ -156,7 +156,7 @@ class MultiTaskViT(PromptedViT):
         self.heads = nn.ModuleList(heads)
         self.task_names = tuple(names)
         self.task_readouts = tuple(readouts)
-        self.num_classes = tuple(int(h.out_features) for h in heads)
+        self._task_classes = tuple(int(h.out_features) for h in heads)
 
     # -- tasks ------------------------------------------------------------------------------------
 
@@ -260,6 +260,16 @@ class MultiTaskViT(PromptedViT):
             yield self
 
     _classifier_trains = False
+
+    @property
+    def num_classes(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Classes of each task's head, in task order."""
+        return self._task_classes
+
+    def get_classifier(self) -> nn.Module:
+        raise NotImplementedError(
+            f"{_WHO}: each task has its own head (heads[t]); the backbone's is not used"
+        )
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

@@ -195,3 +195,15 @@ def test_checkpoints_carry_a_checksum_and_their_classes(tmp_path):
     (tmp_path / "ck" / "config.json").write_text('{"edited": true}')
     with pytest.warns(UserWarning, match="config.json does not match the config stored inside"):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "ck")
+
+
+def test_prompts_of_other_backbone_weights_are_refused(tmp_path):
+    """The same architecture with other weights (a model created without pretrained=True) took
+    the prompts without a word; the logits were meaningless."""
+    _trained().save_prompts(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trained on other backbone weights \(.*check_weights"):
+        fastprompt.load_prompts(tiny_vit(seed=1), tmp_path / "run")
+    assert fastprompt.load_prompts(tiny_vit(seed=1), tmp_path / "run", check_weights=False)
+    # The same weights in bfloat16 are the same weights.
+    assert fastprompt.load_prompts(tiny_vit().bfloat16(), tmp_path / "run")
+    assert len(fastprompt.checkpoint.checkpoint_info(tmp_path / "run")["weights_probe"]) == 3
