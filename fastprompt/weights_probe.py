@@ -1,6 +1,7 @@
 """A few values of a backbone's frozen weights, recorded with its prompts (``docs/design.md`` §4,
-"Files are checked before they are trusted"): prompts trained on one set of weights are meaningless on another, and a model
-created without ``pretrained=True`` (or with another pretrained tag) has the same shapes.
+"Files are checked before they are trusted"): prompts trained on one set of weights are
+meaningless on another, and a model created without ``pretrained=True`` (or with another
+pretrained tag) has the same shapes.
 
 Sixteen evenly spaced values of three weight tensors (the first, the middle and the last of the
 backbone's parameters with at least 256 values, the classifier left out: it is saved with the
