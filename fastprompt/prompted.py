@@ -165,6 +165,7 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         self._memory = "none"
         self._refuse_unfused(who)
         object.__setattr__(self, "_adopted", [])
+        object.__setattr__(self, "_hooks_said", set())  # modules whose skipped hooks were said
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
         self._adopt(model)
@@ -293,11 +294,14 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         """Say once per module that its hooks do not run: this forward computes it its own way
         (observers such as FLOP counters register hooks on every module, so it is not refused;
         a hook that changes an output is then ignored, which the warning says)."""
-        bb, said = self._backbone, self.__dict__.setdefault("_hooks_said", set())
-        names = [n for n in _skipped_hooks(bb.own_forwards(block, fused, memory)) if n not in said]
+        bb = self._backbone
+        hooked = _skipped_hooks(bb.own_forwards(block, fused, memory))
+        if not hooked:
+            return
+        names = [n for n in hooked if n not in self._hooks_said]
         if not names:
             return
-        said.update(names)
+        self._hooks_said.update(names)
         naive = [n for n, _ in bb.own_forwards(block, False, "none")]
         hint = "" if any(n in naive for n in names) else "; impl='naive' runs them"
         warnings.warn(

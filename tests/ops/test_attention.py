@@ -248,3 +248,15 @@ def test_collecting_the_op_tests_builds_nothing():
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_the_cpu_kernel_gets_a_mask_unit_strided_along_the_keys():
+    """torch 2.6's CPU flash kernel read a transposed mask as if it were not (the cascade's image
+    part was off by 2 under a transposed 2-D key_bias); later torch reads its strides."""
+    from fastprompt.kernels.torch._sdpa import _cpu_mask
+
+    q = torch.randn(2, 2, 5, 8)
+    mask = _cpu_mask(torch.randn(7, 5).t(), q)
+    assert mask.stride(-1) == 1 and mask.shape[-2:] == (5, 7)
+    broadcast = _cpu_mask(torch.randn(1, 1, 5, 1).expand(2, 2, 5, 7), q)
+    assert broadcast.stride(0) == 0  # a mask broadcast along the keys alone is widened, not more
