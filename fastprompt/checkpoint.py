@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from fastprompt import registry
 from fastprompt.backbones import adapter_for
 from fastprompt.tensorfiles import FileDamaged, inspect_safetensors, load_torch, tensor_digest
+from fastprompt.weights_probe import mismatch, probe
 
 __all__ = ["CheckpointError", "checkpoint_info", "load_prompts", "save_prompts"]
 
@@ -56,6 +57,7 @@ def describe(prompted: nn.Module) -> dict[str, Any]:
         "method": prompted.method,
         "config": registry.get(prompted.method).describe(prompted),
         "model": prompted.backbone.signature(),
+        "weights_probe": probe(prompted.model, prompted.backbone.classifier()),
         "impl": prompted.impl,
     }
 
@@ -118,6 +120,8 @@ def load_prompts(
     model: nn.Module,
     path: str | os.PathLike | Mapping[str, Tensor],
     method: str | None = None,
+    *,
+    check_weights: bool = True,
     **overrides: Any,
 ) -> nn.Module:
     """Wrap a fresh timm model with saved prompts (and head).
@@ -133,6 +137,10 @@ def load_prompts(
     method : str, optional
         The method the checkpoint must hold (``"vpt"``, ``"pgn"``, ...); a checkpoint of another
         method is refused. Default: whatever it holds.
+    check_weights : bool
+        Refuse a model whose frozen weights are not those the prompts were trained on (a few of
+        their values are saved with the prompts; a model created without ``pretrained=True``,
+        or with another pretrained tag, has the same shapes). False loads them anyway.
     **overrides
         How to run the model (``impl``, ``backend``) and what the method lets a loader change
         (VPT: ``dropout``, ``readout``).
@@ -144,8 +152,9 @@ def load_prompts(
     Raises
     ------
     CheckpointError
-        (a ValueError) If the checkpoint was made for another model shape, class count or method
-        (the message names what differs), or the file is damaged, truncated or not a checkpoint.
+        (a ValueError) If the checkpoint was made for another model shape, class count, method
+        or backbone weights (the message names what differs), or the file is damaged, truncated
+        or not a checkpoint.
     FileNotFoundError
         If the path holds no checkpoint.
     """
@@ -175,6 +184,8 @@ def load_prompts(
     except ValueError as e:
         raise CheckpointError(f"load_prompts: {where}: {_bare(e)}") from None
     try:
+        if check_weights:  # after the checks of the file and its config, which say more
+            _check_weights(saved, model, where)
         _copy_into(prompted, state, where)
     except BaseException:
         prompted.unwrap()  # the user's model is theirs again, to retry with
@@ -344,6 +355,20 @@ def _check_signature(saved: dict, model: nn.Module, where: str) -> None:
     if diff:
         raise CheckpointError(
             f"load_prompts: {where} was saved from another model shape ({'; '.join(diff)})"
+        )
+
+
+def _check_weights(saved: dict[str, Any], model: nn.Module, where: str) -> None:
+    recorded = saved.get("weights_probe")
+    if not isinstance(recorded, dict):  # saved before probes were recorded
+        return
+    classifier = adapter_for(model, "load_prompts").classifier()
+    differs = mismatch(recorded, probe(model, classifier))
+    if differs:
+        raise CheckpointError(
+            f"load_prompts: {where} was trained on other backbone weights ({differs}): create "
+            "the model as it was then (pretrained=True, the same pretrained tag or weights "
+            "file), or pass check_weights=False to load the prompts anyway"
         )
 
 

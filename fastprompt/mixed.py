@@ -156,7 +156,7 @@ class MultiTaskViT(PromptedViT):
         self.heads = nn.ModuleList(heads)
         self.task_names = tuple(names)
         self.task_readouts = tuple(readouts)
-        self.num_classes = tuple(int(h.out_features) for h in heads)
+        self._task_classes = tuple(int(h.out_features) for h in heads)
 
     # -- tasks ------------------------------------------------------------------------------------
 
@@ -183,27 +183,33 @@ class MultiTaskViT(PromptedViT):
         elif isinstance(task, Sequence):
             lookup = {n: i for i, n in enumerate(self.task_names)}
             try:
-                index = torch.tensor(
-                    [t if isinstance(t, int) else lookup[t] for t in task], device=device
-                ).long()
+                values = [t if isinstance(t, int) else lookup[t] for t in task]
             except KeyError as e:
                 raise ValueError(
                     f"{_WHO}: unknown task {e.args[0]!r} (tasks: {list(self.task_names)})"
                 ) from None
+            if any(not 0 <= v < count for v in values):
+                raise ValueError(f"{_WHO}: task indices must be in [0, {count}), got {values}")
+            index = torch.tensor(values, dtype=torch.long, device=device)
+            task = None  # checked above
         else:
             raise TypeError(f"{_WHO}: task must name tasks or index them, got {type(task)}")
         if index.shape != (batch,):
             raise ValueError(f"{_WHO}: {index.numel()} tasks given for {batch} images")
-        if not batch:
+        if not batch or task is None:
             return index
-        if torch.compiler.is_compiling():
-            # Reading the indices back would break the graph: the check runs inside it instead.
+        # Read back only from host memory: on a device, and inside a compiled graph, reading the
+        # indices would synchronise (or break the graph), so the check runs there instead.
+        if task.device.type == "cpu" and not torch.compiler.is_compiling():
+            if int(task.min()) < 0 or int(task.max()) >= count:
+                raise ValueError(
+                    f"{_WHO}: task indices must be in [0, {count}), got {task.tolist()}"
+                )
+        else:
             torch._assert_async(
                 ((index >= 0) & (index < count)).all(),
                 f"{_WHO}: task indices must be in [0, {count})",
             )
-        elif int(index.min()) < 0 or int(index.max()) >= count:
-            raise ValueError(f"{_WHO}: task indices must be in [0, {count}), got {index.tolist()}")
         return index
 
     # -- forward ----------------------------------------------------------------------------------
@@ -254,6 +260,16 @@ class MultiTaskViT(PromptedViT):
             yield self
 
     _classifier_trains = False
+
+    @property
+    def num_classes(self) -> tuple[int, ...]:  # type: ignore[override]
+        """Classes of each task's head, in task order."""
+        return self._task_classes
+
+    def get_classifier(self) -> nn.Module:
+        raise NotImplementedError(
+            f"{_WHO}: each task has its own head (heads[t]); the backbone's is not used"
+        )
 
     def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
         raise NotImplementedError(

@@ -46,6 +46,7 @@ from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
+from fastprompt.timm_facing import TimmFacing
 
 __all__ = ["IMPLS", "MEMORY_POLICIES", "AttentionCall", "PromptedViT", "TokenFn", "run_attention"]
 
@@ -96,7 +97,7 @@ class _Step:
     held: int
 
 
-class PromptedViT(MemoryPolicies, OwningWrapper):
+class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -164,6 +165,7 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         self._memory = "none"
         self._refuse_unfused(who)
         object.__setattr__(self, "_adopted", [])
+        object.__setattr__(self, "_hooks_said", set())  # modules whose skipped hooks were said
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
         self._adopt(model)
@@ -194,14 +196,6 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
             classifier = self._backbone.classifier()
             if self._classifier_trains and any(m is classifier for m in value.modules()):
                 classifier.requires_grad_(True)
-
-    def reset_classifier(self, num_classes: int, *args: Any, **kwargs: Any) -> None:
-        """timm's ``reset_classifier`` of the wrapped model: a new head of ``num_classes``
-        outputs in timm's initialisation (not the method's ``head_init``), which trains. Its
-        pooling arguments pass through; the readout stays the one the wrapper was built with."""
-        self._check_live()
-        self._model.reset_classifier(num_classes, *args, **kwargs)
-        self._sync()
 
     def train(self, mode: bool = True) -> PromptedViT:
         """Set the prompt source's mode; the frozen backbone always stays in eval mode."""
@@ -300,11 +294,14 @@ class PromptedViT(MemoryPolicies, OwningWrapper):
         """Say once per module that its hooks do not run: this forward computes it its own way
         (observers such as FLOP counters register hooks on every module, so it is not refused;
         a hook that changes an output is then ignored, which the warning says)."""
-        bb, said = self._backbone, self.__dict__.setdefault("_hooks_said", set())
-        names = [n for n in _skipped_hooks(bb.own_forwards(block, fused, memory)) if n not in said]
+        bb = self._backbone
+        hooked = _skipped_hooks(bb.own_forwards(block, fused, memory))
+        if not hooked:
+            return
+        names = [n for n in hooked if n not in self._hooks_said]
         if not names:
             return
-        said.update(names)
+        self._hooks_said.update(names)
         naive = [n for n, _ in bb.own_forwards(block, False, "none")]
         hint = "" if any(n in naive for n in names) else "; impl='naive' runs them"
         warnings.warn(

@@ -46,6 +46,25 @@ def test_official_vpt_checkpoint_loads(tmp_path):
         assert torch.equal(p, loaded.trainable_parameters()[name]), name
 
 
+@pytest.mark.parametrize("method", ["vpt", "e2vpt"])
+def test_an_official_checkpoint_with_a_hidden_layer_head_is_refused(tmp_path, method):
+    """The official MODEL.MLP_NUM > 0 puts head.projection.* before head.last_layer (of the same
+    shape as a timm head): loading last_layer alone dropped the hidden layers without a word."""
+    prompted = _trained()
+    official = {
+        "enc.transformer.prompt_embeddings": prompted.prompt_embeddings.detach(),
+        "head.projection.0.0.weight": torch.zeros(64, 64),
+        "head.projection.0.0.bias": torch.zeros(64),
+        "head.last_layer.weight": prompted.model.head.weight.detach(),
+        "head.last_layer.bias": prompted.model.head.bias.detach(),
+    }
+    if method == "e2vpt":
+        official["enc.transformer.encoder.layer.0.attn.deep_QKV_embeddings"] = torch.zeros(1, 2, 64)
+    torch.save({"model": official}, tmp_path / "official.pth")
+    with pytest.raises(ValueError, match=r"hidden layers \(head\.projection\.0\.0\.bias.*MLP_NUM"):
+        fastprompt.load_prompts(tiny_vit(), tmp_path / "official.pth")
+
+
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     _trained().save_prompts(tmp_path / "run")
     with pytest.raises(
@@ -176,3 +195,15 @@ def test_checkpoints_carry_a_checksum_and_their_classes(tmp_path):
     (tmp_path / "ck" / "config.json").write_text('{"edited": true}')
     with pytest.warns(UserWarning, match="config.json does not match the config stored inside"):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "ck")
+
+
+def test_prompts_of_other_backbone_weights_are_refused(tmp_path):
+    """The same architecture with other weights (a model created without pretrained=True) took
+    the prompts without a word; the logits were meaningless."""
+    _trained().save_prompts(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"trained on other backbone weights \(.*check_weights"):
+        fastprompt.load_prompts(tiny_vit(seed=1), tmp_path / "run")
+    assert fastprompt.load_prompts(tiny_vit(seed=1), tmp_path / "run", check_weights=False)
+    # The same weights in bfloat16 are the same weights.
+    assert fastprompt.load_prompts(tiny_vit().bfloat16(), tmp_path / "run")
+    assert len(fastprompt.checkpoint.checkpoint_info(tmp_path / "run")["weights_probe"]) == 3

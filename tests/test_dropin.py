@@ -141,3 +141,30 @@ def test_a_swin_block_replaced_by_another_kind_is_refused():
     prompted.model.layers[0].blocks[1] = Block(16, 2)
     with pytest.raises(TypeError, match="block 1 of stage 0 is Block"):
         prompted(images(2))
+
+
+def test_timm_reads_the_wrapped_models_config_through_the_wrapper():
+    import timm
+
+    model = timm.create_model(
+        "vit_base_patch16_clip_224.openai",
+        pretrained=False,
+        img_size=32,
+        patch_size=8,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        num_classes=5,
+    )
+    prompted = fastprompt.vpt(model, num_prompts=2)
+    config = timm.data.resolve_data_config(model=prompted)
+    assert config == timm.data.resolve_data_config(model=model)
+    assert config["mean"] == timm.data.OPENAI_CLIP_MEAN  # not timm's ImageNet default
+    assert timm.data.resolve_model_data_config(prompted) == config
+    assert prompted.default_cfg == model.pretrained_cfg
+    assert (prompted.num_classes, prompted.num_features) == (5, 32)
+    assert prompted.get_classifier() is model.get_classifier()
+    prompted.reset_classifier(7)
+    assert prompted.num_classes == 7 and prompted.get_classifier().out_features == 7
+    assert prompted(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    assert not hasattr(prompted, "forward_intermediates")  # it would run without prompts

@@ -75,6 +75,18 @@ def test_tasks_are_named_or_indexed():
         mixed(x, ["a", "b"])
     with pytest.raises(ValueError, match=r"task indices must be in \[0, 2\)"):
         mixed(x, [0, 2, 1])
+    with pytest.raises(ValueError, match=r"task indices must be in \[0, 2\), got \[0, -1, 1\]"):
+        mixed(x, torch.tensor([0, -1, 1]))
+
+
+def test_task_indices_on_a_device_are_checked_there_not_read_back():
+    """Reading a device's indices back synchronised the host at every forward (meta stands in
+    for CUDA: it has no values to read)."""
+    tasks = _tasks()
+    mixed = fastprompt.multitask({"a": tasks["vpt3"], "b": tasks["e2vpt"]})
+    meta = torch.device("meta")
+    assert mixed.task_index(torch.tensor([1, 0], device=meta), 2, meta).device == meta
+    assert mixed.task_index(["b", "a"], 2, meta).device == meta
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,19 @@ std::optional<Tensor> maybe(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
+// The CPU flash kernel of torch 2.6 reads a mask's keys with unit stride, whatever its stride
+// (a transposed mask gave wrong results): a mask strided along the keys is copied first, its
+// other broadcast dimensions kept broadcast.
+std::optional<Tensor> cpu_mask(const Tensor& t) {
+  if (!t.defined()) return std::nullopt;
+  if (t.size(-1) <= 1 || t.stride(-1) == 1) return t;
+  Tensor base = t;
+  for (int64_t i = 0; i + 1 < t.dim(); ++i) {
+    if (t.stride(i) == 0) base = base.narrow(i, 0, 1);
+  }
+  return base.contiguous().expand(t.sizes());
+}
+
 // FlashAttention-2 needs sm_80 or newer.
 bool flash_capable(const Tensor& q) {
 #ifdef FASTPROMPT_WITH_CUDA
@@ -87,7 +100,7 @@ std::tuple<Tensor, Tensor> part_forward(const Tensor& q, const Tensor& k, const 
                                         const Tensor& bias, double scale) {
   if (q.is_cpu()) {
     auto [out, lse] =
-        at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, maybe(bias), scale);
+        at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, cpu_mask(bias), scale);
     return {out, lse};
   }
   const std::string why = cuda_part_unsupported(q.scalar_type(), q.size(-1));
@@ -107,7 +120,7 @@ std::tuple<Tensor, Tensor, Tensor> part_backward(const Tensor& dout, const Tenso
                                                  const Tensor& lse, double scale) {
   if (q.is_cpu()) {
     return at::_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0,
-                                                                    false, maybe(bias), scale);
+                                                                    false, cpu_mask(bias), scale);
   }
   const std::string why = cuda_part_unsupported(q.scalar_type(), q.size(-1));
   TORCH_CHECK(why.empty(), "fastprompt_ext: ", why);

@@ -9,6 +9,7 @@ section 6.
 from __future__ import annotations
 
 import math
+import numbers
 import operator
 import weakref
 
@@ -260,6 +261,8 @@ def prompt_attention(
         and merging heads is free. Zero for a query without any key.
     lse : Tensor, shape (B, H, N), float32 (float64 for float64 inputs)
         Natural-log log-sum-exp of each query's scaled, biased scores (−inf without any key).
+        Not differentiable, as the log-sum-exp of PyTorch's own attention kernels: a loss that
+        reads it gets no gradient through it.
     """
     check_inputs(
         "prompt_attention", q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias
@@ -340,12 +343,23 @@ def choose_for(
 
 
 def check_scale(q: Tensor, scale: float | None) -> float:
-    """``scale`` as a float (default ``d ** -0.5``); NaN is refused."""
-    # The head dim is a model's constant: specialised if torch.compile traces it symbolically.
-    scale = float(operator.index(q.shape[-1]) ** -0.5 if scale is None else scale)
-    if math.isnan(scale):
-        raise ValueError("prompt_attention: scale is NaN")
-    return scale
+    """``scale`` as a float (default ``d ** -0.5``); a non-finite one is refused (the backends'
+    online softmaxes differ on it)."""
+    if scale is None:
+        # The head dim is a model's constant: specialised if torch.compile traces it symbolically.
+        d = operator.index(q.shape[-1])
+        if d == 0:
+            raise ValueError(
+                "prompt_attention: head dim 0 has no default scale (d ** -0.5); pass scale"
+            )
+        return float(d**-0.5)
+    if isinstance(scale, bool) or not isinstance(scale, (numbers.Real, torch.SymFloat)):
+        raise TypeError(
+            f"prompt_attention: scale must be a real number, got {type(scale).__name__}"
+        )
+    if not math.isfinite(scale):
+        raise ValueError(f"prompt_attention: scale must be finite, got {scale}")
+    return float(scale)
 
 
 def check_inputs(op, q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias=None):
@@ -425,7 +439,8 @@ def _check_key_bias(op, key_bias, scores_shape, device) -> None:
 # a model reuses one per forward across its blocks, so the device-side check is launched once,
 # not once per block. Writes that bypass the version counter (``.data``, DLPack) are not seen, so
 # CPU tensors, which numpy may share (``torch.from_numpy``), are checked on every call: there
-# the check is two reductions of a (B,) vector and no synchronisation.
+# the check is two reductions of a (B,) vector and no synchronisation. Inference tensors have no
+# version counter: they are checked at every call too.
 _CHECKED: dict[int, tuple[weakref.ref, int, int, int]] = {}
 
 
@@ -465,10 +480,12 @@ def _check_int_vector(op, name, t, size, device, lo, hi, span) -> None:
         if got_lo < lo or got_hi > hi:
             raise ValueError(f"{op}: {name} values must lie in {span}, got [{got_lo}, {got_hi}]")
         return
-    if not _already_checked(t, lo, hi):
+    inference = t.is_inference()
+    if inference or not _already_checked(t, lo, hi):
         # Two tiny reductions and a device-side assert: no host sync in the hot path; a bad value
         # stops the stream with this message instead of reading out of bounds.
         torch._assert_async(
             ((t >= lo) & (t <= hi)).all(), f"{op}: {name} values must lie in {span}"
         )
-        _mark_checked(t, lo, hi)
+        if not inference:
+            _mark_checked(t, lo, hi)

@@ -111,9 +111,15 @@ def prompt_attention_ref(
         else:
             image_scores = image_scores + bias
     scores = torch.cat([prompt_scores, image_scores], dim=-1)
-    lse = torch.logsumexp(scores, dim=-1)
-    # exp(s - lse) is NaN, not 0, for a query without keys (lse = -inf): those rows give 0.
-    out = torch.exp(scores - lse.unsqueeze(-1)).nan_to_num(0.0) @ values
+    # A query without any key (every score -inf) gives out 0, lse -inf and no gradient: its
+    # scores are zeroed before anything differentiates them (exp(-inf - -inf) is NaN, and its
+    # gradient would reach every key of the sequence).
+    keyless = torch.isneginf(scores).all(-1, keepdim=True)
+    scores = scores.masked_fill(keyless, 0.0)
+    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    # nan_to_num: an infinite scale has no finite softmax (out 0, lse +inf, as the kernels).
+    out = torch.exp(scores - lse).nan_to_num(0.0).masked_fill(keyless, 0.0) @ values
+    lse = lse.masked_fill(keyless, float("-inf")).squeeze(-1)
     return out.to(q.dtype), lse.to(acc if acc == torch.float64 else torch.float32)
 
 

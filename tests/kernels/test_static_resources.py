@@ -164,3 +164,14 @@ def test_what_an_older_triton_spills_is_not_admitted(arch, role, cfg, d, seen):
     """The pruner's table holds for every supported Triton (>= 3.2), not only the report's."""
     admitted = _tuning.admissible(role, _tuning.CONFIGS[role], d, 2, arch, _tuning.SMEM_LIMIT[arch])
     assert cfg not in admitted, f"{role} {cfg} fp16/bf16 d={d} on sm_{arch} ({seen})"
+
+
+def test_an_autotuner_can_be_built_while_compiling_ahead_of_time():
+    # Triton 3.2 asks for the benchmarker when an Autotuner is built (at import of the kernel
+    # modules, inside the stand-in driver); only running a benchmark is impossible there.
+    from triton.runtime import driver
+
+    with _aot.target(90):
+        bench = driver.active.get_benchmarker()
+        with pytest.raises(RuntimeError, match="cannot benchmark"):
+            bench(lambda: None)

@@ -182,6 +182,42 @@ def test_an_index_changed_behind_its_version_counter_is_checked_again():
         prompt_attention(q, k, v, pk, pv, index, backend="torch")
 
 
+@pytest.mark.parametrize(
+    "scale, error, match",
+    [
+        (float("inf"), ValueError, "scale must be finite, got inf"),
+        (float("-inf"), ValueError, "scale must be finite"),
+        (float("nan"), ValueError, "scale must be finite"),
+        ("0.5", TypeError, "scale must be a real number, got str"),
+        (True, TypeError, "scale must be a real number, got bool"),
+    ],
+)
+def test_a_scale_the_backends_would_disagree_on_is_refused(scale, error, match):
+    q, k, v = make_qkv(2, 2, 5, 8)
+    pk, pv = make_prompts(1, 2, 3, 8)
+    with pytest.raises(error, match=match):
+        prompt_attention(q, k, v, pk, pv, scale=scale, backend="torch")
+    assert prompt_attention(q, k, v, pk, pv, scale=np.float32(0.5), backend="torch")[0].shape
+
+
+def test_head_dim_0_asks_for_a_scale():
+    q, k, v = (torch.randn(2, 2, 5, 0) for _ in range(3))
+    pk, pv = make_prompts(1, 2, 3, 0)
+    with pytest.raises(ValueError, match="head dim 0 has no default scale"):
+        prompt_attention(q, k, v, pk, pv, backend="torch")
+
+
+def test_an_inference_index_on_a_device_is_checked_at_every_call():
+    """A device index made under inference_mode has no version counter: the per-version cache
+    of device checks raised reading it (the meta device takes the same branch as CUDA)."""
+    from fastprompt.ops.attention import _check_int_vector
+
+    with torch.inference_mode():
+        index = torch.tensor([0, 1], device="meta")
+    for _ in range(2):
+        _check_int_vector("op", "prompt_index", index, 2, index.device, 0, 1, "[0, 2)")
+
+
 def test_a_compiled_call_checks_the_index_in_its_graph():
     torch._dynamo.reset()
     q, k, v = make_qkv(2, 2, 5, 8)
@@ -212,3 +248,15 @@ def test_collecting_the_op_tests_builds_nothing():
     root = Path(__file__).resolve().parents[2]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+
+
+def test_the_cpu_kernel_gets_a_mask_unit_strided_along_the_keys():
+    """torch 2.6's CPU flash kernel read a transposed mask as if it were not (the cascade's image
+    part was off by 2 under a transposed 2-D key_bias); later torch reads its strides."""
+    from fastprompt.kernels.torch._sdpa import _cpu_mask
+
+    q = torch.randn(2, 2, 5, 8)
+    mask = _cpu_mask(torch.randn(7, 5).t(), q)
+    assert mask.stride(-1) == 1 and mask.shape[-2:] == (5, 7)
+    broadcast = _cpu_mask(torch.randn(1, 1, 5, 1).expand(2, 2, 5, 7), q)
+    assert broadcast.stride(0) == 0  # a mask broadcast along the keys alone is widened, not more

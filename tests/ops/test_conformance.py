@@ -183,6 +183,30 @@ def test_a_wider_bias_whose_values_only_mask_once_cast(backend, device):
     _check_bias(backend, device, bias)
 
 
+@pytest.mark.parametrize("p", [0, 4], ids=["no-prompts", "an-empty-set"])
+def test_a_query_without_any_key(backend, p):
+    """Row 2 of every sequence has no image key (the bias masks them all) and, sequence 0, no
+    prompt key: out 0, lse -inf and no gradient from it, on every backend and in the reference
+    (whose gradients were NaN there, reaching every key of the sequence)."""
+    _runnable(backend, "cpu")
+    _needs(backend, "key_bias", *(("prompt_index", "prompt_lengths") if p else ()))
+    q, k, v = make_qkv(2, 2, 7, 16)
+    pk, pv = make_prompts(2, 2, p, 16)
+    bias = torch.randn(1, 1, 7, 7)
+    bias[..., 2, :] = float("-inf")
+    kw = dict(key_bias=bias)
+    if p:
+        kw.update(prompt_index=torch.tensor([0, 1]), prompt_lengths=torch.tensor([0, 3]))
+    dout = torch.randn(2, 2, 7, 16)
+    got = _run(lambda *a: prompt_attention(*a, backend=backend.name, **kw), (q, k, v, pk, pv), dout)
+    ref = _run(lambda *a: prompt_attention_ref(*a, **kw), (q, k, v, pk, pv), dout)
+    keyless = (slice(None), slice(None), 2) if not p else (0, slice(None), 2)
+    assert torch.isneginf(ref[1][keyless]).all() and torch.isneginf(got[1][keyless]).all()
+    for name, a, e in zip(NAMES, got, ref):
+        assert torch.isfinite(e).all() or name == "lse", name
+        assert_close(a, e, name, **_tol(backend))
+
+
 def test_masked_prompt_slots_never_influence_anything(backend):
     _runnable(backend, "cpu")
     _needs(backend, "prompt_index", "prompt_lengths")

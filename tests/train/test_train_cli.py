@@ -63,7 +63,10 @@ def test_a_run_folder_holds_everything(tiny_csv, tmp_path):
         num_heads=2,
         num_classes=3,
     )
-    last = fastprompt.load_prompts(backbone, run / "last")
+    # Another random init than the run's (--no-pretrained): the prompts load only when asked.
+    with pytest.raises(ValueError, match="trained on other backbone weights"):
+        fastprompt.load_prompts(backbone, run / "last")
+    last = fastprompt.load_prompts(backbone, run / "last", check_weights=False)
     assert last.method == "vpt" and last.config.num_prompts == 3
     best = json.loads((run / "best" / "best.json").read_text())
     assert best["val_acc"] == max(r["val_acc"] for r in rows)

@@ -265,7 +265,16 @@ def _cpu_mask(bias: Tensor | None, q: Tensor) -> Tensor | None:
     while bias.dim() < 4:  # the CPU kernel takes 2-D or 4-D masks, broadcast in any dim
         bias = bias.unsqueeze(0)
     # fp32 keeps the bias exact for 16-bit inputs (the CPU kernel accepts it).
-    return bias.to(torch.promote_types(q.dtype, torch.float32))
+    return _unit_stride_keys(bias.to(torch.promote_types(q.dtype, torch.float32)))
+
+
+def _unit_stride_keys(mask: Tensor) -> Tensor:
+    """``mask`` read with unit stride along the keys: torch 2.6's CPU kernel reads it so whatever
+    its stride (a transposed mask gave wrong results). Its other broadcast dims stay broadcast."""
+    if mask.shape[-1] <= 1 or mask.stride(-1) == 1:
+        return mask
+    base = mask[tuple(slice(0, 1) if s == 0 else slice(None) for s in mask.stride()[:-1])]
+    return base.contiguous().expand(mask.shape)
 
 
 def _seed(q: Tensor) -> Tensor:

@@ -27,18 +27,26 @@ __all__ = ["prompt_attention_bwd", "prompt_attention_bwd_scored", "prompt_attent
 
 
 def _concatenated(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias):
-    """``[K_p; K]``, ``[V_p; V]`` per sequence, the bias over them (or None), and which
-    sequences have any key at all (None: all of them)."""
+    """``[K_p; K]``, ``[V_p; V]`` per sequence, the bias over them (or None), and the queries
+    without any key (broadcastable to (B, H, N); None: none)."""
     b, h, n, _ = q.shape
     p, n_k = prompt_k.shape[2], k.shape[2]
     key_bias = broadcastable_bias(key_bias, b)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    # A query has no image key when there are none or the bias masks all of its own (-inf in the
+    # dtype the reference adds it in); kernels differ on what they return for a query without
+    # any key (the CPU flash kernel: lse 0), so such rows are set as the reference has them.
+    no_image = None if key_bias is None else torch.isneginf(key_bias.to(acc)).all(-1)
     if p == 0:
-        return k, v, key_bias, None
+        return k, v, key_bias, no_image if n_k else None
     keys = prompt_keys(prompt_k, prompt_v, prompt_index, prompt_lengths, b, per_sequence=True)
     kk, vv = torch.cat([keys.k, k], 2), torch.cat([keys.v, v], 2)
+    keyless = None
+    if keys.has_keys is not None:  # some sets are empty: their sequences' rows may have no key
+        no_prompt = ~keys.has_keys[:, None, None]
+        keyless = no_prompt if n_k == 0 else None if no_image is None else no_prompt & no_image
     if keys.bias is None and key_bias is None:
-        return kk, vv, None, None
-    acc = torch.promote_types(q.dtype, torch.float32)
+        return kk, vv, None, keyless
     prompt_bias = keys.bias if keys.bias is not None else q.new_zeros((1, 1, 1, p), dtype=acc)
     if key_bias is None:
         bias = torch.cat([prompt_bias.expand(b, 1, 1, p), prompt_bias.new_zeros(b, 1, 1, n_k)], -1)
@@ -46,8 +54,7 @@ def _concatenated(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key
         bias = torch.cat(
             [prompt_bias.expand(b, h, n, p), key_bias.to(acc).expand(b, h, n, n_k)], -1
         )
-    has_keys = None if keys.has_keys is None or n_k > 0 else keys.has_keys
-    return kk, vv, bias, has_keys
+    return kk, vv, bias, keyless
 
 
 def _lse_dtype(q: Tensor) -> torch.dtype:
@@ -59,7 +66,7 @@ def prompt_attention_fwd(
 ):
     """Forward: ``(out, lse)`` (``docs/design.md`` section 6)."""
     b, h, n, _ = q.shape
-    kk, vv, bias, has_keys = _concatenated(
+    kk, vv, bias, keyless = _concatenated(
         q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias
     )
     if b * h * n == 0 or kk.shape[2] == 0:
@@ -67,10 +74,9 @@ def prompt_attention_fwd(
         out.zero_()
         return out, torch.full((b, h, n), float("-inf"), dtype=_lse_dtype(q), device=q.device)
     out, lse = attend(kernel_for(q, bias is not None), q, kk, vv, bias, scale)
-    if has_keys is not None:  # sequences whose set is empty and which have no image key
-        none = ~has_keys[:, None, None]
-        lse = lse.masked_fill(none, float("-inf"))
-        out = out.masked_fill(none[..., None], 0.0)
+    if keyless is not None:
+        lse = lse.masked_fill(keyless, float("-inf"))
+        out = out.masked_fill(keyless[..., None], 0.0)
     return out, lse
 
 

@@ -24,6 +24,7 @@ from fastprompt.methods.common import (
     check_learned_prompts,
     default_readout,
     init_head_vpt,
+    refuse_hidden_head,
     tied,
 )
 from fastprompt.prompted import PromptedViT
@@ -309,6 +310,7 @@ def read_official(
     ValueError
         When the state dict holds no key-value prompts (not an E²VPT checkpoint).
     """
+    refuse_hidden_head(raw)
     state: dict[str, Tensor] = {}
     layers: dict[str, dict[int, Tensor]] = {}
     for key, value in raw.items():

@@ -1,0 +1,59 @@
+"""A few values of a backbone's frozen weights, recorded with its prompts (``docs/design.md`` §4,
+"Files are checked before they are trusted"): prompts trained on one set of weights are
+meaningless on another, and a model created without ``pretrained=True`` (or with another
+pretrained tag) has the same shapes.
+
+Sixteen evenly spaced values of three weight tensors (the first, the middle and the last of the
+backbone's parameters with at least 256 values, the classifier left out: it is saved with the
+prompts) identify the weights cheaply; they are compared with a relative tolerance of 2 %, so the
+same weights in bfloat16 or float16 still match.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["mismatch", "probe"]
+
+_VALUES = 16
+_MIN_SIZE = 256
+_RTOL, _ATOL = 2e-2, 1e-6
+
+
+def probe(model: nn.Module, classifier: nn.Module | None) -> dict[str, list[float]]:
+    """``{parameter name: 16 values}`` of three of ``model``'s weights ({} when it has none or
+    they live on the meta device)."""
+    skip = set() if classifier is None else {id(p) for p in classifier.parameters()}
+    named = [
+        (n, p)
+        for n, p in model.named_parameters()
+        if id(p) not in skip and p.numel() >= _MIN_SIZE and p.device.type != "meta"
+    ]
+    if not named:
+        return {}
+    picks = sorted({0, len(named) // 2, len(named) - 1})
+    out = {}
+    with torch.no_grad():
+        for i in picks:
+            name, p = named[i]
+            flat = p.detach().reshape(-1)
+            where = torch.linspace(0, flat.numel() - 1, _VALUES, device=flat.device).long()
+            out[name] = [float(x) for x in flat[where].float().cpu()]
+    return out
+
+
+def mismatch(saved: Mapping[str, list[float]], model: Mapping[str, list[float]]) -> str | None:
+    """What differs between a recorded probe and a model's (None: the same weights, or nothing
+    to compare)."""
+    for name, want in saved.items():
+        have = model.get(name)
+        if have is None or len(have) != len(want):
+            continue  # another parameter layout: the shape check speaks for it
+        for i, (a, b) in enumerate(zip(want, have)):
+            if not math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL):
+                return f"{name} value {i}: {a:.6g} when the prompts were saved, {b:.6g} now"
+    return None
