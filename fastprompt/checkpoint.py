@@ -362,8 +362,7 @@ def _check_weights(saved: dict[str, Any], model: nn.Module, where: str) -> None:
     recorded = saved.get("weights_probe")
     if not isinstance(recorded, dict):  # saved before probes were recorded
         return
-    classifier = adapter_for(model, "load_prompts").classifier()
-    differs = mismatch(recorded, probe(model, classifier))
+    differs = mismatch(recorded, model)
     if differs:
         raise CheckpointError(
             f"load_prompts: {where} was trained on other backbone weights ({differs}): create "
@@ -386,6 +385,16 @@ def _read_official(
             )
         readers = [method]
     raw = _state_dict(path)
+    # The official VPT and E²VPT code's MODEL.MLP_NUM > 0 puts hidden layers (head.projection.*)
+    # before head.last_layer: a timm classifier holds one linear layer, and loading the last
+    # alone would drop the others.
+    hidden = sorted(k for k in raw if k.startswith("head.projection.") or ".head.projection." in k)
+    if hidden:
+        raise CheckpointError(
+            f"load_prompts: {where}: its head has hidden layers ({hidden[0]} and "
+            f"{len(hidden) - 1} more tensors: the official MODEL.MLP_NUM > 0), which a timm "
+            "classifier cannot hold; only checkpoints with a linear head (MLP_NUM = 0) load"
+        )
     backbone = adapter_for(model, "load_prompts")
     errors = []
     for name in readers:

@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastprompt._compat import tracing
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
@@ -284,30 +285,34 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         """Before a forward: the model's blocks as they were checked (a block replaced since is
         checked again), and no hooks where the forward would skip them."""
         bb = self._backbone
-        if bb.check_unchanged("fastprompt: the wrapped model changed since wrapping"):
+        changed = "fastprompt: the wrapped model changed since wrapping"
+        if bb.check_unchanged(changed):
             object.__setattr__(self, "_fused_reasons", bb.fused_unsupported_reasons())
             object.__setattr__(self, "_recompute", bb.recompute_policies())
+            if self._memory not in self.memory_policies():
+                raise ValueError(
+                    f"{changed}: memory={self._memory!r} no longer applies to its blocks "
+                    f"({'; '.join(bb.recompute_reasons())}); set memory to one of "
+                    f"{self.memory_policies()}"
+                )
         self._refuse_unfused("fastprompt")
         self._warn_hooks(None, self._fused_path())
 
     def _warn_hooks(self, block: int | None, fused: bool, memory: str = "none") -> None:
         """Say once per module that its hooks do not run: this forward computes it its own way
         (observers such as FLOP counters register hooks on every module, so it is not refused;
-        a hook that changes an output is then ignored, which the warning says)."""
-        bb = self._backbone
-        hooked = _skipped_hooks(bb.own_forwards(block, fused, memory))
-        if not hooked:
+        a hook that changes an output is then ignored, which the warning says). Not while
+        tracing: a warning would break the graph, and the eager forward says it."""
+        if tracing():
             return
+        hooked = _skipped_hooks(self._backbone.own_forwards(block, fused, memory))
         names = [n for n in hooked if n not in self._hooks_said]
         if not names:
             return
         self._hooks_said.update(names)
-        naive = [n for n, _ in bb.own_forwards(block, False, "none")]
-        hint = "" if any(n in naive for n in names) else "; impl='naive' runs them"
         warnings.warn(
             f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
-            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts (hooks on the "
-            f"modules it calls run: a block's norm1, attn.qkv, attn.proj, mlp){hint}",
+            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts",
             stacklevel=2,
         )
 

@@ -5,14 +5,16 @@ pretrained tag) has the same shapes.
 
 Sixteen evenly spaced values of three weight tensors (the first, the middle and the last of the
 backbone's parameters with at least 256 values, the classifier left out: it is saved with the
-prompts) identify the weights cheaply; they are compared with a relative tolerance of 2 %, so the
-same weights in bfloat16 or float16 still match.
+prompts) identify the weights cheaply. They are looked up by name and compared with a relative
+tolerance of 2 %, so the same weights in bfloat16 or float16 still match; a tensor whose shape
+changed (a position embedding resampled for another input size) is not compared.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,9 +26,9 @@ _MIN_SIZE = 256
 _RTOL, _ATOL = 2e-2, 1e-6
 
 
-def probe(model: nn.Module, classifier: nn.Module | None) -> dict[str, list[float]]:
-    """``{parameter name: 16 values}`` of three of ``model``'s weights ({} when it has none or
-    they live on the meta device)."""
+def probe(model: nn.Module, classifier: nn.Module | None) -> dict[str, dict[str, list]]:
+    """``{parameter name: {"shape": ..., "values": 16 values}}`` of three of ``model``'s weights
+    ({} when it has none or they live on the meta device)."""
     skip = set() if classifier is None else {id(p) for p in classifier.parameters()}
     named = [
         (n, p)
@@ -36,24 +38,32 @@ def probe(model: nn.Module, classifier: nn.Module | None) -> dict[str, list[floa
     if not named:
         return {}
     picks = sorted({0, len(named) // 2, len(named) - 1})
-    out = {}
+    return {
+        named[i][0]: {"shape": list(named[i][1].shape), "values": _values(named[i][1])}
+        for i in picks
+    }
+
+
+def _values(p: torch.Tensor) -> list[float]:
     with torch.no_grad():
-        for i in picks:
-            name, p = named[i]
-            flat = p.detach().reshape(-1)
-            where = torch.linspace(0, flat.numel() - 1, _VALUES, device=flat.device).long()
-            out[name] = [float(x) for x in flat[where].float().cpu()]
-    return out
+        flat = p.detach().reshape(-1)
+        where = torch.linspace(0, flat.numel() - 1, _VALUES, device=flat.device).long()
+        return [float(x) for x in flat[where].float().cpu()]
 
 
-def mismatch(saved: Mapping[str, list[float]], model: Mapping[str, list[float]]) -> str | None:
-    """What differs between a recorded probe and a model's (None: the same weights, or nothing
-    to compare)."""
-    for name, want in saved.items():
-        have = model.get(name)
-        if have is None or len(have) != len(want):
+def mismatch(saved: Mapping[str, Any], model: nn.Module) -> str | None:
+    """What differs between a recorded probe and ``model``'s weights of the same names (None:
+    the same weights, or nothing to compare). A tensor of another shape is not compared: a
+    position embedding resampled for another input size is still the same weights."""
+    params = dict(model.named_parameters())
+    for name, entry in saved.items():
+        p = params.get(name)
+        if p is None or not isinstance(entry, Mapping) or p.device.type == "meta":
             continue  # another parameter layout: the shape check speaks for it
-        for i, (a, b) in enumerate(zip(want, have)):
+        if list(p.shape) != entry.get("shape"):
+            continue
+        want = entry.get("values", [])
+        for i, (a, b) in enumerate(zip(want, _values(p))):
             if not math.isclose(a, b, rel_tol=_RTOL, abs_tol=_ATOL):
                 return f"{name} value {i}: {a:.6g} when the prompts were saved, {b:.6g} now"
     return None

@@ -61,7 +61,10 @@ def test_an_official_checkpoint_with_a_hidden_layer_head_is_refused(tmp_path, me
     if method == "e2vpt":
         official["enc.transformer.encoder.layer.0.attn.deep_QKV_embeddings"] = torch.zeros(1, 2, 64)
     torch.save({"model": official}, tmp_path / "official.pth")
-    with pytest.raises(ValueError, match=r"hidden layers \(head\.projection\.0\.0\.bias.*MLP_NUM"):
+    with pytest.raises(
+        ValueError,
+        match=r"head has hidden layers \(head\.projection\.0\.0\.bias and 1 more.*MLP_NUM",
+    ):
         fastprompt.load_prompts(tiny_vit(), tmp_path / "official.pth")
 
 
@@ -207,3 +210,19 @@ def test_prompts_of_other_backbone_weights_are_refused(tmp_path):
     # The same weights in bfloat16 are the same weights.
     assert fastprompt.load_prompts(tiny_vit().bfloat16(), tmp_path / "run")
     assert len(fastprompt.checkpoint.checkpoint_info(tmp_path / "run")["weights_probe"]) == 3
+
+
+def test_the_same_weights_at_another_input_size_take_the_prompts(tmp_path):
+    """timm resamples pos_embed for another img_size: the same weights, another shape. The probe
+    compared it by position and refused; it is now looked up by name and skipped by shape."""
+    import timm
+
+    def vit(size):
+        torch.manual_seed(0)
+        kw = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
+        return timm.create_model("vit_tiny_patch16_224", img_size=size, **kw)
+
+    fastprompt.vpt(vit(32), 2).save_prompts(tmp_path / "run")
+    bigger = vit(32)
+    bigger.set_input_size(img_size=48)
+    assert fastprompt.load_prompts(bigger, tmp_path / "run")

@@ -79,6 +79,14 @@ def test_tasks_are_named_or_indexed():
         mixed(x, torch.tensor([0, -1, 1]))
 
 
+def test_each_task_keeps_its_class_count_and_the_backbone_head_is_not_offered():
+    tasks = _tasks()
+    mixed = fastprompt.multitask({"a": tasks["vpt3"], "b": tasks["e2vpt"]})
+    assert mixed.num_classes == (5, 6)
+    with pytest.raises(NotImplementedError, match=r"each task has its own head \(heads\[t\]\)"):
+        mixed.get_classifier()
+
+
 def test_task_indices_on_a_device_are_checked_there_not_read_back():
     """Reading a device's indices back synchronised the host at every forward (meta stands in
     for CUDA: it has no values to read)."""

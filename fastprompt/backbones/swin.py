@@ -277,7 +277,7 @@ class SwinBackbone(Backbone):
             (type(st), type(st.downsample), *((type(b), type(b.attn)) for b in st.blocks))
             for st in m.layers
         )
-        return tuple(len(st.blocks) for st in m.layers), (m.global_pool, kinds)
+        return tuple(len(st.blocks) for st in m.layers), kinds
 
     def own_forwards(self, block: int | None, fused: bool, memory: str) -> list[tuple[str, Any]]:
         # Both paths run a block their own way (prompts join every window); the model, its

@@ -217,7 +217,9 @@ class ViTBackbone(Backbone):
 
     def structure(self) -> tuple[tuple[int, ...], tuple[Any, ...]]:
         blocks = self.model.blocks
-        kinds = tuple((type(b), type(getattr(b, "attn", None))) for b in blocks)
+        kinds = tuple(
+            (type(b), type(getattr(b, "attn", None)), type(getattr(b, "mlp", None))) for b in blocks
+        )
         return (len(blocks),), kinds
 
     def own_forwards(self, block: int | None, fused: bool, memory: str) -> list[tuple[str, Any]]:

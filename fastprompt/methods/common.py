@@ -33,7 +33,6 @@ __all__ = [
     "default_readout",
     "init_head_vpt",
     "learned_prompt_kwargs",
-    "refuse_hidden_head",
     "split_overrides",
     "tied",
 ]
@@ -244,19 +243,6 @@ def learned_prompt_kwargs(args: argparse.Namespace, method: str) -> dict[str, An
 
 
 # -- checkpoints ----------------------------------------------------------------------------
-
-
-def refuse_hidden_head(raw: Mapping[str, Any]) -> None:
-    """Refuse an official checkpoint whose head has hidden layers (``MODEL.MLP_NUM > 0`` in the
-    official VPT and E²VPT code: ``head.projection.*`` before ``head.last_layer``): a timm
-    classifier holds one linear layer, and loading only the last would drop the others."""
-    hidden = sorted(k for k in raw if k.startswith("head.projection.") or ".head.projection." in k)
-    if hidden:
-        raise ValueError(
-            f"load_prompts: the checkpoint's head has hidden layers ({hidden[0]}, ... "
-            f"{len(hidden)} tensors: the official MODEL.MLP_NUM > 0), which a timm classifier "
-            "cannot hold; only checkpoints with a linear head (MLP_NUM = 0) load"
-        )
 
 
 def config_from_json(cls: type, saved: Mapping[str, Any], method: str) -> Any:

@@ -30,7 +30,6 @@ from fastprompt.methods.common import (
     config_from_json,
     default_readout,
     learned_prompt_kwargs,
-    refuse_hidden_head,
     split_overrides,
 )
 from fastprompt.prompted import PromptedViT
@@ -256,7 +255,6 @@ def _read_official(
     """Tensors and config of an official VPT state dict (keys ending in ``prompt_embeddings``,
     ``deep_prompt_embeddings`` (ViT) or ``deep_prompt_embeddings_<stage>`` (Swin),
     ``prompt_proj.*``, ``head.last_layer.*``); the config is read off the shapes."""
-    refuse_hidden_head(raw)
     head = _head_name(backbone)
     staged = backbone.stages() is not None
     state: dict[str, Tensor] = {}

@@ -159,7 +159,13 @@ def _select(base: Dataset, part: dict[str, Any], classes: list[str], where: str)
 
 def _shared_files(train: Dataset, val: Dataset) -> int:
     """How many of ``val``'s image files are ``train``'s too (by real path: a symlinked folder
-    is the same folder)."""
+    is the same folder). Two image folders whose real roots are apart share none: their files
+    are not resolved one by one (a system call per path component, per file)."""
+    roots = [getattr(d, "root", None) for d in (train, val)]
+    if all(isinstance(r, str) for r in roots):
+        a, b = (os.path.realpath(r) for r in roots)
+        if not (a == b or a.startswith(b + os.sep) or b.startswith(a + os.sep)):
+            return 0
 
     def files(dataset: Dataset) -> set[str]:
         samples = getattr(dataset, "samples", [])

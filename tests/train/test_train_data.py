@@ -271,3 +271,17 @@ def test_held_out_validation_images_are_not_noted(tmp_path):
         write_images(tmp_path / "val" / cls, 2, 1, seed=1)
     run = open_data(DataConfig(train=str(tmp_path / "data"), val=str(tmp_path / "val")))
     assert (len(run.train), len(run.val), run.notes) == (8, 4, [])
+
+
+def test_image_folders_apart_are_not_resolved_file_by_file(tmp_path, monkeypatch):
+    from fastprompt.train import splits
+    from fastprompt.train.folder import DataConfig
+
+    for cls in ("a", "b"):
+        write_images(tmp_path / "data" / cls, 4, 1)
+        write_images(tmp_path / "val" / cls, 2, 1, seed=1)
+    resolved = []
+    real = splits.os.path.realpath
+    monkeypatch.setattr(splits.os.path, "realpath", lambda p: resolved.append(p) or real(p))
+    splits.open_data(DataConfig(train=str(tmp_path / "data"), val=str(tmp_path / "val")))
+    assert not [p for p in resolved if p.endswith(".png")]  # roots compared, not every image

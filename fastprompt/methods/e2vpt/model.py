@@ -24,7 +24,6 @@ from fastprompt.methods.common import (
     check_learned_prompts,
     default_readout,
     init_head_vpt,
-    refuse_hidden_head,
     tied,
 )
 from fastprompt.prompted import PromptedViT
@@ -310,7 +309,6 @@ def read_official(
     ValueError
         When the state dict holds no key-value prompts (not an E²VPT checkpoint).
     """
-    refuse_hidden_head(raw)
     state: dict[str, Tensor] = {}
     layers: dict[str, dict[int, Tensor]] = {}
     for key, value in raw.items():
