@@ -289,12 +289,12 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         if bb.check_unchanged(changed):
             object.__setattr__(self, "_fused_reasons", bb.fused_unsupported_reasons())
             object.__setattr__(self, "_recompute", bb.recompute_policies())
-            if self._memory not in self.memory_policies():
-                raise ValueError(
-                    f"{changed}: memory={self._memory!r} no longer applies to its blocks "
-                    f"({'; '.join(bb.recompute_reasons())}); set memory to one of "
-                    f"{self.memory_policies()}"
-                )
+        if self._memory not in self.memory_policies():  # at every forward, as the next check
+            raise ValueError(
+                f"{changed}: memory={self._memory!r} no longer applies to its blocks "
+                f"({'; '.join(bb.recompute_reasons())}); set memory to one of "
+                f"{self.memory_policies()}"
+            )
         self._refuse_unfused("fastprompt")
         self._warn_hooks(None, self._fused_path())
 
