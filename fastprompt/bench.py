@@ -205,21 +205,13 @@ def flops(model: nn.Module, x: torch.Tensor) -> float:
     frozen = (
         model.frozen_prompts() if hasattr(model, "frozen_prompts") else contextlib.nullcontext()
     )
-    # fvcore hooks every module to name scopes; the blocks a prompted forward computes its own
-    # way are counted by their ops all the same. What the model has said of hooks is kept as it
-    # was, so a person's hook registered later is still said.
-    said = getattr(model, "_hooks_said", None)
-    before = None if said is None else set(said)
-    try:
-        with torch.no_grad(), frozen, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="fastprompt: hooks on")
-            analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**FLOP_HANDLES)
-            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-            return analysis.total() / 1e9
-    finally:
-        if said is not None:
-            said.clear()
-            said.update(before)
+    with torch.no_grad(), frozen, warnings.catch_warnings():
+        # fvcore hooks every module to name scopes; the blocks a prompted forward computes its
+        # own way are counted by their ops all the same.
+        warnings.filterwarnings("ignore", message="fastprompt: hooks on")
+        analysis = FlopCountAnalysis(model, (x,)).set_op_handle(**FLOP_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return analysis.total() / 1e9
 
 
 # -- the benchmark -----------------------------------------------------------------------------

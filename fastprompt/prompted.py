@@ -78,13 +78,15 @@ def _default_attention(call: AttentionCall) -> Tensor:
     return run_attention(call)[0]
 
 
-def _skipped_hooks(own: list[tuple[str, nn.Module]]) -> list[str]:
-    """The names among ``own`` of modules with hooks (which the prompted forward never runs)."""
-    return [
-        name
-        for name, m in own
-        if m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-    ]
+def _skipped_hooks(own: list[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:
+    """``(name, hook handles)`` of the modules among ``own`` with hooks (which the prompted
+    forward never runs): the handles tell a hook registered later from one already said."""
+    hooked = []
+    for name, m in own:
+        ids = (*m._forward_hooks, *m._forward_pre_hooks, *m._backward_hooks, *m._backward_pre_hooks)
+        if ids:
+            hooked.append((name, ids))
+    return hooked
 
 
 @dataclass(frozen=True)
@@ -166,7 +168,7 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         self._memory = "none"
         self._refuse_unfused(who)
         object.__setattr__(self, "_adopted", [])
-        object.__setattr__(self, "_hooks_said", set())  # modules whose skipped hooks were said
+        object.__setattr__(self, "_hooks_said", set())  # (module, its hooks) already said
         self._wrapping = self._claim(model, share_with, who)
         object.__setattr__(self, "_model", model)
         self._adopt(model)
@@ -299,17 +301,18 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         self._warn_hooks(None, self._fused_path())
 
     def _warn_hooks(self, block: int | None, fused: bool, memory: str = "none") -> None:
-        """Say once per module that its hooks do not run: this forward computes it its own way
+        """Say once per module and hooks that they do not run: this forward computes it its own way
         (observers such as FLOP counters register hooks on every module, so it is not refused;
         a hook that changes an output is then ignored, which the warning says). Not while
         tracing: a warning would break the graph, and the eager forward says it."""
         if tracing():
             return
         hooked = _skipped_hooks(self._backbone.own_forwards(block, fused, memory))
-        names = [n for n in hooked if n not in self._hooks_said]
-        if not names:
+        new = [h for h in hooked if h not in self._hooks_said]
+        if not new:
             return
-        self._hooks_said.update(names)
+        self._hooks_said.update(new)
+        names = [name for name, _ in new]
         warnings.warn(
             f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
             f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts",
