@@ -151,7 +151,7 @@ class MultiTaskViT(PromptedViT):
         shapes = [(bb.block_shape(i).heads, bb.block_shape(i).head_dim) for i in range(bb.depth)]
         table = TaskSets(sources, bb.depth, shapes)
         super().__init__(model, table, readout=readouts[0], backend=backend, method="multitask")
-        table.bind(self._backbone.prompt_kv)
+        table.bind(self._backbone)
         self._backbone.classifier().requires_grad_(False)  # the backbone's own head is unused
         self.heads = nn.ModuleList(heads)
         self.task_names = tuple(names)

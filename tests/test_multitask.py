@@ -5,6 +5,7 @@ pruned masks, different heads and readouts); tasks that cannot share blocks are 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import pytest
@@ -155,6 +156,25 @@ def test_a_compiled_mixed_model_gives_the_eager_logits_and_gradients():
             assert_close(g, r, "compiled gradient", atol=2e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match=r"task indices must be in \[0, 4\)"):
         compiled(x, torch.tensor([3, 0, 4, 0, 1]))
+
+
+def test_no_module_keeps_a_bound_method_of_a_plain_object():
+    """torch 2.6's Dynamo cannot trace a call of a plain object's bound method kept on a module
+    (it loses the object's source, and a fullgraph compile fails at the first model attribute the
+    method reads: "Unexpected type in sourceless builder"); the table kept the adapter's
+    ``prompt_kv``. The object itself traces on every torch. Checked here on any torch, since CI
+    runs only the newest."""
+    tasks = _tasks()
+    mixed = fastprompt.multitask(tasks).eval()
+    for owner in (mixed, *tasks.values()):
+        # The source is held outside the module tree (its parameters are adopted one by one).
+        for module in (*owner.modules(), *owner.source.modules()):
+            bound = [
+                key
+                for key, value in vars(module).items()
+                if inspect.ismethod(value) and not isinstance(value.__self__, torch.nn.Module)
+            ]
+            assert not bound, f"a {type(module).__name__} of {type(owner).__name__} keeps {bound}"
 
 
 def test_a_swin_task_index_changed_between_forwards_is_read_anew():

@@ -11,8 +11,8 @@ different prompt counts); the prompt-attention op reads each image's set through
 ``prompt_index`` and ignores the slots past its length.
 
 The source hands the core these keys and values as its own (:meth:`kv`); the visual prompts'
-keys and values come from a function ``prompt_kv(block, tokens)`` that the caller binds (the
-backbone adapter's, :meth:`fastprompt.backbones.Backbone.prompt_kv`): the source imports no
+keys and values come from the ``prompt_kv(block, tokens)`` of an object the caller binds (the
+backbone adapter, :meth:`fastprompt.backbones.Backbone.prompt_kv`): the source imports no
 backbone. Nothing is cached unless asked: inside :meth:`cached` the table of every block is
 computed once and eval-mode forwards reuse it.
 """
@@ -20,8 +20,8 @@ computed once and eval-mode forwards reuse it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +31,11 @@ from fastprompt.sources import PromptSource
 
 __all__ = ["TaskSets"]
 
-PromptKVFn = Callable[[int, Tensor], tuple[Tensor, Tensor]]
+
+class PromptKVMaker(Protocol):
+    """What maps a visual set entering a block to its keys and values (a backbone adapter)."""
+
+    def prompt_kv(self, block: int, prompts: Tensor) -> tuple[Tensor, Tensor]: ...
 
 
 class TaskSets(PromptSource):
@@ -58,7 +62,10 @@ class TaskSets(PromptSource):
             raise ValueError("TaskSets: no task")
         self.tasks = nn.ModuleList(sources)
         self._depth, self._shapes = depth, tuple(shapes)
-        self._prompt_kv: PromptKVFn | None = None
+        # The object, not its bound method: torch 2.6's Dynamo cannot trace a bound method of a
+        # plain object kept on a module (it loses where the object came from, and with it the
+        # model the adapter holds: "Unexpected type in sourceless builder").
+        self._kv_maker: PromptKVMaker | None = None
         self._cache: dict[int, tuple[Tensor, Tensor] | None] | None = None
         # Kept on the host too: the table's width needs no device sync.
         self._lengths = [[self._length(src, i) for src in sources] for i in range(depth)]
@@ -74,10 +81,10 @@ class TaskSets(PromptSource):
             src.count(block) if src.receives(block) else 0
         )
 
-    def bind(self, prompt_kv: PromptKVFn) -> None:
-        """Set the function that maps a visual set (1, P, W) entering a block to its keys and
-        values (1, H, P, d)."""
-        self._prompt_kv = prompt_kv
+    def bind(self, maker: PromptKVMaker) -> None:
+        """Set what maps a visual set (1, P, W) entering a block to its keys and values
+        (1, H, P, d): ``maker.prompt_kv(block, prompts)``."""
+        self._kv_maker = maker
 
     def config(self) -> Any:
         return None
@@ -110,8 +117,8 @@ class TaskSets(PromptSource):
         width = max(self._lengths[block])
         if width == 0:
             return None
-        if self._prompt_kv is None:
-            raise RuntimeError("TaskSets: bind(prompt_kv) was not called")
+        if self._kv_maker is None:
+            raise RuntimeError("TaskSets: bind() was not called")
         parts = [self._task_kv(src, block) for src in self.tasks]
         ref = next(kv[0] for kv in parts if kv is not None)
         heads, dim = self._shapes[block]
@@ -130,7 +137,7 @@ class TaskSets(PromptSource):
             ks.append(direct[0])
             vs.append(direct[1])
         if src.receives(block) and src.count(block):
-            k, v = self._prompt_kv(block, src.shared(block))
+            k, v = self._kv_maker.prompt_kv(block, src.shared(block))
             ks.append(k)
             vs.append(v)
         return (torch.cat(ks, 2), torch.cat(vs, 2)) if ks else None
