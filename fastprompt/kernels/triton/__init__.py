@@ -43,8 +43,13 @@ def availability() -> str | None:
     why = _import_error()
     if why is not None:
         return why
-    if not torch.cuda.is_available() and not _config.get().triton_interpret:
+    interpreting = _config.get().triton_interpret
+    if not torch.cuda.is_available() and not interpreting:
         return "no CUDA device (set TRITON_INTERPRET=1 to run Triton kernels on the CPU, slowly)"
+    if interpreting:
+        from fastprompt.kernels.triton import _interpreter
+
+        return _interpreter.defect()
     return None
 
 
