@@ -72,23 +72,82 @@ def test_no_toolkit_says_what_was_tried(tmp_path, monkeypatch):
     assert toolkit is None and "CUDA_HOME" in how and "no CUDA toolkit" in how
 
 
-def test_plan_honours_skip_and_force(monkeypatch):
+def _toolkit_of(monkeypatch, tmp_path: Path, toolkit: str, torch_cuda: str) -> None:
+    """A CUDA ``toolkit`` version found by CUDA_HOME, and a torch built for ``torch_cuda``."""
+    import torch
+
+    root = tmp_path / f"cuda-{toolkit}"
+    _fake_toolkit(root, toolkit)
+    monkeypatch.setenv("CUDA_HOME", str(root))
+    monkeypatch.setattr(torch.version, "cuda", torch_cuda)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+
+def test_plan_honours_skip_and_force(monkeypatch, tmp_path):
+    _toolkit_of(monkeypatch, tmp_path, "12.4", "12.1")
     skipped = _build.plan(skip_cuda=True, force_cuda=True, arch_list=None)
     assert not skipped.with_cuda and "FASTPROMPT_SKIP_CUDA_BUILD" in skipped.cuda_reason
     assert all(not s.endswith(".cu") for s in skipped.sources)
     assert "-cpu-" in skipped.key and skipped.isa in skipped.key
-    toolkit, _ = _build.find_cuda_toolkit()
-    import torch
-
-    if toolkit is None or torch.version.cuda is None:
-        pytest.skip("needs a CUDA toolkit and a CUDA build of torch")
     forced = _build.plan(skip_cuda=False, force_cuda=True, arch_list="8.0;9.0+PTX")
-    assert forced.with_cuda and forced.archs == ["8.0", "9.0+PTX"]
+    assert forced.with_cuda and forced.archs == ["8.0", "9.0+PTX"], forced.cuda_reason
     assert "-gencode=arch=compute_90,code=compute_90" in forced.cuda_cflags
     assert "-Xptxas" in forced.cuda_cflags and forced.key != skipped.key
-    if not torch.cuda.is_available():
-        plain = _build.plan(skip_cuda=False, force_cuda=False, arch_list=None)
-        assert not plain.with_cuda and "FASTPROMPT_FORCE_CUDA" in plain.cuda_reason
+    plain = _build.plan(skip_cuda=False, force_cuda=False, arch_list=None)
+    assert not plain.with_cuda and "FASTPROMPT_FORCE_CUDA" in plain.cuda_reason
+
+
+def test_a_toolkit_of_another_cuda_major_than_torchs_is_refused_with_what_to_do(
+    monkeypatch, tmp_path
+):
+    """torch built for CUDA 12.4, nvcc 13.0 (PyTorch's own builder refuses the pair): the CPU
+    kernels build, and the reason names both versions, the toolkit and the two ways out."""
+    _toolkit_of(monkeypatch, tmp_path, "13.0", "12.4")
+    forced = _build.plan(skip_cuda=False, force_cuda=True, arch_list=None)
+    assert not forced.with_cuda and all(not s.endswith(".cu") for s in forced.sources)
+    why = forced.cuda_reason
+    assert (
+        f"the CUDA 13.0 toolkit at {(tmp_path / 'cuda-13.0').resolve()} (found by CUDA_HOME)" in why
+    )
+    assert "does not match this torch's CUDA 12.4" in why and "the CPU ones are" in why
+    assert "set CUDA_HOME to a CUDA 12.x toolkit, or install a torch built for CUDA 13" in why
+
+
+def test_a_forced_cuda_build_that_cannot_be_made_says_why(monkeypatch, tmp_path, caplog):
+    """FASTPROMPT_FORCE_CUDA=1 asked for the CUDA kernels: building without them is said, and a
+    CUDA call refused by the CPU-only build gives the same reason."""
+    from fastprompt.kernels import cpp
+
+    _toolkit_of(monkeypatch, tmp_path, "13.0", "12.4")
+    monkeypatch.setenv("FASTPROMPT_FORCE_CUDA", "1")
+    monkeypatch.delenv("FASTPROMPT_SKIP_CUDA_BUILD", raising=False)
+    monkeypatch.setenv("FASTPROMPT_EXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(_build, "aot_library", lambda: (None, "no ahead-of-time build"))
+    monkeypatch.setattr(_build, "find_cxx", lambda: "c++")
+    monkeypatch.setattr(cpp.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(_build, "build", lambda plan, root, verbose: root / plan.key / "x.so")
+    monkeypatch.setattr(cpp, "_INFO", {})
+    with caplog.at_level("WARNING", logger="fastprompt"):
+        cpp._locate_or_build()
+    said = [r.getMessage() for r in caplog.records if "FASTPROMPT_FORCE_CUDA" in r.getMessage()]
+    assert len(said) == 1 and "built without its CUDA kernels: the CUDA 13.0 toolkit" in said[0]
+    assert "does not match this torch's CUDA 12.4" in cpp._INFO["cuda_reason"]
+
+
+def test_a_cpu_only_build_says_why_it_refuses_cuda(monkeypatch):
+    import torch
+
+    from fastprompt.kernels import cpp
+
+    why = cpp.availability()
+    if why is not None:
+        pytest.skip(f"the extension is not available here: {why}")
+    if "cuda=yes" in torch.ops.fastprompt_ext.build_info():
+        pytest.skip("this build has its CUDA kernels")
+    monkeypatch.setitem(cpp._INFO, "cuda_reason", "the reason the plan gave")
+    assert cpp.device_availability("cuda") == (
+        "the extension was built without its CUDA kernels: the reason the plan gave"
+    )
 
 
 def test_cache_key_follows_the_sources(tmp_path):

@@ -83,6 +83,7 @@ def _locate_or_build() -> Path:
     lib, why_not_aot = _build.aot_library()
     if lib is not None:
         _INFO.update(library=str(lib), how="ahead-of-time build (setup.py)")
+        _INFO["cuda_reason"] = _build.aot_record(lib).get("cuda_reason")
         return lib
     _INFO["aot"] = why_not_aot
     if not settings.ext_jit:
@@ -98,6 +99,13 @@ def _locate_or_build() -> Path:
     if missing:
         raise RuntimeError(f"cannot build it on first use: {' and '.join(missing)} not found")
     plan = _build.plan(settings.skip_cuda_build, settings.force_cuda, settings.cuda_arch_list)
+    _INFO["cuda_reason"] = plan.cuda_reason
+    if settings.force_cuda and not plan.with_cuda and not settings.skip_cuda_build:
+        logging.getLogger("fastprompt").warning(
+            "fastprompt: FASTPROMPT_FORCE_CUDA is set, but the C++ extension is built without "
+            "its CUDA kernels: %s",
+            plan.cuda_reason,
+        )
     root = _cache_root()
     cached, damage = _build.cached_build(root / plan.key)
     fresh = cached is None
@@ -117,6 +125,7 @@ def _locate_or_build() -> Path:
             raise
         # The CPU kernels need not wait for a broken CUDA toolchain: build them alone, and say so.
         _INFO["cuda_build_error"] = str(e)[-2000:]
+        _INFO["cuda_reason"] = "its CUDA kernels failed to build (`fastprompt info` shows how)"
         logging.getLogger("fastprompt").warning(
             "fastprompt: the C++ extension's CUDA kernels failed to build (%s); building its CPU "
             "kernels only. `fastprompt info` shows the error.",
@@ -162,7 +171,8 @@ def device_availability(device_type: str) -> str | None:
         return why
     if device_type == "cuda":
         if "cuda=yes" not in torch.ops.fastprompt_ext.build_info():
-            return "the extension was built without its CUDA kernels (see `fastprompt info`)"
+            why = _INFO.get("cuda_reason") or "`fastprompt info` may say why"
+            return f"the extension was built without its CUDA kernels: {why}"
         if not torch.cuda.is_available():
             return "no CUDA device"
         return None

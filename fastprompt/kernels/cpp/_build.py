@@ -283,6 +283,18 @@ class BuildPlan:
     key: str
 
 
+def cuda_mismatch(toolkit: CudaToolkit, torch_cuda: str) -> str:
+    """Why a toolkit of another CUDA major version than torch's cannot build the CUDA kernels
+    (PyTorch's own extension builder refuses the pair), and what to do."""
+    major = torch_cuda.split(".")[0]
+    return (
+        f"the CUDA {toolkit.version} toolkit at {toolkit.home} (found by {toolkit.found_by}) "
+        f"does not match this torch's CUDA {torch_cuda}: their major versions must agree, so "
+        f"the CUDA kernels are not compiled (the CPU ones are); set CUDA_HOME to a CUDA {major}.x "
+        f"toolkit, or install a torch built for CUDA {toolkit.version.split('.')[0]}"
+    )
+
+
 def plan(
     skip_cuda: bool, force_cuda: bool, arch_list: str | None, root: Path | None = None
 ) -> BuildPlan:
@@ -307,13 +319,7 @@ def plan(
     elif toolkit is None:
         with_cuda, why = False, how
     elif toolkit.version.split(".")[0] != str(torch.version.cuda).split(".")[0]:
-        with_cuda, why = (
-            False,
-            (
-                f"the CUDA {toolkit.version} toolkit at {toolkit.home} does not match torch's CUDA "
-                f"{torch.version.cuda} (the major versions must agree)"
-            ),
-        )
+        with_cuda, why = False, cuda_mismatch(toolkit, str(torch.version.cuda))
     elif not (force_cuda or torch.cuda.is_available()):
         with_cuda, why = False, "no GPU visible (FASTPROMPT_FORCE_CUDA=1 builds the kernels anyway)"
     else:
@@ -542,6 +548,14 @@ def build(p: BuildPlan, cache_root: Path, verbose: bool = False) -> Path:
         _write_atomic(build_dir / "build.json", json.dumps(record, indent=2))
         (build_dir / "error.txt").unlink(missing_ok=True)
         return lib
+
+
+def aot_record(lib: Path) -> dict:
+    """What ``setup.py`` recorded beside an ahead-of-time build (empty when unreadable)."""
+    try:
+        return json.loads((lib.parent / f"_{EXT_NAME}.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def aot_library() -> tuple[Path | None, str]:
