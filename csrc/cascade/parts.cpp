@@ -83,7 +83,7 @@ Tensor padded_lse(const Tensor& lse) {
 }
 
 // CUDA launches at most 65,535 blocks along a grid's y and z, where PyTorch's fused kernels put
-// the sequences (flash in every supported torch, the others in some): a part with more sequences
+// the sequences (flash, and the memory-efficient kernel in older torch versions): a part with more sequences
 // (a windowed backbone at a large batch) is run in parts of at most this many, on every device, so
 // that the CPU tests run the same loop. Chunks also keep a stride-0 (shared) key's gradient from
 // being allocated with the key's strides, as the memory-efficient backward's own chunking does.
