@@ -83,10 +83,11 @@ Tensor padded_lse(const Tensor& lse) {
 }
 
 // CUDA launches at most 65,535 blocks along a grid's y and z, where PyTorch's fused kernels put
-// the sequences (flash, and the memory-efficient kernel in older torch versions): a part with more sequences
-// (a windowed backbone at a large batch) is run in parts of at most this many, on every device, so
-// that the CPU tests run the same loop. Chunks also keep a stride-0 (shared) key's gradient from
-// being allocated with the key's strides, as the memory-efficient backward's own chunking does.
+// the sequences (flash, and the memory-efficient kernel in older torch versions): a part with
+// more sequences (a windowed backbone at a large batch) is run in parts of at most this many,
+// on every device, so that the CPU tests run the same loop. Parts also keep a stride-0 (shared)
+// key from the memory-efficient backward's own batch split, which allocates its gradient with
+// the key's strides.
 constexpr int64_t kMaxSequences = 65535;
 
 // Sequences [start, start + n) of t, when t has one row per sequence (else it broadcasts).

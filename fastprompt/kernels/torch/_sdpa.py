@@ -287,9 +287,9 @@ def _seed(q: Tensor) -> Tensor:
 
 
 # CUDA launches at most 65,535 blocks along a grid's y and z, where PyTorch's fused kernels put
-# the sequences (flash, and the memory-efficient kernel in older torch versions): a call with more sequences
-# (a windowed backbone at a large batch: 64 windows per image) is made in parts of at most this
-# many, on every device, so that the CPU tests run the same loop.
+# the sequences (flash, and the memory-efficient kernel in older torch versions): a call with
+# more sequences (a windowed backbone at a large batch: 64 windows per image) is made in parts
+# of at most this many, on every device, so that the CPU tests run the same loop.
 MAX_SEQUENCES = 65_535
 
 
