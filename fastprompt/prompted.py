@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from fastprompt._compat import tracing
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
+from fastprompt.backbones.base import module_hooks
 from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
@@ -83,7 +84,7 @@ def _skipped_hooks(own: list[tuple[str, nn.Module]]) -> list[tuple[str, tuple[in
     forward never runs): the handles tell a hook registered later from one already said."""
     hooked = []
     for name, m in own:
-        ids = (*m._forward_hooks, *m._forward_pre_hooks, *m._backward_hooks, *m._backward_pre_hooks)
+        ids = module_hooks(m, everywhere=False)  # a profiler's hooks on every module are not said
         if ids:
             hooked.append((name, ids))
     return hooked

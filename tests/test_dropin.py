@@ -53,6 +53,17 @@ def test_a_hook_on_qkv_reaches_the_prompt_keys_too():
     assert_matches_naive(prompted, images())
 
 
+def test_a_backward_hook_on_qkv_reaches_the_prompt_keys_too():
+    prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+
+    def doubled(_m, grad_in, _grad_out):
+        return tuple(None if g is None else 2 * g for g in grad_in)
+
+    for blk in prompted.blocks:
+        blk.attn.qkv.register_full_backward_hook(doubled)
+    assert_matches_naive(prompted, images())
+
+
 def test_swin_prompt_keys_go_through_a_qkv_with_a_forward_of_its_own():
     model = tiny_swin()
     _lora(b for stage in model.layers for b in stage.blocks)

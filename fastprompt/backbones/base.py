@@ -38,9 +38,31 @@ __all__ = [
     "PromptKV",
     "PromptKVParts",
     "key_value_columns",
+    "module_hooks",
     "timm_image_size",
     "timm_patch_size",
 ]
+
+
+def module_hooks(module: nn.Module, everywhere: bool = True) -> tuple[int, ...]:
+    """Handles of every hook that runs when ``module`` is called: its own forward, pre-forward
+    and backward hooks, and (``everywhere``) those registered for every module. What computing
+    its output another way would skip."""
+    own = (
+        module._forward_hooks,
+        module._forward_pre_hooks,
+        module._backward_hooks,
+        module._backward_pre_hooks,
+    )
+    shared = (
+        nn.modules.module._global_forward_hooks,
+        nn.modules.module._global_forward_pre_hooks,
+        nn.modules.module._global_backward_hooks,
+        nn.modules.module._global_backward_pre_hooks,
+    )
+    if not everywhere:
+        return tuple(h for hooks in own for h in hooks)
+    return tuple(h for hooks in (*own, *shared) for h in hooks)
 
 
 def key_value_columns(qkv: nn.Module, h: Tensor) -> Tensor:
@@ -52,7 +74,7 @@ def key_value_columns(qkv: nn.Module, h: Tensor) -> Tensor:
     only by its forward, which runs whole, queries included: slicing its ``weight`` would skip
     what it adds.
     """
-    if type(qkv) is nn.Linear and not (qkv._forward_hooks or qkv._forward_pre_hooks):
+    if type(qkv) is nn.Linear and not module_hooks(qkv):
         width = qkv.out_features // 3
         bias = None if qkv.bias is None else qkv.bias[width:]
         return F.linear(h, qkv.weight[width:], bias)
