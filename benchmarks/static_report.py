@@ -278,7 +278,9 @@ def write(rows: list[dict], env: dict, out: str) -> None:
         "# Static GPU report of the Triton kernels (compiled, never run)",
         "",
         f"Triton {env['triton']}, torch {env['torch']}, commit {env['commit']}, {env['date']}; "
-        f"kernel sources {env['source_hash']}; {env['compile_seconds']} s of compiling. Targets "
+        f"kernel sources {env['source_hash']}; {env['compile_seconds']} s of compiling"
+        + (f" ({env['compile_note']})" if env.get("compile_note") else "")
+        + ". Targets "
         "sm_80 (A100: 163 KB shared memory per block) and sm_90 (H100: 227 KB). Spill B = stack "
         "frame + local memory per thread (0 = no spills); warps/SM = theoretical residency from "
         "registers and shared memory; wgmma / mma.sync = instruction counts in the PTX; "

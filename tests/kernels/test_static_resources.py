@@ -149,6 +149,18 @@ def test_shared_memory_estimate_is_an_upper_bound():
 OLDER_TRITON_SPILLS = [
     (90, "dkdv", _tuning.Cfg(32, 32, 8, 3), 80, "Triton 3.2: 255 registers, spills"),
     (90, "dkdv", _tuning.Cfg(32, 32, 8, 3), 96, "Triton 3.2: 255 registers, spills"),
+    # sm_80, every listed fp16/bf16 build (indexed sets and the score epilogue too) under 3.2:
+    (80, "fwd", _tuning.Cfg(64, 32, 4, 4), 64, "Triton 3.2: 8 B, indexed sets"),
+    (80, "fwd", _tuning.Cfg(64, 32, 4, 4), 96, "Triton 3.2: 8 B, indexed sets"),
+    (80, "dq", _tuning.Cfg(128, 32, 8, 3), 64, "Triton 3.2: 8 B"),
+    (80, "dkdv", _tuning.Cfg(32, 64, 4, 3), 80, "Triton 3.2: 32 B"),
+    (80, "dkdv", _tuning.Cfg(32, 128, 8, 3), 80, "Triton 3.2: 24 B"),
+    (80, "dkdv", _tuning.Cfg(32, 64, 8, 3), 80, "Triton 3.2: 16 B"),
+    (80, "dkdv", _tuning.Cfg(32, 64, 8, 3), 96, "Triton 3.2: 16-24 B"),
+    (80, "dkdv", _tuning.Cfg(32, 32, 8, 3), 80, "Triton 3.2: 16 B"),
+    (80, "dkdv", _tuning.Cfg(32, 32, 8, 3), 96, "Triton 3.2: 16 B"),
+    (80, "dkdv", _tuning.Cfg(16, 64, 4, 4), 96, "Triton 3.2: 8 B"),
+    (80, "dkdv", _tuning.Cfg(16, 64, 4, 4), 128, "Triton 3.2: 16-72 B, 72 with scores"),
 ]
 
 

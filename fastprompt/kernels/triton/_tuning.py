@@ -113,28 +113,32 @@ SMEM_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # A config absent from a family is never admitted there. The static test re-checks every admitted
 # config against the report; tests/kernels/test_static_resources.py lists the older spills.
 SPILL_FREE_UP_TO: dict[str, dict[str, dict[Cfg, int]]] = {
+    # Lowered for Triton 3.2's ptxas (sm_80, every listed build compiled; 8-72 B spills): fwd
+    # 64x32 w4 s4 from 96, dK/dV 32x64 w4 s3 and 32x128 w8 s3 from 80, 16x64 w4 s4 from 128,
+    # 32x64 w8 s3 and 32x32 w8 s3 from 128 (they spill at d 80 and 96, not at 128), dQ 128x32 w8
+    # s3 from 64.
     "mma": {
         "fwd": {
             Cfg(64, 64, 4, 3): 96,
-            Cfg(64, 32, 4, 4): 96,
+            Cfg(64, 32, 4, 4): 32,
             Cfg(128, 32, 4, 3): 32,
             Cfg(128, 128, 8, 2): 64,
             Cfg(64, 64, 8, 3): 128,
         },
         "dkdv": {
-            Cfg(32, 64, 4, 3): 80,
-            Cfg(32, 128, 8, 3): 80,
-            Cfg(16, 64, 4, 4): 128,
-            Cfg(32, 64, 8, 3): 128,
+            Cfg(32, 64, 4, 3): 64,
+            Cfg(32, 128, 8, 3): 64,
+            Cfg(16, 64, 4, 4): 80,
+            Cfg(32, 64, 8, 3): 64,
             Cfg(16, 64, 8, 4): 128,
             Cfg(64, 128, 8, 2): 32,
-            Cfg(32, 32, 8, 3): 128,
+            Cfg(32, 32, 8, 3): 64,
             Cfg(64, 32, 8, 2): 64,
             Cfg(16, 32, 4, 4): 128,
         },
         "dq": {
             Cfg(64, 32, 4, 3): 96,
-            Cfg(128, 32, 8, 3): 64,
+            Cfg(128, 32, 8, 3): 32,
             Cfg(128, 64, 8, 2): 64,
             Cfg(64, 64, 4, 3): 64,
             Cfg(32, 32, 4, 3): 128,
