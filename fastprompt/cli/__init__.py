@@ -13,13 +13,8 @@ from fastprompt.backends import NAMES
 from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
 from fastprompt.cli.domains import add_domains_parser, check_domains_args, run_domains
 from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
-from fastprompt.cli.train import (
-    add_recipes_parser,
-    add_train_parser,
-    check_train_args,
-    run_recipes,
-    run_train,
-)
+from fastprompt.cli.train import add_recipes_parser, add_train_parser, run_recipes, run_train
+from fastprompt.cli.train_checks import check_train_args
 from fastprompt.fits import FIT_MODELS
 from fastprompt.prompted import MEMORY_POLICIES
 
