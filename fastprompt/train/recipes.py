@@ -77,6 +77,7 @@ TRANSFORMS = ("resize-crop", "resize", "fgvc", "pgn", "pgn-test")
 NORMALIZATIONS = ("backbone", "imagenet", "clip", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 LR_SCALINGS = ("batch/256", "none")
+BEST_BY = ("val_acc", "val_loss")
 # The fields that say how images become tensors (a condensed run keeps its source run's).
 DATA_FIELDS = (
     "train_transform",
@@ -134,6 +135,9 @@ class Recipe:
     memory : {"none", "mlp", "block"} or None
         What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
         gradients under every policy); None: leave the model's.
+    best_by : {"val_acc", "val_loss"}
+        What makes a run's ``best/`` epoch: the highest validation top-1 (default), or the
+        lowest validation loss (the official PGN ``ModelCheckpoint``'s choice).
     batch_norm : {"per-process", "sync"}
         Under torchrun, the prompt source's BatchNorm (PGN's generator) normalises each process's
         share of the batch, or the whole batch (:mod:`fastprompt.train.syncbn`); one process:
@@ -160,6 +164,7 @@ class Recipe:
     prompt_dropout: float | None = None
     memory: str | None = None
     batch_norm: str = "per-process"
+    best_by: str = "val_acc"
 
     def __post_init__(self) -> None:
         who = f"recipe {self.name!r}"
@@ -319,6 +324,7 @@ def _check(r: Recipe) -> None:
         ("resize_rounding", r.resize_rounding, RESIZE_ROUNDINGS),
         ("normalize", r.normalize, NORMALIZATIONS),
         ("batch_norm", r.batch_norm, BATCH_NORMS),
+        ("best_by", r.best_by, BEST_BY),
     ):
         if value not in options:
             raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")

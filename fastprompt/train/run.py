@@ -391,7 +391,10 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         if domains is not None:
             m["val_datasets"] = M.per_dataset(v["domain_sums"], names)
         m["eval_time_s"] = time.perf_counter() - t0
-        improved = m["val_acc"] > best["val_acc"]
+        if recipe.best_by == "val_loss":
+            improved = m["val_loss"] < best["val_loss"]
+        else:
+            improved = m["val_acc"] > best["val_acc"]
         if improved:
             best = {"epoch": epoch, "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
         m["best_epoch"], m["best_val_acc"] = best["epoch"], best["val_acc"]
@@ -408,7 +411,8 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         log(
             f"done: last epoch's validation top-1 {last_acc} ({run}/last; the official protocol "
             f"reports the last epoch); best {100 * best['val_acc']:.2f}% at epoch "
-            f"{best['epoch'] + 1} ({run}/best, selected on this validation data)"
+            f"{best['epoch'] + 1} ({run}/best, selected on this validation data by "
+            f"{recipe.best_by})"
         )
         if domains is not None:
             M.report_domains(run, config, log, env.device)

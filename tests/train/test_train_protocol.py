@@ -218,3 +218,15 @@ def test_an_older_run_resumes_with_its_transforms_and_says_what_it_reports(tiny_
         "RandomHorizontalFlip",
     ]
     assert new.transforms[0].size == 22
+
+
+def test_best_can_be_the_lowest_validation_loss(tiny_csv, tmp_path):
+    """``best_by=val_loss``: the official PGN ModelCheckpoint's choice (min val_loss)."""
+    run = tmp_path / "run"
+    args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv), *FAST]
+    args += ["--prompts", "2", "--epochs", "4", "--warmup-epochs", "1", "--out", str(run)]
+    assert main([*args, "--set", "best_by=val_loss"]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    best = json.loads((run / "best" / "best.json").read_text())
+    assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
+    assert (run / "log.txt").read_text().rstrip().endswith("by val_loss)")
