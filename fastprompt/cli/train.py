@@ -1,6 +1,8 @@
 """``fastprompt train`` and ``fastprompt recipes``.
 
-Every argument is checked before any work starts; a problem is one line from ``parser.error``.
+Every argument is checked before any work starts (:mod:`fastprompt.cli.train_checks`); a problem
+is one line from ``parser.error``. The recipe is the named one with the options applied by
+:func:`fastprompt.train.recipes.apply_changes`, as :func:`fastprompt.fit` applies its own.
 A resumed run (``--resume RUN``) takes its settings from ``RUN/run.json``; repeating the original
 arguments is allowed, changing them is refused (except how it runs: workers, progress, stop).
 ``--out`` must be new or empty (or a run folder that never finished preparing); ``--overwrite``
