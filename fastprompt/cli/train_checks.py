@@ -19,12 +19,26 @@ from fastprompt.cli.train import (
 )
 from fastprompt.train.multi import spec_paths
 
-__all__ = ["check_train_args"]
+__all__ = ["check_device", "check_train_args"]
+
+
+def check_device(device: str | None) -> str | None:
+    """What is wrong with a ``--device`` (not a device; CUDA asked for, none seen), or None."""
+    import torch
+
+    if device is None:
+        return None
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as e:
+        return f"--device {device!r} is not a device ({e})"
+    if kind == "cuda" and not torch.cuda.is_available():
+        return f"--device {device} was asked for, but torch sees no CUDA device"
+    return None
 
 
 def check_train_args(args: argparse.Namespace) -> str | None:
     """The first problem with the arguments, or None (nothing heavy runs here)."""
-    import torch
 
     from fastprompt.train import owner
     from fastprompt.train.distributed import env_rank, launched_by_torchrun
@@ -41,13 +55,9 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            return f"--device {args.device!r} is not a device ({e})"
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return f"--device {args.device} was asked for, but torch sees no CUDA device"
+    problem = check_device(args.device)
+    if problem:
+        return problem
     if args.resume is not None:
         return _check_resume(args)
     # Before --print-recipe returns: a recipe printed for options training refuses would mislead.

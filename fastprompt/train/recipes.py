@@ -441,7 +441,8 @@ def apply_changes(
         changes["warmup_epochs"] = warmup
         if warmup != recipe.warmup_epochs and recipe.schedule != "constant":
             notes.append(
-                f"note: {epochs} epochs instead of the {recipe.name} recipe's {recipe.epochs}: "
+                f"note: {epochs} epoch{'s' * (epochs != 1)} instead of the {recipe.name} "
+                f"recipe's {recipe.epochs}: "
                 f"the warmup is rescaled from {recipe.warmup_epochs} to {warmup} epochs (the same "
                 f"share); {warmup_option.format(recipe.warmup_epochs)} keeps the recipe's"
             )
