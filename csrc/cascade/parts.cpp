@@ -12,10 +12,13 @@
 #include <ATen/ops/_scaled_dot_product_flash_attention_backward.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu.h>
 #include <ATen/ops/_scaled_dot_product_flash_attention_for_cpu_backward.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #ifdef FASTPROMPT_WITH_CUDA
 #include <cuda_runtime_api.h>
@@ -79,6 +82,20 @@ Tensor padded_lse(const Tensor& lse) {
   return out;
 }
 
+// CUDA launches at most 65,535 blocks along a grid's y and z, where PyTorch's fused kernels put
+// the sequences (flash, and the memory-efficient kernel in older torch versions): a part with
+// more sequences (a windowed backbone at a large batch) is run in parts of at most this many,
+// on every device, so that the CPU tests run the same loop. Parts also keep a stride-0 (shared)
+// key from the memory-efficient backward's own batch split, which allocates its gradient with
+// the key's strides.
+constexpr int64_t kMaxSequences = 65535;
+
+// Sequences [start, start + n) of t, when t has one row per sequence (else it broadcasts).
+Tensor seq_rows(const Tensor& t, int64_t start, int64_t n, int64_t batch) {
+  if (!t.defined() || t.dim() == 0 || t.size(0) != batch || batch == 1) return t;
+  return t.narrow(0, start, n);
+}
+
 }  // namespace
 
 std::string cuda_part_unsupported(at::ScalarType dtype, int64_t head_dim) {
@@ -98,6 +115,17 @@ std::string cuda_part_unsupported(at::ScalarType dtype, int64_t head_dim) {
 
 std::tuple<Tensor, Tensor> part_forward(const Tensor& q, const Tensor& k, const Tensor& v,
                                         const Tensor& bias, double scale) {
+  if (const int64_t B = q.size(0); B > kMaxSequences) {
+    std::vector<Tensor> outs, lses;
+    for (int64_t i = 0; i < B; i += kMaxSequences) {
+      const int64_t n = std::min(kMaxSequences, B - i);
+      auto [o, l] = part_forward(q.narrow(0, i, n), seq_rows(k, i, n, B), seq_rows(v, i, n, B),
+                                 seq_rows(bias, i, n, B), scale);
+      outs.push_back(o);
+      lses.push_back(l);
+    }
+    return {at::cat(outs), at::cat(lses)};
+  }
   if (q.is_cpu()) {
     auto [out, lse] =
         at::_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, cpu_mask(bias), scale);
@@ -118,6 +146,20 @@ std::tuple<Tensor, Tensor, Tensor> part_backward(const Tensor& dout, const Tenso
                                                  const Tensor& k, const Tensor& v,
                                                  const Tensor& bias, const Tensor& out,
                                                  const Tensor& lse, double scale) {
+  if (const int64_t B = q.size(0); B > kMaxSequences) {
+    std::vector<Tensor> dqs, dks, dvs;
+    for (int64_t i = 0; i < B; i += kMaxSequences) {
+      const int64_t n = std::min(kMaxSequences, B - i);
+      auto [dq, dk, dv] =
+          part_backward(dout.narrow(0, i, n), q.narrow(0, i, n), seq_rows(k, i, n, B),
+                        seq_rows(v, i, n, B), seq_rows(bias, i, n, B), out.narrow(0, i, n),
+                        lse.narrow(0, i, n), scale);
+      dqs.push_back(dq);
+      dks.push_back(dk);
+      dvs.push_back(dv);
+    }
+    return {at::cat(dqs), at::cat(dks), at::cat(dvs)};
+  }
   if (q.is_cpu()) {
     return at::_scaled_dot_product_flash_attention_for_cpu_backward(dout, q, k, v, out, lse, 0.0,
                                                                     false, cpu_mask(bias), scale);

@@ -302,6 +302,45 @@ def test_cuda_adapters_on_emulated_kernels(
     _compare(_kernels(module, *args, **extra), _reference(*args))
 
 
+@pytest.mark.parametrize("kernel", ["flash", "efficient", "cudnn", "cpu_flash"])
+@pytest.mark.parametrize("module", [cascade, concat], ids=["cascade", "concat"])
+@pytest.mark.parametrize("bias_rows", [None, 1, 2, 5, 10], ids=lambda g: f"bias{g}")
+def test_calls_over_the_grids_sequence_limit_are_made_in_parts(
+    emulated_cuda_kernels, monkeypatch, kernel, module, bias_rows
+):
+    """No fused kernel is handed more than MAX_SEQUENCES sequences (CUDA's grid limit, here 4):
+    a periodic bias (G rows) keeps whole periods per call, or is read row by row."""
+    limit, seen = 4, []
+    real = _sdpa.op
+
+    def counted(name):
+        def run(*args, **kwargs):
+            seen.append(args[1].shape[0] if name.endswith("backward") else args[0].shape[0])
+            return real(name)(*args, **kwargs)
+
+        return run
+
+    monkeypatch.setattr(_sdpa, "op", counted)
+    monkeypatch.setattr(_sdpa, "MAX_SEQUENCES", limit)
+    monkeypatch.setattr(
+        _sdpa, "kernel_for", lambda q, has_bias: "efficient" if has_bias else kernel
+    )
+    if kernel == "cpu_flash":
+        monkeypatch.setattr(_sdpa, "kernel_for", lambda q, has_bias: "cpu_flash")
+    for mod in (cascade_impl, concat):
+        monkeypatch.setattr(mod, "kernel_for", _sdpa.kernel_for)
+    b, h, n, d = 10, 2, 5, 16
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(3, h, 4, d)
+    index = torch.tensor([2, 0, 1, 1, 0, 2, 2, 1, 0, 0])
+    lengths = torch.tensor([4, 1, 3])
+    bias = None if bias_rows is None else torch.randn(bias_rows, 1, n, n)
+    dout = torch.randn(b, h, n, d)
+    args = (q, k, v, pk, pv, index, lengths, d**-0.5, dout)
+    _compare(_kernels(module, *args, key_bias=bias), _reference(*args, key_bias=bias))
+    assert seen and max(seen) <= limit, seen
+
+
 def test_efficient_bias_is_aligned_and_broadcast_without_copies():
     q = torch.randn(2, 3, 5, 8)
     k = torch.randn(2, 3, 7, 8)

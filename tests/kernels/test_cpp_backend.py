@@ -25,7 +25,7 @@ from cpp_paths import (
     require_extension,
     run,
 )
-from helpers import assert_close_vs_ref, make_prompts, make_qkv
+from helpers import assert_close, assert_close_vs_ref, make_prompts, make_qkv
 
 from fastprompt.kernels import cpp
 from fastprompt.ops.attention import prompt_attention_ref
@@ -217,6 +217,24 @@ def test_a_key_bias_with_a_period_is_read_per_window(path):
     dout = torch.randn(b, h, n, d)
     got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, None, bias)
     compare(got, ref, atol=5e-5, rtol=5e-5)
+
+
+@pytest.mark.parametrize("indexed", [False, True], ids=["shared", "indexed"])
+def test_more_sequences_than_a_cuda_grid_takes(indexed):
+    """65,540 sequences (a Swin stage of 64 windows at batch 1,025 is 65,600): PyTorch's fused
+    kernels are called in parts of at most 65,535, a period of the key bias and a shared set
+    (stride 0 over the sequences) read right in each part."""
+    b, h, n, d, p = 65_540, 1, 2, 8, 3
+    q, k, v = make_qkv(b, h, n, d)
+    pk, pv = make_prompts(2 if indexed else 1, h, p, d)
+    index = torch.arange(b) % 2 if indexed else None
+    lengths = torch.tensor([3, 1]) if indexed else torch.tensor([2])
+    bias = torch.randn(4, h, n, n) if indexed else None
+    dout = torch.randn(b, h, n, d)
+    got, ref = against_reference("cascade", (q, k, v, pk, pv), dout, index, lengths, bias)
+    compare(got[:5], ref[:5], atol=5e-5, rtol=5e-5)
+    for name, a, e in zip(NAMES[5:], got[5:], ref[5:]):  # sums over 65,540 sequences
+        assert_close(a / e.abs().max(), e / e.abs().max(), name, atol=2e-5, rtol=0)
 
 
 @pytest.mark.parametrize("path", PATHS)

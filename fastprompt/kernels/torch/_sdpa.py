@@ -286,6 +286,35 @@ def _seed(q: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+# CUDA launches at most 65,535 blocks along a grid's y and z, where PyTorch's fused kernels put
+# the sequences (flash, and the memory-efficient kernel in older torch versions): a call with
+# more sequences (a windowed backbone at a large batch: 64 windows per image) is made in parts
+# of at most this many, on every device, so that the CPU tests run the same loop.
+MAX_SEQUENCES = 65_535
+
+
+def _parts(batch: int, bias: Tensor | None) -> list[tuple[int, int]]:
+    """``[start, stop)`` of each call's sequences: whole periods of a periodic bias."""
+    step = MAX_SEQUENCES
+    g = bias.shape[0] if bias is not None and bias.dim() == 4 else 1
+    if 1 < g < batch and g <= step:
+        step = step // g * g
+    return [(start, min(start + step, batch)) for start in range(0, batch, step)]
+
+
+def _bias_rows(bias: Tensor | None, start: int, stop: int, batch: int) -> Tensor | None:
+    """The rows of ``bias`` that sequences ``start`` to ``stop`` read."""
+    if bias is None or bias.dim() < 4 or bias.shape[0] == 1:
+        return bias
+    g = bias.shape[0]
+    if g == batch:
+        return bias[start:stop]
+    if start % g == 0 and (stop - start) % g == 0:
+        return bias  # whole periods: the same period
+    rows = torch.arange(start, stop, device=bias.device) % g
+    return bias.index_select(0, rows)
+
+
 def attend(
     kernel: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, scale: float
 ) -> tuple[Tensor, Tensor]:
@@ -308,6 +337,19 @@ def attend(
     out : Tensor, shape (B, H, N, d), dtype of q
     lse : Tensor, shape (B, H, N), float32 (float64 for float64 inputs)
     """
+    b = q.shape[0]
+    if b <= MAX_SEQUENCES:
+        return _attend(kernel, q, k, v, bias, scale)
+    outs, lses = zip(
+        *(
+            _attend(kernel, q[i:j], k[i:j], v[i:j], _bias_rows(bias, i, j, b), scale)
+            for i, j in _parts(b, bias)
+        )
+    )
+    return torch.cat(outs), torch.cat(lses)
+
+
+def _attend(kernel, q, k, v, bias, scale):
     if kernel == "math":
         return _math_fwd(q, k, v, bias, scale)
     q, k, v = (_last_dim_dense(t) for t in (q, k, v))
@@ -358,6 +400,27 @@ def attend_backward(
     dq, dk, dv : Tensor
         Shapes of q, k, v; dtype of q; any strides.
     """
+    b = q.shape[0]
+    if b <= MAX_SEQUENCES:
+        return _backward(kernel, dout, q, k, v, bias, out, lse, scale)
+    grads = [
+        _backward(
+            kernel,
+            dout[i:j],
+            q[i:j],
+            k[i:j],
+            v[i:j],
+            _bias_rows(bias, i, j, b),
+            out[i:j],
+            lse[i:j],
+            scale,
+        )
+        for i, j in _parts(b, bias)
+    ]
+    return tuple(torch.cat(g) for g in zip(*grads))
+
+
+def _backward(kernel, dout, q, k, v, bias, out, lse, scale):
     if kernel == "math":
         return _math_bwd(dout, q, k, v, bias, out, lse, scale)
     q, k, v, out, dout = (_last_dim_dense(t) for t in (q, k, v, out, dout))
