@@ -158,9 +158,15 @@ def _check_model_args(name: str, kwargs: dict[str, Any]) -> str | None:
         try:
             build({key: value})
         except Exception as e:
+            # A value that is not JSON stays a string: "(2,2,2)" is not the tuple it looks like.
+            read = (
+                f"; it was read as the string {value!r}: values are JSON, a list as [2, 2, 2]"
+                if isinstance(value, str) and value.startswith(("(", "[", "{"))
+                else ""
+            )
             return (
                 f"--model-args {key}={value!r}: timm's {name} does not take it "
-                f"({type(e).__name__}: {e})"
+                f"({type(e).__name__}: {e}{read})"
             )
     return (
         f"--model-args {' '.join(f'{k}={v!r}' for k, v in kwargs.items())}: timm's {name} does "

@@ -91,7 +91,8 @@ class VPTConfig:
     window_mixing : bool
         Swin only: reproduce the official VPT-Swin's cross-image window mixing (a defect of that
         code: with B > 1 and several windows an image receives and averages other images'
-        prompts), for bit-reproducing official runs. Default False: each image its own prompts.
+        prompts), for reproducing official runs (to float rounding). Default False: each image
+        its own prompts.
     """
 
     num_prompts: int
