@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from fastprompt import registry
 from fastprompt.backbones import adapter_for
 from fastprompt.tensorfiles import FileDamaged, inspect_safetensors, load_torch, tensor_digest
-from fastprompt.weights_probe import mismatch, probe
+from fastprompt.weights_probe import mismatch, probe, record
 
 __all__ = ["CheckpointError", "checkpoint_info", "load_prompts", "save_prompts"]
 
@@ -139,8 +139,9 @@ def load_prompts(
         method is refused. Default: whatever it holds.
     check_weights : bool
         Refuse a model whose frozen weights are not those the prompts were trained on (a few of
-        their values are saved with the prompts; a model created without ``pretrained=True``,
-        or with another pretrained tag, has the same shapes). False loads them anyway.
+        their values are saved with the prompts, and an official checkpoint's backbone has its
+        patch embedding compared; a model created without ``pretrained=True``, or with another
+        pretrained tag, has the same shapes). False loads them anyway.
     **overrides
         How to run the model (``impl``, ``backend``) and what the method lets a loader change
         (VPT: ``dropout``, ``readout``).
@@ -403,7 +404,8 @@ def _read_official(
         except ValueError as e:
             errors.append(str(e))
             continue
-        return state, {"method": name, "config": config, "impl": "fused"}
+        saved = {"method": name, "config": config, "impl": "fused"}
+        return state, {**saved, "weights_probe": _official_backbone(raw, model)}
     raise CheckpointError(
         f"load_prompts: {where} is not a checkpoint any method reads: "
         + ("; ".join(errors) or "no method reads official checkpoints")
@@ -411,14 +413,38 @@ def _read_official(
     )
 
 
+# The official code saves its whole backbone with the prompts; its patch embedding (the first
+# layer, under these names in the official ViT, Swin and MAE/MoCo backbones) is compared with the
+# model's as a probe of ours is: prompts trained on other weights are meaningless here.
+_PATCH_EMBEDDING = ("patch_embeddings.weight", "patch_embed.proj.weight")
+
+
+def _official_backbone(raw: Mapping[str, Tensor], model: nn.Module) -> dict[str, Any]:
+    """A weights probe of the official checkpoint's patch embedding, under the model's name for
+    its own ({} where either has none of the same shape: nothing to compare)."""
+    mine = [(n, p) for n, p in model.named_parameters() if n.endswith(_PATCH_EMBEDDING[1])]
+    if len(mine) != 1:
+        return {}
+    name, weight = mine[0]
+    for key, value in raw.items():
+        if (
+            key.endswith(_PATCH_EMBEDDING)
+            and torch.is_tensor(value)
+            and value.shape == weight.shape
+        ):
+            return record({name: value})
+    return {}
+
+
 def _state_dict(path) -> Mapping[str, Tensor]:
     """The state dict in ``path`` (a ``.pth`` file, possibly under a ``"model"`` key)."""
     if isinstance(path, Mapping):
-        return dict(path)
-    try:
-        raw = load_torch(os.fspath(path), "load_prompts: ")
-    except FileDamaged as e:
-        raise CheckpointError(str(e)) from None
+        raw = path
+    else:
+        try:
+            raw = load_torch(os.fspath(path), "load_prompts: ")
+        except FileDamaged as e:
+            raise CheckpointError(str(e)) from None
     if isinstance(raw, Mapping) and "model" in raw and isinstance(raw["model"], Mapping):
         raw = raw["model"]
     if not isinstance(raw, Mapping):

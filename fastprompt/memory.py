@@ -97,6 +97,11 @@ class MemoryPolicies:
 
     @memory.setter
     def memory(self, policy: str) -> None:
+        self.check_memory(policy)
+        self._memory = policy
+
+    def check_memory(self, policy: str) -> None:
+        """Raise ``ValueError``, with the reason, if this model cannot run under ``policy``."""
         allowed = self.memory_policies()
         if policy not in allowed:
             why = f" (known: {MEMORY_POLICIES})"
@@ -107,7 +112,6 @@ class MemoryPolicies:
                 f"fastprompt: memory must be one of {allowed} for this model (a "
                 f"{self._backbone.description}), got {policy!r}{why}"
             )
-        self._memory = policy
 
     def memory_policies(self) -> tuple[str, ...]:
         """The memory policies this model's backbone offers."""

@@ -44,6 +44,7 @@ from fastprompt._compat import tracing
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
 from fastprompt.backbones.base import module_hooks
 from fastprompt.backends import NAMES as BACKENDS
+from fastprompt.backends import get as get_backend
 from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
 from fastprompt.ops.attention import prompt_attention
 from fastprompt.ownership import OwningWrapper
@@ -149,6 +150,14 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
             raise ValueError(f"{who}: impl must be one of {IMPLS}, got {impl!r}")
         if backend is not None and backend not in BACKENDS:
             raise ValueError(f"{who}: backend must be one of {BACKENDS} or None, got {backend!r}")
+        if backend is not None and impl == "fused":
+            entry = get_backend(backend)
+            lacking = sorted(backbone.op_features - entry.features)
+            if lacking:
+                raise ValueError(
+                    f"{who}: backend {backend!r} cannot run a {backbone.description}'s blocks: "
+                    + "; ".join(f"no {f} ({entry.lacks[f]})" for f in lacking)
+                )
         if not isinstance(source, PromptSource) or source.position not in POSITIONS:
             raise TypeError(f"{who}: source must be a PromptSource, got {type(source).__name__}")
         if source.position not in backbone.positions:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["mismatch", "probe"]
+__all__ = ["mismatch", "probe", "record"]
 
 _VALUES = 16
 _MIN_SIZE = 256
@@ -38,10 +38,13 @@ def probe(model: nn.Module, classifier: nn.Module | None) -> dict[str, dict[str,
     if not named:
         return {}
     picks = sorted({0, len(named) // 2, len(named) - 1})
-    return {
-        named[i][0]: {"shape": list(named[i][1].shape), "values": _values(named[i][1])}
-        for i in picks
-    }
+    return record({named[i][0]: named[i][1] for i in picks})
+
+
+def record(tensors: Mapping[str, torch.Tensor]) -> dict[str, dict[str, list]]:
+    """The probe entries of the given tensors, by the model's parameter names (an official
+    checkpoint's copy of a backbone weight is recorded under the name the timm model gives it)."""
+    return {name: {"shape": list(t.shape), "values": _values(t)} for name, t in tensors.items()}
 
 
 def _values(p: torch.Tensor) -> list[float]:

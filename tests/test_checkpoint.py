@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import images, tiny_vit
+from helpers import images, tiny_swin, tiny_vit
 
 import fastprompt
 
@@ -44,6 +44,33 @@ def test_official_vpt_checkpoint_loads(tmp_path):
     assert loaded.config.num_prompts == 5 and loaded.config.deep
     for name, p in prompted.trainable_parameters().items():
         assert torch.equal(p, loaded.trainable_parameters()[name]), name
+
+
+@pytest.mark.parametrize("swin", [False, True], ids=["vit", "swin"])
+def test_an_official_checkpoint_of_other_backbone_weights_is_refused(swin):
+    """The official code saves the whole backbone with the prompts: its patch embedding must be
+    the model's (a model created without pretrained=True, or with another tag, is refused)."""
+    make = tiny_swin if swin else tiny_vit
+    prompted = fastprompt.vpt(make(), 2, deep=False)
+    patch = prompted.model.patch_embed.proj.weight.detach()
+    name = (
+        "enc.patch_embed.proj.weight"
+        if swin
+        else ("enc.transformer.embeddings.patch_embeddings.weight")
+    )
+    prefix = "enc." if swin else "enc.transformer."
+    head = prompted.backbone.classifier()
+    official = {
+        f"{prefix}prompt_embeddings": prompted.prompt_embeddings.detach(),
+        "head.last_layer.weight": head.weight.detach(),
+        "head.last_layer.bias": head.bias.detach(),
+    }
+    as_given = fastprompt.load_prompts(make(), {"model": {**official, name: patch}})
+    assert torch.equal(as_given.prompt_embeddings, prompted.prompt_embeddings)
+    other = {**official, name: patch + 0.1 * patch.abs().max()}
+    with pytest.raises(ValueError, match=r"trained on other backbone weights \(patch_embed"):
+        fastprompt.load_prompts(make(), other)
+    fastprompt.load_prompts(make(), other, check_weights=False)
 
 
 @pytest.mark.parametrize("method", ["vpt", "e2vpt"])

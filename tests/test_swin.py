@@ -347,8 +347,12 @@ def test_a_vit_checkpoint_records_no_window_mixing(tmp_path):
         (lambda m: fastprompt.vpt(m, 2, project=8), "builds prompt_proj but never applies it"),
         (lambda m: fastprompt.vpt_ablation(m, 2, num_deep_layers=2), "shallow or deep prompts"),
         (lambda m: fastprompt.pgn(m, 2, generator=None), "one width per stage"),
+        (
+            lambda m: fastprompt.vpt(m, 2, backend="triton"),
+            r"backend 'triton' cannot run a timm SwinTransformer.*no key_bias \(the Triton",
+        ),
     ],
-    ids=["project", "ablation", "pgn"],
+    ids=["project", "ablation", "pgn", "triton"],
 )
 def test_what_swin_refuses(build, match):
     model = tiny_swin()

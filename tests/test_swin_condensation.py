@@ -134,7 +134,7 @@ def test_scores_that_see_attention_only_are_refused_when_the_readout_reads_promp
     prompted = _trained(dtype=torch.float32)
     x, y = _data(2, torch.float32)
     for method in ("gate", "taylor_normed"):
-        with pytest.raises(ValueError, match=r"reads the prompt outputs of block\(s\) \[5\]"):
+        with pytest.raises(ValueError, match=r"block\(s\) \[5\].*this model's: \['patches'\]"):
             fastprompt.score_prompts(prompted, [(x, y)], method, progress=False)
     mixed = fastprompt.vpt(tiny_swin(), P, window_mixing=True)
     with pytest.raises(ValueError, match="per-sample scores are not defined"):

@@ -216,6 +216,10 @@ class Backbone:
         :meth:`block` (a windowed backbone: the prompts' keys, values and queries once per image,
         not per window). The core's fused path then runs every block through it, ``kv`` None when
         the block has no extra keys/values; otherwise blocks with prompt tokens run :meth:`block`.
+    op_features : frozenset of str
+        Features of :func:`fastprompt.ops.prompt_attention` (``fastprompt.backends.FEATURES``)
+        every fused block calls it with (a windowed backbone: ``"key_bias"``): a backend without
+        them is refused when the model is wrapped.
     """
 
     family: ClassVar[str] = ""
@@ -223,6 +227,7 @@ class Backbone:
     positions: ClassVar[tuple[str, ...]] = ("prefix",)
     readouts: ClassVar[tuple[str, ...]] = ()
     fused_tokens: ClassVar[bool] = False
+    op_features: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, model: nn.Module, who: str) -> None:
         self.check(model, who)

@@ -191,6 +191,7 @@ class SwinBackbone(Backbone):
     positions = ("prefix",)
     readouts = READOUTS
     fused_tokens = True
+    op_features = frozenset({"key_bias"})
 
     def __init__(self, model: nn.Module, who: str) -> None:
         super().__init__(model, who)

@@ -13,13 +13,8 @@ from fastprompt.backends import NAMES
 from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
 from fastprompt.cli.domains import add_domains_parser, check_domains_args, run_domains
 from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
-from fastprompt.cli.train import (
-    add_recipes_parser,
-    add_train_parser,
-    check_train_args,
-    run_recipes,
-    run_train,
-)
+from fastprompt.cli.train import add_recipes_parser, add_train_parser, run_recipes, run_train
+from fastprompt.cli.train_checks import check_device, check_train_args
 from fastprompt.fits import FIT_MODELS
 from fastprompt.prompted import MEMORY_POLICIES
 
@@ -87,7 +82,6 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
 def _check_bench_args(args: argparse.Namespace) -> str | None:
     """Everything that can be checked before minutes of benchmarking; the first problem found."""
     import timm
-    import torch
 
     for name in ("batch", "reps", "img_size"):
         value = getattr(args, name)
@@ -103,13 +97,9 @@ def _check_bench_args(args: argparse.Namespace) -> str | None:
         return f"--fits takes budgets in GiB > 0, got {args.fits}"
     if args.fits_models is not None and args.fits is None:
         return "--fits-models goes with --fits GIB ..."
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            return f"--device {args.device!r} is not a device ({e})"
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return f"--device {args.device} was asked for, but torch sees no CUDA device"
+    problem = check_device(args.device)
+    if problem:
+        return problem
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         return f"--out {args.out} exists and is not a folder"
     if args.compare is not None:

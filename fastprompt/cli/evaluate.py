@@ -27,7 +27,15 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         help="default: the run's validation data (a run over several datasets: NAME=PATH for "
         "one of them, per-dataset top-1 with its own)",
     )
-    p.add_argument("--checkpoint", choices=["best", "last", "init"], default="best")
+    p.add_argument(
+        "--checkpoint",
+        choices=["best", "last", "init"],
+        default="best",
+        help="best (default): the epoch with the highest top-1 on the run's --val data, so "
+        "selected on that data (never report it as a test result when --val was the test "
+        "split); last: the last epoch, what the official VPT/E2VPT protocol reports; init: "
+        "before training",
+    )
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")

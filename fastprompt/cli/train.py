@@ -1,6 +1,8 @@
 """``fastprompt train`` and ``fastprompt recipes``.
 
-Every argument is checked before any work starts; a problem is one line from ``parser.error``.
+Every argument is checked before any work starts (:mod:`fastprompt.cli.train_checks`); a problem
+is one line from ``parser.error``. The recipe is the named one with the options applied by
+:func:`fastprompt.train.recipes.apply_changes`, as :func:`fastprompt.fit` applies its own.
 A resumed run (``--resume RUN``) takes its settings from ``RUN/run.json``; repeating the original
 arguments is allowed, changing them is refused (except how it runs: workers, progress, stop).
 ``--out`` must be new or empty (or a run folder that never finished preparing); ``--overwrite``
@@ -16,17 +18,18 @@ import sys
 from typing import Any
 
 from fastprompt import registry
-from fastprompt.train.multi import spec_paths
 from fastprompt.train.recipes import (
     MEMORY_POLICIES,
     NORMALIZATIONS,
     RECIPES,
     TRANSFORMS,
     VTAB1K_PROMPTS,
+    Recipe,
+    apply_changes,
     coerce_field,
 )
 
-__all__ = ["add_recipes_parser", "add_train_parser", "check_train_args", "run_recipes", "run_train"]
+__all__ = ["add_recipes_parser", "add_train_parser", "resolve_recipe", "run_recipes", "run_train"]
 
 PRESETS = {f"vtab1k-{task}": n for task, n in VTAB1K_PROMPTS.items()}
 # Arguments that say how a run executes, not what it trains: a resumed run may change them.
@@ -99,7 +102,7 @@ class _SharedGroup:
         return action
 
 
-def _add_method_options(group: argparse._ArgumentGroup) -> dict[str, list[str]]:
+def add_method_options(group: argparse._ArgumentGroup) -> dict[str, list[str]]:
     """Add every trainable method's options to ``group``; return each option's methods."""
     shared = _SharedGroup(group)
     for name in registry.trainable():
@@ -108,7 +111,7 @@ def _add_method_options(group: argparse._ArgumentGroup) -> dict[str, list[str]]:
     return shared.owners
 
 
-def _given(value: Any) -> bool:
+def is_given(value: Any) -> bool:
     return value is not None and value is not False
 
 
@@ -141,7 +144,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         choices=registry.trainable(),
         help=f"default {DEFAULT_METHOD} (options below; each says which methods take it)",
     )
-    _add_method_options(p.add_argument_group("method options"))
+    add_method_options(p.add_argument_group("method options"))
     d = p.add_argument_group("data")
     d.add_argument(
         "--data",
@@ -154,10 +157,27 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
     r = p.add_argument_group("recipe (overrides)")
     r.add_argument("--recipe", choices=sorted(RECIPES), help="default: the method's")
-    r.add_argument("--epochs", type=int)
+    r.add_argument(
+        "--epochs",
+        type=int,
+        help="default the recipe's (100); another count rescales the warmup to the same share "
+        "(vpt, e2vpt: 10 of 100; pgn: 50 of 100), as a note at the start of the run says; "
+        "--warmup-epochs keeps the official value",
+    )
     r.add_argument("--batch-size", type=int, help="global batch (split over processes)")
-    r.add_argument("--lr", type=float, help="base lr (VPT: scaled by batch/256)")
-    r.add_argument("--warmup-epochs", type=int)
+    r.add_argument(
+        "--lr",
+        type=float,
+        help="the base lr of the official tune scripts, unscaled: the vpt, e2vpt and "
+        "pc-finetune recipes peak at lr x batch / 256 (pgn: lr as given). A SOLVER.BASE_LR "
+        "passed to the official train.py is already that peak: give it with --set "
+        "lr_scaling=none",
+    )
+    r.add_argument(
+        "--warmup-epochs",
+        type=int,
+        help="default the recipe's, rescaled with --epochs; must be below the epochs",
+    )
     r.add_argument("--weight-decay", type=float)
     r.add_argument("--momentum", type=float)
     r.add_argument("--normalize", choices=NORMALIZATIONS)
@@ -207,18 +227,24 @@ def run_recipes(args: argparse.Namespace) -> int:
         print(RECIPES[name].describe())
         print()
     if not args.name:
-        print("presets (--preset): VPT-deep prompt counts of the VTAB-1k tasks")
+        print(
+            "presets (--preset, VTAB-1k): the official VPT-deep prompt counts, prompt dropout\n"
+            "0.1 (VPT-deep), a square resize without augmentation, ImageNet mean/std; not the\n"
+            "per-task batch size, lr and weight decay (the official tables are not published)"
+        )
         for name, n in sorted(PRESETS.items()):
             print(f"  {name:<28} {n}")
     return 0
 
 
-def _explicit(args: argparse.Namespace) -> dict[str, Any]:
+def explicit_args(args: argparse.Namespace) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if v is not None and v is not False}
 
 
-def resolve_recipe(args: argparse.Namespace):
-    """The recipe the arguments ask for (named recipe + preset + overrides)."""
+def resolve_recipe(args: argparse.Namespace) -> tuple[Recipe, list[str]]:
+    """The recipe the arguments ask for (named recipe + preset + overrides, applied by
+    :func:`fastprompt.train.recipes.apply_changes`, as :func:`fastprompt.fit` applies its own)
+    and the notes of what that changed unasked (a rescaled warmup)."""
     entry = registry.get(args.method or DEFAULT_METHOD)
     recipe = RECIPES[args.recipe or entry.recipe]
     # Recipe fields the method's options imply (VPT's VTAB-1k presets).
@@ -245,11 +271,7 @@ def resolve_recipe(args: argparse.Namespace):
             changes[key] = coerce_field(key, value, f"--set {key}={value}")
         except ValueError as e:
             raise ValueError(str(e).replace("recipe: ", f"--set {key}={value}: ")) from None
-    if "warmup_epochs" not in changes and "epochs" in changes:
-        # Keep the recipe's warmup share (VPT: 10 of 100; PGN: 50 of 100).
-        share = recipe.warmup_epochs / recipe.epochs
-        changes["warmup_epochs"] = round(share * changes["epochs"])
-    return recipe.override(**changes)
+    return apply_changes(recipe, changes)
 
 
 def method_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
@@ -259,176 +281,11 @@ def method_args(args: argparse.Namespace) -> tuple[str, dict[str, Any]]:
     return method, registry.get(method).cli.kwargs(args)
 
 
-def check_train_args(args: argparse.Namespace) -> str | None:
-    """The first problem with the arguments, or None (nothing heavy runs here)."""
-    import torch
-
-    from fastprompt.train import owner
-    from fastprompt.train.distributed import env_rank, launched_by_torchrun
-
-    for name in ("epochs", "batch_size", "stop_after"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    for name in ("warmup_epochs", "workers", "seed"):
-        value = getattr(args, name)
-        if value is not None and value < 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    for name in ("lr", "weight_decay", "momentum"):
-        value = getattr(args, name)
-        if value is not None and not value >= 0:
-            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if args.device is not None:
-        try:
-            device = torch.device(args.device)
-        except RuntimeError as e:
-            return f"--device {args.device!r} is not a device ({e})"
-        if device.type == "cuda" and not torch.cuda.is_available():
-            return f"--device {args.device} was asked for, but torch sees no CUDA device"
-    if args.resume is not None:
-        return _check_resume(args)
-    if args.print_recipe:
-        try:
-            resolve_recipe(args)
-        except ValueError as e:
-            return str(e)
-        return None
-    if not args.model:
-        return "--model is required (a timm model name)"
-    if not args.data:
-        return "--data is required (a folder, a .csv/.txt list, or digits)"
-    if not args.out:
-        return "--out is required (the run folder to create)"
-    import timm
-
-    if not timm.is_model(args.model):
-        return f"--model {args.model!r} is not a timm model name (see timm.list_models())"
-    problem = _check_model_args(args.model, dict(args.model_args or []))
-    if problem:
-        return problem
-    if args.weights is not None and not os.path.isfile(args.weights):
-        return f"--weights {args.weights} does not exist"
-    if args.weights is not None and args.no_pretrained:
-        return "--weights and --no-pretrained contradict each other"
-    method = args.method or DEFAULT_METHOD
-    owners = _add_method_options(argparse.ArgumentParser().add_argument_group())
-    wrong = [d for d, ms in owners.items() if method not in ms and _given(getattr(args, d))]
-    if wrong:
-        return f"--{wrong[0].replace('_', '-')} does not apply to --method {method}"
-    try:
-        method_args(args)
-    except ValueError as e:
-        return str(e)
-    if args.val is not None and args.val_split is not None:
-        return "pass either --val or --val-split, not both"
-    problem = _check_mixture(args)
-    if problem:
-        return problem
-    for flag, value in (("--data", args.data), ("--val", args.val)):
-        for spec in spec_paths(value):
-            if not (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec):
-                return f"{flag} {spec} does not exist (a folder, a .csv/.txt list, or digits)"
-    # Under torchrun rank 0 creates the folder; another rank may look after it did.
-    if env_rank() == 0:
-        try:
-            keep = [*spec_paths(args.data), *spec_paths(args.val), args.weights]
-            owner.check_out(args.out, args.overwrite, "--out", keep)
-        except owner.OwnerError as e:
-            return str(e)
-    try:
-        recipe = resolve_recipe(args)
-    except ValueError as e:
-        return str(e)
-    if launched_by_torchrun():
-        world = int(os.environ["WORLD_SIZE"])
-        if recipe.batch_size % world:
-            return f"--batch-size {recipe.batch_size} does not split over {world} processes"
-    return None
-
-
-def _check_mixture(args: argparse.Namespace) -> str | None:
-    from fastprompt.train.multi import DataError, parse_specs
-
-    if not isinstance(args.data, list):
-        if isinstance(args.val, list):
-            return f"--val is given {len(args.val)} times for one --data"
-        return None
-    try:
-        parse_specs(args.data)
-    except DataError as e:
-        return str(e)
-    if args.val is not None and len(spec_paths(args.val)) != len(args.data):
-        return (
-            f"--val: {len(args.data)} datasets need one --val each (in --data's order), got "
-            f"{len(spec_paths(args.val))}; or --val-split, or none for datasets with their own"
-        )
-    return None
-
-
-def _check_model_args(name: str, kwargs: dict[str, Any]) -> str | None:
-    """What timm says about ``--model-args``, found by building the model on the meta device
-    (no memory, no weights, no download: a fraction of a second even for a ViT-L)."""
-    import timm
-    import torch
-
-    def build(kw: dict[str, Any]) -> None:
-        with torch.device("meta"):
-            timm.create_model(name, pretrained=False, **kw)
-
-    try:
-        build(kwargs)
-        return None
-    except Exception as e:
-        whole = e
-    for key, value in kwargs.items():
-        try:
-            build({key: value})
-        except Exception as e:
-            return (
-                f"--model-args {key}={value!r}: timm's {name} does not take it "
-                f"({type(e).__name__}: {e})"
-            )
-    return (
-        f"--model-args {' '.join(f'{k}={v!r}' for k, v in kwargs.items())}: timm's {name} does "
-        f"not take them together ({type(whole).__name__}: {whole})"
-    )
-
-
-def _check_resume(args: argparse.Namespace) -> str | None:
-    from fastprompt.train.run import RunError, read_run
-
-    try:
-        _, saved = read_run(args.resume)
-    except RunError as e:
-        return str(e)
-    if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
-        return f"--out {args.out} differs from --resume {args.resume}; a run continues in place"
-    before = saved.get("command", {}).get("explicit", {})
-    for key, value in _explicit(args).items():
-        if key in RUNTIME or key == "out":
-            continue
-        flag = f"--{key.replace('_', '-')}"
-        if key not in before:
-            # Its value then came from a default or the recipe, which this check cannot see.
-            return (
-                f"{flag} was not given when the run began (it runs with the default or its "
-                f"recipe's value); a resumed run keeps its settings: drop {flag}"
-            )
-        old = before[key]
-        if isinstance(value, list):
-            value = [list(v) if isinstance(v, tuple) else v for v in value]
-        if old != value:
-            return (
-                f"{flag} {value!r} differs from the run's ({old!r}); a resumed run keeps its "
-                "settings"
-            )
-    return None
-
-
 def build_config(args: argparse.Namespace):
     from fastprompt.train.run import DataConfig, ModelSpec, RunConfig
 
     method, margs = method_args(args)
+    recipe, _ = resolve_recipe(args)
     return RunConfig(
         model=ModelSpec(
             name=args.model,
@@ -444,7 +301,7 @@ def build_config(args: argparse.Namespace):
             val_split=args.val_split,
             workers=default_workers() if args.workers is None else args.workers,
         ),
-        recipe=resolve_recipe(args),
+        recipe=recipe,
         precision=args.precision or "fp32",
         compile=bool(args.compile),
         seed=args.seed or 0,
@@ -460,14 +317,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastprompt.train.run import RunError, continue_run, prepare_run
 
     if args.print_recipe and args.resume is None:
-        print(resolve_recipe(args).describe())
+        recipe, notes = resolve_recipe(args)
+        print("\n".join([recipe.describe(), *notes]))
         return 0
     env = setup(args.device)
     run = args.resume or args.out
     try:
         if args.resume is None:
             config = build_config(args)
-            explicit = _explicit(args)
+            explicit = explicit_args(args)
             explicit.pop("command", None)
             explicit = {
                 k: [list(v) for v in x] if k in ("model_args", "set") else x
@@ -477,7 +335,11 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
                 config,
                 args.out,
                 env,
-                extra={"command": {"argv": sys.argv, "explicit": explicit}},
+                extra={
+                    "command": {"argv": sys.argv, "explicit": explicit},
+                    # Said in the log at the start of the run (fastprompt.train.run).
+                    "recipe_notes": resolve_recipe(args)[1],
+                },
                 overwrite=args.overwrite,
                 keep_lock=True,
                 quiet=args.quiet,

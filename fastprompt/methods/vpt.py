@@ -62,6 +62,9 @@ VTAB1K_PROMPTS: dict[str, int] = {
     "smallnorb_ele": 200,
 }
 PRESETS = {f"vtab1k-{task}": n for task, n in VTAB1K_PROMPTS.items()}
+# MODEL.PROMPT.DROPOUT of every VTAB-1k VPT-deep command in the official demo.ipynb (the configs'
+# default is 0.0, and the official code uses none for VPT-shallow).
+PRESET_DEEP_DROPOUT = 0.1
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,8 @@ class VPTConfig:
     window_mixing : bool
         Swin only: reproduce the official VPT-Swin's cross-image window mixing (a defect of that
         code: with B > 1 and several windows an image receives and averages other images'
-        prompts), for bit-reproducing official runs. Default False: each image its own prompts.
+        prompts), for reproducing official runs (to float rounding). Default False: each image
+        its own prompts.
     """
 
     num_prompts: int
@@ -323,8 +327,11 @@ def _add_options(group: argparse._ArgumentGroup) -> None:
         "--preset",
         choices=sorted(PRESETS),
         metavar="vtab1k-TASK",
-        help="a VTAB-1k task's official VPT setup: its prompt count, a square resize, ImageNet "
-        "mean/std (list: fastprompt recipes)",
+        help="a VTAB-1k task's official VPT setup: its prompt count, prompt dropout 0.1 for "
+        "VPT-deep (every official VTAB-1k VPT-deep command; --shallow: 0, as official), a square "
+        "resize without augmentation, ImageNet mean/std (list: fastprompt recipes). Not the "
+        "batch size, lr or weight decay: the official runs took them from per-task tables "
+        "that are not published; the recipe's apply unless --batch-size, --lr, --weight-decay",
     )
     group.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
 
@@ -336,6 +343,8 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if kw["num_prompts"] is None:
         raise ValueError("--prompts is required for VPT (or --preset vtab1k-<task>)")
     kw["deep"] = not args.shallow
+    if args.preset and kw["deep"] and args.prompt_dropout is None:
+        kw["dropout"] = PRESET_DEEP_DROPOUT
     return kw
 
 

@@ -3,7 +3,9 @@
 - :func:`fit`, :func:`finetune`, :func:`evaluate`: the loop on any loader, three calls;
   :func:`prompt_condensation`: Prompt Condensation's Algorithm 1 on a trained model.
 - :class:`Trainer`: one epoch of a recipe at a time (mixed precision, compile, DDP, state).
-- :data:`RECIPES` / :class:`Recipe`: ``vpt``, ``pgn``, ``pc-finetune`` (:mod:`.recipes`).
+- :data:`RECIPES` / :class:`Recipe`: ``vpt``, ``e2vpt``, ``pgn``, ``pc-finetune``
+  (:mod:`.recipes`); :func:`apply_changes`: a user's changes to a recipe, as ``fastprompt
+  train`` and :func:`fit` both apply them.
 - :func:`train` / :func:`continue_run` / :class:`RunConfig`: run folders with checkpoints,
   metrics, curves and resume, as ``fastprompt train`` runs them (:mod:`.run`).
 - :func:`condense_run`: Prompt Condensation of a run folder into a new one (:mod:`.condense`).
@@ -11,7 +13,14 @@
 
 from fastprompt.train.condense import condense_run
 from fastprompt.train.loop import Trainer, evaluate_model
-from fastprompt.train.recipes import RECIPES, VTAB1K_PROMPTS, Recipe, get_recipe, lr_factor
+from fastprompt.train.recipes import (
+    RECIPES,
+    VTAB1K_PROMPTS,
+    Recipe,
+    apply_changes,
+    get_recipe,
+    lr_factor,
+)
 from fastprompt.train.run import (
     DataConfig,
     ModelSpec,
@@ -31,6 +40,7 @@ __all__ = [
     "Recipe",
     "RunConfig",
     "Trainer",
+    "apply_changes",
     "condense_run",
     "continue_run",
     "evaluate",

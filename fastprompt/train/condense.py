@@ -3,8 +3,9 @@
 ``fastprompt condense RUN --keep 0.3 --score taylor_normed --finetune-epochs 20`` loads RUN's
 checkpoint (``best`` by default), scores every prompt over RUN's training set (with the test
 transform, so the scores are deterministic), keeps the top ``keep`` (global or per block), and
-fine-tunes only the kept prompts and the head with the ``pc-finetune`` recipe in a new run folder
-whose ``init/`` is the condensed model before fine-tuning. The new folder is an ordinary run:
+fine-tunes only the kept prompts and the head with the ``pc-finetune`` recipe (on the source run's
+transforms and normalisation) in a new run folder whose ``init/`` is the condensed model before
+fine-tuning. The new folder is an ordinary run:
 ``--resume`` continues it, ``fastprompt evaluate`` reads it. Under torchrun each process scores
 its shard of the training set and the per-prompt sums are added up.
 """
@@ -23,7 +24,7 @@ from fastprompt.train import data as D
 from fastprompt.train import owner
 from fastprompt.train.distributed import DistEnv, all_reduce_sum, setup
 from fastprompt.train.loop import evaluate_model
-from fastprompt.train.recipes import get_recipe
+from fastprompt.train.recipes import DATA_FIELDS, get_recipe
 from fastprompt.train.run import (
     RunConfig,
     RunError,
@@ -130,8 +131,10 @@ def condense_run(
     if reason is not None:
         raise RunError(f"{source} {reason}")
     src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
+    # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics).
+    pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
     recipe = get_recipe("pc-finetune").override(
-        epochs=epochs, batch_size=batch_size or config.recipe.batch_size
+        epochs=epochs, batch_size=batch_size or config.recipe.batch_size, **pipeline
     )
     base_lr = lr if lr is not None else src_lr / 10
     model = load_run_model(source, checkpoint, env.device, config, saved)

@@ -51,7 +51,11 @@ def e2vpt_pruning(
     train_loader, val_loader : iterable of batches
         Training batches (scores and retraining) and validation batches (the choice).
     epochs, lr : optional
-        Of each retraining with the ``e2vpt`` recipe (default the recipe's, lr used as given).
+        Of each retraining with the ``e2vpt`` recipe (default the recipe's), applied as
+        :func:`fastprompt.fit` and ``fastprompt train`` apply them: ``lr`` is the base lr, scaled
+        by ``train_loader``'s batch / 256 (the recipe's 64 when the loader does not say), so
+        giving the first run's base lr retrains at its peak, as the official rewind reuses the
+        first run's scaled lr; fewer ``epochs`` rescale the warmup to the same share.
     tokens, segments : sequence of int, optional
         Candidate numbers of pruned tokens and segments; default the official ones
         (:func:`~fastprompt.methods.e2vpt.pruning.prune_counts`).

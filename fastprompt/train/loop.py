@@ -154,7 +154,8 @@ def evaluate_model(
 
 def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None = None) -> None:
     """Refuse a recipe that cannot train this model, before anything is written or run: no lr,
-    nothing trainable, ``no_decay`` names the model lacks, prompt dropout it does not have.
+    nothing trainable, ``no_decay`` names the model lacks, prompt dropout it does not have, a
+    memory policy its backbone does not offer.
 
     Raises
     ------
@@ -176,6 +177,8 @@ def check_recipe_fits(model: PromptedViT, recipe: Recipe, base_lr: float | None 
             f"recipe {recipe.name!r} sets prompt_dropout={p}, but a {model.method!r} model has "
             "no prompt dropout"
         )
+    if recipe.memory is not None:
+        model.check_memory(recipe.memory)
 
 
 class Trainer:

@@ -2,17 +2,22 @@
 
 A :class:`Recipe` is a frozen dataclass: everything about *how* a run trains that is not the model
 or the data. Recipes are named (:data:`RECIPES`), printed (:meth:`Recipe.describe`) and overridden
-field by field (:meth:`Recipe.override`); the resolved recipe is saved in every run folder.
+field by field (:meth:`Recipe.override`; :func:`apply_changes` is how ``fastprompt train`` and
+:func:`fastprompt.fit` apply a user's changes); the resolved recipe is saved in every run folder.
 
-- ``vpt`` (KMnP/vpt, ``src/solver``): SGD with momentum 0.9; peak lr = base lr · batch / 256;
-  a linear warmup from 0 over 10 epochs, then a half-cosine to 0 at epoch 100, the lr set once per
-  epoch (epoch 0 runs at lr 0); weight decay 1e-4 on every trainable tensor but the head bias;
-  batch 128; resize + centre crop and no augmentation. The official code normalises with ImageNet's
+- ``vpt`` (KMnP/vpt, ``src/solver``, ``src/data/transforms.py``): SGD with momentum 0.9; peak
+  lr = base lr · batch / 256; a linear warmup from 0 over 10 epochs, then a half-cosine to 0 at
+  epoch 100, the lr set once per epoch (epoch 0 runs at lr 0); weight decay 1e-4 on every
+  trainable tensor but the head bias; batch 128. Transforms, as the official FGVC pipeline:
+  training resizes the shorter side to ``floor(size / 0.875)`` (256 for 224, 438 for 384), takes
+  a random ``size`` crop and flips horizontally with p 0.5 (``"fgvc"``); testing resizes the same
+  way and takes the centre crop (``"resize-crop"``). The official code normalises with ImageNet's
   mean/std whatever the backbone; fastprompt uses the backbone's own (timm ``pretrained_cfg``:
-  0.5/0.5 for ``vit_base_patch16_224.orig_in21k``) unless ``normalize="imagenet"``; the VTAB-1k
-  presets of the CLI set it, with VTAB's square resize. The official code tunes the base lr per task
-  on a validation split over {0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50} and the weight decay
-  over {0, 1e-4, 1e-3, 1e-2}; the default base lr here (0.25) is fastprompt's pick from that grid.
+  0.5/0.5 for ``vit_base_patch16_224.orig_in21k``) unless ``normalize="imagenet"``. The VTAB-1k
+  presets of the CLI set it, with VTAB's square resize and no augmentation, as the official VTAB
+  pipeline. The official code tunes the base lr per task on a validation split over {0.05, 0.1,
+  0.25, 0.5, 1, 2.5, 5, 10, 25, 50} and the weight decay over {0, 1e-4, 1e-3, 1e-2}; the default
+  base lr here (0.25) is fastprompt's pick from that grid.
 - ``pgn`` (jochemloedeman/PGN): SGD lr 0.1 (not scaled with the batch), momentum 0.9, no weight
   decay, one parameter group; epoch e (0-based) runs at lr·max(e, 1)/50 for e < 50, then a
   half-cosine from lr to lr/100 reached at epoch 100 (never run); batch 128 (read off the released
@@ -23,12 +28,13 @@ field by field (:meth:`Recipe.override`); the resolved recipe is saved in every 
   of the batch (``batch_norm="per-process"``, as the official code's DDP runs it);
   ``batch_norm="sync"`` (``--sync-bn``) normalises with the global batch
   (:mod:`fastprompt.train.syncbn`).
-- ``e2vpt`` (ChengHan111/E2VPT, the same solver code as VPT's): VPT's optimiser, schedule,
-  weight decay (the masks decay too; the head bias does not) and transforms, batch 64 (the official
-  VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and weight decay
-  over VPT's grids; the base lr here is VPT's pick.
-- ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms, 20 epochs,
-  no warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
+- ``e2vpt`` (ChengHan111/E2VPT, the same solver and data code as VPT's): VPT's optimiser,
+  schedule, weight decay (the masks decay too; the head bias does not) and transforms, batch 64
+  (the official VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and
+  weight decay over VPT's grids; the base lr here is VPT's pick.
+- ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms
+  (``fastprompt condense`` keeps its source run's transforms and normalisation), 20 epochs, no
+  warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
   tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
   no source run, takes a peak lr, default 0.01).
 """
@@ -41,14 +47,14 @@ from collections.abc import Mapping
 from dataclasses import MISSING, asdict, dataclass, fields, replace
 from typing import Any
 
-import torch
-from torch import nn
-
 from fastprompt.methods.vpt import VTAB1K_PROMPTS  # VPT's per-task counts
 from fastprompt.prompted import MEMORY_POLICIES
+from fastprompt.train.optim import check_no_decay, classifier_name, make_optimizer, param_groups
 from fastprompt.train.syncbn import BATCH_NORMS
+from fastprompt.train.transforms import RESIZE_ROUNDINGS
 
 __all__ = [
+    "DATA_FIELDS",
     "MEMORY_POLICIES",
     "NORMALIZATIONS",
     "RECIPES",
@@ -56,6 +62,7 @@ __all__ = [
     "TRANSFORMS",
     "VTAB1K_PROMPTS",
     "Recipe",
+    "apply_changes",
     "check_no_decay",
     "classifier_name",
     "coerce_field",
@@ -70,6 +77,16 @@ TRANSFORMS = ("resize-crop", "resize", "fgvc", "pgn", "pgn-test")
 NORMALIZATIONS = ("backbone", "imagenet", "clip", "none")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 LR_SCALINGS = ("batch/256", "none")
+BEST_BY = ("val_acc", "val_loss")
+# The fields that say how images become tensors (a condensed run keeps its source run's).
+DATA_FIELDS = (
+    "train_transform",
+    "test_transform",
+    "crop_pct",
+    "resize_rounding",
+    "interpolation",
+    "normalize",
+)
 
 
 @dataclass(frozen=True)
@@ -100,9 +117,15 @@ class Recipe:
         that tensor of the model's classifier wherever it lives (``head.fc`` on a timm Swin), so
         ``head.bias`` is the official VPT code's exempt ``last_layer.bias`` on every backbone.
     train_transform, test_transform : str
-        One of :data:`TRANSFORMS` (:mod:`fastprompt.train.data`).
+        One of :data:`TRANSFORMS` (:mod:`fastprompt.train.transforms`); default ``fgvc`` (the
+        official VPT training augmentation) and ``resize-crop``.
     crop_pct : float
-        ``resize-crop``: resize the shorter side to ``size / crop_pct``, then centre-crop ``size``.
+        ``resize-crop`` and ``fgvc``: resize the shorter side to ``size / crop_pct``, then crop
+        ``size`` (centre, random).
+    resize_rounding : {"floor", "round"}
+        How ``size / crop_pct`` becomes pixels: ``floor`` is the official VPT table (384 → 438)
+        and timm's rule; ``round`` (384 → 439) is what runs made before this field rounded to,
+        so a recipe read back without it (:meth:`from_dict`) keeps ``round``.
     interpolation : {"bilinear", "bicubic", "nearest"}
         Of the resizes (the ``pgn`` transform's random resized crop is bicubic, as official).
     normalize : {"backbone", "imagenet", "clip", "none"}
@@ -112,6 +135,9 @@ class Recipe:
     memory : {"none", "mlp", "block"} or None
         What each block keeps for backward (:attr:`fastprompt.PromptedViT.memory`; the same
         gradients under every policy); None: leave the model's.
+    best_by : {"val_acc", "val_loss"}
+        What makes a run's ``best/`` epoch: the highest validation top-1 (default), or the
+        lowest validation loss (the official PGN ``ModelCheckpoint``'s choice).
     batch_norm : {"per-process", "sync"}
         Under torchrun, the prompt source's BatchNorm (PGN's generator) normalises each process's
         share of the batch, or the whole batch (:mod:`fastprompt.train.syncbn`); one process:
@@ -129,14 +155,16 @@ class Recipe:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     no_decay: tuple[str, ...] = ("head.bias",)
-    train_transform: str = "resize-crop"
+    train_transform: str = "fgvc"
     test_transform: str = "resize-crop"
     crop_pct: float = 0.875
+    resize_rounding: str = "floor"
     interpolation: str = "bilinear"
     normalize: str = "backbone"
     prompt_dropout: float | None = None
     memory: str | None = None
     batch_norm: str = "per-process"
+    best_by: str = "val_acc"
 
     def __post_init__(self) -> None:
         who = f"recipe {self.name!r}"
@@ -169,14 +197,19 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Recipe:
-        """The recipe ``to_dict`` wrote (values are typed and checked; unknown names refused)."""
+        """The recipe ``to_dict`` wrote (values are typed and checked; unknown names refused).
+
+        A dict without ``resize_rounding`` was written before that field existed (``run.json``
+        and ``trainer.pt`` of older runs), when the resize was rounded: it reads as ``round``,
+        so such a run resumes and evaluates with the transforms it began with.
+        """
         if not isinstance(data, Mapping):
             raise ValueError(f"recipe: expected a JSON object of fields, got {type(data).__name__}")
         _check_names(data)
         required = [f.name for f in fields(cls) if f.default is MISSING and f.name not in data]
         if required:
             raise ValueError(f"recipe: {required} missing")
-        return cls(**data)
+        return cls(**{"resize_rounding": "round", **data})
 
     def describe(self, base: float | None = None) -> str:
         """A printable table of every field, the peak lr and a few epochs' lr."""
@@ -270,53 +303,6 @@ def coerce_field(name: str, value: Any, who: str = "recipe") -> Any:
     raise bad
 
 
-def classifier_name(model: nn.Module) -> str:
-    """The module name of the model's classifier (``head`` on a ViT, ``head.fc`` on a Swin)."""
-    inner = getattr(model, "model", model) if hasattr(model, "source") else model
-    head = inner.get_classifier() if hasattr(inner, "get_classifier") else None
-    return next((n for n, m in model.named_modules() if m is head and n), "head")
-
-
-def check_no_decay(model: nn.Module, named: Mapping[str, nn.Parameter], recipe: Recipe) -> None:
-    """Refuse ``recipe.no_decay`` names that exempt nothing by mistake (a typo, a frozen tensor).
-
-    A name is fine when it is a trainable tensor of ``model`` (``named``), or the ``bias`` of a
-    layer built without one (the ``vpt`` recipe's ``head.bias`` on a bias-free head); ``head.<x>``
-    names the classifier's tensor, as in :func:`param_groups`.
-
-    Raises
-    ------
-    ValueError
-        Listing the model's trainable names closest to the one given.
-    """
-    frozen = {n for n, _ in model.named_parameters()} - set(named)
-    head = classifier_name(model)
-    for given in recipe.no_decay:
-        # ``head.<x>`` names the classifier's tensor whatever its module is called (param_groups).
-        name = f"{head}.{given[len('head.') :]}" if given.startswith("head.") else given
-        if name in named:
-            continue
-        owner, _, attr = name.rpartition(".")
-        try:
-            layer = model.get_submodule(owner) if owner else model
-        except AttributeError:
-            layer = None
-        if layer is not None and attr == "bias" and getattr(layer, "bias", 0) is None:
-            continue
-        if name in frozen:
-            raise ValueError(
-                f"recipe {recipe.name!r}: no_decay names {given!r}, a frozen tensor of the model "
-                "(it does not train, so weight decay never touches it); name trainable tensors: "
-                f"{sorted(named)[:8]}"
-            )
-        close = difflib.get_close_matches(name, list(named), n=3, cutoff=0.5)
-        raise ValueError(
-            f"recipe {recipe.name!r}: no_decay names {given!r}, which is not a trainable tensor of "
-            f"this model; "
-            + (f"closest: {close}" if close else f"trainable tensors: {sorted(named)[:8]}")
-        )
-
-
 def _check(r: Recipe) -> None:
     who = f"recipe {r.name!r}"
 
@@ -335,8 +321,10 @@ def _check(r: Recipe) -> None:
         ("train_transform", r.train_transform, TRANSFORMS),
         ("test_transform", r.test_transform, TRANSFORMS),
         ("interpolation", r.interpolation, INTERPOLATIONS),
+        ("resize_rounding", r.resize_rounding, RESIZE_ROUNDINGS),
         ("normalize", r.normalize, NORMALIZATIONS),
         ("batch_norm", r.batch_norm, BATCH_NORMS),
+        ("best_by", r.best_by, BEST_BY),
     ):
         if value not in options:
             raise ValueError(f"{who}: {name} must be one of {options}, got {value!r}")
@@ -375,41 +363,6 @@ def lr_factor(schedule: str, epoch: int, epochs: int, warmup: int, min_ratio: fl
     return min_ratio + (1.0 - min_ratio) * cosine
 
 
-def param_groups(
-    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
-) -> list[dict[str, Any]]:
-    """SGD parameter groups: weight decay on every tensor but ``recipe.no_decay``.
-
-    One group when nothing is exempt (or the decay is 0), as the official PGN code; two otherwise
-    (numerically the official VPT code's one group per tensor). ``head`` is the classifier's
-    module name (``head.fc`` on a timm Swin): ``head.<name>`` in ``no_decay`` names its tensor.
-    """
-    names = set(recipe.no_decay)
-    names |= {f"{head}.{n[len('head.') :]}" for n in recipe.no_decay if n.startswith("head.")}
-    # A name the model lacks (a bias-free head) exempts nothing.
-    decay = [p for n, p in named.items() if n not in names]
-    exempt = [p for n, p in named.items() if n in names]
-    if recipe.weight_decay == 0 or not exempt:
-        return [{"params": decay + exempt, "weight_decay": recipe.weight_decay}]
-    return [
-        {"params": decay, "weight_decay": recipe.weight_decay},
-        {"params": exempt, "weight_decay": 0.0},
-    ]
-
-
-def make_optimizer(
-    named: dict[str, nn.Parameter], recipe: Recipe, head: str = "head"
-) -> torch.optim.SGD:
-    """The recipe's SGD over the trainable tensors ``named`` (lr set per epoch by the loop);
-    ``head`` as in :func:`param_groups`."""
-    if not named:
-        raise ValueError("make_optimizer: the model has no trainable parameters")
-    # foreach=False: the same arithmetic on every device and torch version (bitwise resume).
-    return torch.optim.SGD(
-        param_groups(named, recipe, head), lr=0.0, momentum=recipe.momentum, foreach=False
-    )
-
-
 RECIPES: dict[str, Recipe] = {
     "vpt": Recipe(name="vpt", epochs=100, batch_size=128, lr=0.25),
     "e2vpt": Recipe(name="e2vpt", epochs=100, batch_size=64, lr=0.25),
@@ -444,3 +397,61 @@ def get_recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"no recipe named {name!r}; known: {sorted(RECIPES)}") from None
+
+
+def apply_changes(
+    recipe: Recipe, changes: Mapping[str, Any], warmup_option: str = "--warmup-epochs {}"
+) -> tuple[Recipe, list[str]]:
+    """``recipe`` with a user's ``changes``, the way ``fastprompt train`` and
+    :func:`fastprompt.fit` (and so :func:`fastprompt.e2vpt_pruning`) both apply them.
+
+    Beyond :meth:`Recipe.override`: a change of ``epochs`` without ``warmup_epochs`` keeps the
+    warmup's share of the schedule, ``round(warmup / epochs · new epochs)`` (``vpt``: 10 of 100,
+    so 2 for 20 epochs; ``pgn``: 50 of 100), so a short run still warms up and decays; a note
+    says so. A ``warmup_epochs`` given with a warming schedule must be below the epochs (the lr
+    would never reach its peak). The peak lr is :meth:`Recipe.peak_lr` of the result: the base
+    lr times ``batch_size / 256`` under ``lr_scaling="batch/256"``, ``batch_size`` being the
+    batch the loader yields (the CLI's ``--batch-size``; ``fit``: its loader's).
+
+    Parameters
+    ----------
+    recipe : Recipe
+    changes : mapping
+        Field name → value (coerced and checked as :meth:`Recipe.override` does).
+    warmup_option : str
+        How messages name a warmup of ``{}`` epochs (``"warmup_epochs={}"`` for ``fit``).
+
+    Returns
+    -------
+    recipe : Recipe
+    notes : list of str
+        One line per change the user did not ask for in so many words.
+
+    Raises
+    ------
+    ValueError
+        A bad field or value; a ``warmup_epochs`` not below the epochs.
+    """
+    changes = dict(changes)
+    notes: list[str] = []
+    explicit = "warmup_epochs" in changes
+    if not explicit and "epochs" in changes:
+        epochs = coerce_field("epochs", changes["epochs"], f"recipe {recipe.name!r}")
+        warmup = round(recipe.warmup_epochs / recipe.epochs * epochs)
+        changes["warmup_epochs"] = warmup
+        if warmup != recipe.warmup_epochs and recipe.schedule != "constant":
+            notes.append(
+                f"note: {epochs} epoch{'s' * (epochs != 1)} instead of the {recipe.name} "
+                f"recipe's {recipe.epochs}: "
+                f"the warmup is rescaled from {recipe.warmup_epochs} to {warmup} epochs (the same "
+                f"share); {warmup_option.format(recipe.warmup_epochs)} keeps the recipe's"
+            )
+    resolved = recipe.override(**changes)
+    w, epochs = resolved.warmup_epochs, resolved.epochs
+    if explicit and resolved.schedule != "constant" and 0 < w >= epochs:
+        raise ValueError(
+            f"recipe {recipe.name!r}: {warmup_option.format(w)} must be below the {epochs} epochs "
+            f"of the run (the lr would never reach its peak); give fewer warmup epochs or more "
+            "epochs"
+        )
+    return resolved, notes

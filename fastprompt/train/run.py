@@ -22,13 +22,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastprompt import registry
 from fastprompt.checkpoint import save_prompts
 from fastprompt.registry import RUN_OPTIONS
-from fastprompt.tensorfiles import FileDamaged, read_tensors
 from fastprompt.train import data as D
 from fastprompt.train import multi as M
 from fastprompt.train import owner
+from fastprompt.train.build import build_prompted, create_backbone
 from fastprompt.train.checkpoints import read_trainer_state, save_epoch, sha256
 from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
 from fastprompt.train.folder import (
@@ -68,77 +67,6 @@ __all__ = [
 ]
 
 
-def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Module:
-    """The timm backbone with a ``num_classes`` head (random-init parts seeded by ``seed``).
-
-    Raises
-    ------
-    RunError
-        ``--model-args`` timm refuses, ``--weights`` that is not a state dict of this model.
-    """
-    import timm
-
-    torch.manual_seed(seed)
-    kw = dict(spec.args)
-    pretrained = spec.pretrained and spec.weights is None
-    try:
-        model = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kw)
-    except (TypeError, ValueError) as e:
-        raise RunError(f"timm.create_model({spec.name!r}, {_kwargs(kw)}) failed: {e}") from None
-    if spec.weights is not None:
-        _load_weights(model, spec)
-    return model
-
-
-def _kwargs(kw: dict[str, Any]) -> str:
-    return ", ".join(f"{k}={v!r}" for k, v in kw.items())
-
-
-def _load_weights(model: nn.Module, spec: ModelSpec) -> None:
-    """``--weights`` into ``model``; the head is kept when its shape differs (another class
-    count), anything else that does not fit is an error naming it."""
-    try:
-        state = read_tensors(spec.weights, "--weights ")
-    except FileDamaged as e:
-        raise RunError(str(e)) from None
-    own = model.state_dict()
-    head = {n for n in own if n.startswith(model.default_cfg.get("classifier", "head") + ".")}
-    for n in [n for n in head if n in state and state[n].shape != own[n].shape]:
-        del state[n]
-    shapes = [
-        f"{n}: file {tuple(state[n].shape)}, model {tuple(own[n].shape)}"
-        for n in state
-        if n in own and state[n].shape != own[n].shape
-    ]
-    missing = [n for n in own if n not in state and n not in head]
-    unexpected = [n for n in state if n not in own]
-    if shapes or missing or unexpected:
-        what = f"{spec.name}" + (f" ({_kwargs(spec.args)})" if spec.args else "")
-        parts = [f"{len(shapes)} shapes differ ({'; '.join(shapes[:3])})"] if shapes else []
-        parts += [f"missing {missing[:4]}{'...' if len(missing) > 4 else ''}"] if missing else []
-        more = "..." if len(unexpected) > 4 else ""
-        parts += [f"unexpected {unexpected[:4]}{more}"] if unexpected else []
-        raise RunError(
-            f"--weights {spec.weights} is not a state dict of {what}: {', '.join(parts)}; pass "
-            "the weights of this model (or the --model and --model-args they were saved from)"
-        )
-    model.load_state_dict(state, strict=False)
-
-
-def build_prompted(backbone: nn.Module, method: str, args: dict[str, Any]) -> nn.Module:
-    """Wrap ``backbone`` with ``method``'s registered build function (``fastprompt.vpt``, ...)."""
-    build = registry.get(method).build if method in registry.trainable() else None
-    if build is None:
-        raise RunError(
-            f"method {method!r} is not available in this fastprompt (known: "
-            f"{list(registry.trainable())})"
-        )
-    try:
-        return build(backbone, **args)
-    except (TypeError, ValueError) as e:
-        raise RunError(str(e)) from None
-
-
 def _run_options(config: RunConfig) -> dict[str, Any]:
     """How to run a loaded checkpoint (impl, backend), as the run was built."""
     return {k: config.method_args[k] for k in RUN_OPTIONS if k in config.method_args}
@@ -148,7 +76,7 @@ def transforms_for(model: nn.Module, recipe: Recipe):
     size = D.image_size(model)
     mean, std = D.normalization(model, recipe.normalize)
     make = lambda kind: D.build_transform(
-        kind, size, mean, std, recipe.interpolation, recipe.crop_pct
+        kind, size, mean, std, recipe.interpolation, recipe.crop_pct, recipe.resize_rounding
     )
     info = {
         "image_size": list(size),
@@ -428,6 +356,8 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
     else:
         seed_all(D.epoch_seed(config.seed, 0, env.rank))
         log(recipe.describe(config.base_lr))
+        for note in saved.get("recipe_notes", []):  # what the options changed unasked
+            log(note)
     for note in data.notes:  # after every refusal: a refused resume writes nothing
         log(note)
     missing = matplotlib_missing()
@@ -461,7 +391,10 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         if domains is not None:
             m["val_datasets"] = M.per_dataset(v["domain_sums"], names)
         m["eval_time_s"] = time.perf_counter() - t0
-        improved = m["val_acc"] > best["val_acc"]
+        if recipe.best_by == "val_loss":
+            improved = m["val_loss"] < best["val_loss"]
+        else:
+            improved = m["val_acc"] > best["val_acc"]
         if improved:
             best = {"epoch": epoch, "val_acc": m["val_acc"], "val_loss": m["val_loss"]}
         m["best_epoch"], m["best_val_acc"] = best["epoch"], best["val_acc"]
@@ -474,9 +407,12 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
         if domains is not None:
             log(f"  validation top-1 per dataset: {M.describe(m['val_datasets'])}")
     if env.main and trainer.epoch >= recipe.epochs:
+        last_acc = f"{100 * rows[-1]['val_acc']:.2f}%" if rows else "(no metrics.jsonl)"
         log(
-            f"done: best validation top-1 {100 * best['val_acc']:.2f}% at epoch "
-            f"{best['epoch'] + 1}; checkpoints in {run}/best and {run}/last"
+            f"done: last epoch's validation top-1 {last_acc} ({run}/last; the official protocol "
+            f"reports the last epoch); best {100 * best['val_acc']:.2f}% at epoch "
+            f"{best['epoch'] + 1} ({run}/best, selected on this validation data by "
+            f"{recipe.best_by})"
         )
         if domains is not None:
             M.report_domains(run, config, log, env.device)

@@ -8,6 +8,7 @@ resume, mixed precision and torchrun, use ``fastprompt train`` or :func:`fastpro
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 
 from torch import nn
@@ -21,7 +22,7 @@ from fastprompt.methods.condensation import (
 )
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.loop import Trainer, evaluate_model
-from fastprompt.train.recipes import Recipe, get_recipe
+from fastprompt.train.recipes import Recipe, apply_changes, get_recipe
 
 __all__ = ["evaluate", "finetune", "fit", "prompt_condensation"]
 
@@ -43,11 +44,16 @@ def fit(
 
     Without ``recipe``: the official VPT optimiser and schedule on the given numbers (SGD with
     momentum; the lr of epoch e is ``lr · e / warmup_epochs`` while warming up, epoch 0 at 0,
-    then a half-cosine to 0 at ``epochs``; weight decay on everything but the head bias). With
-    ``recipe`` (``"vpt"``, ``"pgn"``, ``"pc-finetune"`` or a :class:`Recipe`): its optimiser and
-    schedule, each number given here overriding the recipe's; the learning rate is used as given
-    (no batch scaling: the loader's batch size is not known here). A recipe's transforms apply in
-    ``fastprompt train``; here the loader's batches are used as they are.
+    then a half-cosine to 0 at ``epochs``; weight decay on everything but the head bias), ``lr``
+    being the peak. With ``recipe`` (``"vpt"``, ``"e2vpt"``, ``"pgn"``, ``"pc-finetune"`` or a
+    :class:`Recipe`): its optimiser and schedule, each number given here overriding the recipe's,
+    applied as ``fastprompt train`` applies its options
+    (:func:`fastprompt.train.recipes.apply_changes`): ``lr`` is the recipe's *base* lr, scaled
+    to the peak as the recipe says (``vpt``/``e2vpt``: times batch / 256, the batch being the
+    loader's ``batch_size`` when it has one, else the recipe's), and ``epochs`` without
+    ``warmup_epochs`` rescales the warmup to the same share of the epochs (said once by a
+    warning). A recipe's transforms apply in ``fastprompt train``; here the loader's batches are
+    used as they are.
 
     Parameters
     ----------
@@ -59,7 +65,7 @@ def fit(
         Required without a recipe; 0 trains nothing (returns ``[]``), a negative count is an
         error. More than one epoch needs a loader that can be iterated again (not a generator).
     lr : float, optional
-        Peak learning rate; required without a recipe.
+        Without a recipe the peak learning rate, and required; with one its base lr.
     warmup_epochs : int, optional
         Linear warmup epochs (VPT default without a recipe: 0; the official VPT recipe uses 10
         of 100, PGN's 50 of 100).
@@ -95,13 +101,23 @@ def fit(
         if missing:
             raise TypeError(f"fit: {' and '.join(missing)} needed without a recipe")
         base = Recipe(
-            name="fit", epochs=given["epochs"], batch_size=256, lr=given["lr"], warmup_epochs=0
+            name="fit",
+            epochs=given["epochs"],
+            batch_size=256,
+            lr=given["lr"],
+            lr_scaling="none",
+            warmup_epochs=0,
         )
     else:
         base = get_recipe(recipe) if isinstance(recipe, str) else recipe
         if not isinstance(base, Recipe):
             raise TypeError(f"fit: recipe must be a name or a Recipe, got {type(recipe).__name__}")
-    resolved = base.override(lr_scaling="none", **given)
+        batch = getattr(loader, "batch_size", None)  # a DataLoader's; unknown otherwise
+        if isinstance(batch, int) and not isinstance(batch, bool) and batch > 0:
+            given["batch_size"] = batch
+    resolved, notes = apply_changes(base, given, "warmup_epochs={}")
+    for note in notes:
+        warnings.warn(f"fit: {note}", UserWarning, stacklevel=2)
     check_reiterable(loader, resolved.epochs, "fit")
     trainer = Trainer(prompted, resolved, precision=precision, batch_fn=batch_fn, progress=progress)
     losses = [trainer.train_epoch(loader, e)["train_loss"] for e in range(resolved.epochs)]

@@ -3,11 +3,19 @@ pipelines (PIL image → normalised (3, H, W) float tensor)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import nn
 
-__all__ = ["MEANS", "build_transform", "image_size", "normalization"]
+__all__ = [
+    "MEANS",
+    "RESIZE_ROUNDINGS",
+    "build_transform",
+    "image_size",
+    "normalization",
+    "resize_size",
+]
 
 # (mean, std) of the named normalisations; "backbone" reads the model's timm pretrained_cfg.
 MEANS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -42,6 +50,22 @@ def normalization(model: nn.Module, kind: str) -> tuple[tuple[float, ...], tuple
     return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
+# How size / crop_pct becomes a whole number of pixels: "floor" is the official VPT table (224 →
+# 256, 384 → 438, 448 → 512) and timm's rule; runs made before the choice existed rounded (384 →
+# 439), and keep doing so (Recipe.from_dict).
+RESIZE_ROUNDINGS = ("floor", "round")
+
+
+def resize_size(size: int, crop_pct: float, rounding: str = "floor") -> int:
+    """The shorter side an image is resized to before a ``size`` crop: ``size / crop_pct`` floored
+    (the official VPT values: 256 for 224, 438 for 384, 512 for 448) or rounded."""
+    if rounding not in RESIZE_ROUNDINGS:
+        raise ValueError(f"resize rounding must be one of {RESIZE_ROUNDINGS}, got {rounding!r}")
+    exact = size / crop_pct
+    # 1e-9: a quotient that is whole in exact arithmetic (224 / 0.875) stays whole in floats.
+    return math.floor(exact + 1e-9) if rounding == "floor" else round(exact)
+
+
 def build_transform(
     kind: str,
     size: tuple[int, int],
@@ -49,13 +73,18 @@ def build_transform(
     std: Sequence[float],
     interpolation: str = "bilinear",
     crop_pct: float = 0.875,
+    rounding: str = "floor",
 ):
     """A torchvision transform: PIL image → normalised (3, H, W) float tensor.
 
+    ``size / crop_pct`` is turned into pixels by :func:`resize_size` (``rounding``).
+
     - ``resize-crop``: shorter side to ``size / crop_pct``, centre crop (VPT's FGVC test path);
-    - ``resize``: straight to ``size``, aspect not kept (VPT's VTAB path);
-    - ``fgvc``: shorter side to ``size / crop_pct``, random crop, horizontal flip (VPT's FGVC
-      training path);
+    - ``resize``: straight to ``size``, aspect not kept, no augmentation (VPT's and E²VPT's
+      VTAB-1k path, train and test); PIL's resize antialiases when it shrinks, the official
+      ``tf.image.resize`` (bilinear, ``antialias=False``) does not;
+    - ``fgvc``: shorter side to ``size / crop_pct``, random crop, horizontal flip p 0.5 (VPT's and
+      E²VPT's FGVC training path, their recipes' default);
     - ``pgn``: PGN's training augmentation — a random resized crop at scale (1, 1) (a bicubic resize
       of the whole image), colour jitter 0.4/0.4/0.4/0.4 with p 0.8, grayscale p 0.2, solarize at
       128 p 0.2, horizontal flip;
@@ -69,7 +98,7 @@ def build_transform(
         "nearest": T.InterpolationMode.NEAREST,
     }[interpolation]
     h, w = size
-    resize_to = (round(h / crop_pct), round(w / crop_pct))
+    resize_to = (resize_size(h, crop_pct, rounding), resize_size(w, crop_pct, rounding))
     short = resize_to[0] if h == w else resize_to
     if kind == "resize-crop":
         steps = [T.Resize(short, interpolation=interp), T.CenterCrop(size)]

@@ -11,6 +11,7 @@ from train_helpers import TINY_MODEL, write_images
 
 import fastprompt
 from fastprompt.cli import main
+from fastprompt.train.recipes import DATA_FIELDS
 
 FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 VALUES = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_epoch", "train_samples")
@@ -251,7 +252,8 @@ def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, ca
 
 
 def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
-    run = _train(tiny_csv, tmp_path / "run", "--epochs", "2")
+    pipeline = ("--normalize", "imagenet", "--train-transform", "resize")
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", *pipeline)
     args = ["condense", str(run), "--keep", "0.5", "--score", "taylor_normed"]
     args += ["--finetune-epochs", "2", "--no-progress", "--quiet"]
     assert main(args) == 0
@@ -263,6 +265,12 @@ def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
         init["kept_total"] == 3 and sum(init["layer_counts"]) == 3 and init["prompts_before"] == 6
     )
     assert saved["config"]["recipe"]["name"] == "pc-finetune"
+    # Fine-tuned on the source run's pipeline (a VTAB-1k preset's resize and ImageNet mean/std).
+    source = json.loads((run / "run.json").read_text())["config"]["recipe"]
+    assert {k: saved["config"]["recipe"][k] for k in DATA_FIELDS} == {
+        k: source[k] for k in DATA_FIELDS
+    }
+    assert saved["data"]["mean"] == [0.485, 0.456, 0.406]
     assert saved["config"]["base_lr"] == pytest.approx(1.6)  # a tenth of the source run's
     assert [r["epoch"] for r in _metrics(new)] == [0, 1]
     assert torch.load(new / "scores.pt", weights_only=True).shape == (2, 3)

@@ -67,11 +67,13 @@ def _token_blocks(prompted: PromptedViT) -> list[int]:
 def _check_method(prompted: PromptedViT, method: str, who: str) -> None:
     tokens = _token_blocks(prompted)
     if tokens and method in ("taylor_normed", "gate", "cls_sim"):
+        backbone = prompted.backbone
+        others = [r for r in backbone.readouts if not backbone.reads_prompts(r)]
         raise ValueError(
             f"{who}: readout={prompted.readout!r} reads the prompt outputs of block(s) {tokens}, "
             f"so {method!r}, which sees a prompt through attention only, would miss part of their "
             "effect; score with 'taylor' (every path), 'leave_one_out' or 'random', or with a "
-            "readout that reads no prompt (e.g. 'cls' or 'patches')"
+            f"readout that reads no prompt (this model's: {others})"
         )
 
 
@@ -196,7 +198,7 @@ def score_prompts(
     # The default loss takes class indices: check them as fit/evaluate do (a custom loss_fn
     # decides what its labels are).
     check = who if loss_fn is None else None
-    loss_fn = loss_fn or (lambda logits, y: F.cross_entropy(logits.float(), y, reduction="sum"))
+    loss_fn = loss_fn or _summed_cross_entropy
     device = _prompt_params(prompted)[0].device
     labelled = batches(loader, device, batch_fn, head_classes(prompted), check)
     data = _progress(labelled, progress, f"scoring ({method})")
@@ -222,6 +224,12 @@ def score_prompts(
             "that are all zero); selecting from them would only follow the prompts' order"
         )
     return scores
+
+
+def _summed_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    # In fp32 at least, a float64 model's in float64: leave-one-out subtracts two losses.
+    acc = torch.promote_types(logits.dtype, torch.float32)
+    return F.cross_entropy(logits.to(acc), labels, reduction="sum")
 
 
 def _per_image(values: Tensor, windows: int) -> Tensor:

@@ -94,7 +94,9 @@ def _add_options(group: argparse._ArgumentGroup) -> None:
         choices=sorted(PRESETS),
         metavar="vtab1k-TASK",
         help="a VTAB-1k task's official E2VPT setup: its visual and key-value prompt counts, a "
-        "square resize, ImageNet mean/std",
+        "square resize without augmentation, ImageNet mean/std. Not the lr or weight decay: the "
+        "official scripts tune them per task and publish no table; the recipe's apply unless "
+        "--lr, --weight-decay",
     )
     group.add_argument("--shallow", action="store_true", help="visual prompts before block 0 only")
     group.add_argument("--kv-prompts", type=int, help="key-value prompts per block (default 5)")
