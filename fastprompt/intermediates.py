@@ -53,7 +53,8 @@ def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> l
         indices = count
     if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
         raise TypeError(
-            f"{who}: indices must be None, an int or a sequence of ints, got {type(indices).__name__}"
+            f"{who}: indices must be None, an int or a sequence of ints, got "
+            f"{type(indices).__name__}"
         )
     if isinstance(indices, int):
         if not 0 < indices <= count:

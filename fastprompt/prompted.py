@@ -56,7 +56,6 @@ IMPLS = ("fused", "naive")
 TokenFn = Callable[[int, Tensor], Tensor]
 
 
-
 class PromptedViT(BlockLoop, Intermediates, MemoryPolicies, TimmFacing, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fastprompt.backbones.taps import Taps
 
 __all__ = [
     "AttentionCall",
@@ -430,3 +433,8 @@ class Backbone:
     def head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         """The model's head on pooled features (its normalisation, dropout and classifier)."""
         raise NotImplementedError
+
+    def taps(self) -> Taps | None:
+        """What timm's ``forward_intermediates`` of this family takes and returns
+        (:mod:`fastprompt.backbones.taps`); None: the family has no intermediates here."""
+        return None

@@ -49,6 +49,7 @@ from fastprompt.backbones.base import (
     PromptKVParts,
     key_value_columns,
 )
+from fastprompt.backbones.taps import SwinTaps
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
 
@@ -552,3 +553,7 @@ class SwinBackbone(Backbone):
         """timm's ``ClassifierHead`` after its pooling: dropout, then the classifier."""
         x = self.model.head.drop(pooled)
         return x if pre_logits else self.model.head.fc(x)
+
+    def taps(self) -> SwinTaps:
+        """Every stage's output (``docs/design.md`` §4, "Intermediates")."""
+        return SwinTaps(self)

@@ -5,21 +5,21 @@ A :class:`Taps` object answers, for one backbone adapter: after which block each
 intermediates is taken (a ViT: every block; a Swin: the last block of every stage), how the token
 state after that block becomes the intermediate (the prompt tokens removed, timm's norm and
 layout), and what the final output is. The prompted core runs the blocks and asks it; it reads no
-timm attribute itself. Families without an entry here have no intermediates (:func:`taps_for`
-says so).
+timm attribute itself. An adapter offers its family's through :meth:`Backbone.taps`; one that
+offers none has no intermediates (:func:`taps_for` says so).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from fastprompt.backbones.base import Backbone
-from fastprompt.backbones.swin import SwinBackbone, SwinTokens
-from fastprompt.backbones.vit import ViTBackbone
+if TYPE_CHECKING:
+    from fastprompt.backbones.base import Backbone
+    from fastprompt.backbones.swin import SwinTokens
 
 __all__ = ["SwinTaps", "Taps", "ViTTaps", "taps_for"]
 
@@ -152,22 +152,18 @@ class SwinTaps(Taps):
         return x if tokens.prompts is None else torch.cat([tokens.prompts, x], dim=1)
 
 
-_TAPS: dict[type[Backbone], type[Taps]] = {ViTBackbone: ViTTaps, SwinBackbone: SwinTaps}
-
-
 def taps_for(backbone: Backbone, who: str) -> Taps:
-    """The intermediates of ``backbone``'s family.
+    """The intermediates of ``backbone``'s family (its adapter's :meth:`Backbone.taps`).
 
     Raises
     ------
     TypeError
-        The family has none here (starting with ``who``).
+        The adapter offers none (the message starts with ``who``).
     """
-    for cls, taps in _TAPS.items():
-        if isinstance(backbone, cls):
-            return taps(backbone)
-    families = ", ".join(cls.description for cls in _TAPS)
-    raise TypeError(
-        f"{who}: a {backbone.description or type(backbone).__name__} has no intermediates in "
-        f"fastprompt (families with them: {families})"
-    )
+    taps = backbone.taps()
+    if taps is None:
+        raise TypeError(
+            f"{who}: a {backbone.description or type(backbone).__name__} has no intermediates in "
+            "fastprompt (its backbone adapter offers no taps())"
+        )
+    return taps

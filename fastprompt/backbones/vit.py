@@ -26,6 +26,7 @@ from fastprompt.backbones.base import (
     PromptKVParts,
     key_value_columns,
 )
+from fastprompt.backbones.taps import ViTTaps
 
 __all__ = [
     "POOLS",
@@ -379,3 +380,7 @@ class ViTBackbone(Backbone):
         m = self.model
         x = m.head_drop(m.fc_norm(pooled))
         return x if pre_logits else m.head(x)
+
+    def taps(self) -> ViTTaps:
+        """Every block's output (``docs/design.md`` §4, "Intermediates")."""
+        return ViTTaps(self)
