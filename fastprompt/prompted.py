@@ -21,6 +21,9 @@ them; otherwise only the prompts' keys and values matter (``docs/design.md`` §3
   ``[K_p; K]`` through :func:`fastprompt.ops.prompt_attention`; prompt rows of Q, attention
   output, projection, LN2 and MLP are never computed.
 
+That loop is :mod:`fastprompt.block_loop`'s, which ``forward_features`` and timm's
+``forward_intermediates`` (:mod:`fastprompt.intermediates`) share.
+
 ``impl="naive"`` runs every block as tokens; ``impl="fused"`` (default) uses keys/values wherever
 the rule allows, which covers VPT-deep, VPT-shallow (tokens throughout), prompt readouts and the
 official ablations with the same numbers. Prompt keys/values can be computed once and reused at
