@@ -180,6 +180,14 @@ def test_a_loss_on_an_intermediate_gives_the_naive_prompt_gradients(deep, memory
     _grads_close(prompted, got, want)
 
 
+def test_nchw_follows_the_patch_grid_of_a_non_square_image():
+    prompted = fastprompt.vpt(tiny_vit(dynamic_img_size=True), 3, deep=True).eval()
+    x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(3))
+    (got,) = prompted.forward_intermediates(x, [1], intermediates_only=True)
+    want, _ = naive_vit(prompted, x)
+    _close(got, want[1][:, 1:].reshape(2, 6, 4, -1).permute(0, 3, 1, 2), "6x4 grid")
+
+
 def _count_blocks(prompted):
     """Record the blocks the adapter runs (both of its block calls, on this instance only)."""
     bb, ran = prompted.backbone, []
