@@ -171,6 +171,7 @@ class ViTBackbone(Backbone):
     description = "timm VisionTransformer (vit_*, deit_*)"
     positions = ("prefix", "suffix")
     readouts = READOUTS
+    taps_class = ViTTaps
 
     # -- what can be wrapped ----------------------------------------------------------------------
 
@@ -380,7 +381,3 @@ class ViTBackbone(Backbone):
         m = self.model
         x = m.head_drop(m.fc_norm(pooled))
         return x if pre_logits else m.head(x)
-
-    def taps(self) -> ViTTaps:
-        """Every block's output (``docs/design.md`` §4, "Intermediates")."""
-        return ViTTaps(self)
