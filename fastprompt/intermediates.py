@@ -16,19 +16,32 @@ a key-value prompt (E²VPT) or a task's table has no tokens at all.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import operator
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from fastprompt.backbones.taps import Taps, taps_for
+
 if TYPE_CHECKING:
     from fastprompt.backbones import Backbone
-    from fastprompt.backbones.taps import Taps
     from fastprompt.sources import PromptSource
 
 __all__ = ["Intermediates", "take_indices"]
 
 _FI = "forward_intermediates"
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is one of any integer type (numpy's, a 0-d integer tensor),
+    else None; bools and floats are not."""
+    if isinstance(value, (bool, float)) or (isinstance(value, Tensor) and value.dim() != 0):
+        return None  # a one-element tensor is a list of one index, not a count
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> list[int]:
@@ -51,28 +64,30 @@ def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> l
     """
     if indices is None:
         indices = count
-    if isinstance(indices, bool) or not isinstance(indices, (int, Sequence)):
+    number = _integer(indices)
+    if number is not None:
+        if not 0 < number <= count:
+            raise ValueError(
+                f"{who}: indices={number} asks for the last {number} of {count} intermediates; "
+                f"it must be in [1, {count}]"
+            )
+        return list(range(count - number, count))
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
         raise TypeError(
             f"{who}: indices must be None, an int or a sequence of ints, got "
             f"{type(indices).__name__}"
         )
-    if isinstance(indices, int):
-        if not 0 < indices <= count:
-            raise ValueError(
-                f"{who}: indices={indices} asks for the last {indices} of {count} intermediates; "
-                f"it must be in [1, {count}]"
-            )
-        return list(range(count - indices, count))
     taken = set()
     for i in indices:
-        if isinstance(i, bool) or not isinstance(i, int):
+        index = _integer(i)
+        if index is None:
             raise TypeError(f"{who}: indices must hold ints, got {i!r}")
-        if not -count <= i < count:
+        if not -count <= index < count:
             raise ValueError(
-                f"{who}: index {i} is out of range for {count} intermediates "
+                f"{who}: index {index} is out of range for {count} intermediates "
                 f"(0 to {count - 1}, or -{count} to -1 from the end)"
             )
-        taken.add(i % count)
+        taken.add(index % count)
     if not taken:
         raise ValueError(f"{who}: indices is empty; give at least one")
     return sorted(taken)
@@ -87,8 +102,6 @@ class Intermediates:
     _run_blocks: Callable[..., Any]
 
     def _taps(self, who: str) -> Taps:
-        from fastprompt.backbones.taps import taps_for  # adapters are imported on first use
-
         return taps_for(self._backbone, who)
 
     def forward_intermediates(

@@ -17,6 +17,7 @@ from swin_official import prompted_block, prompted_merging
 import fastprompt
 from fastprompt.backbones.base import Backbone
 from fastprompt.backbones.taps import taps_for
+from fastprompt.intermediates import take_indices
 from fastprompt.methods import e2vpt as E
 from fastprompt.sources.generators import generator_input
 
@@ -180,6 +181,18 @@ def test_a_loss_on_an_intermediate_gives_the_naive_prompt_gradients(deep, memory
     _grads_close(prompted, got, want)
 
 
+def test_a_condensed_model_gives_the_naive_intermediates_of_its_kept_prompts():
+    deep = fastprompt.vpt(tiny_vit(), 4, deep=True).eval()
+    keep = torch.tensor([[1, 0, 1, 1], [0, 0, 0, 0], [1, 1, 0, 0]], dtype=torch.bool)
+    condensed = fastprompt.condense(deep, keep).eval()  # blocks hold 3, 0 and 2 prompts
+    x = images(2)
+    got = condensed.get_intermediate_layers(x, 3)
+    want, _ = naive_vit(condensed, x)
+    for i, (g, w) in enumerate(zip(got, want)):
+        _close(g, w[:, 1:], f"block {i}")
+    _grads_close(condensed, got[2], want[2][:, 1:])
+
+
 def test_nchw_follows_the_patch_grid_of_a_non_square_image():
     prompted = fastprompt.vpt(tiny_vit(dynamic_img_size=True), 3, deep=True).eval()
     x = torch.randn(2, 3, 48, 32, generator=torch.Generator().manual_seed(3))
@@ -337,6 +350,20 @@ def test_what_a_family_does_not_take_is_refused_naming_it():
         with pytest.raises(NotImplementedError, match="prompts and their checkpoints are per"):
             model.prune_intermediate_layers([0])
         assert [n for n, _ in model.model.named_modules()] == before  # nothing was pruned
+
+
+def test_indices_follow_timm_in_any_integer_type():
+    """An int n: the last n; a sequence: those, negative from the end, in block order, once."""
+    import numpy as np
+
+    assert take_indices(4, None, "f") == [0, 1, 2, 3]
+    assert take_indices(4, 2, "f") == take_indices(4, np.int64(2), "f") == [2, 3]
+    assert take_indices(4, torch.tensor(2), "f") == [2, 3]
+    assert take_indices(4, (3, 0, -1), "f") == take_indices(4, np.array([3, 0]), "f") == [0, 3]
+    assert take_indices(4, torch.tensor([2]), "f") == [2]  # a list of one, not a count
+    for bad, match in [([True], "must hold ints"), ([0.5], "must hold ints"), ([], "empty")]:
+        with pytest.raises((TypeError, ValueError), match=match):
+            take_indices(4, bad, "f")
 
 
 def test_timm_feature_getter_runs_the_prompted_model_unpruned():
