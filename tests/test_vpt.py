@@ -12,6 +12,7 @@ from helpers import assert_close, assert_matches_naive, images, tiny_vit
 
 import fastprompt
 from fastprompt.backbones.vit import READOUTS
+from fastprompt.methods.vpt import VPTConfig
 
 
 def _compare(prompted, x, seed=0, atol=2e-5):
@@ -174,6 +175,21 @@ def test_tensors_other_than_0d_integers_are_refused_as_counts(count):
     """A tensor's __index__ takes a bool tensor (as 1) and a one-element tensor of any shape."""
     with pytest.raises(TypeError, match="num_prompts must be an int, got Tensor"):
         fastprompt.vpt(tiny_vit(), count)
+
+
+def test_every_integer_option_of_the_learned_methods_takes_numpy_integers():
+    i = np.int64
+    configs = [
+        fastprompt.vpt(tiny_vit(), i(2), project=i(8)).config,
+        VPTConfig(num_prompts=2, layer_counts=[i(2), np.int32(1)]),
+        fastprompt.vpt_ablation(tiny_vit(), i(2), num_deep_layers=i(1)).config,
+        fastprompt.e2vpt(tiny_vit(), num_prompts=i(2), num_kv=i(2)).config,
+    ]
+    for config in configs:
+        values = dataclasses.asdict(config)
+        json.dumps(values)  # numpy integers would not serialise
+        assert not any(isinstance(v, np.generic) for v in values.values())
+    assert configs[1].layer_counts == (2, 1)
 
 
 def test_unsupported_timm_models_say_why():

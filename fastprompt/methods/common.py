@@ -29,6 +29,7 @@ __all__ = [
     "LEARNED_HEAD_INITS",
     "Schedule",
     "add_learned_prompt_options",
+    "as_int",
     "build_learned",
     "check_learned_prompts",
     "config_from_json",
@@ -62,23 +63,34 @@ def init_head_vpt(head: nn.Module) -> None:
             nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
-def integer(value: object, name: str, who: str) -> int:
-    """``value`` as a Python int: an int or another integer type (numpy's, a 0-d integer tensor),
-    which a sweep over ``np.arange`` hands over; a bool or a non-integer is refused. Configs keep
-    the Python int: it goes into JSON and checkpoints as it is."""
+def as_int(value: object) -> int | None:
+    """``value`` as a Python int where it is an int or another integer type (numpy's, a 0-d
+    integer tensor: what a sweep over ``np.arange`` hands over), else None (a bool, a float, a
+    tensor of another shape or dtype). Configs keep the Python int: it goes into JSON and
+    checkpoints as it is."""
     # A tensor's __index__ takes a bool one and any one-element shape: only 0-d integers here.
     tensor = isinstance(value, torch.Tensor)
-    if not isinstance(value, bool) and not (tensor and (value.dtype == torch.bool or value.dim())):
-        try:
-            return operator.index(value)  # type: ignore[arg-type]
-        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
-            pass
-    raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    if isinstance(value, bool) or (tensor and (value.dtype == torch.bool or value.dim())):
+        return None
+    try:
+        return operator.index(value)  # type: ignore[arg-type]
+    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
+        return None
 
 
-def check_learned_prompts(who: str, num_prompts: object, dropout: object, project: object) -> int:
+def integer(value: object, name: str, who: str) -> int:
+    """``value`` as a Python int (:func:`as_int`), or a TypeError naming ``name``."""
+    found = as_int(value)
+    if found is None:
+        raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} ({value!r})")
+    return found
+
+
+def check_learned_prompts(
+    who: str, num_prompts: object, dropout: object, project: object
+) -> tuple[int, int]:
     """Type and range checks of the options every learned-prompt method takes; ``num_prompts``
-    as a Python int."""
+    and ``project`` as Python ints."""
     num_prompts = integer(num_prompts, "num_prompts", who)
     if num_prompts < 0:
         raise ValueError(f"{who}: num_prompts must be >= 0, got {num_prompts}")
@@ -88,9 +100,10 @@ def check_learned_prompts(who: str, num_prompts: object, dropout: object, projec
         )
     if not 0.0 <= float(dropout) < 1.0:
         raise ValueError(f"{who}: dropout must be in [0, 1), got {dropout}")
-    if isinstance(project, bool) or not isinstance(project, int) or (project < 1 and project != -1):
+    width = as_int(project)
+    if width is None or (width < 1 and width != -1):
         raise ValueError(f"{who}: project must be -1 (none) or a width >= 1, got {project!r}")
-    return num_prompts
+    return num_prompts, width
 
 
 def tied(backbone: Backbone, who: str) -> tuple[int, tuple[int, int]]:

@@ -25,6 +25,7 @@ from fastprompt.methods.common import (
     LEARNED_HEAD_INITS,
     Schedule,
     add_learned_prompt_options,
+    as_int,
     build_learned,
     check_learned_prompts,
     config_from_json,
@@ -105,8 +106,9 @@ class VPTConfig:
 
     def __post_init__(self) -> None:
         who = "fastprompt.vpt"
-        count = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps a Python int
+        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
+        object.__setattr__(self, "project", width)
         if not isinstance(self.deep, bool):
             raise TypeError(f"{who}: deep must be a bool, got {type(self.deep).__name__}")
         if not isinstance(self.readout, str):
@@ -119,8 +121,10 @@ class VPTConfig:
         if counts is not None:
             if not self.deep:
                 raise ValueError(f"{who}: layer_counts needs deep prompts")
-            if any(isinstance(n, bool) or not isinstance(n, int) or n < 0 for n in counts):
+            found = [as_int(n) for n in counts]
+            if any(n is None or n < 0 for n in found):
                 raise ValueError(f"{who}: layer_counts must hold ints >= 0, got {counts}")
+            object.__setattr__(self, "layer_counts", tuple(found))
 
 
 def _sets(config: VPTConfig) -> Callable[[Backbone], Schedule]:

@@ -41,6 +41,7 @@ from fastprompt.methods.common import (
     LEARNED_HEAD_INITS,
     Schedule,
     add_learned_prompt_options,
+    as_int,
     build_learned,
     check_learned_prompts,
     config_from_json,
@@ -89,11 +90,18 @@ class VPTAblationConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        count = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps a Python int
+        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
+        object.__setattr__(self, "project", width)
         k = self.num_deep_layers
-        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
-            raise ValueError(f"{who}: num_deep_layers must be None or an int >= 1, got {k!r}")
+        if k is not None:
+            k = as_int(k)
+            if k is None or k < 1:
+                raise ValueError(
+                    f"{who}: num_deep_layers must be None or an int >= 1, got "
+                    f"{self.num_deep_layers!r}"
+                )
+            object.__setattr__(self, "num_deep_layers", k)
         for name in ("reverse_deep", "deep_shared"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"{who}: {name} must be a bool, got {getattr(self, name)!r}")

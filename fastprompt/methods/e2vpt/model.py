@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fastprompt.backbones import Backbone, adapter_for
 from fastprompt.methods.common import (
     LEARNED_HEAD_INITS,
+    as_int,
     check_learned_prompts,
     default_readout,
     init_head_vpt,
@@ -121,12 +122,14 @@ class E2VPTConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        count = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps a Python int
+        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
+        object.__setattr__(self, "project", width)
         for name in ("num_kv", "segments"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{who}: {name} must be an int >= 0, got {value!r}")
+            value = as_int(getattr(self, name))
+            if value is None or value < 0:
+                raise ValueError(f"{who}: {name} must be an int >= 0, got {getattr(self, name)!r}")
+            object.__setattr__(self, name, value)
         if self.segments < 1:
             raise ValueError(f"{who}: segments must be >= 1, got {self.segments}")
         for name in ("shared_kv", "deep", "kv_deep", "masks", "train_masks"):

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.batches import BatchFn, batches
+from fastprompt.methods.common import as_int
 from fastprompt.methods.e2vpt.model import METHOD, build
 from fastprompt.prompted import PromptedViT
 from fastprompt.sources.key_value import SEGMENT_MASK, TOKEN_MASK
@@ -195,12 +196,13 @@ def select_masks(
     p, s = segment_scores.shape
     if token_scores.shape[0] != p:
         raise ValueError(f"select_masks: {token_scores.shape[0]} token scores for {p} tokens")
-    for name, value, total, keep in (
+    for name, given, total, keep in (
         ("tokens", tokens, p, min_tokens),
         ("segments", segments, s, min_segments),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"select_masks: {name} must be an int >= 0, got {value!r}")
+        value = as_int(given)
+        if value is None or value < 0:
+            raise ValueError(f"select_masks: {name} must be an int >= 0, got {given!r}")
         if p and value > total - keep:
             raise ValueError(
                 f"select_masks: pruning {value} {name} of {total} leaves fewer than {keep}"
