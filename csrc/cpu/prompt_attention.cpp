@@ -1,25 +1,20 @@
 // Prompt attention on the CPU: forward and backward (with the optional score terms).
 //
-// A sequence's keys are its prompt set (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; a
-// shared set is one tensor, never expanded per sequence) followed by its own keys, whose scores
-// get the optional key_bias (read through its broadcast strides, in fp32). Two paths:
+// Each task is one (sequence, head, block of query rows). Its keys are the sequence's prompt set
+// (prompt_k[prompt_index[b], h, :prompt_lengths[set]]; a shared set is one tensor, never expanded
+// per sequence) followed by the sequence's own keys, whose scores get the optional key_bias (read
+// through its broadcast strides, in fp32). The task packs the two segments of one (sequence,
+// head) into a contiguous scratch block, so that each score or value product is one GEMM: with
+// windows of 49 tokens the products are tiny and their number costs more than the copy (the
+// PyTorch-level alternative, a cat per sequence, materialises every sequence's keys at once).
+// Keys are taken in groups of at most kKeyGroup columns and the softmax runs online across groups
+// (fastprompt/arith.h), so long key sets stay in cache-sized blocks. GEMMs come from blas.h;
+// low-precision inputs multiply in their own type with fp32 accumulation (P and dS are rounded to
+// the input type before their GEMMs, as PyTorch's own CPU flash attention does).
 //
-// - Runs (csrc/cpu/run_attention.h), for every shape whose keys fit one score block and whose
-//   sequences are at most a run's rows long (windows, ViT-sized sequences): tasks are (run of
-//   consecutive sequences with one set, head), the prompt segment of the whole run one GEMM per
-//   product, the image segment per sequence.
-// - Grouped (this file), for longer ones: forward tasks are (sequence, head, block of query
-//   rows). The task packs the two segments of one (sequence, head) into a contiguous scratch
-//   block, so that each score or value product is one GEMM per key group; keys are taken in
-//   groups of at most kKeyGroup columns and the softmax runs online across groups
-//   (fastprompt/arith.h), so long key sets stay in cache-sized blocks. Backward tasks are (run of
-//   sequences, head).
-//
-// GEMMs come from blas.h; low-precision inputs multiply in their own type with fp32 accumulation
-// (P and dS are rounded to the input type before their GEMMs, as PyTorch's own CPU flash
-// attention does). In both backwards a task owns the gradients of its sequences' image keys and
-// the run's prompt-key gradients, which go to a per-run fp32 buffer and are then summed per set in
-// run order (deterministic whatever the thread count; no atomics).
+// Backward tasks are (run of sequences, head): a task owns the gradients of its sequences' image
+// keys and the run's prompt-key gradients, which go to a per-run fp32 buffer and are then summed
+// per set in run order (deterministic whatever the thread count; no atomics).
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -32,17 +27,77 @@
 
 #include "../checks.h"
 #include "../ops.h"
-#include "attention_parts.h"
 #include "blas.h"
 #include "common.h"
 #include "fastprompt/arith.h"
-#include "run_attention.h"
 #include "vec_utils.h"
 
 namespace fastprompt::cpu {
 namespace {
 
 constexpr int64_t kRowBlock = 256;  // query rows per task (balanced: ceil(N / ceil(N / 256)))
+constexpr int64_t kKeyGroup = 512;  // key columns per score block
+
+// key_bias broadcast to (G, H, Nq, Nk) in fp32, read through its strides (0 where it
+// broadcasts), sequence b reading row b mod G (G = B, or a period: a bias per window, never
+// repeated in memory); p is null without one.
+struct BiasView {
+  const float* p = nullptr;
+  int64_t sb = 0, sh = 0, sn = 0, sk = 0, period = 1;
+};
+
+BiasView bias_view(const at::Tensor& expanded) {
+  if (!expanded.defined()) return {};
+  return {expanded.const_data_ptr<float>(), expanded.stride(0), expanded.stride(1),
+          expanded.stride(2), expanded.stride(3), std::max<int64_t>(expanded.size(0), 1)};
+}
+
+// A key group's scores (rows x cols, ld apart; keys c0 .. c0 + cols - 1 of [prompt set; image
+// keys], np prompt keys) += key_bias of sequence b, head h, query rows r0... on its image keys.
+void add_key_bias(float* scores, int64_t ld, int64_t rows, const BiasView& kb, int64_t b,
+                  int64_t h, int64_t r0, int64_t c0, int64_t cols, int64_t np) {
+  const int64_t img0 = std::max(c0, np);  // the group's first image key, as a packed column
+  if (kb.p == nullptr || c0 + cols <= img0) return;
+  const int64_t len = c0 + cols - img0;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* src =
+        kb.p + (b % kb.period) * kb.sb + h * kb.sh + (r0 + r) * kb.sn + (img0 - np) * kb.sk;
+    float* dst = scores + r * ld + (img0 - c0);
+    if (kb.sk == 1) {
+      add_row(dst, src, len);
+    } else {
+      for (int64_t j = 0; j < len; ++j) dst[j] += src[j * kb.sk];
+    }
+  }
+}
+
+// The GEMM operand of a fp32 block of P or dS: the block itself, or its copy in the inputs'
+// low-precision type.
+template <typename T>
+const T* operand(Scratch<float>& f32, Scratch<T>& low) {
+  if constexpr (std::is_same_v<T, float>) {
+    return f32.data();
+  } else {
+    return low.data();
+  }
+}
+
+// Rows [0, n) of m into dst, rows d apart.
+template <typename T>
+void copy_rows(const Mat<T>& m, int64_t n, int64_t d, T* dst) {
+  for (int64_t r = 0; r < n; ++r) std::copy(m.row(r), m.row(r) + d, dst + r * d);
+}
+
+// scores (rows x cols, rows cols apart) = scale q k^T. An infinite scale multiplies the finished
+// products, as the reference does: a BLAS may fold alpha into an operand before summing, and
+// inf * a_i b_i summed gives NaN where the reference's inf * (a . b) is +-inf.
+template <typename T>
+void scaled_scores(int64_t rows, int64_t cols, int64_t d, float scale, const T* q, int64_t ldq,
+                   const T* k, float* scores) {
+  const bool finite = std::isfinite(scale);
+  gemm(false, true, rows, cols, d, finite ? scale : 1.0f, q, ldq, k, d, 0.0f, scores, cols);
+  if (!finite) scale_row(scores, scale, rows * cols);
+}
 
 int64_t row_blocks(int64_t n) { return std::max<int64_t>(1, (n + kRowBlock - 1) / kRowBlock); }
 
@@ -80,7 +135,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       if (total == 0) std::fill(acc.begin(), acc.begin() + rows * d, 0.0f);
       for (int64_t c0 = 0; c0 < total; c0 += kKeyGroup) {
         const int64_t cols = std::min(kKeyGroup, total - c0);
-        scaled_scores(rows, cols, d, scale, qrow, Q.ld, kcat.data() + c0 * d, d, sbuf.data());
+        scaled_scores(rows, cols, d, scale, qrow, Q.ld, kcat.data() + c0 * d, sbuf.data());
         add_key_bias(sbuf.data(), cols, rows, kb, b, h, r0, c0, cols, np);
         for (int64_t r = 0; r < rows; ++r) {
           float* srow = sbuf.data() + r * cols;
@@ -106,8 +161,40 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   });
 }
 
-// Sequences per run of the grouped backward (attention_parts.h: Runs).
+// The backward's units of prompt-key gradient: runs of consecutive sequences with one prompt set,
+// at most kRunSeqs long (one sequence each when the score terms need per-sequence gradients).
+// A run's gradient is summed in sequence order in its own fp32 buffer, and the runs' buffers per
+// set in run order: deterministic whatever the thread count, without atomics. Runs rather than
+// single sequences keep the buffers small: a Swin stage has thousands of (window, head) pairs,
+// and a buffer each was hundreds of MB per training step to allocate and fault in.
 constexpr int64_t kRunSeqs = 16;
+
+struct Runs {
+  std::vector<int64_t> begin;  // (n + 1,): run u holds sequences begin[u] .. begin[u + 1] - 1
+  Sets sets;                   // each run's set (index) and the sets' lengths
+  int64_t count() const { return static_cast<int64_t>(begin.size()) - 1; }
+};
+
+Runs make_runs(const Sets& sets, int64_t B, int64_t max_len) {
+  Runs runs;
+  runs.sets.lengths = sets.lengths;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t t = sets.set_of(b);
+    if (runs.begin.empty() || b - runs.begin.back() == max_len || t != runs.sets.index.back()) {
+      runs.begin.push_back(b);
+      runs.sets.index.push_back(t);
+    }
+  }
+  runs.begin.push_back(B);
+  return runs;
+}
+
+// Results of the backward reduced afterwards.
+struct BwdBuffers {
+  float* dpk_run;    // (runs, H, P, d) fp32, written by the tasks
+  float* dpv_run;
+  float* gate_part;  // (B, H, P) fp32, zeroed; sum over queries of dS per head
+};
 
 // Tasks are (run, head). For each sequence the task packs [prompt keys; image keys] (and the
 // values) into one contiguous block, so each step of a key group is one GEMM rather than one per
@@ -166,7 +253,7 @@ void backward(const at::Tensor& dout, const at::Tensor& q, const at::Tensor& k, 
             float* dkg = dkcat.data() + c0 * d;
             float* dvg = dvcat.data() + c0 * d;
             // P = exp(scale q k^T + key_bias - lse)
-            scaled_scores(rows, cols, d, scale, qrow, Q.ld, kg, d, pbuf.data());
+            scaled_scores(rows, cols, d, scale, qrow, Q.ld, kg, pbuf.data());
             add_key_bias(pbuf.data(), cols, rows, kb, b, h, r0, c0, cols, np);
             for (int64_t r = 0; r < rows; ++r) {
               exp_sub(pbuf.data() + r * cols, cols, lrow[r]);
@@ -251,16 +338,9 @@ std::tuple<Tensor, Tensor> prompt_attention_fwd_cpu(const Tensor& q_, const Tens
   at::Tensor out = heads_last_empty(s.B, s.H, s.Nq, s.d, q.options());
   at::Tensor lse = at::empty({s.B, s.H, s.Nq}, q.options().dtype(at::kFloat));
   if (s.B * s.H * s.Nq == 0) return {out, lse};
-  const bool by_runs = run_path_fits(s);
-  const Runs runs = by_runs ? make_runs(sets, s.B, run_length(s)) : Runs{};
   FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_fwd", [&] {
-    if (by_runs) {
-      forward_runs<scalar_t>(q, k, v, pk, pv, runs, bias_view(kb), s, static_cast<float>(scale),
-                             out, lse);
-    } else {
-      forward<scalar_t>(q, k, v, pk, pv, sets, bias_view(kb), s, static_cast<float>(scale), out,
-                        lse);
-    }
+    forward<scalar_t>(q, k, v, pk, pv, sets, bias_view(kb), s, static_cast<float>(scale), out,
+                      lse);
   });
   return {out, lse};
 }
@@ -287,8 +367,7 @@ BwdResult prompt_attention_bwd_cpu(
   at::Tensor dk = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
   at::Tensor dv = heads_last_empty(s.B, s.H, s.Nk, s.d, q.options());
   // The score terms read each sequence's own prompt-key gradients: runs of one sequence then.
-  const bool by_runs = run_path_fits(s);
-  const Runs runs = make_runs(sets, s.B, scored ? 1 : by_runs ? run_length(s) : kRunSeqs);
+  const Runs runs = make_runs(sets, s.B, scored ? 1 : kRunSeqs);
   at::Tensor dpk_run = at::empty({runs.count(), s.H, s.P, s.d}, f32);
   at::Tensor dpv_run = at::empty({runs.count(), s.H, s.P, s.d}, f32);
   // The gate (sum over queries of dS per prompt key) only when scores are asked for.
@@ -297,14 +376,8 @@ BwdResult prompt_attention_bwd_cpu(
     BwdBuffers buf{dpk_run.data_ptr<float>(), dpv_run.data_ptr<float>(),
                    scored ? gate_part.data_ptr<float>() : nullptr};
     FP_DISPATCH_FLOATS(q.scalar_type(), "prompt_attention_bwd", [&] {
-      const float sc = static_cast<float>(scale);
-      if (by_runs) {
-        backward_runs<scalar_t>(dout, q, k, v, pk, pv, out, lse, runs, bias_view(kb), s, sc,
-                                image_grads, dq, dk, dv, buf);
-      } else {
-        backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, runs, bias_view(kb), s, sc,
-                           image_grads, dq, dk, dv, buf);
-      }
+      backward<scalar_t>(dout, q, k, v, pk, pv, out, lse, runs, bias_view(kb), s,
+                         static_cast<float>(scale), image_grads, dq, dk, dv, buf);
     });
   } else {
     for (at::Tensor* t : {&dq, &dk, &dv, &dpk_run, &dpv_run}) t->zero_();
