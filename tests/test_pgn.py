@@ -3,6 +3,7 @@ pixel deployment with the real PGN model; bad input."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, images, tiny_vit
@@ -187,6 +188,11 @@ def test_least_squares_inversion_says_so():
 def test_bad_arguments_name_themselves(kwargs, err, match):
     with pytest.raises(err, match=match):
         _pgn(**kwargs)
+
+
+def test_numpy_integers_are_taken_as_counts():
+    prompted = _pgn(num_prompts=np.int64(4), library_size=np.int32(8))
+    assert type(prompted.config.num_prompts) is int and type(prompted.config.library_size) is int
 
 
 def test_models_pgn_cannot_wrap_are_refused():

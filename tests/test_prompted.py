@@ -157,6 +157,23 @@ def test_dtype_conversion_with_parameter_overwriting():
         assert_close(prompted(x), _fresh(prompted, x), "float64 logits")
 
 
+def test_torch_func_grad_says_to_use_autograd_or_the_naive_path():
+    """PyTorch's own error names only an autograd.Function's setup_context."""
+    x = images(2)
+    prompted = fastprompt.vpt(tiny_vit(), 3)
+    trained = {n: p.detach() for n, p in prompted.named_parameters() if p.requires_grad}
+
+    def loss(params):
+        return torch.func.functional_call(prompted, params, (x,)).square().sum()
+
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms.*impl='naive'"):
+        torch.func.grad(loss)(trained)
+    expected = torch.autograd.grad(prompted(x).square().sum(), prompted.deep_prompt_embeddings)[0]
+    prompted.impl = "naive"
+    got = torch.func.grad(loss)(trained)["deep_prompt_embeddings"]
+    assert_close(got, expected, "prompt gradient", atol=1e-5, rtol=1e-4)
+
+
 def test_functional_call_swaps_prompts_and_top_level_parameters():
     prompted = fastprompt.vpt(tiny_vit(), 3).eval()
     x = images(2)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+
+import numpy as np
 import pytest
 import torch
 from helpers import assert_close, assert_matches_naive, images, tiny_vit
@@ -152,6 +156,17 @@ def test_print_trainable_parameters(capsys):
 def test_bad_arguments_raise_clear_errors(model, kwargs, err, match):
     with pytest.raises(err, match=match):
         fastprompt.vpt(model if model is not None else tiny_vit(), **kwargs)
+
+
+@pytest.mark.parametrize("count", [np.int64(3), np.int32(3), torch.tensor(3)], ids=repr)
+def test_integer_types_other_than_int_are_taken_as_counts(count):
+    """A sweep over np.arange hands numpy integers: the config keeps a Python int (it goes into
+    JSON and checkpoints); numpy floats and bools stay refused (above)."""
+    prompted = fastprompt.vpt(tiny_vit(), count)
+    assert type(prompted.config.num_prompts) is int and prompted.prompt_count(0) == 3
+    json.dumps(dataclasses.asdict(prompted.config))
+    with pytest.raises(TypeError, match="num_prompts must be an int, got bool"):
+        fastprompt.vpt(tiny_vit(), np.bool_(True))
 
 
 def test_unsupported_timm_models_say_why():

@@ -22,6 +22,8 @@ which takes the relative-position bias and the shift mask as ``key_bias`` (promp
 as in the official code); prompt rows are computed only when their outputs are kept, as P queries
 per window whose outputs are averaged over the windows before the projection (both linear), so
 the projection, ``norm2`` and the MLP run on P rows per image.
+Windows are made and undone in :mod:`fastprompt.backbones.swin_windows` (the fused block's by
+one gather each way where no padding is needed).
 
 The official code hands prompts to windows and averages them window by window while windows are
 stored image by image, so with B > 1 and several windows window j gets image (j mod B)'s prompts
@@ -49,6 +51,7 @@ from fastprompt.backbones.base import (
     PromptKVParts,
     key_value_columns,
 )
+from fastprompt.backbones.swin_windows import partition, reverse, window_attention, window_bias
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
 
@@ -101,67 +104,6 @@ def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     d = qkv.shape[-1] // 3 // attn.num_heads
     q, k, v = qkv.reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
     return q, k, v
-
-
-class _Windows(NamedTuple):
-    """A block's window partition of normalised patches, as timm's ``SwinTransformerBlock._attn``
-    makes it: (B·nW, M, C) windows, image by image, and how to put them back."""
-
-    windows: Tensor
-    mask: Tensor | None
-    count: int  # windows per image
-    size: tuple[int, int, int, int]  # B, H, W, C of the patches
-    padded: tuple[int, int]  # H, W after padding to whole windows
-
-
-def _partition(blk: nn.Module, h: Tensor) -> _Windows:
-    b, hh, ww, c = h.shape
-    ws, shift = blk.window_size, blk.shift_size
-    if any(shift):
-        h = torch.roll(h, shifts=(-shift[0], -shift[1]), dims=(1, 2))
-    pad_h = (ws[0] - hh % ws[0]) % ws[0]
-    pad_w = (ws[1] - ww % ws[1]) % ws[1]
-    h = F.pad(h, (0, 0, 0, pad_w, 0, pad_h))
-    hp, wp = h.shape[1], h.shape[2]
-    mask = blk.get_attn_mask(h) if getattr(blk, "dynamic_mask", False) else blk.attn_mask
-    windows = h.view(b, hp // ws[0], ws[0], wp // ws[1], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-    windows = windows.reshape(-1, ws[0] * ws[1], c)
-    count = (hp // ws[0]) * (wp // ws[1])
-    return _Windows(windows, mask, count, (b, hh, ww, c), (hp, wp))
-
-
-def _reverse(blk: nn.Module, part: _Windows, out: Tensor) -> Tensor:
-    """Window outputs (B·nW, M, C) back to (B, H, W, C): merge, crop the padding, unshift."""
-    b, hh, ww, _ = part.size
-    hp, wp = part.padded
-    ws, shift = blk.window_size, blk.shift_size
-    c = out.shape[-1]
-    x = out.view(b, hp // ws[0], wp // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
-    x = x.reshape(b, hp, wp, c)[:, :hh, :ww, :]
-    if any(shift):
-        x = torch.roll(x, shifts=shift, dims=(1, 2))
-    return x
-
-
-def _window_bias(blk: nn.Module, part: _Windows, dtype: torch.dtype) -> Tensor:
-    """The windows' relative-position bias plus the shift mask: (1, H, M, M) without a mask,
-    else (nW, H, M, M), one per window of an image, which prompt_attention reads with period nW
-    over the B·nW windows (stored image by image): never repeated per image."""
-    rel = blk.attn._get_rel_pos_bias().to(dtype)
-    if part.mask is None:
-        return rel
-    m = rel.shape[-1]
-    return rel + part.mask.to(dtype).view(part.count, 1, m, m)
-
-
-def _window_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
-    """Attention of windows (S, H, M, d) under a bias, computed as the model's own
-    ``WindowAttention`` computes it: PyTorch's fused attention when timm's ``fused_attn`` is on,
-    else scores, bias, softmax and product written out, as timm does by default (its switch is
-    experimental for Swin) and as the official VPT-Swin does."""
-    if attn.fused_attn:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=attn.scale)
-    return (((q * attn.scale) @ k.transpose(-2, -1)) + bias).softmax(-1) @ v
 
 
 def _mlp(blk: nn.Module, x: Tensor) -> Tensor:
@@ -422,17 +364,17 @@ class SwinBackbone(Backbone):
         if p is None:
             return SwinTokens(blk(x), None)
         attn, n_p = blk.attn, p.shape[1]
-        part = _partition(blk, blk.norm1(x))
+        part = partition(blk, blk.norm1(x))
         b, nw = x.shape[0], part.count
         hp = blk.norm1(p)[self._owner(b, nw, x.device)]
         seq = torch.cat([hp, part.windows], dim=1)
         q, k, v = _qkv(attn, seq)
-        bias = F.pad(_window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
+        bias = F.pad(window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
         if bias.shape[0] > 1:  # one per window: every image's windows get it, as officially
             bias = bias.repeat(b, 1, 1, 1)
-        o = _window_attention(attn, q, k, v, bias)
+        o = window_attention(attn, q, k, v, bias)
         o = attn.proj_drop(attn.proj(o.transpose(1, 2).reshape(seq.shape[0], seq.shape[1], -1)))
-        x = x + blk.drop_path1(_reverse(blk, part, o[:, n_p:]))
+        x = x + blk.drop_path1(reverse(blk, part, o[:, n_p:]))
         p = p + blk.drop_path1(self._window_mean(o[:, :n_p], b, nw))
         # One MLP over every token, as the official code runs it: the same numbers as two calls,
         # and a traced FLOP count keeps the prompt rows even where the next block drops them.
@@ -475,7 +417,7 @@ class SwinBackbone(Backbone):
         blk = self._block(block)
         attn = blk.attn
         x, p = tokens
-        part = _partition(blk, blk.norm1(x))
+        part = partition(blk, blk.norm1(x), reorder=True)
         b, nw = x.shape[0], part.count
         q, k, v = _qkv(attn, part.windows)
         # The held prompts' queries, keys and values: one projection of their P rows per image,
@@ -488,13 +430,13 @@ class SwinBackbone(Backbone):
             window_index = self._owner(b, nw, x.device)
         else:
             window_index = None if index is None else self._window_index(index, b, nw, x.device)
-        bias = _window_bias(blk, part, q.dtype)
+        bias = window_bias(blk, part, q.dtype)
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
         )
         o = attend(call).transpose(1, 2).flatten(2)
         o = attn.proj_drop(attn.proj(o))
-        x = _mlp(blk, x + blk.drop_path1(_reverse(blk, part, o)))
+        x = _mlp(blk, x + blk.drop_path1(reverse(blk, part, o)))
         if p is None:
             return SwinTokens(x, None)
         qp = own[0].expand(b * nw, -1, -1, -1) if shared else own[0][self._owner(b, nw, x.device)]

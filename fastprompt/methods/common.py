@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "config_from_json",
     "default_readout",
     "init_head_vpt",
+    "integer",
     "learned_prompt_kwargs",
     "split_overrides",
     "tied",
@@ -59,12 +61,22 @@ def init_head_vpt(head: nn.Module) -> None:
             nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
-def check_learned_prompts(who: str, num_prompts: object, dropout: object, project: object) -> None:
-    """Type and range checks of the options every learned-prompt method takes."""
-    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int):
-        raise TypeError(
-            f"{who}: num_prompts must be an int, got {type(num_prompts).__name__} ({num_prompts!r})"
-        )
+def integer(value: object, name: str, who: str) -> int:
+    """``value`` as a Python int: an int or another integer type (numpy's, a 0-d integer tensor),
+    which a sweep over ``np.arange`` hands over; a bool or a non-integer is refused. Configs keep
+    the Python int: it goes into JSON and checkpoints as it is."""
+    if not isinstance(value, bool):
+        try:
+            return operator.index(value)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+    raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} ({value!r})")
+
+
+def check_learned_prompts(who: str, num_prompts: object, dropout: object, project: object) -> int:
+    """Type and range checks of the options every learned-prompt method takes; ``num_prompts``
+    as a Python int."""
+    num_prompts = integer(num_prompts, "num_prompts", who)
     if num_prompts < 0:
         raise ValueError(f"{who}: num_prompts must be >= 0, got {num_prompts}")
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
@@ -75,6 +87,7 @@ def check_learned_prompts(who: str, num_prompts: object, dropout: object, projec
         raise ValueError(f"{who}: dropout must be in [0, 1), got {dropout}")
     if isinstance(project, bool) or not isinstance(project, int) or (project < 1 and project != -1):
         raise ValueError(f"{who}: project must be -1 (none) or a width >= 1, got {project!r}")
+    return num_prompts
 
 
 def tied(backbone: Backbone, who: str) -> tuple[int, tuple[int, int]]:

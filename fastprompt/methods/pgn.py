@@ -37,6 +37,7 @@ from fastprompt.methods.common import (
     config_from_json,
     default_readout,
     init_head_vpt,
+    integer,
     split_overrides,
     tied,
 )
@@ -62,13 +63,12 @@ HEAD_INITS = ("keep", "linear", "vpt")
 ACTIVATIONS = ("softmax", "sigmoid")
 
 
-def _count(value: object, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(
-            f"fastprompt.pgn: {name} must be an int >= 1, got {type(value).__name__} ({value!r})"
-        )
+def _count(config: PGNConfig, name: str) -> None:
+    """config.<name> as a Python int >= 1 (a frozen config keeps the converted value)."""
+    value = integer(getattr(config, name), name, "fastprompt.pgn")
     if value < 1:
         raise ValueError(f"fastprompt.pgn: {name} must be >= 1, got {value}")
+    object.__setattr__(config, name, value)
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,9 @@ class PGNConfig:
     generator_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _count(self.num_prompts, "num_prompts")
-        _count(self.library_size, "library_size")
-        _count(self.resolution, "resolution")
+        _count(self, "num_prompts")
+        _count(self, "library_size")
+        _count(self, "resolution")
         if self.generator is not None and self.generator not in GENERATORS:
             raise ValueError(
                 f"fastprompt.pgn: generator must be one of {GENERATORS} or None (IIP), got "

@@ -89,7 +89,8 @@ class VPTAblationConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        count = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps a Python int
         k = self.num_deep_layers
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
             raise ValueError(f"{who}: num_deep_layers must be None or an int >= 1, got {k!r}")

@@ -279,18 +279,23 @@ def prompt_attention(
         key_bias,
         backend,
     )
-    return _prompt_attention_op(
-        q,
-        k,
-        v,
-        prompt_k,
-        prompt_v,
-        prompt_index,
-        prompt_lengths,
-        key_bias,
-        check_scale(q, scale),
-        name,
-    )
+    scale = check_scale(q, scale)
+    try:
+        return _prompt_attention_op(
+            q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, scale, name
+        )
+    except RuntimeError as e:
+        # torch.func.grad, jvp, jacrev... over a custom op's registered autograd: PyTorch says
+        # only that an autograd.Function needs setup_context, which names nothing of ours.
+        if "functorch transforms" not in str(e):
+            raise
+        raise RuntimeError(
+            "fastprompt.prompt_attention: PyTorch does not differentiate a custom op's registered "
+            "autograd under torch.func transforms (grad, jvp, jacrev, ...), and the fused path "
+            "runs on this op; differentiate with torch.autograd (loss.backward(), "
+            "torch.autograd.grad; torch.func.functional_call works there), or build the model "
+            "with impl='naive' for torch.func"
+        ) from e
 
 
 def choose_for(

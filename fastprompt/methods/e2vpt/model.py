@@ -121,7 +121,8 @@ class E2VPTConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        count = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
+        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps a Python int
         for name in ("num_kv", "segments"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
