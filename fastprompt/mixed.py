@@ -233,6 +233,12 @@ class MultiTaskViT(PromptedViT):
         features = self.forward_features(x, task=index)
         return self.task_logits(features, index)
 
+    def forward_intermediates(self, x: Tensor, *args: Any, task: Any, **kwargs: Any) -> Any:
+        """:meth:`PromptedViT.forward_intermediates` with each image under its ``task``'s
+        prompts (:meth:`task_index`); ``get_intermediate_layers`` takes ``task`` too."""
+        index = self.task_index(task, x.shape[0], x.device)
+        return super().forward_intermediates(x, *args, task=index, **kwargs)
+
     def task_logits(self, features: Tensor, index: Tensor) -> Tensor:
         """Each task's readout and head on the final tokens (B, N, D) of its images."""
         bb = self._backbone

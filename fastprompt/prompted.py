@@ -21,6 +21,9 @@ them; otherwise only the prompts' keys and values matter (``docs/design.md`` §3
   ``[K_p; K]`` through :func:`fastprompt.ops.prompt_attention`; prompt rows of Q, attention
   output, projection, LN2 and MLP are never computed.
 
+That loop is :mod:`fastprompt.block_loop`'s, which ``forward_features`` and timm's
+``forward_intermediates`` (:mod:`fastprompt.intermediates`) share.
+
 ``impl="naive"`` runs every block as tokens; ``impl="fused"`` (default) uses keys/values wherever
 the rule allows, which covers VPT-deep, VPT-shallow (tokens throughout), prompt readouts and the
 official ablations with the same numbers. Prompt keys/values can be computed once and reused at
@@ -32,21 +35,18 @@ prompt attention (Prompt Condensation's scores) plug in through
 from __future__ import annotations
 
 import contextlib
-import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from fastprompt._compat import tracing
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV, adapter_for
-from fastprompt.backbones.base import module_hooks
 from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.backends import get as get_backend
-from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies, step_under
-from fastprompt.ops.attention import prompt_attention
+from fastprompt.block_loop import BlockLoop, run_attention
+from fastprompt.intermediates import Intermediates
+from fastprompt.memory import MEMORY_POLICIES, MemoryPolicies
 from fastprompt.ownership import OwningWrapper
 from fastprompt.sources import POSITIONS, PromptSource
 from fastprompt.timm_facing import TimmFacing
@@ -59,50 +59,7 @@ IMPLS = ("fused", "naive")
 TokenFn = Callable[[int, Tensor], Tensor]
 
 
-def run_attention(call: AttentionCall) -> tuple[Tensor, Tensor]:
-    """What a block computes by default: :func:`fastprompt.ops.prompt_attention` on the call,
-    ``(out (B, H, N, d), lse (B, H, N))``. Overrides that only look on can return its ``out``."""
-    return prompt_attention(
-        call.q,
-        call.k,
-        call.v,
-        call.prompt_k,
-        call.prompt_v,
-        call.prompt_index,
-        call.prompt_lengths,
-        scale=call.scale,
-        backend=call.backend,
-        key_bias=call.key_bias,
-    )
-
-
-def _default_attention(call: AttentionCall) -> Tensor:
-    return run_attention(call)[0]
-
-
-def _skipped_hooks(own: list[tuple[str, nn.Module]]) -> list[tuple[str, tuple[int, ...]]]:
-    """``(name, hook handles)`` of the modules among ``own`` with hooks (which the prompted
-    forward never runs): the handles tell a hook registered later from one already said."""
-    hooked = []
-    for name, m in own:
-        ids = module_hooks(m, everywhere=False)  # a profiler's hooks on every module are not said
-        if ids:
-            hooked.append((name, ids))
-    return hooked
-
-
-@dataclass(frozen=True)
-class _Step:
-    """How one block runs: whether a new prompt set enters before it, whether the prompts are
-    tokens of the block (False: only their keys/values), and how many prompt tokens the block's
-    input holds."""
-
-    receive: bool
-    as_tokens: bool
-    held: int
-
-
-class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
+class PromptedViT(BlockLoop, Intermediates, MemoryPolicies, TimmFacing, OwningWrapper):
     """A backbone with prompts from a :class:`~fastprompt.sources.PromptSource`.
 
     Build one with a method's entry point (:func:`fastprompt.vpt`); this class knows no method
@@ -310,25 +267,6 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
         self._refuse_unfused("fastprompt")
         self._warn_hooks(None, self._fused_path())
 
-    def _warn_hooks(self, block: int | None, fused: bool, memory: str = "none") -> None:
-        """Say once per module and hooks that they do not run: this forward computes it its own way
-        (observers such as FLOP counters register hooks on every module, so it is not refused;
-        a hook that changes an output is then ignored, which the warning says). Not while
-        tracing: a warning would break the graph, and the eager forward says it."""
-        if tracing():
-            return
-        hooked = _skipped_hooks(self._backbone.own_forwards(block, fused, memory))
-        new = [h for h in hooked if h not in self._hooks_said]
-        if not new:
-            return
-        self._hooks_said.update(new)
-        names = [name for name, _ in new]
-        warnings.warn(
-            f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
-            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts",
-            stacklevel=2,
-        )
-
     # -- plug-in points ---------------------------------------------------------------------------
 
     def fused_unsupported_reasons(self) -> list[str]:
@@ -415,173 +353,6 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _plan(self, fused: bool | None = None) -> list[_Step]:
-        """How each block runs (``docs/design.md`` §4, "The prompted core").
-
-        Block i's prompt outputs are needed when block i + 1 receives no new set (they flow on)
-        or when i is the last block and the readout reads them. On the fused path a block that
-        receives a set whose outputs are not needed runs on its keys/values only.
-        """
-        if fused is None:
-            fused = self._fused_path()
-        src, depth = self._source, self._backbone.depth
-        reads = self._backbone.reads_prompts(self.readout)
-        steps, held = [], 0
-        for i in range(depth):
-            receive = src.receives(i)
-            needed = reads if i == depth - 1 else not src.receives(i + 1)
-            if receive and fused and not needed:
-                steps.append(_Step(True, False, 0))
-                held = 0
-                continue
-            if receive:
-                held = src.count(i)
-            steps.append(_Step(receive, True, held))
-        return steps
-
-    def _fused_path(self) -> bool:
-        return self.impl == "fused" or self._attention is not None
-
-    def keys_values_only(self) -> list[bool]:
-        """Per block, whether the fused path computes only the keys/values of the prompts it
-        receives (their outputs are read by nobody); the other blocks hold prompt tokens."""
-        return [not s.as_tokens for s in self._plan(fused=True)]
-
-    def _prompts_in_output(self) -> int:
-        """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
-        plan = self._plan()
-        return plan[-1].held if plan and plan[-1].as_tokens else 0
-
-    def _selected(self, block: int, table: Tensor, batch: int, state: Any, per_image: Tensor):
-        """``(prompt_index, prompt_lengths)`` of the ``table`` (T, ...) of sets of ``block``."""
-        index, lengths = self._source.selection(block, batch, state)
-        t = table.shape[0]
-        if index is None and t not in (1, batch):
-            raise ValueError(
-                f"fastprompt: block {block} got {t} prompt sets for {batch} images; a table of "
-                "sets needs the source's selection (prompt_index)"
-            )
-        if index is None and t != 1:
-            index = per_image
-        return index, lengths
-
-    def _keys_values(self, block: int, batch: int, state: Any, per_image: Tensor) -> PromptKV:
-        """The block's prompt keys/values: its set's (cached inside ``frozen_prompts``), joined
-        with the source's own keys/values."""
-        frozen = None if self.training else self._frozen
-        if frozen is not None and block in frozen:
-            kv = frozen[block]
-        else:
-            prompts = self._source.tokens(block, batch, state)
-            index, lengths = self._selected(block, prompts, batch, state, per_image)
-            kv = PromptKV(*self._backbone.prompt_kv(block, prompts), index, lengths)
-        return self._join_direct(block, kv, batch, state, per_image)
-
-    def _join_direct(
-        self, block: int, kv: PromptKV | None, batch: int, state: Any, per_image: Tensor
-    ) -> PromptKV | None:
-        """``kv`` with the source's direct keys/values for ``block`` in front of it (they are
-        valid in full, so per-set lengths of ``kv`` stay a valid prefix once shifted)."""
-        direct = self._source.kv(block, batch, state)
-        if direct is None:
-            return kv
-        dk, dv = direct
-        if kv is None:
-            return PromptKV(dk, dv, *self._selected(block, dk, batch, state, per_image))
-        t = max(dk.shape[0], kv.k.shape[0])
-        if t != 1 and dk.shape[0] not in (1, t):
-            raise ValueError(
-                f"fastprompt: block {block}'s key-value prompts have {dk.shape[0]} sets and its "
-                f"prompt tokens {kv.k.shape[0]}"
-            )
-        k = torch.cat([dk.expand(t, -1, -1, -1), kv.k.expand(t, -1, -1, -1)], dim=2)
-        v = torch.cat([dv.expand(t, -1, -1, -1), kv.v.expand(t, -1, -1, -1)], dim=2)
-        index = kv.index if kv.index is not None or t == 1 else per_image
-        lengths = None if kv.lengths is None else kv.lengths + dk.shape[2]
-        return PromptKV(k, v, index, lengths)
-
-    def _step(
-        self,
-        i: int,
-        step: _Step,
-        tokens: Any,
-        held: int,
-        state: Any,
-        batch: int,
-        attend: AttentionFn,
-        per_image: Tensor,
-        memory: str,
-    ) -> Any:
-        """:meth:`_block` under the memory policy (:func:`fastprompt.memory.step_under`)."""
-
-        entry = dict(state) if memory == "block" and isinstance(state, dict) else None
-
-        def run(tokens: Any, policy: str) -> Any:
-            if entry is None:
-                return self._block(i, step, tokens, held, state, batch, attend, per_image, policy)
-            # A per-forward cache that the step fills (a Swin stage's dropped-out prompts) must
-            # look to the recomputation as it looked to the forward; later steps keep the
-            # forward's entries.
-            local = dict(entry)
-            out = self._block(i, step, tokens, held, local, batch, attend, per_image, policy)
-            for key, value in local.items():
-                state.setdefault(key, value)
-            return out
-
-        return step_under(memory, run, tokens, step.receive, self._backbone, i, self._recompute)
-
-    def _block(
-        self,
-        i: int,
-        step: _Step,
-        tokens: Any,
-        held: int,
-        state: Any,
-        batch: int,
-        attend: AttentionFn,
-        per_image: Tensor,
-        memory: str = "none",
-    ) -> Any:
-        """Block ``i`` on the token state holding ``held`` prompt tokens (one step of the loop,
-        so that each block can be wrapped on its own); ``memory`` goes to the adapter's block
-        when it is one of the adapter's own policies."""
-        bb, position = self._backbone, self._source.position
-        kw = {"memory": memory} if memory != "none" else {}
-        tokens = bb.enter(i, tokens, held)
-        if not step.as_tokens:
-            if held:
-                tokens = bb.remove(tokens, held, position)
-            kv = self._keys_values(i, batch, state, per_image)
-            self._warn_hooks(i, True, memory)
-            return bb.fused_block(i, tokens, 0, kv, attend, self.backend, **kw)
-        if step.receive:
-            prompts = self._source.tokens(i, batch, state)
-            index, lengths = self._selected(i, prompts, batch, state, per_image)
-            if lengths is not None:
-                raise ValueError(
-                    f"fastprompt: block {i}'s prompt sets differ in length; sets of different "
-                    "lengths can only enter blocks whose prompt outputs are not read (as keys "
-                    "and values)"
-                )
-            if index is not None:
-                prompts = prompts[index]
-            if self._token_fn is not None:
-                prompts = self._token_fn(i, prompts)
-            if held:
-                tokens = bb.remove(tokens, held, position)
-            tokens = bb.insert(tokens, i, prompts, position)
-        direct = self._join_direct(i, None, batch, state, per_image)
-        # An adapter whose fused block is also the faster way to run prompt tokens (Swin: once per
-        # image, not per window) takes every block of the fused path.
-        fast = bb.fused_tokens and self._fused_path() and not self._fused_reasons
-        if direct is None and not fast:
-            self._warn_hooks(i, False, memory)
-            return bb.block(i, tokens, step.held, **kw)
-        if self._fused_reasons:  # the source's own keys/values need the fused block anyway
-            raise TypeError(f"fastprompt: {'; '.join(self._fused_reasons)}")
-        self._warn_hooks(i, True, memory)
-        return bb.fused_block(i, tokens, step.held, direct, attend, self.backend, **kw)
-
     def forward_features(self, x: Tensor, **inputs: Any) -> Any:
         """Final normalised tokens.
 
@@ -598,23 +369,7 @@ class PromptedViT(MemoryPolicies, TimmFacing, OwningWrapper):
             prompt tokens where the source puts them when the last block computes them (the
             naive path always; the fused path only for a readout that reads them).
         """
-        self._check_live()
-        self._sync()
-        self._check_model()
-        bb = self._backbone
-        tokens = bb.embed(x)
-        state = self._source.prepare(x, **inputs)
-        batch = x.shape[0]
-        attend = self._attention or _default_attention
-        # The set of each image (T = B); an ordinary tensor even under inference_mode, so that
-        # adapters can key caches on it and the op's check of a CUDA index is kept per version.
-        with torch.inference_mode(False):
-            per_image = torch.arange(batch, device=x.device)
-        held, memory = 0, self.memory_policy()
-        for i, step in enumerate(self._plan()):
-            tokens = self._step(i, step, tokens, held, state, batch, attend, per_image, memory)
-            held = step.held if step.as_tokens else 0
-        return bb.features(tokens)
+        return self._backbone.features(self._run_blocks(x, inputs))
 
     def forward_head(self, x: Any, pre_logits: bool = False) -> Tensor:
         """Readout and head, as timm's ``forward_head`` with prompts in mind."""

@@ -2,9 +2,10 @@
 the user's").
 
 Only what stays true of the wrapper is answered from the wrapped model: its configuration (data
-config, class count, feature width) and its classifier. A method that would run the model without
-prompts (``forward_intermediates``, ``get_intermediate_layers``) is not forwarded: the wrapper has
-no such attribute, rather than one that silently drops the prompts.
+config, class count, feature width, the channels and reductions of its intermediates) and its
+classifier. No method that runs the model is forwarded, since it would drop the prompts: timm's
+feature extraction (``forward_intermediates``, ``get_intermediate_layers``) is the prompted
+model's own (:mod:`fastprompt.intermediates`).
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class TimmFacing:
     def num_features(self) -> int:
         """Width of the features the classifier reads."""
         return self._model.num_features
+
+    @property
+    def feature_info(self) -> Any:
+        """The wrapped model's ``feature_info``: channels, reduction and module of each
+        intermediate of ``forward_intermediates`` (what timm's ``FeatureGetterNet`` reads)."""
+        return self._model.feature_info
 
     def get_classifier(self) -> nn.Module:
         """The classifier the forward runs (the wrapped model's, which this wrapper owns)."""

@@ -10,8 +10,9 @@ import torch
 from helpers import tiny_vit
 
 import fastprompt
-from fastprompt.bench import _ALLOCATOR_VARS, activation_bytes, flops
+from fastprompt.bench import activation_bytes, flops
 from fastprompt.cli import main
+from fastprompt.measure import _ALLOCATOR_VARS
 
 
 def _bench(tmp_path, name, *extra):

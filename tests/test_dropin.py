@@ -189,7 +189,7 @@ def test_timm_reads_the_wrapped_models_config_through_the_wrapper():
     prompted.reset_classifier(7)
     assert prompted.num_classes == 7 and prompted.get_classifier().out_features == 7
     assert prompted(torch.randn(1, 3, 32, 32)).shape == (1, 7)
-    assert not hasattr(prompted, "forward_intermediates")  # it would run without prompts
+    assert prompted.feature_info == model.feature_info  # forward_intermediates: its own tests
 
 
 def test_a_memory_policy_the_changed_blocks_no_longer_offer_is_refused():

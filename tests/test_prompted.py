@@ -174,6 +174,28 @@ def test_torch_func_grad_says_to_use_autograd_or_the_naive_path():
     assert_close(got, expected, "prompt gradient", atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("transform", ["jvp", "forward_ad"])
+def test_forward_mode_over_the_fused_path_is_refused(transform):
+    """The custom op has no forward-mode rule, and PyTorch drops the tangent through it without
+    an error: the fused path's jvp was wrong (half the finite difference here), silently."""
+    import torch.autograd.forward_ad as fwAD
+
+    x = images(2)
+    prompted = fastprompt.vpt(tiny_vit(), 3).eval()
+    params = {n: p.detach() for n, p in prompted.named_parameters() if p.requires_grad}
+    tangents = {n: torch.randn_like(p) for n, p in params.items()}
+
+    def logits(p):
+        return torch.func.functional_call(prompted, p, (x,))
+
+    with pytest.raises(RuntimeError, match=r"torch\.func transforms.*impl='naive'"):
+        if transform == "jvp":
+            torch.func.jvp(logits, (params,), (tangents,))
+        else:
+            with fwAD.dual_level():
+                logits({n: fwAD.make_dual(p, tangents[n]) for n, p in params.items()})
+
+
 def test_functional_call_swaps_prompts_and_top_level_parameters():
     prompted = fastprompt.vpt(tiny_vit(), 3).eval()
     x = images(2)

@@ -169,7 +169,7 @@ def test_a_set_every_image_holds_is_projected_once_and_window_indices_are_kept(m
         calls.append(call)
         return run(call)
 
-    monkeypatch.setattr(fastprompt.prompted, "run_attention", spy)
+    monkeypatch.setattr(fastprompt.block_loop, "run_attention", spy)  # what the loop calls
     for deep in (True, False):
         prompted = fastprompt.vpt(tiny_swin(), 5, deep=deep).eval()
         calls.clear()

@@ -7,6 +7,7 @@ import pytest
 import torch
 from helpers import tiny_swin
 
+from fastprompt.backbones import swin_windows
 from fastprompt.backbones.swin_windows import partition, reverse
 
 
@@ -59,3 +60,40 @@ def test_gather_partition_has_a_second_derivative():
     (g,) = torch.autograd.grad(loss, h, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), h)
     assert torch.allclose(gg, 2 * w.expand_as(h))
+
+
+def test_vmap_over_the_fused_swin_gives_the_batched_logits():
+    """torch.func.vmap ran over timm's roll and pad; the gather has a vmap rule too."""
+    import fastprompt
+
+    prompted = fastprompt.vpt(tiny_swin(), 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        got = torch.func.vmap(lambda xi: prompted(xi[None]))(x)[:, 0]
+        assert torch.equal(got, prompted(x))
+
+
+def test_a_fake_tensor_forward_leaves_nothing_in_the_permutation_cache():
+    """A forward under FakeTensorMode (a memory or shape probe) made fake permutations, which the
+    next real forward read: its logits came back as a FakeTensor."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import fastprompt
+
+    prompted = fastprompt.vpt(tiny_swin(), 3).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = prompted(x)
+        swin_windows._ORDERS.clear()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            prompted(torch.empty(2, 3, 32, 32))
+        got = prompted(x)
+    assert type(got) is torch.Tensor and torch.equal(got, ref)
+
+
+def test_reverse_takes_window_outputs_of_any_strides():
+    blk = tiny_swin().layers[0].blocks[1]
+    h = torch.randn(2, 16, 16, blk.norm1.normalized_shape[0])
+    part = partition(blk, h, reorder=True)
+    strided = part.windows.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(reverse(blk, part, strided), h)

@@ -169,6 +169,13 @@ def test_integer_types_other_than_int_are_taken_as_counts(count):
         fastprompt.vpt(tiny_vit(), np.bool_(True))
 
 
+@pytest.mark.parametrize("count", [torch.tensor(True), torch.tensor([3]), torch.tensor(3.0)])
+def test_tensors_other_than_0d_integers_are_refused_as_counts(count):
+    """A tensor's __index__ takes a bool tensor (as 1) and a one-element tensor of any shape."""
+    with pytest.raises(TypeError, match="num_prompts must be an int, got Tensor"):
+        fastprompt.vpt(tiny_vit(), count)
+
+
 def test_unsupported_timm_models_say_why():
     from timm.models.deit import VisionTransformerDistilled
 

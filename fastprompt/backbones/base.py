@@ -25,10 +25,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from fastprompt.backbones.taps import Taps
 
 __all__ = [
     "AttentionCall",
@@ -220,6 +223,9 @@ class Backbone:
         Features of :func:`fastprompt.ops.prompt_attention` (``fastprompt.backends.FEATURES``)
         every fused block calls it with (a windowed backbone: ``"key_bias"``): a backend without
         them is refused when the model is wrapped.
+    taps_class : type or None
+        The family's intermediates (a :class:`~fastprompt.backbones.taps.Taps` subclass) for
+        ``forward_intermediates``; None: the family has none here.
     """
 
     family: ClassVar[str] = ""
@@ -228,6 +234,7 @@ class Backbone:
     readouts: ClassVar[tuple[str, ...]] = ()
     fused_tokens: ClassVar[bool] = False
     op_features: ClassVar[frozenset[str]] = frozenset()
+    taps_class: ClassVar[type[Taps] | None] = None
 
     def __init__(self, model: nn.Module, who: str) -> None:
         self.check(model, who)
@@ -430,3 +437,8 @@ class Backbone:
     def head(self, pooled: Tensor, pre_logits: bool = False) -> Tensor:
         """The model's head on pooled features (its normalisation, dropout and classifier)."""
         raise NotImplementedError
+
+    def taps(self) -> Taps | None:
+        """What timm's ``forward_intermediates`` of this family takes and returns
+        (:attr:`taps_class` on this adapter); None: the family has no intermediates here."""
+        return None if self.taps_class is None else self.taps_class(self)

@@ -52,6 +52,7 @@ from fastprompt.backbones.base import (
     key_value_columns,
 )
 from fastprompt.backbones.swin_windows import partition, reverse, window_attention, window_bias
+from fastprompt.backbones.taps import SwinTaps
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
 
@@ -134,6 +135,7 @@ class SwinBackbone(Backbone):
     readouts = READOUTS
     fused_tokens = True
     op_features = frozenset({"key_bias"})
+    taps_class = SwinTaps
 
     def __init__(self, model: nn.Module, who: str) -> None:
         super().__init__(model, who)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from fastprompt._compat import tracing
 
@@ -40,6 +41,8 @@ class _Reorder(torch.autograd.Function):
     """Tokens (B, N, C) gathered along N by a permutation: ``x[:, order]``. Its backward gathers
     the gradient by the inverse permutation (index_select's own backward zero-fills a buffer and
     scatters into it: two passes)."""
+
+    generate_vmap_rule = True  # torch.func.vmap over the model: index_select batches itself
 
     @staticmethod
     def forward(x: Tensor, order: Tensor, inverse: Tensor) -> Tensor:
@@ -66,7 +69,13 @@ def _orders(
     row in a window, of the patches rolled by -shift) and its inverse, for patches of size ``hw``
     that are whole windows."""
     key = (hw, ws, shift, device)
-    traced = tracing()  # a trace gets its own tensors: it cannot keep this cache
+    # A trace, a dispatch mode (FakeTensorMode: fake tensors) and a CUDA graph capture (its
+    # kernels run only at replay) make tensors this cache cannot keep or hand out.
+    traced = (
+        tracing()
+        or _get_current_dispatch_mode() is not None
+        or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+    )
     hit = None if traced else _ORDERS.get(key)
     if hit is not None:
         return hit
@@ -123,7 +132,7 @@ def reverse(blk: nn.Module, part: Windows, out: Tensor) -> Tensor:
     c = out.shape[-1]
     if part.orders is not None:
         order, inverse = part.orders
-        return _Reorder.apply(out.view(b, -1, c), inverse, order).view(b, hh, ww, c)
+        return _Reorder.apply(out.reshape(b, -1, c), inverse, order).view(b, hh, ww, c)
     x = out.view(b, hp // ws[0], wp // ws[1], ws[0], ws[1], c).permute(0, 1, 3, 2, 4, 5)
     x = x.reshape(b, hp, wp, c)[:, :hh, :ww, :]
     if any(shift):

@@ -26,6 +26,7 @@ from fastprompt.backbones.base import (
     PromptKVParts,
     key_value_columns,
 )
+from fastprompt.backbones.taps import ViTTaps
 
 __all__ = [
     "POOLS",
@@ -170,6 +171,7 @@ class ViTBackbone(Backbone):
     description = "timm VisionTransformer (vit_*, deit_*)"
     positions = ("prefix", "suffix")
     readouts = READOUTS
+    taps_class = ViTTaps
 
     # -- what can be wrapped ----------------------------------------------------------------------
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from fastprompt.backbones import Backbone, adapter_for
@@ -65,10 +66,12 @@ def integer(value: object, name: str, who: str) -> int:
     """``value`` as a Python int: an int or another integer type (numpy's, a 0-d integer tensor),
     which a sweep over ``np.arange`` hands over; a bool or a non-integer is refused. Configs keep
     the Python int: it goes into JSON and checkpoints as it is."""
-    if not isinstance(value, bool):
+    # A tensor's __index__ takes a bool one and any one-element shape: only 0-d integers here.
+    tensor = isinstance(value, torch.Tensor)
+    if not isinstance(value, bool) and not (tensor and (value.dtype == torch.bool or value.dim())):
         try:
             return operator.index(value)  # type: ignore[arg-type]
-        except TypeError:
+        except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
             pass
     raise TypeError(f"{who}: {name} must be an int, got {type(value).__name__} ({value!r})")
 

@@ -14,9 +14,11 @@ import operator
 import weakref
 
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor
 
 from fastprompt import backends
+from fastprompt._compat import tracing
 from fastprompt.ops.reference import prompt_attention_ref
 
 __all__ = [
@@ -207,6 +209,15 @@ _prompt_attention_op.register_autograd(_backward, setup_context=_setup_context)
 # ----------------------------------------------------------------------------------------------
 
 
+_TRANSFORMS = (
+    "fastprompt.prompt_attention: PyTorch does not differentiate a custom op's registered "
+    "autograd under torch.func transforms (grad, jvp, jacrev, ...), and the fused path "
+    "runs on this op; differentiate with torch.autograd (loss.backward(), "
+    "torch.autograd.grad; torch.func.functional_call works there), or build the model "
+    "with impl='naive' for torch.func"
+)
+
+
 def prompt_attention(
     q: Tensor,
     k: Tensor,
@@ -280,6 +291,12 @@ def prompt_attention(
         backend,
     )
     scale = check_scale(q, scale)
+    if not tracing() and any(
+        fwAD.unpack_dual(t).tangent is not None for t in (q, k, v, prompt_k, prompt_v)
+    ):
+        # Forward-mode AD (torch.func.jvp, jacfwd, forward_ad) would pass through the custom
+        # op with its tangent dropped: wrong numbers, no error.
+        raise RuntimeError(_TRANSFORMS)
     try:
         return _prompt_attention_op(
             q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, key_bias, scale, name
@@ -289,13 +306,7 @@ def prompt_attention(
         # only that an autograd.Function needs setup_context, which names nothing of ours.
         if "functorch transforms" not in str(e):
             raise
-        raise RuntimeError(
-            "fastprompt.prompt_attention: PyTorch does not differentiate a custom op's registered "
-            "autograd under torch.func transforms (grad, jvp, jacrev, ...), and the fused path "
-            "runs on this op; differentiate with torch.autograd (loss.backward(), "
-            "torch.autograd.grad; torch.func.functional_call works there), or build the model "
-            "with impl='naive' for torch.func"
-        ) from e
+        raise RuntimeError(_TRANSFORMS) from e
 
 
 def choose_for(

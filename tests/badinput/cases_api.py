@@ -115,7 +115,36 @@ def _pgn_one_channel(ws: Workspace):
     return tuple(model(torch.randn(2, 1, SIZE, SIZE)).shape)
 
 
+def _intermediates(**kw):
+    return _vpt(deep=True).eval().forward_intermediates(_images(2), **kw)
+
+
 CASES = [
+    Case(
+        "forward-intermediates-index-out-of-range",
+        call=lambda ws: _intermediates(indices=[0, 5]),
+        error=r"forward_intermediates: index 5 is out of range for 2 intermediates",
+        exc="ValueError",
+        names=["index 5"],
+    ),
+    Case(
+        "forward-intermediates-attention-mask",
+        call=lambda ws: _intermediates(attn_mask=_images(1)),
+        error=r"forward_intermediates: attn_mask and is_causal are not supported",
+        exc="ValueError",
+    ),
+    Case(
+        "forward-intermediates-unknown-format",
+        call=lambda ws: _intermediates(output_fmt="NHWC"),
+        error=r"output_fmt must be one of \('NCHW', 'NLC'\) .*got 'NHWC'",
+        exc="ValueError",
+    ),
+    Case(
+        "prune-intermediate-layers-refused",
+        call=lambda ws: _vpt().prune_intermediate_layers([0]),
+        error=r"prune_intermediate_layers is not supported on a prompted model",
+        exc="NotImplementedError",
+    ),
     Case(
         "score-prompts-float-labels",
         call=lambda ws: _score([0.0, 1.0]),

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fastprompt.kernels.cpp import _build
+from fastprompt.kernels.cpp import _build, _toolchain
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +67,7 @@ def test_no_toolkit_says_what_was_tried(tmp_path, monkeypatch):
     monkeypatch.setenv("CUDA_HOME", str(tmp_path / "nothing"))
     monkeypatch.delenv("CUDA_PATH", raising=False)
     monkeypatch.setenv("PATH", str(tmp_path))
-    monkeypatch.setattr(_build, "_is_toolkit", lambda root: False)
+    monkeypatch.setattr(_toolchain, "_is_toolkit", lambda root: False)
     toolkit, how = _build.find_cuda_toolkit()
     assert toolkit is None and "CUDA_HOME" in how and "no CUDA toolkit" in how
 
@@ -158,6 +158,38 @@ def test_cache_key_follows_the_sources(tmp_path):
     assert _build.source_hash(src, ["-O2"]) != first
     (src / "a.cpp").write_text("int b;")
     assert _build.source_hash(src, ["-O3"]) != first
+
+
+def test_setup_py_plans_the_same_build_without_importing_the_package():
+    """``setup.py`` loads ``_build.py`` by path before the package can be imported; it loads the
+    toolchain module beside it the same way, and plans the build the package would."""
+    code = textwrap.dedent(
+        """
+        import importlib.abc, importlib.util, sys
+        from pathlib import Path
+
+        class NoPackage(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "fastprompt":
+                    raise ImportError(f"{name} was imported while setup.py runs")
+                return None
+
+        sys.meta_path.insert(0, NoPackage())
+        root = Path(sys.argv[1])
+        path = root / "fastprompt" / "kernels" / "cpp" / "_build.py"
+        spec = importlib.util.spec_from_file_location("_fastprompt_build", path)
+        build = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = build
+        spec.loader.exec_module(build)
+        print(build.plan(skip_cuda=True, force_cuda=False, arch_list=None, root=root / "csrc").key)
+        """
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, str(ROOT)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = _build.plan(skip_cuda=True, force_cuda=False, arch_list=None, root=ROOT / "csrc")
+    assert res.stdout.strip() == plan.key
 
 
 def test_ahead_of_time_build_is_checked_before_use(tmp_path, monkeypatch):

@@ -1,9 +1,12 @@
-"""Building the ``csrc/`` extension: toolkit discovery, sources, flags and the JIT cache.
+"""Building the ``csrc/`` extension: its sources, the build plan and cache key, the JIT cache and
+the ahead-of-time build. What the machine compiles with (the CUDA toolkit, the host compiler, the
+CPU instruction set, the flags) is found in :mod:`fastprompt.kernels.cpp._toolchain`; its public
+names are re-exported here, where the package, ``setup.py``, the tests and the benchmarks use them.
 
 Only the standard library and torch are imported at module level, because ``setup.py`` loads this
-file by path before the package is importable; that is also why the functions here take the
-environment settings as arguments instead of reading ``FASTPROMPT_*`` themselves (the package reads
-them in :mod:`fastprompt._config`).
+file by path before the package is importable (this file then loads ``_toolchain.py`` by path
+too); that is also why the functions here take the environment settings as arguments instead of
+reading ``FASTPROMPT_*`` themselves (the package reads them in :mod:`fastprompt._config`).
 
 Layout of a JIT build: ``<cache>/<key>/`` holds ninja's build tree and ``fastprompt_ext.so``, with
 ``<key> = torch<version>-<cu130|cpu>-<isa>-<hash of the sources and flags>``, so a change of
@@ -22,17 +25,47 @@ waits, then loads what the first built.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
+
+
+def _load_sibling_by_path(name: str) -> ModuleType:
+    """``<name>.py`` beside this file, loaded by path as ``setup.py`` loads this one (registered
+    in ``sys.modules`` first, because dataclasses resolve their module by name)."""
+    spec = importlib.util.spec_from_file_location(
+        f"_fastprompt{name}", Path(__file__).with_name(f"{name}.py")
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+if __package__:
+    from fastprompt.kernels.cpp import _toolchain
+else:  # loaded by path from setup.py: the package cannot be imported yet
+    _toolchain = _load_sibling_by_path("_toolchain")
+
+CudaToolkit = _toolchain.CudaToolkit
+DEFAULT_CUDA_ARCHS = _toolchain.DEFAULT_CUDA_ARCHS
+cpu_isa = _toolchain.cpu_isa
+cuda_archs = _toolchain.cuda_archs
+cxx_flags = _toolchain.cxx_flags
+find_cuda_toolkit = _toolchain.find_cuda_toolkit
+find_cxx = _toolchain.find_cxx
+gencode_flags = _toolchain.gencode_flags
+nvcc_flags = _toolchain.nvcc_flags
+nvcc_version = _toolchain.nvcc_version
+openmp_flags = _toolchain.openmp_flags
 
 EXT_NAME = "fastprompt_ext"
 
@@ -51,24 +84,6 @@ CUDA_SOURCES = (
 )
 # Kernels only (no torch headers): what the ptxas report and its test compile with nvcc alone.
 CUDA_KERNEL_SOURCES = tuple(s for s in CUDA_SOURCES if s.endswith(".cu"))
-
-DEFAULT_CUDA_ARCHS = ("8.0", "9.0")
-
-# Flags per CPU capability, as torch compiles its own per-capability kernels: the vectorised
-# loops (at::vec) are only as wide as the instruction set the file is compiled for.
-_ISA_FLAGS = {
-    "avx512": [
-        "-mavx512f",
-        "-mavx512bw",
-        "-mavx512vl",
-        "-mavx512dq",
-        "-mfma",
-        "-DCPU_CAPABILITY=AVX512",
-        "-DCPU_CAPABILITY_AVX512",
-    ],
-    "avx2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-    "default": ["-DCPU_CAPABILITY=DEFAULT"],
-}
 
 
 def package_dir() -> Path:
@@ -97,157 +112,10 @@ def source_hash(root: Path, flags: list[str]) -> str:
         h.update(str(p.relative_to(root)).encode())
         h.update(p.read_bytes())
     h.update("\0".join(flags).encode())
+    # The build code is part of the key: this file and the toolchain's, where the flags come from.
     h.update(Path(__file__).read_bytes())
+    h.update(Path(_toolchain.__file__).read_bytes())
     return h.hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------
-# CUDA toolkit and compilers
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class CudaToolkit:
-    """A CUDA toolkit found on this machine."""
-
-    home: str
-    nvcc: str
-    version: str  # "13.0"
-    found_by: str  # which rule found it (CUDA_HOME, nvcc on PATH, ...)
-
-
-def _is_toolkit(root: Path) -> bool:
-    return (root / "bin" / "nvcc").is_file() and (root / "include" / "cuda_runtime.h").is_file()
-
-
-def _nvcc_home(nvcc: str) -> Path | None:
-    """The toolkit root of an ``nvcc`` on PATH, which may be a symlink or a wrapper script."""
-    real = Path(nvcc).resolve()
-    if _is_toolkit(real.parent.parent):
-        return real.parent.parent
-    # A wrapper script (``exec /opt/cuda-x/bin/nvcc "$@"``): nvcc's dry run names its own dir.
-    with tempfile.TemporaryDirectory() as tmp:
-        src = Path(tmp) / "probe.cu"
-        src.write_text("")
-        try:
-            res = subprocess.run(
-                [nvcc, "--dryrun", "-c", str(src), "-o", str(Path(tmp) / "probe.o")],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
-        except (OSError, subprocess.SubprocessError):
-            return None
-    m = re.search(r"^#\$ _HERE_=(.+)$", res.stdout + res.stderr, re.MULTILINE)
-    if m:
-        root = Path(m.group(1).strip()).resolve().parent
-        if _is_toolkit(root):
-            return root
-    return None
-
-
-def nvcc_version(nvcc: str) -> str | None:
-    """``"13.0"`` from ``nvcc --version``, or None."""
-    try:
-        out = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    m = re.search(r"release (\d+\.\d+)", out.stdout)
-    return m.group(1) if m else None
-
-
-def find_cuda_toolkit() -> tuple[CudaToolkit | None, str]:
-    """The CUDA toolkit to build with, and how it was found (or why none was).
-
-    Order: ``CUDA_HOME``, ``CUDA_PATH``, the real location of ``nvcc`` on PATH (through symlinks
-    and wrapper scripts), ``/usr/local/cuda``. A candidate counts only if it has ``bin/nvcc`` and
-    ``include/cuda_runtime.h``.
-    """
-    candidates: list[tuple[str, Path | None]] = []
-    for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append((var, Path(os.environ[var])))
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append((f"nvcc on PATH ({nvcc})", _nvcc_home(nvcc)))
-    candidates.append(("/usr/local/cuda", Path("/usr/local/cuda")))
-    rejected = []
-    for how, root in candidates:
-        if root is not None and _is_toolkit(root):
-            exe = str(root / "bin" / "nvcc")
-            version = nvcc_version(exe)
-            if version is not None:
-                return CudaToolkit(str(root.resolve()), exe, version, how), how
-        rejected.append(f"{how}: {root} is not a CUDA toolkit")
-    return None, "no CUDA toolkit found (" + "; ".join(rejected) + ")"
-
-
-def find_cxx() -> str | None:
-    """The host C++ compiler torch will use (``CXX`` or ``c++``), if present."""
-    cxx = os.environ.get("CXX", "c++")
-    return shutil.which(cxx)
-
-
-def cpu_isa() -> str:
-    """The CPU capability to compile for: torch's own choice on this machine."""
-    import torch
-
-    cap = torch.backends.cpu.get_cpu_capability().lower()
-    if cap.startswith("avx512"):
-        return "avx512"
-    if cap.startswith("avx2"):
-        return "avx2"
-    return "default"
-
-
-def cuda_archs(explicit: str | None) -> list[str]:
-    """Architectures to compile for, as ``["8.0", "9.0"]``.
-
-    ``TORCH_CUDA_ARCH_LIST`` (``explicit``, numbers separated by ``;`` or spaces, ``+PTX``
-    allowed) wins; otherwise the visible GPUs'; otherwise sm_80 and sm_90.
-    """
-    if explicit:
-        return [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            caps = {torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}
-            return [f"{major}.{minor}" for major, minor in sorted(caps)]
-    except Exception:  # a broken driver must not stop a CPU build from describing itself
-        pass
-    return list(DEFAULT_CUDA_ARCHS)
-
-
-def gencode_flags(archs: list[str]) -> list[str]:
-    flags = []
-    for arch in archs:
-        num = arch.replace("+PTX", "").replace(".", "")
-        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
-        if arch.endswith("+PTX"):
-            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
-    return flags
-
-
-def nvcc_flags(archs: list[str], ptxas_verbose: bool = True) -> list[str]:
-    """nvcc flags for the kernels (``-Xptxas -v`` puts register/spill counts in the build log)."""
-    flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", *gencode_flags(archs)]
-    if ptxas_verbose:
-        flags += ["-Xptxas", "-v"]
-    return flags
-
-
-def cxx_flags(isa: str) -> list[str]:
-    return ["-O3", *_ISA_FLAGS[isa], *openmp_flags()]
-
-
-def openmp_flags() -> list[str]:
-    """``-fopenmp`` when torch parallelises with OpenMP: ``at::parallel_for`` is inlined from
-    ATen's headers into the extension, and compiled without OpenMP it runs every task on the
-    calling thread (the kernels then use one core whatever ``torch.get_num_threads()`` says)."""
-    import torch
-
-    return ["-fopenmp"] if torch.backends.openmp.is_available() else []
 
 
 def write_config_header(folder: Path, isa: str, archs: list[str] | None) -> None:

@@ -16,7 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from fastprompt.kernels.cpp import _build
+from fastprompt.kernels.cpp import _build, _toolchain
 
 # Budget per thread. Every kernel launches 256 threads per block and is bound by memory (the
 # attention itself runs on PyTorch's fused kernels); at <= 64 registers an SM's 64K registers hold
@@ -79,7 +79,7 @@ def parse(text: str, file: str) -> list[KernelUsage]:
 
 
 def compile_usage(
-    arch: str, toolkit: _build.CudaToolkit, root: Path | None = None
+    arch: str, toolkit: _toolchain.CudaToolkit, root: Path | None = None
 ) -> tuple[list[KernelUsage], dict[str, float]]:
     """Compile every kernel file for ``arch`` (e.g. ``"8.0"``) with the extension's nvcc flags.
 
@@ -110,7 +110,7 @@ def compile_usage(
                 str(Path(tmp) / "kernel.o"),
                 f"-I{root / 'include'}",
                 f"-I{root / 'cuda'}",
-                *_build.nvcc_flags([arch], ptxas_verbose=True),
+                *_toolchain.nvcc_flags([arch], ptxas_verbose=True),
             ]
             start = time.perf_counter()
             res = subprocess.run(cmd, capture_output=True, text=True)

@@ -1,0 +1,280 @@
+"""timm's feature-extraction API on a prompted model (``docs/design.md`` §4, "Intermediates").
+
+:class:`Intermediates` gives :class:`fastprompt.PromptedViT` timm's ``forward_intermediates``
+(with the wrapped model's signature and return conventions), ViT's ``get_intermediate_layers``,
+and a ``prune_intermediate_layers`` that refuses, with the reason. The intermediates come from the
+prompted forward itself: the block loop that ``forward_features`` runs (any impl, backend, memory
+policy, ``frozen_prompts``, ``attention_override``) hands the token state after each block to the
+family's taps (:mod:`fastprompt.backbones.taps`), which remove the prompt tokens and apply timm's
+norm and layout.
+
+Prompt tokens are not returned. On the fused path a block whose prompt outputs are overwritten
+computes only the prompts' keys and values (``docs/design.md`` §3), so its prompt outputs do not
+exist; returning them would mean running every prompt row, the cost the fused path removes, and
+a key-value prompt (E²VPT) or a task's table has no tokens at all.
+"""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+from fastprompt.backbones.taps import Taps, taps_for
+
+if TYPE_CHECKING:
+    from fastprompt.backbones import Backbone
+    from fastprompt.sources import PromptSource
+
+__all__ = ["Intermediates", "take_indices"]
+
+_FI = "forward_intermediates"
+
+
+def _integer(value: Any) -> int | None:
+    """``value`` as an int when it is one of any integer type (numpy's, a 0-d integer tensor),
+    else None; bools and floats are not."""
+    if isinstance(value, (bool, float)) or (isinstance(value, Tensor) and value.dim() != 0):
+        return None  # a one-element tensor is a list of one index, not a count
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
+
+
+def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> list[int]:
+    """timm's ``feature_take_indices``: the intermediates to take, ascending and once each.
+
+    Parameters
+    ----------
+    count : int
+        Intermediates the model has (a ViT's blocks, a Swin's stages).
+    indices : int, sequence of int, or None
+        None: all; an int n: the last n; a sequence: those (negative ones from the end).
+    who : str
+        The call, for errors.
+
+    Returns
+    -------
+    list of int
+        Absolute indices in block order, as timm returns the intermediates (a repeated index
+        once).
+    """
+    if indices is None:
+        indices = count
+    number = _integer(indices)
+    if number is not None:
+        if not 0 < number <= count:
+            raise ValueError(
+                f"{who}: indices={number} asks for the last {number} of {count} intermediates; "
+                f"it must be in [1, {count}]"
+            )
+        return list(range(count - number, count))
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise TypeError(
+            f"{who}: indices must be None, an int or a sequence of ints, got "
+            f"{type(indices).__name__}"
+        )
+    taken = set()
+    for i in indices:
+        index = _integer(i)
+        if index is None:
+            raise TypeError(f"{who}: indices must hold ints, got {i!r}")
+        if not -count <= index < count:
+            raise ValueError(
+                f"{who}: index {index} is out of range for {count} intermediates "
+                f"(0 to {count - 1}, or -{count} to -1 from the end)"
+            )
+        taken.add(index % count)
+    if not taken:
+        raise ValueError(f"{who}: indices is empty; give at least one")
+    return sorted(taken)
+
+
+class Intermediates:
+    """timm's feature-extraction API on :class:`fastprompt.PromptedViT` (``_backbone``,
+    ``_source`` and ``_run_blocks``: the wrapper's adapter, prompt source and block loop)."""
+
+    _backbone: Backbone
+    _source: PromptSource
+    _run_blocks: Callable[..., Any]
+
+    def _taps(self, who: str) -> Taps:
+        return taps_for(self._backbone, who)
+
+    def forward_intermediates(
+        self,
+        x: Tensor,
+        indices: int | Sequence[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = "NCHW",
+        intermediates_only: bool = False,
+        output_dict: bool = False,
+        attn_mask: Tensor | None = None,
+        is_causal: bool = False,
+        **inputs: Any,
+    ) -> list[Any] | tuple[Tensor, list[Any]] | dict[str, Any]:
+        """timm's ``forward_intermediates`` of the prompted computation.
+
+        The wrapped model's own signature and conventions (timm 1.0): the intermediates are the
+        outputs of the blocks a ViT's ``indices`` name, or of the stages a Swin's name, in block
+        order, computed with the prompts; the prompt tokens are removed from them (they are not
+        returned: on the fused path most prompt outputs are never computed). Every impl, backend
+        and memory policy gives the same intermediates, and gradients reach the prompts through
+        them.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, C, H, W)
+        indices : int, sequence of int, or None
+            None: every block (a Swin: stage); an int n: the last n; a sequence: those
+            (negative from the end).
+        return_prefix_tokens : bool
+            ViT: each intermediate as ``(spatial, prefix)`` with the class and register tokens
+            (B, n_prefix, D) apart (a model without them returns the spatial ones alone).
+        norm : bool
+            Apply the model's final norm (a Swin: to the last stage only, as timm).
+        stop_early : bool
+            Run no block after the last intermediate asked for (the final output is then taken
+            where the blocks stopped).
+        output_fmt : str
+            ViT: ``"NCHW"`` (B, D, h, w) or ``"NLC"`` (B, h·w, D). Swin: ``"NCHW"``
+            (B, C_s, H_s, W_s), or ``"NHWC"`` (the stage's own layout; timm offers NCHW only).
+        intermediates_only : bool
+            Return the intermediates alone.
+        output_dict : bool
+            ViT: a dict with ``"image_intermediates"``, ``"image_intermediates_prefix"`` (with
+            ``return_prefix_tokens``) and ``"image_features"`` (unless ``intermediates_only``).
+        attn_mask, is_causal
+            Refused: timm's mask covers the image tokens only and says nothing of the prompt
+            keys.
+        **inputs
+            Other forward inputs for the prompt source (a mixed-task model's ``task``).
+
+        Returns
+        -------
+        list, tuple or dict
+            The intermediates (``intermediates_only``), else ``(final, intermediates)`` with
+            ``final`` what :meth:`forward_features` returns (prompt tokens included where it
+            includes them); under ``stop_early`` the same taken after the last block run (a
+            Swin stopped before its last stage: without the final norm, as timm).
+        """
+        taps = self._taps(_FI)
+        if attn_mask is not None or is_causal:
+            raise ValueError(
+                f"{_FI}: attn_mask and is_causal are not supported: the prompted attention also "
+                "attends to prompt keys, which a mask over the image tokens does not cover"
+            )
+        given = {"return_prefix_tokens": return_prefix_tokens, "output_dict": output_dict}
+        for name, value in given.items():
+            if value and name not in taps.options:
+                raise TypeError(
+                    f"{_FI}: {name} is not an argument of a {self._backbone.description}'s "
+                    "forward_intermediates"
+                )
+        if output_fmt not in taps.formats:
+            raise ValueError(
+                f"{_FI}: output_fmt must be one of {taps.formats} for a "
+                f"{self._backbone.description}, got {output_fmt!r}"
+            )
+        blocks = taps.blocks()
+        take = take_indices(len(blocks), indices, _FI)
+        wanted = {blocks[k]: k for k in take}
+        taken: list[Tensor] = []
+        position = self._source.position
+
+        def tap(block: int, tokens: Any, held: int) -> None:
+            if block in wanted:
+                taken.append(taps.take(tokens, held, position, wanted[block], norm))
+
+        last = blocks[take[-1]] if stop_early else None
+        tokens = self._run_blocks(x, inputs, last=last, tap=tap)
+        spatial, prefix = taps.output(taken, output_fmt, (int(x.shape[-2]), int(x.shape[-1])))
+        complete = last is None or last == self._backbone.depth - 1
+        if output_dict:
+            out: dict[str, Any] = {"image_intermediates": spatial}
+            if prefix is not None and return_prefix_tokens:
+                out["image_intermediates_prefix"] = prefix
+            if not intermediates_only:
+                out["image_features"] = taps.final(tokens, complete)
+            return out
+        result: list[Any] = spatial
+        if return_prefix_tokens and prefix is not None:
+            result = list(zip(spatial, prefix))
+        if intermediates_only:
+            return result
+        return taps.final(tokens, complete), result
+
+    def get_intermediate_layers(
+        self,
+        x: Tensor,
+        n: int | Sequence[int] = 1,
+        reshape: bool = False,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        attn_mask: Tensor | None = None,
+        **inputs: Any,
+    ) -> list[Any]:
+        """timm ViT's ``get_intermediate_layers`` (DINO's interface): ``forward_intermediates``
+        with ``intermediates_only=True``.
+
+        Parameters
+        ----------
+        x : Tensor, shape (B, C, H, W)
+        n : int or sequence of int
+            The last n blocks, or those blocks.
+        reshape : bool
+            (B, D, h, w) maps instead of (B, h·w, D) tokens.
+        return_prefix_tokens, norm, attn_mask, **inputs
+            As in :meth:`forward_intermediates`.
+
+        Returns
+        -------
+        list of Tensor, or of (Tensor, Tensor) with ``return_prefix_tokens``
+        """
+        who = "get_intermediate_layers"
+        if not self._taps(who).layers_api:
+            raise TypeError(
+                f"{who} is timm's VisionTransformer API, which a "
+                f"{self._backbone.description} does not have; use forward_intermediates"
+            )
+        return self.forward_intermediates(
+            x,
+            n,
+            return_prefix_tokens=return_prefix_tokens,
+            norm=norm,
+            output_fmt="NCHW" if reshape else "NLC",
+            intermediates_only=True,
+            attn_mask=attn_mask,
+            **inputs,
+        )
+
+    def prune_intermediate_layers(
+        self,
+        indices: int | Sequence[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Refused: timm's pruning truncates the wrapped model's blocks, norm and head.
+
+        The prompts are per block of the whole model and so are the checkpoints
+        (``save_prompts``/``load_prompts``); a truncated model would need truncated prompts
+        and no longer load or save them. ``forward_intermediates(..., stop_early=True)`` runs no
+        block after the last index asked for; timm's ``FeatureGetterNet`` takes the prompted
+        model with ``prune=False``.
+
+        Raises
+        ------
+        NotImplementedError
+            Always.
+        """
+        raise NotImplementedError(
+            "prune_intermediate_layers is not supported on a prompted model: it would truncate "
+            "the wrapped model's blocks, while the prompts and their checkpoints are per block "
+            "of the whole model. forward_intermediates(..., stop_early=True) runs no block after "
+            "the last index asked for (timm's FeatureGetterNet: pass prune=False)"
+        )
