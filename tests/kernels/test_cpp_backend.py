@@ -365,6 +365,27 @@ def test_long_runs_of_sequences_with_one_set(path):
         compare(got, ref)
 
 
+@pytest.mark.parametrize("p", [0, 1, 5])
+@pytest.mark.parametrize("path", PATHS)
+def test_runs_cut_by_sets_lengths_and_a_bias_period(path, p):
+    """The run edges together: 39 sequences (runs of 16 do not divide them), set changes inside
+    a run, a set whose length is 0, a key_bias period (3) that divides neither the run length
+    nor the runs, P in {0, 1, 5}; and a batch of one sequence."""
+    b, h, n, d = 39, 2, 6, 8
+    q, k, v = make_qkv(b, h, n, d, non_contiguous=True)
+    pk, pv = make_prompts(3, h, p, d)
+    index = torch.tensor([0] * 17 + [1] + [0] * 5 + [2] * 16)
+    lengths = torch.tensor([p, 0, min(p, 3)])
+    bias = torch.randn(3, h, n, n)
+    bias[1, :, 2, ::2] = -100.0
+    dout = torch.randn(b, h, n, d)
+    got, ref = against_reference(path, (q, k, v, pk, pv), dout, index, lengths, bias)
+    compare(got, ref)
+    one = [t[:1] for t in (q, k, v)] + [pk, pv]
+    got, ref = against_reference(path, one, dout[:1], index[-1:], lengths, bias[:1])
+    compare(got, ref)
+
+
 def test_backward_does_not_depend_on_the_thread_count():
     """Runs of sequences are fixed by the input, not by how the work is split among threads."""
     q, k, v = make_qkv(37, 3, 23, 16, non_contiguous=True)
