@@ -22,8 +22,7 @@ which takes the relative-position bias and the shift mask as ``key_bias`` (promp
 as in the official code); prompt rows are computed only when their outputs are kept, as P queries
 per window whose outputs are averaged over the windows before the projection (both linear), so
 the projection, ``norm2`` and the MLP run on P rows per image.
-Windows are made and undone in :mod:`fastprompt.backbones.swin_windows` (the fused block's by
-one gather each way where no padding is needed).
+Windows are made and undone in :mod:`fastprompt.backbones.swin_windows`.
 
 The official code hands prompts to windows and averages them window by window while windows are
 stored image by image, so with B > 1 and several windows window j gets image (j mod B)'s prompts
@@ -419,7 +418,7 @@ class SwinBackbone(Backbone):
         blk = self._block(block)
         attn = blk.attn
         x, p = tokens
-        part = partition(blk, blk.norm1(x), reorder=True)
+        part = partition(blk, blk.norm1(x))
         b, nw = x.shape[0], part.count
         q, k, v = _qkv(attn, part.windows)
         # The held prompts' queries, keys and values: one projection of their P rows per image,
