@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import assert_matches_naive, images, tiny_swin, tiny_vit
+from helpers import assert_close, assert_matches_naive, images, tiny_swin, tiny_vit
 from swin_official import assert_matches_official
 from timm.models.vision_transformer import Block
 from torch import nn
@@ -126,6 +126,22 @@ def test_a_hooked_model_compiles_whole():
     compiled = torch.compile(prompted, fullgraph=True, backend="eager")
     with torch.no_grad():
         assert torch.equal(compiled(images()), prompted(images()))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin], ids=["vit", "swin"])
+def test_compiled_with_dynamic_shapes_gives_the_eager_logits_and_prompt_gradients(make):
+    """torch.compile(dynamic=True) traces a model's floats (the attention scale) symbolically:
+    checking the scale's value there broke the graph."""
+    prompted = fastprompt.vpt(make(), num_prompts=3, deep=True)
+    compiled = torch.compile(prompted, fullgraph=True, dynamic=True, backend="eager")
+    for batch in (2, 3):
+        x = images(batch)
+        got = compiled(x)
+        (g_got,) = torch.autograd.grad(got.sum(), prompted.prompt_embeddings)
+        expected = prompted(x)
+        (g_expected,) = torch.autograd.grad(expected.sum(), prompted.prompt_embeddings)
+        assert_close(got, expected, "logits", atol=1e-5, rtol=1e-5)
+        assert_close(g_got, g_expected, "prompt gradient", atol=1e-5, rtol=1e-5)
 
 
 class DoubledBlock(Block):

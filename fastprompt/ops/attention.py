@@ -373,6 +373,10 @@ def check_scale(q: Tensor, scale: float | None) -> float:
         raise TypeError(
             f"prompt_attention: scale must be a real number, got {type(scale).__name__}"
         )
+    if tracing():
+        # Under torch.compile(dynamic=True) a model's float is traced symbolically, with no value
+        # to check (math.isfinite of it breaks the graph); eager calls check it.
+        return scale
     if not math.isfinite(scale):
         raise ValueError(f"prompt_attention: scale must be finite, got {scale}")
     return float(scale)
