@@ -379,3 +379,55 @@ def test_timm_feature_getter_runs_the_prompted_model_unpruned():
         _close(g, _nchw(w, 1), "feature getter")
     with pytest.raises(NotImplementedError, match="pass prune=False"):
         FeatureGetterNet(prompted, out_indices=[0, 2])
+
+
+# -- no prompts: timm's own ------------------------------------------------------------------------
+
+
+def _same(got, want, name):
+    """Equal structure (list, tuple, dict) and values."""
+    if isinstance(want, torch.Tensor):
+        _close(got, want, name)
+        return
+    assert type(got) is type(want), f"{name}: {type(got).__name__}, timm {type(want).__name__}"
+    if isinstance(want, dict):
+        assert got.keys() == want.keys(), f"{name}: keys {got.keys()}, timm {want.keys()}"
+        for key in want:
+            _same(got[key], want[key], f"{name}[{key}]")
+        return
+    assert len(got) == len(want), f"{name}: {len(got)} items, timm {len(want)}"
+    for i, (g, w) in enumerate(zip(got, want)):
+        _same(g, w, f"{name}[{i}]")
+
+
+VIT_CALLS = [
+    dict(),
+    dict(indices=2, norm=True, output_fmt="NLC", return_prefix_tokens=True),
+    dict(indices=[2, 0, -1], stop_early=True, output_dict=True, return_prefix_tokens=True),
+    dict(indices=[-2], norm=True, stop_early=True, intermediates_only=True, output_dict=True),
+    dict(indices=(0,), output_fmt="NLC", intermediates_only=True, return_prefix_tokens=True),
+]
+
+
+@pytest.mark.parametrize("impl", ["fused", "naive"])
+@pytest.mark.parametrize("case", MODELS)
+def test_vit_without_prompts_is_timms_own_forward_intermediates(case, impl):
+    """With no prompts every argument gives what timm's own call on the wrapped model gives."""
+    prompted = fastprompt.vpt(tiny_vit(**MODELS[case]), 0, impl=impl).eval()
+    x = images(2)
+    for kwargs in VIT_CALLS:
+        want = prompted.model.forward_intermediates(x, **kwargs)
+        _same(prompted.forward_intermediates(x, **kwargs), want, f"{kwargs}")
+    want = prompted.model.get_intermediate_layers(x, 2, reshape=True, return_prefix_tokens=True)
+    _same(prompted.get_intermediate_layers(x, 2, reshape=True, return_prefix_tokens=True), want, "")
+
+
+def test_swin_without_prompts_is_timms_own_forward_intermediates():
+    """The stages, and the final output in forward_features' (B, H·W, C) layout."""
+    prompted = fastprompt.vpt(tiny_swin(img_size=(32, 48)), 0).eval()
+    x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
+    for kwargs in [dict(norm=True), dict(indices=[1, 0], stop_early=True), dict(indices=1)]:
+        final, maps = prompted.model.forward_intermediates(x, **kwargs)
+        got_final, got_maps = prompted.forward_intermediates(x, **kwargs)
+        _same(got_maps, maps, f"{kwargs}")
+        _close(got_final, final.flatten(1, 2), f"{kwargs}: final")
