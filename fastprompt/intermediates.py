@@ -16,12 +16,12 @@ a key-value prompt (E²VPT) or a task's table has no tokens at all.
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from fastprompt._numbers import as_int
 from fastprompt.backbones.taps import Taps, taps_for
 
 if TYPE_CHECKING:
@@ -31,17 +31,6 @@ if TYPE_CHECKING:
 __all__ = ["Intermediates", "take_indices"]
 
 _FI = "forward_intermediates"
-
-
-def _integer(value: Any) -> int | None:
-    """``value`` as an int when it is one of any integer type (numpy's, a 0-d integer tensor),
-    else None; bools and floats are not."""
-    if isinstance(value, (bool, float)) or (isinstance(value, Tensor) and value.dim() != 0):
-        return None  # a one-element tensor is a list of one index, not a count
-    try:
-        return operator.index(value)
-    except TypeError:
-        return None
 
 
 def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> list[int]:
@@ -64,7 +53,7 @@ def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> l
     """
     if indices is None:
         indices = count
-    number = _integer(indices)
+    number = as_int(indices)
     if number is not None:
         if not 0 < number <= count:
             raise ValueError(
@@ -79,7 +68,7 @@ def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> l
         )
     taken = set()
     for i in indices:
-        index = _integer(i)
+        index = as_int(i)
         if index is None:
             raise TypeError(f"{who}: indices must hold ints, got {i!r}")
         if not -count <= index < count:

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import fields, replace
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 
+from fastprompt._numbers import as_int
 from fastprompt.backbones import Backbone, adapter_for
 from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.prompted import PromptedViT
@@ -63,21 +62,6 @@ def init_head_vpt(head: nn.Module) -> None:
             nn.init.constant_(head.bias, -math.log((1 - 0.01) / 0.01))
 
 
-def as_int(value: object) -> int | None:
-    """``value`` as a Python int where it is an int or another integer type (numpy's, a 0-d
-    integer tensor: what a sweep over ``np.arange`` hands over), else None (a bool, a float, a
-    tensor of another shape or dtype). Configs keep the Python int: it goes into JSON and
-    checkpoints as it is."""
-    # A tensor's __index__ takes a bool one and any one-element shape: only 0-d integers here.
-    tensor = isinstance(value, torch.Tensor)
-    if isinstance(value, bool) or (tensor and (value.dtype == torch.bool or value.dim())):
-        return None
-    try:
-        return operator.index(value)  # type: ignore[arg-type]
-    except (TypeError, RuntimeError):  # RuntimeError: a meta tensor has no value
-        return None
-
-
 def integer(value: object, name: str, who: str) -> int:
     """``value`` as a Python int (:func:`as_int`), or a TypeError naming ``name``."""
     found = as_int(value)
@@ -86,11 +70,10 @@ def integer(value: object, name: str, who: str) -> int:
     return found
 
 
-def check_learned_prompts(
-    who: str, num_prompts: object, dropout: object, project: object
-) -> tuple[int, int]:
-    """Type and range checks of the options every learned-prompt method takes; ``num_prompts``
-    and ``project`` as Python ints."""
+def check_learned_prompts(config: Any, who: str) -> None:
+    """Type and range checks of the options every learned-prompt method's (frozen) config
+    takes; its ``num_prompts`` and ``project`` become Python ints."""
+    num_prompts, dropout, project = config.num_prompts, config.dropout, config.project
     num_prompts = integer(num_prompts, "num_prompts", who)
     if num_prompts < 0:
         raise ValueError(f"{who}: num_prompts must be >= 0, got {num_prompts}")
@@ -103,7 +86,8 @@ def check_learned_prompts(
     width = as_int(project)
     if width is None or (width < 1 and width != -1):
         raise ValueError(f"{who}: project must be -1 (none) or a width >= 1, got {project!r}")
-    return num_prompts, width
+    object.__setattr__(config, "num_prompts", num_prompts)
+    object.__setattr__(config, "project", width)
 
 
 def tied(backbone: Backbone, who: str) -> tuple[int, tuple[int, int]]:

@@ -106,9 +106,7 @@ class VPTConfig:
 
     def __post_init__(self) -> None:
         who = "fastprompt.vpt"
-        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
-        object.__setattr__(self, "project", width)
+        check_learned_prompts(self, who)
         if not isinstance(self.deep, bool):
             raise TypeError(f"{who}: deep must be a bool, got {type(self.deep).__name__}")
         if not isinstance(self.readout, str):

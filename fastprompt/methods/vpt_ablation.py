@@ -90,9 +90,7 @@ class VPTAblationConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
-        object.__setattr__(self, "project", width)
+        check_learned_prompts(self, who)
         k = self.num_deep_layers
         if k is not None:
             k = as_int(k)

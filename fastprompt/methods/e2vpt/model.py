@@ -122,9 +122,7 @@ class E2VPTConfig:
 
     def __post_init__(self) -> None:
         who = f"fastprompt.{METHOD}"
-        count, width = check_learned_prompts(who, self.num_prompts, self.dropout, self.project)
-        object.__setattr__(self, "num_prompts", count)  # a frozen config keeps Python ints
-        object.__setattr__(self, "project", width)
+        check_learned_prompts(self, who)
         for name in ("num_kv", "segments"):
             value = as_int(getattr(self, name))
             if value is None or value < 0:
