@@ -14,6 +14,8 @@ A dataset is named by one string (``--data``):
 - ``digits`` or ``digits:5-9`` (``digits:0,2,4``): scikit-learn's 8×8 handwritten digits
   (shipped inside scikit-learn, nothing to download), as RGB images the transform upsamples to the
   model's input size; a fixed, class-stratified 60/40 split gives ``train`` and ``test`` parts.
+  A digit's images fall on the same side whichever other digits are listed: ``digits:6-9`` tests
+  on the test images of a ``digits:5-9`` run, never on its training images.
   Labels are numbered from 0 in the order the classes are listed; the class names are the digits.
 
 Every dataset has ``classes`` (names; a label is an index into them), ``samples`` (``(source,
@@ -244,7 +246,8 @@ class Digits(Dataset):
     classes : sequence of int
         Digits to keep, relabelled 0, 1, ... in this order (their names are the digits).
     part : {"train", "test", "all"}
-        A fixed class-stratified split: per class, 60 % train and 40 % test (seeded).
+        A fixed class-stratified split: per class, 60 % train and 40 % test (seeded), the same
+        for a digit whichever digits are kept.
     """
 
     def __init__(self, classes: Sequence[int] = tuple(range(10)), part: str = "train") -> None:
@@ -266,11 +269,17 @@ class Digits(Dataset):
         data = load_digits()
         self.name = "digits"
         self.classes = [str(c) for c in classes]
+        # Every digit's order is drawn, 0 to 9, whichever are kept: drawn only for the kept ones
+        # in their listed order, a digit's split followed the digits before it, and digits:6-9's
+        # test part held training images of digits:5-9. (digits and digits:0-K split as before.)
         g = torch.Generator().manual_seed(0)
+        orders = {}
+        for digit in range(10):
+            idx = np.flatnonzero(data.target == digit)
+            orders[digit] = idx[torch.randperm(len(idx), generator=g).numpy()]
         chosen: list[tuple[int, int]] = []
         for label, digit in enumerate(classes):
-            idx = np.flatnonzero(data.target == digit)
-            idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+            idx = orders[digit]
             cut = round(0.6 * len(idx))
             keep = {"train": idx[:cut], "test": idx[cut:], "all": idx}[part]
             chosen += [(int(i), label) for i in sorted(keep)]

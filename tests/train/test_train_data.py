@@ -87,6 +87,19 @@ def test_digits_are_relabelled_and_split_by_class():
         D.open_dataset("digits:five")
 
 
+def test_a_digits_split_does_not_depend_on_the_other_digits_listed():
+    # evaluate --data digits:6-9 on a digits:5-9 run tested on 169 of its training images.
+    pytest.importorskip("sklearn.datasets")
+
+    def images(spec: str, part: str) -> set[int]:
+        return {i for i, _ in D.open_dataset(spec, part).samples}
+
+    trained = images("digits:5-9", "train")
+    for spec in ("digits:6-9", "digits:9,5", "digits"):
+        assert not trained & images(spec, "test"), spec
+    assert images("digits:9,5", "test") <= images("digits:5-9", "test")
+
+
 def test_splits():
     assert D.split_dataset(1000, "vtab-1k") == (list(range(800)), list(range(800, 1000)))
     with pytest.raises(D.DataError, match="needs the 1000 training images"):
