@@ -18,8 +18,8 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
         "evaluate",
         help="top-1 and loss of a run's checkpoint",
         description="Evaluate a run folder's checkpoint on its validation data or on --data "
-        "(the test part of a split folder or of digits). Appends the result to "
-        "RUN/evaluations.jsonl.",
+        "(the test/ part of a split folder, else its val/; the test part of digits). Appends the "
+        "result to RUN/evaluations.jsonl.",
     )
     p.add_argument("run", metavar="RUN")
     p.add_argument(
@@ -81,12 +81,12 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             # Read through the run's class map: digits:6-9 on a digits:5-9 run is labelled
             # as the run's classes 6-9, digits:0-4 is refused.
             opened = (
-                M.open_member(args.data, "val", exclude=[args.run])
+                M.open_member(args.data, "test", exclude=[args.run])
                 if M.is_mixture(config.data.train)
-                else D.open_dataset(args.data, "val", exclude=[args.run])
+                else D.open_dataset(args.data, "test", exclude=[args.run])
             )
             dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
-            # A split folder is evaluated on its val/ (or validation/, test/) part: say which.
+            # A split folder is evaluated on its test/ part (else val/, validation/): say which.
             split = isinstance(opened, D.ImageFolderData) and os.path.normpath(
                 opened.root
             ) != os.path.normpath(args.data)

@@ -3,9 +3,10 @@
 A dataset is named by one string (``--data``):
 
 - a folder in ImageFolder layout (one sub-folder of images per class, classes sorted by name); a
-  folder that holds ``train/`` and ``val/`` (or ``test/``) sub-folders in that layout gives both
-  splits. An empty class folder is an error (it would be a class the model never sees), and a
-  fastprompt run folder inside the data (``--out`` under ``--data``) is not a class;
+  folder that holds ``train/`` and ``val/`` (or ``validation/``, ``test/``) sub-folders in that
+  layout gives both splits, and its ``test/`` is what ``fastprompt evaluate --data`` reads. An
+  empty class folder is an error (it would be a class the model never sees), and a fastprompt
+  run folder inside the data (``--out`` under ``--data``) is not a class;
 - a list file: ``.csv`` (``path,label`` rows; a header row naming the columns is skipped; a UTF-8
   byte-order mark is fine) or ``.txt`` (``path label`` rows, whitespace-separated, as the VTAB-1k
   lists ``train800.txt``, ``val200.txt``, ``train800val200.txt``, ``test.txt``). Paths are relative
@@ -315,9 +316,10 @@ def is_digits(spec: str) -> bool:
 
 
 def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) -> Dataset:
-    """The dataset named by ``spec`` (module docstring). ``part`` picks a built-in's split or the
-    ``train``/``val``/``test`` sub-folder of a split folder; ``exclude``: folders that are not
-    data (:class:`ImageFolderData`).
+    """The dataset named by ``spec`` (module docstring). ``part`` (``train``, ``val`` or
+    ``test``) picks a built-in's split (digits: ``train`` or else ``test``) or a split folder's
+    sub-folder (:func:`split_folders`); ``exclude``: folders that are not data
+    (:class:`ImageFolderData`).
 
     Raises
     ------
@@ -332,7 +334,7 @@ def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) ->
     if os.path.isdir(spec):
         sub = split_folders(spec)
         if sub:
-            return ImageFolderData(sub["train" if part == "train" else "val"], exclude)
+            return ImageFolderData(sub[part] if part in sub else sub["val"], exclude)
         return ImageFolderData(spec, exclude)
     if spec.lower().endswith((".csv", ".txt", ".tsv")):
         return ListData(spec)
@@ -340,13 +342,18 @@ def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) ->
 
 
 def split_folders(root: str) -> dict[str, str] | None:
-    """``{"train": ..., "val": ...}`` when ``root`` holds ``train/`` and ``val/`` (or ``test/``)."""
+    """``{"train": ..., "val": ..., "test": ...}`` when ``root`` holds ``train/`` and ``val/``,
+    ``validation/`` or ``test/``: ``val`` is the first of those three there (a run validates
+    on it), ``test`` is ``test/`` where there is one (``evaluate --data``), else ``val``."""
     train = os.path.join(root, "train")
-    for name in ("val", "validation", "test"):
-        val = os.path.join(root, name)
-        if os.path.isdir(train) and os.path.isdir(val):
-            return {"train": train, "val": val}
-    return None
+    if not os.path.isdir(train):
+        return None
+    held = [os.path.join(root, n) for n in ("val", "validation", "test")]
+    held = [p for p in held if os.path.isdir(p)]
+    if not held:
+        return None
+    test = os.path.join(root, "test")
+    return {"train": train, "val": held[0], "test": test if os.path.isdir(test) else held[0]}
 
 
 def has_own_val(spec: str) -> bool:

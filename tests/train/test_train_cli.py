@@ -251,6 +251,21 @@ def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, ca
     assert "does not exist; is it a fastprompt run folder?" in err
 
 
+def test_evaluate_reads_a_split_folders_test_part(tmp_path, capsys):
+    """A folder with train/, val/ and test/ trains on train/, validates on val/, and `evaluate
+    --data` reads test/ (it read val/ again, which the help calls the test part)."""
+    root = tmp_path / "data"
+    for part, count in (("train", 4), ("val", 1), ("test", 3)):
+        for i, cls in enumerate("ab"):
+            write_images(root / part / cls, count, 1, seed=i)
+    args = ["train", *TINY_MODEL, "--data", str(root), "--prompts", "1", *FAST]
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    assert main(["evaluate", str(tmp_path / "run"), "--data", str(root), "--no-progress"]) == 0
+    assert "(6 images)" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "evaluations.jsonl").read_text())
+    assert record["data"] == str(root / "test") and record["samples"] == 6
+
+
 def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
     pipeline = ("--normalize", "imagenet", "--train-transform", "resize")
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", *pipeline)
