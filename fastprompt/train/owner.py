@@ -40,6 +40,7 @@ __all__ = [
     "check_out",
     "claim",
     "clean_stale",
+    "enclosing_run",
     "hold",
     "is_run_folder",
     "only_ours",
@@ -98,13 +99,21 @@ def check_out(
 
     Allowed: a missing folder, an empty one, one fastprompt marked but never finished preparing
     (no ``run.json``), and with ``overwrite`` any folder (its content is moved aside by
-    :func:`claim`) that holds none of the paths in ``keep`` (the run's data and weights).
+    :func:`claim`) that holds none of the paths in ``keep`` (the run's data and weights); never
+    one inside another run folder (``condense --out`` inside its source run).
 
     Raises
     ------
     OwnerError
         With the path and what to do.
     """
+    outer = enclosing_run(path)
+    if outer is not None:
+        raise OwnerError(
+            f"{flag} {path} is inside the run folder {outer}; a run folder holds its own run only "
+            f"(its --overwrite would move this one along, its saves would carry it): choose an "
+            f"{flag} outside it"
+        )
     if not os.path.lexists(path):
         return
     if not os.path.isdir(path):
@@ -128,6 +137,17 @@ def check_out(
         f"{_listing(path)}); a run writes only into a new or empty folder: choose another {flag}, "
         f"or pass --overwrite to move its content aside (to {path}.old-...), nothing is deleted"
     )
+
+
+def enclosing_run(path: str) -> str | None:
+    """The run folder that ``path`` lies inside (nearest first), or None."""
+    here = os.path.realpath(path)
+    parent = os.path.dirname(here)
+    while parent != here:
+        if is_run_folder(parent):
+            return parent
+        here, parent = parent, os.path.dirname(parent)
+    return None
 
 
 def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:

@@ -206,3 +206,23 @@ def test_a_run_folder_of_the_previous_version_resumes_and_evaluates(tiny_csv, tm
     # A new run refuses it as a run, not as a person's folder.
     with pytest.raises(SystemExit):
         main([*args, "--out", str(run)])
+
+
+def test_no_run_folder_is_made_inside_another(tiny_csv, tmp_path, capsys):
+    """`condense --out` inside its source run (or `train --out` inside any run) was accepted: the
+    source's --overwrite then moved the new run along, and its saves carried it."""
+    args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val-split", "0.25"]
+    args += ["--prompts", "2", *FAST, "--epochs", "1"]
+    run = tmp_path / "run"
+    assert main([*args, "--out", str(run)]) == 0
+    inside = [run / "pc", run / "best" / "pc", run / "x" / "y"]
+    for out in inside:
+        for argv in (
+            ["condense", str(run), "--finetune-epochs", "1", "--quiet", "--out", str(out)],
+            [*args, "--out", str(out)],
+        ):
+            with pytest.raises(SystemExit):
+                main(argv)
+            assert f"is inside the run folder {run}" in capsys.readouterr().err, argv
+            assert not out.exists()
+    assert owner.enclosing_run(str(tmp_path / "elsewhere")) is None
