@@ -63,12 +63,31 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".t
 class DataError(ValueError):
     """A dataset that cannot be used: a bad path, no images, labels that do not fit."""
 
+    def __str__(self) -> str:
+        text = super().__str__()
+        # Raised in a DataLoader worker, it comes back with the worker's traceback as its
+        # message: the message itself is its last line.
+        if "Original Traceback" in text and "DataError: " in text:
+            return text.rsplit("DataError: ", 1)[1].strip()
+        return text
 
-def _rgb(path: str):
+
+def _rgb(path: str, where: str = ""):
     from PIL import Image
 
-    with Image.open(path) as img:
-        return img.convert("RGB")
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        what = "does not exist" if isinstance(e, FileNotFoundError) else "cannot be read"
+        raise DataError(
+            f"the image {path}{where} {what} ({type(e).__name__}: {e}); replace or remove it"
+        ) from None
+
+
+def _not_files(paths: Iterable[str]) -> list[str]:
+    """Which of ``paths`` are no file to read (missing, a broken link, a folder)."""
+    return [p for p in paths if not os.path.isfile(p)]
 
 
 def _skipped(path: str, exclude: set[str]) -> bool:
@@ -128,6 +147,12 @@ class ImageFolderData(Dataset):
             raise DataError(
                 f"{root} holds no images in its {len(self.classes)} class folders "
                 f"(extensions {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        broken = _not_files(p for p, _ in self.samples)
+        if broken:
+            raise DataError(
+                f"{root}: {len(broken)} image name(s) lead to no file (a broken link; first: "
+                f"{broken[0]}); remove them or restore what they point to"
             )
         if empty:
             raise DataError(
@@ -204,9 +229,14 @@ class ListData(Dataset):
         for p in listed:
             seen[p] += 1
             self.ids.append(p if seen[p] == 1 else f"{p}#{seen[p]}")
-        first = self.samples[0][0]
-        if not os.path.isfile(first):
-            raise DataError(f"{path}: its first image {first} does not exist")
+        missing = _not_files(p for p, _ in self.samples)
+        if missing:
+            row = [p for p, _ in self.samples].index(missing[0]) + 1
+            more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+            raise DataError(
+                f"{path}: row {row}: {missing[0]} does not exist or is no file{more}; every "
+                "listed image must be a file"
+            )
 
     @staticmethod
     def _rows(path: str) -> list[list[str]]:
@@ -233,10 +263,7 @@ class ListData(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            return _rgb(path), label
-        except FileNotFoundError:
-            raise DataError(f"{self.path}: image {path} (row {i + 1}) does not exist") from None
+        return _rgb(path, f" (row {i + 1} of {self.path})"), label
 
 
 class Digits(Dataset):

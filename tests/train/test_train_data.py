@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils.data import DataLoader
 from train_helpers import write_images
 
 from fastprompt.train import data as D
@@ -38,6 +39,32 @@ def test_bad_folders_are_refused_with_the_reason(tmp_path):
         D.open_dataset(str(tmp_path))
 
 
+def test_images_that_cannot_be_read_are_named_before_a_run_starts(tmp_path):
+    """A list row past the first naming a missing file or a folder, or a broken link in a class
+    folder, failed only when a loader reached it, mid-epoch, with a traceback."""
+    rows = write_images(tmp_path / "img", 4, 2)
+    (tmp_path / "img" / "sub").mkdir()
+    for bad in ("img/gone.png", "img/sub"):
+        listed = [*rows[:2], (bad, 1), *rows[2:]]
+        (tmp_path / "l.txt").write_text("".join(f"{p} {y}\n" for p, y in listed))
+        with pytest.raises(D.DataError, match=f"row 3: .*{bad} does not exist or is no file"):
+            D.open_dataset(str(tmp_path / "l.txt"))
+    folder = tmp_path / "folder"
+    for cls in ("a", "b"):
+        write_images(folder / cls, 2, 1)
+    (folder / "a" / "link.png").symlink_to(tmp_path / "nowhere.png")
+    with pytest.raises(D.DataError, match=r"1 image name\(s\) lead to no file .*a/link\.png"):
+        D.open_dataset(str(folder))
+    # One that cannot be decoded is found when it is read: named, in one line, from a worker too.
+    (folder / "a" / "link.png").unlink()
+    (folder / "a" / "bad.png").write_text("not an image")
+    loader = DataLoader(D.open_dataset(str(folder)), num_workers=1, collate_fn=list)
+    with pytest.raises(D.DataError) as info:
+        list(loader)
+    assert str(info.value).startswith(f"the image {folder / 'a' / 'bad.png'} cannot be read")
+    assert "\n" not in str(info.value)
+
+
 def test_csv_and_txt_lists(tmp_path):
     rows = write_images(tmp_path / "img", 4, 2)
     names = {0: "zebra", 1: "ant"}
@@ -62,7 +89,7 @@ def test_bad_lists_are_refused_with_the_reason(tmp_path):
     with pytest.raises(D.DataError, match=r"line 1: expected 'path,label'"):
         D.open_dataset(str(tmp_path / "short.csv"))
     (tmp_path / "missing.csv").write_text("nope.png,0\n")
-    with pytest.raises(D.DataError, match=r"its first image .*nope\.png does not exist"):
+    with pytest.raises(D.DataError, match=r"row 1: .*nope\.png does not exist"):
         D.open_dataset(str(tmp_path / "missing.csv"))
     (tmp_path / "negative.csv").write_text("a.png,-1\n")
     with pytest.raises(D.DataError, match="labels must be >= 0"):
