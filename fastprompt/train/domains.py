@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -208,6 +209,15 @@ def embed_2d(features: Tensor, method: str = "pca", seed: int = 0) -> np.ndarray
     x = features.double().numpy()
     if x.shape[0] < 3:
         raise ValueError(f"embed_2d: needs at least 3 images, got {x.shape[0]}")
+    if np.ptp(x, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(x).max())):
+        # A saturated generator: scikit-learn's t-SNE crashes the process (a segmentation
+        # fault) on rows this close, and PCA has no direction to show.
+        warnings.warn(
+            f"embed_2d: every image's features are the same (to 1e-6; {x.shape[0]} images): the "
+            "generator gives every image the same mixture, so the picture is one point",
+            stacklevel=2,
+        )
+        return np.zeros((x.shape[0], 2))
     if method == "pca":
         from sklearn.decomposition import PCA
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -164,6 +165,20 @@ def test_domain_report_separation_and_missing_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "sklearn", None)
     with pytest.raises(ImportError, match=r"fastprompt\[domains\]"):
         DM.separation(apart, labels)
+
+
+def test_the_picture_of_a_saturated_generator_is_one_point_not_a_crash():
+    """`fastprompt domains --embedding tsne` of a run whose generator saturated (one-hot mixture
+    weights, the same for every image) died of a segmentation fault in scikit-learn's t-SNE."""
+    pytest.importorskip("sklearn")
+    code = (
+        "import torch; from fastprompt.train.domains import embed_2d\n"
+        "x = torch.zeros(9, 8); x[:, 1] = 1; x[0, 2] = 1e-29\n"
+        "for how in ('tsne', 'pca'): assert (embed_2d(x, how) == 0).all()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, (done.returncode, done.stderr[-2000:])
+    assert "every image's features are the same" in done.stderr
 
 
 # -- synchronised BatchNorm ----------------------------------------------------------------------
