@@ -158,10 +158,10 @@ def _check_model_args(name: str, kwargs: dict[str, Any]) -> str | None:
         try:
             build({key: value})
         except Exception as e:
-            # A value that is not JSON stays a string: "(2,2,2)" is not the tuple it looks like.
+            # A value that is not JSON stays a string: "(2,2,2)" or "2,2,2" is not a tuple.
             read = (
                 f"; it was read as the string {value!r}: values are JSON, a list as [2, 2, 2]"
-                if isinstance(value, str) and value.startswith(("(", "[", "{"))
+                if isinstance(value, str) and (value.startswith(("(", "[", "{")) or "," in value)
                 else ""
             )
             return (

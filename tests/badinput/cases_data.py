@@ -318,6 +318,26 @@ CASES = [
         error=r"read as the string '\(16,16\)': values are JSON, a list as \[2, 2, 2\]",
     ),
     Case(
+        "model-args-a-bare-comma-list",  # depths=2,2 for a Swin: timm's TypeError alone
+        argv=[
+            "train",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--model-args",
+            "img_size=16,16",
+            "--no-pretrained",
+            "--data",
+            "{fx}/data.csv",
+            "--val-split",
+            "0.5",
+            "--prompts",
+            "2",
+            "--out",
+            "{case}/r",
+        ],
+        error=r"read as the string '16,16': values are JSON, a list as \[2, 2, 2\]",
+    ),
+    Case(
         "memory-policy-the-backbone-does-not-offer",
         argv=[
             "train",
