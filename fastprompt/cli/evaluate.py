@@ -85,7 +85,16 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                 if M.is_mixture(config.data.train)
                 else D.open_dataset(args.data, "test", exclude=[args.run])
             )
-            dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
+            try:
+                dataset = D.map_classes(opened, saved["classes"], f"--data {args.data}")
+            except D.DataError as e:
+                if not M.is_mixture(config.data.train):
+                    raise
+                named = ", ".join(f"{n}={s}" for n, s in M.parse_specs(config.data.train))
+                raise D.DataError(
+                    f"{e}; a dataset of this run is read by the name it trained under, "
+                    f"--data NAME=PATH (the run's: {named})"
+                ) from None
             # A split folder is evaluated on its test/ part (else val/, validation/): say which.
             split = isinstance(opened, D.ImageFolderData) and os.path.normpath(
                 opened.root

@@ -106,7 +106,7 @@ def _train(args, out):
     return out
 
 
-def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, tmp_path):
+def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, tmp_path, capsys):
     a, b = two_sets
     data = ["--data", f"a={a}", "--data", f"b={b}", "--val-split", "4"]
     run = _train([*PGN, *data, "--epochs", "2", "--stop-after", "1"], tmp_path / "run")
@@ -135,6 +135,10 @@ def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, t
     assert main(["evaluate", str(run), "--data", f"b={b}", "--no-progress"]) == 0
     record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
     assert record["samples"] == 16 and list(record["datasets"]) == ["b"]
+    # Unnamed, a dataset's classes are not the run's: the error says how to name it.
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run), "--data", b, "--no-progress"])
+    assert f"--data NAME=PATH (the run's: a={a}, b={b})" in capsys.readouterr().err
     assert main(["domains", str(run), "--out", str(tmp_path / "d.png")]) == 0
     assert (tmp_path / "d.png").exists() and (tmp_path / "d.json").exists()
 
