@@ -39,7 +39,11 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--scope", choices=["global", "local"], default="global")
     p.add_argument("--checkpoint", choices=["best", "last"], default="best")
     p.add_argument("--finetune-epochs", type=int, default=20)
-    p.add_argument("--lr", type=float, help="fine-tuning base lr (default the run's / 10)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        help="fine-tuning base lr, scaled by batch/256 as the run's was (default the run's / 10)",
+    )
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")

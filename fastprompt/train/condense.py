@@ -96,7 +96,8 @@ def condense_run(
     epochs : int
         Fine-tuning epochs (the paper: 20).
     lr : float, optional
-        Fine-tuning base lr (scaled by batch / 256); default a tenth of the source run's.
+        Fine-tuning base lr, scaled by batch / 256 as the source run's was (not under its
+        ``lr_scaling="none"``); default a tenth of the source run's.
     batch_size, workers, precision : optional
         Default the source run's.
     env : DistEnv, optional
@@ -131,10 +132,15 @@ def condense_run(
     if reason is not None:
         raise RunError(f"{source} {reason}")
     src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
-    # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics).
+    # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics), and
+    # its lr convention: a tenth of a peak given with lr_scaling=none is a tenth of that peak,
+    # not a base lr scaled again by batch / 256.
     pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
     recipe = get_recipe("pc-finetune").override(
-        epochs=epochs, batch_size=batch_size or config.recipe.batch_size, **pipeline
+        epochs=epochs,
+        batch_size=batch_size or config.recipe.batch_size,
+        lr_scaling=config.recipe.lr_scaling,
+        **pipeline,
     )
     base_lr = lr if lr is not None else src_lr / 10
     model = load_run_model(source, checkpoint, env.device, config, saved)

@@ -298,6 +298,16 @@ def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
     assert "already holds a run" in err
 
 
+def test_condense_fine_tunes_at_a_tenth_of_a_peak_given_unscaled(tiny_csv, tmp_path):
+    """A source run with lr_scaling=none (a SOLVER.BASE_LR peak) fine-tuned at a tenth of that
+    peak scaled again by batch / 256: 1/320 of it at batch 8."""
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1", "--set", "lr_scaling=none")
+    assert _metrics(run)[0]["lr"] == 16  # FAST's --lr, the peak itself
+    args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
+    assert main([*args, "--no-progress", "--out", str(tmp_path / "pc")]) == 0
+    assert _metrics(tmp_path / "pc")[0]["lr"] == pytest.approx(1.6)
+
+
 def test_a_lone_last_image_is_dropped_for_batchnorm(tiny_csv, tmp_path):
     """24 images in batches of 23 leave one image, on which the generator's BatchNorm cannot
     train: that batch is dropped (and said so), not a crash mid-epoch."""
