@@ -34,10 +34,9 @@ field by field (:meth:`Recipe.override`; :func:`apply_changes` is how ``fastprom
   weight decay over VPT's grids; the base lr here is VPT's pick.
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms
   (``fastprompt condense`` keeps its source run's transforms, normalisation and ``lr_scaling``),
-  20 epochs, no
-  warmup (cosine from the peak), prompt dropout off. The paper gives no lr; fastprompt uses a
-  tenth of the source run's base lr (``lr=None`` means that; :func:`fastprompt.finetune`, which has
-  no source run, takes a peak lr, default 0.01).
+  20 epochs, no warmup (cosine from the peak), prompt dropout off. The paper gives no lr;
+  fastprompt uses a tenth of the source run's base lr (``lr=None`` means that;
+  :func:`fastprompt.finetune`, which has no source run, takes a peak lr, default 0.01).
 """
 
 from __future__ import annotations
