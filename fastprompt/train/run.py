@@ -141,6 +141,7 @@ def prepare_run(
     config.data.val = M.absolute_specs(config.data.val)
     if data is None:
         data = open_data(config.data, config.seed, exclude=[out])
+    keep += _image_folders(data)  # a list's images may live under --out
     if config.model.weights is not None:
         if not os.path.isfile(config.model.weights):
             raise RunError(f"--weights {config.model.weights} does not exist")
@@ -186,6 +187,18 @@ def prepare_run(
             if not keep_lock:
                 owner.release(out)
     barrier(env)
+
+
+def _image_folders(data: RunData) -> list[str]:
+    """The folders holding the run's images: a list names images anywhere, and --overwrite must
+    not move them aside with what --out held."""
+    folders = {
+        os.path.dirname(source)
+        for part in (data.train, data.val)
+        for source, _ in getattr(part, "samples", [])
+        if isinstance(source, str)
+    }
+    return sorted(folders)
 
 
 def _owned(call, *args):

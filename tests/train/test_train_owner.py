@@ -226,3 +226,20 @@ def test_no_run_folder_is_made_inside_another(tiny_csv, tmp_path, capsys):
             assert f"is inside the run folder {run}" in capsys.readouterr().err, argv
             assert not out.exists()
     assert owner.enclosing_run(str(tmp_path / "elsewhere")) is None
+
+
+def test_overwrite_never_moves_the_images_a_list_names(tmp_path, capsys):
+    """`--data list.csv --out IMAGES --overwrite` moved the folder of the listed images aside
+    (to IMAGES.old-...), then the run failed on images that were no longer there."""
+    from train_helpers import write_images
+
+    rows = write_images(tmp_path / "img", 8, 2)
+    (tmp_path / "data.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
+    args = ["train", *TINY_MODEL, "--data", str(tmp_path / "data.csv"), "--val-split", "2"]
+    args += ["--prompts", "2", *FAST, "--epochs", "1", "--overwrite"]
+    for out in (tmp_path / "img", tmp_path / "img" / ".."):
+        with pytest.raises(SystemExit):
+            main([*args, "--out", str(out)])
+        assert "--overwrite would move it aside" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["data.csv", "img"]
+    assert len(os.listdir(tmp_path / "img")) == 8
