@@ -59,6 +59,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
+    from fastprompt.cli.train_checks import check_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
@@ -68,6 +69,11 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         config, _ = read_run(args.run)
     except RunError as e:
         return str(e)
+    if check_device(config.device):
+        return (
+            f"{args.run} was trained with --device {config.device}, which torch does not see "
+            "here; condense runs on the run's device"
+        )
     reason = not_condensable(config)
     if reason is not None:
         return f"{args.run} {reason}"

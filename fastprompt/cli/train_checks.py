@@ -19,7 +19,7 @@ from fastprompt.cli.train import (
 )
 from fastprompt.train.multi import spec_paths
 
-__all__ = ["check_device", "check_train_args"]
+__all__ = ["check_backend", "check_device", "check_train_args"]
 
 
 def check_device(device: str | None) -> str | None:
@@ -35,6 +35,24 @@ def check_device(device: str | None) -> str | None:
     if kind == "cuda" and not torch.cuda.is_available():
         return f"--device {device} was asked for, but torch sees no CUDA device"
     return None
+
+
+def check_backend(name: str | None, device: str | None) -> str | None:
+    """Why ``--backend name`` cannot run on ``device`` (default CUDA when available), or None.
+    A backend whose check would build its kernels (the C++ extension) is left to the first
+    forward, which names every reason too."""
+    import torch
+
+    from fastprompt import backends
+
+    if name is None:
+        return None
+    kind = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
+    backend = backends.get(name)
+    if kind not in backend.devices:
+        return f"--backend {name} does not run on {kind} (it runs on {', '.join(backend.devices)})"
+    why = None if "status" in backend.hooks else backend.availability(kind)
+    return None if why is None else f"--backend {name} cannot run on {kind} here: {why}"
 
 
 def check_train_args(args: argparse.Namespace) -> str | None:
@@ -55,7 +73,8 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    problem = check_device(args.device)
+    backend = getattr(args, "backend", None)
+    problem = check_device(args.device) or check_backend(backend, args.device)
     if problem:
         return problem
     if args.resume is not None:

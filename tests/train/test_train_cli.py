@@ -251,6 +251,29 @@ def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, ca
     assert "does not exist; is it a fastprompt run folder?" in err
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the errors of a machine without CUDA")
+def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
+    tiny_csv, tmp_path, capsys, monkeypatch
+):
+    """`train --backend triton` without CUDA failed at the first forward, a traceback after the
+    run folder was made; `evaluate --device cuda`, or evaluating or condensing a run trained on
+    CUDA, died of PyTorch's 'Found no NVIDIA driver' traceback."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv), "--prompts"]
+    err = _error(capsys, [*base, "2", "--backend", "triton", "--out", str(tmp_path / "t")])
+    assert "--backend triton cannot run on cpu here: " in err
+    assert not (tmp_path / "t").exists()
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1")
+    err = _error(capsys, ["evaluate", str(run), "--device", "cuda"])
+    assert err.endswith("--device cuda was asked for, but torch sees no CUDA device")
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["device"] = "cuda"
+    (run / "run.json").write_text(json.dumps(saved))
+    for argv in (["evaluate", str(run)], ["condense", str(run)]):
+        err = _error(capsys, argv)
+        assert "was trained with --device cuda, which torch does not see here" in err, err
+
+
 def test_evaluate_reads_a_split_folders_test_part(tmp_path, capsys):
     """A folder with train/, val/ and test/ trains on train/, validates on val/, and `evaluate
     --data` reads test/ (it read val/ again, which the help calls the test part)."""
