@@ -81,8 +81,13 @@ def split_dataset(n: int, how: str, seed: int = 0) -> tuple[list[int], list[int]
         ) from None
     if 0 < value < 1:
         count = round(value * n)
-    elif value >= 1 and value == int(value):
+    elif value >= 1 and str(how).strip().isdigit():
         count = int(value)
+    elif value == 1:  # "1.0": a fraction of all would leave nothing to train on, not 1 image
+        raise DataError(
+            f"--val-split {how} is a fraction of 1 (every image); a fraction is in (0, 1), a "
+            "count of images is written as a whole number (1, 200)"
+        )
     else:
         raise DataError(f"--val-split must be a fraction in (0, 1) or a count >= 1, got {how!r}")
     if not 1 <= count < n:

@@ -401,7 +401,9 @@ def present_labels(dataset: Dataset) -> list[int]:
     return sorted({int(y) for _, y in samples})
 
 
-def check_trainable(dataset: Dataset, where: str) -> None:
+def check_trainable(
+    dataset: Dataset, where: str, hint: str = "check the folder layout: one sub-folder per class"
+) -> None:
     """Refuse training data with fewer than two classes (a classifier learns nothing there)."""
     labels = present_labels(dataset)
     classes = list(getattr(dataset, "classes", []))
@@ -409,7 +411,7 @@ def check_trainable(dataset: Dataset, where: str) -> None:
         name = classes[labels[0]] if labels and labels[0] < len(classes) else "?"
         raise DataError(
             f"{where} holds one class only ({name!r}, {len(dataset)} images); a classifier needs "
-            "at least two (check the folder layout: one sub-folder per class)"
+            f"at least two ({hint})"
         )
 
 

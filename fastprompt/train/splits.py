@@ -258,7 +258,13 @@ def open_data(
             train, val = Subset(base, tr), Subset(base, va)
         else:
             train, val = Subset(base, range(len(base))), val_base
-        if classes is None:
+        if classes is None and cfg.val_split is not None:
+            DS.check_trainable(
+                train,
+                f"the training part --val-split {cfg.val_split} leaves of --data {cfg.train}",
+                f"all {len(base.classes)} classes of --data: hold out fewer images",
+            )
+        elif classes is None:
             DS.check_trainable(train, f"--data {cfg.train}")
     if len(val) == 0:
         raise DataError(f"the validation data ({how}) holds no samples")

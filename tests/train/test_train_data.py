@@ -138,6 +138,23 @@ def test_splits():
     for bad in ("50", "1.5", "x", "0"):
         with pytest.raises(D.DataError, match="--val-split"):
             D.split_dataset(50, bad)
+    # "1.0" was a count of one validation image; as a fraction it is every image.
+    with pytest.raises(D.DataError, match=r"--val-split 1\.0 is a fraction of 1"):
+        D.split_dataset(50, "1.0")
+
+
+def test_a_val_split_leaving_one_class_to_train_on_says_so(tmp_path):
+    """It blamed --data for holding one class (and the folder layout), when --data held four."""
+    from fastprompt.train.folder import DataConfig
+    from fastprompt.train.splits import open_data
+
+    for i, cls in enumerate("abcd"):
+        write_images(tmp_path / cls, 1 + 4 * (i == 0), 1)
+    cfg = DataConfig(train=str(tmp_path), val_split="7")
+    with pytest.raises(D.DataError) as info:
+        open_data(cfg, seed=0)
+    assert "the training part --val-split 7 leaves of --data" in str(info.value)
+    assert "all 4 classes of --data: hold out fewer images" in str(info.value)
 
 
 class _Cfg(torch.nn.Module):
