@@ -314,14 +314,15 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from fastprompt.train.distributed import setup, teardown
     from fastprompt.train.loop import LabelError
     from fastprompt.train.owner import release
-    from fastprompt.train.run import RunError, continue_run, prepare_run
+    from fastprompt.train.run import RunError, continue_run, prepare_run, read_run
 
     if args.print_recipe and args.resume is None:
         recipe, notes = resolve_recipe(args)
         print("\n".join([recipe.describe(), *notes]))
         return 0
-    env = setup(args.device)
     run = args.resume or args.out
+    # A resumed run stays on the run's device (cuda:1, or cpu on a GPU machine) unless told.
+    env = setup(args.device or (read_run(run)[0].device if args.resume else None))
     try:
         if args.resume is None:
             config = build_config(args)

@@ -197,9 +197,14 @@ def _check_resume(args: argparse.Namespace) -> str | None:
     from fastprompt.train.run import RunError, read_run
 
     try:
-        _, saved = read_run(args.resume)
+        config, saved = read_run(args.resume)
     except RunError as e:
         return str(e)
+    if args.device is None and check_device(config.device):
+        return (
+            f"{args.resume} was trained with --device {config.device}, which torch does not see "
+            "here; continue it elsewhere with --device (e.g. --device cpu)"
+        )
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         return f"--out {args.out} differs from --resume {args.resume}; a run continues in place"
     before = saved.get("command", {}).get("explicit", {})

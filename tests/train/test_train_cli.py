@@ -257,7 +257,8 @@ def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
 ):
     """`train --backend triton` without CUDA failed at the first forward, a traceback after the
     run folder was made; `evaluate --device cuda`, or evaluating or condensing a run trained on
-    CUDA, died of PyTorch's 'Found no NVIDIA driver' traceback."""
+    CUDA, died of PyTorch's 'Found no NVIDIA driver' traceback; resuming it moved it to the
+    default device."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     base = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv), "--prompts"]
     err = _error(capsys, [*base, "2", "--backend", "triton", "--out", str(tmp_path / "t")])
@@ -269,9 +270,11 @@ def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
     saved = json.loads((run / "run.json").read_text())
     saved["config"]["device"] = "cuda"
     (run / "run.json").write_text(json.dumps(saved))
-    for argv in (["evaluate", str(run)], ["condense", str(run)]):
+    for argv in (["evaluate", str(run)], ["condense", str(run)], ["train", "--resume", str(run)]):
         err = _error(capsys, argv)
         assert "was trained with --device cuda, which torch does not see here" in err, err
+    # A resumed run stays on its device unless told (it moved to the default one, silently).
+    assert main(["train", "--resume", str(run), "--device", "cpu", "--quiet"]) == 0
 
 
 def test_evaluate_reads_a_split_folders_test_part(tmp_path, capsys):
