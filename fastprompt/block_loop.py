@@ -9,7 +9,6 @@ policy, the hooks that a step skips, and :meth:`BlockLoop._run_blocks`, the loop
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from fastprompt._compat import tracing
+from fastprompt._warnings import warn_at_caller
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV
 from fastprompt.backbones.base import module_hooks
 from fastprompt.memory import step_under
@@ -107,10 +107,9 @@ class BlockLoop:
             return
         self._hooks_said.update(new)
         names = [name for name, _ in new]
-        warnings.warn(
+        warn_at_caller(
             f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
-            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts",
-            stacklevel=2,
+            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts"
         )
 
     def _plan(self, fused: bool | None = None) -> list[_Step]:
