@@ -43,9 +43,13 @@ class PromptSource(nn.Module):
     ----------
     position : {"prefix", "suffix"}
         Where the prompts are inserted, after the positional embedding (prompts get none).
+    inputs : tuple of str
+        The forward inputs besides the images that :meth:`prepare` takes (a mixed batch's
+        ``task``); the prompted model refuses any other keyword, naming it.
     """
 
     position: ClassVar[str] = "prefix"
+    inputs: ClassVar[tuple[str, ...]] = ()
 
     # -- the schedule ---------------------------------------------------------------------------
 
