@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_matches_naive, tiny_swin, tiny_vit
+from helpers import assert_close, assert_matches_naive, tiny_swin, tiny_vit
 from swin_official import assert_matches_official
 
 import fastprompt
@@ -96,3 +96,34 @@ def test_head_hidden_size_and_set_input_size_answer_on_the_wrapper(make):
     check = assert_matches_naive if make is tiny_vit else assert_matches_official
     check(prompted, x)
     assert not any(p.requires_grad for n, p in prompted.model.named_parameters() if "head" not in n)
+
+
+def _grads(prompted, x):
+    names = [n for n, p in prompted.named_parameters() if p.requires_grad]
+    params = [p for n, p in prompted.named_parameters() if p.requires_grad]
+    return dict(zip(names, torch.autograd.grad(prompted(x).square().sum(), params)))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_an_unfrozen_backbone_trains_as_the_naive_path_or_is_refused_clearly(make):
+    """requires_grad_(True) (fine-tuning with the prompts): the fused path gives every weight
+    the naive path's gradient, except a Swin's relative-position bias table, which the prompt
+    attention op takes as a constant: that is refused naming the table (it used to fail inside
+    the op, asking for a key_bias.detach() the person never passed)."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    fused, naive = (fastprompt.vpt(make(), 2, deep=True, impl=i).eval() for i in ("fused", "naive"))
+    for prompted in (fused, naive):
+        prompted.requires_grad_(True)
+    if make is tiny_swin:
+        with pytest.raises(TypeError, match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias"):
+            fused(x)
+        with torch.no_grad():
+            assert_close(fused(x), naive(x), "no_grad logits", atol=2e-5, rtol=1e-5)
+        for prompted in (fused, naive):
+            for name, p in prompted.named_parameters():
+                p.requires_grad_("relative_position_bias_table" not in name)
+    got, want = _grads(fused, x), _grads(naive, x)
+    assert got.keys() == want.keys() and "norm.weight" in got
+    for name in want:
+        scale = want[name].abs().max().item() + 1e-12
+        assert_close(got[name] / scale, want[name] / scale, name, atol=2e-5, rtol=1e-4)
