@@ -157,15 +157,16 @@ class BlockLoop:
         last block's, when the readout reads them; none otherwise, under every impl."""
         return self._held_at_end() if self._backbone.reads_prompts(self.readout) else 0
 
-    def _output_tokens(self, tokens: Any) -> Any:
-        """The token state after the last block as ``forward_features`` returns it: the prompt
-        tokens removed unless the readout reads them, so that every impl returns the same (the
-        naive path computes them, the fused path does not) and a readout that ignores prompts
+    def _final_features(self, tokens: Any) -> Tensor:
+        """``forward_features``' output from the token state after the last block: the prompt
+        tokens dropped unless the readout reads them, so that every impl returns the same (the
+        naive path computes them, the fused path may not) and a readout that ignores prompts
         gets timm's own layout."""
+        bb = self._backbone
         held = self._held_at_end()
-        if held and not self._backbone.reads_prompts(self.readout):
-            return self._backbone.remove(tokens, held, self._source.position)
-        return tokens
+        if held and not bb.reads_prompts(self.readout):
+            return bb.features_without_prompts(tokens, held, self._source.position)
+        return bb.features(tokens)
 
     def _selected(self, block: int, table: Tensor, batch: int, state: Any, per_image: Tensor):
         """``(prompt_index, prompt_lengths)`` of the ``table`` (T, ...) of sets of ``block``."""
@@ -321,9 +322,10 @@ class BlockLoop:
         who : str
             The call, for the error a keyword the prompt source does not take raises.
         """
-        accepted = self._source.inputs
-        takes = "the images" + (f" and {', '.join(accepted)}" if accepted else ", nothing else")
-        refuse_unknown(who, inputs, accepted, f"a {self.method} model's {who} takes {takes}")
+        accepted = self._source.forward_inputs()
+        if accepted is not None:
+            takes = "the images" + (f" and {', '.join(accepted)}" if accepted else ", nothing else")
+            refuse_unknown(who, inputs, accepted, f"a {self.method} model's {who} takes {takes}")
         self._check_live()
         self._sync()
         self._check_model()

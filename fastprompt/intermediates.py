@@ -98,11 +98,15 @@ _DEFAULTS: dict[str, Any] = {
 
 
 def _bind(
-    taps: Taps, source_inputs: Sequence[str], args: tuple[Any, ...], kwargs: dict[str, Any]
+    taps: Taps,
+    source_inputs: Sequence[str] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(timm's arguments, the prompt source's inputs)`` of a call: positional ones in the
-    family's order, keywords by name; what the family's timm method does not take is refused,
-    as timm refuses it."""
+    family's order, keywords by name; what neither the family's timm method nor the source
+    takes is refused, as timm refuses it (``source_inputs`` None: the source takes any keyword
+    and checks them itself)."""
     names = taps.arguments
     family = taps.backbone.description
     takes = f"the {_FI} of a {family} takes x, indices, {', '.join(names)}"
@@ -115,7 +119,7 @@ def _bind(
             raise TypeError(f"{_FI}() got multiple values for argument {name!r}")
         if name in names:
             opts[name] = value
-        elif name in source_inputs:
+        elif source_inputs is None or name in source_inputs:
             inputs[name] = value
         else:
             extra = f" and {', '.join(source_inputs)}" if source_inputs else ""
@@ -130,7 +134,7 @@ class Intermediates:
     _backbone: Backbone
     _source: PromptSource
     _run_blocks: Callable[..., Any]
-    _output_tokens: Callable[[Any], Any]
+    _final_features: Callable[[Any], Tensor]
 
     def _taps(self, who: str) -> Taps:
         return taps_for(self._backbone, who)
@@ -189,7 +193,7 @@ class Intermediates:
             C_s), not normed, as timm), never prompt tokens.
         """
         taps = self._taps(_FI)
-        opts, inputs = _bind(taps, self._source.inputs, args, kwargs)
+        opts, inputs = _bind(taps, self._source.forward_inputs(), args, kwargs)
         if opts["attn_mask"] is not None or opts["is_causal"]:
             raise ValueError(
                 f"{_FI}: attn_mask and is_causal are not supported: the prompted attention also "
@@ -220,11 +224,11 @@ class Intermediates:
         if opts["intermediates_only"]:
             final = None
         elif complete:
-            final = taps.final(self._output_tokens(tokens), True)
+            final = self._final_features(tokens)
         else:  # timm's layout: the model's own tokens, whatever the impl computed of the prompts
             if held_now[0]:
                 tokens = self._backbone.remove(tokens, held_now[0], position)
-            final = taps.final(tokens, False)
+            final = taps.stopped(tokens)
         if opts["output_dict"]:
             out: dict[str, Any] = {"image_intermediates": spatial}
             if prefix is not None and opts["return_prefix_tokens"]:

@@ -372,7 +372,7 @@ class PromptedViT(BlockLoop, Intermediates, MemoryPolicies, TimmFacing, OwningWr
         return self._features(x, inputs, "forward_features")
 
     def _features(self, x: Tensor, inputs: dict[str, Any], who: str) -> Any:
-        return self._backbone.features(self._output_tokens(self._run_blocks(x, inputs, who=who)))
+        return self._final_features(self._run_blocks(x, inputs, who=who))
 
     def forward_head(self, x: Any, pre_logits: bool = False) -> Tensor:
         """Readout and head, as timm's ``forward_head`` with prompts in mind."""

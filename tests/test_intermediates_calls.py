@@ -105,3 +105,21 @@ def test_a_keyword_nobody_takes_is_refused_naming_it():
         mixed.forward_intermediates(x, task=["a"], tsak=1)
     with pytest.raises(TypeError, match=r"'tsak' \(did you mean 'task'\?\)"):
         mixed.forward_features(x, tsak=1)
+
+
+def test_a_sources_forward_inputs_come_from_its_prepare():
+    """A source of one's own (the seam) need not declare them: prepare's named parameters are
+    checked by the model, a prepare taking any keyword checks them itself."""
+    from fastprompt.sources import PromptSource
+
+    class Named(PromptSource):
+        def prepare(self, images, task=None, *, scale=1.0):
+            return task
+
+    class Anything(PromptSource):
+        def prepare(self, images, **inputs):
+            return inputs
+
+    assert Named().forward_inputs() == ("task", "scale")
+    assert Anything().forward_inputs() is None
+    assert PromptSource().forward_inputs() == ()

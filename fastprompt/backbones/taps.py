@@ -67,10 +67,10 @@ class Taps:
         prefix tokens of each (None for a family or model without them)."""
         raise NotImplementedError
 
-    def final(self, tokens: Any, complete: bool) -> Tensor:
-        """The final output from the token state where the blocks stopped (``complete``: after
-        the last block, as ``forward_features`` holds it; else without prompt tokens): the
-        adapter's ``features`` (timm's norm)."""
+    def stopped(self, tokens: Any) -> Tensor:
+        """The final output of a ``stop_early`` call that stopped before the last block, from
+        the token state there without prompt tokens, as timm's: by default the adapter's
+        ``features`` (a ViT: timm's final norm)."""
         return self.backbone.features(tokens)
 
 
@@ -157,12 +157,9 @@ class SwinTaps(Taps):
             taken = [y.permute(0, 3, 1, 2).contiguous() for y in taken]
         return taken, None
 
-    def final(self, tokens: SwinTokens, complete: bool) -> Tensor:
-        """The adapter's ``features`` after the last stage; before it (prompts removed), as
-        timm, without the final norm (sized for the last stage), in the same flat layout:
-        (B, H·W, C)."""
-        if complete:
-            return self.backbone.features(tokens)
+    def stopped(self, tokens: SwinTokens) -> Tensor:
+        """Before the last stage, as timm, without the final norm (sized for the last stage), in
+        ``forward_features``' flat layout: (B, H·W, C)."""
         return tokens.patches.flatten(1, 2)
 
 

@@ -54,8 +54,6 @@ class TaskSets(PromptSource):
         (heads, head dim) of every block.
     """
 
-    inputs = ("task",)
-
     def __init__(
         self, sources: Sequence[PromptSource], depth: int, shapes: Sequence[tuple[int, int]]
     ) -> None:
