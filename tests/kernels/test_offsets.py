@@ -1,0 +1,130 @@
+"""Element offsets past 2^31 and launch limits, without a GPU and without allocating gigabytes.
+
+A GPU holds tensors of more than 2^31 elements (ViT-L at N = 577 and batch 4096: 2.4·10^9 per
+q), and a kernel that forms an offset as a product of 32-bit integers then reads and writes the
+wrong memory. Here such offsets are reached with tensors whose *strides* are huge: views of a
+sparse file mapped copy-on-write, of which only the few pages the kernels touch take memory. The
+kernels run in Triton's interpreter, whose integers wrap as a GPU's do. The launch decisions
+(chunks, compaction) are pure functions of sizes, checked at sizes no test could allocate.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+
+import pytest
+import torch
+from helpers import assert_close
+
+from fastprompt.kernels.cascade import _merge
+from fastprompt.kernels.cascade import prompt_attention as cascade_impl
+from fastprompt.kernels.torch import _common
+
+BIG = 2**30  # a stride that fits int32 while twice it does not
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    """``sparse(numel, dtype)``: a 1-D tensor of zeros over a sparse file, mapped privately (pages
+    are allocated only where written)."""
+    made = []
+
+    def make(numel: int, dtype=torch.float32) -> torch.Tensor:
+        path = tmp_path / f"storage{len(made)}"
+        with open(path, "wb") as f:
+            f.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        made.append(torch.from_file(str(path), shared=False, size=numel, dtype=dtype))
+        return made[-1]
+
+    return make
+
+
+def _isolated(fn):
+    """``fn()`` (a tuple of tensors) in a forked child: a kernel that computes a wrong offset
+    usually reads unmapped memory, and the child's crash is then this test's failure instead of
+    the whole session's."""
+    ctx = multiprocessing.get_context("fork")
+    parent, child = ctx.Pipe(duplex=False)
+
+    def run():
+        child.send(tuple(t.detach().numpy() for t in fn()))  # tensors would go by shared memory
+        child.close()
+
+    proc = ctx.Process(target=run)
+    proc.start()
+    child.close()  # the child's end: a crash then reads as the end of the pipe
+    try:
+        got = parent.recv() if parent.poll(300) else None
+    except EOFError:
+        got = None
+    proc.join(30)
+    if proc.exitcode != 0:
+        why = signal.Signals(-proc.exitcode).name if proc.exitcode < 0 else proc.exitcode
+        pytest.fail(f"the kernel's process died ({why}): it accessed memory outside its tensors")
+    return tuple(torch.from_numpy(a) for a in got)
+
+
+def _spread(storage: torch.Tensor, dense: torch.Tensor, stride0: int) -> torch.Tensor:
+    """``dense`` (B, ...) contiguous per row, its rows ``stride0`` elements apart in ``storage``."""
+    rest = dense[0].numel()
+    view = storage.as_strided(dense.shape, (stride0, *dense[0].stride()))
+    for i in range(dense.shape[0]):
+        storage[i * stride0 : i * stride0 + rest] = dense[i].reshape(-1)
+    return view
+
+
+def test_the_triton_merge_reads_rows_past_2_to_the_31(sparse):
+    """The cascade's merge kernel formed ``b * stride`` in 32 bits: sequence 2 of a partial output
+    whose sequences lie 2^30 elements apart read sequence 0's memory region wrapped negative."""
+    pytest.importorskip("triton")
+    b, h, n, d = 3, 2, 3, 16
+    g = torch.Generator().manual_seed(0)
+    dense_p = torch.randn(b, h, n, d, generator=g)
+    o_p = _spread(sparse(2 * BIG + h * n * d), dense_p, BIG)
+    o_i = torch.randn(b, h, n, d, generator=g)
+    lse_p, lse_i = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
+    out_t, out_k = _common.empty_out(o_i), _common.empty_out(o_i)
+    lse_t = _merge.merge_torch(dense_p, lse_p, o_i, lse_i, out_t)
+    lse_k, out_k = _isolated(lambda: (_merge.merge_triton(o_p, lse_p, o_i, lse_i, out_k), out_k))
+    assert_close(out_k, out_t, "out", atol=1e-6, rtol=1e-6)
+    assert_close(lse_k, lse_t, "lse", atol=1e-6, rtol=1e-6)
+
+
+def _triton():
+    pytest.importorskip("triton")
+    from fastprompt.kernels import triton as kernels
+
+    why = kernels.availability()
+    if why is not None:
+        pytest.skip(why)
+    return kernels
+
+
+def test_triton_rows_more_than_2_to_the_31_elements_apart(sparse):
+    """q, k, v and dout whose rows lie 2^30 elements apart (a sequence-first layout at a large
+    batch puts B·H·d between rows): row 2's offset, 2·2^30, wrapped in the kernels' 32-bit row
+    products. Each such operand is now copied compactly first, so the results equal those of the
+    same kernels on dense copies."""
+    kernels = _triton()
+    b, h, n, d, p = 1, 1, 3, 16, 2
+    g = torch.Generator().manual_seed(0)
+    dense = [torch.randn(b, h, n, d, generator=g) for _ in range(4)]
+    storage = sparse(2 * BIG + 4 * d)
+    spread = []
+    for i, t in enumerate(dense):
+        view = storage.as_strided(t.shape, (n * BIG, n * BIG, BIG, 1), i * d)
+        for row in range(n):
+            storage[row * BIG + i * d : row * BIG + (i + 1) * d] = t[0, 0, row]
+        spread.append(view)
+    pk, pv = (torch.randn(1, h, p, d, generator=g) for _ in "kv")
+
+    def both(q, k, v, dout):
+        out, lse = kernels.prompt_attention_fwd(q, k, v, pk, pv, None, None, 0.25)
+        grads = kernels.prompt_attention_bwd(dout, q, k, v, pk, pv, None, None, out, lse, 0.25)
+        return out, lse, *grads
+
+    expected = both(*dense)
+    got = _isolated(lambda: both(*spread))
+    for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dpk", "dpv"), got, expected):
+        assert torch.equal(a, e), name
