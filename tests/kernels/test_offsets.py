@@ -128,3 +128,69 @@ def test_triton_rows_more_than_2_to_the_31_elements_apart(sparse):
     got = _isolated(lambda: both(*spread))
     for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dpk", "dpv"), got, expected):
         assert torch.equal(a, e), name
+
+
+def _on_cuda(monkeypatch, sms: int) -> None:
+    """Meta tensors that say they are on a GPU with ``sms`` multiprocessors."""
+
+    class Props:
+        multi_processor_count = sms
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: Props())
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda")))
+
+
+@pytest.mark.parametrize(
+    "b, h, n, d, p, chunks",
+    [
+        (64, 12, 197, 64, 200, 16),  # ViT-B: filling the GPU decides, chunks of 4 images
+        (16384, 16, 577, 64, 1024, 8),  # ViT-L at 384 px: 4 chunks would hold 2.4e9 elements
+        (16383, 16, 577, 64, 1024, 43),  # 16383 = 3·43·127: the next divisor that fits
+        (4, 1, 2**23, 256, 1024, 4),  # 2^31 elements per image: each alone, the least there is
+    ],
+)
+def test_the_long_backward_calls_chunks_stay_within_32_bit_offsets(
+    monkeypatch, b, h, n, d, p, chunks
+):
+    _on_cuda(monkeypatch, 132)
+    q = torch.empty(b, h, n, d, device="meta")
+    got = cascade_impl.long_chunks(q, p)
+    assert got == chunks and b % got == 0
+    rows = -(-(b // got) * n // 128) * 128
+    d_rounded = 256 if d > 192 else -(-d // 32) * 32
+    assert rows * h * d_rounded <= cascade_impl.LONG_ROWS_LIMIT or got == b
+
+
+def test_triton_operands_are_compacted_or_refused_by_their_extent():
+    """Decided from sizes and strides alone (meta tensors: nothing is allocated)."""
+    pytest.importorskip("triton")
+    from fastprompt.kernels.triton._common import INT32_MAX, fits_int32, sequence_extent
+
+    b, n, h, d = 4096, 577, 16, 64  # ViT-L at 384 px, batch 4096: 2.4e9 elements
+    timm = torch.empty(b, n, 3, h, d, device="meta").permute(2, 0, 3, 1, 4)[0]
+    assert fits_int32(timm, "q") is timm  # one image spans 3·N·H·d: kept as it is
+    seq_first = torch.empty(n, b, h, d, device="meta").permute(1, 2, 0, 3)
+    assert sequence_extent(seq_first.shape, seq_first.stride()) > INT32_MAX
+    compact = fits_int32(seq_first, "q")
+    assert compact.shape == seq_first.shape and compact.transpose(1, 2).is_contiguous()
+    heads_first = torch.empty(h, b, n, d, device="meta").transpose(0, 1)
+    assert fits_int32(heads_first, "k").transpose(1, 2).is_contiguous()
+    prompts = torch.empty(1000, 4096, h, d, device="meta").permute(1, 2, 0, 3)  # (T, H, P, d)
+    assert fits_int32(prompts, "pk").transpose(1, 2).is_contiguous()
+    huge = torch.empty(1, 2, 2**25, 64, device="meta")  # one sequence of 2^32 elements
+    with pytest.raises(ValueError, match=r"q \(1, 2, 33554432, 64\) holds 4294967296 elements"):
+        fits_int32(huge, "q")
+    assert sequence_extent((0, 5, 5, 5), (0, 1, 1, 1)) == 0
+
+
+def test_triton_score_vectors_past_32_bit_offsets_are_refused():
+    pytest.importorskip("triton")
+    from fastprompt.kernels.triton.prompt_attention_backward import _check_u
+
+    q = torch.empty(4096, 16, 197, 64, device="meta")
+    pk = torch.empty(4096, 16, 256, 64, device="meta")  # a set per image
+    u = torch.empty(2, *pk.shape, device="meta")  # vector 1 starts 2^30 elements in: fits
+    _check_u(u, u, q, pk)
+    u = torch.empty(3, *pk.shape, device="meta")
+    with pytest.raises(ValueError, match="more than 2\\^31 elements"):
+        _check_u(u, u, q, pk)
