@@ -24,26 +24,35 @@ from fastprompt.kernels.torch import _common
 BIG = 2**30  # a stride that fits int32 while twice it does not
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 @pytest.fixture
-def sparse(tmp_path):
-    """``sparse(numel, dtype)``: a 1-D tensor of zeros over a sparse file, mapped privately (pages
-    are allocated only where written)."""
+def big(tmp_path):
+    """``big(numel, device)``: a 1-D fp32 tensor of ``numel`` elements. On the CPU, zeros over a
+    sparse file mapped privately (pages are allocated only where written); on a GPU, plain memory
+    (8 GiB per 2^31 elements, which an 80 GB GPU holds)."""
     made = []
 
-    def make(numel: int, dtype=torch.float32) -> torch.Tensor:
+    def make(numel: int, device: str) -> torch.Tensor:
+        if device != "cpu":
+            made.append(torch.empty(numel, device=device))
+            return made[-1]
         path = tmp_path / f"storage{len(made)}"
         with open(path, "wb") as f:
-            f.truncate(numel * torch.empty((), dtype=dtype).element_size())
-        made.append(torch.from_file(str(path), shared=False, size=numel, dtype=dtype))
+            f.truncate(numel * 4)
+        made.append(torch.from_file(str(path), shared=False, size=numel, dtype=torch.float32))
         return made[-1]
 
     return make
 
 
-def _isolated(fn):
-    """``fn()`` (a tuple of tensors) in a forked child: a kernel that computes a wrong offset
-    usually reads unmapped memory, and the child's crash is then this test's failure instead of
-    the whole session's."""
+def _run(fn, device: str):
+    """``fn()`` (a tuple of tensors) as CPU tensors. On the CPU in a forked child: a kernel that
+    computes a wrong offset usually reads unmapped memory, and the child's crash is then this
+    test's failure instead of the whole session's."""
+    if device != "cpu":
+        return tuple(t.cpu() for t in fn())
     ctx = multiprocessing.get_context("fork")
     parent, child = ctx.Pipe(duplex=False)
 
@@ -65,67 +74,68 @@ def _isolated(fn):
     return tuple(torch.from_numpy(a) for a in got)
 
 
-def _spread(storage: torch.Tensor, dense: torch.Tensor, stride0: int) -> torch.Tensor:
-    """``dense`` (B, ...) contiguous per row, its rows ``stride0`` elements apart in ``storage``."""
-    rest = dense[0].numel()
-    view = storage.as_strided(dense.shape, (stride0, *dense[0].stride()))
-    for i in range(dense.shape[0]):
-        storage[i * stride0 : i * stride0 + rest] = dense[i].reshape(-1)
-    return view
-
-
-def test_the_triton_merge_reads_rows_past_2_to_the_31(sparse):
-    """The cascade's merge kernel formed ``b * stride`` in 32 bits: sequence 2 of a partial output
-    whose sequences lie 2^30 elements apart read sequence 0's memory region wrapped negative."""
+def _triton(device: str):
+    """The Triton kernels module, if they run on ``device`` here (the CPU: in the interpreter)."""
     pytest.importorskip("triton")
-    b, h, n, d = 3, 2, 3, 16
-    g = torch.Generator().manual_seed(0)
-    dense_p = torch.randn(b, h, n, d, generator=g)
-    o_p = _spread(sparse(2 * BIG + h * n * d), dense_p, BIG)
-    o_i = torch.randn(b, h, n, d, generator=g)
-    lse_p, lse_i = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
-    out_t, out_k = _common.empty_out(o_i), _common.empty_out(o_i)
-    lse_t = _merge.merge_torch(dense_p, lse_p, o_i, lse_i, out_t)
-    lse_k, out_k = _isolated(lambda: (_merge.merge_triton(o_p, lse_p, o_i, lse_i, out_k), out_k))
-    assert_close(out_k, out_t, "out", atol=1e-6, rtol=1e-6)
-    assert_close(lse_k, lse_t, "lse", atol=1e-6, rtol=1e-6)
-
-
-def _triton():
-    pytest.importorskip("triton")
+    from fastprompt import _config
     from fastprompt.kernels import triton as kernels
 
+    if (device == "cpu") != _config.get().triton_interpret:
+        pytest.skip(f"Triton kernels do not run on {device} tensors in this process")
     why = kernels.availability()
     if why is not None:
         pytest.skip(why)
     return kernels
 
 
-def test_triton_rows_more_than_2_to_the_31_elements_apart(sparse):
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_triton_merge_reads_rows_past_2_to_the_31(big, device):
+    """The cascade's merge kernel formed ``b * stride`` in 32 bits: sequence 2 of a partial output
+    whose sequences lie 2^30 elements apart read memory 2^31 elements before its tensor."""
+    _triton(device)
+    b, h, n, d = 3, 2, 3, 16
+    g = torch.Generator().manual_seed(0)
+    dense_p = torch.randn(b, h, n, d, generator=g)
+    storage = big(2 * BIG + h * n * d, device)
+    o_p = storage.as_strided(dense_p.shape, (BIG, *dense_p[0].stride()))
+    for i in range(b):
+        o_p[i] = dense_p[i]
+    o_i = torch.randn(b, h, n, d, generator=g)
+    lse_p, lse_i = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
+    out_t = _common.empty_out(o_i)
+    lse_t = _merge.merge_torch(dense_p, lse_p, o_i, lse_i, out_t)
+    o_i, lse_p, lse_i = (t.to(device) for t in (o_i, lse_p, lse_i))
+    out_k = _common.empty_out(o_i)
+    lse_k, out_k = _run(lambda: (_merge.merge_triton(o_p, lse_p, o_i, lse_i, out_k), out_k), device)
+    assert_close(out_k, out_t, "out", atol=1e-6, rtol=1e-6)
+    assert_close(lse_k, lse_t, "lse", atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_triton_rows_more_than_2_to_the_31_elements_apart(big, device):
     """q, k, v and dout whose rows lie 2^30 elements apart (a sequence-first layout at a large
     batch puts B·H·d between rows): row 2's offset, 2·2^30, wrapped in the kernels' 32-bit row
     products. Each such operand is now copied compactly first, so the results equal those of the
     same kernels on dense copies."""
-    kernels = _triton()
+    kernels = _triton(device)
     b, h, n, d, p = 1, 1, 3, 16, 2
     g = torch.Generator().manual_seed(0)
-    dense = [torch.randn(b, h, n, d, generator=g) for _ in range(4)]
-    storage = sparse(2 * BIG + 4 * d)
+    dense = [torch.randn(b, h, n, d, generator=g).to(device) for _ in range(4)]
+    storage = big(2 * BIG + 4 * d, device)
     spread = []
     for i, t in enumerate(dense):
         view = storage.as_strided(t.shape, (n * BIG, n * BIG, BIG, 1), i * d)
-        for row in range(n):
-            storage[row * BIG + i * d : row * BIG + (i + 1) * d] = t[0, 0, row]
+        view.copy_(t)
         spread.append(view)
-    pk, pv = (torch.randn(1, h, p, d, generator=g) for _ in "kv")
+    pk, pv = (torch.randn(1, h, p, d, generator=g).to(device) for _ in "kv")
 
     def both(q, k, v, dout):
         out, lse = kernels.prompt_attention_fwd(q, k, v, pk, pv, None, None, 0.25)
         grads = kernels.prompt_attention_bwd(dout, q, k, v, pk, pv, None, None, out, lse, 0.25)
         return out, lse, *grads
 
-    expected = both(*dense)
-    got = _isolated(lambda: both(*spread))
+    expected = [t.cpu() for t in both(*dense)]
+    got = _run(lambda: both(*spread), device)
     for name, a, e in zip(("out", "lse", "dq", "dk", "dv", "dpk", "dpv"), got, expected):
         assert torch.equal(a, e), name
 
