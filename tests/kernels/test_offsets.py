@@ -204,3 +204,17 @@ def test_triton_score_vectors_past_32_bit_offsets_are_refused():
     u = torch.empty(3, *pk.shape, device="meta")
     with pytest.raises(ValueError, match="more than 2\\^31 elements"):
         _check_u(u, u, q, pk)
+
+
+def test_the_gpu_check_of_pytorchs_kernels_runs_here_on_tiny_shapes(capsys):
+    """``benchmarks/check_int32_offsets.py`` (for a GPU) with its logic on the CPU."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "check_int32_offsets.py"
+    spec = importlib.util.spec_from_file_location("check_int32_offsets", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    assert script.main(["--tiny"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[1].split()[0] for line in lines] == ["ok", "ok"], lines
