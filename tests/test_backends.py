@@ -315,6 +315,17 @@ def test_a_kernel_wrong_only_on_full_tiles_fails_its_probe(monkeypatch):
         assert choose("op", Call(CPU, F32, 32)).name == "torch"
 
 
+def test_a_requested_backend_is_probed_too(monkeypatch):
+    """``backend=`` (a CLI's --backend) once skipped the probe: a wrong kernel was used as asked."""
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_asked", skew=0.01))
+    _register(monkeypatch, wrong, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match="'wrong' failed its self-check"):
+        with pytest.raises(NotImplementedError, match=r"'wrong' was requested .* self-check"):
+            choose("op", Call(CPU, F32, 32), "wrong")
+    assert choose("op", Call(CPU, F32, 32), "torch").name == "torch"
+
+
 def test_the_probe_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_PROBE", "off")
     wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_off", skew=0.5))
