@@ -4,8 +4,9 @@ A GPU holds tensors of more than 2^31 elements (ViT-L at N = 577 and batch 4096:
 q), and a kernel that forms an offset as a product of 32-bit integers then reads and writes the
 wrong memory. Here such offsets are reached with tensors whose *strides* are huge: views of a
 sparse file mapped copy-on-write, of which only the few pages the kernels touch take memory. The
-kernels run in Triton's interpreter, whose integers wrap as a GPU's do. The launch decisions
-(chunks, compaction) are pure functions of sizes, checked at sizes no test could allocate.
+kernels run in Triton's interpreter, whose integers wrap as a GPU's do (on a GPU, the same tests
+run on 8 GiB of real memory). The launch decisions (chunks, compaction) are pure functions of
+sizes, checked at sizes no test could allocate.
 """
 
 from __future__ import annotations
