@@ -9,7 +9,6 @@ policy, the hooks that a step skips, and :meth:`BlockLoop._run_blocks`, the loop
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +16,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastprompt._arguments import refuse_unknown
 from fastprompt._compat import tracing
+from fastprompt._warnings import warn_at_caller
 from fastprompt.backbones import AttentionCall, AttentionFn, Backbone, PromptKV
 from fastprompt.backbones.base import module_hooks
 from fastprompt.memory import step_under
@@ -92,6 +93,7 @@ class BlockLoop:
     _check_live: Callable[[], None]
     _sync: Callable[[], None]
     _check_model: Callable[[], None]
+    method: str
     memory_policy: Callable[[], str]
 
     def _warn_hooks(self, block: int | None, fused: bool, memory: str = "none") -> None:
@@ -107,10 +109,9 @@ class BlockLoop:
             return
         self._hooks_said.update(new)
         names = [name for name, _ in new]
-        warnings.warn(
+        warn_at_caller(
             f"fastprompt: hooks on {', '.join(names)} do not run: the prompted forward computes "
-            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts",
-            stacklevel=2,
+            f"{'them' if len(names) > 1 else 'it'} its own way, with the prompts"
         )
 
     def _plan(self, fused: bool | None = None) -> list[_Step]:
@@ -145,10 +146,27 @@ class BlockLoop:
         receives (their outputs are read by nobody); the other blocks hold prompt tokens."""
         return [not s.as_tokens for s in self._plan(fused=True)]
 
-    def _prompts_in_output(self) -> int:
-        """How many prompt tokens ``forward_features`` returns (where the source puts them)."""
+    def _held_at_end(self) -> int:
+        """Prompt tokens in the token state after the last block (0 where the fused path
+        computed only their keys/values)."""
         plan = self._plan()
         return plan[-1].held if plan and plan[-1].as_tokens else 0
+
+    def _prompts_in_output(self) -> int:
+        """How many prompt tokens ``forward_features`` returns (where the source puts them): the
+        last block's, when the readout reads them; none otherwise, under every impl."""
+        return self._held_at_end() if self._backbone.reads_prompts(self.readout) else 0
+
+    def _final_features(self, tokens: Any) -> Tensor:
+        """``forward_features``' output from the token state after the last block: the prompt
+        tokens dropped unless the readout reads them, so that every impl returns the same (the
+        naive path computes them, the fused path may not) and a readout that ignores prompts
+        gets timm's own layout."""
+        bb = self._backbone
+        held = self._held_at_end()
+        if held and not bb.reads_prompts(self.readout):
+            return bb.features_without_prompts(tokens, held, self._source.position)
+        return bb.features(tokens)
 
     def _selected(self, block: int, table: Tensor, batch: int, state: Any, per_image: Tensor):
         """``(prompt_index, prompt_lengths)`` of the ``table`` (T, ...) of sets of ``block``."""
@@ -286,6 +304,7 @@ class BlockLoop:
         inputs: dict[str, Any],
         last: int | None = None,
         tap: BlockTap | None = None,
+        who: str = "forward",
     ) -> Any:
         """The token state after block ``last`` (None: the last block), the blocks after it
         never run; ``tap(block, tokens, held)`` sees the state after every block run, with the
@@ -300,7 +319,13 @@ class BlockLoop:
             The last block to run.
         tap : callable, optional
             Called after each block; it must not change the token state.
+        who : str
+            The call, for the error a keyword the prompt source does not take raises.
         """
+        accepted = self._source.forward_inputs()
+        if accepted is not None:
+            takes = "the images" + (f" and {', '.join(accepted)}" if accepted else ", nothing else")
+            refuse_unknown(who, inputs, accepted, f"a {self.method} model's {who} takes {takes}")
         self._check_live()
         self._sync()
         self._check_model()

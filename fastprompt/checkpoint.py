@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from fastprompt import registry
+from fastprompt._warnings import warn_at_caller
 from fastprompt.backbones import adapter_for
 from fastprompt.tensorfiles import FileDamaged, inspect_safetensors, load_torch, tensor_digest
 from fastprompt.weights_probe import mismatch, probe, record
@@ -314,11 +314,10 @@ def _compare_copy(saved: dict[str, Any], path: str) -> None:
     except (OSError, ValueError):
         copy = None
     if copy != saved:
-        warnings.warn(
+        warn_at_caller(
             f"load_prompts: {path} does not match the config stored inside {_TENSORS}, which "
             f"is what loads; {_CONFIG} is only a readable copy (edits to it have no effect)",
             UserWarning,
-            stacklevel=4,
         )
 
 

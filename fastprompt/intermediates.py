@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
+from fastprompt._arguments import refuse_unknown
 from fastprompt._numbers import as_int
 from fastprompt.backbones.taps import Taps, taps_for
 
@@ -82,6 +83,50 @@ def take_indices(count: int, indices: int | Sequence[int] | None, who: str) -> l
     return sorted(taken)
 
 
+# timm's arguments of forward_intermediates after ``indices`` (a ViT's, in its order; a family
+# takes those its taps name) and their defaults.
+_DEFAULTS: dict[str, Any] = {
+    "return_prefix_tokens": False,
+    "norm": False,
+    "stop_early": False,
+    "output_fmt": "NCHW",
+    "intermediates_only": False,
+    "output_dict": False,
+    "attn_mask": None,
+    "is_causal": False,
+}
+
+
+def _bind(
+    taps: Taps,
+    source_inputs: Sequence[str] | None,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(timm's arguments, the prompt source's inputs)`` of a call: positional ones in the
+    family's order, keywords by name; what neither the family's timm method nor the source
+    takes is refused, as timm refuses it (``source_inputs`` None: the source takes any keyword
+    and checks them itself)."""
+    names = taps.arguments
+    family = taps.backbone.description
+    takes = f"the {_FI} of a {family} takes x, indices, {', '.join(names)}"
+    if len(args) > len(names):
+        raise TypeError(f"{_FI}() takes {len(names) + 2} positional arguments; {takes}")
+    opts = dict(zip(names, args))
+    inputs: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in opts:
+            raise TypeError(f"{_FI}() got multiple values for argument {name!r}")
+        if name in names:
+            opts[name] = value
+        elif source_inputs is None or name in source_inputs:
+            inputs[name] = value
+        else:
+            extra = f" and {', '.join(source_inputs)}" if source_inputs else ""
+            refuse_unknown(_FI, [name], [*names, *source_inputs], takes + extra)
+    return {**_DEFAULTS, **opts}, inputs
+
+
 class Intermediates:
     """timm's feature-extraction API on :class:`fastprompt.PromptedViT` (``_backbone``,
     ``_source`` and ``_run_blocks``: the wrapper's adapter, prompt source and block loop)."""
@@ -89,32 +134,26 @@ class Intermediates:
     _backbone: Backbone
     _source: PromptSource
     _run_blocks: Callable[..., Any]
+    _final_features: Callable[[Any], Tensor]
 
     def _taps(self, who: str) -> Taps:
         return taps_for(self._backbone, who)
 
     def forward_intermediates(
-        self,
-        x: Tensor,
-        indices: int | Sequence[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = "NCHW",
-        intermediates_only: bool = False,
-        output_dict: bool = False,
-        attn_mask: Tensor | None = None,
-        is_causal: bool = False,
-        **inputs: Any,
+        self, x: Tensor, indices: int | Sequence[int] | None = None, *args: Any, **kwargs: Any
     ) -> list[Any] | tuple[Tensor, list[Any]] | dict[str, Any]:
         """timm's ``forward_intermediates`` of the prompted computation.
 
-        The wrapped model's own signature and conventions (timm 1.0): the intermediates are the
-        outputs of the blocks a ViT's ``indices`` name, or of the stages a Swin's name, in block
-        order, computed with the prompts; the prompt tokens are removed from them (they are not
-        returned: on the fused path most prompt outputs are never computed). Every impl, backend
-        and memory policy gives the same intermediates, and gradients reach the prompts through
-        them.
+        The wrapped model's own signature and conventions (timm 1.0), positional arguments
+        included: a ViT's ``(x, indices, return_prefix_tokens, norm, stop_early, output_fmt,
+        intermediates_only, output_dict, attn_mask, is_causal)``, a Swin's ``(x, indices, norm,
+        stop_early, output_fmt, intermediates_only)``; a keyword the family's timm method does
+        not take is refused, as timm refuses it. The intermediates are the outputs of the blocks
+        a ViT's ``indices`` name, or of the stages a Swin's name, in block order, computed with
+        the prompts; the prompt tokens are removed from them (they are not returned: on the
+        fused path most prompt outputs are never computed). Every impl, backend and memory
+        policy gives the same intermediates and final output, and gradients reach the prompts
+        through them.
 
         Parameters
         ----------
@@ -128,8 +167,7 @@ class Intermediates:
         norm : bool
             Apply the model's final norm (a Swin: to the last stage only, as timm).
         stop_early : bool
-            Run no block after the last intermediate asked for (the final output is then taken
-            where the blocks stopped).
+            Run no block after the last intermediate asked for.
         output_fmt : str
             ViT: ``"NCHW"`` (B, D, h, w) or ``"NLC"`` (B, h·w, D). Swin: ``"NCHW"``
             (B, C_s, H_s, W_s), or ``"NHWC"`` (the stage's own layout; timm offers NCHW only).
@@ -139,32 +177,29 @@ class Intermediates:
             ViT: a dict with ``"image_intermediates"``, ``"image_intermediates_prefix"`` (with
             ``return_prefix_tokens``) and ``"image_features"`` (unless ``intermediates_only``).
         attn_mask, is_causal
-            Refused: timm's mask covers the image tokens only and says nothing of the prompt
-            keys.
+            ViT; refused unless None and False: timm's mask covers the image tokens only and
+            says nothing of the prompt keys.
         **inputs
             Other forward inputs for the prompt source (a mixed-task model's ``task``).
 
         Returns
         -------
         list, tuple or dict
-            The intermediates (``intermediates_only``), else ``(final, intermediates)`` with
-            ``final`` what :meth:`forward_features` returns (prompt tokens included where it
-            includes them); under ``stop_early`` the same taken after the last block run (a
-            Swin stopped before its last stage: without the final norm, as timm).
+            The intermediates (``intermediates_only``), else ``(final, intermediates)``. After
+            the last block ``final`` is what :meth:`forward_features` returns (what
+            ``forward_head`` reads; prompt tokens in it only under a readout that reads them).
+            Under ``stop_early`` before the last block it is the image tokens after the last
+            block run, as timm's (a ViT: normed, (B, n_prefix + h·w, D); a Swin: (B, H_s·W_s,
+            C_s), not normed, as timm), never prompt tokens.
         """
         taps = self._taps(_FI)
-        if attn_mask is not None or is_causal:
+        opts, inputs = _bind(taps, self._source.forward_inputs(), args, kwargs)
+        if opts["attn_mask"] is not None or opts["is_causal"]:
             raise ValueError(
                 f"{_FI}: attn_mask and is_causal are not supported: the prompted attention also "
                 "attends to prompt keys, which a mask over the image tokens does not cover"
             )
-        given = {"return_prefix_tokens": return_prefix_tokens, "output_dict": output_dict}
-        for name, value in given.items():
-            if value and name not in taps.options:
-                raise TypeError(
-                    f"{_FI}: {name} is not an argument of a {self._backbone.description}'s "
-                    "forward_intermediates"
-                )
+        output_fmt, norm = opts["output_fmt"], opts["norm"]
         if output_fmt not in taps.formats:
             raise ValueError(
                 f"{_FI}: output_fmt must be one of {taps.formats} for a "
@@ -175,28 +210,36 @@ class Intermediates:
         wanted = {blocks[k]: k for k in take}
         taken: list[Tensor] = []
         position = self._source.position
+        held_now = [0]
 
         def tap(block: int, tokens: Any, held: int) -> None:
+            held_now[0] = held
             if block in wanted:
                 taken.append(taps.take(tokens, held, position, wanted[block], norm))
 
-        last = blocks[take[-1]] if stop_early else None
-        tokens = self._run_blocks(x, inputs, last=last, tap=tap)
+        last = blocks[take[-1]] if opts["stop_early"] else None
+        tokens = self._run_blocks(x, inputs, last=last, tap=tap, who=_FI)
         spatial, prefix = taps.output(taken, output_fmt, (int(x.shape[-2]), int(x.shape[-1])))
         complete = last is None or last == self._backbone.depth - 1
-        if output_dict:
+        if opts["intermediates_only"]:
+            final = None
+        elif complete:
+            final = self._final_features(tokens)
+        else:  # timm's layout: the model's own tokens, whatever the impl computed of the prompts
+            if held_now[0]:
+                tokens = self._backbone.remove(tokens, held_now[0], position)
+            final = taps.stopped(tokens)
+        if opts["output_dict"]:
             out: dict[str, Any] = {"image_intermediates": spatial}
-            if prefix is not None and return_prefix_tokens:
+            if prefix is not None and opts["return_prefix_tokens"]:
                 out["image_intermediates_prefix"] = prefix
-            if not intermediates_only:
-                out["image_features"] = taps.final(tokens, complete)
+            if final is not None:
+                out["image_features"] = final
             return out
         result: list[Any] = spatial
-        if return_prefix_tokens and prefix is not None:
+        if opts["return_prefix_tokens"] and prefix is not None:
             result = list(zip(spatial, prefix))
-        if intermediates_only:
-            return result
-        return taps.final(tokens, complete), result
+        return result if final is None else (final, result)
 
     def get_intermediate_layers(
         self,

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fastprompt._numbers import as_int
+
 __all__ = ["PromptRows", "append_prompt_rows", "prompt_rows", "split_prompt_rows"]
 
 
@@ -42,14 +44,12 @@ class PromptRows:
 
 
 def _pair(v: object, name: str, who: str) -> tuple[int, int]:
-    pair = (v, v) if isinstance(v, int) else v
-    if (
-        not isinstance(pair, tuple | list)
-        or len(pair) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in pair)
-    ):
+    """``v`` (an int or a pair of them, numpy's and 0-d tensors' included) as two ints >= 1."""
+    pair = (v, v) if as_int(v) is not None else v
+    sizes = [as_int(s) for s in pair] if isinstance(pair, tuple | list | torch.Size) else []
+    if len(sizes) != 2 or any(s is None or s < 1 for s in sizes):
         raise ValueError(f"{who}: {name} must be an int >= 1 or a pair of them, got {v!r}")
-    return int(pair[0]), int(pair[1])
+    return sizes[0], sizes[1]  # type: ignore[return-value]
 
 
 def prompt_rows(
@@ -61,14 +61,15 @@ def prompt_rows(
     16 prompts = 3 rows with 5 empty slots in the last.
     """
     who = "prompt_rows"
-    if isinstance(num_prompts, bool) or not isinstance(num_prompts, int) or num_prompts < 1:
+    count = as_int(num_prompts)
+    if count is None or count < 1:
         raise ValueError(f"{who}: num_prompts must be an int >= 1, got {num_prompts!r}")
     (h, w), (ph, pw) = _pair(image_size, "image_size", who), _pair(patch_size, "patch_size", who)
     if h % ph or w % pw:
         raise ValueError(f"{who}: image_size {(h, w)} does not tile into patches {(ph, pw)}")
     per_row = w // pw
-    rows = -(-num_prompts // per_row)
-    return PromptRows(num_prompts, per_row, rows, rows * per_row - num_prompts, (h, w), (ph, pw))
+    rows = -(-count // per_row)
+    return PromptRows(count, per_row, rows, rows * per_row - count, (h, w), (ph, pw))
 
 
 def append_prompt_rows(images: Tensor, patches: Tensor, pad_value: float = 0.0) -> Tensor:

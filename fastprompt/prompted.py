@@ -366,10 +366,13 @@ class PromptedViT(BlockLoop, Intermediates, MemoryPolicies, TimmFacing, OwningWr
         -------
         Tensor
             The adapter's final tokens (a ViT: (B, N_tokens, D)): the image tokens, with the
-            prompt tokens where the source puts them when the last block computes them (the
-            naive path always; the fused path only for a readout that reads them).
+            last block's prompt tokens where the source puts them when the readout reads them
+            (``"patches+prompts"``); the same under every impl.
         """
-        return self._backbone.features(self._run_blocks(x, inputs))
+        return self._features(x, inputs, "forward_features")
+
+    def _features(self, x: Tensor, inputs: dict[str, Any], who: str) -> Any:
+        return self._final_features(self._run_blocks(x, inputs, who=who))
 
     def forward_head(self, x: Any, pre_logits: bool = False) -> Tensor:
         """Readout and head, as timm's ``forward_head`` with prompts in mind."""
@@ -390,4 +393,4 @@ class PromptedViT(BlockLoop, Intermediates, MemoryPolicies, TimmFacing, OwningWr
         -------
         Tensor, shape (B, num_classes)
         """
-        return self.forward_head(self.forward_features(x, **inputs))
+        return self.forward_head(self._features(x, inputs, "forward"))

@@ -48,6 +48,11 @@ class TimmFacing:
         return self._model.num_features
 
     @property
+    def head_hidden_size(self) -> int:
+        """Width of what ``forward_head(x, pre_logits=True)`` returns."""
+        return self._model.head_hidden_size
+
+    @property
     def feature_info(self) -> Any:
         """The wrapped model's ``feature_info``: channels, reduction and module of each
         intermediate of ``forward_intermediates`` (what timm's ``FeatureGetterNet`` reads)."""
@@ -65,3 +70,24 @@ class TimmFacing:
         self._check_live()
         self._model.reset_classifier(num_classes, *args, **kwargs)
         self._sync()
+
+    def set_input_size(self, *args: Any, **kwargs: Any) -> None:
+        """timm's ``set_input_size`` of the wrapped model (image, patch or window size): what
+        it replaces (a positional embedding, a Swin's attention masks) stays frozen, the
+        prompts are unchanged."""
+        self._check_live()
+        self._model.set_input_size(*args, **kwargs)
+        self._sync()
+
+    def no_weight_decay(self) -> set[str]:
+        """The wrapped model's parameters that timm's optimizer factory keeps free of weight
+        decay (its positional embedding, class token, ...; the names are the wrapper's too).
+        Prompts decay as every other weight, as in the official VPT solver."""
+        return set(self._model.no_weight_decay())
+
+    def group_matcher(self, coarse: bool = False) -> Any:
+        """The wrapped model's parameter groups, which timm's layer-wise learning-rate decay
+        (``create_optimizer_v2(..., layer_decay=...)``) reads. The prompts match none of them,
+        so timm puts them in the last group with the head, at the full learning rate: like the
+        head they are new, not pretrained layers (the official VPT trains both at one rate)."""
+        return self._model.group_matcher(coarse=coarse)

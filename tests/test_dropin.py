@@ -4,6 +4,7 @@ is refused with its reason, never ignored."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -227,3 +228,18 @@ def test_swin_pooling_arguments_of_reset_classifier_pass_through():
     prompted = fastprompt.vpt(tiny_swin(), num_prompts=2, deep=True).eval()
     prompted.reset_classifier(7, global_pool="max")  # the readout stays the wrapper's
     assert prompted(images(2)).shape == (2, 7)
+
+
+@pytest.mark.parametrize("memory", ["none", "block"])
+def test_the_hook_warning_points_at_the_forward_call(memory):
+    """Not at a line inside fastprompt, however deep the block runs (a memory policy's
+    recomputation, forward_intermediates)."""
+    for call in ("forward", "forward_intermediates"):
+        prompted = fastprompt.vpt(tiny_vit(), num_prompts=3, deep=True).eval()
+        prompted.memory = memory
+        prompted.blocks[1].register_forward_hook(lambda *_: None)
+        x = images().requires_grad_(memory == "block")
+        with pytest.warns(UserWarning, match=r"hooks on blocks\.1 do not run") as said:
+            line = inspect.currentframe().f_lineno + 1
+            prompted(x) if call == "forward" else prompted.forward_intermediates(x)
+        assert (said[0].filename, said[0].lineno) == (__file__, line), call

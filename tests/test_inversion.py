@@ -220,6 +220,26 @@ def test_prompt_rows_layout():
         prompt_rows(4, 224, 0)
 
 
+def test_prompt_rows_take_any_integer_type():
+    """numpy's ints and 0-d integer tensors, as everywhere else in fastprompt (a sweep over
+    ``np.arange``); bools and floats are refused."""
+    import numpy as np
+
+    want = prompt_rows(16, 224, 32)
+    assert prompt_rows(np.int64(16), np.int32(224), torch.tensor(32)) == want
+    assert prompt_rows(16, (np.int64(224), 224), [32, np.int16(32)]) == want
+    assert type(prompt_rows(np.int64(16), 224, 32).num_prompts) is int
+    for bad in [True, 16.0, torch.tensor([16])]:
+        with pytest.raises(ValueError, match="num_prompts must be an int >= 1"):
+            prompt_rows(bad, 224, 32)
+    with pytest.raises(ValueError, match="image_size"):
+        prompt_rows(4, 224.0, 32)
+    images, patches = split_prompt_rows(
+        torch.zeros(1, 3, 320, 224), np.int64(224), np.int64(16), 32
+    )
+    assert images.shape[-2] == 224 and patches.shape[1] == 16
+
+
 @pytest.mark.parametrize("num_prompts", [8, 6])
 def test_append_and_split_prompt_rows(num_prompts):
     imgs = make_images(2)

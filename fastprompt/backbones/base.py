@@ -430,6 +430,12 @@ class Backbone:
         """The final normalised tokens (what ``forward_features`` returns)."""
         raise NotImplementedError
 
+    def features_without_prompts(self, tokens: Any, count: int, position: str) -> Tensor:
+        """:meth:`features` of ``tokens`` without their ``count`` prompt tokens at
+        ``position`` (what ``forward_features`` returns under a readout that does not read
+        them); by default the features of the tokens after :meth:`remove`."""
+        return self.features(self.remove(tokens, count, position))
+
     def pool(self, features: Tensor, readout: str, held: int, position: str) -> Tensor:
         """Pooled features (B, W) before the head's own normalisation."""
         raise NotImplementedError

@@ -432,6 +432,14 @@ class SwinBackbone(Backbone):
         else:
             window_index = None if index is None else self._window_index(index, b, nw, x.device)
         bias = window_bias(blk, part, q.dtype)
+        if bias.requires_grad and torch.is_grad_enabled():
+            s, j = self._where[block]
+            raise TypeError(
+                f"fastprompt: layers.{s}.blocks.{j}.attn.relative_position_bias_table trains "
+                "(requires_grad=True), but the fused Swin path hands the relative-position bias "
+                "to the prompt attention op as a constant, which it does not differentiate; "
+                "freeze it (requires_grad_(False)) or use impl='naive'"
+            )
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
         )

@@ -14,7 +14,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
@@ -31,15 +30,20 @@ class Taps:
     ----------------
     formats : tuple of str
         The ``output_fmt`` values the family takes (the first is timm's default).
-    options : frozenset of str
-        The family's own keywords of ``forward_intermediates`` (a ViT's ``return_prefix_tokens``
-        and ``output_dict``); the others must keep their defaults.
+    arguments : tuple of str
+        The arguments of the family's timm ``forward_intermediates`` after ``indices``, in its
+        order (positional arguments bind to them); any other is refused.
     layers_api : bool
         Whether the family's timm model has ``get_intermediate_layers`` (a ViT's).
     """
 
     formats: ClassVar[tuple[str, ...]] = ("NCHW",)
-    options: ClassVar[frozenset[str]] = frozenset()
+    arguments: ClassVar[tuple[str, ...]] = (
+        "norm",
+        "stop_early",
+        "output_fmt",
+        "intermediates_only",
+    )
     layers_api: ClassVar[bool] = False
 
     def __init__(self, backbone: Backbone) -> None:
@@ -63,9 +67,10 @@ class Taps:
         prefix tokens of each (None for a family or model without them)."""
         raise NotImplementedError
 
-    def final(self, tokens: Any, complete: bool) -> Tensor:
-        """The final output from the token state where the blocks stopped (``complete``: after
-        the last block): the adapter's ``features``, as ``forward_features`` returns them."""
+    def stopped(self, tokens: Any) -> Tensor:
+        """The final output of a ``stop_early`` call that stopped before the last block, from
+        the token state there without prompt tokens, as timm's: by default the adapter's
+        ``features`` (a ViT: timm's final norm)."""
         return self.backbone.features(tokens)
 
 
@@ -74,7 +79,16 @@ class ViTTaps(Taps):
     as timm's prefix tokens, ``NCHW`` (a (B, D, h, w) map) or ``NLC`` (B, h·w, D)."""
 
     formats = ("NCHW", "NLC")
-    options = frozenset({"return_prefix_tokens", "output_dict"})
+    arguments = (
+        "return_prefix_tokens",
+        "norm",
+        "stop_early",
+        "output_fmt",
+        "intermediates_only",
+        "output_dict",
+        "attn_mask",
+        "is_causal",
+    )
     layers_api = True
 
     def blocks(self) -> list[int]:
@@ -143,13 +157,10 @@ class SwinTaps(Taps):
             taken = [y.permute(0, 3, 1, 2).contiguous() for y in taken]
         return taken, None
 
-    def final(self, tokens: SwinTokens, complete: bool) -> Tensor:
-        """The adapter's ``features`` after the last stage; before it, as timm, without the final
-        norm (sized for the last stage), in the same layout: (B, P + H·W, C), prompts first."""
-        if complete:
-            return self.backbone.features(tokens)
-        x = tokens.patches.flatten(1, 2)
-        return x if tokens.prompts is None else torch.cat([tokens.prompts, x], dim=1)
+    def stopped(self, tokens: SwinTokens) -> Tensor:
+        """Before the last stage, as timm, without the final norm (sized for the last stage), in
+        ``forward_features``' flat layout: (B, H·W, C)."""
+        return tokens.patches.flatten(1, 2)
 
 
 def taps_for(backbone: Backbone, who: str) -> Taps:

@@ -367,6 +367,11 @@ class ViTBackbone(Backbone):
     def features(self, tokens: Tensor) -> Tensor:
         return self.model.norm(tokens)
 
+    def features_without_prompts(self, tokens: Tensor, count: int, position: str) -> Tensor:
+        # The norm over every token first, as the official computation does, so that the naive
+        # path costs what it costs.
+        return self.remove(self.features(tokens), count, position)
+
     def pool(self, features: Tensor, readout: str, held: int, position: str) -> Tensor:
         npre, n = self.model.num_prefix_tokens, features.shape[1]
         if readout == "cls":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import logging
-import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -27,6 +26,7 @@ from types import ModuleType
 import torch
 
 from fastprompt import _config
+from fastprompt._warnings import warn_at_caller
 from fastprompt.kernels.triton import _capability as _triton
 
 __all__ = [
@@ -450,11 +450,10 @@ def _say_fallback(
         if key in _warned and not verbose:
             continue
         _warned.add(key)
-        warnings.warn(
+        warn_at_caller(
             f"fastprompt: {op} on {call.device.type} uses backend {chosen.name!r} because "
             f"{b.name!r} cannot run: {'; '.join(reasons)}",
             RuntimeWarning,
-            stacklevel=4,
         )
     if verbose:
         logger.info("%s: backend %r on %s (%s)", op, chosen.name, call.device.type, call.dtype)

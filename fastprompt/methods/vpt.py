@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import argparse
 import re
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from torch import Tensor, nn
 
+from fastprompt._warnings import warn_at_caller
 from fastprompt.backbones import Backbone
 from fastprompt.methods.common import (
     LEARNED_HEAD_INITS,
@@ -298,11 +298,10 @@ def _read_official(
     proj = state.get("prompt_proj.weight")
     if staged and proj is not None:
         # Built by the official VPT-Swin when PROJECT > -1, never applied to the prompts.
-        warnings.warn(
+        warn_at_caller(
             "load_prompts: the official VPT-Swin checkpoint's prompt_proj is dropped: that code "
             "builds it but never applies it, so it changes no output",
             UserWarning,
-            stacklevel=3,
         )
         state.pop("prompt_proj.weight")
         state.pop("prompt_proj.bias", None)

@@ -25,6 +25,7 @@ creates one from the widths its backbone adapter reports.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Any, ClassVar
 
 from torch import Tensor, nn
@@ -43,9 +44,13 @@ class PromptSource(nn.Module):
     ----------
     position : {"prefix", "suffix"}
         Where the prompts are inserted, after the positional embedding (prompts get none).
+    inputs : tuple of str, optional
+        The forward inputs besides the images that :meth:`prepare` takes; None (the default):
+        :meth:`forward_inputs` reads them from :meth:`prepare`'s signature.
     """
 
     position: ClassVar[str] = "prefix"
+    inputs: ClassVar[tuple[str, ...] | None] = None
 
     # -- the schedule ---------------------------------------------------------------------------
 
@@ -59,13 +64,28 @@ class PromptSource(nn.Module):
 
     # -- the prompts ----------------------------------------------------------------------------
 
+    def forward_inputs(self) -> tuple[str, ...] | None:
+        """The keywords a forward passes on to :meth:`prepare` (a mixed batch's ``task``), which
+        the prompted model checks, refusing any other by name: :attr:`inputs` where the class
+        declares them, else :meth:`prepare`'s named parameters after the images; None where
+        ``prepare`` takes any keyword (``**inputs``), which it then checks itself."""
+        if self.inputs is not None:
+            return self.inputs
+        prepare = type(self).prepare
+        if prepare is PromptSource.prepare:
+            return ()
+        params = list(inspect.signature(prepare).parameters.values())[2:]  # self, images
+        if any(p.kind is p.VAR_KEYWORD for p in params):
+            return None
+        return tuple(p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY))
+
     def prepare(self, images: Tensor, **inputs: Any) -> Any:
         """Per-forward state from the images (B, C, H, W) and any other forward inputs; None for
         most sources."""
         if inputs:
             raise TypeError(
-                f"{type(self).__name__} takes no forward inputs besides the images, got "
-                f"{sorted(inputs)}"
+                f"got an unexpected keyword argument {sorted(inputs)[0]!r}: "
+                f"{type(self).__name__} takes no forward inputs besides the images"
             )
         return None
 

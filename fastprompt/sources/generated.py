@@ -69,6 +69,8 @@ class GeneratedPrompts(_AfterPatches):
         Channels of the backbone's images (the generator reads the same images).
     """
 
+    inputs = ()  # prepare passes any keyword to the base, which refuses it
+
     def __init__(
         self,
         num_prompts: int,

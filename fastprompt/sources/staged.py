@@ -53,6 +53,8 @@ class StagedPrompts(DropoutConfigured):
         Of the backbone's weights.
     """
 
+    inputs = ()  # prepare passes any keyword to the base, which refuses it
+
     position = "prefix"
 
     def __init__(

@@ -140,6 +140,22 @@ CASES = [
         exc="ValueError",
     ),
     Case(
+        "forward-misspelled-keyword",
+        call=lambda ws: _vpt()(_images(2), tsak=[0, 1]),
+        error=r"forward\(\) got an unexpected keyword argument 'tsak'; a vpt model's forward "
+        r"takes the images, nothing else",
+        exc="TypeError",
+        names=["tsak"],
+    ),
+    Case(
+        "forward-intermediates-misspelled-keyword",
+        call=lambda ws: _intermediates(stop_erly=True),
+        error=r"'stop_erly' \(did you mean 'stop_early'\?\); the forward_intermediates of a timm "
+        r"VisionTransformer",
+        exc="TypeError",
+        names=["stop_erly"],
+    ),
+    Case(
         "prune-intermediate-layers-refused",
         call=lambda ws: _vpt().prune_intermediate_layers([0]),
         error=r"prune_intermediate_layers is not supported on a prompted model",

@@ -1,0 +1,129 @@
+"""timm's model API on a prompted model, as a researcher who knows timm uses it: attributes of
+the wrapped model, timm's optimizer factory (weight decay and layer-wise LR decay), resizing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close, assert_matches_naive, tiny_swin, tiny_vit
+from swin_official import assert_matches_official
+
+import fastprompt
+from fastprompt.methods import e2vpt as E
+
+optim = pytest.importorskip("timm.optim")
+
+
+def _created(family):
+    """The tiny test models through timm.create_model (random init), which gives them the
+    pretrained_cfg that timm's optimizer factory reads."""
+    import timm
+
+    torch.manual_seed(0)
+    if family == "swin":
+        kw = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2, 2), num_heads=(2, 2, 4))
+        return timm.create_model("swin_tiny_patch4_window7_224", img_size=32, num_classes=5, **kw)
+    kw = dict(patch_size=8, embed_dim=64, depth=3, num_heads=4)
+    return timm.create_model("vit_tiny_patch16_224", img_size=32, num_classes=5, **kw)
+
+
+MODELS = {
+    "vpt-vit": lambda: fastprompt.vpt(_created("vit"), 3, deep=True),
+    "vpt-swin": lambda: fastprompt.vpt(_created("swin"), 2, deep=True),
+    "pgn": lambda: fastprompt.pgn(_created("vit"), num_prompts=2, library_size=4, resolution=32),
+    "e2vpt": lambda: E.e2vpt(_created("vit"), 3, 2),
+}
+
+
+def _groups(optimizer, model):
+    """{parameter name: (lr_scale, weight_decay)} of a timm optimizer."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {
+        names[id(p)]: (g.get("lr_scale", 1.0), g["weight_decay"])
+        for g in optimizer.param_groups
+        for p in g["params"]
+    }
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_layer_decay_keeps_the_prompts_at_the_full_rate_with_the_head(case):
+    """timm scaled the prompts down as if they were the stem (0.65^3 on a 3-block ViT: without
+    a group_matcher it guessed the groups from the module order); they are new, as the head."""
+    prompted = MODELS[case]()
+    opt = optim.create_optimizer_v2(prompted, "adamw", lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    got = _groups(opt, prompted)
+    assert set(got) == set(prompted.trainable_parameters())
+    assert {n: s for n, (s, _) in got.items()} == dict.fromkeys(got, 1.0)
+
+
+def test_layer_decay_of_an_unfrozen_block_is_timms():
+    """A block trained with the prompts gets the rate timm gives it on the bare model."""
+    prompted = fastprompt.vpt(_created("vit"), 3, deep=True)
+    prompted.blocks[1].requires_grad_(True)
+    bare = _created("vit")
+    bare.requires_grad_(False)
+    bare.blocks[1].requires_grad_(True)
+    bare.head.requires_grad_(True)
+    kw = dict(lr=1e-3, weight_decay=0.05, layer_decay=0.65)
+    got = _groups(optim.create_optimizer_v2(prompted, "sgd", **kw), prompted)
+    want = _groups(optim.create_optimizer_v2(bare, "sgd", **kw), bare)
+    assert {n: got[n] for n in want} == want
+    assert got["blocks.1.attn.qkv.weight"][0] == pytest.approx(0.65**2)
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_weight_decay_spares_what_the_model_spares(make):
+    """Unfrozen whole (requires_grad_(True)), the positional embedding and class token (a
+    Swin's relative-position tables) take no weight decay, as timm's factory gives the model;
+    they took it (the wrapper had no no_weight_decay)."""
+    prompted = fastprompt.vpt(make(), 2).requires_grad_(True)
+    bare = make()
+    got = _groups(optim.create_optimizer_v2(prompted, "adamw", weight_decay=0.05), prompted)
+    want = _groups(optim.create_optimizer_v2(bare, "adamw", weight_decay=0.05), bare)
+    assert {n: got[n] for n in want} == want
+    assert got["prompt_embeddings"] == (1.0, 0.05)
+    assert prompted.no_weight_decay() == bare.no_weight_decay()
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_head_hidden_size_and_set_input_size_answer_on_the_wrapper(make):
+    prompted = fastprompt.vpt(make(), 2, deep=True).eval()
+    x = torch.randn(2, 3, 48, 48, generator=torch.Generator().manual_seed(2))
+    prompted.set_input_size(img_size=48)
+    assert prompted.model.patch_embed.img_size == (48, 48)
+    pre = prompted.forward_head(prompted.forward_features(x), pre_logits=True)
+    assert pre.shape == (2, prompted.head_hidden_size)
+    check = assert_matches_naive if make is tiny_vit else assert_matches_official
+    check(prompted, x)
+    assert not any(p.requires_grad for n, p in prompted.model.named_parameters() if "head" not in n)
+
+
+def _grads(prompted, x):
+    names = [n for n, p in prompted.named_parameters() if p.requires_grad]
+    params = [p for n, p in prompted.named_parameters() if p.requires_grad]
+    return dict(zip(names, torch.autograd.grad(prompted(x).square().sum(), params)))
+
+
+@pytest.mark.parametrize("make", [tiny_vit, tiny_swin])
+def test_an_unfrozen_backbone_trains_as_the_naive_path_or_is_refused_clearly(make):
+    """requires_grad_(True) (fine-tuning with the prompts): the fused path gives every weight
+    the naive path's gradient, except a Swin's relative-position bias table, which the prompt
+    attention op takes as a constant: that is refused naming the table (it used to fail inside
+    the op, asking for a key_bias.detach() the person never passed)."""
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    fused, naive = (fastprompt.vpt(make(), 2, deep=True, impl=i).eval() for i in ("fused", "naive"))
+    for prompted in (fused, naive):
+        prompted.requires_grad_(True)
+    if make is tiny_swin:
+        with pytest.raises(TypeError, match=r"layers\.0\.blocks\.0\.attn\.relative_position_bias"):
+            fused(x)
+        with torch.no_grad():
+            assert_close(fused(x), naive(x), "no_grad logits", atol=2e-5, rtol=1e-5)
+        for prompted in (fused, naive):
+            for name, p in prompted.named_parameters():
+                p.requires_grad_("relative_position_bias_table" not in name)
+    got, want = _grads(fused, x), _grads(naive, x)
+    assert got.keys() == want.keys() and "norm.weight" in got
+    for name in want:
+        scale = want[name].abs().max().item() + 1e-12
+        assert_close(got[name] / scale, want[name] / scale, name, atol=2e-5, rtol=1e-4)
