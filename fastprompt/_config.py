@@ -44,8 +44,8 @@ class Settings:
         e.g. ``"8.0;9.0"``; default: the visible GPUs', or sm_80 and sm_90 without one.
     probe : str
         ``FASTPROMPT_PROBE``: ``auto`` (default: the first call of a backend on a GPU for a device,
-        dtype and head dim checks it against the cascade first), ``off``, or ``always`` (on every
-        device, the CPU included: tests).
+        dtype and head dim, chosen or requested, checks it against the cascade first), ``off``,
+        or ``always`` (on every device, the CPU included: tests).
     measure : str
         ``FASTPROMPT_MEASURE``: ``auto`` (default: on a GPU, automatic choice times the candidate
         backends once per shape bucket and keeps the fastest), ``off`` (the fixed preference

@@ -294,6 +294,38 @@ def test_a_kernel_that_raises_fails_its_probe_and_one_within_the_rule_passes(mon
         assert choose("op", Call(CPU, F32, 16)).name == "close"
 
 
+def test_a_kernel_wrong_only_on_full_tiles_fails_its_probe(monkeypatch):
+    """Right wherever a 128-row tile is partial, as in the probe's small cases, wrong once one is
+    full (the unmasked code path every ViT-sized call runs): the probe has a case for it."""
+    from fastprompt.kernels import cascade
+
+    module = types.ModuleType("fp_full_tiles")
+
+    def fwd(q, *args, **kw):
+        out, lse = cascade.prompt_attention_fwd(q, *args, **kw)
+        return (out * 1.01 if q.shape[2] >= 128 else out), lse
+
+    module.availability = lambda: None
+    module.prompt_attention_fwd, module.prompt_attention_bwd = fwd, cascade.prompt_attention_bwd
+    monkeypatch.setitem(sys.modules, "fp_full_tiles", module)
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    tiles = _declare("tiles", "fp_full_tiles")
+    _register(monkeypatch, tiles, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match=r"'tiles' failed its self-check .* out: error"):
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+
+
+def test_a_requested_backend_is_probed_too(monkeypatch):
+    """``backend=`` (a CLI's --backend) once skipped the probe: a wrong kernel was used as asked."""
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_asked", skew=0.01))
+    _register(monkeypatch, wrong, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match="'wrong' failed its self-check"):
+        with pytest.raises(NotImplementedError, match=r"'wrong' was requested .* self-check"):
+            choose("op", Call(CPU, F32, 32), "wrong")
+    assert choose("op", Call(CPU, F32, 32), "torch").name == "torch"
+
+
 def test_the_probe_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("FASTPROMPT_PROBE", "off")
     wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_off", skew=0.5))

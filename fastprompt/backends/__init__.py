@@ -6,12 +6,13 @@ xformers' ``SUPPORTED_*`` attributes and ``not_supported_reasons``) plus its ker
 section 6. Dispatch, ``fastprompt info``, the README's table and the conformance tests read these
 declarations; nothing else in the package names a backend.
 
-Choosing (``docs/design.md`` section 6): ``backend=`` or ``FASTPROMPT_BACKEND`` is strict and
-raises with every reason. Otherwise the candidates are the backends declared for the call's
-device and dtype that can run it; on a GPU each is first checked against the cascade by a small
-probe (:mod:`.probe`; a failure disables it for the process, saying why once), and the fastest is
-kept per shape bucket (:mod:`.measure`, cached on disk). Without measurement the first candidate
-in preference order wins; a better backend that cannot run is reported once.
+Choosing (``docs/design.md`` section 6): ``backend=`` or ``FASTPROMPT_BACKEND`` is strict and raises
+with every reason (on a GPU a failed probe, below, among them). Otherwise the candidates are the
+backends declared for the call's device and dtype that can run it; on a GPU each is first checked
+against the cascade by a small probe (:mod:`.probe`; a failure disables it for the process, saying
+why once), and the fastest is kept per shape bucket (:mod:`.measure`, cached on disk). Without
+measurement the first candidate in preference order wins; a better backend that cannot run is
+reported once.
 """
 
 from __future__ import annotations
@@ -363,18 +364,21 @@ def choose(
     source = "backend"
     if requested is None and settings.backend is not None:
         requested, source = settings.backend, "FASTPROMPT_BACKEND"
-    if requested is not None:
-        backend = get(requested, source)
-        reasons = backend.not_supported_reasons(call)
-        if reasons:
-            raise NotImplementedError(
-                f"{op}: backend {requested!r} was requested but cannot run this call: "
-                + "; ".join(reasons)
-            )
-        return backend
     from fastprompt.backends import measure, probe
 
     probing = _active(settings.probe, call.device)
+    if requested is not None:
+        backend = get(requested, source)
+        reasons = backend.not_supported_reasons(call)
+        # A requested backend is probed too: forcing one (a CLI's --backend) must not train
+        # on kernels that were never checked on this device.
+        failed = probe.check(backend, call) if probing and not reasons else None
+        if reasons or failed:
+            raise NotImplementedError(
+                f"{op}: backend {requested!r} was requested but cannot run this call: "
+                + "; ".join(reasons or [failed])
+            )
+        return backend
     measuring = _active(settings.measure, call.device) and measure.measurable(shape)
     rejected: list[tuple[Backend, list[str], bool]] = []
     eligible: list[Backend] = []

@@ -1,15 +1,15 @@
 """Kernels that check themselves: a small probe before a backend's first use on a device.
 
 The first time automatic choice considers a backend for a (device, dtype, head dim) — on a GPU by
-default (``FASTPROMPT_PROBE``) — it runs the backend's forward and backward on a few small inputs
-(a shared set; indexed sets with per-set lengths; keys of their own count, and a key bias, where
-the backend declares them) and compares each output with a float64 computation on the CPU. The
-rule is the package's (``docs/design.md`` section 5): the error may be at most twice that of
-PyTorch's own kernels in the same dtype on the same device — the cascade backend, the yardstick —
-(three times for gradients), plus a small floor. A backend that breaks the rule, returns
-non-finite values or raises is disabled for the process with a one-time warning naming the error;
-the cascade itself must be within a fixed tolerance of float64. Results are kept per process and
-recorded in the dispatch cache file for ``fastprompt info``.
+default (``FASTPROMPT_PROBE``) — it runs the backend's forward and backward on a few small inputs (a
+shared set, also one with query, key and prompt counts past a tile; indexed sets with per-set
+lengths; keys of their own count, and a key bias, where the backend declares them) and compares each
+output with a float64 computation on the CPU. The rule is the package's (``docs/design.md`` section
+5): the error may be at most twice that of PyTorch's own kernels in the same dtype on the same
+device — the cascade backend, the yardstick — (three times for gradients), plus a small floor. A
+backend that breaks the rule, returns non-finite values or raises is disabled for the process with a
+one-time warning naming the error; the cascade itself must be within a fixed tolerance of float64.
+Results are kept per process and recorded in the dispatch cache file for ``fastprompt info``.
 """
 
 from __future__ import annotations
@@ -69,6 +69,9 @@ def _cases(backend: Backend, head_dim: int):
     """(B, H, N, N_k, T, P, index, lengths, with_bias) cases the backend declares it takes
     (``with_bias``: False, True, or ``"period"`` for a bias read with period 2)."""
     yield 3, 2, 37, 37, 1, 13, None, None, False
+    # Counts past a tile of 128: the others run only the masked last tiles of the kernels that
+    # mask just those, never the full-tile code every ViT-sized call runs.
+    yield 2, 2, 197, 197, 1, 140, None, None, False
     if {"prompt_index", "prompt_lengths"} <= backend.features:
         yield 3, 2, 37, 37, 2, 13, [1, 0, 1], [13, 6], False
     if "key_count" in backend.features:

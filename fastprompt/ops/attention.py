@@ -263,7 +263,9 @@ def prompt_attention(
         windowed backbone's bias per window, its windows stored image by image), never
         repeated in memory by the backends that read it through strides.
         Prompt keys get no bias. **Not differentiable**: no gradient flows to it, and one that
-        requires grad is refused (the bias tables of a frozen backbone do not train).
+        requires grad is refused (the bias tables of a frozen backbone do not train). ``+inf``
+        and NaN are not valid values (unchecked, to spare a pass over the bias per call): the
+        backends then disagree (NaN or zero outputs and gradients).
 
     Returns
     -------

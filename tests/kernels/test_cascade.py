@@ -138,14 +138,17 @@ def test_scored_backward_matches_the_reference_scores(module, indexed):
 
 
 def test_the_merge_kernel_matches_the_pytorch_merge():
-    """The Triton merge (run in Triton's interpreter here) against the PyTorch one."""
+    """The Triton merge (in Triton's interpreter without a GPU, on the GPU with one, where
+    Triton cannot read CPU tensors) against the PyTorch one."""
     pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     b, h, n, d = 2, 3, 5, 24
     g = torch.Generator().manual_seed(0)
-    o_p = torch.randn(1, h, b * n, d, generator=g)
+    o_p = torch.randn(1, h, b * n, d, generator=g).to(device)
     o_p = cascade_impl._ungrouped(o_p, b, n)  # the long call's layout
-    o_i = torch.randn(b, n, h, d, generator=g).transpose(1, 2)
-    lse_p, lse_i = torch.randn(b, h, n, generator=g), torch.randn(b, h, n, generator=g)
+    o_i = torch.randn(b, n, h, d, generator=g).to(device).transpose(1, 2)
+    lse_p = torch.randn(b, h, n, generator=g).to(device)
+    lse_i = torch.randn(b, h, n, generator=g).to(device)
     lse_p[0, 0, :2] = float("-inf")  # no prompt key
     lse_i[0, 0, 1:3] = float("-inf")  # no image key; row 1 has no key at all
     out_t, out_k = _common.empty_out(o_i), _common.empty_out(o_i)
@@ -153,7 +156,7 @@ def test_the_merge_kernel_matches_the_pytorch_merge():
     lse_k = _merge.merge_triton(o_p, lse_p, o_i, lse_i, out_k)
     assert_close(out_k, out_t, "out", atol=1e-6, rtol=1e-6)
     assert_close(lse_k, lse_t, "lse", atol=1e-6, rtol=1e-6)
-    assert torch.equal(out_t[0, 0, 1], torch.zeros(d)) and lse_t[0, 0, 1] == float("-inf")
+    assert torch.equal(out_t[0, 0, 1].cpu(), torch.zeros(d)) and lse_t[0, 0, 1] == float("-inf")
 
 
 def test_reduce_over_sets_sums_in_batch_order_without_a_host_sync():

@@ -70,7 +70,9 @@ def _kernel():
         BLOCK_R: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
-        row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        # 64-bit rows: every offset below is a product with them, and a GPU holds outputs of
+        # more than 2^31 elements (B·N·H·d = 2.4·10^9 for ViT-L at N 577, batch 4096).
+        row = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
         live = row < rows
         b = row // (H * N)
         h = (row // N) % H

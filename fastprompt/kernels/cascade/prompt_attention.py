@@ -73,20 +73,33 @@ def _ungrouped_lse(lse: Tensor, b: int, n: int) -> Tensor:
     return lse.transpose(1, 2).reshape(b, n, lse.shape[1]).transpose(1, 2)
 
 
+# The most elements (rows·H·d, rounded as FlashAttention-2 rounds them) one sequence of the long
+# backward call may hold: that kernel's 32-bit offsets.
+LONG_ROWS_LIMIT = 2**31 - 1
+
+
 def long_chunks(q: Tensor, num_prompts: int) -> int:
     """How many sequences the shared set's long backward call is split into.
 
     1 off the GPU. On a GPU, the fewest whole-image chunks (a divisor of B) that give the fused
     backward, which runs one thread block per (key tile of 128, sequence, head), about two blocks
-    per multiprocessor.
+    per multiprocessor, and that keep each chunk within :data:`LONG_ROWS_LIMIT`.
     """
-    b, h = q.shape[0], q.shape[1]
+    b, h, n, d = q.shape
     if q.device.type != "cuda" or b <= 1:
         return 1
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
     tiles = max(1, -(-num_prompts // 128)) * max(1, h)
     want = -(-2 * sms // tiles)
-    return next((c for c in range(want, b + 1) if b % c == 0), b)
+    # FlashAttention-2's backward (PyTorch's flash kernel) offsets a sequence's rows in its fp32
+    # dQ accumulator, (rows rounded up to 128)·H·(d rounded up to 32, or 256), with 32-bit
+    # products: past 2^31 elements in one sequence it writes the wrong memory.
+    d_rounded = 256 if d > 192 else -(-d // 32) * 32
+
+    def fits(c: int) -> bool:
+        return -(-(b // c) * n // 128) * 128 * h * d_rounded <= LONG_ROWS_LIMIT
+
+    return next((c for c in range(want, b + 1) if b % c == 0 and fits(c)), b)
 
 
 def _image_part(q, k, v, key_bias, scale):

@@ -62,6 +62,41 @@ def empty_heads_last(like: torch.Tensor) -> torch.Tensor:
     return like.new_empty((b, n, h, d)).transpose(1, 2)
 
 
+# The kernels index a sequence's (or a prompt set's) elements with 32-bit integers: the offsets
+# of heads, rows and features are products of int32 program values and strides that Triton passes
+# as int32 when they fit. Only the batch (or set) offset is formed in 64 bits.
+INT32_MAX = 2**31 - 1
+
+
+def sequence_extent(shape, strides) -> int:
+    """Largest element offset of one entry of dim 0 (a sequence, or a prompt set) from its
+    first element: ``Σ (size - 1)·|stride|`` over the other dims (0 if any size is 0)."""
+    if any(n == 0 for n in shape):
+        return 0
+    return sum((n - 1) * abs(s) for n, s in zip(shape[1:], strides[1:]))
+
+
+def fits_int32(t: torch.Tensor, name: str) -> torch.Tensor:
+    """``t`` (B, H, N, d), or a compact copy of it if its own strides put one sequence's elements
+    further apart than int32 offsets reach (a sequence-first layout such as ``(N, B, H·d)`` at a
+    large batch: N·B·H·d elements); the copy is stored (B, N, H, d), one sequence spanning N·H·d.
+
+    Raises
+    ------
+    ValueError
+        If even compactly one entry holds more than 2^31 elements.
+    """
+    if sequence_extent(t.shape, t.stride()) <= INT32_MAX:
+        return t
+    if sequence_extent(t.shape, (0, t.shape[2] * t.shape[3], t.shape[3], 1)) > INT32_MAX:
+        raise ValueError(
+            f"prompt_attention (triton): {name} {tuple(t.shape)} holds "
+            f"{t[0].numel()} elements per entry of its first dim; the Triton kernels index "
+            f"within one with 32-bit offsets (at most {INT32_MAX + 1})"
+        )
+    return empty_heads_last(t).copy_(t)
+
+
 @dataclass
 class Launch:
     """One kernel launch: an autotuned kernel (or a plain jit function), its grid and arguments.

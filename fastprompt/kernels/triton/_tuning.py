@@ -407,10 +407,12 @@ def deterministic() -> bool:
 
 def index_args(prompt_index, prompt_lengths, q) -> tuple:
     """(IDX, LENS, HAS_INDEX, HAS_LENGTHS). An absent tensor's pointer is q's: the kernels never
-    read it (HAS_* is a compile-time flag), and nothing is allocated per call."""
+    read it (HAS_* is a compile-time flag), and nothing is allocated per call. The kernels read
+    element b at ``IDX + b`` (and ``LENS + t``): a strided view (``index[::2]``, a column of a
+    table) is made contiguous first, else they read its neighbours' values."""
     return (
-        prompt_index if prompt_index is not None else q,
-        prompt_lengths if prompt_lengths is not None else q,
+        prompt_index.contiguous() if prompt_index is not None else q,
+        prompt_lengths.contiguous() if prompt_lengths is not None else q,
         prompt_index is not None,
         prompt_lengths is not None,
     )

@@ -23,6 +23,7 @@ from fastprompt.kernels.triton._common import (
     LOG2E,
     Launch,
     empty_heads_last,
+    fits_int32,
     load_tile,
     prompt_set,
 )
@@ -193,6 +194,9 @@ def fwd_plan(q, k, v, pk, pv, prompt_index, prompt_lengths, scale):
     """Outputs and the launch plan of the forward (nothing is launched)."""
     b, h, n, _ = q.shape
     t, _, p, _ = pk.shape
+    q, k, v, pk, pv = (
+        fits_int32(x, name) for x, name in zip((q, k, v, pk, pv), ("q", "k", "v", "pk", "pv"))
+    )
     out = empty_heads_last(q)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if out.numel() == 0:

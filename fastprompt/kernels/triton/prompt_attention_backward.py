@@ -19,7 +19,13 @@ from fastprompt.kernels.triton import _tuning
 from fastprompt.kernels.triton._bwd_dkdv import dkdv_tuned
 from fastprompt.kernels.triton._bwd_dq import dq_tuned
 from fastprompt.kernels.triton._bwd_reduce import PRE_BLOCK, bwd_preprocess_kernel, reduce_plan
-from fastprompt.kernels.triton._common import LOG2E, Launch, empty_heads_last
+from fastprompt.kernels.triton._common import (
+    INT32_MAX,
+    LOG2E,
+    Launch,
+    empty_heads_last,
+    fits_int32,
+)
 
 __all__ = [
     "prompt_attention_bwd",
@@ -62,6 +68,10 @@ def bwd_plan(
     t, _, p, _ = pk.shape
     if group > 1 and (prompt_index is not None or u_k is not None):
         raise ValueError("sequence groups need the shared, unindexed set and no scores")
+    names = ("dout", "q", "k", "v", "pk", "pv", "out")
+    dout, q, k, v, pk, pv, out = (
+        fits_int32(x, name) for x, name in zip((dout, q, k, v, pk, pv, out), names)
+    )
     # In the layout the op returns, (B, N, H, d) storage, so that it copies nothing; dK and dV
     # alike (the kernel writes both with one set of strides).
     dq, dk, dv = empty_heads_last(q), empty_heads_last(k), empty_heads_last(v)
@@ -138,6 +148,14 @@ def _check_u(u_k, u_v, q, pk) -> None:
             )
     if u_k.shape != u_v.shape:
         raise ValueError(f"u_k {tuple(u_k.shape)} and u_v {tuple(u_v.shape)} must match")
+    # The score epilogue offsets vector s by s times T·H·P·d (u) and B·H·P (terms) in 32 bits.
+    s = u_k.shape[0]
+    if s > 1 and (s - 1) * max(t * h * p * d, q.shape[0] * h * p) + h * p * d > INT32_MAX:
+        raise ValueError(
+            f"prompt_attention_bwd_scored (triton): u_k {tuple(u_k.shape)} for {q.shape[0]} "
+            "sequences spans more than 2^31 elements, which the score epilogue indexes with "
+            "32-bit offsets; score fewer sets, sequences or vectors per call"
+        )
 
 
 def backward_plan(
