@@ -123,3 +123,23 @@ def test_a_sources_forward_inputs_come_from_its_prepare():
     assert Named().forward_inputs() == ("task", "scale")
     assert Anything().forward_inputs() is None
     assert PromptSource().forward_inputs() == ()
+
+
+def test_a_sources_signature_is_read_once_not_at_every_forward(monkeypatch):
+    """The keywords of every forward are checked against prepare's signature, which was read
+    anew at each call (~15 us, more than the check): a mixed-task model paid it per forward."""
+    import inspect
+
+    from fastprompt.sources import PromptSource
+
+    class Named(PromptSource):
+        def prepare(self, images, task=None):
+            return task
+
+    reads = []
+    real = inspect.signature
+    monkeypatch.setattr(inspect, "signature", lambda f, *a, **k: reads.append(f) or real(f))
+    source = Named()
+    assert [source.forward_inputs() for _ in range(3)] == [("task",)] * 3
+    assert Named().forward_inputs() == ("task",)
+    assert len(reads) == 1
