@@ -79,15 +79,23 @@ class TimmFacing:
         self._model.set_input_size(*args, **kwargs)
         self._sync()
 
-    def no_weight_decay(self) -> set[str]:
-        """The wrapped model's parameters that timm's optimizer factory keeps free of weight
-        decay (its positional embedding, class token, ...; the names are the wrapper's too).
-        Prompts decay as every other weight, as in the official VPT solver."""
-        return set(self._model.no_weight_decay())
+    # Properties giving the wrapped model's own methods, so that a model without them (a family
+    # of one's own) leaves the wrapper without them too: timm's optimizer factory asks
+    # ``hasattr``/``getattr(..., default)`` first and falls back, where a method of the wrapper
+    # would raise AttributeError from inside.
+    @property
+    def no_weight_decay(self) -> Callable[[], set[str]]:
+        """The wrapped model's ``no_weight_decay()``: the parameters that timm's optimizer
+        factory keeps free of weight decay (its positional embedding, class token, ...; the
+        names are the wrapper's too). Prompts decay as every other weight, as in the official
+        VPT solver."""
+        return self._model.no_weight_decay
 
-    def group_matcher(self, coarse: bool = False) -> Any:
-        """The wrapped model's parameter groups, which timm's layer-wise learning-rate decay
-        (``create_optimizer_v2(..., layer_decay=...)``) reads. The prompts match none of them,
-        so timm puts them in the last group with the head, at the full learning rate: like the
-        head they are new, not pretrained layers (the official VPT trains both at one rate)."""
-        return self._model.group_matcher(coarse=coarse)
+    @property
+    def group_matcher(self) -> Callable[..., Any]:
+        """The wrapped model's ``group_matcher(coarse=False)``: its parameter groups, which
+        timm's layer-wise learning-rate decay (``create_optimizer_v2(..., layer_decay=...)``)
+        reads. The prompts match none of them, so timm puts them in the last group with the
+        head, at the full learning rate: like the head they are new, not pretrained layers (the
+        official VPT trains both at one rate)."""
+        return self._model.group_matcher

@@ -127,3 +127,29 @@ def test_an_unfrozen_backbone_trains_as_the_naive_path_or_is_refused_clearly(mak
     for name in want:
         scale = want[name].abs().max().item() + 1e-12
         assert_close(got[name] / scale, want[name] / scale, name, atol=2e-5, rtol=1e-4)
+
+
+def test_a_family_without_timms_optimizer_hooks_still_gets_an_optimizer():
+    """A model of a family of one's own lacking no_weight_decay and group_matcher: timm's
+    factory looks them up with a default and falls back, as on the bare model; the wrapper's
+    methods raised AttributeError from inside, so create_optimizer_v2 failed on it."""
+    from test_seams import Staged, StagedBackbone, WidthPrompts
+
+    from fastprompt import backbones
+    from fastprompt.prompted import PromptedViT
+
+    key = f"{Staged.__module__}.{Staged.__qualname__}"
+    backbones.register_backbone(Staged, StagedBackbone)
+    try:
+        prompted = PromptedViT(
+            Staged(), WidthPrompts((True, True, True), [32, 32, 48]), readout="patches"
+        )
+        assert not hasattr(prompted, "no_weight_decay")
+        assert not hasattr(prompted, "group_matcher")
+        for kw in ({}, {"layer_decay": 0.65}):
+            opt = optim.create_optimizer_v2(prompted, "adamw", lr=1e-3, weight_decay=0.05, **kw)
+            assert set(_groups(opt, prompted)) == {
+                n for n, p in prompted.named_parameters() if p.requires_grad
+            }
+    finally:
+        backbones._REGISTRY.pop(key)
