@@ -274,6 +274,12 @@ class Intermediates:
                 f"{who} is timm's VisionTransformer API, which a "
                 f"{self._backbone.description} does not have; use forward_intermediates"
             )
+        # Named here: forward_intermediates would name itself and its own arguments.
+        accepted = self._source.forward_inputs()
+        if accepted is not None:
+            own = ("n", "reshape", "return_prefix_tokens", "norm", "attn_mask")
+            takes = f"it takes x, {', '.join(own)}" + "".join(f", {a}" for a in accepted)
+            refuse_unknown(who, inputs, [*own, *accepted], takes)
         return self.forward_intermediates(
             x,
             n,

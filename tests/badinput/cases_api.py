@@ -156,6 +156,14 @@ CASES = [
         names=["stop_erly"],
     ),
     Case(
+        "get-intermediate-layers-misspelled-keyword",
+        call=lambda ws: _vpt(deep=True).eval().get_intermediate_layers(_images(2), reshap=True),
+        error=r"get_intermediate_layers\(\) got an unexpected keyword argument 'reshap' \(did you "
+        r"mean 'reshape'\?\); it takes x, n, reshape, return_prefix_tokens, norm, attn_mask",
+        exc="TypeError",
+        names=["reshap"],
+    ),
+    Case(
         "prune-intermediate-layers-refused",
         call=lambda ws: _vpt().prune_intermediate_layers([0]),
         error=r"prune_intermediate_layers is not supported on a prompted model",
