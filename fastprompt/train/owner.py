@@ -152,14 +152,13 @@ def enclosing_run(path: str) -> str | None:
 
 def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     real = os.path.realpath(path)
-    given = [(p, p) for p in keep if p and os.path.exists(p)]
+    resolved: dict[str, str] = {}
+    given = [(p, p) for p in keep if p and os.path.lexists(p)]
     for what, inside in [("the current folder", os.getcwd()), *given]:
-        full = os.path.realpath(inside)
-        if full == real or full.startswith(real + os.sep):
-            where = "is" if full == real else "holds"
+        if _leads_through(inside, real, resolved):
             raise OwnerError(
-                f"{flag} {path} {where} {what}; --overwrite would move it aside with the rest: "
-                f"choose another {flag}"
+                f"{flag} {path} holds {what}, or a link on the way to it; --overwrite would move "
+                f"it aside with the rest: choose another {flag}"
             )
     holder = _holder_if_locked(path)
     if holder is not None:
@@ -167,6 +166,28 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
             f"{flag} {path} is in use by another fastprompt process ({holder}); --overwrite "
             "does not move a folder a run is writing"
         )
+
+
+def _leads_through(target: str, real: str, resolved: dict[str, str]) -> bool:
+    """Whether the path ``target``, as written, reaches anything at or below the real folder
+    ``real`` at any step: moving that folder would move what ``target`` names, or a link on the
+    way to it (``run/data -> /data/imgs`` reached as ``run/data``, ``imgs -> run/imgs``).
+    ``resolved`` caches the steps' real paths across calls (a list's images share folders)."""
+    # Not normalised: ``link/..`` is resolved after the link, as the system resolves it.
+    steps = os.path.join(os.getcwd(), target).split(os.sep)
+    for i in range(1, len(steps) + 1):
+        prefix = os.sep.join(steps[:i]) or os.sep
+        if prefix not in resolved:
+            parent = os.sep.join(steps[: i - 1]) or os.sep
+            if i > 1 and steps[i - 1] not in ("", ".", "..") and not os.path.islink(prefix):
+                # One lstat per step, not a realpath of the whole path (a list's images).
+                resolved[prefix] = os.path.join(resolved[parent], steps[i - 1])
+            else:
+                resolved[prefix] = os.path.realpath(prefix)
+        full = resolved[prefix]
+        if full == real or full.startswith(real.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _aside_name(path: str) -> str:
