@@ -12,9 +12,11 @@ its shard of the training set and the per-prompt sums are added up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -51,6 +53,16 @@ def not_condensable(config: RunConfig) -> str | None:
             f"{[n for n in registry.names() if registry.get(n).condensation is not None]}"
         )
     return support.check(config.method_args)
+
+
+@contextlib.contextmanager
+def _reading(source: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(owner.reading(source, "condense RUN"))
+        except owner.OwnerError as e:
+            raise RunError(str(e)) from None
+        yield
 
 
 def default_out(source: str, keep: float | int, score: str) -> str:
@@ -123,28 +135,32 @@ def condense_run(
         select_prompts,
     )
 
-    config, saved = read_run(source)
-    env = env or setup(config.device)
-    out = out or default_out(source, keep, score)
-    if env.main:
-        _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
-    reason = not_condensable(config)
-    if reason is not None:
-        raise RunError(f"{source} {reason}")
-    src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
-    # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics), and
-    # its lr convention: a tenth of a peak given with lr_scaling=none is a tenth of that peak,
-    # not a base lr scaled again by batch / 256.
-    pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
-    recipe = get_recipe("pc-finetune").override(
-        epochs=epochs,
-        batch_size=batch_size or config.recipe.batch_size,
-        lr_scaling=config.recipe.lr_scaling,
-        **pipeline,
-    )
-    base_lr = lr if lr is not None else src_lr / 10
-    model = load_run_model(source, checkpoint, env.device, config, saved)
-    data = run_data(source, config, saved)
+    # Everything condense takes from the source run (its record, checkpoint and split) is read
+    # under the source's shared lock, into memory: a `train --resume` or `--overwrite` of the
+    # source is refused meanwhile, and this is refused while one runs.
+    with _reading(source):
+        config, saved = read_run(source)
+        env = env or setup(config.device)
+        out = out or default_out(source, keep, score)
+        if env.main:
+            _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
+        reason = not_condensable(config)
+        if reason is not None:
+            raise RunError(f"{source} {reason}")
+        src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
+        # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics), and
+        # its lr convention: a tenth of a peak given with lr_scaling=none is a tenth of that peak,
+        # not a base lr scaled again by batch / 256.
+        pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
+        recipe = get_recipe("pc-finetune").override(
+            epochs=epochs,
+            batch_size=batch_size or config.recipe.batch_size,
+            lr_scaling=config.recipe.lr_scaling,
+            **pipeline,
+        )
+        base_lr = lr if lr is not None else src_lr / 10
+        model = load_run_model(source, checkpoint, env.device, config, saved)
+        data = run_data(source, config, saved)
     _, test_tf, _ = transforms_for(model.model, config.recipe)
     workers = config.data.workers if workers is None else workers
     spec = D.LoaderSpec(

@@ -44,6 +44,7 @@ __all__ = [
     "hold",
     "is_run_folder",
     "only_ours",
+    "reading",
     "release",
     "retire",
     "settle_swap",
@@ -163,8 +164,8 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     holder = _holder_if_locked(path)
     if holder is not None:
         raise OwnerError(
-            f"{flag} {path} is in use by another fastprompt process ({holder}); --overwrite "
-            "does not move a folder a run is writing"
+            f"{flag} {path} is in use by another fastprompt process ({holder}, or a condense "
+            "reading it); --overwrite does not move a folder a run is writing or reading"
         )
 
 
@@ -262,11 +263,12 @@ def mark(path: str) -> None:
 _HELD: dict[str, list] = {}  # realpath -> [fd, count]: reentrant within a process
 
 
-def _lock_fd(fd: int) -> bool:
-    """Take an exclusive, non-blocking lock on ``fd``; False when another process holds it."""
+def _lock_fd(fd: int, shared: bool = False) -> bool:
+    """Take an exclusive (``shared``: a shared) non-blocking lock on ``fd``; False when another
+    process holds it (a shared lock: exclusively)."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    except ImportError:  # pragma: no cover - Windows: no shared locks, readers exclude too
         import msvcrt
 
         try:
@@ -275,7 +277,7 @@ def _lock_fd(fd: int) -> bool:
             return False
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         return False
     return True
@@ -326,14 +328,51 @@ def hold_lock(path: str, flag: str = "run folder") -> None:
     if not _lock_fd(fd):
         os.close(fd)
         raise OwnerError(
-            f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}); "
-            "wait for it to finish, or choose another folder"
+            f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}, or "
+            "a condense reading it); wait for it to finish, or choose another folder"
         )
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
     _HELD[real] = [fd, 1]
+
+
+@contextlib.contextmanager
+def reading(path: str, flag: str = "run folder") -> Iterator[None]:
+    """``with reading(run):`` a shared lock on the run folder ``path`` while the block reads it.
+
+    Readers share it (two condenses of one run); a writer (``train --resume``, ``--overwrite``)
+    is refused while it is held, and the block is refused while a writer holds the folder, so
+    what the block reads is never changed or moved aside under it. Within a process holding the
+    folder's lock (:func:`hold_lock`) the block reads what that process wrote: nothing is taken.
+
+    Raises
+    ------
+    OwnerError
+        When another process writes the folder.
+    """
+    if os.path.realpath(path) in _HELD:
+        yield
+        return
+    file = os.path.join(path, LOCK)
+    try:
+        # A run older than the lock has no lock file: made, so a writer meets this reader.
+        fd = os.open(file, os.O_RDONLY if os.path.isfile(file) else os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OwnerError(
+            f"{flag} {path} cannot be locked for reading ({e.strerror}: {file}); a writer of "
+            "the folder could change what is read"
+        ) from None
+    try:
+        if not _lock_fd(fd, shared=True):
+            raise OwnerError(
+                f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}), "
+                "which may change or move aside what would be read: wait for it to finish"
+            )
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def release(path: str) -> None:

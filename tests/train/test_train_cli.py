@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -341,3 +343,29 @@ def test_a_lone_last_image_is_dropped_for_batchnorm(tiny_csv, tmp_path):
     run = _train(tiny_csv, tmp_path / "run", *extra, "--batch-size", "23")
     assert _metrics(run)[0]["train_samples"] == 23
     assert "last batch of 1 image is dropped" in (run / "log.txt").read_text()
+
+
+def test_condense_is_refused_while_another_process_writes_its_source(tiny_csv, tmp_path, capsys):
+    """condense read its source run without its lock: a `train --resume` (or `--overwrite`) of
+    the source running meanwhile could change or move what condense read. Now it is refused,
+    and reads once the writer is gone."""
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1")
+    code = (
+        "import sys; from fastprompt.train import owner\n"
+        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert writer.stdout.readline().strip() == b"held"
+        args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
+        args += ["--no-progress", "--out", str(tmp_path / "pc")]
+        err = _error(capsys, args)
+        assert (
+            f"condense RUN {run} is in use by another fastprompt process (pid {writer.pid}" in err
+        )
+        assert not (tmp_path / "pc").exists()
+    finally:
+        writer.communicate(b"", timeout=120)
+    assert main(args) == 0

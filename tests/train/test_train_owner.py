@@ -284,3 +284,32 @@ def test_overwrite_never_moves_images_a_list_links_into_out(tmp_path, capsys):
     assert "--overwrite would move it aside" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["data.csv", "img", "run"]
     assert len(os.listdir(run / "keep")) == 8
+
+
+def test_a_reader_shares_the_lock_and_keeps_writers_out(tmp_path):
+    """While condense reads a run (owner.reading), another reader may read it too, and a writer
+    (`train --resume`, `--overwrite`) is refused."""
+    run = str(tmp_path / "run")
+    owner.claim(run)
+    owner.release(run)
+    take = (
+        "import sys; from fastprompt.train import owner\n"
+        "try:\n    {}\nexcept owner.OwnerError as e:\n    print(e); sys.exit(3)\n"
+    )
+    calls = {
+        "owner.hold_lock(sys.argv[1])": 3,
+        "owner.check_out(sys.argv[1], True)": 3,
+        "with owner.reading(sys.argv[1]): pass": 0,
+    }
+    with owner.reading(run):
+        for call, code in calls.items():
+            done = subprocess.run(
+                [sys.executable, "-c", take.format(call), run],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == code, (call, done.stdout, done.stderr)
+            assert code == 0 or "or a condense reading it" in done.stdout
+    with owner.hold(run):  # once read, the folder is free again
+        pass
