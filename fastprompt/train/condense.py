@@ -89,6 +89,8 @@ def condense_run(
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
 ) -> list[dict[str, Any]]:
     """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
 
@@ -121,6 +123,9 @@ def condense_run(
     overwrite : bool
         Move a non-empty ``out`` aside first (``<out>.old-<date>-<time>``); without it only a
         new or empty folder is written.
+    weight_decay, momentum : float, optional
+        Of the fine-tuning's SGD; default the source run's (its ``no_decay`` too): the paper
+        fine-tunes in the source's training setup, whose weight decay VPT tunes per task.
 
     Returns
     -------
@@ -156,6 +161,10 @@ def condense_run(
             epochs=epochs,
             batch_size=batch_size or config.recipe.batch_size,
             lr_scaling=config.recipe.lr_scaling,
+            # The source run's optimiser (a tuned weight decay), unless told otherwise.
+            weight_decay=config.recipe.weight_decay if weight_decay is None else weight_decay,
+            momentum=config.recipe.momentum if momentum is None else momentum,
+            no_decay=config.recipe.no_decay,
             **pipeline,
         )
         base_lr = lr if lr is not None else src_lr / 10

@@ -369,3 +369,20 @@ def test_condense_is_refused_while_another_process_writes_its_source(tiny_csv, t
     finally:
         writer.communicate(b"", timeout=120)
     assert main(args) == 0
+
+
+def test_condense_fine_tunes_with_the_source_runs_optimiser(tiny_csv, tmp_path):
+    """pc-finetune took VPT's default weight decay (1e-4) and momentum (0.9) whatever the source
+    run was tuned with; the paper fine-tunes in the source's setup. Now the source's, unless
+    --weight-decay / --momentum say otherwise."""
+    tuned = ("--set", "weight_decay=0.003", "momentum=0.5", "no_decay=[]")
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1", *tuned)
+    args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
+    args += ["--no-progress", "--stop-after", "1"]
+    assert main([*args, "--out", str(tmp_path / "pc")]) == 0
+    recipe = json.loads((tmp_path / "pc" / "run.json").read_text())["config"]["recipe"]
+    assert (recipe["weight_decay"], recipe["momentum"], recipe["no_decay"]) == (0.003, 0.5, [])
+    told = ["--weight-decay", "0", "--momentum", "0.9", "--out", str(tmp_path / "told")]
+    assert main([*args, *told]) == 0
+    recipe = json.loads((tmp_path / "told" / "run.json").read_text())["config"]["recipe"]
+    assert (recipe["weight_decay"], recipe["momentum"]) == (0.0, 0.9)
