@@ -170,10 +170,9 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
 
 
 def _leads_through(target: str, real: str, resolved: dict[str, str]) -> bool:
-    """Whether the path ``target``, as written, reaches anything at or below the real folder
-    ``real`` at any step: moving that folder would move what ``target`` names, or a link on the
-    way to it (``run/data -> /data/imgs`` reached as ``run/data``, ``imgs -> run/imgs``).
-    ``resolved`` caches the steps' real paths across calls (a list's images share folders)."""
+    """Whether any step of the path ``target``, as written, resolves to the real folder ``real``
+    or below it, so moving it moves what ``target`` names or a link on the way (``run/data ->
+    /data/imgs`` reached as ``run/data``; ``imgs -> run/imgs``). ``resolved``: a cache."""
     # Not normalised: ``link/..`` is resolved after the link, as the system resolves it.
     steps = os.path.join(os.getcwd(), target).split(os.sep)
     for i in range(1, len(steps) + 1):
@@ -343,9 +342,8 @@ def reading(path: str, flag: str = "run folder") -> Iterator[None]:
     """``with reading(run):`` a shared lock on the run folder ``path`` while the block reads it.
 
     Readers share it (two condenses of one run); a writer (``train --resume``, ``--overwrite``)
-    is refused while it is held, and the block is refused while a writer holds the folder, so
-    what the block reads is never changed or moved aside under it. Within a process holding the
-    folder's lock (:func:`hold_lock`) the block reads what that process wrote: nothing is taken.
+    is refused while it is held, and the block while a writer holds the folder, so nothing it
+    reads changes or moves under it. A process holding the folder's lock takes nothing more.
 
     Raises
     ------
