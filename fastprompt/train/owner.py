@@ -157,9 +157,13 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     given = [(p, p) for p in keep if p and os.path.lexists(p)]
     for what, inside in [("the current folder", os.getcwd()), *given]:
         if _leads_through(inside, real, resolved):
+            full = os.path.realpath(inside)
+            where = "is" if full == real else "holds"
+            if full != real and not full.startswith(real.rstrip(os.sep) + os.sep):
+                where = "holds a link on the way to"
             raise OwnerError(
-                f"{flag} {path} holds {what}, or a link on the way to it; --overwrite would move "
-                f"it aside with the rest: choose another {flag}"
+                f"{flag} {path} {where} {what}; --overwrite would move it aside with the rest: "
+                f"choose another {flag}"
             )
     holder = _holder_if_locked(path)
     if holder is not None:
