@@ -44,6 +44,8 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         help="fine-tuning base lr, scaled by batch/256 as the run's was (default the run's / 10)",
     )
+    p.add_argument("--weight-decay", type=float, help="of the fine-tuning (default the run's)")
+    p.add_argument("--momentum", type=float, help="of the fine-tuning (default the run's)")
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
@@ -87,8 +89,10 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
     if args.workers is not None and args.workers < 0:
         return f"--workers must be >= 0, got {args.workers}"
-    if args.lr is not None and not args.lr >= 0:
-        return f"--lr must be >= 0, got {args.lr}"
+    for name in ("lr", "weight_decay", "momentum"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            return f"--{name.replace('_', '-')} must be >= 0, got {value}"
     if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
         return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
     out = args.out or default_out(args.run, args.keep, args.score)
@@ -127,6 +131,8 @@ def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             stop_after=args.stop_after,
             extra={"command": {"argv": sys.argv}},
             overwrite=args.overwrite,
+            weight_decay=args.weight_decay,
+            momentum=args.momentum,
         )
     except (DataError, RunError, ValueError) as e:
         teardown(env)

@@ -153,7 +153,9 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "on a mixture of datasets (joint label space; name one with NAME=PATH)",
     )
     d.add_argument("--val", action=_Repeatable, help="validation data (same forms; one per --data)")
-    d.add_argument("--val-split", help="hold out of --data: a fraction, a count, or vtab-1k")
+    d.add_argument(
+        "--val-split", help="hold out of --data: a fraction or a count (stratified), or vtab-1k"
+    )
     d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
     r = p.add_argument_group("recipe (overrides)")
     r.add_argument("--recipe", choices=sorted(RECIPES), help="default: the method's")

@@ -12,9 +12,11 @@ its shard of the training set and the per-prompt sums are added up.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -53,6 +55,16 @@ def not_condensable(config: RunConfig) -> str | None:
     return support.check(config.method_args)
 
 
+@contextlib.contextmanager
+def _reading(source: str) -> Iterator[None]:
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(owner.reading(source, "condense RUN"))
+        except owner.OwnerError as e:
+            raise RunError(str(e)) from None
+        yield
+
+
 def default_out(source: str, keep: float | int, score: str) -> str:
     """``<source>-pc30-taylor_normed`` for a ratio of 0.3, ``<source>-pc120p-...`` for a count."""
     tag = f"{round(100 * keep)}" if isinstance(keep, float) else f"{keep}p"
@@ -77,6 +89,8 @@ def condense_run(
     stop_after: int | None = None,
     extra: dict[str, Any] | None = None,
     overwrite: bool = False,
+    weight_decay: float | None = None,
+    momentum: float | None = None,
 ) -> list[dict[str, Any]]:
     """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
 
@@ -109,6 +123,9 @@ def condense_run(
     overwrite : bool
         Move a non-empty ``out`` aside first (``<out>.old-<date>-<time>``); without it only a
         new or empty folder is written.
+    weight_decay, momentum : float, optional
+        Of the fine-tuning's SGD; default the source run's (its ``no_decay`` too): the paper
+        fine-tunes in the source's training setup, whose weight decay VPT tunes per task.
 
     Returns
     -------
@@ -123,28 +140,36 @@ def condense_run(
         select_prompts,
     )
 
-    config, saved = read_run(source)
-    env = env or setup(config.device)
-    out = out or default_out(source, keep, score)
-    if env.main:
-        _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
-    reason = not_condensable(config)
-    if reason is not None:
-        raise RunError(f"{source} {reason}")
-    src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
-    # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics), and
-    # its lr convention: a tenth of a peak given with lr_scaling=none is a tenth of that peak,
-    # not a base lr scaled again by batch / 256.
-    pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
-    recipe = get_recipe("pc-finetune").override(
-        epochs=epochs,
-        batch_size=batch_size or config.recipe.batch_size,
-        lr_scaling=config.recipe.lr_scaling,
-        **pipeline,
-    )
-    base_lr = lr if lr is not None else src_lr / 10
-    model = load_run_model(source, checkpoint, env.device, config, saved)
-    data = run_data(source, config, saved)
+    # Everything condense takes from the source run (its record, checkpoint and split) is read
+    # under the source's shared lock, into memory: a `train --resume` or `--overwrite` of the
+    # source is refused meanwhile, and this is refused while one runs.
+    with _reading(source):
+        config, saved = read_run(source)
+        env = env or setup(config.device)
+        out = out or default_out(source, keep, score)
+        if env.main:
+            _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
+        reason = not_condensable(config)
+        if reason is not None:
+            raise RunError(f"{source} {reason}")
+        src_lr = config.recipe.lr if config.recipe.lr is not None else config.base_lr
+        # The source run's data pipeline (a VTAB-1k preset's resize and ImageNet statistics), and
+        # its lr convention: a tenth of a peak given with lr_scaling=none is a tenth of that peak,
+        # not a base lr scaled again by batch / 256.
+        pipeline = {k: getattr(config.recipe, k) for k in DATA_FIELDS}
+        recipe = get_recipe("pc-finetune").override(
+            epochs=epochs,
+            batch_size=batch_size or config.recipe.batch_size,
+            lr_scaling=config.recipe.lr_scaling,
+            # The source run's optimiser (a tuned weight decay), unless told otherwise.
+            weight_decay=config.recipe.weight_decay if weight_decay is None else weight_decay,
+            momentum=config.recipe.momentum if momentum is None else momentum,
+            no_decay=config.recipe.no_decay,
+            **pipeline,
+        )
+        base_lr = lr if lr is not None else src_lr / 10
+        model = load_run_model(source, checkpoint, env.device, config, saved)
+        data = run_data(source, config, saved)
     _, test_tf, _ = transforms_for(model.model, config.recipe)
     workers = config.data.workers if workers is None else workers
     spec = D.LoaderSpec(

@@ -13,6 +13,7 @@ augmentation do not depend on what ran before: a resumed run replays them exactl
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -58,14 +59,23 @@ __all__ = [
     "open_dataset",
     "split_dataset",
     "split_folders",
+    "stratified_counts",
 ]
 
 
-def split_dataset(n: int, how: str, seed: int = 0) -> tuple[list[int], list[int]]:
+def split_dataset(
+    n: int, how: str, seed: int = 0, labels: Sequence[int] | None = None
+) -> tuple[list[int], list[int]]:
     """Indices ``(train, val)`` of a dataset of ``n`` samples held out by ``how``.
 
     ``how``: ``"vtab-1k"`` (1000 samples: the first 800 train, the last 200 validate, VTAB-1k's
     train800/val200), a fraction in (0, 1) or a count of samples (random, seeded).
+
+    With ``labels`` (shape (n,)) a fraction or count is stratified by class
+    (:func:`stratified_counts`): each class holds out its share, at least one image while the
+    count allows, and never its last training image, the images drawn at random (seeded).
+    Without, the held-out images are drawn from all of them (runs made before stratification
+    recompute their split this way).
     """
     if how == "vtab-1k":
         if n != 1000:
@@ -93,7 +103,44 @@ def split_dataset(n: int, how: str, seed: int = 0) -> tuple[list[int], list[int]
     if not 1 <= count < n:
         raise DataError(f"--val-split {how} leaves no train or no validation sample of {n}")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[count:]), sorted(order[:count])
+    if labels is None:
+        return sorted(order[count:]), sorted(order[:count])
+    if len(labels) != n:
+        raise ValueError(f"split_dataset: {len(labels)} labels for {n} samples")
+    groups: dict[int, list[int]] = {}
+    for i in order:  # each class's images in the seeded random order
+        groups.setdefault(int(labels[i]), []).append(i)
+    quotas = stratified_counts({c: len(g) for c, g in sorted(groups.items())}, count)
+    val = [i for c, g in groups.items() for i in g[: quotas[c]]]
+    held = set(val)
+    return [i for i in range(n) if i not in held], sorted(val)
+
+
+def stratified_counts(sizes: dict[int, int], count: int) -> dict[int, int]:
+    """How many of each class's ``sizes[c]`` images a stratified split of ``count`` holds out.
+
+    Each class's share ``count · n_c / n``, rounded by largest remainder so the total is
+    ``count``, within bounds: at least one image per class of two or more while ``count``
+    reaches the number of such classes, and at most ``n_c − 1`` (a class keeps a training image)
+    while the training part has room for that.
+    """
+    n = sum(sizes.values())
+    many = [c for c, k in sizes.items() if k >= 2]
+    low = {c: int(c in many and count >= len(many)) for c in sizes}
+    high = {c: k - 1 if k >= 2 else 0 for c, k in sizes.items()}
+    if count > sum(high.values()):
+        high = dict(sizes)
+    share = {c: count * k / n for c, k in sizes.items()}
+    taken = {c: min(max(math.floor(share[c]), low[c]), high[c]) for c in sizes}
+    # Hand out (or take back) one image at a time, to the class furthest below (above) its share.
+    while (left := count - sum(taken.values())) != 0:
+        if left > 0:
+            c = max((c for c in sizes if taken[c] < high[c]), key=lambda c: share[c] - taken[c])
+            taken[c] += 1
+        else:
+            c = min((c for c in sizes if taken[c] > low[c]), key=lambda c: share[c] - taken[c])
+            taken[c] -= 1
+    return taken
 
 
 class Transformed(Dataset):

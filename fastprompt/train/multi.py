@@ -210,6 +210,7 @@ def open_mixture_data(
     exclude: Iterable[str] = (),
     classes: Sequence[str] | None = None,
     stored: dict[str, Any] | None = None,
+    stratify: bool = True,
 ):
     """The parts of a run over several datasets (what :func:`~fastprompt.train.splits.open_data`
     returns for one): each dataset opened as its own run would open it, then joined.
@@ -219,7 +220,7 @@ def open_mixture_data(
     cfg : DataConfig
         ``train`` a list of datasets; ``val`` None or a list of the same length; ``val_split``
         applied to each dataset.
-    seed, exclude, classes, stored
+    seed, exclude, classes, stored, stratify
         As :func:`~fastprompt.train.splits.open_data`; ``classes`` are joint (``NAME/class``).
 
     Returns
@@ -261,7 +262,7 @@ def open_mixture_data(
                 "val": _stored_part(stored["val"], name, classes, own),  # type: ignore[arg-type]
             }
         sub = type(cfg)(train=spec, val=val, val_split=cfg.val_split, workers=cfg.workers)
-        part = open_data(sub, seed, exclude, own, sub_stored)
+        part = open_data(sub, seed, exclude, own, sub_stored, stratify)
         trains.append((name, part.train))
         valids.append((name, part.val))
         hows.append(f"{name}: {part.how}")

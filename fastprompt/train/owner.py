@@ -44,6 +44,7 @@ __all__ = [
     "hold",
     "is_run_folder",
     "only_ours",
+    "reading",
     "release",
     "retire",
     "settle_swap",
@@ -152,11 +153,14 @@ def enclosing_run(path: str) -> str | None:
 
 def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     real = os.path.realpath(path)
-    given = [(p, p) for p in keep if p and os.path.exists(p)]
+    resolved: dict[str, str] = {}
+    given = [(p, p) for p in keep if p and os.path.lexists(p)]
     for what, inside in [("the current folder", os.getcwd()), *given]:
-        full = os.path.realpath(inside)
-        if full == real or full.startswith(real + os.sep):
+        if _leads_through(inside, real, resolved):
+            full = os.path.realpath(inside)
             where = "is" if full == real else "holds"
+            if full != real and not full.startswith(real.rstrip(os.sep) + os.sep):
+                where = "holds a link on the way to"
             raise OwnerError(
                 f"{flag} {path} {where} {what}; --overwrite would move it aside with the rest: "
                 f"choose another {flag}"
@@ -164,9 +168,30 @@ def _check_movable(path: str, flag: str, keep: Iterable[str | None]) -> None:
     holder = _holder_if_locked(path)
     if holder is not None:
         raise OwnerError(
-            f"{flag} {path} is in use by another fastprompt process ({holder}); --overwrite "
-            "does not move a folder a run is writing"
+            f"{flag} {path} is in use by another fastprompt process ({holder}, or a condense "
+            "reading it); --overwrite does not move a folder a run is writing or reading"
         )
+
+
+def _leads_through(target: str, real: str, resolved: dict[str, str]) -> bool:
+    """Whether any step of the path ``target``, as written, resolves to the real folder ``real``
+    or below it, so moving it moves what ``target`` names or a link on the way (``run/data ->
+    /data/imgs`` reached as ``run/data``; ``imgs -> run/imgs``). ``resolved``: a cache."""
+    # Not normalised: ``link/..`` is resolved after the link, as the system resolves it.
+    steps = os.path.join(os.getcwd(), target).split(os.sep)
+    for i in range(1, len(steps) + 1):
+        prefix = os.sep.join(steps[:i]) or os.sep
+        if prefix not in resolved:
+            parent = os.sep.join(steps[: i - 1]) or os.sep
+            if i > 1 and steps[i - 1] not in ("", ".", "..") and not os.path.islink(prefix):
+                # One lstat per step, not a realpath of the whole path (a list's images).
+                resolved[prefix] = os.path.join(resolved[parent], steps[i - 1])
+            else:
+                resolved[prefix] = os.path.realpath(prefix)
+        full = resolved[prefix]
+        if full == real or full.startswith(real.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _aside_name(path: str) -> str:
@@ -241,11 +266,12 @@ def mark(path: str) -> None:
 _HELD: dict[str, list] = {}  # realpath -> [fd, count]: reentrant within a process
 
 
-def _lock_fd(fd: int) -> bool:
-    """Take an exclusive, non-blocking lock on ``fd``; False when another process holds it."""
+def _lock_fd(fd: int, shared: bool = False) -> bool:
+    """Take an exclusive (``shared``: a shared) non-blocking lock on ``fd``; False when another
+    process holds it (a shared lock: exclusively)."""
     try:
         import fcntl
-    except ImportError:  # pragma: no cover - Windows
+    except ImportError:  # pragma: no cover - Windows: no shared locks, readers exclude too
         import msvcrt
 
         try:
@@ -254,7 +280,7 @@ def _lock_fd(fd: int) -> bool:
             return False
         return True
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
     except OSError:
         return False
     return True
@@ -305,14 +331,50 @@ def hold_lock(path: str, flag: str = "run folder") -> None:
     if not _lock_fd(fd):
         os.close(fd)
         raise OwnerError(
-            f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}); "
-            "wait for it to finish, or choose another folder"
+            f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}, or "
+            "a condense reading it); wait for it to finish, or choose another folder"
         )
     info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%H:%M:%S")}
     os.ftruncate(fd, 0)
     os.lseek(fd, 0, os.SEEK_SET)
     os.write(fd, (json.dumps(info) + "\n").encode())
     _HELD[real] = [fd, 1]
+
+
+@contextlib.contextmanager
+def reading(path: str, flag: str = "run folder") -> Iterator[None]:
+    """``with reading(run):`` a shared lock on the run folder ``path`` while the block reads it.
+
+    Readers share it (two condenses of one run); a writer (``train --resume``, ``--overwrite``)
+    is refused while it is held, and the block while a writer holds the folder, so nothing it
+    reads changes or moves under it. A process holding the folder's lock takes nothing more.
+
+    Raises
+    ------
+    OwnerError
+        When another process writes the folder.
+    """
+    if os.path.realpath(path) in _HELD:
+        yield
+        return
+    file = os.path.join(path, LOCK)
+    try:
+        # A run older than the lock has no lock file: made, so a writer meets this reader.
+        fd = os.open(file, os.O_RDONLY if os.path.isfile(file) else os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise OwnerError(
+            f"{flag} {path} cannot be locked for reading ({e.strerror}: {file}); a writer of "
+            "the folder could change what is read"
+        ) from None
+    try:
+        if not _lock_fd(fd, shared=True):
+            raise OwnerError(
+                f"{flag} {path} is in use by another fastprompt process ({_read_holder(file)}), "
+                "which may change or move aside what would be read: wait for it to finish"
+            )
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def release(path: str) -> None:

@@ -33,7 +33,9 @@ field by field (:meth:`Recipe.override`; :func:`apply_changes` is how ``fastprom
   (the official VTAB-1k commands; their FGVC commands use 128). The official code tunes lr and
   weight decay over VPT's grids; the base lr here is VPT's pick.
 - ``pc-finetune`` (Prompt Condensation's fine-tuning): VPT's optimiser and transforms
-  (``fastprompt condense`` keeps its source run's transforms, normalisation and ``lr_scaling``),
+  (``fastprompt condense`` keeps its source run's transforms, normalisation, ``lr_scaling`` and
+  optimiser: weight decay, ``no_decay`` and momentum, as the paper fine-tunes in the source's
+  setup, whose weight decay VPT tunes per task; ``--weight-decay`` / ``--momentum`` change them),
   20 epochs, no warmup (cosine from the peak), prompt dropout off. The paper gives no lr;
   fastprompt uses a tenth of the source run's base lr (``lr=None`` means that;
   :func:`fastprompt.finetune`, which has no source run, takes a peak lr, default 0.01).

@@ -141,7 +141,7 @@ def prepare_run(
     config.data.val = M.absolute_specs(config.data.val)
     if data is None:
         data = open_data(config.data, config.seed, exclude=[out])
-    keep += _image_folders(data)  # a list's images may live under --out
+    keep += _image_folders(data, overwrite)  # a list's images may live under --out
     if config.model.weights is not None:
         if not os.path.isfile(config.model.weights):
             raise RunError(f"--weights {config.model.weights} does not exist")
@@ -189,15 +189,19 @@ def prepare_run(
     barrier(env)
 
 
-def _image_folders(data: RunData) -> list[str]:
+def _image_folders(data: RunData, links: bool = False) -> list[str]:
     """The folders holding the run's images: a list names images anywhere, and --overwrite must
-    not move them aside with what --out held."""
-    folders = {
-        os.path.dirname(source)
+    not move them aside with what --out held. With ``links`` also the images that are symbolic
+    links (one may lead into --out from a folder outside it)."""
+    sources = [
+        source
         for part in (data.train, data.val)
         for source, _ in getattr(part, "samples", [])
         if isinstance(source, str)
-    }
+    ]
+    folders = {os.path.dirname(source) for source in sources}
+    if links:
+        folders.update(source for source in sources if os.path.islink(source))
     return sorted(folders)
 
 

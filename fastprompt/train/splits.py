@@ -184,6 +184,7 @@ def open_data(
     exclude: Iterable[str] = (),
     classes: Sequence[str] | None = None,
     stored: dict[str, Any] | None = None,
+    stratify: bool = True,
 ) -> RunData:
     """The raw (untransformed) parts of a run's data, read through its class map.
 
@@ -199,6 +200,10 @@ def open_data(
         The run's class map (a resumed or evaluated run); default the training data's.
     stored : dict, optional
         The run's stored split (:func:`read_split`): its parts are taken as stored.
+    stratify : bool
+        A new ``--val-split`` (fraction or count) holds out each class's share
+        (:func:`~fastprompt.train.data.split_dataset`); False: drawn from all images, as runs
+        made before ``split.json`` (and before stratification) recompute theirs.
 
     Raises
     ------
@@ -208,7 +213,7 @@ def open_data(
     """
     exclude = list(exclude)
     if is_mixture(cfg.train):
-        return open_mixture_data(cfg, seed, exclude, classes, stored)
+        return open_mixture_data(cfg, seed, exclude, classes, stored, stratify)
     if cfg.val is not None and cfg.val_split is not None:
         raise DataError("pass either --val or --val-split, not both")
     base = DS.open_dataset(cfg.train, "train", exclude)
@@ -254,8 +259,11 @@ def open_data(
     else:
         run_classes = list(classes) if classes is not None else list(base.classes)
         if cfg.val_split is not None:
-            tr, va = split_dataset(len(base), cfg.val_split, seed)
+            labels = [int(y) for _, y in base.samples] if stratify else None
+            tr, va = split_dataset(len(base), cfg.val_split, seed, labels)
             train, val = Subset(base, tr), Subset(base, va)
+            if labels is not None and cfg.val_split != "vtab-1k":
+                how += " (stratified by class)"
         else:
             train, val = Subset(base, range(len(base))), val_base
         if classes is None and cfg.val_split is not None:
@@ -268,6 +276,17 @@ def open_data(
             DS.check_trainable(train, f"--data {cfg.train}")
     if len(val) == 0:
         raise DataError(f"the validation data ({how}) holds no samples")
+    if val_base is base:
+        unseen = sorted(set(DS.present_labels(train)) - set(DS.present_labels(val)))
+        if unseen:
+            known = list(getattr(base, "classes", []))
+            names = [known[c] if c < len(known) else str(c) for c in unseen[:4]]
+            more = f" and {len(unseen) - 4} more" if len(unseen) > 4 else ""
+            notes.append(
+                f"note: {how} holds out no image of {len(unseen)} class(es) ({names}{more}): "
+                "their validation accuracy is not measured (a class of one image trains; hold "
+                "out at least one image per class)"
+            )
     train = DS.map_classes(train, run_classes, f"--data {cfg.train}")
     val = DS.map_classes(val, run_classes, val_where)
     return RunData(train, val, run_classes, how, notes)
@@ -282,8 +301,14 @@ def run_data(run: str, config, saved: dict[str, Any]) -> RunData:
         Images of the split gone or relabelled, classes the run never had.
     """
     stored = read_split(run)
+    # A run without split.json predates stratified splits: its random split is recomputed.
     data = open_data(
-        config.data, config.seed, exclude=[run], classes=saved["classes"], stored=stored
+        config.data,
+        config.seed,
+        exclude=[run],
+        classes=saved["classes"],
+        stored=stored,
+        stratify=stored is not None,
     )
     if stored is None:
         # A run older than split.json: its split is recomputed from the data and the seed,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -341,3 +343,46 @@ def test_a_lone_last_image_is_dropped_for_batchnorm(tiny_csv, tmp_path):
     run = _train(tiny_csv, tmp_path / "run", *extra, "--batch-size", "23")
     assert _metrics(run)[0]["train_samples"] == 23
     assert "last batch of 1 image is dropped" in (run / "log.txt").read_text()
+
+
+def test_condense_is_refused_while_another_process_writes_its_source(tiny_csv, tmp_path, capsys):
+    """condense read its source run without its lock: a `train --resume` (or `--overwrite`) of
+    the source running meanwhile could change or move what condense read. Now it is refused,
+    and reads once the writer is gone."""
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1")
+    code = (
+        "import sys; from fastprompt.train import owner\n"
+        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert writer.stdout.readline().strip() == b"held"
+        args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
+        args += ["--no-progress", "--out", str(tmp_path / "pc")]
+        err = _error(capsys, args)
+        assert (
+            f"condense RUN {run} is in use by another fastprompt process (pid {writer.pid}" in err
+        )
+        assert not (tmp_path / "pc").exists()
+    finally:
+        writer.communicate(b"", timeout=120)
+    assert main(args) == 0
+
+
+def test_condense_fine_tunes_with_the_source_runs_optimiser(tiny_csv, tmp_path):
+    """pc-finetune took VPT's default weight decay (1e-4) and momentum (0.9) whatever the source
+    run was tuned with; the paper fine-tunes in the source's setup. Now the source's, unless
+    --weight-decay / --momentum say otherwise."""
+    tuned = ("--set", "weight_decay=0.003", "momentum=0.5", "no_decay=[]")
+    run = _train(tiny_csv, tmp_path / "run", "--epochs", "1", *tuned)
+    args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
+    args += ["--no-progress", "--stop-after", "1"]
+    assert main([*args, "--out", str(tmp_path / "pc")]) == 0
+    recipe = json.loads((tmp_path / "pc" / "run.json").read_text())["config"]["recipe"]
+    assert (recipe["weight_decay"], recipe["momentum"], recipe["no_decay"]) == (0.003, 0.5, [])
+    told = ["--weight-decay", "0", "--momentum", "0.9", "--out", str(tmp_path / "told")]
+    assert main([*args, *told]) == 0
+    recipe = json.loads((tmp_path / "told" / "run.json").read_text())["config"]["recipe"]
+    assert (recipe["weight_decay"], recipe["momentum"]) == (0.0, 0.9)

@@ -157,6 +157,47 @@ def test_a_val_split_leaving_one_class_to_train_on_says_so(tmp_path):
     assert "all 4 classes of --data: hold out fewer images" in str(info.value)
 
 
+def test_a_val_split_holds_out_every_class_and_keeps_an_old_runs_split(tmp_path):
+    """--val-split drew its images from all of them: 20 images of `a` and 3 of `b` with 0.2 held
+    out 5 images of `a` and none of `b` (seed 0), so b's accuracy was never measured. Now each
+    class holds out its share (at least one); a run made before stratification (no split.json)
+    recomputes the random split it began with."""
+    from fastprompt.train.folder import DataConfig
+    from fastprompt.train.splits import open_data
+
+    write_images(tmp_path / "a", 20, 1)
+    write_images(tmp_path / "b", 3, 1, seed=1)
+    cfg = DataConfig(train=str(tmp_path), val_split="0.2")
+    data = open_data(cfg, seed=0)
+    labels = sorted(y for _, y in data.val.samples)
+    assert labels == [0, 0, 0, 0, 1] and len(data.train) == 18
+    assert data.how == "--val-split 0.2 (stratified by class)" and not data.notes
+    old = open_data(cfg, seed=0, stratify=False)
+    assert sorted(y for _, y in old.val.samples) == [0] * 5
+    assert "holds out no image of 1 class(es) (['b'])" in old.notes[0]
+    # A count below the classes cannot reach each; the note says which got none.
+    write_images(tmp_path / "c", 3, 1, seed=2)
+    data = open_data(DataConfig(train=str(tmp_path), val_split="2"), seed=0)
+    assert len(data.val) == 2 and "holds out no image of 2 class(es) (['b', 'c'])" in data.notes[0]
+
+
+def test_stratified_counts_keep_the_total_and_the_bounds():
+    for sizes, count, want in (
+        ({0: 20, 1: 3}, 5, {0: 4, 1: 1}),
+        ({0: 10, 1: 10}, 3, {0: 2, 1: 1}),
+        ({0: 50, 1: 2, 2: 2, 3: 2}, 3, None),  # fewer than the classes: some get none
+        ({0: 5, 1: 1, 2: 1, 3: 1}, 7, {0: 4, 1: 1, 2: 1, 3: 1}),
+        ({0: 2, 1: 9}, 9, {0: 1, 1: 8}),
+    ):
+        got = D.stratified_counts(sizes, count)
+        assert sum(got.values()) == count and all(0 <= got[c] <= k for c, k in sizes.items())
+        if want is not None:
+            assert got == want, (sizes, count, got)
+    # At least one per class of two or more, at most all but one, while the count allows.
+    got = D.stratified_counts({0: 100, 1: 2, 2: 2}, 50)
+    assert got[1] == got[2] == 1 and got[0] == 48
+
+
 class _Cfg(torch.nn.Module):
     def __init__(self, cfg):
         super().__init__()

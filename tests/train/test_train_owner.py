@@ -243,3 +243,75 @@ def test_overwrite_never_moves_the_images_a_list_names(tmp_path, capsys):
         assert "--overwrite would move it aside" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["data.csv", "img"]
     assert len(os.listdir(tmp_path / "img")) == 8
+
+
+def test_overwrite_never_moves_data_reached_through_a_link_in_out(tmp_path):
+    """`--out run --overwrite` with `run/data -> /elsewhere/imgs` and `--data run/data`: the real
+    path of the data is outside `run`, so `run` (and the link in it) was moved aside and the data
+    path led nowhere. The same for a link on the way (`a -> run/sub`, data `a/imgs`), and for a
+    condense source reached through `run/`."""
+    (tmp_path / "elsewhere" / "imgs").mkdir(parents=True)
+    run = tmp_path / "run"
+    (run / "sub").mkdir(parents=True)
+    (run / "sub" / "imgs").symlink_to(tmp_path / "elsewhere" / "imgs")
+    (run / "data").symlink_to(tmp_path / "elsewhere" / "imgs")
+    (tmp_path / "a").symlink_to(run / "sub")
+    for data in (run / "data", run / "data" / "x.csv", tmp_path / "a" / "imgs"):
+        (tmp_path / "elsewhere" / "imgs" / "x.csv").write_text("")
+        with pytest.raises(
+            owner.OwnerError, match="holds a link on the way to .*--overwrite would"
+        ):
+            owner.check_out(str(run), True, "--out", [str(data)])
+    # The data itself, reached without passing through run/, does not hold it back.
+    owner.check_out(str(run), True, "--out", [str(tmp_path / "elsewhere" / "imgs")])
+
+
+def test_overwrite_never_moves_images_a_list_links_into_out(tmp_path, capsys):
+    """A list naming `img/0.png -> run/keep/0.png`: the folder `img` is outside `run`, so
+    `--out run --overwrite` moved the linked images aside and the run failed reading them."""
+    from train_helpers import write_images
+
+    run = tmp_path / "run"
+    rows = write_images(run / "keep", 8, 2)
+    (tmp_path / "img").mkdir()
+    for i in range(8):
+        (tmp_path / "img" / f"{i}.png").symlink_to(run / "keep" / f"{i}.png")
+    (tmp_path / "data.csv").write_text(
+        "".join(f"img/{i}.png,{y}\n" for i, (_, y) in enumerate(rows))
+    )
+    args = ["train", *TINY_MODEL, "--data", str(tmp_path / "data.csv"), "--val-split", "2"]
+    args += ["--prompts", "2", *FAST, "--epochs", "1", "--overwrite", "--out", str(run)]
+    with pytest.raises(SystemExit):
+        main(args)
+    assert "--overwrite would move it aside" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["data.csv", "img", "run"]
+    assert len(os.listdir(run / "keep")) == 8
+
+
+def test_a_reader_shares_the_lock_and_keeps_writers_out(tmp_path):
+    """While condense reads a run (owner.reading), another reader may read it too, and a writer
+    (`train --resume`, `--overwrite`) is refused."""
+    run = str(tmp_path / "run")
+    owner.claim(run)
+    owner.release(run)
+    take = (
+        "import sys; from fastprompt.train import owner\n"
+        "try:\n    {}\nexcept owner.OwnerError as e:\n    print(e); sys.exit(3)\n"
+    )
+    calls = {
+        "owner.hold_lock(sys.argv[1])": 3,
+        "owner.check_out(sys.argv[1], True)": 3,
+        "with owner.reading(sys.argv[1]): pass": 0,
+    }
+    with owner.reading(run):
+        for call, code in calls.items():
+            done = subprocess.run(
+                [sys.executable, "-c", take.format(call), run],
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == code, (call, done.stdout, done.stderr)
+            assert code == 0 or "or a condense reading it" in done.stdout
+    with owner.hold(run):  # once read, the folder is free again
+        pass
