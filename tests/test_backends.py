@@ -244,23 +244,32 @@ def test_the_layers_hold_as_the_import_contracts_say():
 # ----------------------------------------------------------------------------------------------
 
 
-def _fake_kernels(monkeypatch, name: str, skew: float = 0.0, fail: bool = False):
-    """A kernels module: the cascade's kernels with every output off by ``skew``, or raising."""
+def _fake_kernels(monkeypatch, name: str, skew: float = 0.0, fail: bool = False, wrong=None):
+    """A kernels module: the cascade's kernels with every output but lse off by ``skew``, or
+    raising; with ``wrong(function name, args, kwargs)``, off only in the calls it picks."""
     from fastprompt.kernels import cascade
 
     module = types.ModuleType(name)
+
+    def skewed(fn, results, args, kw):
+        off = skew if wrong is None or wrong(fn, args, kw) else 0.0
+        return tuple(r * (1 + off) for r in results)
 
     def fwd(*args, **kw):
         if fail:
             raise RuntimeError("no kernel image for this device")
         out, lse = cascade.prompt_attention_fwd(*args, **kw)
-        return out * (1 + skew), lse
+        return skewed("fwd", (out,), args, kw)[0], lse
 
     def bwd(*args, **kw):
-        return tuple(g * (1 + skew) for g in cascade.prompt_attention_bwd(*args, **kw))
+        return skewed("bwd", cascade.prompt_attention_bwd(*args, **kw), args, kw)
+
+    def bwd_scored(*args, **kw):
+        return skewed("bwd_scored", cascade.prompt_attention_bwd_scored(*args, **kw), args, kw)
 
     module.availability = lambda: None
     module.prompt_attention_fwd, module.prompt_attention_bwd = fwd, bwd
+    module.prompt_attention_bwd_scored = bwd_scored
     monkeypatch.setitem(sys.modules, name, module)
     return name
 
@@ -297,22 +306,58 @@ def test_a_kernel_that_raises_fails_its_probe_and_one_within_the_rule_passes(mon
 def test_a_kernel_wrong_only_on_full_tiles_fails_its_probe(monkeypatch):
     """Right wherever a 128-row tile is partial, as in the probe's small cases, wrong once one is
     full (the unmasked code path every ViT-sized call runs): the probe has a case for it."""
-    from fastprompt.kernels import cascade
-
-    module = types.ModuleType("fp_full_tiles")
-
-    def fwd(q, *args, **kw):
-        out, lse = cascade.prompt_attention_fwd(q, *args, **kw)
-        return (out * 1.01 if q.shape[2] >= 128 else out), lse
-
-    module.availability = lambda: None
-    module.prompt_attention_fwd, module.prompt_attention_bwd = fwd, cascade.prompt_attention_bwd
-    monkeypatch.setitem(sys.modules, "fp_full_tiles", module)
+    module = _fake_kernels(
+        monkeypatch, "fp_full_tiles", skew=0.01, wrong=lambda fn, a, kw: a[0].shape[2] >= 128
+    )
     monkeypatch.setenv("FASTPROMPT_PROBE", "always")
-    tiles = _declare("tiles", "fp_full_tiles")
+    tiles = _declare("tiles", module)
     _register(monkeypatch, tiles, only=("cascade", "torch"))
     with pytest.warns(RuntimeWarning, match=r"'tiles' failed its self-check .* out: error"):
         assert choose("op", Call(CPU, F32, 32)).name == "torch"
+
+
+def _dense(t) -> bool:
+    return t.is_contiguous()
+
+
+# Kernels right on every input the probe once made, wrong only on: (what the probe must name, when)
+WRONG_ONLY_ON = {
+    # q, k, v as timm hands them: views of one (B, N, 3, H, d) qkv buffer
+    "qkv views": ("out", lambda fn, a, kw: fn == "fwd" and not _dense(a[0])),
+    # prompt keys/values made by one kv projection, seen through their views
+    "prompt views": ("dq", lambda fn, a, kw: fn == "bwd" and not _dense(a[4])),
+    # the gradient of a (B, N, H, d) output seen as (B, H, N, d)
+    "dout views": ("dq", lambda fn, a, kw: fn == "bwd" and not _dense(a[0])),
+    # Prompt Condensation's scored backward
+    "scored backward": ("dq", lambda fn, a, kw: fn == "bwd_scored"),
+    # a frozen backbone's first prompted block: prompt gradients only
+    "no image gradients": ("dprompt_k", lambda fn, a, kw: kw.get("image_grads") is False),
+    # batches where kernels may sum several sequences' prompt gradients per program
+    "large shared batch": ("dq", lambda fn, a, kw: fn == "bwd" and a[1].shape[0] >= 128),
+}
+
+
+@pytest.mark.parametrize("where", list(WRONG_ONLY_ON))
+def test_a_kernel_wrong_only_where_models_call_it_fails_its_probe(monkeypatch, where):
+    """Each case the review found the probe did not exercise: a kernel wrong only there (by 1%)
+    is disabled, naming the output, the variant and the case."""
+    output, wrong = WRONG_ONLY_ON[where]
+    module = _fake_kernels(monkeypatch, f"fp_only_{where.replace(' ', '_')}", 0.01, wrong=wrong)
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    planted = _declare("planted", module, prompt_grads_only=True)
+    _register(monkeypatch, planted, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match=rf"'planted' failed its self-check .* {output}: error"):
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+
+
+def test_the_probe_engages_tritons_sequence_groups():
+    """The large-batch case is one where Triton's prompt-key programs sum several sequences."""
+    pytest.importorskip("triton")
+    from fastprompt.kernels.triton import prompt_attention_backward as tb
+
+    b, h, _, _, t, p = probe.GROUPED
+    assert t == 1 and tb._GROUP_OVERRIDE is None
+    assert b % tb.seq_group(b, h, p) != 0 and tb.seq_group(b, h, p) > 1
 
 
 def test_a_requested_backend_is_probed_too(monkeypatch):
