@@ -259,7 +259,7 @@ def test_overwrite_never_moves_data_reached_through_a_link_in_out(tmp_path):
     for data in (run / "data", run / "data" / "x.csv", tmp_path / "a" / "imgs"):
         (tmp_path / "elsewhere" / "imgs" / "x.csv").write_text("")
         with pytest.raises(
-            owner.OwnerError, match="holds a link on the way to .*--overwrite would"
+            owner.OwnerError, match=r"holds a link on the way to .*--overwrite would"
         ):
             owner.check_out(str(run), True, "--out", [str(data)])
     # The data itself, reached without passing through run/, does not hold it back.
