@@ -76,8 +76,14 @@ class TimmFacing:
         it replaces (a positional embedding, a Swin's attention masks) stays frozen, the
         prompts are unchanged."""
         self._check_live()
+        before = {name: p.requires_grad for name, p in self._model.named_parameters()}
         self._model.set_input_size(*args, **kwargs)
         self._sync()
+        # Older timm (1.0.9) rebuilt a Swin's bias tables as new parameters that train: each
+        # takes the trainability of the entry it replaced (a new name joins the frozen backbone).
+        for name, p in self._model.named_parameters():
+            if p.requires_grad and not before.get(name, False):
+                p.requires_grad_(False)
 
     # Properties giving the wrapped model's own methods, so that a model without them (a family
     # of one's own) leaves the wrapper without them too: timm's optimizer factory asks

@@ -98,6 +98,27 @@ def test_head_hidden_size_and_set_input_size_answer_on_the_wrapper(make):
     assert not any(p.requires_grad for n, p in prompted.model.named_parameters() if "head" not in n)
 
 
+def test_what_set_input_size_rebuilds_stays_frozen():
+    """timm 1.0.9's Swin rebuilt each relative-position bias table as a new parameter that
+    trains (newer timm keeps the old one's flag): after the wrapper's set_input_size the
+    backbone trained those tables. A replaced entry takes its predecessor's flag."""
+    prompted = fastprompt.vpt(tiny_swin(), 2, deep=True)
+    model = prompted.model
+    timm_set_input_size = model.set_input_size
+
+    def as_timm_1_0_9(*args, **kwargs):
+        timm_set_input_size(*args, **kwargs)
+        for layer in model.layers:
+            for blk in layer.blocks:
+                table = blk.attn.relative_position_bias_table
+                blk.attn.relative_position_bias_table = torch.nn.Parameter(table.detach().clone())
+
+    model.set_input_size = as_timm_1_0_9
+    prompted.set_input_size(img_size=48)
+    trains = sorted(n for n, p in prompted.named_parameters() if p.requires_grad)
+    assert trains and all(n.startswith(("head", "prompt", "deep_prompt")) for n in trains)
+
+
 def _grads(prompted, x):
     names = [n for n, p in prompted.named_parameters() if p.requires_grad]
     params = [p for n, p in prompted.named_parameters() if p.requires_grad]
