@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
+
+from fastprompt._warnings import warn_at_caller
 
 __all__ = ["compare_table", "markdown_table", "plot", "print_table"]
 
@@ -164,7 +165,7 @@ def plot(result: dict[str, Any], folder: str) -> list[str]:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        warnings.warn("fastprompt bench: matplotlib is not installed, so no plots", stacklevel=2)
+        warn_at_caller("fastprompt bench: matplotlib is not installed, so no plots")
         return []
     rows = result["rows"]
     free = rows[0]

@@ -2,10 +2,13 @@
 the user's").
 
 Only what stays true of the wrapper is answered from the wrapped model: its configuration (data
-config, class count, feature width, the channels and reductions of its intermediates) and its
-classifier. No method that runs the model is forwarded, since it would drop the prompts: timm's
+config, class count, widths, token layout, the channels and reductions of its intermediates) and
+its classifier, each only where the model has it (code that asks ``hasattr`` first sees the
+wrapper as the model). ``global_pool`` is the wrapper's own: the pooling its readout does, in
+timm's names. No method that runs the model is forwarded, since it would drop the prompts: timm's
 feature extraction (``forward_intermediates``, ``get_intermediate_layers``) is the prompted
-model's own (:mod:`fastprompt.intermediates`).
+model's own (:mod:`fastprompt.intermediates`). A Swin's ``output_fmt`` is not answered either:
+the wrapper's ``forward_features`` returns (B, tokens, C), not timm's NHWC map.
 """
 
 from __future__ import annotations
@@ -17,6 +20,19 @@ from torch import nn
 
 __all__ = ["TimmFacing"]
 
+# timm's name of the pooling each readout does: the class token, or the mean of every token after
+# the prefix tokens (the patches, and under "patches+prompts" the last block's prompts).
+_POOLS = {"cls": "token", "patches": "avg", "patches+prompts": "avg"}
+
+
+def _from_model(name: str, doc: str) -> property:
+    """A read-only attribute of the wrapped model, absent (AttributeError) where it is."""
+
+    def get(self: TimmFacing) -> Any:
+        return getattr(self._model, name)
+
+    return property(get, doc=doc)
+
 
 class TimmFacing:
     """timm's model API on :class:`fastprompt.PromptedViT` (``_model``: the wrapped model,
@@ -25,6 +41,41 @@ class TimmFacing:
     _model: nn.Module
     _check_live: Callable[[], None]
     _sync: Callable[[], None]
+    readout: str
+
+    in_chans = _from_model("in_chans", "Channels of the input images.")
+    embed_dim = _from_model("embed_dim", "Width of the tokens (a Swin: of its first stage).")
+    num_prefix_tokens = _from_model(
+        "num_prefix_tokens",
+        """The model's class and register tokens (a ViT), in front of the patches: the model's
+        own count, so that ``forward_features(x)[:, num_prefix_tokens:]`` is what the readout
+        averages (``global_pool="avg"``): the patches, in timm's layout, under every readout but
+        ``"patches+prompts"``, where the last block's prompt tokens come first (VPT) or last
+        (PGN) among them, as the official avg-pool path averages them with the patches.""",
+    )
+    num_reg_tokens = _from_model("num_reg_tokens", "The model's register tokens (a ViT).")
+    has_class_token = _from_model("has_class_token", "Whether the model has a class token.")
+    no_embed_class = _from_model(
+        "no_embed_class", "Whether the prefix tokens get no positional embedding (a ViT)."
+    )
+    pool_include_prefix = _from_model(
+        "pool_include_prefix", "False: average pooling leaves the prefix tokens out (a ViT)."
+    )
+    dynamic_img_size = _from_model(
+        "dynamic_img_size",
+        "Whether images of other sizes than the model's are taken (the prompted forward too).",
+    )
+    num_layers = _from_model("num_layers", "The model's stages (a Swin).")
+
+    @property
+    def global_pool(self) -> str:
+        """timm's name of the pooling ``forward_head`` does, which the readout decides (not the
+        model's ``global_pool``, which ``reset_classifier(n, global_pool=...)`` may change):
+        ``"token"`` under ``readout="cls"``, else ``"avg"``, the mean of ``forward_features``'
+        tokens after :attr:`num_prefix_tokens`."""
+        if not hasattr(self._model, "global_pool") or self.readout not in _POOLS:
+            raise AttributeError("global_pool")  # as the model without one: absent
+        return _POOLS[self.readout]
 
     @property
     def pretrained_cfg(self) -> dict[str, Any]:

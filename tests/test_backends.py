@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import subprocess
 import sys
@@ -361,14 +362,52 @@ def test_the_probe_engages_tritons_sequence_groups():
 
 
 def test_a_requested_backend_is_probed_too(monkeypatch):
-    """``backend=`` (a CLI's --backend) once skipped the probe: a wrong kernel was used as asked."""
+    """``backend=`` (a CLI's --backend) once skipped the probe: a wrong kernel was used as asked.
+    Its failure is said by the error alone (it was also warned, so the person read it twice);
+    an automatic choice later still says why the backend is left out, once."""
     monkeypatch.setenv("FASTPROMPT_PROBE", "always")
     wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_asked", skew=0.01))
     _register(monkeypatch, wrong, only=("cascade", "torch"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            with pytest.raises(NotImplementedError, match=r"'wrong' was requested .* self-check"):
+                choose("op", Call(CPU, F32, 32), "wrong")
+        assert choose("op", Call(CPU, F32, 32), "torch").name == "torch"
     with pytest.warns(RuntimeWarning, match="'wrong' failed its self-check"):
-        with pytest.raises(NotImplementedError, match=r"'wrong' was requested .* self-check"):
-            choose("op", Call(CPU, F32, 32), "wrong")
-    assert choose("op", Call(CPU, F32, 32), "torch").name == "torch"
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once
+        assert choose("op", Call(CPU, F32, 32)).name == "torch"
+
+
+def _op_call(d: int = 32):
+    """A prompt_attention call as a model makes it: (q, k, v, prompt_k, prompt_v)."""
+    return (*make_qkv(2, 2, 5, d), *make_prompts(1, 2, 3, d))
+
+
+def test_the_probe_warning_points_at_the_persons_call(monkeypatch):
+    """The warning named a line of pytest (a fixed stacklevel counted from the probe, which sits
+    at another depth under every caller), never the call that led to it."""
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")
+    wrong = _declare("wrong", _fake_kernels(monkeypatch, "fp_wrong_where", skew=0.01))
+    _register(monkeypatch, wrong, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match="'wrong' failed its self-check") as said:
+        line = inspect.currentframe().f_lineno + 1
+        prompt_attention(*_op_call())
+    assert (said[0].filename, said[0].lineno) == (__file__, line)
+
+
+def test_an_unreadable_dispatch_cache_is_said_at_the_persons_call(monkeypatch, tmp_path):
+    cache_file = tmp_path / "dispatch.json"
+    cache_file.write_text("{not json")
+    monkeypatch.setenv("FASTPROMPT_DISPATCH_CACHE", str(cache_file))
+    monkeypatch.setenv("FASTPROMPT_PROBE", "always")  # a probe records its result in the file
+    _register(monkeypatch, only=("cascade", "torch"))
+    with pytest.warns(RuntimeWarning, match="dispatch cache: cannot read") as said:
+        line = inspect.currentframe().f_lineno + 1
+        prompt_attention(*_op_call(16))
+    assert (said[0].filename, said[0].lineno) == (__file__, line)
 
 
 def test_the_probe_can_be_switched_off(monkeypatch):

@@ -51,3 +51,22 @@ def test_torch_apis_newer_than_2_6_are_asked_for_through_compat(monkeypatch):
             assert not used, f"{path.relative_to(root)} uses {used}: go through fastprompt._compat"
     monkeypatch.delattr(torch.compiler, "is_exporting", raising=False)
     assert tracing() is False
+
+
+# Modules still over the limit, each to be split along a seam of its own (this test fails once
+# one is back under it, so the entry goes).
+OVER_500_LINES = {"train/owner.py"}
+
+
+def test_modules_stay_under_500_lines():
+    """The project's convention (README, "Development"): a module past 500 lines is split along
+    a seam of its own."""
+    import pathlib
+
+    root = pathlib.Path(fastprompt.__file__).parent
+    over = {
+        str(path.relative_to(root))
+        for path in root.rglob("*.py")
+        if len(path.read_text().splitlines()) > 500
+    }
+    assert over == OVER_500_LINES

@@ -3,6 +3,8 @@ the wrapped model, timm's optimizer factory (weight decay and layer-wise LR deca
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from helpers import assert_close, assert_matches_naive, tiny_swin, tiny_vit
@@ -174,3 +176,101 @@ def test_a_family_without_timms_optimizer_hooks_still_gets_an_optimizer():
             }
     finally:
         backbones._REGISTRY.pop(key)
+
+
+# The wrapped model's configuration a timm user reads off a model, answered on the wrapper where
+# the model has it (global_pool is the wrapper's own, below).
+CONFIG = (
+    "in_chans",
+    "embed_dim",
+    "dynamic_img_size",
+    "num_prefix_tokens",
+    "num_reg_tokens",
+    "has_class_token",
+    "no_embed_class",
+    "pool_include_prefix",
+    "num_layers",
+)
+
+
+@pytest.mark.parametrize("case", MODELS)
+def test_the_models_configuration_answers_on_the_wrapper(case):
+    """``prompted.embed_dim``, ``num_prefix_tokens``, ``global_pool``... raised AttributeError
+    (hasattr said False) where the model has them."""
+    prompted = MODELS[case]()
+    model = prompted.model
+    for name in CONFIG:
+        assert hasattr(prompted, name) == hasattr(model, name), name
+        if hasattr(model, name):
+            assert getattr(prompted, name) == getattr(model, name), name
+    assert "num_prefix_tokens" in dir(prompted) and hasattr(prompted, "embed_dim")
+    assert prompted.global_pool == model.global_pool  # the default readout follows it
+    assert not hasattr(prompted, "output_fmt")  # forward_features is (B, tokens, C), not NHWC
+    with pytest.raises(AttributeError):
+        prompted.embed_dim = 3
+
+
+READOUTS = {
+    "vpt-cls": lambda: fastprompt.vpt(_created("vit"), 3, deep=True, readout="cls"),
+    "vpt-patches": lambda: fastprompt.vpt(_created("vit"), 3, deep=True, readout="patches"),
+    "vpt-patches+prompts": lambda: fastprompt.vpt(
+        _created("vit"), 3, deep=True, readout="patches+prompts"
+    ),
+    "pgn-patches+prompts": lambda: fastprompt.pgn(
+        _created("vit"), num_prompts=2, library_size=4, resolution=32, readout="patches+prompts"
+    ),
+    "e2vpt-patches+prompts": lambda: E.e2vpt(_created("vit"), 3, 2, readout="patches+prompts"),
+    "swin-patches": lambda: fastprompt.vpt(_created("swin"), 2, deep=True, readout="patches"),
+    "swin-patches+prompts": lambda: fastprompt.vpt(_created("swin"), 2, deep=True),
+}
+
+
+@pytest.mark.parametrize("case", READOUTS)
+def test_num_prefix_tokens_and_global_pool_lay_out_forward_features(case):
+    """What a timm user computes from them holds on the wrapper: the readout pools
+    ``forward_features(x)[:, num_prefix_tokens:]`` as ``global_pool`` says, and a readout that
+    reads no prompt leaves timm's layout (prefix tokens, then the patches)."""
+    prompted = READOUTS[case]().eval()
+    model = prompted.model
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    features = prompted.forward_features(x)
+    prefix = getattr(prompted, "num_prefix_tokens", 0)  # a Swin has no prefix tokens
+    if prompted.global_pool == "avg":
+        pooled = features[:, prefix:].mean(dim=1)
+    else:
+        pooled = features[:, 0]
+    pooled = getattr(model, "fc_norm", torch.nn.Identity())(pooled)
+    assert_close(prompted.forward_head(features, pre_logits=True), pooled, "pooled", atol=1e-6)
+    own = model.forward_features(x)  # the model's tokens: (B, N, D), a Swin's (B, H, W, C)
+    prompts = prompted.config.num_prompts if prompted.readout == "patches+prompts" else 0
+    assert features.shape[1] == own[0, ..., 0].numel() + prompts
+    if not prompts:
+        assert features.shape == own.flatten(1, -2).shape
+    assert prompted.global_pool == ("token" if prompted.readout == "cls" else "avg")
+
+
+def test_global_pool_is_the_readouts_after_reset_classifier_changes_the_models():
+    prompted = fastprompt.vpt(_created("vit"), 3, deep=True)
+    prompted.reset_classifier(7, global_pool="avg")
+    assert (prompted.model.global_pool, prompted.global_pool) == ("avg", "token")
+
+
+@pytest.mark.parametrize("family", ["vit", "swin"])
+def test_dynamic_img_size_is_the_wrappers_too(family):
+    """A model built with dynamic_img_size=True: the prompted forward takes other image sizes,
+    the fused path as the naive one."""
+    import timm
+
+    torch.manual_seed(0)
+    if family == "swin":
+        name = "swin_tiny_patch4_window7_224"
+        kw = dict(patch_size=2, window_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    else:
+        name, kw = "vit_tiny_patch16_224", dict(patch_size=8, depth=2)
+    model = timm.create_model(name, img_size=32, num_classes=5, dynamic_img_size=True, **kw)
+    fused = fastprompt.vpt(model, 2, deep=True).eval()
+    assert fused.dynamic_img_size is True
+    naive = copy.deepcopy(fused)
+    naive.impl = "naive"
+    x = torch.randn(2, 3, 48, 40, generator=torch.Generator().manual_seed(2))
+    assert_close(fused(x), naive(x), "logits", atol=2e-5, rtol=1e-5)

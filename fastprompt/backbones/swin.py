@@ -50,7 +50,14 @@ from fastprompt.backbones.base import (
     PromptKVParts,
     key_value_columns,
 )
-from fastprompt.backbones.swin_windows import partition, reverse, window_attention, window_bias
+from fastprompt.backbones.swin_windows import (
+    constant_window_bias,
+    partition,
+    reverse,
+    split_qkv,
+    window_attention,
+    window_bias,
+)
 from fastprompt.backbones.taps import SwinTaps
 
 __all__ = ["READOUTS", "SwinBackbone", "SwinTokens"]
@@ -95,15 +102,6 @@ def kv_rows(attn: nn.Module, h: Tensor) -> tuple[Tensor, Tensor]:
     shape = (t, p, 2, attn.num_heads, kv.shape[-1] // 2 // attn.num_heads)  # not -1: P may be 0
     k, v = kv.reshape(shape).permute(2, 0, 3, 1, 4).unbind(0)
     return k, v
-
-
-def _qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """q, k, v (S, H, N, d) of tokens (S, N, C), as timm's ``WindowAttention`` splits them."""
-    s, n, _ = x.shape
-    qkv = attn.qkv(x)
-    d = qkv.shape[-1] // 3 // attn.num_heads
-    q, k, v = qkv.reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
-    return q, k, v
 
 
 def _mlp(blk: nn.Module, x: Tensor) -> Tensor:
@@ -369,7 +367,7 @@ class SwinBackbone(Backbone):
         b, nw = x.shape[0], part.count
         hp = blk.norm1(p)[self._owner(b, nw, x.device)]
         seq = torch.cat([hp, part.windows], dim=1)
-        q, k, v = _qkv(attn, seq)
+        q, k, v = split_qkv(attn, seq)
         bias = F.pad(window_bias(blk, part, q.dtype), (n_p, 0, n_p, 0))
         if bias.shape[0] > 1:  # one per window: every image's windows get it, as officially
             bias = bias.repeat(b, 1, 1, 1)
@@ -420,26 +418,19 @@ class SwinBackbone(Backbone):
         x, p = tokens
         part = partition(blk, blk.norm1(x))
         b, nw = x.shape[0], part.count
-        q, k, v = _qkv(attn, part.windows)
+        q, k, v = split_qkv(attn, part.windows)
         # The held prompts' queries, keys and values: one projection of their P rows per image,
         # or once for the batch when every image holds the same set (a deep set, which insert
         # expands): the backward then sums the images' gradients before the projection's.
         shared = p is not None and p.shape[0] > 1 and p.stride(0) == 0
-        own = None if p is None else _qkv(attn, blk.norm1(p[:1] if shared else p))
+        own = None if p is None else split_qkv(attn, blk.norm1(p[:1] if shared else p))
         pk, pv, index, lengths = self._prompt_table(own, kv, b, q.dtype, x.device)
         if index is _EACH_IMAGE:
             window_index = self._owner(b, nw, x.device)
         else:
             window_index = None if index is None else self._window_index(index, b, nw, x.device)
-        bias = window_bias(blk, part, q.dtype)
-        if bias.requires_grad and torch.is_grad_enabled():
-            s, j = self._where[block]
-            raise TypeError(
-                f"fastprompt: layers.{s}.blocks.{j}.attn.relative_position_bias_table trains "
-                "(requires_grad=True), but the fused Swin path hands the relative-position bias "
-                "to the prompt attention op as a constant, which it does not differentiate; "
-                "freeze it (requires_grad_(False)) or use impl='naive'"
-            )
+        s, j = self._where[block]
+        bias = constant_window_bias(blk, part, q.dtype, f"layers.{s}.blocks.{j}")
         call = AttentionCall(
             block, q, k, v, pk, pv, window_index, attn.scale, backend, lengths, bias, nw
         )

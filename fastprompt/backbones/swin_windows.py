@@ -1,5 +1,6 @@
-"""A Swin block's windows: the shifted-window partition of its patches, the way back, and the
-windows' attention bias (``docs/design.md`` §4, "Swin").
+"""A Swin block's windows: the shifted-window partition of its patches, the way back, the
+windows' attention bias (a constant of the prompt attention op, refused while it trains) and
+their attention as timm's ``WindowAttention`` computes it (``docs/design.md`` §4, "Swin").
 
 :func:`partition` and :func:`reverse` follow timm's ``SwinTransformerBlock._attn`` (roll, pad to
 whole windows, partition; and back), except that a pad of nothing is skipped (``F.pad`` copies
@@ -16,7 +17,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["Windows", "partition", "reverse", "window_attention", "window_bias"]
+__all__ = [
+    "Windows",
+    "constant_window_bias",
+    "partition",
+    "reverse",
+    "split_qkv",
+    "window_attention",
+    "window_bias",
+]
 
 
 class Windows(NamedTuple):
@@ -74,6 +83,28 @@ def window_bias(blk: nn.Module, part: Windows, dtype: torch.dtype) -> Tensor:
         return rel
     m = rel.shape[-1]
     return rel + part.mask.to(dtype).view(part.count, 1, m, m)
+
+
+def constant_window_bias(blk: nn.Module, part: Windows, dtype: torch.dtype, name: str) -> Tensor:
+    """:func:`window_bias` for the prompt attention op, which takes it as a constant: refused
+    while the block's bias table trains (``name``: the block's, for the message)."""
+    bias = window_bias(blk, part, dtype)
+    if bias.requires_grad and torch.is_grad_enabled():
+        raise TypeError(
+            f"fastprompt: {name}.attn.relative_position_bias_table trains (requires_grad=True), "
+            "but the fused Swin path hands the relative-position bias to the prompt attention "
+            "op as a constant, which it does not differentiate; freeze it "
+            "(requires_grad_(False)) or use impl='naive'"
+        )
+    return bias
+
+
+def split_qkv(attn: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v (S, H, N, d) of tokens (S, N, C), as timm's ``WindowAttention`` splits them."""
+    s, n, _ = x.shape
+    packed = attn.qkv(x)
+    d = packed.shape[-1] // 3 // attn.num_heads
+    return packed.reshape(s, n, 3, attn.num_heads, d).permute(2, 0, 3, 1, 4).unbind(0)
 
 
 def window_attention(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:

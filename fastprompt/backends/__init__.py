@@ -372,7 +372,7 @@ def choose(
         reasons = backend.not_supported_reasons(call)
         # A requested backend is probed too: forcing one (a CLI's --backend) must not train
         # on kernels that were never checked on this device.
-        failed = probe.check(backend, call) if probing and not reasons else None
+        failed = probe.check(backend, call, say=False) if probing and not reasons else None
         if reasons or failed:
             raise NotImplementedError(
                 f"{op}: backend {requested!r} was requested but cannot run this call: "

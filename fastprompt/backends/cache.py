@@ -16,12 +16,12 @@ import json
 import os
 import platform
 import tempfile
-import warnings
 from typing import Any
 
 import torch
 
 from fastprompt import _config
+from fastprompt._warnings import warn_at_caller
 
 __all__ = ["device_name", "entries", "path", "record", "versions", "versions_key"]
 
@@ -96,7 +96,7 @@ def _read(file: str) -> dict[str, Any]:
 def _warn(message: str) -> None:
     if message not in _WARNED:
         _WARNED.append(message)
-        warnings.warn(f"fastprompt: dispatch cache: {message}", RuntimeWarning, stacklevel=4)
+        warn_at_caller(f"fastprompt: dispatch cache: {message}", RuntimeWarning)
 
 
 def entries(section: str) -> dict[str, Any]:

@@ -18,12 +18,12 @@ Results are kept per process and recorded in the dispatch cache file for ``fastp
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from fastprompt._warnings import warn_at_caller
 from fastprompt.backends import YARDSTICK, Backend, Call, get
 from fastprompt.backends.cache import record
 
@@ -66,6 +66,8 @@ class ProbeResult:
 
 
 _RESULTS: dict[tuple[str, str, str, int], ProbeResult] = {}
+# The failures already said as a warning (a requested backend's is said by its error instead).
+_SAID: set[tuple[str, str, str, int]] = set()
 
 
 def results() -> dict[tuple[str, str, str, int], ProbeResult]:
@@ -293,10 +295,13 @@ def _device_usable(device: torch.device) -> bool:
     return True
 
 
-def check(backend: Backend, call: Call) -> str | None:
+def check(backend: Backend, call: Call, say: bool = True) -> str | None:
     """None when ``backend`` passed (or cannot be probed here), else why it is disabled.
 
-    Probes once per process and (backend, device, dtype, head dim); a failure is said once.
+    Probes once per process and (backend, device, dtype, head dim). With ``say`` a failure is
+    said once, as a warning at the person's call; a backend that was requested (``say=False``)
+    is refused with the reason in the error instead, which then says it (the next automatic
+    choice still warns).
     """
     key = (backend.name, str(call.device), str(call.dtype), call.head_dim)
     result = _RESULTS.get(key)
@@ -306,16 +311,16 @@ def check(backend: Backend, call: Call) -> str | None:
         result = run(backend, call)
         _RESULTS[key] = result
         record("probes", _record_key(key), {"ok": result.ok, "detail": result.detail})
-        if not result.ok:
-            warnings.warn(
-                f"fastprompt: backend {backend.name!r} failed its self-check on {call.device} "
-                f"({call.dtype}, head dim {call.head_dim}) and is disabled for this process: "
-                f"{result.detail}. Set FASTPROMPT_PROBE=off to skip the check.",
-                RuntimeWarning,
-                stacklevel=5,
-            )
     if result.ok:
         return None
+    if say and key not in _SAID:
+        _SAID.add(key)
+        warn_at_caller(
+            f"fastprompt: backend {backend.name!r} failed its self-check on {call.device} "
+            f"({call.dtype}, head dim {call.head_dim}) and is disabled for this process: "
+            f"{result.detail}. Set FASTPROMPT_PROBE=off to skip the check.",
+            RuntimeWarning,
+        )
     return f"failed its self-check against the cascade ({result.detail})"
 
 
@@ -329,3 +334,4 @@ def _record_key(key: tuple[str, str, str, int]) -> str:
 def forget() -> None:
     """Drop this process's probe results (tests)."""
     _RESULTS.clear()
+    _SAID.clear()

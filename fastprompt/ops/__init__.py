@@ -3,7 +3,7 @@ references apart, in :mod:`fastprompt.ops.reference` (it imports only torch).
 
 ``attention`` defines :func:`prompt_attention`, ``scores`` the scored attention Prompt
 Condensation uses (and :func:`prompt_scores`, the reference score terms), ``gather``
-:func:`gather_prompts`.
+:func:`gather_prompts`; ``checks`` holds the input checks the attention ops share.
 """
 
 from fastprompt.ops.attention import prompt_attention

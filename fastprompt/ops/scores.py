@@ -30,13 +30,12 @@ from fastprompt.ops.attention import (
     _lse_dtype,
     _not_computed,
     _prompt_attention_op,
-    check_inputs,
-    check_scale,
     choose_for,
     feature_args,
     gradient_fakes,
     guard_gradients,
 )
+from fastprompt.ops.checks import check_inputs, check_scale
 from fastprompt.ops.reference import prompt_scores_ref
 
 __all__ = [

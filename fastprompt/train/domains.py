@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from fastprompt._warnings import warn_at_caller
 
 __all__ = [
     "EMBEDDINGS",
@@ -212,10 +213,9 @@ def embed_2d(features: Tensor, method: str = "pca", seed: int = 0) -> np.ndarray
     if np.ptp(x, axis=0).max() <= 1e-6 * max(1.0, float(np.abs(x).max())):
         # A saturated generator: scikit-learn's t-SNE crashes the process (a segmentation
         # fault) on rows this close, and PCA has no direction to show.
-        warnings.warn(
+        warn_at_caller(
             f"embed_2d: every image's features are the same (to 1e-6; {x.shape[0]} images): the "
-            "generator gives every image the same mixture, so the picture is one point",
-            stacklevel=2,
+            "generator gives every image the same mixture, so the picture is one point"
         )
         return np.zeros((x.shape[0], 2))
     if method == "pca":

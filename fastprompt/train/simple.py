@@ -8,11 +8,11 @@ resume, mixed precision and torchrun, use ``fastprompt train`` or :func:`fastpro
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Iterable
 
 from torch import nn
 
+from fastprompt._warnings import warn_at_caller
 from fastprompt.batches import BatchFn, check_reiterable
 from fastprompt.methods.condensation import (
     condense,
@@ -117,7 +117,7 @@ def fit(
             given["batch_size"] = batch
     resolved, notes = apply_changes(base, given, "warmup_epochs={}")
     for note in notes:
-        warnings.warn(f"fit: {note}", UserWarning, stacklevel=2)
+        warn_at_caller(f"fit: {note}")
     check_reiterable(loader, resolved.epochs, "fit")
     trainer = Trainer(prompted, resolved, precision=precision, batch_fn=batch_fn, progress=progress)
     losses = [trainer.train_epoch(loader, e)["train_loss"] for e in range(resolved.epochs)]

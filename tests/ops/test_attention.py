@@ -210,7 +210,7 @@ def test_head_dim_0_asks_for_a_scale():
 def test_an_inference_index_on_a_device_is_checked_at_every_call():
     """A device index made under inference_mode has no version counter: the per-version cache
     of device checks raised reading it (the meta device takes the same branch as CUDA)."""
-    from fastprompt.ops.attention import _check_int_vector
+    from fastprompt.ops.checks import _check_int_vector
 
     with torch.inference_mode():
         index = torch.tensor([0, 1], device="meta")

@@ -10,10 +10,10 @@ arithmetic in PyTorch (:func:`merge_torch`). Tests run both, the kernel in Trito
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import Tensor
+
+from fastprompt._warnings import warn_at_caller
 
 __all__ = ["merge", "merge_torch", "merge_triton"]
 
@@ -154,10 +154,9 @@ def merge(o_p: Tensor, lse_p: Tensor, o_i: Tensor, lse_i: Tensor, out: Tensor) -
         return merge_triton(o_p, lse_p, o_i, lse_i, out)
     except Exception as e:  # no Triton, or it cannot compile here: say so once, then PyTorch
         _BROKEN.append(f"{type(e).__name__}: {e}")
-        warnings.warn(
+        warn_at_caller(
             f"fastprompt: the cascade's Triton merge kernel cannot run here ({_BROKEN[0]}); "
             "merging in PyTorch (more memory traffic)",
             RuntimeWarning,
-            stacklevel=2,
         )
         return merge_torch(o_p, lse_p, o_i, lse_i, out)

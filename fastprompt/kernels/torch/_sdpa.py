@@ -29,12 +29,12 @@ arguments are never read; empty tensors stand in for them.
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from fastprompt._warnings import warn_at_caller
 from fastprompt.kernels.torch._common import broadcastable_bias
 
 __all__ = ["KERNELS", "attend", "attend_backward", "kernel_for", "select"]
@@ -157,12 +157,11 @@ def kernel_for(q: Tensor, has_bias: bool) -> str:
         key = (str(q.dtype), f"{q.shape[-1]}-{has_bias}")
         if key not in _SAID:
             _SAID.add(key)
-            warnings.warn(
+            warn_at_caller(
                 f"fastprompt: no fused PyTorch attention kernel takes {q.dtype} with head dim "
                 f"{q.shape[-1]}{' and a bias' if has_bias else ''} on this GPU (or they are "
                 "switched off); these calls materialise their scores",
                 RuntimeWarning,
-                stacklevel=3,
             )
     return kernel
 

@@ -22,13 +22,13 @@ is condensation's own state (:func:`kept_prompts`), saved with it as method
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from fastprompt._warnings import warn_at_caller
 from fastprompt.methods.condensation.scores import SCORES, check_scorable, score_prompts
 from fastprompt.ops.gather import gather_prompts
 from fastprompt.prompted import PromptedViT
@@ -91,10 +91,8 @@ def select_prompts(scores: Tensor, keep: float | int, scope: str = "global") -> 
         if not 0 <= keep <= pool:
             raise ValueError(f"select_prompts: keep count must be in [0, {pool}], got {keep}")
         if keep == 1 and pool > 1:
-            warnings.warn(
-                "select_prompts: keep=1 is a count (one prompt); pass keep=1.0 to keep them all",
-                UserWarning,
-                stacklevel=2,
+            warn_at_caller(
+                "select_prompts: keep=1 is a count (one prompt); pass keep=1.0 to keep them all"
             )
         count = keep
     s = scores.detach().float().cpu()
