@@ -436,7 +436,13 @@ def test_swin_without_prompts_is_timms_own_forward_intermediates():
     prompted = fastprompt.vpt(tiny_swin(img_size=(32, 48)), 0).eval()
     x = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(3))
     for kwargs in [dict(norm=True), dict(indices=[1, 0], stop_early=True), dict(indices=1)]:
-        final, maps = prompted.model.forward_intermediates(x, **kwargs)
+        try:
+            final, maps = prompted.model.forward_intermediates(x, **kwargs)
+        except RuntimeError as e:
+            # timm before 1.0.31 ran the final norm on an early stage's width; there is no
+            # answer of timm's to compare with.
+            assert "stop_early" in kwargs and "normalized_shape" in str(e), e
+            continue
         got_final, got_maps = prompted.forward_intermediates(x, **kwargs)
         _same(got_maps, maps, f"{kwargs}")
         _close(got_final, final.flatten(1, 2), f"{kwargs}: final")

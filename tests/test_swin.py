@@ -361,9 +361,16 @@ def test_what_swin_refuses(build, match):
     fastprompt.vpt(model, 2).unwrap()  # the refused build left the model free
 
 
-def test_other_pools_and_window_mixing_on_a_vit_are_refused():
+def test_other_pools_are_refused():
+    try:
+        model = tiny_swin(global_pool="max")
+    except AssertionError:
+        pytest.skip("this timm builds Swin only with global_pool 'avg' (before timm 1.0.31)")
     with pytest.raises(ValueError, match="global_pool='max'"):
-        fastprompt.vpt(tiny_swin(global_pool="max"), 2)
+        fastprompt.vpt(model, 2)
+
+
+def test_window_mixing_on_a_vit_is_refused():
     with pytest.raises(ValueError, match="has no windows"):
         fastprompt.vpt(tiny_vit(), 2, window_mixing=True)
 
