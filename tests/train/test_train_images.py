@@ -12,13 +12,13 @@ from train_helpers import write_images
 from fastprompt.train import data as D
 
 
-def _read_all(dataset, workers: int) -> D.ImageError:
+def _read_all(dataset, workers: int):
     # fork: the worker inherits the test's patches (PIL's limit, a failing open).
     context = "fork" if workers else None
     loader = DataLoader(
         dataset, num_workers=workers, collate_fn=list, multiprocessing_context=context
     )
-    with pytest.raises(D.ImageError) as info:
+    with pytest.raises(D.DataError) as info:
         list(loader)
     return info.value
 
@@ -39,9 +39,9 @@ def test_each_cause_gets_its_own_advice(folder, monkeypatch, workers):
     dataset = D.open_dataset(str(folder))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 12x12 images: over twice the limit
     e = _read_all(dataset, workers)
-    assert (e.cause, e.path) == ("too-large", first)
     assert "PIL.Image.MAX_IMAGE_PIXELS" in str(e) and "shrink it" in str(e)
     assert "replace or remove" not in str(e) and "\n" not in str(e)
+    assert isinstance(e, D.ImageError) and (e.cause, e.path) == ("too-large", first)
     monkeypatch.undo()
 
     def failing(path, *args, **kwargs):
@@ -49,9 +49,9 @@ def test_each_cause_gets_its_own_advice(folder, monkeypatch, workers):
 
     monkeypatch.setattr(Image, "open", failing)
     e = _read_all(dataset, workers)
-    assert (e.cause, e.path) == ("system", first)
     assert "the system said Input/output error (EIO)" in str(e) and "retry" in str(e)
     assert "replace or remove" not in str(e) and "\n" not in str(e)
+    assert (e.cause, e.path) == ("system", first)
     monkeypatch.undo()
 
     (folder / "b" / "0.png").write_text("not an image")
@@ -69,5 +69,5 @@ def test_a_list_says_which_row(tmp_path):
     dataset = D.open_dataset(str(tmp_path / "l.csv"))
     (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG broken")
     e = _read_all(dataset, 1)
-    assert e.where == f" (row 2 of {tmp_path / 'l.csv'})" and e.cause == "undecodable"
     assert str(e).startswith(f"the image {tmp_path / 'img' / '1.png'} (row 2 of ")
+    assert e.where == f" (row 2 of {tmp_path / 'l.csv'})" and e.cause == "undecodable"
