@@ -25,7 +25,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         help="default: the run's validation data (a run over several datasets: NAME=PATH for "
-        "one of them, per-dataset top-1 with its own)",
+        "one of them, per-dataset top-1 with its own); images the run trained on are refused",
     )
     p.add_argument(
         "--checkpoint",
