@@ -225,7 +225,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         action=_Pairs,
         type=_model_arg,
         metavar="FIELD=VALUE",
-        help="any recipe field (repeatable; a field given its own option above takes it there)",
+        help="any recipe field; repeatable (--set epochs=50 --set momentum=0.8)",
     )
     r.add_argument("--print-recipe", action="store_true", help="print the recipe and exit")
     x = p.add_argument_group("run")
