@@ -33,6 +33,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "--prompts",
         type=int,
         nargs="+",
+        action="extend",
         default=None,
         help="prompt counts (default 50 100 200; the prompt-free model is always measured)",
     )
@@ -56,6 +57,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--memory",
         nargs="+",
+        action="extend",
         choices=MEMORY_POLICIES,
         default=None,
         help="fastprompt's memory policies to measure (default all: "
@@ -65,6 +67,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
         "--fits",
         type=float,
         nargs="+",
+        action="extend",
         metavar="GIB",
         help="instead: the largest batch that fits in each budget (GiB) for --fits-models, "
         "full fine-tuning, naive VPT and fastprompt under each policy (an estimate on a CPU)",
@@ -72,6 +75,7 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--fits-models",
         nargs="+",
+        action="extend",
         default=None,
         help=f"timm models for --fits (default {' '.join(FIT_MODELS)})",
     )

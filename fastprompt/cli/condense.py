@@ -49,6 +49,10 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="default the run's")
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
+    p.add_argument(
+        "--device",
+        help="cpu, cuda, cuda:N (default the run's); the condensed run keeps it when resumed",
+    )
     p.add_argument("--out", help="the new run folder (default RUN-pc<keep>-<score>); new or empty")
     p.add_argument(
         "--overwrite",
@@ -71,10 +75,14 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         config, _ = read_run(args.run)
     except RunError as e:
         return str(e)
-    if check_device(config.device):
+    if args.device is not None:
+        problem = check_device(args.device)
+        if problem:
+            return problem
+    elif check_device(config.device):
         return (
             f"{args.run} was trained with --device {config.device}, which torch does not see "
-            "here; condense runs on the run's device"
+            "here; condense it with --device (e.g. --device cpu)"
         )
     reason = not_condensable(config)
     if reason is not None:
@@ -111,7 +119,7 @@ def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from fastprompt.train.run import RunError, read_run
 
     config, _ = read_run(args.run)
-    env = setup(config.device)
+    env = setup(args.device or config.device)
     try:
         condense_run(
             args.run,
@@ -133,6 +141,7 @@ def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             overwrite=args.overwrite,
             weight_decay=args.weight_decay,
             momentum=args.momentum,
+            device=args.device,
         )
     except (DataError, RunError, ValueError) as e:
         teardown(env)

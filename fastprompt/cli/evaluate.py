@@ -25,7 +25,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--data",
         help="default: the run's validation data (a run over several datasets: NAME=PATH for "
-        "one of them, per-dataset top-1 with its own)",
+        "one of them, per-dataset top-1 with its own); images the run trained on are refused",
     )
     p.add_argument(
         "--checkpoint",
@@ -76,6 +76,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from fastprompt.train import data as D
     from fastprompt.train import multi as M
     from fastprompt.train.distributed import setup, teardown
+    from fastprompt.train.heldout import check_held_out
     from fastprompt.train.loop import LabelError, evaluate_model
     from fastprompt.train.run import RunError, load_run_model, read_run, transforms_for
     from fastprompt.train.splits import run_data
@@ -87,6 +88,14 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         if args.data is None:
             dataset = run_data(args.run, config, saved).val
             name = "validation"
+            notes = (
+                [
+                    "note: best/ was chosen on these validation images (the epoch with the highest "
+                    "top-1 on them): this is not a held-out test result"
+                ]
+                if args.checkpoint == "best"
+                else []
+            )
         else:
             # Read through the run's class map: digits:6-9 on a digits:5-9 run is labelled
             # as the run's classes 6-9, digits:0-4 is refused.
@@ -105,6 +114,11 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
                     f"{e}; a dataset of this run is read by the name it trained under, "
                     f"--data NAME=PATH (the run's: {named})"
                 ) from None
+            # Before any image is read: training images are no test (an old digits:5-9 run's
+            # split is not today's; the training folder passed by mistake).
+            notes = check_held_out(
+                args.run, config, saved, opened, f"--data {args.data}", args.checkpoint
+            )
             # A split folder is evaluated on its test/ part (else val/, validation/): say which.
             split = isinstance(opened, D.ImageFolderData) and os.path.normpath(
                 opened.root
@@ -136,6 +150,8 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         teardown(env)
         parser.error(f"evaluate: {e}")
     if env.main:
+        for note in notes:
+            print(note, file=sys.stderr)
         record = {
             "checkpoint": args.checkpoint,
             "data": name,
@@ -146,12 +162,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         }
         if domains is not None:
             record["datasets"] = M.per_dataset(result["domain_sums"], names)
-        path = os.path.join(args.run, "evaluations.jsonl")
-        try:
-            with open(path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-        except OSError as e:  # a read-only copy of a run still evaluates
-            print(f"note: not recorded in {path} ({e.strerror})", file=sys.stderr)
+        _record(args.run, record)
         print(
             f"{args.run} ({args.checkpoint}) on {name}: top-1 {100 * result['acc']:.2f}%  "
             f"loss {result['loss']:.4f}  ({result['samples']} images)"
@@ -160,3 +171,19 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             print(f"  top-1 per dataset: {M.describe(record['datasets'])}")
     teardown(env)
     return 0
+
+
+def _record(run: str, record: dict) -> None:
+    """Append ``record`` to ``run/evaluations.jsonl`` under the run's shared lock: a `train
+    --resume` or `--overwrite` of the run (which lock it whole) cannot start or move the folder
+    aside mid-append, and while one runs the result is printed but not recorded."""
+    from fastprompt.train import owner
+
+    path = os.path.join(run, "evaluations.jsonl")
+    try:
+        with owner.reading(run, "evaluate RUN"), open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+    except owner.OwnerError as e:
+        print(f"note: not recorded in {path} ({e})", file=sys.stderr)
+    except OSError as e:  # a read-only copy of a run still evaluates
+        print(f"note: not recorded in {path} ({e.strerror})", file=sys.stderr)

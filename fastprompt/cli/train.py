@@ -62,6 +62,27 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, value
 
 
+class _Pairs(argparse.Action):
+    """``KEY=VALUE ...`` that may repeat (``--set a=1 --set b=2``): every occurrence applies.
+    A key given twice with different values is refused naming both (argparse kept only the last
+    occurrence, silently); the same value twice counts once."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        pairs = list(getattr(namespace, self.dest, None) or [])
+        seen = dict(pairs)
+        for key, value in values:
+            if key not in seen:
+                seen[key] = value
+                pairs.append((key, value))
+            elif json.dumps(seen[key]) != json.dumps(value):
+                raise argparse.ArgumentError(
+                    self,
+                    f"{key} is given twice, as {key}={json.dumps(seen[key])} and "
+                    f"{key}={json.dumps(value)}; give it once",
+                )
+        setattr(namespace, self.dest, pairs)
+
+
 class _Repeatable(argparse.Action):
     """A flag that may repeat: once, a string; several times, a list (a mixture of datasets)."""
 
@@ -129,6 +150,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument(
         "--model-args",
         nargs="+",
+        action=_Pairs,
         type=_model_arg,
         metavar="KEY=VALUE",
         help="more timm.create_model arguments (img_size=32 depth=4 ...)",
@@ -198,7 +220,12 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         "recomputed), block (per-block checkpointing); same gradients",
     )
     r.add_argument(
-        "--set", nargs="+", type=_model_arg, metavar="FIELD=VALUE", help="any recipe field"
+        "--set",
+        nargs="+",
+        action=_Pairs,
+        type=_model_arg,
+        metavar="FIELD=VALUE",
+        help="any recipe field; repeatable (--set epochs=50 --set momentum=0.8)",
     )
     r.add_argument("--print-recipe", action="store_true", help="print the recipe and exit")
     x = p.add_argument_group("run")
@@ -251,6 +278,7 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[Recipe, list[str]]:
     recipe = RECIPES[args.recipe or entry.recipe]
     # Recipe fields the method's options imply (VPT's VTAB-1k presets).
     changes: dict[str, Any] = dict(entry.cli.recipe(args)) if entry.cli.recipe else {}
+    flags: dict[str, str] = {}  # recipe field -> the option that set it
     for name in (
         "epochs",
         "batch_size",
@@ -266,13 +294,22 @@ def resolve_recipe(args: argparse.Namespace) -> tuple[Recipe, list[str]]:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+            flags[name] = f"--{name.replace('_', '-')} {value}"
     if getattr(args, "sync_bn", False):
         changes["batch_norm"] = "sync"
+        flags["batch_norm"] = "--sync-bn"
     for key, value in args.set or []:
         try:
-            changes[key] = coerce_field(key, value, f"--set {key}={value}")
+            coerced = coerce_field(key, value, f"--set {key}={value}")
         except ValueError as e:
             raise ValueError(str(e).replace("recipe: ", f"--set {key}={value}: ")) from None
+        # The last of two settings won silently; a preset's implied field is overridable.
+        if key in flags and coerced != changes[key]:
+            raise ValueError(
+                f"{flags[key]} and --set {key}={value} set the recipe field {key} twice, to "
+                "different values; give it once"
+            )
+        changes[key] = coerced
     return apply_changes(recipe, changes)
 
 

@@ -91,6 +91,7 @@ def condense_run(
     overwrite: bool = False,
     weight_decay: float | None = None,
     momentum: float | None = None,
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
     """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
 
@@ -126,6 +127,9 @@ def condense_run(
     weight_decay, momentum : float, optional
         Of the fine-tuning's SGD; default the source run's (its ``no_decay`` too): the paper
         fine-tunes in the source's training setup, whose weight decay VPT tunes per task.
+    device : str, optional
+        Where to condense and fine-tune (``cpu``, ``cuda:1``); default the source run's. The
+        new run records it, so ``--resume`` continues there.
 
     Returns
     -------
@@ -145,7 +149,8 @@ def condense_run(
     # source is refused meanwhile, and this is refused while one runs.
     with _reading(source):
         config, saved = read_run(source)
-        env = env or setup(config.device)
+        device = device or config.device
+        env = env or setup(device)
         out = out or default_out(source, keep, score)
         if env.main:
             _owned(owner.check_out, out, overwrite, "--out", [source])  # never moved aside
@@ -208,7 +213,7 @@ def condense_run(
         precision=precision or config.precision,
         compile=config.compile,
         seed=config.seed,
-        device=config.device,
+        device=device,
         init={
             "condensed_from": os.path.abspath(source),
             "checkpoint": checkpoint,

@@ -40,6 +40,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from fastprompt.train.images import DataError, ImageError, read_rgb
 from fastprompt.train.owner import is_run_folder
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
     "ClassMapped",
     "DataError",
     "Digits",
+    "ImageError",
     "ImageFolderData",
     "ListData",
     "check_trainable",
@@ -58,31 +60,6 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-class DataError(ValueError):
-    """A dataset that cannot be used: a bad path, no images, labels that do not fit."""
-
-    def __str__(self) -> str:
-        text = super().__str__()
-        # Raised in a DataLoader worker, it comes back with the worker's traceback as its
-        # message: the message itself is its last line.
-        if "Original Traceback" in text and "DataError: " in text:
-            return text.rsplit("DataError: ", 1)[1].strip()
-        return text
-
-
-def _rgb(path: str, where: str = ""):
-    from PIL import Image
-
-    try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
-        what = "does not exist" if isinstance(e, FileNotFoundError) else "cannot be read"
-        raise DataError(
-            f"the image {path}{where} {what} ({type(e).__name__}: {e}); replace or remove it"
-        ) from None
 
 
 def _not_files(paths: Iterable[str]) -> list[str]:
@@ -194,7 +171,7 @@ class ImageFolderData(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return _rgb(path), label
+        return read_rgb(path), label
 
 
 def _number(text: str) -> float | None:
@@ -289,7 +266,7 @@ class ListData(Dataset):
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        return _rgb(path, f" (row {i + 1} of {self.path})"), label
+        return read_rgb(path, f" (row {i + 1} of {self.path})"), label
 
 
 class Digits(Dataset):

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from fastprompt.train.distributed import DistEnv
-from fastprompt.train.owner import SWAP_MARK, only_ours, retire, settle_swap, swap_dir
+from fastprompt.train.leftovers import SWAP_MARK, only_ours, retire, settle_swap, swap_dir
 from fastprompt.train.recipes import Recipe
 
 __all__ = [

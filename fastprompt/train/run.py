@@ -25,8 +25,8 @@ from torch import nn
 from fastprompt.checkpoint import save_prompts
 from fastprompt.registry import RUN_OPTIONS
 from fastprompt.train import data as D
+from fastprompt.train import leftovers, owner
 from fastprompt.train import multi as M
-from fastprompt.train import owner
 from fastprompt.train.build import build_prompted, create_backbone
 from fastprompt.train.checkpoints import read_trainer_state, save_epoch, sha256
 from fastprompt.train.distributed import DistEnv, all_gather_objects, barrier, setup
@@ -314,8 +314,8 @@ def continue_run(
     _owned(owner.hold_lock, run, "--resume")
     try:
         owner.mark(run)  # a run folder written before markers existed becomes a marked one
-        owner.clean_stale(run, Log(run, env, quiet))
-        left = owner.leftover_swaps(run)
+        leftovers.clean_stale(run, Log(run, env, quiet))
+        left = leftovers.leftover_swaps(run)
         if left:  # a save would refuse after an epoch: say so before any work
             raise RunError(
                 f"{left[0]} is in the way of the run's checkpoints (a folder fastprompt did not "

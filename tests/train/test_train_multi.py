@@ -131,10 +131,23 @@ def test_a_pgn_run_over_two_datasets_reports_per_dataset_and_domains(two_sets, t
     assert 0.0 <= report["separation"] <= 1.0 and report["samples"] == {"a": 4, "b": 4}
     assert 0.0 <= report["separation_baseline"] <= 1.0  # the untrained model's, for comparison
     assert "domain discovery" in (run / "log.txt").read_text()
-    # One dataset of the run, named as in the run; and the report again, from the command line.
-    assert main(["evaluate", str(run), "--data", f"b={b}", "--no-progress"]) == 0
+    # One dataset of the run, named as in the run: its held-out images (all of b holds the
+    # run's training images, refused); and the report again, from the command line.
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(run), "--data", f"b={b}", "--no-progress"])
+    assert "12 of its 16 evaluation images are images" in capsys.readouterr().err
+    held = [
+        (os.path.join(os.path.dirname(b), sid[2:]), saved["classes"][y][2:])
+        for sid, y in zip(split["val"]["ids"], split["val"]["labels"], strict=True)
+        if sid.startswith("b/")
+    ]
+    (tmp_path / "held.csv").write_text("".join(f"{p},{y}\n" for p, y in held))
+    assert (
+        main(["evaluate", str(run), "--data", f"b={tmp_path / 'held.csv'}", "--no-progress"]) == 0
+    )
+    assert "are the run's validation images, on which best/ was chosen" in capsys.readouterr().err
     record = json.loads((run / "evaluations.jsonl").read_text().splitlines()[-1])
-    assert record["samples"] == 16 and list(record["datasets"]) == ["b"]
+    assert record["samples"] == 4 and list(record["datasets"]) == ["b"]
     # Unnamed, a dataset's classes are not the run's: the error says how to name it.
     with pytest.raises(SystemExit):
         main(["evaluate", str(run), "--data", b, "--no-progress"])

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from train_helpers import TINY_MODEL
 
 from fastprompt.cli import main
-from fastprompt.train import owner
+from fastprompt.train import leftovers, owner
 from fastprompt.train.folder import save_dir
 
 FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
@@ -87,7 +87,7 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
     ):
         (run / d).mkdir(parents=True)
     for swap in (".best.swap", ".last.swap"):  # what a save moved aside bears the mark
-        (run / swap / owner.SWAP_MARK).write_text("")
+        (run / swap / leftovers.SWAP_MARK).write_text("")
     (run / ".best.swap" / "prompts.safetensors").write_text("the previous best")
     (run / ".last.swap" / "prompts.safetensors").write_text("the last but one")
     (run / ".last.swap" / "notes.txt").write_text("a person's, moved there by the swap")
@@ -99,7 +99,7 @@ def test_clean_stale_removes_only_what_interrupted_saves_leave(tmp_path):
         (run / backup).mkdir()
         (run / backup / "prompts.safetensors").write_text("a person's backup")
     (run / "init.old" / "notes.txt").write_text("mine")
-    done = owner.clean_stale(str(run))
+    done = leftovers.clean_stale(str(run))
     assert sorted(os.listdir(run)) == [
         ".best-xyzw1234",
         ".lastly",
@@ -122,7 +122,7 @@ def test_an_older_versions_interrupted_swap_is_renamed_back_never_removed(tmp_pa
     (tmp_path / "last.old").mkdir()
     (tmp_path / "last.old" / "prompts.safetensors").write_text("epoch 2")
     (tmp_path / "last.old" / "trainer.pt").write_text("state")
-    assert "last.old -> last" in owner.clean_stale(str(tmp_path))
+    assert "last.old -> last" in leftovers.clean_stale(str(tmp_path))
     assert (tmp_path / "last" / "prompts.safetensors").read_text() == "epoch 2"
 
 
@@ -131,12 +131,12 @@ def test_a_folder_named_like_a_swap_that_fastprompt_did_not_make_is_left(tmp_pat
     (tmp_path / "best" / "prompts.safetensors").write_text("old")
     (tmp_path / ".best.swap").mkdir()  # a person's copy, under the hidden name
     (tmp_path / ".best.swap" / "prompts.safetensors").write_text("a person's copy")
-    assert owner.clean_stale(str(tmp_path)) == []
+    assert leftovers.clean_stale(str(tmp_path)) == []
     with pytest.raises(OSError, match="fastprompt did not make this folder"):
         save_dir(str(tmp_path), "best", write())
     assert (tmp_path / ".best.swap" / "prompts.safetensors").read_text() == "a person's copy"
     assert (tmp_path / "best" / "prompts.safetensors").read_text() == "old"
-    assert owner.leftover_swaps(str(tmp_path)) == [str(tmp_path / ".best.swap")]
+    assert leftovers.leftover_swaps(str(tmp_path)) == [str(tmp_path / ".best.swap")]
 
 
 def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
@@ -144,7 +144,7 @@ def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
     copy, which the next save (or clean_stale) hands over to the new checkpoint."""
 
     (tmp_path / ".best.swap").mkdir()
-    (tmp_path / ".best.swap" / owner.SWAP_MARK).write_text("")
+    (tmp_path / ".best.swap" / leftovers.SWAP_MARK).write_text("")
     (tmp_path / ".best.swap" / "prompts.safetensors").write_text("old")
     (tmp_path / ".best.swap" / "draft.tex").write_text("mine")
     save_dir(str(tmp_path), "best", write("new"))

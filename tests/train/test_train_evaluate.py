@@ -1,0 +1,150 @@
+"""``fastprompt evaluate RUN --data D``: never on the run's training images; recorded under the
+run's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from train_helpers import TINY_MODEL, write_images
+
+from fastprompt.cli import main
+
+FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
+
+
+def _error(capsys, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def _evaluations(run) -> list[dict]:
+    path = run / "evaluations.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.fixture
+def folder_run(tmp_path):
+    """A run on a split folder: trains on data/train (2 classes, 8 images), validates on
+    data/val (2 images)."""
+    root = tmp_path / "data"
+    for part, count in (("train", 4), ("val", 1)):
+        for i, cls in enumerate("ab"):
+            write_images(root / part / cls, count, 1, seed=10 * i + len(part))
+    args = ["train", *TINY_MODEL, "--data", str(root), "--prompts", "1", *FAST]
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    return tmp_path / "run", root
+
+
+def test_evaluate_refuses_the_runs_training_images(folder_run, tmp_path, capsys):
+    """evaluate --data measured the training folder, or a list of training images, as if it
+    were a test set: a top-1 of training accuracy, recorded as a result."""
+    run, root = folder_run
+    capsys.readouterr()
+    err = _error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
+    assert f"--data {root / 'train'}: 8 of its 8 evaluation images are images {run} was " in err
+    assert f"trained on (per {run / 'split.json'}): {root / 'train' / 'a' / '0.png'}, " in err
+    assert "evaluate on images held out of training" in err
+    # The same images reached another way: through a link to the folder, listed by a .csv.
+    os.symlink(root / "train", tmp_path / "link")
+    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "link")])
+    assert "8 of its 8 evaluation images are images" in err
+    rows = [("data/val/a/0.png", "a"), ("data/train/b/3.png", "b")]
+    (tmp_path / "mine.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
+    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "mine.csv")])
+    assert f"1 of its 2 evaluation images are images {run} was trained on" in err
+    assert str(root / "train" / "b" / "3.png") in err
+    assert _evaluations(run) == []
+    # A run older than split.json: its split is recomputed from its data, as a resume does.
+    os.remove(run / "split.json")
+    err = _error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
+    assert "(per its data and seed (it predates split.json))" in err
+
+
+def test_evaluate_on_the_validation_images_says_best_was_chosen_on_them(folder_run, capsys):
+    run, root = folder_run
+    capsys.readouterr()
+    # A split folder without test/ is evaluated on its val/: the run's validation images.
+    assert main(["evaluate", str(run), "--data", str(root), "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("note: 2 of the 2 images of --data ") == 1
+    assert "are the run's validation images, on which best/ was chosen" in err
+    assert main(["evaluate", str(run), "--no-progress"]) == 0  # its validation data
+    assert "best/ was chosen on these validation images" in capsys.readouterr().err
+    args = ["evaluate", str(run), "--data", str(root), "--checkpoint", "last", "--no-progress"]
+    assert main(args) == 0
+    assert "note" not in capsys.readouterr().err
+    assert [r["samples"] for r in _evaluations(run)] == [2, 2, 2]
+
+
+def _old_digits_split(digits: list[int]) -> tuple[list[int], list[int]]:
+    """The split digits:5-9 had before each digit's order was drawn on its own (a090a1c)."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    g = torch.Generator().manual_seed(0)
+    train, test = [], []
+    for digit in digits:
+        idx = np.flatnonzero(target == digit)
+        idx = idx[torch.randperm(len(idx), generator=g).numpy()]
+        cut = round(0.6 * len(idx))
+        train += sorted(int(i) for i in idx[:cut])
+        test += sorted(int(i) for i in idx[cut:])
+    return train, test
+
+
+def test_an_old_digits_run_is_not_evaluated_on_its_training_images(tmp_path, capsys):
+    """A digits:5-9 run made before digits split each digit on its own holds, in split.json,
+    training images that today's test part of digits:6-9 holds: 171 of its 286 images."""
+    pytest.importorskip("sklearn.datasets")
+    run = tmp_path / "run"
+    args = ["train", *TINY_MODEL, "--data", "digits:5-9", "--prompts", "1", *FAST]
+    assert main([*args, "--epochs", "1", "--stop-after", "1", "--out", str(run)]) == 0
+    capsys.readouterr()
+    # Today's split: digits:6-9's test images are the run's validation images.
+    assert main(["evaluate", str(run), "--data", "digits:6-9", "--no-progress"]) == 0
+    assert "note: 286 of the 286 images of --data digits:6-9 are the run's validation" in (
+        capsys.readouterr().err
+    )
+    split = json.loads((run / "split.json").read_text())
+    train, test = _old_digits_split([5, 6, 7, 8, 9])
+    for part, chosen in (("train", train), ("val", test)):
+        split[part]["ids"] = [f"digits/{i}" for i in chosen]
+    (run / "split.json").write_text(json.dumps(split))
+    err = _error(capsys, ["evaluate", str(run), "--data", "digits:6-9"])
+    assert "--data digits:6-9: 171 of its 286 evaluation images are images" in err
+    assert "digits/" in err
+
+
+def test_evaluate_records_under_the_runs_lock(folder_run, capsys):
+    """evaluate appended to evaluations.jsonl without the run's lock: a `train --resume` or
+    `--overwrite` of the run could start, or move the folder aside, mid-append."""
+    run, _ = folder_run
+    code = (
+        "import sys; from fastprompt.train import owner\n"
+        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert writer.stdout.readline().strip() == b"held"
+        assert main(["evaluate", str(run), "--no-progress"]) == 0
+        captured = capsys.readouterr()
+        assert "top-1" in captured.out  # the result is printed
+        assert f"note: not recorded in {run / 'evaluations.jsonl'} (evaluate RUN {run} is in " in (
+            captured.err
+        )
+        assert f"use by another fastprompt process (pid {writer.pid}" in captured.err
+        assert _evaluations(run) == []
+    finally:
+        writer.communicate(b"", timeout=120)
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    assert len(_evaluations(run)) == 1

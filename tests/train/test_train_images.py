@@ -1,0 +1,73 @@
+"""Why an image cannot be read, with advice for that cause, from a loader worker too."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+from PIL import Image
+from torch.utils.data import DataLoader
+from train_helpers import write_images
+
+from fastprompt.train import data as D
+
+
+def _read_all(dataset, workers: int):
+    # fork: the worker inherits the test's patches (PIL's limit, a failing open).
+    context = "fork" if workers else None
+    loader = DataLoader(
+        dataset, num_workers=workers, collate_fn=list, multiprocessing_context=context
+    )
+    with pytest.raises(D.DataError) as info:
+        list(loader)
+    return info.value
+
+
+@pytest.fixture
+def folder(tmp_path):
+    for i, cls in enumerate("ab"):
+        write_images(tmp_path / "data" / cls, 2, 1, seed=i)
+    return tmp_path / "data"
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_each_cause_gets_its_own_advice(folder, monkeypatch, workers):
+    """Every unreadable image said 'replace or remove it', also one over PIL's
+    decompression-bomb limit (a fine image, too large) and one a failing or remote file system
+    could not read this once; and from a worker the error was its traceback, parsed as text."""
+    first = str(folder / "a" / "0.png")
+    dataset = D.open_dataset(str(folder))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 12x12 images: over twice the limit
+    e = _read_all(dataset, workers)
+    assert "PIL.Image.MAX_IMAGE_PIXELS" in str(e) and "shrink it" in str(e)
+    assert "replace or remove" not in str(e) and "\n" not in str(e)
+    assert isinstance(e, D.ImageError) and (e.cause, e.path) == ("too-large", first)
+    monkeypatch.undo()
+
+    def failing(path, *args, **kwargs):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(Image, "open", failing)
+    e = _read_all(dataset, workers)
+    assert "the system said Input/output error (EIO)" in str(e) and "retry" in str(e)
+    assert "replace or remove" not in str(e) and "\n" not in str(e)
+    assert (e.cause, e.path) == ("system", first)
+    monkeypatch.undo()
+
+    (folder / "b" / "0.png").write_text("not an image")
+    e = _read_all(dataset, workers)
+    assert (e.cause, e.path) == ("undecodable", str(folder / "b" / "0.png"))
+    assert str(e).endswith("replace or remove it") and "\n" not in str(e)
+    (folder / "b" / "0.png").unlink()
+    e = _read_all(dataset, workers)
+    assert e.cause == "missing" and "restore it, or remove it from the data" in str(e)
+
+
+def test_a_list_says_which_row(tmp_path):
+    rows = write_images(tmp_path / "img", 2, 2)
+    (tmp_path / "l.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
+    dataset = D.open_dataset(str(tmp_path / "l.csv"))
+    (tmp_path / "img" / "1.png").write_bytes(b"\x89PNG broken")
+    e = _read_all(dataset, 1)
+    assert str(e).startswith(f"the image {tmp_path / 'img' / '1.png'} (row 2 of ")
+    assert e.where == f" (row 2 of {tmp_path / 'l.csv'})" and e.cause == "undecodable"
