@@ -13,7 +13,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import TINY_MODEL, torchrun, write_images
+from train_helpers import (
+    TINY_MODEL,
+    sync_bn_nets,
+    sync_bn_step,
+    sync_bn_worker,
+    torchrun,
+    write_images,
+)
 
 from fastprompt.cli import main
 from fastprompt.train import multi as M
@@ -229,6 +236,29 @@ def test_sync_batchnorm_in_one_process_is_batchnorm():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+def test_sync_batchnorm_over_two_processes_is_batchnorm_over_the_global_batch(tmp_path):
+    """In float64, so that any difference beyond rounding (~1e-16) is a difference in what is
+    computed: each process's outputs and input gradients, the parameter gradients summed over
+    processes and the running statistics against one BatchNorm over the whole batch, also for a
+    generator given one image per process (a 1x1 last feature map: 2 values per channel)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(sync_bn_worker, (2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for name, (net, images) in sync_bn_nets().items():
+        y, dx = sync_bn_step(net, images)
+        for rank in range(2):
+            mine = got[rank][name]
+            torch.testing.assert_close(mine["y"], y[rank::2], **tight, msg=name)
+            torch.testing.assert_close(mine["dx"], dx[rank::2], **tight, msg=name)
+            for key, p in net.named_parameters():
+                torch.testing.assert_close(mine["grads"][key], p.grad, **tight, msg=key)
+            for key, buf in net.named_buffers():
+                torch.testing.assert_close(mine["buffers"][key], buf, **tight, msg=key)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_path):
     """With the global batch's statistics, 2 processes × 4 images equal 1 process × 8 images:
     the generator's BatchNorm running statistics and every trained tensor."""
@@ -238,7 +268,7 @@ def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_
     # Seed 3: with the stratified --val-split, seeds 0 and 2 differ by 7e-4 and 2.5e-3 (seed 1:
     # 2e-5, seed 3: 2e-6) though their losses agree to 4 decimals; main's random split passed
     # seeds 0-3. Which images train moves this bound: an open question, not settled here.
-    args += ["--seed", "3"]
+    args += ["--seed", os.environ.get("SBN_SEED", "3")]
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
     torchrun(["train", *args], tmp_path / "two")
     one = load_file(tmp_path / "one" / "last" / "prompts.safetensors")
