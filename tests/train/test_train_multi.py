@@ -33,6 +33,7 @@ from fastprompt.train.syncbn import SyncBatchNorm2d, sync_batchnorm
 PGN = ["--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--prompts", "3"]
 FAST = ["--warmup-epochs", "0", "--batch-size", "8", "--lr", "0.5", "--workers", "0"]
 FAST += ["--device", "cpu", "--no-progress", "--quiet"]
+SLOW = pytest.mark.slow
 
 
 def _csv(root, count: int, classes: int, seed: int):
@@ -259,18 +260,25 @@ def test_sync_batchnorm_over_two_processes_is_batchnorm_over_the_global_batch(tm
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_path):
-    """With the global batch's statistics, 2 processes × 4 images equal 1 process × 8 images:
-    the generator's BatchNorm running statistics and every trained tensor."""
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=SLOW), pytest.param(2, marks=SLOW)])
+def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_path, seed):
+    """With the global batch's statistics, 2 processes × 4 images train what 1 process × 8
+    trains: the same 26 images (the last step's 2 are one per process), the generator's
+    BatchNorm running statistics and every trained tensor."""
     a, b = two_sets
-    args = [*TINY_MODEL, *PGN, "--data", f"a={a}", "--data", f"b={b}", "--val-split", "4"]
+    args = [*TINY_MODEL, *PGN, "--data", f"a={a}", "--data", f"b={b}", "--val-split", "5"]
     args += [*FAST, "--epochs", "1", "--sync-bn", "--train-transform", "pgn-test"]
-    # Seed 3: with the stratified --val-split, seeds 0 and 2 differ by 7e-4 and 2.5e-3 (seed 1:
-    # 2e-5, seed 3: 2e-6) though their losses agree to 4 decimals; main's random split passed
-    # seeds 0-3. Which images train moves this bound: an open question, not settled here.
-    args += ["--seed", os.environ.get("SBN_SEED", "3")]
+    # The two differ by float order alone: in float64 they agree to 1e-13 at every step (and
+    # test_sync_batchnorm_over_two_processes_is_batchnorm_over_the_global_batch). At FAST's lr
+    # 0.5 this run's loss climbs (1.5 to 7 in 4 steps) and the first step's rounding difference
+    # (4e-7 of the logits) grows tenfold a step, past the bound below on some seeds and thread
+    # counts; at 0.05 it stays at a few float32 ulps (at most 1/60 of the bound, seeds 0-7).
+    args += ["--lr", "0.05", "--seed", str(seed)]
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
     torchrun(["train", *args], tmp_path / "two")
+    for run in ("one", "two"):
+        row = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["train_samples"] == 26, run
     one = load_file(tmp_path / "one" / "last" / "prompts.safetensors")
     two = load_file(tmp_path / "two" / "last" / "prompts.safetensors")
     assert any("running_var" in n for n in one)
