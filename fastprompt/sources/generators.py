@@ -57,6 +57,15 @@ def _halve(size: int) -> int:
     return (size + 1) // 2
 
 
+def _spans_processes(module: nn.Module) -> bool:
+    """Whether every BatchNorm layer of ``module`` normalises the images of several processes
+    (``processes()`` > 1: :class:`fastprompt.train.syncbn.SyncBatchNorm2d` under torchrun), so
+    one image per process still gives each channel several values."""
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    spans = [getattr(m, "processes", None) for m in layers]
+    return bool(layers) and all(f is not None and f() > 1 for f in spans)
+
+
 class _Generator(nn.Module):
     """Shared input checks and the (B, L·M) -> (B, L, M) reshape."""
 
@@ -101,7 +110,7 @@ class _Generator(nn.Module):
             )
         if self.training:
             fh, fw = self.feature_size(h, w)
-            if b * fh * fw < 2:
+            if b * fh * fw < 2 and not _spans_processes(self):
                 raise ValueError(
                     f"{who}: in train mode BatchNorm needs more than one value per channel, but "
                     f"images of shape {tuple(images.shape)} leave a {fh}x{fw} last feature map "

@@ -385,7 +385,13 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
     pin = env.device.type == "cuda"
     workers = config.data.workers if workers is None else workers
     per_rank = -(-len(train_ds) // env.world)  # DistributedSampler pads to a multiple
-    lone = per_rank % local_batch == 1 and any(
+    # Each process's BatchNorm cannot train on a last batch of 1 image of its share; a
+    # synchronised one normalises the global batch (an image of every process), so it drops what
+    # one process would (a global last batch of 1), and N processes train the images one does.
+    lone = per_rank % local_batch == 1
+    if recipe.batch_norm == "sync":
+        lone = lone and len(train_ds) % recipe.batch_size == 1
+    lone = lone and any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.source.modules()
     )
     if lone:

@@ -56,12 +56,17 @@ class SyncBatchNorm2d(nn.BatchNorm2d):
     updated with the unbiased variance of the global batch, as one process would.
     """
 
+    def processes(self) -> int:
+        """How many processes' images the training statistics span now (1 outside a group)."""
+        return dist.get_world_size() if _group_active() else 1
+
     def forward(self, x: Tensor) -> Tensor:
         if not (self.training and _group_active()):
             return super().forward(x)
         self._check_input_dim(x)
         c = x.shape[1]
-        xf = x.float()
+        # Half precision (autocast) normalises in float32, as BatchNorm does; float64 stays.
+        xf = x if x.dtype == torch.float64 else x.float()
         # Two passes (mean, then the mean squared deviation), as BatchNorm itself computes
         # them: E[x²] − E[x]² loses digits when the mean is large against the spread.
         count = xf.new_full((1,), float(x.numel() // c))

@@ -13,7 +13,14 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file
 from torch import nn
-from train_helpers import TINY_MODEL, torchrun, write_images
+from train_helpers import (
+    TINY_MODEL,
+    sync_bn_nets,
+    sync_bn_step,
+    sync_bn_worker,
+    torchrun,
+    write_images,
+)
 
 from fastprompt.cli import main
 from fastprompt.train import multi as M
@@ -26,6 +33,7 @@ from fastprompt.train.syncbn import SyncBatchNorm2d, sync_batchnorm
 PGN = ["--method", "pgn", "--library-size", "8", "--pgn-resolution", "32", "--prompts", "3"]
 FAST = ["--warmup-epochs", "0", "--batch-size", "8", "--lr", "0.5", "--workers", "0"]
 FAST += ["--device", "cpu", "--no-progress", "--quiet"]
+SLOW = pytest.mark.slow
 
 
 def _csv(root, count: int, classes: int, seed: int):
@@ -242,18 +250,51 @@ def test_sync_batchnorm_in_one_process_is_batchnorm():
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
-def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_path):
-    """With the global batch's statistics, 2 processes × 4 images equal 1 process × 8 images:
-    the generator's BatchNorm running statistics and every trained tensor."""
+def test_sync_batchnorm_over_two_processes_is_batchnorm_over_the_global_batch(tmp_path):
+    """In float64, so that any difference beyond rounding (~1e-16) is a difference in what is
+    computed: each process's outputs and input gradients, the parameter gradients summed over
+    processes and the running statistics against one BatchNorm over the whole batch, also for a
+    generator given one image per process (a 1x1 last feature map: 2 values per channel)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(sync_bn_worker, (2, f"file://{tmp_path / 'store'}", str(tmp_path)), nprocs=2)
+    got = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    tight = dict(rtol=1e-12, atol=1e-12)
+    for name, (net, images) in sync_bn_nets().items():
+        y, dx = sync_bn_step(net, images)
+        for rank in range(2):
+            mine = got[rank][name]
+            torch.testing.assert_close(mine["y"], y[rank::2], **tight, msg=name)
+            torch.testing.assert_close(mine["dx"], dx[rank::2], **tight, msg=name)
+            for key, p in net.named_parameters():
+                torch.testing.assert_close(mine["grads"][key], p.grad, **tight, msg=key)
+            for key, buf in net.named_buffers():
+                torch.testing.assert_close(mine["buffers"][key], buf, **tight, msg=key)
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=SLOW), pytest.param(2, marks=SLOW)])
+def test_two_processes_with_sync_bn_train_what_one_process_trains(two_sets, tmp_path, seed):
+    """With the global batch's statistics, 2 processes × 4 images train what 1 process × 8
+    trains: the same 26 images (the last step's 2 are one per process, not dropped), the
+    generator's BatchNorm running statistics and every trained tensor."""
     a, b = two_sets
-    args = [*TINY_MODEL, *PGN, "--data", f"a={a}", "--data", f"b={b}", "--val-split", "4"]
+    args = [*TINY_MODEL, *PGN, "--data", f"a={a}", "--data", f"b={b}", "--val-split", "5"]
     args += [*FAST, "--epochs", "1", "--sync-bn", "--train-transform", "pgn-test"]
-    # Seed 3: with the stratified --val-split, seeds 0 and 2 differ by 7e-4 and 2.5e-3 (seed 1:
-    # 2e-5, seed 3: 2e-6) though their losses agree to 4 decimals; main's random split passed
-    # seeds 0-3. Which images train moves this bound: an open question, not settled here.
-    args += ["--seed", "3"]
+    # The two differ by float order alone: in float64 they agree to 1e-13 at every step (and
+    # test_sync_batchnorm_over_two_processes_is_batchnorm_over_the_global_batch). Two things
+    # amplify it past the bound below on some seeds: FAST's lr 0.5, at which this run's loss
+    # climbs (1.5 to 7 in 4 steps) and a 4e-7 rounding difference grows tenfold a step; and a
+    # 1x1 last feature map (resolution 32), where the last step's BatchNorm over 2 values per
+    # channel gives ±1 whatever they are, so its input gradient is a cancellation (seed 5: 1e-5
+    # to 9e-4 of the gradient in that step). At lr 0.05 and a 2x2 map (64) the largest
+    # difference stays at a few float32 ulps, at most 1/70 of the bound (seeds 0-5).
+    args += ["--pgn-resolution", "64", "--lr", "0.05", "--seed", str(seed)]
     assert main(["train", *args, "--out", str(tmp_path / "one")]) == 0
     torchrun(["train", *args], tmp_path / "two")
+    for run in ("one", "two"):
+        row = json.loads((tmp_path / run / "metrics.jsonl").read_text().splitlines()[0])
+        assert row["train_samples"] == 26, run
     one = load_file(tmp_path / "one" / "last" / "prompts.safetensors")
     two = load_file(tmp_path / "two" / "last" / "prompts.safetensors")
     assert any("running_var" in n for n in one)

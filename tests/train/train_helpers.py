@@ -46,3 +46,55 @@ def torchrun(argv: list, out) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def sync_bn_nets() -> dict:
+    """float64 networks with BatchNorm, the same on every process, and a global batch for each:
+    a convolution and two BatchNorm2d layers (6 images), and a ResNet-10 generator whose last
+    feature map is 1x1 (2 images: one per process of 2)."""
+    import torch
+    from torch import nn
+
+    from fastprompt.sources.generators import ResNet10Generator
+
+    torch.manual_seed(0)
+    layers = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.BatchNorm2d(4))
+    generator = ResNet10Generator(2, 3, widths=(4, 8))
+    rng = torch.Generator().manual_seed(1)
+    return {
+        "layers": (layers.double(), torch.randn(6, 3, 7, 7, generator=rng).double() * 3 + 1),
+        "generator": (generator.double(), torch.randn(2, 3, 8, 8, generator=rng).double()),
+    }
+
+
+def sync_bn_step(net, images):
+    """Outputs of a forward in train mode, and the input gradient of a loss of them."""
+    images = images.clone().requires_grad_()
+    y = net.train()(images)
+    (y * y.detach().sin()).sum().backward()
+    return y.detach(), images.grad
+
+
+def sync_bn_worker(rank: int, world: int, init: str, out: str) -> None:
+    """One process of a gloo group (spawned): each of :func:`sync_bn_nets` with its BatchNorm
+    synchronised, on this process's share ``images[rank::world]``; writes the outputs, input
+    gradients, parameter gradients (summed over processes) and buffers to ``out/rank<r>.pt``."""
+    import torch
+    import torch.distributed as dist
+
+    from fastprompt.train.syncbn import sync_batchnorm
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    try:
+        result = {}
+        for name, (net, images) in sync_bn_nets().items():
+            sync_batchnorm(net)
+            y, dx = sync_bn_step(net, images[rank::world])
+            grads = {n: p.grad.clone() for n, p in net.named_parameters()}
+            for g in grads.values():
+                dist.all_reduce(g)
+            buffers = {n: b.clone() for n, b in net.named_buffers()}
+            result[name] = {"y": y, "dx": dx, "grads": grads, "buffers": buffers}
+        torch.save(result, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
