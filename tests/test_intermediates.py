@@ -158,6 +158,11 @@ def test_vit_intermediates_are_the_naive_vpt_blocks_without_prompts(case, deep, 
 
 @pytest.mark.parametrize("backend", ["cpp", "cascade", "torch", "triton"])
 def test_every_backend_gives_the_naive_intermediates(backend):
+    if backend == "triton":
+        from fastprompt.kernels import triton as tk
+
+        if tk.availability() is not None:  # Triton 3.2's interpreter with numpy >= 2.4
+            pytest.skip(tk.availability())
     prompted = fastprompt.vpt(tiny_vit(depth=2), 3, deep=True, backend=backend).eval()
     x = images(2)
     want, _ = naive_vit(prompted, x)
