@@ -338,6 +338,19 @@ def test_official_checkpoints_load(tmp_path, pruned):
         fastprompt.load_prompts(tiny_vit(), plain, method="e2vpt")
 
 
+def test_an_official_e2vpt_checkpoint_is_never_read_as_vpt():
+    """It holds VPT's prompt names too: read as VPT (``method="vpt"``, or an official variant
+    whose key-value prompts the E2VPT reader does not take, as SHARED_ACCROSS's one set in the
+    encoder), its key-value prompts and masks would be dropped without a word."""
+    official = _official_state_dict(E.e2vpt(tiny_vit(), 4, 2))
+    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's"):
+        fastprompt.load_prompts(tiny_vit(), official, method="vpt")
+    shared = {k: v for k, v in official.items() if "layer." not in k}
+    shared["enc.transformer.encoder.deep_QKV_embeddings"] = torch.zeros(4, 2, 16)
+    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's"):
+        fastprompt.load_prompts(tiny_vit(), shared)
+
+
 def test_prompt_condensation_refuses_e2vpt_with_the_reason():
     prompted = E.e2vpt(tiny_vit(), 3, 2)
     with pytest.raises(TypeError, match="E2VPT prunes with its own masks"):
