@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close, images, tiny_vit
+from helpers import assert_close, images, tiny_swin, tiny_vit
 
 import fastprompt
 from fastprompt.methods import e2vpt as E
@@ -365,8 +365,18 @@ def test_an_official_e2vpt_checkpoint_is_never_read_as_vpt():
         fastprompt.load_prompts(tiny_vit(), official, method="vpt")
     shared = {k: v for k, v in official.items() if "layer." not in k}
     shared["enc.transformer.encoder.deep_QKV_embeddings"] = torch.zeros(4, 2, 16)
-    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's"):
+    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's") as refused:
         fastprompt.load_prompts(tiny_vit(), shared)
+    assert "are not one per ViT block" in str(refused.value)
+    # The official E2VPT-Swin (swin_transformer_prompt_VK.py) keeps VPT-Swin's per-stage names.
+    swin = fastprompt.vpt(tiny_swin(), 3)
+    official = {f"enc.{k}": v for k, v in swin.prompt_state().items() if "prompt" in k}
+    official["head.last_layer.weight"], official["head.last_layer.bias"] = swin.head.fc.parameters()
+    official[f"enc.{TOKEN_MASK}"] = torch.ones(3)
+    official["enc.layers.0.blocks.0.attn.deep_QKV_embeddings"] = torch.zeros(1, 2, 16)
+    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's") as refused:
+        fastprompt.load_prompts(tiny_swin(), official)
+    assert "are not one per ViT block" in str(refused.value)
 
 
 def test_prompt_condensation_refuses_e2vpt_with_the_reason():
