@@ -208,7 +208,7 @@ def test_the_official_initialisation():
 
 
 def test_a_width_the_segments_do_not_divide_is_refused():
-    with pytest.raises(ValueError, match=r"width 60 .* multiple of segments"):
+    with pytest.raises(ValueError, match=r"width 60 .* multiple of segments; .*masks=False"):
         E.e2vpt(tiny_vit(embed_dim=60, num_heads=4), 2, 2)
     assert E.e2vpt(tiny_vit(embed_dim=60, num_heads=4), 2, 2, masks=False).source.masks() is None
 
