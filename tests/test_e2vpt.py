@@ -361,11 +361,11 @@ def test_an_official_e2vpt_checkpoint_is_never_read_as_vpt():
     whose key-value prompts the E2VPT reader does not take, as SHARED_ACCROSS's one set in the
     encoder), its key-value prompts and masks would be dropped without a word."""
     official = _official_state_dict(E.e2vpt(tiny_vit(), 4, 2))
-    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's"):
+    with pytest.raises(ValueError, match="an E2VPT checkpoint, not VPT's"):
         fastprompt.load_prompts(tiny_vit(), official, method="vpt")
     shared = {k: v for k, v in official.items() if "layer." not in k}
     shared["enc.transformer.encoder.deep_QKV_embeddings"] = torch.zeros(4, 2, 16)
-    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's") as refused:
+    with pytest.raises(ValueError, match="an E2VPT checkpoint, not VPT's") as refused:
         fastprompt.load_prompts(tiny_vit(), shared)
     assert "are not one per ViT block" in str(refused.value)
     # The official E2VPT-Swin (swin_transformer_prompt_VK.py) keeps VPT-Swin's per-stage names.
@@ -374,9 +374,12 @@ def test_an_official_e2vpt_checkpoint_is_never_read_as_vpt():
     official["head.last_layer.weight"], official["head.last_layer.bias"] = swin.head.fc.parameters()
     official[f"enc.{TOKEN_MASK}"] = torch.ones(3)
     official["enc.layers.0.blocks.0.attn.deep_QKV_embeddings"] = torch.zeros(1, 2, 16)
-    with pytest.raises(ValueError, match="official E2VPT checkpoint, not VPT's") as refused:
+    with pytest.raises(ValueError, match="an E2VPT checkpoint, not VPT's") as refused:
         fastprompt.load_prompts(tiny_swin(), official)
     assert "are not one per ViT block" in str(refused.value)
+    # Nor is a fastprompt E2VPT model's own state dict (key-value prompts stacked).
+    with pytest.raises(ValueError, match="an E2VPT checkpoint, not VPT's"):
+        fastprompt.load_prompts(tiny_vit(), E.e2vpt(tiny_vit(), 4, 2).state_dict())
 
 
 def test_prompt_condensation_refuses_e2vpt_with_the_reason():

@@ -269,7 +269,8 @@ def _read_official(
     if foreign:
         raise ValueError(
             f"load_prompts: the checkpoint holds {foreign[0]!r} ({len(foreign)} E2VPT key-value "
-            "prompt or mask tensors in all): an official E2VPT checkpoint, not VPT's"
+            "prompt or mask tensors in all): an E2VPT checkpoint, not VPT's (a fastprompt E2VPT "
+            "model loads from the folder its save_prompts wrote)"
         )
     head = _head_name(backbone)
     staged = backbone.stages() is not None
