@@ -30,7 +30,9 @@ __all__ = [
     "check_batch",
     "check_reiterable",
     "head_classes",
+    "input_dtype",
     "split_batch",
+    "to_model",
 ]
 
 IMAGE_KEYS = ("image", "images", "pixel_values", "x", "input", "inputs")
@@ -52,6 +54,24 @@ def head_classes(model: Any) -> int | None:
         return head.out_features
     n = getattr(inner, "num_classes", None)
     return int(n) if isinstance(n, int) and n > 0 else None
+
+
+def input_dtype(model: Any) -> torch.dtype | None:
+    """The floating dtype the model's weights hold (a prompted model: the model it wraps), which
+    its images must have; None for a model without floating weights."""
+    inner = getattr(model, "model", model) if hasattr(model, "source") else model
+    params = inner.parameters() if hasattr(inner, "parameters") else ()
+    return next((p.dtype for p in params if p.is_floating_point()), None)
+
+
+def to_model(
+    images: Tensor, labels: Tensor, device: torch.device, dtype: torch.dtype | None
+) -> tuple[Tensor, Tensor]:
+    """``(images, labels)`` on ``device``, floating images in ``dtype`` (:func:`input_dtype`), so
+    that a bfloat16 or float16 model reads a float32 loader as the device move lets a GPU model
+    read a CPU one."""
+    cast = dtype if dtype is not None and images.is_floating_point() else None
+    return images.to(device, cast, non_blocking=True), labels.to(device, non_blocking=True)
 
 
 def _shape(t: Any) -> str:
@@ -171,11 +191,13 @@ def batches(
     batch_fn: BatchFn | None = None,
     classes: int | None = None,
     check: str | None = None,
+    dtype: torch.dtype | None = None,
 ) -> Iterator[tuple[Tensor, Tensor]]:
-    """``(images, labels)`` of every batch of ``loader``, moved to ``device``; with ``check``
-    (who asks) each batch goes through :func:`check_batch` against ``classes`` first."""
+    """``(images, labels)`` of every batch of ``loader``, moved to ``device`` (floating images to
+    ``dtype``, :func:`to_model`); with ``check`` (who asks) each batch goes through
+    :func:`check_batch` against ``classes`` first."""
     for batch in loader:
         x, y = split_batch(batch, batch_fn)
         if check is not None:
             x, y = check_batch(x, y, classes, check)
-        yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield to_model(x, y, device, dtype)

@@ -249,6 +249,9 @@ _OFFICIAL_SUFFIXES = {
 }
 # VPT-Swin's per-stage deep prompts (src/models/vit_prompt/swin_transformer.py).
 _STAGE_KEY = re.compile(r"(?:^|\.)(deep_prompt_embeddings_\d+)$")
+# E²VPT's key-value prompts (per attention module, or one set shared across layers) and pruning
+# masks: its checkpoints hold VPT's prompt names too, and read as VPT they would lose these.
+_E2VPT_KEY = re.compile(r"(?:^|\.)(deep_QKV_embeddings\w*|prompt_soft_tokens\w*)$")
 
 
 def _head_name(backbone: Backbone) -> str:
@@ -262,6 +265,13 @@ def _read_official(
     """Tensors and config of an official VPT state dict (keys ending in ``prompt_embeddings``,
     ``deep_prompt_embeddings`` (ViT) or ``deep_prompt_embeddings_<stage>`` (Swin),
     ``prompt_proj.*``, ``head.last_layer.*``); the config is read off the shapes."""
+    foreign = [key for key in raw if _E2VPT_KEY.search(key)]
+    if foreign:
+        raise ValueError(
+            f"load_prompts: the checkpoint holds {foreign[0]!r} ({len(foreign)} E2VPT key-value "
+            "prompt or mask tensors in all): an E2VPT checkpoint, not VPT's (a fastprompt E2VPT "
+            "model loads from the folder its save_prompts wrote)"
+        )
     head = _head_name(backbone)
     staged = backbone.stages() is not None
     state: dict[str, Tensor] = {}

@@ -112,7 +112,8 @@ class KeyValuePrompts(DropoutConfigured):
         if masks and (segments < 1 or width % segments):
             raise ValueError(
                 f"KeyValuePrompts: the segment mask splits the width {width} into {segments} "
-                "interleaved segments, so the width must be a multiple of segments"
+                "interleaved segments, so the width must be a multiple of segments; build "
+                "without masks (masks=False, the official runs without pruning)"
             )
         self._config = config
         self._depth, self._deep, self._kv_deep = depth, deep, kv_deep

@@ -22,7 +22,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastprompt.batches import BatchFn, LabelError, check_batch, head_classes, split_batch
+from fastprompt.batches import (
+    BatchFn,
+    LabelError,
+    check_batch,
+    head_classes,
+    input_dtype,
+    split_batch,
+    to_model,
+)
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.distributed import DistEnv, all_reduce_sum
 from fastprompt.train.multi import STAT_COLUMNS, domain_stats
@@ -114,6 +122,7 @@ def evaluate_model(
     device = device or next(model.parameters()).device
     call = forward if forward is not None else model
     classes = head_classes(model)
+    dtype = input_dtype(model)
     training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
@@ -129,7 +138,7 @@ def evaluate_model(
         with _frozen(model), _autocast(device, precision):
             for batch in loader:
                 x, y = check_batch(*split_batch(batch, batch_fn), classes, "evaluate")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_model(x, y, device, dtype)
                 logits = call(x).float()
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 correct += (logits.argmax(-1) == y).sum()
@@ -280,6 +289,7 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         model, device = self.model, self.device
+        dtype = input_dtype(model)
         model.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         correct = torch.zeros((), dtype=torch.int64, device=device)
@@ -297,7 +307,7 @@ class Trainer:
                     break
                 wait += time.perf_counter() - t0
                 x, y = check_batch(*split_batch(batch, self.batch_fn), self.classes, "train")
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                x, y = to_model(x, y, device, dtype)
                 with _autocast(device, self.precision):
                     logits = self.forward(x)
                 loss = F.cross_entropy(logits.float(), y)

@@ -315,6 +315,14 @@ def _check(r: Recipe) -> None:
     positive_int("epochs", r.epochs)
     positive_int("batch_size", r.batch_size)
     positive_int("warmup_epochs", r.warmup_epochs, 0)
+    if r.schedule != "constant" and 0 < r.warmup_epochs >= r.epochs:
+        # apply_changes rescales the warmup with the epochs; a recipe built or overridden
+        # directly does not, and would train the whole run below its peak lr.
+        raise ValueError(
+            f"{who}: warmup_epochs={r.warmup_epochs} must be below epochs={r.epochs} (the lr "
+            "would never reach its peak); give both, or change epochs through "
+            "fastprompt.train.apply_changes, which rescales the warmup"
+        )
     if r.lr is not None and (not isinstance(r.lr, (int, float)) or not r.lr >= 0):
         raise ValueError(f"{who}: lr must be >= 0, got {r.lr!r}")
     for name, value, options in (
@@ -448,12 +456,16 @@ def apply_changes(
                 f"the warmup is rescaled from {recipe.warmup_epochs} to {warmup} epochs (the same "
                 f"share); {warmup_option.format(recipe.warmup_epochs)} keeps the recipe's"
             )
-    resolved = recipe.override(**changes)
-    w, epochs = resolved.warmup_epochs, resolved.epochs
-    if explicit and resolved.schedule != "constant" and 0 < w >= epochs:
-        raise ValueError(
-            f"recipe {recipe.name!r}: {warmup_option.format(w)} must be below the {epochs} epochs "
-            f"of the run (the lr would never reach its peak); give fewer warmup epochs or more "
-            "epochs"
-        )
-    return resolved, notes
+    if explicit:  # before the recipe's own check, which does not know the option's name
+        who = f"recipe {recipe.name!r}"
+        w = coerce_field("warmup_epochs", changes["warmup_epochs"], who)
+        epochs = coerce_field("epochs", changes.get("epochs", recipe.epochs), who)
+        schedule = changes.get("schedule", recipe.schedule)
+        if schedule != "constant" and isinstance(w, int) and isinstance(epochs, int):
+            if 0 < w >= epochs:
+                raise ValueError(
+                    f"{who}: {warmup_option.format(w)} must be below the {epochs} epochs of the "
+                    "run (the lr would never reach its peak); give fewer warmup epochs or more "
+                    "epochs"
+                )
+    return recipe.override(**changes), notes

@@ -53,7 +53,7 @@ def fit(
     loader's ``batch_size`` when it has one, else the recipe's), and ``epochs`` without
     ``warmup_epochs`` rescales the warmup to the same share of the epochs (said once by a
     warning). A recipe's transforms apply in ``fastprompt train``; here the loader's batches are
-    used as they are.
+    used as they are, moved to the model's device and floating dtype.
 
     Parameters
     ----------

@@ -92,6 +92,24 @@ def test_bf16_autocast_trains_close_to_fp32():
     assert not torch.equal(m32.prompt_embeddings, m16.prompt_embeddings)  # autocast was on
 
 
+def test_a_bfloat16_model_reads_a_float32_loader_in_every_loop():
+    """The loops move images to the model's device and weights' dtype: ``model.to(bfloat16)``
+    then fit, evaluate, score_prompts or E2VPT's mask_scores on an ordinary loader ran into
+    PyTorch's "Input type (float) and bias type (c10::BFloat16)"."""
+    from fastprompt.methods import e2vpt as E
+
+    model = _model().to(torch.bfloat16)
+    ev = fastprompt.evaluate(model, _batches())
+    assert 0.0 <= ev <= 1.0
+    losses = fastprompt.fit(model, _batches(), epochs=1, lr=0.1, progress=False)
+    assert len(losses) == 1 and losses[0] > 0
+    scores = fastprompt.score_prompts(model, _batches(), method="taylor", progress=False)
+    assert scores.shape == (2, 3) and torch.isfinite(scores).all()
+    e2vpt = E.e2vpt(tiny_vit(depth=2), 3, 2).to(torch.bfloat16)
+    tokens, segments = E.mask_scores(e2vpt, _batches())
+    assert tokens.shape == (3,) and torch.isfinite(segments).all()
+
+
 def test_fp16_uses_a_grad_scaler_that_skips_overflowing_steps():
     model = _model()
     trainer = Trainer(model, _recipe(warmup_epochs=0, lr=8.0), precision="fp16", progress=False)

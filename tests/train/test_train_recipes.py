@@ -12,6 +12,7 @@ from fastprompt.train.recipes import (
     RECIPES,
     VTAB1K_PROMPTS,
     Recipe,
+    apply_changes,
     get_recipe,
     lr_factor,
     make_optimizer,
@@ -128,7 +129,9 @@ def test_pc_finetune_needs_a_base_lr_and_turns_dropout_off():
 
 
 def test_overrides_are_checked():
-    recipe = get_recipe("vpt").override(epochs=5, no_decay=["head.bias", "prompt_proj.bias"])
+    recipe = get_recipe("vpt").override(
+        epochs=5, warmup_epochs=1, no_decay=["head.bias", "prompt_proj.bias"]
+    )
     assert recipe.epochs == 5 and recipe.no_decay == ("head.bias", "prompt_proj.bias")
     assert Recipe.from_dict(recipe.to_dict()) == recipe
     with pytest.raises(ValueError, match="unknown fields \\['lrr'\\]"):
@@ -139,6 +142,17 @@ def test_overrides_are_checked():
         recipe.override(schedule="step")
     with pytest.raises(ValueError, match="no recipe named 'sgd'"):
         get_recipe("sgd")
+
+
+def test_a_recipe_whose_warmup_outlasts_its_epochs_is_refused():
+    """``override`` does not rescale the warmup (``apply_changes`` does): the pgn recipe with 2
+    epochs kept its 50 warmup epochs and trained the whole run at lr/50, without a word."""
+    with pytest.raises(ValueError, match="warmup_epochs=50 must be below epochs=2"):
+        get_recipe("pgn").override(epochs=2)
+    with pytest.raises(ValueError, match="warmup_epochs=10 must be below epochs=10"):
+        Recipe(name="mine", epochs=10, batch_size=8, lr=0.1)
+    assert get_recipe("pgn").override(epochs=2, schedule="constant").warmup_epochs == 50
+    assert apply_changes(get_recipe("pgn"), {"epochs": 2})[0].warmup_epochs == 1
 
 
 def test_vtab_presets_are_the_official_prompt_counts():

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastprompt.backbones import AttentionCall
-from fastprompt.batches import BatchFn, batches, head_classes
+from fastprompt.batches import BatchFn, batches, head_classes, input_dtype
 from fastprompt.ops.scores import scored_prompt_attention
 from fastprompt.prompted import PromptedViT, run_attention
 
@@ -200,7 +200,9 @@ def score_prompts(
     check = who if loss_fn is None else None
     loss_fn = loss_fn or _summed_cross_entropy
     device = _prompt_params(prompted)[0].device
-    labelled = batches(loader, device, batch_fn, head_classes(prompted), check)
+    labelled = batches(
+        loader, device, batch_fn, head_classes(prompted), check, input_dtype(prompted)
+    )
     data = _progress(labelled, progress, f"scoring ({method})")
     if method == "leave_one_out":
         sums, count = _leave_one_out(prompted, data, loss_fn)

@@ -326,6 +326,14 @@ def read_official(
         elif key.endswith("head.last_layer.weight") or key.endswith("head.last_layer.bias"):
             state["head." + leaf] = value
     if not layers:
+        other = [k for k in raw if k.rpartition(".")[2].startswith("deep_QKV_embeddings")]
+        if other:
+            # E2VPT-Swin's (layers.{s}.blocks.{j}.attn) or SHARED_ACCROSS's one set in the encoder.
+            raise ValueError(
+                f"load_prompts: its key-value prompts ({other[0]!r}) are not one per ViT block "
+                "(encoder.layer.{i}.attn.deep_QKV_embeddings), the only E2VPT layout fastprompt "
+                "reads"
+            )
         raise ValueError("load_prompts: no 'deep_QKV_embeddings' key-value prompts: not E2VPT")
     for name, per_layer in layers.items():
         idx = sorted(per_layer)

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastprompt.batches import BatchFn, batches
+from fastprompt.batches import BatchFn, batches, input_dtype
 from fastprompt.methods.common import as_int
 from fastprompt.methods.e2vpt.model import METHOD, build
 from fastprompt.prompted import PromptedViT
@@ -104,7 +104,7 @@ def mask_scores(
     training = prompted.training
     prompted.eval()  # the official scoring runs in eval mode: no prompt dropout
     try:
-        for x, y in batches(loader, device, batch_fn):
+        for x, y in batches(loader, device, batch_fn, dtype=input_dtype(prompted)):
             if optimizer is not None:
                 optimizer.zero_grad()
                 loss_fn(prompted(x), y).backward()
