@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import numbers
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -165,14 +167,17 @@ class MultiTaskViT(PromptedViT):
 
         Parameters
         ----------
-        task : str, int, sequence of str/int, or Tensor of int
-            One task for the whole batch, or one per image (names or indices).
+        task : str, int, sequence of str/int, or Tensor or numpy array of int
+            One task for the whole batch, or one per image (names or indices; numpy integers
+            count as indices, bools do not).
         batch : int
         device : torch.device
         """
         count = len(self.task_names)
-        if isinstance(task, (str, int)) and not isinstance(task, bool):
+        if isinstance(task, (str, numbers.Integral)) and not isinstance(task, (bool, np.bool_)):
             task = [task] * batch
+        if isinstance(task, np.ndarray):
+            task = torch.from_numpy(task)
         if isinstance(task, Tensor):
             if task.dtype.is_floating_point or task.dtype == torch.bool or task.dim() != 1:
                 raise ValueError(
@@ -181,13 +186,7 @@ class MultiTaskViT(PromptedViT):
                 )
             index = task.to(device=device, dtype=torch.long)
         elif isinstance(task, Sequence):
-            lookup = {n: i for i, n in enumerate(self.task_names)}
-            try:
-                values = [t if isinstance(t, int) else lookup[t] for t in task]
-            except KeyError as e:
-                raise ValueError(
-                    f"{_WHO}: unknown task {e.args[0]!r} (tasks: {list(self.task_names)})"
-                ) from None
+            values = [self._one_task(t) for t in task]
             if any(not 0 <= v < count for v in values):
                 raise ValueError(f"{_WHO}: task indices must be in [0, {count}), got {values}")
             index = torch.tensor(values, dtype=torch.long, device=device)
@@ -211,6 +210,19 @@ class MultiTaskViT(PromptedViT):
                 f"{_WHO}: task indices must be in [0, {count})",
             )
         return index
+
+    def _one_task(self, task: Any) -> int:
+        """A task's index from its name or index (a Python or numpy integer; a bool is neither)."""
+        if isinstance(task, str):
+            if task not in self.task_names:
+                raise ValueError(f"{_WHO}: unknown task {task!r} (tasks: {list(self.task_names)})")
+            return self.task_names.index(task)
+        if isinstance(task, numbers.Integral) and not isinstance(task, (bool, np.bool_)):
+            return int(task)
+        raise TypeError(
+            f"{_WHO}: each task must be a name or an integer index, got {task!r} "
+            f"({type(task).__name__})"
+        )
 
     # -- forward ----------------------------------------------------------------------------------
 

@@ -78,6 +78,17 @@ def test_tasks_are_named_or_indexed():
         mixed(x, [0, 2, 1])
     with pytest.raises(ValueError, match=r"task indices must be in \[0, 2\), got \[0, -1, 1\]"):
         mixed(x, torch.tensor([0, -1, 1]))
+    # numpy integers index as ints do (a list of them was "unknown task 1"); bools are refused
+    # (True counted as task 1).
+    with torch.no_grad():
+        want = mixed(x, [1, 0, 1])
+        assert torch.equal(mixed(x, [np.int64(1), np.int32(0), 1]), want)
+        assert torch.equal(mixed(x, np.array([1, 0, 1])), want)
+        assert torch.equal(mixed(x, np.int64(1)), mixed(x, 1))
+    with pytest.raises(TypeError, match=r"each task must be a name or an integer index, got True"):
+        mixed(x, [True, False, True])
+    with pytest.raises(TypeError, match="task must name tasks or index them"):
+        mixed(x, True)
 
 
 def test_each_task_keeps_its_class_count_and_the_backbone_head_is_not_offered():
