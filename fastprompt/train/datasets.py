@@ -52,6 +52,7 @@ __all__ = [
     "ImageFolderData",
     "ListData",
     "check_trainable",
+    "digits_resplit",
     "has_own_val",
     "map_classes",
     "open_dataset",
@@ -343,6 +344,15 @@ def _digit_classes(spec: str) -> list[int]:
 
 def is_digits(spec: str) -> bool:
     return spec == "digits" or spec.startswith("digits:")
+
+
+def digits_resplit(spec: str) -> bool:
+    """Whether the digits ``spec`` names split otherwise than before a digit's split stopped
+    depending on the digits listed: every list but ``digits`` and ``digits:0-K``, whose digits
+    were drawn in the same order either way. A run older than ``split.json`` trained on the old
+    split, which today's cannot recompute."""
+    classes = _digit_classes(spec)
+    return classes != list(range(len(classes)))
 
 
 def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) -> Dataset:
