@@ -45,6 +45,7 @@ from fastprompt.train.owner import is_run_folder
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LIST_EXTENSIONS",
     "ClassMapped",
     "DataError",
     "Digits",
@@ -61,6 +62,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LIST_EXTENSIONS = (".csv", ".txt", ".tsv")
 
 
 def _not_files(paths: Iterable[str]) -> list[str]:
@@ -376,7 +378,7 @@ def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) ->
         if sub:
             return ImageFolderData(sub[part] if part in sub else sub["val"], exclude)
         return ImageFolderData(spec, exclude)
-    if spec.lower().endswith((".csv", ".txt", ".tsv")):
+    if spec.lower().endswith(LIST_EXTENSIONS):
         return ListData(spec)
     raise DataError(f"{spec} is neither a folder nor a .csv/.txt list of images")
 

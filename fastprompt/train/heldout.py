@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from fastprompt.train.datasets import DataError, is_digits, split_folders
+from fastprompt.train.datasets import LIST_EXTENSIONS, DataError, is_digits, split_folders
 from fastprompt.train.multi import is_mixture, parse_specs, spec_paths
 from fastprompt.train.splits import read_split
 
@@ -77,11 +77,14 @@ class RunImages:
 
 def _root(spec: str, part: str) -> str:
     """The folder a dataset's ids are relative to (:func:`~fastprompt.train.datasets.
-    open_dataset`): a split folder's part, an image folder, a list's folder."""
+    open_dataset`): a split folder's part, an image folder, a list's folder. An image folder
+    that is gone is its own root still, not its parent (where other images may live)."""
     if os.path.isdir(spec):
         sub = split_folders(spec)
         return sub[part] if sub else spec
-    return os.path.dirname(os.path.abspath(spec))
+    if spec.lower().endswith(LIST_EXTENSIONS):
+        return os.path.dirname(os.path.abspath(spec))
+    return spec
 
 
 def _resolve(ids: Sequence[str], spec: str, part: str, keys: _Keys, listed: set[str]) -> set[str]:

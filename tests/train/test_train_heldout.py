@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from train_helpers import write_images
 
+from fastprompt.train import datasets as D
 from fastprompt.train.datasets import DataError, Digits, ListData, digits_resplit
 from fastprompt.train.folder import DataConfig, RunError
 from fastprompt.train.heldout import check_held_out
@@ -82,3 +83,25 @@ def test_a_second_listing_on_the_training_side_of_a_val_split_is_a_training_imag
     test = ListData(str(tmp_path / "test.csv"))
     with pytest.raises(DataError, match=r"1 of its 1 evaluation images are images .* trained on"):
         check_held_out(run, config, {"classes": ["0", "1"]}, test, "--data T", "last")
+
+
+def test_a_gone_image_folder_is_not_read_as_its_parent(tmp_path):
+    """The run's image folder data/pets is gone: its ids (a/0.png) were resolved against its
+    parent, so other images at data/a/0.png were refused as the run's training images."""
+    split = {
+        "classes": ["a", "b"],
+        "train": {"ids": ["a/0.png", "b/0.png"], "labels": [0, 1]},
+        "val": {"ids": ["a/1.png"], "labels": [0]},
+    }
+    run, config = _run(tmp_path, DataConfig(str(tmp_path / "data" / "pets"), val_split="1"), split)
+    for cls in "ab":
+        write_images(tmp_path / "data" / cls, 2, 1)
+    other = D.open_dataset(str(tmp_path / "data"), "test")
+    assert check_held_out(run, config, {"classes": ["a", "b"]}, other, "--data T", "best") == []
+    # Where it is, it is read as itself.
+    (tmp_path / "data").rename(tmp_path / "pets")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "pets").rename(tmp_path / "data" / "pets")
+    mine = D.open_dataset(str(tmp_path / "data" / "pets"), "test")
+    with pytest.raises(DataError, match=r"2 of its 4 evaluation images are images .* trained on"):
+        check_held_out(run, config, {"classes": ["a", "b"]}, mine, "--data T", "best")
