@@ -161,9 +161,10 @@ def run_images(run: str, config, saved: dict[str, Any]) -> RunImages:
         def own(part: str, prefix: str = prefix) -> list[str]:
             return [i[len(prefix) :] for i in stored[part]["ids"] if i.startswith(prefix)]
 
-        listed = {*own("train"), *own("val")}
-        train |= _resolve(own("train"), spec, "train", keys, listed)
-        val |= _resolve(own("val"), val_spec, val_part, keys, listed)
+        mine_train, mine_val = own("train"), own("val")
+        listed = {*mine_train, *mine_val}
+        train |= _resolve(mine_train, spec, "train", keys, listed)
+        val |= _resolve(mine_val, val_spec, val_part, keys, listed)
     return RunImages(train, val, os.path.join(run, "split.json"))
 
 
