@@ -145,7 +145,9 @@ def run_images(run: str, config, saved: dict[str, Any]) -> RunImages:
 
         try:
             data = run_data(run, config, saved)
-        except (DataError, RunError) as e:
+        except RunError as e:  # it says that the run predates split.json
+            raise DataError(str(e)) from None
+        except DataError as e:
             raise DataError(
                 f"the run predates split.json and its split cannot be recomputed: {e}"
             ) from None
