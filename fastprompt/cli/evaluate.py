@@ -176,7 +176,8 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
 def _record(run: str, record: dict) -> None:
     """Append ``record`` to ``run/evaluations.jsonl`` under the run's shared lock: a `train
     --resume` or `--overwrite` of the run (which lock it whole) cannot start or move the folder
-    aside mid-append, and while one runs the result is printed but not recorded."""
+    aside mid-append, and while a `train` of the run runs (the run still training too) the result
+    is printed but not recorded."""
     from fastprompt.train import owner
 
     path = os.path.join(run, "evaluations.jsonl")

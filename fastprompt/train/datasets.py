@@ -45,6 +45,7 @@ from fastprompt.train.owner import is_run_folder
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "LIST_EXTENSIONS",
     "ClassMapped",
     "DataError",
     "Digits",
@@ -52,6 +53,7 @@ __all__ = [
     "ImageFolderData",
     "ListData",
     "check_trainable",
+    "digits_resplit",
     "has_own_val",
     "map_classes",
     "open_dataset",
@@ -60,6 +62,7 @@ __all__ = [
 ]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+LIST_EXTENSIONS = (".csv", ".txt", ".tsv")
 
 
 def _not_files(paths: Iterable[str]) -> list[str]:
@@ -345,6 +348,15 @@ def is_digits(spec: str) -> bool:
     return spec == "digits" or spec.startswith("digits:")
 
 
+def digits_resplit(spec: str) -> bool:
+    """Whether the digits ``spec`` names split otherwise than before a digit's split stopped
+    depending on the digits listed: every list but ``digits`` and ``digits:0-K``, whose digits
+    were drawn in the same order either way. A run older than ``split.json`` trained on the old
+    split, which today's cannot recompute."""
+    classes = _digit_classes(spec)
+    return classes != list(range(len(classes)))
+
+
 def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) -> Dataset:
     """The dataset named by ``spec`` (module docstring). ``part`` (``train``, ``val`` or
     ``test``) picks a built-in's split (digits: ``train`` or else ``test``) or a split folder's
@@ -366,7 +378,7 @@ def open_dataset(spec: str, part: str = "train", exclude: Iterable[str] = ()) ->
         if sub:
             return ImageFolderData(sub[part] if part in sub else sub["val"], exclude)
         return ImageFolderData(spec, exclude)
-    if spec.lower().endswith((".csv", ".txt", ".tsv")):
+    if spec.lower().endswith(LIST_EXTENSIONS):
         return ListData(spec)
     raise DataError(f"{spec} is neither a folder nor a .csv/.txt list of images")
 

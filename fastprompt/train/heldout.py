@@ -21,7 +21,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from fastprompt.train.datasets import DataError, is_digits, split_folders
+from fastprompt.train.datasets import LIST_EXTENSIONS, DataError, is_digits, split_folders
 from fastprompt.train.multi import is_mixture, parse_specs, spec_paths
 from fastprompt.train.splits import read_split
 
@@ -77,23 +77,28 @@ class RunImages:
 
 def _root(spec: str, part: str) -> str:
     """The folder a dataset's ids are relative to (:func:`~fastprompt.train.datasets.
-    open_dataset`): a split folder's part, an image folder, a list's folder."""
+    open_dataset`): a split folder's part, an image folder, a list's folder. An image folder
+    that is gone is its own root still, not its parent (where other images may live)."""
     if os.path.isdir(spec):
         sub = split_folders(spec)
         return sub[part] if sub else spec
-    return os.path.dirname(os.path.abspath(spec))
+    if spec.lower().endswith(LIST_EXTENSIONS):
+        return os.path.dirname(os.path.abspath(spec))
+    return spec
 
 
-def _resolve(ids: Sequence[str], spec: str, part: str, keys: _Keys) -> set[str]:
+def _resolve(ids: Sequence[str], spec: str, part: str, keys: _Keys, listed: set[str]) -> set[str]:
+    """The names of the samples ``ids`` of ``spec``'s ``part``; ``listed``: every id of the
+    dataset's parts, since a list's second listing of a path (``path#2``) may fall on the other
+    side of a ``--val-split`` than its first."""
     if is_digits(spec):
         return set(ids)  # already digits/<index>
     root = _root(spec, part)
-    listed = set(ids)
     found = set()
     for sid in ids:
         again = _DUPLICATE.match(sid)
         if again and again.group(1) in listed:
-            continue  # the same file as its first listing
+            sid = again.group(1)  # the same file as its first listing
         found.add(keys.file(os.path.join(root, sid)))
     return found
 
@@ -122,14 +127,15 @@ def _val_source(train: str, val: str | None, val_split: str | None) -> tuple[str
     return train, "val"  # the dataset's own split
 
 
-def run_images(run: str, config, saved: dict[str, Any]) -> RunImages | None:
-    """The images the run in ``run`` trained and validated on; None when that cannot be known
-    (a run older than ``split.json`` whose data is gone or changed).
+def run_images(run: str, config, saved: dict[str, Any]) -> RunImages:
+    """The images the run in ``run`` trained and validated on.
 
     Raises
     ------
     DataError
-        ``split.json`` is damaged.
+        They cannot be known: ``split.json`` is damaged, or the run is older than it and its
+        split cannot be recomputed (its data gone or changed, its digits split differently
+        today).
     """
     keys = _Keys()
     stored = read_split(run)
@@ -139,8 +145,12 @@ def run_images(run: str, config, saved: dict[str, Any]) -> RunImages | None:
 
         try:
             data = run_data(run, config, saved)
-        except (DataError, RunError):
-            return None
+        except RunError as e:  # it says that the run predates split.json
+            raise DataError(str(e)) from None
+        except DataError as e:
+            raise DataError(
+                f"the run predates split.json and its split cannot be recomputed: {e}"
+            ) from None
         return RunImages(
             set(sample_keys(data.train, keys)),
             set(sample_keys(data.val, keys)),
@@ -153,8 +163,10 @@ def run_images(run: str, config, saved: dict[str, Any]) -> RunImages | None:
         def own(part: str, prefix: str = prefix) -> list[str]:
             return [i[len(prefix) :] for i in stored[part]["ids"] if i.startswith(prefix)]
 
-        train |= _resolve(own("train"), spec, "train", keys)
-        val |= _resolve(own("val"), val_spec, val_part, keys)
+        mine_train, mine_val = own("train"), own("val")
+        listed = {*mine_train, *mine_val}
+        train |= _resolve(mine_train, spec, "train", keys, listed)
+        val |= _resolve(mine_val, val_spec, val_part, keys, listed)
     return RunImages(train, val, os.path.join(run, "split.json"))
 
 
@@ -179,8 +191,8 @@ def check_held_out(
     Returns
     -------
     list of str
-        Notes: the evaluation images that are the run's validation images, the run whose images
-        cannot be known.
+        Notes: the evaluation images that are the run's validation images, or why the run's
+        images cannot be known (:func:`run_images`).
 
     Raises
     ------
@@ -189,12 +201,10 @@ def check_held_out(
         to do.
     """
     keys = _Keys()
-    mine = run_images(run, config, saved)
-    if mine is None:
-        return [
-            f"note: whether {where} holds images {run} trained on is not checked: the run "
-            "predates split.json and its training data is gone or changed"
-        ]
+    try:
+        mine = run_images(run, config, saved)
+    except DataError as e:  # the checkpoint evaluates without them; said, not refused
+        return [f"note: whether {where} holds images {run} trained on is not checked: {e}"]
     names = sample_keys(dataset, keys)
     ids = list(getattr(dataset, "ids", names))
     trained = [i for i, k in enumerate(names) if k in mine.train]

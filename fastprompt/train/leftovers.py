@@ -114,10 +114,14 @@ def ours_swap(swap: str) -> bool:
 
 def settle_swap(run: str, name: str) -> str | None:
     """Finish a save of ``name`` interrupted mid-swap: the marked previous copy becomes the
-    checkpoint again (none was swapped in), or hands a person's files to the new one and goes.
+    checkpoint again (none was swapped in), or hands a person's files to the new one and goes;
+    an empty one goes.
     Returns what was done; None when there was nothing of ours to settle (a clash, or a folder
     fastprompt did not make, stays: :func:`leftover_swaps`)."""
     final, swap = os.path.join(run, name), swap_dir(run, name)
+    if os.path.isdir(swap) and not os.path.islink(swap) and not os.listdir(swap):
+        os.rmdir(swap)  # a removal cut short after its last file (retire): nothing to keep
+        return os.path.basename(swap)
     if not ours_swap(swap):
         return None
     if not os.path.isdir(final):
@@ -145,5 +149,12 @@ def retire(previous: str, final: str) -> bool:
             os.rename(os.path.join(previous, entry), target)
     if not only_ours(previous):
         return False
-    shutil.rmtree(previous)
+    # Its mark goes last, so a save killed meanwhile leaves a marked copy or an empty folder,
+    # both settle_swap's (an unmarked one with files would be refused as a person's).
+    for entry in os.listdir(previous):
+        if entry != SWAP_MARK:
+            os.remove(os.path.join(previous, entry))
+    if os.path.lexists(os.path.join(previous, SWAP_MARK)):
+        os.remove(os.path.join(previous, SWAP_MARK))
+    os.rmdir(previous)
     return True

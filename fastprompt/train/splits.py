@@ -23,7 +23,7 @@ from fastprompt.train import datasets as DS
 from fastprompt.train.data import split_dataset
 from fastprompt.train.datasets import DataError
 from fastprompt.train.folder import RunError
-from fastprompt.train.multi import is_mixture, open_mixture_data
+from fastprompt.train.multi import is_mixture, open_mixture_data, spec_paths
 
 __all__ = [
     "SPLIT_FILE",
@@ -298,9 +298,19 @@ def run_data(run: str, config, saved: dict[str, Any]) -> RunData:
     Raises
     ------
     DataError, RunError
-        Images of the split gone or relabelled, classes the run never had.
+        Images of the split gone or relabelled, classes the run never had; a run older than
+        ``split.json`` whose data changed, or whose digits are split differently today.
     """
     stored = read_split(run)
+    if stored is None:
+        # Older still than today's digits split: recomputing it would give other images.
+        for spec in [*spec_paths(config.data.train), *spec_paths(config.data.val)]:
+            if DS.is_digits(spec) and DS.digits_resplit(spec):
+                raise RunError(
+                    f"{spec} is split differently since {run} began (a digit's train and test "
+                    f"images no longer depend on the other digits listed); {run} predates "
+                    f"{SPLIT_FILE}, so its split cannot be restored: train it again"
+                )
     # A run without split.json predates stratified splits: its random split is recomputed.
     data = open_data(
         config.data,

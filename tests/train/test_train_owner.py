@@ -159,6 +159,44 @@ def test_an_interrupted_save_keeps_a_persons_files(tmp_path):
     assert (tmp_path / "last" / "best.json").read_text() == "my notes"
 
 
+class _Killed(BaseException):
+    """A SIGKILL, at a chosen file-system call (nothing after it runs, no handler catches it)."""
+
+
+def test_a_save_killed_while_it_removes_the_previous_copy_resumes(tmp_path, monkeypatch):
+    """Killed after the swap, while the previous copy was being removed (its mark gone first,
+    in the listing's order), the save left a .last.swap without its mark: the resume refused it
+    as a folder fastprompt did not make (the badinput kill case failed now and then)."""
+    settled = []
+    for stop in range(5):  # the mark, two files and the folder: killed before each
+        run = tmp_path / f"run{stop}"
+        run.mkdir()
+        save_dir(str(run), "last", write("old"))
+        (run / "last" / "config.json").write_text("{}")
+        calls = [0]
+
+        def killed_at(real):
+            def call(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] > stop:
+                    raise _Killed
+                return real(*args, **kwargs)
+
+            return call
+
+        with monkeypatch.context() as m:
+            for name in ("remove", "unlink", "rmdir"):
+                m.setattr(os, name, killed_at(getattr(os, name)))
+            try:
+                save_dir(str(run), "last", write("new"))
+            except _Killed:
+                pass
+        settled.append(leftovers.clean_stale(str(run)))
+        assert leftovers.leftover_swaps(str(run)) == [], (stop, os.listdir(run))
+        assert (run / "last" / "prompts.safetensors").read_text() == "new"
+    assert any(settled)  # some were cut short
+
+
 def test_a_checkpoint_save_carries_a_persons_files_over(tmp_path):
     (tmp_path / "best").mkdir()
     (tmp_path / "best" / "prompts.safetensors").write_text("old")
