@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_helpers import TINY_MODEL, write_images
+from train_helpers import FAST, TINY_MODEL, another_writer, cli_error, write_images
 
 import fastprompt
 from fastprompt.cli import main
 from fastprompt.train.recipes import DATA_FIELDS
 
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 VALUES = ("lr", "train_loss", "train_acc", "val_loss", "val_acc", "best_epoch", "train_samples")
 
 
@@ -28,13 +25,6 @@ def _train(tiny_csv, out, *extra):
 
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_run_folder_holds_everything(tiny_csv, tmp_path):
@@ -133,16 +123,16 @@ def test_a_pgn_run_with_augmentation_and_batchnorm_resumes_bit_for_bit(tiny_csv,
 
 def test_resume_refuses_changed_settings_and_accepts_repeated_ones(tiny_csv, tmp_path, capsys):
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "2", "--stop-after", "1")
-    err = _error(capsys, ["train", "--resume", str(run), "--lr", "3"])
+    err = cli_error(capsys, ["train", "--resume", str(run), "--lr", "3"])
     assert "--lr 3.0 differs from the run's (16.0)" in err
-    err = _error(capsys, ["train", "--resume", str(run), "--seed", "0"])
+    err = cli_error(capsys, ["train", "--resume", str(run), "--seed", "0"])
     assert "--seed was not given when the run began" in err and "None" not in err
     # The original command line with --resume appended (the README's form) is fine.
     args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv)]
     args += ["--prompts", "3", *FAST, "--out", str(run), "--epochs", "2", "--resume", str(run)]
     assert main(args) == 0
     assert len(_metrics(run)) == 2
-    err = _error(
+    err = cli_error(
         capsys, ["train", *TINY_MODEL, "--data", str(tiny_csv), "--prompts", "1", "--out", str(run)]
     )
     assert f"--out {run} already holds a run; continue it with --resume" in err
@@ -223,12 +213,12 @@ def test_clear_errors_before_any_work(tiny_csv, tmp_path, capsys):
     import re
 
     for extra, pattern in cases:
-        err = _error(capsys, base + extra)
+        err = cli_error(capsys, base + extra)
         assert err.startswith("fastprompt: error: train: ") and re.search(pattern, err), (
             extra,
             err,
         )
-    err = _error(
+    err = cli_error(
         capsys, ["train", "--model", "vit_nope", "--data", "digits", "--prompts", "1", "--out", "x"]
     )
     assert "'vit_nope' is not a timm model name" in err
@@ -247,9 +237,9 @@ def test_evaluate_a_run_and_refuse_labels_that_do_not_fit(tiny_csv, tmp_path, ca
     # A dataset with 4 classes does not fit a 3-class head.
     rows = write_images(tmp_path / "img4", 8, 4)
     (tmp_path / "four.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
-    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "four.csv")])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "four.csv")])
     assert "has 1 class(es) the run was not trained on: ['3']" in err
-    err = _error(capsys, ["evaluate", str(tmp_path / "nothing")])
+    err = cli_error(capsys, ["evaluate", str(tmp_path / "nothing")])
     assert "does not exist; is it a fastprompt run folder?" in err
 
 
@@ -263,17 +253,17 @@ def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
     default device."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     base = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv), "--prompts"]
-    err = _error(capsys, [*base, "2", "--backend", "triton", "--out", str(tmp_path / "t")])
+    err = cli_error(capsys, [*base, "2", "--backend", "triton", "--out", str(tmp_path / "t")])
     assert "--backend triton cannot run on cpu here: " in err
     assert not (tmp_path / "t").exists()
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "1")
-    err = _error(capsys, ["evaluate", str(run), "--device", "cuda"])
+    err = cli_error(capsys, ["evaluate", str(run), "--device", "cuda"])
     assert err.endswith("--device cuda was asked for, but torch sees no CUDA device")
     saved = json.loads((run / "run.json").read_text())
     saved["config"]["device"] = "cuda"
     (run / "run.json").write_text(json.dumps(saved))
     for argv in (["evaluate", str(run)], ["condense", str(run)], ["train", "--resume", str(run)]):
-        err = _error(capsys, argv)
+        err = cli_error(capsys, argv)
         assert "was trained with --device cuda, which torch does not see here" in err, err
     # A resumed run stays on its device unless told (it moved to the default one, silently).
     assert main(["train", "--resume", str(run), "--device", "cpu", "--quiet"]) == 0
@@ -320,9 +310,9 @@ def test_condense_a_run_into_a_new_run(tiny_csv, tmp_path, capsys):
     model = fastprompt.train.load_run_model(str(new), "last")
     assert model.method == "prompt_condensation" and model.config.dropout == 0.0
     assert main(["evaluate", str(new), "--checkpoint", "last", "--no-progress"]) == 0
-    err = _error(capsys, ["condense", str(run), "--keep", "1.5"])
+    err = cli_error(capsys, ["condense", str(run), "--keep", "1.5"])
     assert "--keep ratio must be in [0, 1], got 1.5" in err
-    err = _error(capsys, args)
+    err = cli_error(capsys, args)
     assert "already holds a run" in err
 
 
@@ -350,24 +340,14 @@ def test_condense_is_refused_while_another_process_writes_its_source(tiny_csv, t
     the source running meanwhile could change or move what condense read. Now it is refused,
     and reads once the writer is gone."""
     run = _train(tiny_csv, tmp_path / "run", "--epochs", "1")
-    code = (
-        "import sys; from fastprompt.train import owner\n"
-        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
-    )
-    writer = subprocess.Popen(
-        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        assert writer.stdout.readline().strip() == b"held"
+    with another_writer(run) as writer:
         args = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
         args += ["--no-progress", "--out", str(tmp_path / "pc")]
-        err = _error(capsys, args)
+        err = cli_error(capsys, args)
         assert (
             f"condense RUN {run} is in use by another fastprompt process (pid {writer.pid}" in err
         )
         assert not (tmp_path / "pc").exists()
-    finally:
-        writer.communicate(b"", timeout=120)
     assert main(args) == 0
 
 

@@ -6,18 +6,9 @@ import json
 
 import pytest
 import torch
-from train_helpers import TINY_MODEL
+from train_helpers import FAST, TINY_MODEL, cli_error
 
 from fastprompt.cli import main
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
-
-
-def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_every_set_applies_and_a_field_set_twice_is_refused(capsys):
@@ -26,10 +17,10 @@ def test_every_set_applies_and_a_field_set_twice_is_refused(capsys):
     out = capsys.readouterr().out
     assert "epochs           7" in out and "batch_size       16" in out
     assert main(["train", "--set", "epochs=7", "--set", "epochs=7", "--print-recipe"]) == 0
-    err = _error(capsys, ["train", "--set", "epochs=7", "--set", "epochs=8", "--print-recipe"])
+    err = cli_error(capsys, ["train", "--set", "epochs=7", "--set", "epochs=8", "--print-recipe"])
     assert "argument --set: epochs is given twice, as epochs=7 and epochs=8; give it once" in err
     # A field with an option of its own, given again by --set: the last one won, silently.
-    err = _error(capsys, ["train", "--epochs", "7", "--set", "epochs=8", "--print-recipe"])
+    err = cli_error(capsys, ["train", "--epochs", "7", "--set", "epochs=8", "--print-recipe"])
     assert "--epochs 7 and --set epochs=8 set the recipe field epochs twice" in err
 
 
@@ -37,16 +28,16 @@ def test_every_model_args_applies(capsys, tmp_path):
     base = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", "digits"]
     base += ["--out", str(tmp_path / "r"), "--model-args", "img_size=16", "patch_size=4"]
     # 33 is no multiple of 2 heads; the first --model-args was dropped (silently).
-    err = _error(capsys, [*base, "--model-args", "embed_dim=33", "num_heads=2"])
+    err = cli_error(capsys, [*base, "--model-args", "embed_dim=33", "num_heads=2"])
     assert "--model-args img_size=16 patch_size=4 embed_dim=33 num_heads=2: timm's" in err
-    err = _error(capsys, [*base, "--model-args", "patch_size=8"])
+    err = cli_error(capsys, [*base, "--model-args", "patch_size=8"])
     assert "patch_size is given twice, as patch_size=4 and patch_size=8" in err
     assert not (tmp_path / "r").exists()
 
 
 def test_every_bench_list_applies(capsys):
     # --fits-models nope was dropped: the error named the missing --fits instead.
-    err = _error(
+    err = cli_error(
         capsys, ["bench", "--fits-models", "nope", "--fits-models", "vit_tiny_patch16_224"]
     )
     assert "--fits-models 'nope' is not a timm model name" in err
@@ -64,9 +55,9 @@ def test_condense_takes_a_device(tiny_csv, tmp_path, capsys):
     (run / "run.json").write_text(json.dumps(saved))
     condense = ["condense", str(run), "--keep", "0.5", "--finetune-epochs", "1", "--quiet"]
     condense += ["--no-progress", "--out", str(tmp_path / "pc")]
-    err = _error(capsys, condense)
+    err = cli_error(capsys, condense)
     assert "was trained with --device cuda" in err and "--device cpu" in err
-    err = _error(capsys, [*condense, "--device", "cuda"])
+    err = cli_error(capsys, [*condense, "--device", "cuda"])
     assert err.endswith("--device cuda was asked for, but torch sees no CUDA device")
     assert main([*condense, "--device", "cpu"]) == 0
     # The condensed run stays where it was made: its resume needs no --device.

@@ -7,12 +7,10 @@ import json
 
 import pytest
 import torch
-from train_helpers import TINY_MODEL
+from train_helpers import FAST, TINY_MODEL
 
 import fastprompt
 from fastprompt.cli import main
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 
 
 def _train(tiny_csv, out, *method):

@@ -5,23 +5,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from train_helpers import TINY_MODEL, write_images
+from train_helpers import FAST, TINY_MODEL, another_writer, cli_error, write_images
 
 from fastprompt.cli import main
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
-
-
-def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def _evaluations(run) -> list[dict]:
@@ -47,23 +36,23 @@ def test_evaluate_refuses_the_runs_training_images(folder_run, tmp_path, capsys)
     were a test set: a top-1 of training accuracy, recorded as a result."""
     run, root = folder_run
     capsys.readouterr()
-    err = _error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
     assert f"--data {root / 'train'}: 8 of its 8 evaluation images are images {run} was " in err
     assert f"trained on (per {run / 'split.json'}): {root / 'train' / 'a' / '0.png'}, " in err
     assert "evaluate on images held out of training" in err
     # The same images reached another way: through a link to the folder, listed by a .csv.
     os.symlink(root / "train", tmp_path / "link")
-    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "link")])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "link")])
     assert "8 of its 8 evaluation images are images" in err
     rows = [("data/val/a/0.png", "a"), ("data/train/b/3.png", "b")]
     (tmp_path / "mine.csv").write_text("".join(f"{p},{y}\n" for p, y in rows))
-    err = _error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "mine.csv")])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", str(tmp_path / "mine.csv")])
     assert f"1 of its 2 evaluation images are images {run} was trained on" in err
     assert str(root / "train" / "b" / "3.png") in err
     assert _evaluations(run) == []
     # A run older than split.json: its split is recomputed from its data, as a resume does.
     os.remove(run / "split.json")
-    err = _error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
     assert "(per its data and seed (it predates split.json))" in err
 
 
@@ -118,7 +107,7 @@ def test_an_old_digits_run_is_not_evaluated_on_its_training_images(tmp_path, cap
     for part, chosen in (("train", train), ("val", test)):
         split[part]["ids"] = [f"digits/{i}" for i in chosen]
     (run / "split.json").write_text(json.dumps(split))
-    err = _error(capsys, ["evaluate", str(run), "--data", "digits:6-9"])
+    err = cli_error(capsys, ["evaluate", str(run), "--data", "digits:6-9"])
     assert "--data digits:6-9: 171 of its 286 evaluation images are images" in err
     assert "digits/" in err
 
@@ -127,15 +116,7 @@ def test_evaluate_records_under_the_runs_lock(folder_run, capsys):
     """evaluate appended to evaluations.jsonl without the run's lock: a `train --resume` or
     `--overwrite` of the run could start, or move the folder aside, mid-append."""
     run, _ = folder_run
-    code = (
-        "import sys; from fastprompt.train import owner\n"
-        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
-    )
-    writer = subprocess.Popen(
-        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-    )
-    try:
-        assert writer.stdout.readline().strip() == b"held"
+    with another_writer(run) as writer:
         assert main(["evaluate", str(run), "--no-progress"]) == 0
         captured = capsys.readouterr()
         assert "top-1" in captured.out  # the result is printed
@@ -144,7 +125,5 @@ def test_evaluate_records_under_the_runs_lock(folder_run, capsys):
         )
         assert f"use by another fastprompt process (pid {writer.pid}" in captured.err
         assert _evaluations(run) == []
-    finally:
-        writer.communicate(b"", timeout=120)
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     assert len(_evaluations(run)) == 1

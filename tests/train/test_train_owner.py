@@ -11,13 +11,11 @@ import sys
 import pytest
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from train_helpers import TINY_MODEL
+from train_helpers import FAST, TINY_MODEL
 
 from fastprompt.cli import main
 from fastprompt.train import leftovers, owner
 from fastprompt.train.folder import save_dir
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 
 
 def test_a_run_may_write_only_a_new_empty_or_marked_folder(tmp_path):

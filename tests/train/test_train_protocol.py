@@ -9,13 +9,11 @@ import json
 
 import pytest
 import torch
-from train_helpers import TINY_MODEL
+from train_helpers import FAST, TINY_MODEL
 
 import fastprompt
 from fastprompt.cli import main
 from fastprompt.train.recipes import RECIPES, get_recipe
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
 
 
 def official_vpt_transform(split: str, size: int):

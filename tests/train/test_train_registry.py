@@ -6,20 +6,11 @@ from __future__ import annotations
 import json
 
 import pytest
-from train_helpers import TINY_MODEL
+from train_helpers import FAST, TINY_MODEL, cli_error
 
 import fastprompt
 from fastprompt import registry
 from fastprompt.cli import main
-
-FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
-
-
-def _error(capsys, argv) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_the_ablations_train_from_the_command_line(tiny_csv, tmp_path, capsys):
@@ -33,7 +24,7 @@ def test_the_ablations_train_from_the_command_line(tiny_csv, tmp_path, capsys):
     assert model.method == "vpt_ablation"
     assert model.config.num_deep_layers == 1 and model.config.reverse_deep
     assert "prompt_embeddings" not in model.trainable_parameters()
-    err = _error(capsys, ["condense", str(run)])
+    err = cli_error(capsys, ["condense", str(run)])
     assert "is a 'vpt_ablation' run; Prompt Condensation condenses runs of ['vpt']" in err
 
 
@@ -50,7 +41,7 @@ def test_the_ablations_train_from_the_command_line(tiny_csv, tmp_path, capsys):
 )
 def test_options_apply_to_the_methods_that_declare_them(tiny_csv, tmp_path, capsys, extra, match):
     args = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--prompts", "2"]
-    err = _error(capsys, [*args, *extra, "--out", str(tmp_path / "r")])
+    err = cli_error(capsys, [*args, *extra, "--out", str(tmp_path / "r")])
     assert match in err, err
     assert not (tmp_path / "r").exists()
 

@@ -2,13 +2,48 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 
 import numpy as np
+import pytest
+
+from fastprompt.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# What every quick CLI run passes: small batches, a learning rate that moves in one epoch, no
+# workers and no progress bars.
+FAST = ["--batch-size", "8", "--lr", "16", "--workers", "0", "--no-progress", "--quiet"]
+
+
+def cli_error(capsys, argv) -> str:
+    """The last line argparse's usage error (exit code 2) printed for ``argv``."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@contextlib.contextmanager
+def another_writer(run):
+    """Another process holding ``run``'s lock as a writer (a `train --resume`) until the block
+    ends; yields its process."""
+    code = (
+        "import sys; from fastprompt.train import owner\n"
+        "owner.hold_lock(sys.argv[1]); print('held', flush=True); sys.stdin.read()\n"
+    )
+    writer = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert writer.stdout.readline().strip() == b"held"
+        yield writer
+    finally:
+        writer.communicate(b"", timeout=120)
+
 
 # A timm ViT small enough that an epoch takes milliseconds (16×16 images, 16 patches).
 TINY_MODEL = [
