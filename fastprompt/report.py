@@ -88,7 +88,8 @@ def _header(result: dict[str, Any]) -> str:
         f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"timm {env['timm']}{_timm_attention(env)}{_allocator(env)}, "
         f"fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
-        "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
+        "Times: median [p20, p80]; ratios (\"x vs y\": this row's figure over y's, below 1 "
+        "less) against naive VPT and the prompt-free model of the "
         "same run (its training step: full fine-tuning's backward; frozen: its step with the "
         "backbone frozen and the gradient taken to the images, a prompt method's floor), the "
         "ratio of the medians followed by the p20–p80 of the ratios taken repetition by "
@@ -96,7 +97,9 @@ def _header(result: dict[str, Any]) -> str:
         "fused+<policy>: fastprompt "
         "under a memory policy. act.: bytes saved for backward; peak: a training step's rise "
         f"in {_peak_of(result)} (gradients included, no optimiser); RSS rise: the process's "
-        "resident memory (CPU)."
+        "resident memory (CPU). GFLOPs/img: fvcore's count of an inference forward (one "
+        "multiply-add is one flop), fastprompt's with its prompt keys/values computed once "
+        "per model, not per image."
     )
 
 
@@ -132,7 +135,8 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
     a, b = index(old), index(new)
     lines = [
         f"Compared: A = {old['env']['device']} ({old['env']['date']}), "
-        f"B = {new['env']['device']} ({new['env']['date']})",
+        f"B = {new['env']['device']} ({new['env']['date']})"
+        + _config_differences(old.get("config", {}), new.get("config", {})),
         "",
         "| prompts | variant | infer ms A | infer ms B | B/A | train ms A | train ms B | B/A |",
         "|---|---|---|---|---|---|---|---|",
@@ -147,6 +151,23 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
                 cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# What sets a report's times apart besides the device and the code: a B/A ratio across them is
+# not the device's or the code's.
+_COMPARED = ("model", "deep", "batch", "dtype", "img_size", "backend", "model_kwargs")
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The settings the two reports were measured under that differ, said after the header."""
+    differ = [
+        f"{k} {a.get(k)!r} (A) vs {b.get(k)!r} (B)" for k in _COMPARED if a.get(k) != b.get(k)
+    ]
+    if not differ:
+        return ""
+    return "; measured under different settings, so B/A is not the device's alone: " + ", ".join(
+        differ
+    )
 
 
 _LABELS = {"naive": "naive VPT", "fused": "fastprompt"}
