@@ -81,11 +81,17 @@ def _allocator(env: dict[str, Any]) -> str:
     return f", CPU allocator {said}"
 
 
+def _image_size(cfg: dict[str, Any]) -> str:
+    size = cfg.get("image_size")  # absent from reports before it was recorded
+    return "" if size is None else f", images {'x'.join(map(str, size))}"
+
+
 def _header(result: dict[str, Any]) -> str:
     env, cfg = result["env"], result["config"]
     return (
-        f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}, "
-        f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}"
+        f"{_image_size(cfg)}, {cfg['dtype']}, backend {cfg.get('backend') or 'automatic'}, "
+        f"on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"timm {env['timm']}{_timm_attention(env)}{_allocator(env)}, "
         f"fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
         "Times: median [p20, p80]; ratios (\"x vs y\": this row's figure over y's, below 1 "

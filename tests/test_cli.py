@@ -199,8 +199,10 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys,
 def test_bench_fits_refuses_what_it_would_ignore(args, match, capsys, tmp_path):
     """--fits measures fp32 VPT-deep at one prompt count and batches of its own: options that
     set anything else were ignored; they are refused, before anything is measured."""
+    if "--fits-models" not in args:  # a tiny model, where they were ignored
+        args = [*args, "--fits-models", "vit_tiny_patch16_224", "--img-size", "32"]
     with pytest.raises(SystemExit) as exit_info:
-        main(["bench", "--fits", "24", "--out", str(tmp_path / "r"), *args])
+        main(["bench", "--fits", "24", "--device", "cpu", "--out", str(tmp_path / "r"), *args])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in err and err.startswith("fastprompt: error: bench: ")
@@ -238,6 +240,8 @@ def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
     assert "measured under different settings" in text and "batch 3 (A) vs 2 (B)" in text
     # The header says what the columns are: ratios' direction, what the FLOPs count.
     assert "this row's figure over y's" in text and "one multiply-add is one flop" in text
+    # ... and what was measured: the image size --img-size set, the backend.
+    assert "batch 2, images 32x32, float32, backend automatic," in text
 
 
 def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
