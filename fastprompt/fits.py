@@ -92,7 +92,17 @@ def saved_bytes_per_image(
         ``itemsize · L · N' · (a·D + b·H + c)`` with ``N' = N + P`` for naive VPT, else N. What is
         kept once per batch (fastprompt's prompt keys/values, the embedding and the head) is not
         in it.
+
+    Raises
+    ------
+    ValueError
+        If ``variant`` is not one of :data:`SAVED_PER_TOKEN`.
     """
+    if variant not in SAVED_PER_TOKEN:
+        raise ValueError(
+            f"saved_bytes_per_image: variant must be one of {list(SAVED_PER_TOKEN)}, "
+            f"got {variant!r}"
+        )
     a, b, c = SAVED_PER_TOKEN[variant]
     n = tokens + prompts if variant == "naive VPT" else tokens
     return itemsize * depth * n * (a * width + b * heads + c)

@@ -100,6 +100,11 @@ def test_bad_variants_and_shapes_are_refused():
         fits.estimate_fits([_NAME], [0])
 
 
+def test_the_formula_names_its_variants_when_given_another():
+    with pytest.raises(ValueError, match=r"variant must be one of \['full fine-tuning', .*'naive'"):
+        fits.saved_bytes_per_image("naive", 197, 200, 768, 12, 12)
+
+
 def test_a_model_that_is_not_a_vit_is_refused_before_anything_is_measured():
     said = []
     with pytest.raises(ValueError, match="SwinTransformer, not a ViT with one stack of blocks"):
