@@ -161,14 +161,15 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
 
 # What sets a report's times apart besides the device and the code: a B/A ratio across them is
 # not the device's or the code's.
-_COMPARED = ("model", "deep", "batch", "dtype", "img_size", "backend", "model_kwargs")
+_COMPARED = ("model", "deep", "batch", "dtype", "image_size", "backend", "model_kwargs")
 
 
 def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> str:
     """The settings the two reports were measured under that differ, said after the header."""
-    differ = [
-        f"{k} {a.get(k)!r} (A) vs {b.get(k)!r} (B)" for k in _COMPARED if a.get(k) != b.get(k)
-    ]
+    # The size measured where both reports record it; the override asked for where one does not.
+    size = "image_size" if "image_size" in a and "image_size" in b else "img_size"
+    keys = [size if k == "image_size" else k for k in _COMPARED]
+    differ = [f"{k} {a.get(k)!r} (A) vs {b.get(k)!r} (B)" for k in keys if a.get(k) != b.get(k)]
     if not differ:
         return ""
     return "; measured under different settings, so B/A is not the device's alone: " + ", ".join(
