@@ -292,6 +292,7 @@ def test_interleaved_timing_rotates_the_order():
         (["--fits-models", "vit_base_patch16_224"], "--fits-models goes with --fits GIB"),
         (["--prompts", "0"], "--prompts needs a count >= 1 to set beside the prompt-free"),
         (["--img-size", "200"], "--img-size 200 is not a multiple of vit_base_patch16_224's"),
+        (["--model", "resnet18"], "--model: model must be a timm VisionTransformer"),
     ],
 )
 def test_bench_validates_before_running(args, match, capsys, tmp_path):

@@ -31,20 +31,28 @@ _NOT_WITH_FITS = (
 )
 
 
-def _check_image_size(flag: str, name: str, img_size: int) -> str | None:
-    """Why ``name`` cannot take ``--img-size img_size`` (timm refuses it, or the size is not a
-    multiple of the patch size, where timm's patch embedding would drop the remainder), or
-    None. The model is built on the meta device: nothing is allocated."""
+def _check_model(flag: str, name: str, img_size: int | None) -> str | None:
+    """Why bench cannot measure ``name`` (at ``--img-size img_size``): timm refuses the size,
+    fastprompt cannot prompt the model, or the size is not a multiple of the patch size, where
+    timm's patch embedding would drop the remainder; or None. The model is built on the meta
+    device: nothing is allocated."""
     import timm
     import torch
 
+    from fastprompt.backbones import adapter_for
+
+    kw = {} if img_size is None else {"img_size": img_size}
     try:
         with torch.device("meta"):
-            model = timm.create_model(name, pretrained=False, img_size=img_size)
+            model = timm.create_model(name, pretrained=False, num_classes=100, **kw)
     except Exception as e:
         return f"--img-size {img_size} does not fit {flag} {name} ({type(e).__name__}: {e})"
+    try:
+        adapter_for(model, flag)
+    except (TypeError, ValueError) as e:
+        return str(e)
     patch = getattr(getattr(model, "patch_embed", None), "patch_size", None)
-    if patch is not None and any(img_size % p for p in patch):
+    if img_size is not None and patch is not None and any(img_size % p for p in patch):
         return (
             f"--img-size {img_size} is not a multiple of {name}'s patch size "
             f"{'x'.join(map(str, patch))} (the patch embedding would drop the remainder)"
@@ -63,7 +71,7 @@ def _check_fits_args(args: argparse.Namespace) -> str | None:
     kw = {} if args.img_size is None else {"img_size": args.img_size}
     for name in args.fits_models or FIT_MODELS:
         if args.img_size is not None:
-            problem = _check_image_size("--fits-models", name, args.img_size)
+            problem = _check_model("--fits-models", name, args.img_size)
             if problem:
                 return problem
         try:
@@ -104,10 +112,9 @@ def check_bench_args(args: argparse.Namespace) -> str | None:
             f"--prompts needs a count >= 1 to set beside the prompt-free model (which is "
             f"always measured), got {args.prompts}"
         )
-    if args.img_size is not None:
-        problem = _check_image_size("--model", args.model or DEFAULT_MODEL, args.img_size)
-        if problem:
-            return problem
+    problem = _check_model("--model", args.model or DEFAULT_MODEL, args.img_size)
+    if problem:
+        return problem
     if args.compare is not None:
         try:
             with open(args.compare) as f:
