@@ -342,9 +342,10 @@ def markdown(rows: list[dict], env: dict) -> str:
     lines = [
         f"prompt_attention on {env['device']}, torch {env['torch']}, triton {env.get('triton')}, "
         f"CUDA {env.get('cuda')}, commit {env.get('commit')}, {env.get('date')}; shape (B, H, N, "
-        f"d) {first.get('shape', '-')}, key bias {first.get('key_bias', 'none')}",
+        f"d) {first.get('shape', '-')}, key bias {first.get('key_bias', 'none')}. speed: cat + "
+        "SDPA's median time over the row's (above 1: the row is faster).",
         "",
-        "| dtype | P | sets | mode | impl | ms median [p20, p80] | x cat+SDPA | err out "
+        "| dtype | P | sets | mode | impl | ms median [p20, p80] | speed vs cat+SDPA | err out "
         "| err grads (rel) | peak MiB |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]

@@ -284,7 +284,8 @@ def _run_step(step: Step, out: Path, timeout: float, env: dict) -> dict:
 def _op_table(rows_file: Path) -> list[str]:
     rows = [json.loads(x) for x in rows_file.read_text().splitlines() if x.strip()]
     lines = ["", "## op: the automatic choice and each backend against cat + SDPA", ""]
-    lines += ["| dtype | P | sets | mode | impl | ms | x cat+SDPA | err out |"]
+    lines += ["speed: cat + SDPA's time over the row's (above 1: the row is faster).", ""]
+    lines += ["| dtype | P | sets | mode | impl | ms | speed vs cat+SDPA | err out |"]
     lines += ["|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "skipped" in r or r["impl"] not in ("auto", "cascade", "torch", "triton", "cpp"):

@@ -139,7 +139,8 @@ def run(
     Returns
     -------
     dict
-        ``{"config", "env", "rows"}``; each row holds one (prompts, variant) with latency for
+        ``{"config", "env", "rows"}`` (``config`` also holds ``image_size``, the (height,
+        width) measured); each row holds one (prompts, variant) with latency for
         inference (naive and ``fused`` only: the policies change nothing there) and training,
         activation bytes saved for backward and a step's peak memory, and GFLOPs where asked.
         The prompt-free row's backward is full fine-tuning's (every weight trains). Training
@@ -267,7 +268,9 @@ def run(
             free[kind] = summarize(times)
     if on_row is not None:
         on_row(copy.deepcopy(free))
-    return {"config": cfg.__dict__.copy(), "env": environment(device), "rows": rows}
+    # The size measured, which --img-size may have set away from the one in the model's name.
+    config = cfg.__dict__.copy() | {"image_size": list(size)}
+    return {"config": config, "env": environment(device), "rows": rows}
 
 
 def _store(group: dict, free_times: dict, kind: str, times: dict[str, list[float]]) -> None:

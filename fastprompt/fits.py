@@ -44,6 +44,7 @@ __all__ = [
     "all_trainable",
     "estimate_fits",
     "fits_table",
+    "model_shape",
     "peak_process_bytes",
     "peak_step_bytes",
     "peak_tensor_bytes",
@@ -91,7 +92,17 @@ def saved_bytes_per_image(
         ``itemsize · L · N' · (a·D + b·H + c)`` with ``N' = N + P`` for naive VPT, else N. What is
         kept once per batch (fastprompt's prompt keys/values, the embedding and the head) is not
         in it.
+
+    Raises
+    ------
+    ValueError
+        If ``variant`` is not one of :data:`SAVED_PER_TOKEN`.
     """
+    if variant not in SAVED_PER_TOKEN:
+        raise ValueError(
+            f"saved_bytes_per_image: variant must be one of {list(SAVED_PER_TOKEN)}, "
+            f"got {variant!r}"
+        )
     a, b, c = SAVED_PER_TOKEN[variant]
     n = tokens + prompts if variant == "naive VPT" else tokens
     return itemsize * depth * n * (a * width + b * heads + c)
@@ -239,16 +250,30 @@ def _measure(name: str, depth: int, batch: int, prompts: int, variants: list[str
     return out
 
 
-def _full_counts(name: str, kw: dict[str, Any]) -> tuple[int, int, int, int, int]:
-    """(parameters, depth, width, heads, tokens) of the full model, built on the meta device."""
+def model_shape(name: str, model_kwargs: dict[str, Any] | None = None) -> tuple[int, ...]:
+    """(parameters, depth, width, heads, tokens) of a ViT at full size, built on the meta device
+    (nothing is allocated).
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a ViT of one stack of ``blocks`` with one width (a Swin's stages, a
+        hybrid's stem): the estimate scales such a stack by its depth.
+    """
     import timm
 
     with torch.device("meta"):
-        model = timm.create_model(name, pretrained=False, num_classes=100, **kw)
+        model = timm.create_model(name, pretrained=False, num_classes=100, **(model_kwargs or {}))
+    blocks = getattr(model, "blocks", None)
+    attn = getattr(blocks[0], "attn", None) if isinstance(blocks, nn.Sequential) else None
+    if not (hasattr(attn, "num_heads") and hasattr(model, "embed_dim")):
+        raise ValueError(
+            f"{name} is a {type(model).__name__}, not a ViT with one stack of blocks; the "
+            "estimate scales a timm VisionTransformer's blocks by depth"
+        )
     params = sum(p.numel() for p in model.parameters())
     tokens = model.patch_embed.num_patches + getattr(model, "num_prefix_tokens", 1)
-    heads = int(model.blocks[0].attn.num_heads)
-    return params, len(model.blocks), int(model.embed_dim), heads, tokens
+    return params, len(blocks), int(model.embed_dim), int(attn.num_heads), tokens
 
 
 @dataclass
@@ -320,6 +345,13 @@ def estimate_fits(
     device : where the small copies run
     depths, batches : the two depths and two batches measured
     model_kwargs : more ``timm.create_model`` arguments (tiny models in tests)
+
+    Raises
+    ------
+    ValueError
+        Unknown variants, bad depths or batches, ``prompts`` not an int >= 1, a budget not
+        above 0, a model that is
+        not a ViT (:func:`model_shape`); all before anything is measured.
     """
     variants = list(variants)
     unknown = [v for v in variants if v not in FIT_VARIANTS]
@@ -328,10 +360,15 @@ def estimate_fits(
     (d1, d2), (b1, b2) = depths, batches
     if not (0 < d1 < d2 and 0 < b1 < b2):
         raise ValueError(f"estimate_fits: need 0 < d1 < d2 and 0 < b1 < b2, got {depths} {batches}")
+    if isinstance(prompts, bool) or not isinstance(prompts, int) or prompts < 1:
+        raise ValueError(f"estimate_fits: prompts must be an int >= 1, got {prompts!r}")
+    budgets_gib = list(budgets_gib)
+    if not all(b > 0 for b in budgets_gib):
+        raise ValueError(f"estimate_fits: budgets_gib must be > 0, got {budgets_gib}")
     dev, kw, say = torch.device(device), dict(model_kwargs or {}), progress or (lambda _m: None)
+    shapes = [(name, model_shape(name, kw)) for name in models]  # refused before any measuring
     fits = []
-    for name in models:
-        params, depth, width, heads, tokens = _full_counts(name, kw)
+    for name, (params, depth, width, heads, tokens) in shapes:
         peaks = {}
         for d in (d1, d2):
             for b in (b1, b2):
@@ -367,8 +404,9 @@ def estimate_fits(
     return fits
 
 
-def fits_table(fits: list[Fit], device: str = "cpu") -> str:
-    """The fits as a Markdown table, with a line saying how they were obtained."""
+def fits_table(fits: list[Fit], device: str = "cpu", prompts: int | None = None) -> str:
+    """The fits as a Markdown table, with a line saying how they were obtained (and, given
+    ``prompts``, with how many prompts per block)."""
     budgets = list(fits[0].batches) if fits else []
     how = (
         "CUDA's max_memory_allocated"
@@ -377,7 +415,8 @@ def fits_table(fits: list[Fit], device: str = "cpu") -> str:
         "rounding or caching, no kernel workspace)"
     )
     lines = [
-        "Largest batch of a training step (fp32, SGD with momentum, VPT-deep prompts where "
+        "Largest batch of a training step (fp32, SGD with momentum, "
+        f"{'' if prompts is None else f'{prompts} '}VPT-deep prompts per block where "
         f"prompted) from {how}, measured on copies two and three blocks deep at two small "
         "batches and scaled linearly to the model's depth and the batch.",
         "",

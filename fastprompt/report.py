@@ -81,14 +81,21 @@ def _allocator(env: dict[str, Any]) -> str:
     return f", CPU allocator {said}"
 
 
+def _image_size(cfg: dict[str, Any]) -> str:
+    size = cfg.get("image_size")  # absent from reports before it was recorded
+    return "" if size is None else f", images {'x'.join(map(str, size))}"
+
+
 def _header(result: dict[str, Any]) -> str:
     env, cfg = result["env"], result["config"]
     return (
-        f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}, "
-        f"{cfg['dtype']}, on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
+        f"{cfg['model']} ({'deep' if cfg['deep'] else 'shallow'} VPT), batch {cfg['batch']}"
+        f"{_image_size(cfg)}, {cfg['dtype']}, backend {cfg.get('backend') or 'automatic'}, "
+        f"on {env['device']}; torch {env['torch']}, triton {env['triton']}, "
         f"timm {env['timm']}{_timm_attention(env)}{_allocator(env)}, "
         f"fastprompt {env['fastprompt']} ({env['commit']}), {env['date']}. "
-        "Times: median [p20, p80]; ratios against naive VPT and the prompt-free model of the "
+        "Times: median [p20, p80]; ratios (\"x vs y\": this row's figure over y's, below 1 "
+        "less) against naive VPT and the prompt-free model of the "
         "same run (its training step: full fine-tuning's backward; frozen: its step with the "
         "backbone frozen and the gradient taken to the images, a prompt method's floor), the "
         "ratio of the medians followed by the p20–p80 of the ratios taken repetition by "
@@ -96,7 +103,9 @@ def _header(result: dict[str, Any]) -> str:
         "fused+<policy>: fastprompt "
         "under a memory policy. act.: bytes saved for backward; peak: a training step's rise "
         f"in {_peak_of(result)} (gradients included, no optimiser); RSS rise: the process's "
-        "resident memory (CPU)."
+        "resident memory (CPU). GFLOPs/img: fvcore's count of an inference forward (one "
+        "multiply-add is one flop), fastprompt's with its prompt keys/values computed once "
+        "per model, not per image."
     )
 
 
@@ -132,7 +141,8 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
     a, b = index(old), index(new)
     lines = [
         f"Compared: A = {old['env']['device']} ({old['env']['date']}), "
-        f"B = {new['env']['device']} ({new['env']['date']})",
+        f"B = {new['env']['device']} ({new['env']['date']})"
+        + _config_differences(old.get("config", {}), new.get("config", {})),
         "",
         "| prompts | variant | infer ms A | infer ms B | B/A | train ms A | train ms B | B/A |",
         "|---|---|---|---|---|---|---|---|",
@@ -147,6 +157,24 @@ def compare_table(old: dict[str, Any], new: dict[str, Any]) -> str:
                 cells += ["-", "-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+# What sets a report's times apart besides the device and the code: a B/A ratio across them is
+# not the device's or the code's.
+_COMPARED = ("model", "deep", "batch", "dtype", "image_size", "backend", "model_kwargs")
+
+
+def _config_differences(a: dict[str, Any], b: dict[str, Any]) -> str:
+    """The settings the two reports were measured under that differ, said after the header."""
+    # The size measured where both reports record it; the override asked for where one does not.
+    size = "image_size" if "image_size" in a and "image_size" in b else "img_size"
+    keys = [size if k == "image_size" else k for k in _COMPARED]
+    differ = [f"{k} {a.get(k)!r} (A) vs {b.get(k)!r} (B)" for k in keys if a.get(k) != b.get(k)]
+    if not differ:
+        return ""
+    return "; measured under different settings, so B/A is not the device's alone: " + ", ".join(
+        differ
+    )
 
 
 _LABELS = {"naive": "naive VPT", "fused": "fastprompt"}

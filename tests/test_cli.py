@@ -136,6 +136,79 @@ def test_a_bench_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
     assert len(rows) == len(json.loads((out / "report.json").read_text())["rows"])
 
 
+def test_a_new_bench_leaves_nothing_of_an_earlier_one_in_its_folder(tmp_path, monkeypatch):
+    """An earlier bench's report and figures are removed before a new run measures: a run
+    cut short, or one that draws fewer figures, never sits beside the earlier run's files."""
+    out = _bench(tmp_path, "r", "--no-train", "--reps", "1")
+    assert (out / "memory.png").exists() and (out / "gflops.png").exists()
+    real_vpt = fastprompt.vpt
+
+    def vpt(model, prompts, **kw):
+        raise KeyboardInterrupt("cut short")
+
+    monkeypatch.setattr(fastprompt, "vpt", vpt)
+    with pytest.raises(KeyboardInterrupt):
+        _bench(tmp_path, "r", "--no-train", "--reps", "1")
+    assert not (out / "report.json").exists() and not (out / "report.md").exists()
+    assert not (out / "memory.png").exists()
+    monkeypatch.setattr(fastprompt, "vpt", real_vpt)
+    _bench(tmp_path, "r", "--no-train", "--no-memory", "--no-flops", "--reps", "1")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "latency.png",
+        "report.json",
+        "report.md",
+        "rows.jsonl",
+    ]
+
+
+@pytest.mark.parametrize("fits", [False, True])
+def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys, fits):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file" / "report"
+    args = ["bench", "--img-size", "32", "--prompts", "2", "--device", "cpu", "--out", str(out)]
+    if fits:
+        args += ["--fits", "0.02", "--fits-models", "vit_tiny_patch16_224"]
+    else:
+        args += ["--model", "vit_tiny_patch16_224", "--quick"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"--out {out} cannot be written" in err and "nothing was measured" in err
+    assert "depth 2" not in err  # --fits says each copy it measures: none was
+
+
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        (["--prompts", "50", "200"], "--fits takes one prompt count >= 1 (--prompts N)"),
+        (["--prompts", "0"], "--fits takes one prompt count >= 1"),
+        (["--model", "vit_large_patch16_224"], "--fits does not take --model"),
+        (["--dtype", "bfloat16"], "--fits does not take --dtype (it measures fp32)"),
+        (["--shallow"], "--fits does not take --shallow"),
+        (["--batch", "4"], "--fits does not take --batch"),
+        (["--quick"], "--fits does not take --quick"),
+        (
+            ["--fits-models", "swin_tiny_patch4_window7_224"],
+            "is a SwinTransformer, not a ViT with one stack of blocks",
+        ),
+        (
+            ["--fits-models", "vit_tiny_patch16_224", "--img-size", "40"],
+            "--img-size 40 is not a multiple of vit_tiny_patch16_224's patch size 16x16",
+        ),
+    ],
+)
+def test_bench_fits_refuses_what_it_would_ignore(args, match, capsys, tmp_path):
+    """--fits measures fp32 VPT-deep at one prompt count and batches of its own: options that
+    set anything else were ignored; they are refused, before anything is measured."""
+    if "--fits-models" not in args:  # a tiny model, where they were ignored
+        args = [*args, "--fits-models", "vit_tiny_patch16_224", "--img-size", "32"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--fits", "24", "--device", "cpu", "--out", str(tmp_path / "r"), *args])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert match in err and err.startswith("fastprompt: error: bench: ")
+    assert not (tmp_path / "r").exists()
+
+
 def test_paired_ratios_cancel_drift_between_repetitions():
     from fastprompt.bench import paired_ratios
 
@@ -160,6 +233,15 @@ def test_bench_compare_sets_two_reports_side_by_side(tmp_path, capsys):
     text = (second / "report.md").read_text()
     assert "infer ms A | infer ms B | B/A" in text and "| 4 | fused |" in text
     assert "| 4 | fused+" not in text  # memory policies change inference in nothing: no rows
+    assert "measured under different settings" not in text
+    third = _bench(tmp_path, "c", "--no-memory", "--no-train", "--batch", "3")
+    _bench(tmp_path, "d", "--no-memory", "--no-train", "--compare", str(third / "report.json"))
+    text = (tmp_path / "d" / "report.md").read_text()
+    assert "measured under different settings" in text and "batch 3 (A) vs 2 (B)" in text
+    # The header says what the columns are: ratios' direction, what the FLOPs count.
+    assert "this row's figure over y's" in text and "one multiply-add is one flop" in text
+    # ... and what was measured: the image size --img-size set, the backend.
+    assert "batch 2, images 32x32, float32, backend automatic," in text
 
 
 def test_info_says_why_a_backend_cannot_run(capsys, monkeypatch):
@@ -208,6 +290,9 @@ def test_interleaved_timing_rotates_the_order():
         (["--fits", "0"], "--fits takes budgets in GiB > 0, got [0.0]"),
         (["--fits", "24", "--fits-models", "vit_nope"], "--fits-models 'vit_nope' is not a timm"),
         (["--fits-models", "vit_base_patch16_224"], "--fits-models goes with --fits GIB"),
+        (["--prompts", "0"], "--prompts needs a count >= 1 to set beside the prompt-free"),
+        (["--img-size", "200"], "--img-size 200 is not a multiple of vit_base_patch16_224's"),
+        (["--model", "resnet18"], "--model: model must be a timm VisionTransformer"),
     ],
 )
 def test_bench_validates_before_running(args, match, capsys, tmp_path):
@@ -216,6 +301,15 @@ def test_bench_validates_before_running(args, match, capsys, tmp_path):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert match in err and err.startswith("fastprompt: error: bench: ")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs where CUDA is")
+def test_bench_refuses_a_backend_that_cannot_run_before_measuring(monkeypatch, capsys, tmp_path):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the tests' own: Triton on the CPU
+    with pytest.raises(SystemExit):
+        main(["bench", "--backend", "triton", "--device", "cpu", "--out", str(tmp_path / "r")])
+    assert "--backend triton cannot run on cpu here: no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
 
 
 def test_bench_fits_writes_the_largest_batches(tmp_path, capsys):
@@ -231,6 +325,16 @@ def test_bench_fits_writes_the_largest_batches(tmp_path, capsys):
         assert f["batches"]["0.02"] <= f["batches"]["0.05"]
     table = (out / "fits.md").read_text()
     assert "| vit_tiny_patch16_224 | fastprompt, block |" in table and "estimate" in table
+    # What was measured is said: the prompt count in the table and in the JSON.
+    assert "2 VPT-deep prompts per block" in table
+    config = json.loads((out / "fits.json").read_text())["config"]
+    assert config == {
+        "models": ["vit_tiny_patch16_224"],
+        "budgets_gib": [0.02, 0.05],
+        "prompts": 2,
+        "img_size": 32,
+        "device": "cpu",
+    }
     assert "batch in 0.05 GiB" in capsys.readouterr().out
 
 

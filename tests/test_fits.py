@@ -94,3 +94,20 @@ def test_bad_variants_and_shapes_are_refused():
         fits.estimate_fits([_NAME], [1], variants=["lora"])
     with pytest.raises(ValueError, match="need 0 < d1 < d2"):
         fits.estimate_fits([_NAME], [1], depths=(3, 2))
+    with pytest.raises(ValueError, match="prompts must be an int >= 1, got 0"):
+        fits.estimate_fits([_NAME], [1], prompts=0)
+    with pytest.raises(ValueError, match=r"budgets_gib must be > 0, got \[0\]"):
+        fits.estimate_fits([_NAME], [0])
+
+
+def test_the_formula_names_its_variants_when_given_another():
+    with pytest.raises(ValueError, match=r"variant must be one of \['full fine-tuning', .*'naive'"):
+        fits.saved_bytes_per_image("naive", 197, 200, 768, 12, 12)
+
+
+def test_a_model_that_is_not_a_vit_is_refused_before_anything_is_measured():
+    said = []
+    with pytest.raises(ValueError, match="SwinTransformer, not a ViT with one stack of blocks"):
+        fits.estimate_fits([_NAME, "swin_tiny_patch4_window7_224"], [1], progress=said.append)
+    assert said == []
+    assert fits.model_shape(_NAME, _KW)[1:] == (12, 64, 2, 5)

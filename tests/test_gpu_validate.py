@@ -119,7 +119,9 @@ def test_the_dry_run_writes_rows_and_a_summary(tmp_path):
     assert {"auto", "cascade", "torch", "cat_sdpa", "sdpa_floor"} <= measured
     assert all(r["err_out"] < 0.05 for r in rows if "err_out" in r)
     summary = (out / "summary.md").read_text()
-    assert "| op | ok |" in summary and "x cat+SDPA" in summary
+    assert "| op | ok |" in summary and "| speed vs cat+SDPA |" in summary
+    # The ratio's direction is said: bench's own ratios are times, this one a speed.
+    assert "cat + SDPA's time over the row's (above 1: the row is faster)" in summary
     assert "tests_first: 0 passed, 0 failed, 0 errors, " in summary  # on a CPU all skip
     assert (out / "environment.json").is_file()
 

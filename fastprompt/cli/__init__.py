@@ -10,25 +10,25 @@ import sys
 from typing import Any
 
 from fastprompt.backends import NAMES
+from fastprompt.cli.bench_checks import DEFAULT_MODEL, ROWS, check_bench_args, prepare_out
 from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
 from fastprompt.cli.domains import add_domains_parser, check_domains_args, run_domains
 from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
 from fastprompt.cli.train import add_recipes_parser, add_train_parser, run_recipes, run_train
-from fastprompt.cli.train_checks import check_device, check_train_args
+from fastprompt.cli.train_checks import check_train_args
 from fastprompt.fits import FIT_MODELS
 from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = ["main"]
-
-# ``fastprompt bench``'s rows, one JSON line each as it is measured (beside report.json).
-ROWS = "rows.jsonl"
 
 
 def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "bench", help="latency, FLOPs and memory of VPT: prompt-free vs naive vs fastprompt"
     )
-    p.add_argument("--model", default="vit_base_patch16_224", help="timm model name (random init)")
+    p.add_argument(
+        "--model", default=None, help=f"timm model name, random init (default {DEFAULT_MODEL})"
+    )
     p.add_argument(
         "--prompts",
         type=int,
@@ -83,44 +83,6 @@ def _bench_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compare", default=None, help="an earlier report.json to set beside this one")
 
 
-def _check_bench_args(args: argparse.Namespace) -> str | None:
-    """Everything that can be checked before minutes of benchmarking; the first problem found."""
-    import timm
-
-    for name in ("batch", "reps", "img_size"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    if args.prompts is not None and any(p < 0 for p in args.prompts):
-        return f"--prompts must be >= 0, got {args.prompts}"
-    names = [("--model", args.model)] + [("--fits-models", m) for m in args.fits_models or []]
-    for flag, name in names:
-        if not timm.is_model(name):
-            return f"{flag} {name!r} is not a timm model name (see timm.list_models())"
-    if args.fits is not None and not all(g > 0 for g in args.fits):
-        return f"--fits takes budgets in GiB > 0, got {args.fits}"
-    if args.fits_models is not None and args.fits is None:
-        return "--fits-models goes with --fits GIB ..."
-    problem = check_device(args.device)
-    if problem:
-        return problem
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        return f"--out {args.out} exists and is not a folder"
-    if args.compare is not None:
-        try:
-            with open(args.compare) as f:
-                old = json.load(f)
-            old["rows"], old["env"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            return f"--compare {args.compare} is not a readable report.json ({e})"
-    if not args.no_flops:
-        try:
-            import fvcore  # noqa: F401
-        except ImportError:
-            return "counting FLOPs needs fvcore (pip install fvcore), or pass --no-flops"
-    return None
-
-
 def _bench(args: argparse.Namespace) -> int:
     import torch
 
@@ -133,14 +95,14 @@ def _bench(args: argparse.Namespace) -> int:
         outputs = ["fits.json", "fits.md"]
     else:
         outputs = ["report.json", "report.md", ROWS, *FIGURES]
-    problem = _foreign_outputs(args.out, outputs)
+    problem = prepare_out(args.out, outputs)
     if problem:
         print(f"fastprompt bench: {problem}", file=sys.stderr)
         return 2
     if args.fits is not None:
         return _fits(args, device)
     cfg = bench.BenchConfig(
-        model=args.model,
+        model=args.model or DEFAULT_MODEL,
         prompts=args.prompts or ([50, 200] if args.quick else [50, 100, 200]),
         deep=not args.shallow,
         batch=args.batch or (2 if args.quick else (64 if on_gpu else 8)),
@@ -172,7 +134,6 @@ def _bench(args: argparse.Namespace) -> int:
             print(msg, file=sys.stderr)
 
     # Each row as it is final, one JSON line: a run cut short keeps what it measured.
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, ROWS), "w") as rows:
 
         def on_row(row: dict) -> None:
@@ -208,36 +169,6 @@ def _write_json(path: str, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def _foreign_outputs(out: str, names: list[str]) -> str | None:
-    """Why bench may not write ``names`` into ``out``: one of them is there and the folder is
-    not an earlier bench's (its JSON, report.json or fits.json, holds what bench writes; or, for
-    a bench killed before its report, its rows.jsonl holds only bench rows), so a person's file
-    would be replaced. Bench writes its JSON whole (a killed bench leaves none)."""
-    present = [n for n in names if os.path.lexists(os.path.join(out, n))]
-    if not present:
-        return None
-    keys = {"env", "fits"} if names[0] == "fits.json" else {"config", "env", "rows"}
-    try:
-        with open(os.path.join(out, names[0])) as f:
-            saved = json.load(f)
-        if isinstance(saved, dict) and keys <= saved.keys():
-            return None  # an earlier bench's folder: its results are replaced
-    except (OSError, ValueError):
-        pass
-    if ROWS in names and not os.path.lexists(os.path.join(out, names[0])):
-        try:
-            with open(os.path.join(out, ROWS)) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if all(isinstance(r, dict) and {"prompts", "variant"} <= r.keys() for r in rows):
-                return None  # a bench cut short before its report
-        except (OSError, ValueError):
-            pass
-    return (
-        f"--out {out} holds {', '.join(present)}, which fastprompt bench did not write; choose "
-        "another --out (nothing was written)"
-    )
-
-
 def _fits(args: argparse.Namespace, device: str) -> int:
     """``fastprompt bench --fits GIB ...``: the largest batches, as a table and fits.json."""
     import torch
@@ -247,13 +178,14 @@ def _fits(args: argparse.Namespace, device: str) -> int:
     def progress(msg: str) -> None:
         print(msg, file=sys.stderr)
 
-    prompts = [p for p in args.prompts or [200] if p > 0] or [200]
+    prompts = args.prompts[0] if args.prompts else 200
     keep = args.memory or MEMORY_POLICIES  # the baselines are always measured
     kw = {} if args.img_size is None else {"img_size": args.img_size}
+    models = list(args.fits_models or FIT_MODELS)
     found = fits.estimate_fits(
-        args.fits_models or FIT_MODELS,
+        models,
         args.fits,
-        prompts=prompts[-1],
+        prompts=prompts,
         variants=[
             v for v, (_, impl, m) in fits.FIT_VARIANTS.items() if impl != "fused" or m in keep
         ],
@@ -261,11 +193,15 @@ def _fits(args: argparse.Namespace, device: str) -> int:
         model_kwargs=kw,
         progress=progress,
     )
-    table = fits.fits_table(found, device)
-    os.makedirs(args.out, exist_ok=True)
+    table = fits.fits_table(found, device, prompts)
+    config = {"models": models, "budgets_gib": args.fits, "prompts": prompts}
     _write_json(
         os.path.join(args.out, "fits.json"),
-        {"env": bench.environment(torch.device(device)), "fits": fits.fits_json(found)},
+        {
+            "config": config | {"img_size": args.img_size, "device": device},
+            "env": bench.environment(torch.device(device)),
+            "fits": fits.fits_json(found),
+        },
     )
     with open(os.path.join(args.out, "fits.md"), "w") as f:
         f.write(table + "\n")
@@ -352,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("info", help="versions, device and which backends can run here")
     args = parser.parse_args(argv)
     checks = {
-        "bench": _check_bench_args,
+        "bench": check_bench_args,
         "train": check_train_args,
         "condense": check_condense_args,
         "evaluate": check_evaluate_args,
