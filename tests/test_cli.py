@@ -186,6 +186,8 @@ def test_bench_refuses_an_out_it_cannot_write_before_measuring(tmp_path, capsys,
         (["--shallow"], "--fits does not take --shallow"),
         (["--batch", "4"], "--fits does not take --batch"),
         (["--quick"], "--fits does not take --quick"),
+        (["--no-train"], "--fits does not take --no-train (it times no step)"),
+        (["--no-flops"], "--fits does not take --no-flops"),
         (
             ["--fits-models", "swin_tiny_patch4_window7_224"],
             "is a SwinTransformer, not a ViT with one stack of blocks",

@@ -28,6 +28,8 @@ _NOT_WITH_FITS = (
     ("--backend", lambda a: a.backend is not None, "it runs the default backend"),
     ("--no-memory", lambda a: a.no_memory, "it measures memory"),
     ("--compare", lambda a: a.compare is not None, "it writes no report.json"),
+    ("--no-train", lambda a: a.no_train, "it times no step"),
+    ("--no-flops", lambda a: a.no_flops, "it counts no FLOPs"),
 )
 
 

@@ -186,7 +186,8 @@ def check_held_out(
     where : str
         How the evaluation data was named (``--data PATH``).
     checkpoint : str
-        The checkpoint evaluated: ``best`` was chosen on the validation images.
+        The checkpoint evaluated: ``best`` was chosen on the validation images; a fresh run's
+        ``init`` has seen none of its images (not checked).
 
     Returns
     -------
@@ -200,6 +201,8 @@ def check_held_out(
         Some evaluation images are training images of the run: how many, the first few, what
         to do.
     """
+    if checkpoint == "init" and config.init is None:
+        return []  # a fresh run's start has seen no image (a condensed run's has: its source's)
     keys = _Keys()
     try:
         mine = run_images(run, config, saved)

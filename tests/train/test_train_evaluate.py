@@ -54,6 +54,8 @@ def test_evaluate_refuses_the_runs_training_images(folder_run, tmp_path, capsys)
     os.remove(run / "split.json")
     err = cli_error(capsys, ["evaluate", str(run), "--data", str(root / "train")])
     assert "(per its data and seed (it predates split.json))" in err
+    # A fresh run's init has seen no image: its top-1 there is no training accuracy.
+    assert main(["evaluate", str(run), "--checkpoint", "init", "--data", str(root / "train")]) == 0
 
 
 def test_evaluate_on_the_validation_images_says_best_was_chosen_on_them(folder_run, capsys):
