@@ -65,7 +65,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_device
+    from fastprompt.cli.train_checks import check_run_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
@@ -75,15 +75,11 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         config, _ = read_run(args.run)
     except RunError as e:
         return str(e)
-    if args.device is not None:
-        problem = check_device(args.device)
-        if problem:
-            return problem
-    elif check_device(config.device):
-        return (
-            f"{args.run} was trained with --device {config.device}, which torch does not see "
-            "here; condense it with --device (e.g. --device cpu)"
-        )
+    problem = check_run_device(
+        args.run, config.device, args.device, "condense it with --device (e.g. --device cpu)"
+    )
+    if problem:
+        return problem
     reason = not_condensable(config)
     if reason is not None:
         return f"{args.run} {reason}"

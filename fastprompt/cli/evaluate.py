@@ -44,22 +44,18 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_evaluate_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_device
+    from fastprompt.cli.train_checks import check_run_device
     from fastprompt.train.run import RunError, read_run
 
     try:
         config, _ = read_run(args.run)
     except RunError as e:
         return str(e)
-    if args.device is not None:
-        problem = check_device(args.device)
-        if problem:
-            return problem
-    elif check_device(config.device):
-        return (
-            f"{args.run} was trained with --device {config.device}, which torch does not see "
-            "here; evaluate it with --device cpu"
-        )
+    problem = check_run_device(
+        args.run, config.device, args.device, "evaluate it with --device cpu"
+    )
+    if problem:
+        return problem
     if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
         return f"{args.run} has no {args.checkpoint}/ checkpoint"
     if args.batch_size is not None and args.batch_size < 1:

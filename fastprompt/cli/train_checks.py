@@ -19,7 +19,7 @@ from fastprompt.cli.train import (
 )
 from fastprompt.train.multi import spec_paths
 
-__all__ = ["check_backend", "check_device", "check_train_args"]
+__all__ = ["check_backend", "check_device", "check_run_device", "check_train_args"]
 
 
 def check_device(device: str | None) -> str | None:
@@ -34,6 +34,16 @@ def check_device(device: str | None) -> str | None:
         return f"--device {device!r} is not a device ({e})"
     if kind == "cuda" and not torch.cuda.is_available():
         return f"--device {device} was asked for, but torch sees no CUDA device"
+    return None
+
+
+def check_run_device(run: str, recorded: str | None, device: str | None, way: str) -> str | None:
+    """What is wrong with ``--device``, or without one with the device ``run`` recorded (a run
+    trained on a GPU, read where torch sees none: ``way`` says what to do), or None."""
+    if device is not None:
+        return check_device(device)
+    if check_device(recorded):
+        return f"{run} was trained with --device {recorded}, which torch does not see here; {way}"
     return None
 
 
@@ -200,11 +210,14 @@ def _check_resume(args: argparse.Namespace) -> str | None:
         config, saved = read_run(args.resume)
     except RunError as e:
         return str(e)
-    if args.device is None and check_device(config.device):
-        return (
-            f"{args.resume} was trained with --device {config.device}, which torch does not see "
-            "here; continue it elsewhere with --device (e.g. --device cpu)"
-        )
+    problem = check_run_device(
+        args.resume,
+        config.device,
+        args.device,
+        "continue it elsewhere with --device (e.g. --device cpu)",
+    )
+    if problem:
+        return problem
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         return f"--out {args.out} differs from --resume {args.resume}; a run continues in place"
     before = saved.get("command", {}).get("explicit", {})
