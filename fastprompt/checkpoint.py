@@ -139,7 +139,10 @@ def load_prompts(
         tensor shapes).
     method : str, optional
         The method the checkpoint must hold (``"vpt"``, ``"pgn"``, ...); a checkpoint of another
-        method is refused. Default: whatever it holds.
+        method is refused. Default: whatever it holds; a state dict that another method's would
+        hold too (it records no method) is refused with what it may be, and loads when this
+        names it (a wrapper's VPT-shallow ``state_dict()`` needs ``"vpt"``, an official
+        ``NUM_DEEP_LAYERS`` ablation ``"vpt_ablation"``).
     check_weights : bool
         Refuse a model whose frozen weights are not those the prompts were trained on (a few of
         their values are saved with the prompts, and an official checkpoint's backbone has its

@@ -74,6 +74,10 @@ def test_official_num_deep_layers_checkpoints_say_what_they_are_and_load_when_na
     _same_logits(loaded, trained)
     with pytest.raises(ValueError, match=r"a ViT of 2 blocks, but the model has 3"):
         fastprompt.load_prompts(tiny_vit(), _official(trained, blocks=2), method="vpt_ablation")
+    # A wrapper's state dict holds its backbone: another depth's prompts loaded without a word.
+    shallower = fastprompt.vpt(tiny_vit(depth=2), 3, deep=False).state_dict()
+    with pytest.raises(ValueError, match=r"a ViT of 2 blocks, but the model has 3"):
+        fastprompt.load_prompts(tiny_vit(), shallower, method="vpt")
     full = _official(_scrambled(fastprompt.vpt(tiny_vit(), 3)))
     with pytest.raises(ValueError, match=r"VPT-deep's layout, which method='vpt' loads"):
         fastprompt.load_prompts(tiny_vit(), full, method="vpt_ablation")

@@ -34,6 +34,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from fastprompt._warnings import warn_at_caller
@@ -254,7 +255,8 @@ def _tokens(raw: Mapping[str, Tensor], backbone: Backbone) -> int | None:
     """The official model's tokens: its position embeddings' length where the checkpoint holds
     them, else the class token and the model's patches."""
     for key, value in raw.items():
-        if (key == _POSITIONS or key.endswith("." + _POSITIONS)) and value.dim() == 3:
+        named = key == _POSITIONS or key.endswith("." + _POSITIONS)
+        if named and torch.is_tensor(value) and value.dim() == 3:
             return int(value.shape[1])
     patches = getattr(getattr(backbone.model, "patch_embed", None), "num_patches", None)
     return patches + 1 if isinstance(patches, int) else None
