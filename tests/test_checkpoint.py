@@ -106,7 +106,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path):
         fastprompt.load_prompts(tiny_vit(num_classes=7), tmp_path / "run")
     official = {"prompt_embeddings": torch.zeros(1, 5, 32)}
     with pytest.raises(ValueError, match="prompt_embeddings has shape"):
-        fastprompt.load_prompts(tiny_vit(num_classes=0), official, method="vpt")
+        fastprompt.load_prompts(tiny_vit(num_classes=0), official)
     with pytest.raises(TypeError, match=r"already prompted \(a PromptedViT\); call .unwrap"):
         fastprompt.load_prompts(fastprompt.vpt(tiny_vit(), 2), tmp_path / "run")
 

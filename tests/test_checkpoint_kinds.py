@@ -57,6 +57,16 @@ def test_a_deep_shared_ablation_state_dict_is_not_read_as_vpt_shallow():
     _same_logits(again, shared)
 
 
+def test_bare_official_shallow_prompts_load_as_vpt_without_method():
+    """Only a whole wrapper state dict can be the deep_shared ablation's; the prompts alone, as
+    official VPT-shallow prompts are shared, stay VPT-shallow."""
+    plain = _scrambled(fastprompt.vpt(tiny_vit(), 3, deep=False))
+    trained = {k: v for k, v in plain.state_dict().items() if k.startswith(("prompt", "head"))}
+    loaded = fastprompt.load_prompts(tiny_vit(), trained)
+    assert loaded.method == "vpt" and not loaded.config.deep
+    _same_logits(loaded, plain)
+
+
 def test_official_num_deep_layers_checkpoints_say_what_they_are_and_load_when_named():
     """Deep prompts in the first k of L blocks, (k - 1, P, D): refused as "another model?"."""
     trained = _scrambled(fastprompt.vpt_ablation(tiny_vit(), 3, num_deep_layers=2))

@@ -237,7 +237,9 @@ def read_vpt(
             state,
             config,
         )
-    if deep is None and _ours(raw):
+    if deep is None and _ours(raw) and _saved_depth(raw) is not None:
+        # A bare {"prompt_embeddings": ...} is how official VPT-shallow prompts are shared; only a
+        # whole wrapper state dict can also be the deep_shared ablation's.
         raise AmbiguousCheckpoint(
             "load_prompts: the checkpoint holds prompt_embeddings and no deep prompts under a "
             "fastprompt wrapper's names: fastprompt.vpt(..., deep=False) and "
