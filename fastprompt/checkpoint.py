@@ -8,6 +8,9 @@ as a whole; ``config.json`` is the copy a person reads. :func:`load_prompts` reb
 through the method registry (:mod:`fastprompt.registry`), and also reads a state dict or ``.pth``
 file of a method's official code when the method's entry can (VPT's: keys ending in
 ``prompt_embeddings``, ``deep_prompt_embeddings``, ``prompt_proj.*``, ``head.last_layer.*``).
+A state dict records no method: where another method's would hold the same tensors (a fastprompt
+VPT-shallow wrapper's and ``vpt_ablation(deep_shared=True)``'s; the official depth ablations'),
+it loads only when ``method`` names what it is, and is refused otherwise with what it may be.
 
 The safetensors metadata also holds ``tensors_sha256``, a checksum of the tensors
 (:func:`fastprompt.tensorfiles.tensor_digest`) verified on load, and, when the saver knows them,
@@ -136,7 +139,10 @@ def load_prompts(
         tensor shapes).
     method : str, optional
         The method the checkpoint must hold (``"vpt"``, ``"pgn"``, ...); a checkpoint of another
-        method is refused. Default: whatever it holds.
+        method is refused. Default: whatever it holds; a state dict that another method's would
+        hold too (it records no method) is refused with what it may be, and loads when this
+        names it (a wrapper's VPT-shallow ``state_dict()`` needs ``"vpt"``, an official
+        ``NUM_DEEP_LAYERS`` ablation ``"vpt_ablation"``).
     check_weights : bool
         Refuse a model whose frozen weights are not those the prompts were trained on (a few of
         their values are saved with the prompts, and an official checkpoint's backbone has its
@@ -396,17 +402,26 @@ def _read_official(
             "classifier cannot hold; only checkpoints with a linear head (MLP_NUM = 0) load"
         )
     backbone = adapter_for(model, "load_prompts")
-    errors = []
+    errors, unnamed = [], []
     for name in readers:
         try:
             state, config = registry.get(name).read_official(raw, backbone)
+        except registry.AmbiguousCheckpoint as e:
+            # A reading another method's state dict shares: taken only when named.
+            if method != name:
+                unnamed.append(_bare(e))
+                continue
+            state, config = e.state, e.config
         except ValueError as e:
-            errors.append(str(e))
+            errors.append(f"{name}: {_bare(e)}" if method is None else _bare(e))
             continue
         saved = {"method": name, "config": config, "impl": "fused"}
         return state, {**saved, "weights_probe": _official_backbone(raw, model)}
+    if unnamed:
+        raise CheckpointError(f"load_prompts: {where}: " + "; ".join(unnamed))
+    what = "any method reads" if method is None else f"{method!r} reads"
     raise CheckpointError(
-        f"load_prompts: {where} is not a checkpoint any method reads: "
+        f"load_prompts: {where} is not a checkpoint {what}: "
         + ("; ".join(errors) or "no method reads official checkpoints")
         + " (a fastprompt checkpoint is a folder or a .safetensors file)"
     )

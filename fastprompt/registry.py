@@ -22,6 +22,7 @@ from typing import Any
 from torch import Tensor, nn
 
 __all__ = [
+    "AmbiguousCheckpoint",
     "CliOptions",
     "Condensation",
     "Method",
@@ -33,6 +34,27 @@ __all__ = [
 
 # Keyword arguments every method's build and rebuild take: how a model runs, not what it trains.
 RUN_OPTIONS = ("impl", "backend")
+
+
+class AmbiguousCheckpoint(ValueError):
+    """Raised by a method's ``read_official`` whose reading of a state dict is right only if the
+    caller names the method (another method's state dict would hold the same tensors): it
+    carries that reading, taken when ``load_prompts(..., method=<this method>)``.
+
+    Parameters
+    ----------
+    message : str
+        What the state dict holds, what else it may be, and which ``method`` loads it.
+    state : dict of str to Tensor
+        The tensors, under the method's names.
+    config : dict
+        The method's config read off them.
+    """
+
+    def __init__(self, message: str, state: dict[str, Tensor], config: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.state = state
+        self.config = config
 
 
 @dataclass(frozen=True)
@@ -138,7 +160,8 @@ def register_peft_method(
     read_official : callable, optional
         ``read_official(state_dict, backbone) -> (state, config)``: reads a checkpoint of the
         method's official code (our tensor names, this method's config); raises ``ValueError``
-        when the state dict is not one.
+        when the state dict is not one, and :class:`AmbiguousCheckpoint` when it is one only if
+        the caller names this method.
     legacy : callable, optional
         ``legacy(description) -> config | None``: the config of a format-1 checkpoint
         description, when it holds one of this method's models.

@@ -12,14 +12,12 @@ config, the ``vpt`` recipe, the command-line options (with the VTAB-1k presets),
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from torch import Tensor, nn
+from torch import nn
 
-from fastprompt._warnings import warn_at_caller
 from fastprompt.backbones import Backbone
 from fastprompt.methods.common import (
     LEARNED_HEAD_INITS,
@@ -33,6 +31,7 @@ from fastprompt.methods.common import (
     learned_prompt_kwargs,
     split_overrides,
 )
+from fastprompt.methods.vpt_official import read_vpt
 from fastprompt.prompted import PromptedViT
 from fastprompt.registry import CliOptions, Condensation, register_peft_method
 
@@ -238,93 +237,6 @@ def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str,
     return build(model, config, head_init="keep", **run)
 
 
-# Our names for the tensors of an official VPT checkpoint ("HEAD": the classifier's own name).
-_OFFICIAL_SUFFIXES = {
-    "deep_prompt_embeddings": "deep_prompt_embeddings",
-    "prompt_embeddings": "prompt_embeddings",
-    "prompt_proj.weight": "prompt_proj.weight",
-    "prompt_proj.bias": "prompt_proj.bias",
-    "head.last_layer.weight": "HEAD.weight",
-    "head.last_layer.bias": "HEAD.bias",
-}
-# VPT-Swin's per-stage deep prompts (src/models/vit_prompt/swin_transformer.py).
-_STAGE_KEY = re.compile(r"(?:^|\.)(deep_prompt_embeddings_\d+)$")
-# E²VPT's key-value prompts (per attention module, or one set shared across layers) and pruning
-# masks: its checkpoints hold VPT's prompt names too, and read as VPT they would lose these.
-_E2VPT_KEY = re.compile(r"(?:^|\.)(deep_QKV_embeddings\w*|prompt_soft_tokens\w*)$")
-
-
-def _head_name(backbone: Backbone) -> str:
-    head = backbone.classifier()
-    return next(n for n, m in backbone.model.named_modules() if m is head)
-
-
-def _read_official(
-    raw: Mapping[str, Tensor], backbone: Backbone
-) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Tensors and config of an official VPT state dict (keys ending in ``prompt_embeddings``,
-    ``deep_prompt_embeddings`` (ViT) or ``deep_prompt_embeddings_<stage>`` (Swin),
-    ``prompt_proj.*``, ``head.last_layer.*``); the config is read off the shapes."""
-    foreign = [key for key in raw if _E2VPT_KEY.search(key)]
-    if foreign:
-        raise ValueError(
-            f"load_prompts: the checkpoint holds {foreign[0]!r} ({len(foreign)} E2VPT key-value "
-            "prompt or mask tensors in all): an E2VPT checkpoint, not VPT's (a fastprompt E2VPT "
-            "model loads from the folder its save_prompts wrote)"
-        )
-    head = _head_name(backbone)
-    staged = backbone.stages() is not None
-    state: dict[str, Tensor] = {}
-    for key, value in raw.items():
-        stage = _STAGE_KEY.search(key)
-        if stage:
-            state[stage.group(1)] = value
-            continue
-        for suffix, ours in _OFFICIAL_SUFFIXES.items():
-            if key == suffix or key.endswith("." + suffix):
-                state[ours.replace("HEAD", head)] = value
-                break
-        else:
-            if key in (f"{head}.weight", f"{head}.bias"):
-                state[key] = value
-    if "prompt_embeddings" not in state:
-        raise ValueError("load_prompts: the checkpoint holds no 'prompt_embeddings' tensor")
-    shallow = state["prompt_embeddings"]
-    if shallow.dim() != 3 or shallow.shape[0] != 1:
-        raise ValueError(
-            f"load_prompts: prompt_embeddings must be (1, P, D), got {tuple(shallow.shape)}"
-        )
-    stages = sorted(k for k in state if _STAGE_KEY.search(k))
-    if staged and "deep_prompt_embeddings" in state:
-        raise ValueError(
-            "load_prompts: the checkpoint holds one 'deep_prompt_embeddings' tensor (VPT-ViT), "
-            f"but the model is a {backbone.description} (VPT-Swin keeps deep_prompt_embeddings_<s>)"
-        )
-    if not staged and stages:
-        raise ValueError(
-            f"load_prompts: the checkpoint holds per-stage {stages} (VPT-Swin), but the model is a "
-            f"{backbone.description}"
-        )
-    proj = state.get("prompt_proj.weight")
-    if staged and proj is not None:
-        # Built by the official VPT-Swin when PROJECT > -1, never applied to the prompts.
-        warn_at_caller(
-            "load_prompts: the official VPT-Swin checkpoint's prompt_proj is dropped: that code "
-            "builds it but never applies it, so it changes no output",
-            UserWarning,
-        )
-        state.pop("prompt_proj.weight")
-        state.pop("prompt_proj.bias", None)
-        proj = None
-    config = {
-        "num_prompts": int(shallow.shape[1]),
-        "deep": "deep_prompt_embeddings" in state or bool(stages),
-        "project": -1 if proj is None else int(proj.shape[1]),
-        "readout": backbone.default_readout(),
-    }
-    return state, config
-
-
 def _legacy(saved: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """Format 1 kept a VPT config under ``"vpt"`` (a condensed one also held ``"kept"``)."""
     return saved["vpt"] if "vpt" in saved and "kept" not in saved else None
@@ -396,7 +308,7 @@ register_peft_method(
     cli=CliOptions(add=_add_options, kwargs=_kwargs, recipe=_preset_recipe),
     describe=_describe,
     rebuild=_rebuild,
-    read_official=_read_official,
+    read_official=read_vpt,
     legacy=_legacy,
     condensation=Condensation(check=_condensable, pack=_pack),
 )

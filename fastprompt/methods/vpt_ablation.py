@@ -49,6 +49,7 @@ from fastprompt.methods.common import (
     learned_prompt_kwargs,
     split_overrides,
 )
+from fastprompt.methods.vpt_official import read_ablation
 from fastprompt.prompted import PromptedViT
 from fastprompt.registry import CliOptions, register_peft_method
 
@@ -234,4 +235,5 @@ register_peft_method(
     cli=CliOptions(add=_add_options, kwargs=_kwargs),
     describe=lambda prompted: asdict(prompted.config),
     rebuild=_rebuild,
+    read_official=read_ablation,
 )
