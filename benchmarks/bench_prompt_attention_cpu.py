@@ -28,7 +28,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels import cpp  # noqa: E402
+from fastprompt.measure import git_commit  # noqa: E402
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 
 
@@ -119,12 +119,6 @@ def _meta(args, how) -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = None
     return {
         "device": cpu,
         "cpu_count": os.cpu_count(),
@@ -132,7 +126,7 @@ def _meta(args, how) -> dict:
         "torch": torch.__version__,
         "timm": version("timm"),
         "triton": version("triton"),
-        "commit": commit,
+        "commit": git_commit(ROOT),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "reps": args.reps,
         "warmup": args.warmup,

@@ -27,19 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels.cpp import _build, _ptxas  # noqa: E402
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "csrc"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return out.stdout.strip() + ("+dirty-csrc" if dirty else "")
-    except OSError:
-        return "unknown"
+from fastprompt.measure import git_commit  # noqa: E402
 
 
 def _full_builds(archs: list[str]) -> dict[str, float]:
@@ -93,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
-        "commit": _commit(),
+        "commit": git_commit(ROOT),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "nvcc_flags": _build.nvcc_flags(["<arch>"]),
         "register_budget": _ptxas.REGISTER_BUDGET,
