@@ -40,6 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels import cpp  # noqa: E402
 from fastprompt.measure import git_commit  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_prompt_attention_cpu.py",
+    report="report.json",
+    keys=frozenset({"meta", "results"}),
+    others=("report.md",),
+)
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 
 
@@ -185,6 +193,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.cpu_time and torch.get_num_threads() != 1:
         parser.error("--cpu-time measures one thread: add --threads 1")
+    for name in ("reps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.warmup < 0 or any(p < 0 for p in args.prompts):
+        parser.error(f"--warmup and --prompts must be >= 0, got {args.warmup}, {args.prompts}")
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     why = cpp.availability()
     if why is not None:
@@ -221,7 +238,6 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     report = {"meta": meta, "results": results}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report) + "\n")
     print(f"wrote {out / 'report.md'}")

@@ -28,6 +28,15 @@ sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels.cpp import _build, _ptxas  # noqa: E402
 from fastprompt.measure import git_commit  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+
+OUTPUTS = Outputs(
+    tool="benchmarks/cuda_ptxas_report.py",
+    report="cuda_ptxas.json",
+    keys=frozenset({"nvcc", "kernels"}),
+    more=None,
+    others=("cuda_ptxas.md",),
+)
 
 
 def _full_builds(archs: list[str]) -> dict[str, float]:
@@ -67,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if toolkit is None:
         print(f"no CUDA toolkit: {how}", file=sys.stderr)
         return 1
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     import torch
 
     rows, seconds = [], {}
@@ -91,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_build:
         report["full_build_seconds"] = _full_builds(args.archs)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "cuda_ptxas.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "cuda_ptxas.md").write_text(_markdown(report) + "\n")
     print(f"wrote {out / 'cuda_ptxas.md'} and cuda_ptxas.json")
