@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastprompt.measure import git_commit
-
 ROOT = Path(__file__).resolve().parents[1]
 # The smallest run of bench_op.py: one dtype, one mode, the naive baseline alone.
 OP_TINY = ["--tiny", "--impls", "cat_sdpa", "--dtypes", "float32", "--modes", "fwd", "--device"]
@@ -147,6 +145,8 @@ def _git(repo: Path, *args: str) -> str:
 
 
 def test_recorded_commit_says_when_the_tree_is_dirty(tmp_path):
+    from fastprompt.measure import git_commit
+
     repo = tmp_path / "repo"
     repo.mkdir()
     _git(repo, "init", "-q")
@@ -169,6 +169,6 @@ def test_recorded_commit_says_when_the_tree_is_dirty(tmp_path):
 
 
 def test_environment_records_the_commit_with_its_state():
-    from fastprompt.measure import environment
+    from fastprompt.measure import environment, git_commit
 
     assert environment(torch.device("cpu"))["commit"] == git_commit()
