@@ -105,6 +105,22 @@ def test_gpu_runs_refuse_clearly_without_a_gpu(name, argv, tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is here")
+@pytest.mark.parametrize("argv", [[], ["flash"], ["--help"]])
+def test_int32_offsets_check_refuses_without_a_gpu_not_crashed(argv, capsys):
+    """Its children failed to start CUDA and each read as "CRASHED", a kernel fault; --help was
+    taken for a kernel name."""
+    main = _script("check_int32_offsets").main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    captured = capsys.readouterr()
+    assert "CRASHED" not in captured.out
+    if argv == ["--help"]:
+        assert e.value.code == 0 and "--tiny" in captured.out
+    else:
+        assert e.value.code == 2 and "torch sees no CUDA device" in captured.err
+
+
 @pytest.mark.parametrize(
     "name, argv, said",
     [
