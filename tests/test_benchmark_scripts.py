@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,8 @@ OP_TINY = ["--tiny", "--impls", "cat_sdpa", "--dtypes", "float32", "--modes", "f
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    # A dataclass in the script looks its module up by name.
+    sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
 
@@ -188,3 +191,12 @@ def test_environment_records_the_commit_with_its_state():
     from fastprompt.measure import environment, git_commit
 
     assert environment(torch.device("cpu"))["commit"] == git_commit()
+
+
+def test_gpu_validate_refuses_a_step_it_does_not_have(tmp_path, capsys):
+    """An unknown --steps name ran nothing and wrote an empty summary, as if validated."""
+    main = _script("gpu_validate").main
+    argv = ["--dry-run", "--steps", "op", "bogus", "--out", str(tmp_path / "v")]
+    err = _refused(main, argv, capsys)
+    assert "--steps takes env, precompile" in err and "got bogus" in err
+    assert not (tmp_path / "v").exists()
