@@ -15,8 +15,9 @@ backend of the same repetition.
 ``--cpu-time`` (with one thread) times the calling thread's CPU time instead of the wall clock:
 on a shared machine, time spent preempted by other processes is then not counted.
 
-Writes ``report.json`` and ``report.md`` to ``benchmarks/results/cpu-2core/prompt_attention_cpu``
-(``--out`` to change). The C++ backend goes through ``fastprompt.ops.prompt_attention(...,
+Writes ``report.json`` and ``report.md`` to
+``benchmarks/results/cpu-<cores>core/prompt_attention_cpu`` (``--out`` to change). The C++
+backend goes through ``fastprompt.ops.prompt_attention(...,
 backend="cpp")`` once the op knows it; until then through its contract functions under an
 autograd.Function equivalent to the op's (the report says which).
 """
@@ -42,6 +43,7 @@ from fastprompt.kernels import cpp  # noqa: E402
 from fastprompt.measure import git_commit  # noqa: E402
 from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
+CPU_FOLDER = f"cpu-{os.cpu_count()}core"
 OUTPUTS = Outputs(
     tool="benchmarks/bench_prompt_attention_cpu.py",
     report="report.json",
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-time", action="store_true", help="time thread CPU time (needs --threads 1)"
     )
     parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / "cpu-2core" / "prompt_attention_cpu")
+        "--out",
+        # This machine's folder: a run elsewhere does not replace the committed 2-core figures.
+        default=str(ROOT / "benchmarks" / "results" / CPU_FOLDER / "prompt_attention_cpu"),
     )
     args = parser.parse_args(argv)
     if args.quick:
