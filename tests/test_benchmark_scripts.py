@@ -200,3 +200,31 @@ def test_gpu_validate_refuses_a_step_it_does_not_have(tmp_path, capsys):
     err = _refused(main, argv, capsys)
     assert "--steps takes env, precompile" in err and "got bogus" in err
     assert not (tmp_path / "v").exists()
+
+
+@pytest.mark.parametrize(
+    "name, folder",
+    [
+        ("bench_condensation_latency", "cpu-2core/condensation"),
+        ("bench_e2vpt", "cpu-2core/e2vpt_inference"),
+        ("bench_multitask", "cpu-2core/multitask"),
+        ("bench_pgn", "cpu-2core/pgn"),
+        ("pgn_inversion_report", "cpu-2core/pgn"),
+        ("bench_prompt_attention_cpu", "cpu-2core/prompt_attention_cpu"),
+        ("bench_op", "cpu-2core/op_cascade"),
+        ("bench_train", "cpu-2core/train"),
+        ("bench_train_condense", "cpu-2core/train"),
+        ("static_report", "static"),
+        ("cuda_ptxas_report", "static"),
+    ],
+)
+def test_committed_results_are_their_scripts_to_write_again(name, folder):
+    """Each script knows its committed results as its own (rerunning into them replaces them),
+    and none takes fastprompt bench's report.json for its own."""
+    from fastprompt.outputs import _foreign
+
+    outputs = _script(name).OUTPUTS
+    assert _foreign(str(ROOT / "benchmarks" / "results" / folder), outputs) is None
+    bench = ROOT / "benchmarks" / "results" / "cpu-2core" / "swin_b_deep50"
+    if (bench / outputs.names[0]).exists():
+        assert "did not write" in _foreign(str(bench), outputs)
