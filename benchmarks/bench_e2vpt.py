@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="default 10 on a GPU, 3 on a CPU")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--tiny", action="store_true", help="a tiny ViT, 2 reps (a smoke run)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny ViT, batch 4, 2 reps unless given (a smoke run)"
+    )
     args = parser.parse_args(argv)
     problem = check_device(args.device) or _check_counts(args, ("batch", "reps"))
     if problem:
@@ -71,11 +73,11 @@ def main(argv: list[str] | None = None) -> dict:
         if problem:
             parser.error(problem)
     gpu = device.type == "cuda"
-    batch = args.batch or (64 if gpu else 32)
-    reps = args.reps or (10 if gpu else 3)
+    batch = args.batch or (4 if args.tiny else 64 if gpu else 32)
+    reps = args.reps or (2 if args.tiny else 10 if gpu else 3)
     kw: dict = {}
     if args.tiny:
-        args.model, reps, batch, kw = "vit_tiny_patch16_224", 2, 4, dict(img_size=32, depth=2)
+        args.model, kw = "vit_tiny_patch16_224", dict(img_size=32, depth=2)
     torch.manual_seed(0)
     free = timm.create_model(args.model, pretrained=False, num_classes=100, **kw).to(device).eval()
     x = torch.randn(batch, 3, *free.patch_embed.img_size, device=device)

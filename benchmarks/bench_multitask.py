@@ -144,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="default 10 on a GPU, 3 on a CPU")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--tiny", action="store_true", help="a tiny ViT, 2 reps (a smoke run)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny ViT, 2 reps unless given (a smoke run)"
+    )
     args = parser.parse_args(argv)
     problem = check_device(args.device) or _check_counts(
         args, ("tasks", "batch", "prompts", "classes", "reps")
@@ -161,10 +163,10 @@ def main(argv: list[str] | None = None) -> dict:
         problem = prepare_out(out, OUTPUTS)
         if problem:
             parser.error(problem)
-    reps = args.reps or (10 if device.type == "cuda" else 3)
+    reps = args.reps or (2 if args.tiny else 10 if device.type == "cuda" else 3)
     model_kw: dict = {}
     if args.tiny:
-        args.model, reps = "vit_tiny_patch16_224", 2
+        args.model = "vit_tiny_patch16_224"
         model_kw = dict(img_size=32, depth=2)
     results = [
         run_tasks(args.model, model_kw, k, args.batch, device, reps, *args.prompts, args.classes)

@@ -377,11 +377,11 @@ def markdown(rows: list[dict], env: dict) -> str:
 
 def _check_counts(args) -> str | None:
     """What is wrong with a count given on the command line, or None."""
-    if args.reps < 1:
+    if args.reps is not None and args.reps < 1:
         return f"--reps must be >= 1, got {args.reps}"
     if args.threads is not None and args.threads < 1:
         return f"--threads must be >= 1, got {args.threads}"
-    if any(p < 0 for p in args.prompts):
+    if any(p < 0 for p in args.prompts or []):
         return f"--prompts must be >= 0, got {args.prompts}"
     if args.shape is not None and any(x < 1 for x in args.shape):
         return f"--shape B H N d must all be >= 1, got {args.shape}"
@@ -392,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--prompts", type=int, nargs="+", default=None, help="default 50 200")
     parser.add_argument(
         "--sets", nargs="+", default=["shared", "per-image"], choices=["shared", "per-image"]
     )
@@ -415,9 +415,15 @@ def main(argv: list[str] | None = None) -> int:
         "with its shift mask (N_k = N)",
     )
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="CPU repetitions (median), default 7"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--tiny", action="store_true", help="B 2 H 2 N 17 d 16, P 3, 2 reps")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="B 2 H 2 N 17 d 16, P 3, 2 reps, where --shape, --prompts, --reps do not say",
+    )
     parser.add_argument("--out", default=None, help="default benchmarks/results/<device>/op")
     args = parser.parse_args(argv)
     problem = check_device(args.device) or _check_counts(args)
@@ -425,8 +431,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.shape, args.prompts, args.reps = [2, 2, 17, 16], [3], 2
+    if args.tiny:  # what the options given say still holds
+        args.shape = args.shape or [2, 2, 17, 16]
+        args.prompts, args.reps = args.prompts or [3], args.reps or 2
+    args.prompts, args.reps = args.prompts or [50, 200], args.reps or 7
     if args.shape is None:
         args.shape = [64, 12, 197, 64] if args.device.startswith("cuda") else [8, 12, 197, 64]
     device = torch.device(args.device)

@@ -228,3 +228,19 @@ def test_committed_results_are_their_scripts_to_write_again(name, folder):
     bench = ROOT / "benchmarks" / "results" / "cpu-2core" / "swin_b_deep50"
     if (bench / outputs.names[0]).exists():
         assert "did not write" in _foreign(str(bench), outputs)
+
+
+def test_tiny_runs_keep_the_options_given(tmp_path):
+    """--tiny fills in what the options do not say (it replaced --prompts, --reps, --batch)."""
+    op = _script("bench_op")
+    argv = ["--tiny", "--prompts", "2", "--impls", "cat_sdpa", "--dtypes", "float32"]
+    op.main(
+        [*argv, "--modes", "fwd", "--sets", "shared", "--device", "cpu", "--out", str(tmp_path)]
+    )
+    rows = json.loads((tmp_path / "report.json").read_text())["rows"]
+    assert [r["prompts"] for r in rows] == [2]
+    e2vpt = _script("bench_e2vpt")
+    e2vpt.main(["--tiny", "--batch", "2", "--reps", "1", "--device", "cpu", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "e2vpt.json").read_text())
+    assert report["batch"] == 2
+    assert all(r["free"]["reps"] == 1 for r in report["rows"])
