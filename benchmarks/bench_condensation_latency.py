@@ -23,9 +23,29 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_fn
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
+
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_condensation_latency.py",
+    report="condensation_latency.json",
+    keys=frozenset({"env", "batch", "prompts", "rows"}),
+    others=("condensation_latency.md",),
+)
 
 
-def main() -> None:
+def _check_args(args: argparse.Namespace) -> str | None:
+    """What is wrong with a count or share given on the command line, or None."""
+    for name in ("prompts", "batch", "reps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name} must be >= 1, got {value}"
+    if not all(0 < k <= 1 for k in args.keep):
+        return f"--keep takes shares of the prompts in (0, 1], got {args.keep}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--prompts", type=int, default=200)
@@ -34,8 +54,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.4, 0.5, 1.0])
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_args(args)
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
+    env = environment(device)
+    out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
+    problem = prepare_out(out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     gpu = device.type == "cuda"
     batch = args.batch or (64 if gpu else 8)
     reps = args.reps or (10 if gpu else 3)
@@ -75,7 +103,6 @@ def main() -> None:
                 )
                 print(rows[-1])
     free = rows[0]["median_s"]
-    env = environment(device)
     lines = [
         f"{args.model}, VPT-deep {args.prompts} prompts/block condensed; batch {batch}; "
         f"{env['device']}; torch {env['torch']}, timm {env['timm']}, commit {env['commit']}, "
@@ -97,8 +124,6 @@ def main() -> None:
             )
     report = "\n".join(lines)
     print(report)
-    out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "condensation_latency.json"), "w") as fh:
         json.dump({"env": env, "batch": batch, "prompts": args.prompts, "rows": rows}, fh, indent=2)
     with open(os.path.join(out, "condensation_latency.md"), "w") as fh:

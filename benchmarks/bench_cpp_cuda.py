@@ -39,8 +39,15 @@ from fastprompt.bench import environment  # noqa: E402
 from fastprompt.kernels import cpp  # noqa: E402
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 from fastprompt.ops.scores import prompt_scores_ref  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
 NAMES = ("out", "lse", "dq", "dk", "dv", "dprompt_k", "dprompt_v")
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_cpp_cuda.py",
+    rows="rows.jsonl",
+    row_keys=frozenset({"step"}),
+    others=("report.md",),
+)
 
 
 class _Cpp(torch.autograd.Function):
@@ -257,8 +264,14 @@ def main(argv=None) -> int:
     parser.add_argument("--reps", type=int, default=20)
     args = parser.parse_args(argv)
     device, prefix = ("cpu", "cascade_attention") if args.dry_run else ("cuda", "prompt_attention")
+    if args.reps < 1:
+        parser.error(f"--reps must be >= 1, got {args.reps}")
+    if not args.dry_run and not torch.cuda.is_available():
+        parser.error("torch sees no CUDA device; --dry-run checks the script on the CPU")
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     sink = open(out / "rows.jsonl", "w")  # appended to as rows come, closed at the end
 

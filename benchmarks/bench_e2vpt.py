@@ -28,8 +28,26 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
 
 COUNTS = [(10, 5), (32, 5), (5, 5), (10, 10), (1, 1)]
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_e2vpt.py",
+    report="e2vpt.json",
+    keys=frozenset({"env", "batch", "rows"}),
+    others=("e2vpt.md",),
+)
+
+
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """What is wrong with a count given on the command line, or None."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and v < 1 for v in values):
+            return f"--{name} must be >= 1, got {value}"
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -39,15 +57,27 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="default 10 on a GPU, 3 on a CPU")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--tiny", action="store_true", help="a tiny ViT, 2 reps (a smoke run)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny ViT, batch 4, 2 reps unless given (a smoke run)"
+    )
     args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_counts(args, ("batch", "reps"))
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
+    env = environment(device)
+    out = None
+    if args.out or not args.tiny:
+        out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
+        problem = prepare_out(out, OUTPUTS)
+        if problem:
+            parser.error(problem)
     gpu = device.type == "cuda"
-    batch = args.batch or (64 if gpu else 32)
-    reps = args.reps or (10 if gpu else 3)
+    batch = args.batch or (4 if args.tiny else 64 if gpu else 32)
+    reps = args.reps or (2 if args.tiny else 10 if gpu else 3)
     kw: dict = {}
     if args.tiny:
-        args.model, reps, batch, kw = "vit_tiny_patch16_224", 2, 4, dict(img_size=32, depth=2)
+        args.model, kw = "vit_tiny_patch16_224", dict(img_size=32, depth=2)
     torch.manual_seed(0)
     free = timm.create_model(args.model, pretrained=False, num_classes=100, **kw).to(device).eval()
     x = torch.randn(batch, 3, *free.patch_embed.img_size, device=device)
@@ -64,7 +94,6 @@ def main(argv: list[str] | None = None) -> dict:
         row.update({name: summarize(t) for name, t in times.items()})
         rows.append(row)
         print(row)
-    env = environment(device)
     lines = [
         f"{args.model} (random init), E2VPT inference, batch {batch}; {env['device']}; torch "
         f"{env['torch']}, timm {env['timm']}, commit {env['commit']}, {env['date']}. Median "
@@ -82,9 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     report = "\n".join(lines)
     print(report)
-    if args.out or not args.tiny:
-        out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
-        os.makedirs(out, exist_ok=True)
+    if out is not None:
         with open(os.path.join(out, "e2vpt.json"), "w") as fh:
             json.dump({"env": env, "batch": batch, "rows": rows}, fh, indent=2)
         with open(os.path.join(out, "e2vpt.md"), "w") as fh:

@@ -31,7 +31,26 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
+from fastprompt.cli.train_checks import check_device
 from fastprompt.methods import vpt as vpt_method
+from fastprompt.outputs import Outputs, prepare_out
+
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_multitask.py",
+    report="multitask.json",
+    keys=frozenset({"env", "results"}),
+    others=("multitask.md",),
+)
+
+
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """What is wrong with a count given on the command line, or None."""
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and v < 1 for v in values):
+            return f"--{name} must be >= 1, got {value}"
+    return None
 
 
 def _bytes(tensors) -> int:
@@ -125,19 +144,34 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=None, help="default 10 on a GPU, 3 on a CPU")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--tiny", action="store_true", help="a tiny ViT, 2 reps (a smoke run)")
+    parser.add_argument(
+        "--tiny", action="store_true", help="a tiny ViT, 2 reps unless given (a smoke run)"
+    )
     args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_counts(
+        args, ("tasks", "batch", "prompts", "classes", "reps")
+    )
+    if not problem and args.prompts[0] > args.prompts[1]:
+        problem = f"--prompts LOW HIGH needs LOW <= HIGH, got {args.prompts}"
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
-    reps = args.reps or (10 if device.type == "cuda" else 3)
+    env = environment(device)
+    out = None
+    if args.out or not args.tiny:
+        out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
+        problem = prepare_out(out, OUTPUTS)
+        if problem:
+            parser.error(problem)
+    reps = args.reps or (2 if args.tiny else 10 if device.type == "cuda" else 3)
     model_kw: dict = {}
     if args.tiny:
-        args.model, reps = "vit_tiny_patch16_224", 2
+        args.model = "vit_tiny_patch16_224"
         model_kw = dict(img_size=32, depth=2)
     results = [
         run_tasks(args.model, model_kw, k, args.batch, device, reps, *args.prompts, args.classes)
         for k in args.tasks
     ]
-    env = environment(device)
     lines = [
         f"{args.model} (random init), VPT-deep tasks of {args.prompts[0]}-{args.prompts[1]} "
         f"prompts, batch {args.batch}; {env['device']}; torch {env['torch']}, timm {env['timm']}, "
@@ -160,9 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     report = "\n".join(lines)
     print(report)
-    if args.out or not args.tiny:
-        out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
-        os.makedirs(out, exist_ok=True)
+    if out is not None:
         with open(os.path.join(out, "multitask.json"), "w") as fh:
             json.dump({"env": env, "results": results}, fh, indent=2)
         with open(os.path.join(out, "multitask.md"), "w") as fh:

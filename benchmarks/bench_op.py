@@ -48,7 +48,9 @@ sys.path.insert(0, str(ROOT))
 
 from fastprompt import backends  # noqa: E402
 from fastprompt.bench import environment  # noqa: E402
+from fastprompt.cli.train_checks import check_device  # noqa: E402
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
 IMPLS = (
     "auto",
@@ -64,6 +66,14 @@ IMPLS = (
     "sdpa_floor",
 )
 BASELINE = "cat_sdpa"
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_op.py",
+    report="report.json",
+    keys=frozenset({"env", "rows"}),
+    rows="rows.jsonl",
+    row_keys=frozenset({"dtype", "prompts", "sets", "mode", "impl"}),
+    others=("report.md",),
+)
 
 
 def _sdpa_context(kind: str):
@@ -219,6 +229,8 @@ def _errors(got, ref):
 def _time(calls: dict[str, Callable], device: torch.device, reps: int) -> dict[str, list[float]]:
     """Milliseconds per call: (p20, median, p80) per implementation."""
     times: dict[str, list[float]] = {}
+    if not calls:  # every implementation skipped here: the rows say why
+        return times
     if device.type == "cuda":
         import triton.testing
 
@@ -253,9 +265,7 @@ def _peak_mib(call, device) -> float | None:
 def run(args) -> list[dict]:
     device = torch.device(args.device)
     b, h, n, d = args.shape
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    rows_file = out_dir / "rows.jsonl"
+    rows_file = Path(args.out) / "rows.jsonl"
     rows: list[dict] = []
 
     def emit(row: dict) -> None:
@@ -365,11 +375,24 @@ def markdown(rows: list[dict], env: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _check_counts(args) -> str | None:
+    """What is wrong with a count given on the command line, or None."""
+    if args.reps is not None and args.reps < 1:
+        return f"--reps must be >= 1, got {args.reps}"
+    if args.threads is not None and args.threads < 1:
+        return f"--threads must be >= 1, got {args.threads}"
+    if any(p < 0 for p in args.prompts or []):
+        return f"--prompts must be >= 0, got {args.prompts}"
+    if args.shape is not None and any(x < 1 for x in args.shape):
+        return f"--shape B H N d must all be >= 1, got {args.shape}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"])
-    parser.add_argument("--prompts", type=int, nargs="+", default=[50, 200])
+    parser.add_argument("--prompts", type=int, nargs="+", default=None, help="default 50 200")
     parser.add_argument(
         "--sets", nargs="+", default=["shared", "per-image"], choices=["shared", "per-image"]
     )
@@ -392,21 +415,35 @@ def main(argv: list[str] | None = None) -> int:
         "with its shift mask (N_k = N)",
     )
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=IMPLS)
-    parser.add_argument("--reps", type=int, default=7, help="CPU repetitions (median)")
+    parser.add_argument(
+        "--reps", type=int, default=None, help="CPU repetitions (median), default 7"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--tiny", action="store_true", help="B 2 H 2 N 17 d 16, P 3, 2 reps")
+    parser.add_argument(
+        "--tiny",
+        action="store_true",
+        help="B 2 H 2 N 17 d 16, P 3, 2 reps, where --shape, --prompts, --reps do not say",
+    )
     parser.add_argument("--out", default=None, help="default benchmarks/results/<device>/op")
     args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_counts(args)
+    if problem:
+        parser.error(problem)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.tiny:
-        args.shape, args.prompts, args.reps = [2, 2, 17, 16], [3], 2
+    if args.tiny:  # what the options given say still holds
+        args.shape = args.shape or [2, 2, 17, 16]
+        args.prompts, args.reps = args.prompts or [3], args.reps or 2
+    args.prompts, args.reps = args.prompts or [50, 200], args.reps or 7
     if args.shape is None:
         args.shape = [64, 12, 197, 64] if args.device.startswith("cuda") else [8, 12, 197, 64]
     device = torch.device(args.device)
     env = environment(device)
     if args.out is None:
         args.out = os.path.join("benchmarks", "results", env["device"].replace(" ", "_"), "op")
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     rows = run(args)
     text = markdown(rows, env)
     Path(args.out, "report.md").write_text(text)

@@ -24,7 +24,16 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
 from fastprompt.sources.generators import generator_input
+
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_pgn.py",
+    report="pgn_speed.json",
+    keys=frozenset({"env", "rows"}),
+    others=("pgn_speed.md",),
+)
 
 
 def _step(model, x, params):
@@ -81,7 +90,7 @@ def measure(name: str, batch: int, reps: int, device: torch.device, prompts: int
     return row
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=["vit_base_patch32_224", "vit_base_patch16_224"])
     p.add_argument("--batch", type=int, default=None, help="default 64 on a GPU, 8 on a CPU")
@@ -90,8 +99,24 @@ def main() -> None:
     p.add_argument("--library", type=int, default=256)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    problem = check_device(args.device)
+    for name in ("batch", "reps", "prompts", "library"):
+        value = getattr(args, name)
+        if not problem and value is not None and value < 1:
+            problem = f"--{name} must be >= 1, got {value}"
+    if problem:
+        p.error(problem)
     device = torch.device(args.device)
+    folder = (
+        f"cpu-{torch.get_num_threads()}core"
+        if device.type == "cpu"
+        else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    )
+    out = args.out or os.path.join("benchmarks", "results", folder, "pgn")
+    problem = prepare_out(out, OUTPUTS)
+    if problem:
+        p.error(problem)
     batch = args.batch or (64 if device.type == "cuda" else 8)
     rows = [measure(m, batch, args.reps, device, args.prompts, args.library) for m in args.models]
     env = environment(device)
@@ -115,13 +140,6 @@ def main() -> None:
             )
     report = "\n".join(lines)
     print(report)
-    folder = (
-        f"cpu-{torch.get_num_threads()}core"
-        if device.type == "cpu"
-        else torch.cuda.get_device_name(device).lower().replace(" ", "-")
-    )
-    out = args.out or os.path.join("benchmarks", "results", folder, "pgn")
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "pgn_speed.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)
     with open(os.path.join(out, "pgn_speed.md"), "w") as f:

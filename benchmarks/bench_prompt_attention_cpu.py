@@ -15,8 +15,9 @@ backend of the same repetition.
 ``--cpu-time`` (with one thread) times the calling thread's CPU time instead of the wall clock:
 on a shared machine, time spent preempted by other processes is then not counted.
 
-Writes ``report.json`` and ``report.md`` to ``benchmarks/results/cpu-2core/prompt_attention_cpu``
-(``--out`` to change). The C++ backend goes through ``fastprompt.ops.prompt_attention(...,
+Writes ``report.json`` and ``report.md`` to
+``benchmarks/results/cpu-<cores>core/prompt_attention_cpu`` (``--out`` to change). The C++
+backend goes through ``fastprompt.ops.prompt_attention(...,
 backend="cpp")`` once the op knows it; until then through its contract functions under an
 autograd.Function equivalent to the op's (the report says which).
 """
@@ -28,7 +29,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -40,6 +40,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels import cpp  # noqa: E402
+from fastprompt.measure import git_commit  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+
+CPU_FOLDER = f"cpu-{os.cpu_count()}core"
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_prompt_attention_cpu.py",
+    report="report.json",
+    keys=frozenset({"meta", "results"}),
+    others=("report.md",),
+)
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 
 
@@ -119,12 +129,6 @@ def _meta(args, how) -> dict:
                 break
     except OSError:
         pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        commit = None
     return {
         "device": cpu,
         "cpu_count": os.cpu_count(),
@@ -132,7 +136,7 @@ def _meta(args, how) -> dict:
         "torch": torch.__version__,
         "timm": version("timm"),
         "triton": version("triton"),
-        "commit": commit,
+        "commit": git_commit(ROOT),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "reps": args.reps,
         "warmup": args.warmup,
@@ -182,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         "--cpu-time", action="store_true", help="time thread CPU time (needs --threads 1)"
     )
     parser.add_argument(
-        "--out", default=str(ROOT / "benchmarks" / "results" / "cpu-2core" / "prompt_attention_cpu")
+        "--out",
+        # This machine's folder: a run elsewhere does not replace the committed 2-core figures.
+        default=str(ROOT / "benchmarks" / "results" / CPU_FOLDER / "prompt_attention_cpu"),
     )
     args = parser.parse_args(argv)
     if args.quick:
@@ -191,6 +197,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     if args.cpu_time and torch.get_num_threads() != 1:
         parser.error("--cpu-time measures one thread: add --threads 1")
+    for name in ("reps", "threads"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be >= 1, got {value}")
+    if args.warmup < 0 or any(p < 0 for p in args.prompts):
+        parser.error(f"--warmup and --prompts must be >= 0, got {args.warmup}, {args.prompts}")
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     clock = time.thread_time if args.cpu_time else time.perf_counter
     why = cpp.availability()
     if why is not None:
@@ -227,7 +242,6 @@ def main(argv: list[str] | None = None) -> int:
     meta["loadavg_end"] = os.getloadavg()
     report = {"meta": meta, "results": results}
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "report.md").write_text(_markdown(report) + "\n")
     print(f"wrote {out / 'report.md'}")

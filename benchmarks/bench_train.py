@@ -28,6 +28,8 @@ import torch
 
 from fastprompt.bench import environment
 from fastprompt.cli import main as cli
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
 
 VARIANTS = ("fused", "naive", "fused+compile", "naive+compile")
 
@@ -45,6 +47,23 @@ def write_jpegs(root: str, count: int, classes: int, size: int, seed: int = 0) -
         image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
 
 
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """What is wrong with a count given on the command line, or None."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    return None
+
+
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_train.py",
+    report="train_throughput.json",
+    keys=frozenset({"env", "config", "rows", "minutes"}),
+    others=("train_throughput.md",),
+)
+
+
 def one_run(args, variant: str, data: str, val: str, out: str) -> dict:
     impl, _, compiled = variant.partition("+")
     argv = ["train", "--model", args.model, "--no-pretrained", *args.model_args]
@@ -54,8 +73,11 @@ def one_run(args, variant: str, data: str, val: str, out: str) -> dict:
     argv += ["--no-progress", "--quiet", "--out", out]
     if compiled:
         argv.append("--compile")
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert cli(argv) == 0
+    said = io.StringIO()
+    with contextlib.redirect_stdout(said):
+        code = cli(argv)
+    if code != 0:
+        raise SystemExit(f"fastprompt {' '.join(argv)} failed ({code}):\n{said.getvalue()}")
     with open(os.path.join(out, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     last = rows[-1]
@@ -67,7 +89,7 @@ def one_run(args, variant: str, data: str, val: str, out: str) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--prompts", type=int, default=200)
@@ -81,7 +103,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="stored JPEG size")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, batch 4, 1 rep")
     parser.add_argument("--out", default=None, help="folder for the report")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_counts(
+        args, ("prompts", "batch", "steps", "reps", "image_size")
+    )
+    if not problem and args.workers < 0:
+        problem = f"--workers must be >= 0, got {args.workers}"
+    problem = problem or (args.out and prepare_out(args.out, OUTPUTS))
+    if problem:
+        parser.error(problem)
     args.model_args = []
     if args.quick:
         args.model, args.prompts, args.batch, args.steps, args.reps = (
@@ -146,7 +176,6 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         with open(os.path.join(args.out, "train_throughput.json"), "w") as f:
             json.dump(report, f, indent=2)
         with open(os.path.join(args.out, "train_throughput.md"), "w") as f:

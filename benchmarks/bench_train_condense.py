@@ -28,12 +28,29 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_fn
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
 from fastprompt.train import Trainer, get_recipe
 
 SCORES = ("taylor", "taylor_normed", "gate")
+OUTPUTS = Outputs(
+    tool="benchmarks/bench_train_condense.py",
+    report="condense_cost.json",
+    keys=frozenset({"env", "config", "cost", "times", "latency", "minutes"}),
+    others=("condense_cost.md",),
+)
 
 
-def main() -> None:
+def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
+    """What is wrong with a count given on the command line, or None."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", default="vit_base_patch16_224")
     parser.add_argument("--prompts", type=int, default=200)
@@ -46,7 +63,17 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, 8 images, 1 rep")
     parser.add_argument("--out", default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device) or _check_counts(
+        args, ("prompts", "images", "batch", "reps", "latency_batch")
+    )
+    if not problem and not all(0 < k <= 1 for k in args.keep):
+        problem = f"--keep takes shares of the prompts in (0, 1], got {args.keep}"
+    if not problem and not 0 <= args.dropout < 1:
+        problem = f"--dropout must be in [0, 1), got {args.dropout}"
+    problem = problem or (args.out and prepare_out(args.out, OUTPUTS))
+    if problem:
+        parser.error(problem)
     kw = {}
     if args.quick:
         args.model, args.prompts, args.images, args.batch, args.reps = (
@@ -152,7 +179,6 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        os.makedirs(args.out, exist_ok=True)
         report = {
             "env": env,
             "config": {k: v for k, v in vars(args).items() if k != "out"},

@@ -20,6 +20,7 @@ the CPU at small sizes).
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -80,15 +81,30 @@ def _check(kernel: str, shape: str, device: str = "cuda", tiny: bool = False) ->
     return f"WRONG {bad}" if bad else f"ok (worst {max(worst.values()):.2e})"
 
 
+KERNELS = ("flash", "efficient")
+
+
 def main(argv: list[str]) -> int:
     if argv and argv[0] == "--child":
         print(_check(argv[1], argv[2]), flush=True)
         return 0
-    if argv and argv[0] == "--tiny":  # the script's own logic on the CPU (tests)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("kernels", nargs="*", help=f"any of {', '.join(KERNELS)} (default: both)")
+    parser.add_argument("--tiny", action="store_true", help="the logic on the CPU, small sizes")
+    args = parser.parse_args(argv)
+    unknown = [k for k in args.kernels if k not in KERNELS]
+    if unknown:
+        parser.error(f"kernels are {' and '.join(KERNELS)}, got {unknown}")
+    if args.tiny:  # the script's own logic on the CPU (tests)
         for shape in SHAPES:
             print(f"cpu_flash {shape}: {_check('cpu_flash', shape, 'cpu', tiny=True)}")
         return 0
-    for kernel in argv or ["flash", "efficient"]:
+    import torch
+
+    if not torch.cuda.is_available():
+        # Each child would fail to start CUDA and read as CRASHED, a kernel fault it is not.
+        parser.error("torch sees no CUDA device; --tiny checks the logic on the CPU")
+    for kernel in args.kernels or KERNELS:
         for shape, (b, n, p) in SHAPES.items():
             proc = subprocess.run(
                 [sys.executable, __file__, "--child", kernel, shape], capture_output=True, text=True

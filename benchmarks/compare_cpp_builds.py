@@ -21,6 +21,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+
+OUTPUTS = Outputs(
+    tool="benchmarks/compare_cpp_builds.py",
+    rows="rows.jsonl",
+    row_keys=frozenset({"build"}),
+    others=("report.md",),
+)
+
 # (name, sequences B, heads H, tokens N, head dim d, prompts P, a per-sequence key bias):
 # Swin-B's stage-0 and stage-2 windows at batch 8, and ViT-B/16 at batch 2 with 200 prompts.
 SHAPES = (
@@ -72,6 +84,11 @@ def main() -> None:
         lib = getattr(args, which)
         if not lib.is_file():
             ap.error(f"{which}: no library at {lib} (a build's fastprompt_ext.so)")
+    if args.rounds < 1 or args.reps < 1:
+        ap.error(f"--rounds and --reps must be >= 1, got {args.rounds}, {args.reps}")
+    problem = args.out and prepare_out(str(args.out), OUTPUTS)
+    if problem:
+        ap.error(problem)
     runs: dict[str, list[dict[str, float]]] = {"old": [], "new": []}
     for _ in range(args.rounds):
         for which in ("old", "new"):
@@ -101,7 +118,6 @@ def main() -> None:
         )
     print("\n".join(lines))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "rows.jsonl", "w") as f:
             for which, rows in runs.items():
                 for row in rows:

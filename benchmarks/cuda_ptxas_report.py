@@ -27,19 +27,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels.cpp import _build, _ptxas  # noqa: E402
+from fastprompt.measure import git_commit  # noqa: E402
+from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--", "csrc"], cwd=ROOT, capture_output=True, text=True
-        ).stdout.strip()
-        return out.stdout.strip() + ("+dirty-csrc" if dirty else "")
-    except OSError:
-        return "unknown"
+OUTPUTS = Outputs(
+    tool="benchmarks/cuda_ptxas_report.py",
+    report="cuda_ptxas.json",
+    keys=frozenset({"nvcc", "kernels"}),
+    more=None,
+    others=("cuda_ptxas.md",),
+)
 
 
 def _full_builds(archs: list[str]) -> dict[str, float]:
@@ -79,6 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if toolkit is None:
         print(f"no CUDA toolkit: {how}", file=sys.stderr)
         return 1
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     import torch
 
     rows, seconds = [], {}
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "host": platform.node(),
         "cpu_count": os.cpu_count(),
-        "commit": _commit(),
+        "commit": git_commit(ROOT),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "nvcc_flags": _build.nvcc_flags(["<arch>"]),
         "register_budget": _ptxas.REGISTER_BUDGET,
@@ -103,7 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.full_build:
         report["full_build_seconds"] = _full_builds(args.archs)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     (out / "cuda_ptxas.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / "cuda_ptxas.md").write_text(_markdown(report) + "\n")
     print(f"wrote {out / 'cuda_ptxas.md'} and cuda_ptxas.json")

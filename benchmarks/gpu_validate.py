@@ -374,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
     if not args.dry_run and not torch.cuda.is_available():
         print("gpu_validate: no CUDA device visible to torch (--dry-run runs on the CPU)")
         return 1
+    known = [s.name for s in steps(Path(args.out or "."), args.dry_run)]
+    unknown = [name for name in args.steps or [] if name not in known]
+    if unknown:
+        parser.error(f"--steps takes {', '.join(known)}; got {', '.join(unknown)}")
     if args.out is None:
         device = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name(0)
         args.out = str(ROOT / "benchmarks" / "results" / device.replace(" ", "_") / "validate")

@@ -22,16 +22,27 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment
+from fastprompt.outputs import Outputs, prepare_out
 
 MODELS = ("vit_base_patch32_224", "vit_base_patch16_224", "vit_large_patch16_224")
+OUTPUTS = Outputs(
+    tool="benchmarks/pgn_inversion_report.py",
+    report="inversion.json",
+    keys=frozenset({"env", "rows"}),
+    others=("inversion.md",),
+)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--images", type=int, default=4)
     p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu-2core", "pgn"))
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    problem = f"--images must be >= 1, got {args.images}" if args.images < 1 else None
+    problem = problem or prepare_out(args.out, OUTPUTS)
+    if problem:
+        p.error(problem)
     rows = []
     for name in args.models:
         torch.manual_seed(0)
@@ -76,7 +87,6 @@ def main() -> None:
         )
     report = "\n".join(lines)
     print(report)
-    os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "inversion.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=2)
     with open(os.path.join(args.out, "inversion.md"), "w") as f:

@@ -11,11 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 import torch
 
 from fastprompt.backends import BACKENDS, Call, probe
+from fastprompt.bench import environment
+from fastprompt.cli.train_checks import check_device
+from fastprompt.outputs import Outputs, prepare_out
 
 
 def _sync(device: torch.device) -> None:
@@ -23,13 +27,35 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float16", "float32"])
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["bfloat16", "float16", "float32"],
+        choices=["bfloat16", "float16", "float32", "float64"],
+    )
     parser.add_argument("--head-dims", nargs="+", type=int, default=[64])
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device)
+    if not problem and any(d < 1 for d in args.head_dims):
+        problem = f"--head-dims must be >= 1, got {args.head_dims}"
+    if not problem and args.out:
+        if os.path.isdir(args.out):
+            problem = f"--out {args.out} is a folder; it names the JSON file to write"
+        else:
+            # The file's folder, under the rule every benchmark's --out follows.
+            outputs = Outputs(
+                tool="benchmarks/probe_cost.py",
+                report=os.path.basename(args.out),
+                keys=frozenset({"device", "rows"}),
+                more=frozenset({"env"}),
+            )
+            problem = prepare_out(os.path.dirname(args.out) or ".", outputs)
+    if problem:
+        parser.error(problem)
     device = torch.device(args.device)
     rows = []
     for backend in BACKENDS:
@@ -56,7 +82,9 @@ def main() -> None:
                 )
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"device": str(device), "rows": rows}, f, indent=1)
+            json.dump(
+                {"device": str(device), "env": environment(device), "rows": rows}, f, indent=1
+            )
 
 
 if __name__ == "__main__":

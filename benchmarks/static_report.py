@@ -31,6 +31,14 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 from fastprompt.kernels.triton._capability import AUTO_HEAD_DIMS
+from fastprompt.outputs import Outputs, prepare_out
+
+OUTPUTS = Outputs(
+    tool="benchmarks/static_report.py",
+    report="static_report.json",
+    keys=frozenset({"env", "rows"}),
+    others=("static_report.md",),
+)
 
 ARCHS = (80, 90)
 DTYPES = ("float16", "bfloat16")
@@ -271,7 +279,6 @@ def _fp32_note(rows: list[dict]) -> list[str]:
 
 
 def write(rows: list[dict], env: dict, out: str) -> None:
-    os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "static_report.json"), "w") as f:
         json.dump({"env": env, "rows": rows}, f, indent=1)
     head = [
@@ -337,6 +344,9 @@ def main() -> int:
     if args.subset:
         json.dump(subset(), sys.stdout)
         return 0
+    problem = prepare_out(args.out, OUTPUTS)
+    if problem:
+        parser.error(problem)
     start = time.time()
     todo = jobs(args.quick)
     rows: list[dict] = []

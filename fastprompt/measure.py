@@ -23,11 +23,14 @@ from torch import nn
 
 import fastprompt
 
+_PACKAGE = os.path.dirname(os.path.abspath(fastprompt.__file__))
+
 __all__ = [
     "FLOP_HANDLES",
     "activation_bytes",
     "environment",
     "flops",
+    "git_commit",
     "paired_ratios",
     "summarize",
     "time_fn",
@@ -37,6 +40,53 @@ __all__ = [
 
 # glibc's malloc (MALLOC_*, GLIBC_TUNABLES), jemalloc (MALLOC_CONF), tcmalloc, a preloaded one.
 _ALLOCATOR_VARS = ("MALLOC_", "GLIBC_TUNABLES", "TCMALLOC_", "LD_PRELOAD")
+
+
+# At most this many changed paths are named after "+dirty"; more are counted.
+_DIRTY_NAMED = 3
+
+
+def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
+    """The commit the code at ``root`` (default: fastprompt's source tree) is, as results record
+    it: the short hash, then ``+dirty`` if tracked files differ from it (the changed paths named
+    when there are at most three, else counted), so a figure measured on uncommitted code says so.
+
+    Untracked files do not count: results written into the tree are not code.
+
+    Parameters
+    ----------
+    root : path, optional
+        A folder that is the top of a git work tree.
+
+    Returns
+    -------
+    str or None
+        ``"<sha>"``, ``"<sha>+dirty (a.py, b.py)"`` or ``"<sha>+dirty (12 paths)"``; None where
+        ``root`` is not the top of a git work tree (an installed copy) or git is missing.
+    """
+    root = os.path.realpath(root if root is not None else os.path.dirname(_PACKAGE))
+
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, timeout=5, cwd=root, check=True
+        ).stdout
+
+    try:
+        top, sha = git("rev-parse", "--show-toplevel", "--short", "HEAD").split()
+        # An installed copy inside some other repository (a venv in a project) is not its code.
+        if os.path.realpath(top) != root:
+            return None
+        changed = [
+            line[3:].split(" -> ")[-1]
+            for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            if line.strip()
+        ]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+    if not changed:
+        return sha
+    named = ", ".join(changed) if len(changed) <= _DIRTY_NAMED else f"{len(changed)} paths"
+    return f"{sha}+dirty ({named})"
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -55,19 +105,6 @@ def environment(device: torch.device) -> dict[str, Any]:
         name = (
             f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
         )
-    try:
-        commit = (
-            subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"],
-                capture_output=True,
-                text=True,
-                timeout=5,
-                cwd=__file__.rsplit("/", 2)[0],
-            ).stdout.strip()
-            or None
-        )
-    except Exception:
-        commit = None
     return {
         "device": name,
         "device_type": device.type,
@@ -90,7 +127,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         or "default",
         "fastprompt": fastprompt.__version__,
         "python": platform.python_version(),
-        "commit": commit,
+        "commit": git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -10,13 +10,20 @@ import sys
 from typing import Any
 
 from fastprompt.backends import NAMES
-from fastprompt.cli.bench_checks import DEFAULT_MODEL, ROWS, check_bench_args, prepare_out
+from fastprompt.cli.bench_checks import (
+    BENCH_OUTPUTS,
+    DEFAULT_MODEL,
+    FITS_OUTPUTS,
+    ROWS,
+    check_bench_args,
+)
 from fastprompt.cli.condense import add_condense_parser, check_condense_args, run_condense
 from fastprompt.cli.domains import add_domains_parser, check_domains_args, run_domains
 from fastprompt.cli.evaluate import add_evaluate_parser, check_evaluate_args, run_evaluate
 from fastprompt.cli.train import add_recipes_parser, add_train_parser, run_recipes, run_train
 from fastprompt.cli.train_checks import check_train_args
 from fastprompt.fits import FIT_MODELS
+from fastprompt.outputs import prepare_out
 from fastprompt.prompted import MEMORY_POLICIES
 
 __all__ = ["main"]
@@ -87,15 +94,11 @@ def _bench(args: argparse.Namespace) -> int:
     import torch
 
     from fastprompt import bench
-    from fastprompt.report import FIGURES, compare_table, markdown_table, plot, print_table
+    from fastprompt.report import compare_table, markdown_table, plot, print_table
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     on_gpu = device.startswith("cuda")
-    if args.fits is not None:
-        outputs = ["fits.json", "fits.md"]
-    else:
-        outputs = ["report.json", "report.md", ROWS, *FIGURES]
-    problem = prepare_out(args.out, outputs)
+    problem = prepare_out(args.out, BENCH_OUTPUTS if args.fits is None else FITS_OUTPUTS)
     if problem:
         print(f"fastprompt bench: {problem}", file=sys.stderr)
         return 2

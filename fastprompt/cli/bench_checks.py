@@ -6,15 +6,34 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
 from fastprompt.cli.train_checks import check_backend, check_device
+from fastprompt.outputs import Outputs
+from fastprompt.report import FIGURES
 
-__all__ = ["DEFAULT_MODEL", "ROWS", "check_bench_args", "prepare_out"]
+__all__ = ["BENCH_OUTPUTS", "DEFAULT_MODEL", "FITS_OUTPUTS", "ROWS", "check_bench_args"]
 
 # ``fastprompt bench``'s rows, one JSON line each as it is measured (beside report.json).
 ROWS = "rows.jsonl"
 DEFAULT_MODEL = "vit_base_patch16_224"
+
+# What bench writes into --out (its report's other keys vary with its options and version).
+BENCH_OUTPUTS = Outputs(
+    tool="fastprompt bench",
+    report="report.json",
+    keys=frozenset({"config", "env", "rows"}),
+    more=None,
+    rows=ROWS,
+    row_keys=frozenset({"prompts", "variant"}),
+    others=("report.md", *FIGURES),
+)
+FITS_OUTPUTS = Outputs(
+    tool="fastprompt bench",
+    report="fits.json",
+    keys=frozenset({"env", "fits"}),
+    more=None,
+    others=("fits.md",),
+)
 
 # What ``--fits`` decides itself (fp32, VPT-deep, the batches it measures and scales): the
 # options that set these for the report would be ignored, so they are refused beside it.
@@ -129,57 +148,4 @@ def check_bench_args(args: argparse.Namespace) -> str | None:
             import fvcore  # noqa: F401
         except ImportError:
             return "counting FLOPs needs fvcore (pip install fvcore), or pass --no-flops"
-    return None
-
-
-def _foreign_outputs(out: str, names: list[str]) -> str | None:
-    """Why bench may not write ``names`` into ``out``: one of them is there and the folder is
-    not an earlier bench's (its JSON, report.json or fits.json, holds what bench writes; or, for
-    a bench killed before its report, its rows.jsonl holds only bench rows), so a person's file
-    would be replaced. Bench writes its JSON whole (a killed bench leaves none)."""
-    present = [n for n in names if os.path.lexists(os.path.join(out, n))]
-    if not present:
-        return None
-    keys = {"env", "fits"} if names[0] == "fits.json" else {"config", "env", "rows"}
-    try:
-        with open(os.path.join(out, names[0])) as f:
-            saved = json.load(f)
-        if isinstance(saved, dict) and keys <= saved.keys():
-            return None  # an earlier bench's folder: its results are replaced
-    except (OSError, ValueError):
-        pass
-    if ROWS in names and not os.path.lexists(os.path.join(out, names[0])):
-        try:
-            with open(os.path.join(out, ROWS)) as f:
-                rows = [json.loads(line) for line in f if line.strip()]
-            if all(isinstance(r, dict) and {"prompts", "variant"} <= r.keys() for r in rows):
-                return None  # a bench cut short before its report
-        except (OSError, ValueError):
-            pass
-    return (
-        f"--out {out} holds {', '.join(present)}, which fastprompt bench did not write; choose "
-        "another --out (nothing was written)"
-    )
-
-
-def prepare_out(out: str, names: list[str]) -> str | None:
-    """Make ``out`` ready for bench's files ``names`` before anything is measured, or say why
-    it cannot be (a person's files there, not writable).
-
-    An earlier bench's files of those names are removed first: a run writes only the figures
-    its options ask for, and a run cut short writes no report, so what an earlier run left
-    would otherwise sit beside this run's files as if it were theirs.
-    """
-    problem = _foreign_outputs(out, names)
-    if problem:
-        return problem
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-        for name in names:
-            if os.path.lexists(os.path.join(out, name)):
-                os.remove(os.path.join(out, name))
-    except OSError as e:
-        return f"--out {out} cannot be written ({e.strerror or e}; nothing was measured)"
     return None
