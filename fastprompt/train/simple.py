@@ -135,7 +135,8 @@ def finetune(
     batch_fn: BatchFn | None = None,
     precision: str = "fp32",
 ) -> list[float]:
-    """Prompt Condensation's fine-tuning: only the kept prompts and the head, dropout off.
+    """Prompt Condensation's fine-tuning: only the kept prompts and the head, dropout off (a
+    model with a prompt projection, ``project`` > -1, trains its projection too).
 
     Parameters
     ----------
