@@ -389,6 +389,26 @@ def test_prompt_condensation_runner(capsys):
     assert layer_summary(fastprompt.kept_prompts(condensed)).endswith("(50.0 %)")
 
 
+def test_prompt_condensation_leaves_the_source_and_earlier_results_as_they_were():
+    """A sweep of keep ratios from one trained model: each call condenses the trained model as it
+    was, and a result keeps its logits after the next call fine-tunes (a condensed model shares
+    its backbone and head with the model it was condensed from)."""
+    prompted = _trained()
+    x, y = _data(4)
+    kw = dict(epochs=1, progress=False, verbose=False, finetune_kwargs={"lr": 0.5})
+    with torch.no_grad():
+        before = prompted.eval()(x)
+    first = fastprompt.prompt_condensation(prompted, _loader(x, y), keep=0.5, **kw)
+    with torch.no_grad():
+        first_out = first.eval()(x)
+    second = fastprompt.prompt_condensation(prompted, _loader(x, y), keep=0.3, **kw)
+    with torch.no_grad():
+        assert torch.equal(prompted.eval()(x), before)
+        assert torch.equal(first.eval()(x), first_out)
+        assert not torch.equal(second.eval()(x), first_out)
+    assert prompted.trainable_parameters()["prompt_embeddings"].requires_grad
+
+
 def test_bad_inputs():
     with pytest.raises(ValueError, match="VPT-deep"):
         fastprompt.score_prompts(fastprompt.vpt(tiny_vit(), 2, deep=False), [])

@@ -105,6 +105,23 @@ def test_the_official_window_mixing_only_behind_its_flag(deep):
     assert_matches_official(official, x, mixing=True)
 
 
+def test_deep_mode_with_one_last_stage_window_mixes_under_prompt_dropout_only():
+    """The last stage has one window per image (Swin-T/B at 224 alike): without prompt dropout
+    every image receives the same sets, so the official mixing changes nothing; in training with
+    dropout block 0's shallow set carries a mask per image, which the official code hands to
+    other images' windows (``docs/design.md`` §2, "VPT on Swin")."""
+    x = _images(3)
+    prompted = fastprompt.vpt(tiny_swin(), 3, deep=True, dropout=0.3).train()
+    with torch.no_grad():
+        torch.manual_seed(5)
+        ours = prompted(x)
+        torch.manual_seed(5)
+        mixed = official_of(prompted, x, mixing=True, training=True)
+        assert (ours - mixed).abs().max() > 1e-4  # dropout on: the batch reaches block 0
+        prompted.eval()
+        assert_close(prompted(x), official_of(prompted, x, mixing=True), "no dropout acting")
+
+
 def test_an_image_does_not_see_its_batch():
     prompted = fastprompt.vpt(tiny_swin(), 3, deep=False).eval()
     x = _images(3)

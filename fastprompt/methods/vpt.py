@@ -258,6 +258,12 @@ def _add_options(group: argparse._ArgumentGroup) -> None:
         "that are not published; the recipe's apply unless --batch-size, --lr, --weight-decay",
     )
     group.add_argument("--shallow", action="store_true", help="VPT-shallow (default deep)")
+    group.add_argument(
+        "--window-mixing",
+        action="store_true",
+        help="Swin: the official VPT-Swin's cross-image window mixing (an image's logits depend "
+        "on its batch), to reproduce official runs; default each image its own prompts",
+    )
 
 
 def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -267,6 +273,8 @@ def _kwargs(args: argparse.Namespace) -> dict[str, Any]:
     if kw["num_prompts"] is None:
         raise ValueError("--prompts is required for VPT (or --preset vtab1k-<task>)")
     kw["deep"] = not args.shallow
+    if args.window_mixing:  # recorded only when on, as checkpoints record it
+        kw["window_mixing"] = True
     if args.preset and kw["deep"] and args.prompt_dropout is None:
         kw["dropout"] = PRESET_DEEP_DROPOUT
     return kw
@@ -285,6 +293,12 @@ def _preset_recipe(args: argparse.Namespace) -> dict[str, Any]:
 def _condensable(kwargs: Mapping[str, Any]) -> str | None:
     if not kwargs.get("deep", True):
         return "is VPT-shallow; Prompt Condensation condenses VPT-deep"
+    if kwargs.get("window_mixing"):
+        return (
+            "was trained with --window-mixing (the official VPT-Swin's cross-image window "
+            "mixing): an image's loss depends on its batch there, so Prompt Condensation's "
+            "per-sample scores are undefined"
+        )
     return None
 
 

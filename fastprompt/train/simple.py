@@ -8,6 +8,7 @@ resume, mixed precision and torchrun, use ``fastprompt train`` or :func:`fastpro
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable
 
 from torch import nn
@@ -135,7 +136,8 @@ def finetune(
     batch_fn: BatchFn | None = None,
     precision: str = "fp32",
 ) -> list[float]:
-    """Prompt Condensation's fine-tuning: only the kept prompts and the head, dropout off.
+    """Prompt Condensation's fine-tuning: only the kept prompts and the head, dropout off (a
+    model with a prompt projection, ``project`` > -1, trains its projection too).
 
     Parameters
     ----------
@@ -233,7 +235,8 @@ def prompt_condensation(
     Returns
     -------
     PromptedViT
-        The condensed, fine-tuned model.
+        The condensed, fine-tuned model, on a copy of ``prompted``'s backbone: ``prompted`` is
+        left as it was, so calls with other ``keep`` ratios start from the same trained model.
     """
     # Scoring is one pass, fine-tuning `epochs` more: a generator would be empty by then.
     check_reiterable(train_loader, 1 + epochs, "prompt_condensation")
@@ -243,7 +246,10 @@ def prompt_condensation(
     mask = select_prompts(scores, keep, scope)
     if verbose:
         print(f"Prompt Condensation ({score}, {scope}):\n{layer_summary(mask)}")
-    condensed = condense(prompted, mask)
+    # A condensed model shares its backbone and head with the model it was condensed from, so
+    # fine-tuning it in place would move the caller's trained head (and every earlier result of
+    # a sweep over keep ratios): condense a copy.
+    condensed = condense(copy.deepcopy(prompted), mask)
     kwargs = dict(finetune_kwargs or {})
     if lr is not None:
         kwargs["lr"] = lr

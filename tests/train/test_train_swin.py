@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import timm
 import torch
 from train_helpers import write_images
@@ -62,3 +63,30 @@ def test_the_head_bias_is_exempt_wherever_the_classifier_lives():
     decay, exempt = param_groups(named, get_recipe("vpt"), classifier_name(swin))
     assert exempt == {"params": [named["head.fc.bias"]], "weight_decay": 0.0}
     assert decay["params"] == [named["head.fc.weight"]]
+
+
+def test_the_official_window_mixing_from_the_command_line(tmp_path, capsys):
+    """``--window-mixing`` reaches the model and its checkpoints (official VPT-Swin runs can be
+    reproduced from the CLI); a ViT refuses it, and condense refuses such a run up front."""
+    rows = write_images(tmp_path / "img", 6, 3)
+    data = tmp_path / "data.csv"
+    data.write_text("".join(f"{p},{y}\n" for p, y in rows))
+    run = tmp_path / "run"
+    args = ["train", *MODEL, "--data", str(data), "--val", str(data), "--prompts", "2"]
+    args += ["--batch-size", "6", "--epochs", "1", *FAST, "--window-mixing", "--out", str(run)]
+    assert main(args) == 0
+    saved = json.loads((run / "run.json").read_text())["config"]
+    assert saved["method_args"]["window_mixing"] is True
+    model = fastprompt.train.load_run_model(str(run), "last")
+    assert model.config.window_mixing and model.backbone.window_mixing
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["condense", str(run), "--keep", "0.5", *FAST])
+    err = capsys.readouterr().err
+    assert "was trained with --window-mixing" in err and "per-sample scores" in err, err
+    assert not (tmp_path / "run-pc50-taylor").exists()
+    vit = ["--model", "vit_tiny_patch16_224", "--no-pretrained", "--model-args", "img_size=16"]
+    vit += ["--data", str(data), "--val", str(data), "--prompts", "2", "--window-mixing", *FAST]
+    with pytest.raises(SystemExit):
+        main(["train", *vit, "--out", str(tmp_path / "vit")])
+    assert "has no windows" in capsys.readouterr().err
