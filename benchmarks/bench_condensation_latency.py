@@ -23,7 +23,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_fn
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.outputs import Outputs, prepare_out
 
 OUTPUTS = Outputs(
@@ -36,10 +36,9 @@ OUTPUTS = Outputs(
 
 def _check_args(args: argparse.Namespace) -> str | None:
     """What is wrong with a count or share given on the command line, or None."""
-    for name in ("prompts", "batch", "reps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name} must be >= 1, got {value}"
+    problem = check_counts(args, ("prompts", "batch", "reps"))
+    if problem:
+        return problem
     if not all(0 < k <= 1 for k in args.keep):
         return f"--keep takes shares of the prompts in (0, 1], got {args.keep}"
     return None

@@ -28,7 +28,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.outputs import Outputs, prepare_out
 
 COUNTS = [(10, 5), (32, 5), (5, 5), (10, 10), (1, 1)]
@@ -38,16 +38,6 @@ OUTPUTS = Outputs(
     keys=frozenset({"env", "batch", "rows"}),
     others=("e2vpt.md",),
 )
-
-
-def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
-    """What is wrong with a count given on the command line, or None."""
-    for name in names:
-        value = getattr(args, name)
-        values = value if isinstance(value, list) else [value]
-        if any(v is not None and v < 1 for v in values):
-            return f"--{name} must be >= 1, got {value}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--tiny", action="store_true", help="a tiny ViT, batch 4, 2 reps unless given (a smoke run)"
     )
     args = parser.parse_args(argv)
-    problem = check_device(args.device) or _check_counts(args, ("batch", "reps"))
+    problem = check_device(args.device) or check_counts(args, ("batch", "reps"))
     if problem:
         parser.error(problem)
     device = torch.device(args.device)

@@ -31,7 +31,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.methods import vpt as vpt_method
 from fastprompt.outputs import Outputs, prepare_out
 
@@ -41,16 +41,6 @@ OUTPUTS = Outputs(
     keys=frozenset({"env", "results"}),
     others=("multitask.md",),
 )
-
-
-def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
-    """What is wrong with a count given on the command line, or None."""
-    for name in names:
-        value = getattr(args, name)
-        values = value if isinstance(value, list) else [value]
-        if any(v is not None and v < 1 for v in values):
-            return f"--{name} must be >= 1, got {value}"
-    return None
 
 
 def _bytes(tensors) -> int:
@@ -148,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--tiny", action="store_true", help="a tiny ViT, 2 reps unless given (a smoke run)"
     )
     args = parser.parse_args(argv)
-    problem = check_device(args.device) or _check_counts(
+    problem = check_device(args.device) or check_counts(
         args, ("tasks", "batch", "prompts", "classes", "reps")
     )
     if not problem and args.prompts[0] > args.prompts[1]:

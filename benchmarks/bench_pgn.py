@@ -24,7 +24,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.outputs import Outputs, prepare_out
 from fastprompt.sources.generators import generator_input
 
@@ -100,11 +100,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
-    problem = check_device(args.device)
-    for name in ("batch", "reps", "prompts", "library"):
-        value = getattr(args, name)
-        if not problem and value is not None and value < 1:
-            problem = f"--{name} must be >= 1, got {value}"
+    problem = check_device(args.device) or check_counts(
+        args, ("batch", "reps", "prompts", "library")
+    )
     if problem:
         p.error(problem)
     device = torch.device(args.device)

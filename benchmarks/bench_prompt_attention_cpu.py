@@ -41,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from fastprompt.kernels import cpp  # noqa: E402
 from fastprompt.measure import git_commit  # noqa: E402
+from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
 CPU_FOLDER = f"cpu-{os.cpu_count()}core"
@@ -50,7 +51,6 @@ OUTPUTS = Outputs(
     keys=frozenset({"meta", "results"}),
     others=("report.md",),
 )
-from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
 
 
 def _impls() -> tuple[dict[str, Callable], str]:

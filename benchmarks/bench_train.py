@@ -28,7 +28,7 @@ import torch
 
 from fastprompt.bench import environment
 from fastprompt.cli import main as cli
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.outputs import Outputs, prepare_out
 
 VARIANTS = ("fused", "naive", "fused+compile", "naive+compile")
@@ -45,15 +45,6 @@ def write_jpegs(root: str, count: int, classes: int, size: int, seed: int = 0) -
         small = rng.integers(0, 256, (size // 16, size // 16, 3), dtype=np.uint8)
         image = Image.fromarray(small).resize((size, size), Image.BICUBIC)
         image.save(os.path.join(folder, f"{i}.jpg"), quality=90)
-
-
-def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
-    """What is wrong with a count given on the command line, or None."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    return None
 
 
 OUTPUTS = Outputs(
@@ -104,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, batch 4, 1 rep")
     parser.add_argument("--out", default=None, help="folder for the report")
     args = parser.parse_args(argv)
-    problem = check_device(args.device) or _check_counts(
+    problem = check_device(args.device) or check_counts(
         args, ("prompts", "batch", "steps", "reps", "image_size")
     )
     if not problem and args.workers < 0:

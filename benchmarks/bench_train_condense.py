@@ -28,7 +28,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment, summarize, time_fn
-from fastprompt.cli.train_checks import check_device
+from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.outputs import Outputs, prepare_out
 from fastprompt.train import Trainer, get_recipe
 
@@ -39,15 +39,6 @@ OUTPUTS = Outputs(
     keys=frozenset({"env", "config", "cost", "times", "latency", "minutes"}),
     others=("condense_cost.md",),
 )
-
-
-def _check_counts(args: argparse.Namespace, names: tuple[str, ...]) -> str | None:
-    """What is wrong with a count given on the command line, or None."""
-    for name in names:
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            return f"--{name.replace('_', '-')} must be >= 1, got {value}"
-    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -64,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny ViT, 8 images, 1 rep")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
-    problem = check_device(args.device) or _check_counts(
+    problem = check_device(args.device) or check_counts(
         args, ("prompts", "images", "batch", "reps", "latency_batch")
     )
     if not problem and not all(0 < k <= 1 for k in args.keep):

@@ -44,6 +44,9 @@ _ALLOCATOR_VARS = ("MALLOC_", "GLIBC_TUNABLES", "TCMALLOC_", "LD_PRELOAD")
 
 # At most this many changed paths are named after "+dirty"; more are counted.
 _DIRTY_NAMED = 3
+# Where the benchmarks write their results in the tree: rewriting committed figures (a rerun
+# removes them first) changes no code, so it leaves the commit clean.
+_RESULTS = "benchmarks/results"
 
 
 def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
@@ -51,7 +54,10 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
     it: the short hash, then ``+dirty`` if tracked files differ from it (the changed paths named
     when there are at most three, else counted), so a figure measured on uncommitted code says so.
 
-    Untracked files do not count: results written into the tree are not code.
+    Untracked files and files under ``benchmarks/results/`` do not count: results written into
+    the tree, committed ones a rerun replaces among them, are not code. Git's optional index
+    refresh is off, so recording the commit never writes the checkout's index (a ``git commit``
+    run meanwhile would find it locked).
 
     Parameters
     ----------
@@ -68,17 +74,25 @@ def git_commit(root: str | os.PathLike[str] | None = None) -> str | None:
 
     def git(*args: str) -> str:
         return subprocess.run(
-            ["git", *args], capture_output=True, text=True, timeout=5, cwd=root, check=True
+            ["git", "--no-optional-locks", *args],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=root,
+            check=True,
         ).stdout
 
     try:
-        top, sha = git("rev-parse", "--show-toplevel", "--short", "HEAD").split()
+        # One line each: a checkout's path may hold spaces.
+        top, sha = git("rev-parse", "--show-toplevel", "--short", "HEAD").splitlines()
         # An installed copy inside some other repository (a venv in a project) is not its code.
         if os.path.realpath(top) != root:
             return None
         changed = [
             line[3:].split(" -> ")[-1]
-            for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+            for line in git(
+                "status", "--porcelain", "--untracked-files=no", "--", ".", f":(exclude){_RESULTS}"
+            ).splitlines()
             if line.strip()
         ]
     except (OSError, ValueError, subprocess.SubprocessError):

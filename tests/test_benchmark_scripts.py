@@ -187,6 +187,53 @@ def test_recorded_commit_says_when_the_tree_is_dirty(tmp_path):
     assert git_commit(tmp_path) is None
 
 
+def _repo(path: Path) -> str:
+    """A git repository at ``path`` with code and a committed result; its short hash."""
+    (path / "benchmarks" / "results" / "cpu").mkdir(parents=True)
+    _git(path, "init", "-q")
+    (path / "a.py").write_text("x = 1\n")
+    (path / "benchmarks" / "results" / "cpu" / "report.json").write_text("{}")
+    _git(path, "add", ".")
+    _git(path, "commit", "-qm", "first")
+    return _git(path, "rev-parse", "--short", "HEAD")
+
+
+def test_rewriting_committed_results_leaves_the_commit_clean(tmp_path):
+    """A rerun into a committed results folder removes its files before measuring (most scripts
+    record the commit after that): the figures said +dirty on unchanged code."""
+    from fastprompt.measure import git_commit
+
+    sha = _repo(tmp_path)
+    (tmp_path / "benchmarks" / "results" / "cpu" / "report.json").unlink()
+    assert git_commit(tmp_path) == sha
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == f"{sha}+dirty (a.py)"
+
+
+def test_recorded_commit_of_a_checkout_whose_path_has_a_space(tmp_path):
+    """Such a checkout recorded no commit at all."""
+    from fastprompt.measure import git_commit
+
+    repo = tmp_path / "my checkout"
+    repo.mkdir()
+    sha = _repo(repo)
+    assert git_commit(repo) == sha
+
+
+def test_recording_the_commit_does_not_write_the_index(tmp_path):
+    """git status refreshed the checkout's index (taking its lock) when a file's timestamp
+    changed: a benchmark starting beside a git commit could make it fail."""
+    import os
+
+    from fastprompt.measure import git_commit
+
+    sha = _repo(tmp_path)
+    index = (tmp_path / ".git" / "index").read_bytes()
+    os.utime(tmp_path / "a.py", (1, 1))  # same content, other stat
+    assert git_commit(tmp_path) == sha
+    assert (tmp_path / ".git" / "index").read_bytes() == index
+
+
 def test_environment_records_the_commit_with_its_state():
     from fastprompt.measure import environment, git_commit
 

@@ -19,7 +19,39 @@ from fastprompt.cli.train import (
 )
 from fastprompt.train.multi import spec_paths
 
-__all__ = ["check_backend", "check_device", "check_run_device", "check_train_args"]
+__all__ = [
+    "check_backend",
+    "check_counts",
+    "check_device",
+    "check_run_device",
+    "check_train_args",
+]
+
+
+def check_counts(args: argparse.Namespace, names: tuple[str, ...], least: int = 1) -> str | None:
+    """What is wrong with a count given on the command line (below ``least``), or None.
+
+    Parameters
+    ----------
+    args : argparse.Namespace
+        The parsed arguments; an option left at None is not checked.
+    names : tuple of str
+        The options' attribute names (``"image_size"`` for ``--image-size``); an option of
+        ``nargs`` gives a list, every value of which is checked.
+    least : int
+        The smallest count allowed.
+
+    Returns
+    -------
+    str or None
+        ``"--image-size must be >= 1, got 0"``, or None.
+    """
+    for name in names:
+        value = getattr(args, name)
+        values = value if isinstance(value, list) else [value]
+        if any(v is not None and v < least for v in values):
+            return f"--{name.replace('_', '-')} must be >= {least}, got {value}"
+    return None
 
 
 def check_device(device: str | None) -> str | None:
