@@ -65,11 +65,24 @@ class Outputs:
         return all(isinstance(r, dict) and self.row_keys <= r.keys() for r in rows)
 
 
-def _load(path: str, lines: bool) -> object:
+def _report(path: str) -> object:
     with open(path) as f:
-        if lines:
-            return [json.loads(line) for line in f if line.strip()]
         return json.load(f)
+
+
+def _rows(path: str) -> list[object]:
+    """The rows of a JSON-lines file; a last line cut short (a run killed while writing it) is
+    not a row."""
+    with open(path) as f:
+        lines = [line for line in f if line.strip()]
+    rows = []
+    for i, line in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            if i < len(lines) - 1 or line.endswith("\n"):
+                raise
+    return rows
 
 
 def _foreign(out: str, outputs: Outputs) -> str | None:
@@ -78,13 +91,20 @@ def _foreign(out: str, outputs: Outputs) -> str | None:
     present = [n for n in outputs.names if os.path.lexists(os.path.join(out, n))]
     if not present:
         return None
+    report = outputs.report and os.path.join(out, outputs.report)
+    rows = outputs.rows and os.path.join(out, outputs.rows)
     ours = False
     try:
-        if outputs.report and os.path.lexists(os.path.join(out, outputs.report)):
-            ours = outputs.is_report(_load(os.path.join(out, outputs.report), lines=False))
-        elif outputs.rows and os.path.lexists(os.path.join(out, outputs.rows)):
+        if report and os.path.lexists(report):
+            ours = outputs.is_report(_report(report))
+    except (OSError, ValueError):
+        # A report that does not parse may be one a killed run left half-written: its rows,
+        # written line by line, then say whose folder this is.
+        ours = None
+    try:
+        if not (report and os.path.lexists(report)) or ours is None:
             # No report: a run cut short, or a tool that writes only rows.
-            ours = outputs.is_rows(_load(os.path.join(out, outputs.rows), lines=True))
+            ours = bool(rows and os.path.lexists(rows)) and outputs.is_rows(_rows(rows))
     except (OSError, ValueError):
         ours = False
     if ours:

@@ -63,6 +63,28 @@ def test_bench_op_refuses_a_persons_files_and_another_tools_report(tmp_path, cap
     assert "holds report.json, which benchmarks/bench_op.py did not write" in err
 
 
+def test_a_run_killed_while_writing_leaves_a_folder_the_next_run_takes(tmp_path):
+    """A run killed mid-line in rows.jsonl, or mid-write of report.json, left a file that did not
+    parse, and every later run refused the folder as not the tool's own."""
+    op = _script("bench_op")
+    out = tmp_path / "op"
+    assert op.main([*OP_TINY, "cpu", "--out", str(out)]) == 0
+    row = (out / "rows.jsonl").read_text().splitlines()[0]
+    (out / "rows.jsonl").write_text(row + "\n" + row[:20])
+    (out / "report.json").write_text((out / "report.json").read_text()[:30])
+    assert op.main([*OP_TINY, "cpu", "--out", str(out)]) == 0
+    assert len(json.loads((out / "report.json").read_text())["rows"]) == 2
+
+
+def test_a_broken_line_inside_the_rows_is_not_taken_for_a_cut_short_run(tmp_path, capsys):
+    op = _script("bench_op")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "rows.jsonl").write_text("not json\n{}\n")
+    err = _refused(op.main, [*OP_TINY, "cpu", "--out", str(mine)], capsys)
+    assert "holds rows.jsonl, which benchmarks/bench_op.py did not write" in err
+
+
 def test_bench_op_with_every_impl_skipped_reports_why(tmp_path):
     """Triton on a CPU is skipped, with the reason (was a ZeroDivisionError after the skip)."""
     op = _script("bench_op")
