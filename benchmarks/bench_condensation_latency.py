@@ -24,7 +24,7 @@ import torch
 import fastprompt
 from fastprompt.bench import environment, summarize, time_fn
 from fastprompt.cli.train_checks import check_counts, check_device
-from fastprompt.outputs import Outputs, prepare_out
+from fastprompt.outputs import Outputs, device_folder, prepare_out
 
 OUTPUTS = Outputs(
     tool="benchmarks/bench_condensation_latency.py",
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(problem)
     device = torch.device(args.device)
     env = environment(device)
-    out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
+    out = args.out or device_folder(env)
     problem = prepare_out(out, OUTPUTS)
     if problem:
         parser.error(problem)

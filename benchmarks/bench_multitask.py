@@ -33,7 +33,7 @@ import fastprompt
 from fastprompt.bench import environment, summarize, time_interleaved
 from fastprompt.cli.train_checks import check_counts, check_device
 from fastprompt.methods import vpt as vpt_method
-from fastprompt.outputs import Outputs, prepare_out
+from fastprompt.outputs import Outputs, device_folder, prepare_out
 
 OUTPUTS = Outputs(
     tool="benchmarks/bench_multitask.py",
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
     env = environment(device)
     out = None
     if args.out or not args.tiny:
-        out = args.out or os.path.join("benchmarks", "results", env["device"].replace(" ", "_"))
+        out = args.out or device_folder(env)
         problem = prepare_out(out, OUTPUTS)
         if problem:
             parser.error(problem)

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import statistics
 import sys
 import time
@@ -50,7 +49,7 @@ from fastprompt import backends  # noqa: E402
 from fastprompt.bench import environment  # noqa: E402
 from fastprompt.cli.train_checks import check_device  # noqa: E402
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
-from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+from fastprompt.outputs import Outputs, device_folder, prepare_out  # noqa: E402
 
 IMPLS = (
     "auto",
@@ -440,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device(args.device)
     env = environment(device)
     if args.out is None:
-        args.out = os.path.join("benchmarks", "results", env["device"].replace(" ", "_"), "op")
+        args.out = device_folder(env, "op")
     problem = prepare_out(args.out, OUTPUTS)
     if problem:
         parser.error(problem)

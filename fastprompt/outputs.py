@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["Outputs", "prepare_out"]
+__all__ = ["Outputs", "device_folder", "prepare_out"]
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,12 @@ class Outputs:
     def is_rows(self, rows: list[object]) -> bool:
         """Whether ``rows`` (loaded JSON lines) are this tool's rows."""
         return all(isinstance(r, dict) and self.row_keys <= r.keys() for r in rows)
+
+
+def device_folder(env: dict, *names: str) -> str:
+    """``benchmarks/results/<device>/<names...>``: a script's default ``--out``, one folder per
+    device as :func:`fastprompt.bench.environment` names it (spaces made ``_``)."""
+    return os.path.join("benchmarks", "results", env["device"].replace(" ", "_"), *names)
 
 
 def _report(path: str) -> object:
