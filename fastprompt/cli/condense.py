@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["add_condense_parser", "check_condense_args", "run_condense"]
@@ -69,6 +68,7 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
+    from fastprompt.train.folder import checkpoint_dir, no_checkpoint
     from fastprompt.train.run import RunError, read_run
 
     try:
@@ -97,8 +97,9 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
-        return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
+    # As a resume would find it: where an interrupted save left it, too.
+    if checkpoint_dir(args.run, args.checkpoint) is None:
+        return no_checkpoint(args.run, args.checkpoint)
     out = args.out or default_out(args.run, args.keep, args.score)
     if env_rank() == 0:
         try:

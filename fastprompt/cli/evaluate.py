@@ -45,6 +45,7 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
 
 def check_evaluate_args(args: argparse.Namespace) -> str | None:
     from fastprompt.cli.train_checks import check_run_device
+    from fastprompt.train.folder import checkpoint_dir, no_checkpoint
     from fastprompt.train.run import RunError, read_run
 
     try:
@@ -56,8 +57,9 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
-        return f"{args.run} has no {args.checkpoint}/ checkpoint"
+    # As a resume would find it: where an interrupted save left it, too.
+    if checkpoint_dir(args.run, args.checkpoint) is None:
+        return no_checkpoint(args.run, args.checkpoint)
     if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
     if args.workers is not None and args.workers < 0:

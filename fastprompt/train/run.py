@@ -42,6 +42,7 @@ from fastprompt.train.folder import (
     metrics_upto,
     native_rng,
     portable_rng,
+    read_checkpoint,
     read_run,
     save_dir,
     seed_all,
@@ -239,16 +240,14 @@ def load_run_model(
 
     if config is None or saved is None:
         config, saved = read_run(run)
-    folder = checkpoint_dir(run, checkpoint)
-    if folder is None:
-        raise RunError(f"{run} has no {checkpoint}/ checkpoint yet")
     spec = config.model
     if spec.weights is not None:
         if not os.path.isfile(spec.weights):
             raise RunError(f"the run's backbone weights {spec.weights} are gone")
         if spec.weights_sha256 and sha256(spec.weights) != spec.weights_sha256:
             raise RunError(f"the run's backbone weights {spec.weights} changed since the run began")
-    try:
+
+    def load(folder: str) -> nn.Module:
         classes = checkpoint_info(folder).get("classes")
         if classes is not None and classes != saved["classes"]:
             raise RunError(
@@ -256,7 +255,11 @@ def load_run_model(
                 f"lists {saved['classes'][:6]}: was it copied from another run?"
             )
         backbone = create_backbone(spec, len(saved["classes"]), config.seed)
-        return load_prompts(backbone, folder, **_run_options(config)).to(device)
+        return load_prompts(backbone, folder, **_run_options(config))
+
+    try:
+        # Without the run's lock (evaluate during training): a save may swap it meanwhile.
+        return read_checkpoint(run, checkpoint, load).to(device)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, RunError):
             raise

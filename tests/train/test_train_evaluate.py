@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from train_helpers import FAST, TINY_MODEL, another_writer, cli_error, write_images
 
 from fastprompt.cli import main
+from fastprompt.train import leftovers
+from fastprompt.train.folder import save_dir
+from fastprompt.train.run import load_run_model
 
 
 def _evaluations(run) -> list[dict]:
@@ -129,3 +134,63 @@ def test_evaluate_records_under_the_runs_lock(folder_run, capsys):
         assert _evaluations(run) == []
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     assert len(_evaluations(run)) == 1
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_evaluate_reads_best_where_a_killed_save_left_it(folder_run, capsys):
+    """A save killed between moving best/ aside and swapping the new one in leaves only the
+    marked .best.swap: evaluate refused the run ("has no best/ checkpoint"), while a resume
+    restores it as best/."""
+    run, _ = folder_run
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    before = _evaluations(run)[-1]
+    (run / "best" / leftovers.SWAP_MARK).write_text("")
+    (run / "best").rename(run / ".best.swap")
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    after = _evaluations(run)[-1]
+    assert (after["top1"], after["loss"]) == (before["top1"], before["loss"])
+    assert not (run / "best").exists()  # a reader leaves the folder as it found it
+
+
+def test_evaluate_refuses_a_swap_folder_fastprompt_did_not_make(folder_run, capsys):
+    """With best/ gone and an unmarked .best.swap (not a save's), the refusal said only "no
+    best/ checkpoint"; a resume refuses that folder too, so the message names it."""
+    run, _ = folder_run
+    (run / "best").rename(run / ".best.swap")
+    err = cli_error(capsys, ["evaluate", str(run), "--no-progress"])
+    assert f"{run} has no best/ checkpoint, and {run / '.best.swap'} is not one a save" in err
+    assert f"move it back to {run / 'best'}" in err
+
+
+def test_a_checkpoint_swapped_while_it_is_loaded_is_read_again(folder_run, monkeypatch):
+    """evaluate loads without the run's lock (a train may be running): a save that swapped
+    best/ in while the load read the previous copy removed its files under it
+    ("holds no prompts.safetensors"). Now a read the swap overlapped is repeated."""
+    from fastprompt import checkpoint
+
+    run, _ = folder_run
+    (run / "best" / leftovers.SWAP_MARK).write_text("")
+    (run / "best").rename(run / ".best.swap")  # a killed save's previous copy
+    real_info = checkpoint.checkpoint_info
+    saves = []
+
+    def copy_init(tmp):
+        for name in ("prompts.safetensors", "config.json"):
+            shutil.copy(run / "init" / name, tmp)
+
+    def info_then_save(path):
+        out = real_info(path)
+        if not saves:  # a train of the run saves a new best/ meanwhile (init's prompts)
+            save_dir(str(run), "best", copy_init)
+            saves.append(path)
+        return out
+
+    monkeypatch.setattr(checkpoint, "checkpoint_info", info_then_save)
+    model = load_run_model(str(run), "best")
+    assert saves == [str(run / ".best.swap")] and not (run / ".best.swap").exists()
+    monkeypatch.setattr(checkpoint, "checkpoint_info", real_info)
+    assert _same_weights(model, load_run_model(str(run), "init"))
