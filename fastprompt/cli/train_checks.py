@@ -15,6 +15,7 @@ from fastprompt.cli.train import (
     explicit_args,
     is_given,
     method_args,
+    recipe_values,
     resolve_recipe,
 )
 from fastprompt.train.multi import spec_paths
@@ -234,7 +235,11 @@ def _check_resume(args: argparse.Namespace) -> str | None:
         old = before[key]
         if isinstance(value, list):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
-        if old != value:
+        if key == "set":  # as the recipe takes them: an older fastprompt kept lr=.1 as text
+            same = recipe_values(old) == recipe_values(value)
+        else:
+            same = old == value
+        if not same:
             return (
                 f"{flag} {value!r} differs from the run's ({old!r}); a resumed run keeps its "
                 "settings"
