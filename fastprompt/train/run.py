@@ -41,6 +41,7 @@ from fastprompt.train.folder import (
     checkpoint_dir,
     metrics_upto,
     native_rng,
+    no_checkpoint,
     portable_rng,
     read_checkpoint,
     read_run,
@@ -247,6 +248,8 @@ def load_run_model(
         if spec.weights_sha256 and sha256(spec.weights) != spec.weights_sha256:
             raise RunError(f"the run's backbone weights {spec.weights} changed since the run began")
 
+    backbones: list[nn.Module] = []  # a load that read a swapped checkpoint takes another
+
     def load(folder: str) -> nn.Module:
         classes = checkpoint_info(folder).get("classes")
         if classes is not None and classes != saved["classes"]:
@@ -254,8 +257,16 @@ def load_run_model(
                 f"{folder} holds a checkpoint for classes {classes[:6]}, but {run}/{RUN_FILE} "
                 f"lists {saved['classes'][:6]}: was it copied from another run?"
             )
-        backbone = create_backbone(spec, len(saved["classes"]), config.seed)
+        backbone = backbones.pop() if backbones else fresh()
         return load_prompts(backbone, folder, **_run_options(config))
+
+    def fresh() -> nn.Module:
+        return create_backbone(spec, len(saved["classes"]), config.seed)
+
+    if checkpoint_dir(run, checkpoint) is None:  # said before a backbone is built for nothing
+        raise RunError(no_checkpoint(run, checkpoint))
+    # Built before the checkpoint is read: the read is short, and a save less likely to overlap.
+    backbones.append(fresh())
 
     try:
         # Without the run's lock (evaluate during training): a save may swap it meanwhile.
