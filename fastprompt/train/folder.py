@@ -274,29 +274,39 @@ def read_checkpoint(run: str, name: str, read: Callable[[str], T], attempts: int
             pin = os.open(folder, os.O_RDONLY)  # keeps its inode from being reused meanwhile
         except FileNotFoundError:
             continue
+        except OSError:  # a system that opens no folders (Windows): the identity alone
+            pin = None
         try:
+            before = os.fstat(pin) if pin is not None else _stat(folder)
+            if before is None:
+                continue
             try:
                 result = read(folder)
             except (OSError, ValueError):
-                if _in_place(run, name, folder, pin):
+                if _in_place(run, name, folder, before):
                     raise
                 continue
-            if _in_place(run, name, folder, pin):
+            if _in_place(run, name, folder, before):
                 return result
         finally:
-            os.close(pin)
+            if pin is not None:
+                os.close(pin)
     raise RunError(
         f"{os.path.join(run, name)} was replaced during each of {attempts} reads (a train of the "
         "run saving it): try again"
     )
 
 
-def _in_place(run: str, name: str, folder: str, pin: int) -> bool:
+def _stat(path: str) -> os.stat_result | None:
     try:
-        now, then = os.stat(folder), os.fstat(pin)
+        return os.stat(path)
     except FileNotFoundError:
-        return False
-    if (now.st_dev, now.st_ino) != (then.st_dev, then.st_ino):
+        return None
+
+
+def _in_place(run: str, name: str, folder: str, before: os.stat_result) -> bool:
+    now = _stat(folder)
+    if now is None or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
         return False
     # A previous copy stays whole until a new checkpoint is swapped in next to it.
     return folder == os.path.join(run, name) or not os.path.lexists(os.path.join(run, name))

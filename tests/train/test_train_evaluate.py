@@ -15,7 +15,7 @@ from train_helpers import FAST, TINY_MODEL, another_writer, cli_error, write_ima
 from fastprompt.cli import main
 from fastprompt.train import leftovers
 from fastprompt.train.folder import save_dir
-from fastprompt.train.run import load_run_model
+from fastprompt.train.run import RunError, load_run_model
 
 
 def _evaluations(run) -> list[dict]:
@@ -194,3 +194,12 @@ def test_a_checkpoint_swapped_while_it_is_loaded_is_read_again(folder_run, monke
     assert saves == [str(run / ".best.swap")] and not (run / ".best.swap").exists()
     monkeypatch.setattr(checkpoint, "checkpoint_info", real_info)
     assert _same_weights(model, load_run_model(str(run), "init"))
+
+
+def test_a_damaged_checkpoint_that_stays_in_place_is_said_at_once(folder_run):
+    """A read that fails on a checkpoint no save swapped is not repeated: its own error."""
+    run, _ = folder_run
+    (run / "best" / "prompts.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RunError, match=r"best/prompts\.safetensors") as info:
+        load_run_model(str(run), "best")
+    assert "replaced" not in str(info.value)
