@@ -64,7 +64,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_run_device
+    from fastprompt.cli.train_checks import check_run_backend, check_run_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
@@ -78,6 +78,9 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     problem = check_run_device(
         args.run, config.device, args.device, "condense it with --device (e.g. --device cpu)"
     )
+    if problem:
+        return problem
+    problem = check_run_backend(args.run, config, args.device, "condense it where it runs")
     if problem:
         return problem
     reason = not_condensable(config)

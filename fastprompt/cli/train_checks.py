@@ -20,7 +20,13 @@ from fastprompt.cli.train import (
 )
 from fastprompt.train.multi import spec_paths
 
-__all__ = ["check_backend", "check_device", "check_run_device", "check_train_args"]
+__all__ = [
+    "check_backend",
+    "check_device",
+    "check_run_backend",
+    "check_run_device",
+    "check_train_args",
+]
 
 
 def check_device(device: str | None) -> str | None:
@@ -64,6 +70,17 @@ def check_backend(name: str | None, device: str | None) -> str | None:
         return f"--backend {name} does not run on {kind} (it runs on {', '.join(backend.devices)})"
     why = None if "status" in backend.hooks else backend.availability(kind)
     return None if why is None else f"--backend {name} cannot run on {kind} here: {why}"
+
+
+def check_run_backend(run: str, config: Any, device: str | None, way: str) -> str | None:
+    """Why the ``--backend`` the run ``config`` was trained with cannot run on ``device`` (else
+    the run's device) here, ``way`` saying what to do, or None: it failed at the first forward."""
+    name = config.method_args.get("backend")
+    problem = check_backend(name, device or config.device)
+    if problem is None:
+        return None
+    why = problem.removeprefix(f"--backend {name} ")
+    return f"{run} runs with --backend {name}, as it was trained, which {why}; {way}"
 
 
 def check_train_args(args: argparse.Namespace) -> str | None:
@@ -216,6 +233,11 @@ def _check_resume(args: argparse.Namespace) -> str | None:
         config.device,
         args.device,
         "continue it elsewhere with --device (e.g. --device cpu)",
+    )
+    if problem:
+        return problem
+    problem = check_run_backend(
+        args.resume, config, args.device, "continue it where that backend runs"
     )
     if problem:
         return problem

@@ -228,8 +228,12 @@ def load_run_model(
     device: str | torch.device = "cpu",
     config: RunConfig | None = None,
     saved: dict[str, Any] | None = None,
+    run_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The prompted model of a run folder at ``checkpoint`` (``best``, ``last`` or ``init``).
+
+    ``run_options`` replace how the run was built to run (``impl``, ``backend``: None is the
+    automatic choice); the results are the same.
 
     Raises
     ------
@@ -258,7 +262,7 @@ def load_run_model(
                 f"lists {saved['classes'][:6]}: was it copied from another run?"
             )
         backbone = backbones.pop() if backbones else fresh()
-        return load_prompts(backbone, folder, **_run_options(config))
+        return load_prompts(backbone, folder, **{**_run_options(config), **(run_options or {})})
 
     def fresh() -> nn.Module:
         return create_backbone(spec, len(saved["classes"]), config.seed)

@@ -203,3 +203,39 @@ def test_a_damaged_checkpoint_that_stays_in_place_is_said_at_once(folder_run):
     with pytest.raises(RunError, match=r"best/prompts\.safetensors") as info:
         load_run_model(str(run), "best")
     assert "replaced" not in str(info.value)
+
+
+def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with_another(
+    folder_run, capsys, monkeypatch
+):
+    """A run trained with --backend triton, evaluated, condensed or resumed on the CPU (as
+    the refusal of its CUDA device advises), died of NotImplementedError at the first forward;
+    evaluate had no way to run the checkpoint with another backend."""
+    run, _ = folder_run
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    plain = _evaluations(run)[-1]
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["method_args"]["backend"] = "triton"
+    saved["config"]["device"] = "cpu"
+    (run / "run.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host, a CPU run
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    said = f"{run} runs with --backend triton, as it was trained, which cannot run on cpu here: "
+    for argv, way in (
+        (["evaluate", str(run)], "evaluate it with --backend auto (or another backend)"),
+        (["condense", str(run)], "condense it where it runs"),
+        (["train", "--resume", str(run)], "continue it where that backend runs"),
+    ):
+        err = cli_error(capsys, argv)
+        assert said in err and err.endswith(way), err
+    err = cli_error(capsys, ["evaluate", str(run), "--backend", "triton"])
+    assert err.endswith(
+        "--backend triton cannot run on cpu here: Triton kernels take CUDA "
+        "tensors; CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, "
+        "for tests: it runs each kernel in Python, very slowly)"
+    )
+    for backend in ("auto", "torch"):
+        assert main(["evaluate", str(run), "--backend", backend, "--no-progress"]) == 0
+        again = _evaluations(run)[-1]
+        assert again["top1"] == plain["top1"]
+        assert again["loss"] == pytest.approx(plain["loss"], rel=1e-5)
