@@ -66,8 +66,7 @@ def _model_arg(text: str) -> tuple[str, Any]:
     except json.JSONDecodeError:
         pass
     if _NUMBER.fullmatch(value.strip()):
-        number = float(value)
-        return key, int(number) if re.fullmatch(r"[+-]?\d+", value.strip()) else number
+        return key, int(value) if re.fullmatch(r"\s*[+-]?\d+\s*", value) else float(value)
     return key, value
 
 
