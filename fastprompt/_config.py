@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "default_cache_dir", "get"]
+__all__ = ["Settings", "default_cache_dir", "get", "max_image_pixels"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,8 @@ class Settings:
 
     ``FASTPROMPT_BUILD_EXT=1`` (compile the extension during ``pip install``) is read by
     ``setup.py`` itself, which runs before the package can be imported.
+    ``FASTPROMPT_MAX_IMAGE_PIXELS`` (the image size limit of the training data's reads) is read
+    by :func:`max_image_pixels`, apart: a bad value must not stop the prompt-attention op.
     """
 
     backend: str | None
@@ -122,3 +124,38 @@ def get() -> Settings:
         measure=_mode("FASTPROMPT_MEASURE"),
         dispatch_cache=cache_path,
     )
+
+
+def max_image_pixels() -> tuple[bool, int | None]:
+    """``FASTPROMPT_MAX_IMAGE_PIXELS``: the most pixels an image fastprompt reads as data may
+    have (:func:`fastprompt.train.images.read_rgb`), in place of PIL's decompression-bomb limit
+    (``PIL.Image.MAX_IMAGE_PIXELS``, refused over twice it: about 179 million pixels). A positive
+    integer, or ``none`` for no limit (trusted images only). An environment variable, not an
+    option: ``train``, ``evaluate``, ``condense`` and ``domains`` all read images, and DataLoader
+    worker processes, however they are started, see it; PIL's own setting is left alone.
+
+    Returns
+    -------
+    (bool, int or None)
+        Whether it is set (else PIL's own limit applies), and the limit (None: no limit).
+
+    Raises
+    ------
+    ValueError
+        Anything else than a positive integer or ``none``.
+    """
+    raw = os.environ.get("FASTPROMPT_MAX_IMAGE_PIXELS", "").strip()
+    if not raw:
+        return False, None
+    if raw.lower() == "none":
+        return True, None
+    try:
+        limit = int(raw.replace("_", ""))
+    except ValueError:
+        limit = 0
+    if limit < 1:
+        raise ValueError(
+            f"FASTPROMPT_MAX_IMAGE_PIXELS={raw!r} is not a positive whole number of pixels or "
+            "'none' (no limit)"
+        )
+    return True, limit

@@ -3,6 +3,10 @@ model against a naive VPT built with exactly the kept prompts, fine-tuning, save
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -416,3 +420,25 @@ def test_bad_inputs():
         fastprompt.score_prompts(_trained(), [], method="magic")
     with pytest.raises(ValueError, match="keep must be a bool tensor of shape"):
         fastprompt.condense(_trained(), torch.ones(2, 2, dtype=torch.bool))
+
+
+def test_scoring_says_nothing_of_pytorchs_own_deprecations():
+    """The first forward-mode scores imported PyTorch's jvp decompositions, whose torch.jit.script
+    raised a FutureWarning naming PyTorch's line: printed by every `fastprompt condense`."""
+    code = (
+        "import torch, fastprompt\n"
+        "from helpers import tiny_vit\n"
+        "m = fastprompt.vpt(tiny_vit(depth=2), 3)\n"
+        "data = [(torch.randn(2, 3, 32, 32), torch.tensor([0, 1]))]\n"
+        "fastprompt.score_prompts(m, data, method='taylor', progress=False)\n"
+    )
+    tests = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([tests, os.path.dirname(tests)])}
+    done = subprocess.run(
+        [sys.executable, "-W", "error::FutureWarning", "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]

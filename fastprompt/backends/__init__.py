@@ -248,6 +248,7 @@ BACKENDS: tuple[Backend, ...] = (
         auto={"cuda": _triton.AUTO_DTYPES},
         auto_head_dims=_triton.AUTO_HEAD_DIMS,
         auto_capabilities=_triton.AUTO_CAPABILITIES,
+        hooks=frozenset({"device_availability"}),
     ),
     Backend(
         name="cpp",

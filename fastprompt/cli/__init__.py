@@ -278,6 +278,17 @@ def _print_extension_info() -> None:
         print("  (not loaded in this process; it builds on first use, or see setup.py)")
 
 
+def _check_pixel_limit() -> str | None:
+    """A bad ``FASTPROMPT_MAX_IMAGE_PIXELS``, said before any image is read."""
+    from fastprompt import _config
+
+    try:
+        _config.max_image_pixels()
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fastprompt`` command."""
     parser = argparse.ArgumentParser(prog="fastprompt", description=__doc__)
@@ -298,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
         "domains": check_domains_args,
     }
     if args.command in checks:
-        problem = checks[args.command](args)
+        problem = _check_pixel_limit() if args.command != "bench" else None
+        problem = problem or checks[args.command](args)
         if problem is not None:
             parser.error(f"{args.command}: {problem}")
     if args.command in ("train", "condense", "evaluate", "domains"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 __all__ = ["add_condense_parser", "check_condense_args", "run_condense"]
@@ -65,10 +64,11 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_run_device
+    from fastprompt.cli.train_checks import check_run_backend, check_run_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
+    from fastprompt.train.folder import checkpoint_dir, no_checkpoint
     from fastprompt.train.run import RunError, read_run
 
     try:
@@ -78,6 +78,9 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     problem = check_run_device(
         args.run, config.device, args.device, "condense it with --device (e.g. --device cpu)"
     )
+    if problem:
+        return problem
+    problem = check_run_backend(args.run, config, args.device, "condense it where it runs")
     if problem:
         return problem
     reason = not_condensable(config)
@@ -97,8 +100,9 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and not value >= 0:
             return f"--{name.replace('_', '-')} must be >= 0, got {value}"
-    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
-        return f"{args.run} has no {args.checkpoint}/ checkpoint yet"
+    # As a resume would find it: where an interrupted save left it, too.
+    if checkpoint_dir(args.run, args.checkpoint) is None:
+        return no_checkpoint(args.run, args.checkpoint)
     out = args.out or default_out(args.run, args.keep, args.score)
     if env_rank() == 0:
         try:

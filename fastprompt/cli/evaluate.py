@@ -8,6 +8,7 @@ import os
 import sys
 import time
 
+from fastprompt.backends import NAMES as BACKENDS
 from fastprompt.train.multi import spec_paths
 
 __all__ = ["add_evaluate_parser", "check_evaluate_args", "run_evaluate"]
@@ -40,11 +41,18 @@ def add_evaluate_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, help="default the run's")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="default the run's")
     p.add_argument("--device", help="default the run's")
+    p.add_argument(
+        "--backend",
+        choices=["auto", *BACKENDS],
+        help="prompt-attention backend to run the checkpoint with (the same results; auto: "
+        "the automatic choice); default the run's",
+    )
     p.add_argument("--no-progress", action="store_true")
 
 
 def check_evaluate_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_run_device
+    from fastprompt.cli.train_checks import check_backend, check_run_backend, check_run_device
+    from fastprompt.train.folder import checkpoint_dir, no_checkpoint
     from fastprompt.train.run import RunError, read_run
 
     try:
@@ -56,8 +64,16 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    if not os.path.isdir(os.path.join(args.run, args.checkpoint)):
-        return f"{args.run} has no {args.checkpoint}/ checkpoint"
+    if args.backend is None:
+        way = "evaluate it with --backend auto (or another backend)"
+        problem = check_run_backend(args.run, config, args.device, way)
+    elif args.backend != "auto":
+        problem = check_backend(args.backend, args.device or config.device)
+    if problem:
+        return problem
+    # As a resume would find it: where an interrupted save left it, too.
+    if checkpoint_dir(args.run, args.checkpoint) is None:
+        return no_checkpoint(args.run, args.checkpoint)
     if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
     if args.workers is not None and args.workers < 0:
@@ -80,7 +96,10 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     config, saved = read_run(args.run)
     env = setup(args.device or config.device)
     try:
-        model = load_run_model(args.run, args.checkpoint, env.device, config, saved)
+        options = {}
+        if args.backend is not None:  # auto: none asked for, the automatic choice
+            options["backend"] = None if args.backend == "auto" else args.backend
+        model = load_run_model(args.run, args.checkpoint, env.device, config, saved, options)
         if args.data is None:
             dataset = run_data(args.run, config, saved).val
             name = "validation"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Any
 
@@ -52,6 +53,10 @@ def default_workers() -> int:
     return min(4, max(0, (os.cpu_count() or 1) - 1))
 
 
+# A number in Python's spelling that JSON does not read (.1, 1., +2, -.5): a number all the same.
+_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+
+
 def _model_arg(text: str) -> tuple[str, Any]:
     if "=" not in text:
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
@@ -59,13 +64,20 @@ def _model_arg(text: str) -> tuple[str, Any]:
     try:
         return key, json.loads(value)
     except json.JSONDecodeError:
-        return key, value
+        pass
+    if _NUMBER.fullmatch(value.strip()):
+        return key, int(value) if re.fullmatch(r"\s*[+-]?\d+\s*", value) else float(value)
+    return key, value
 
 
 class _Pairs(argparse.Action):
     """``KEY=VALUE ...`` that may repeat (``--set a=1 --set b=2``): every occurrence applies.
     A key given twice with different values is refused naming both (argparse kept only the last
-    occurrence, silently); the same value twice counts once."""
+    occurrence, silently); the same value twice counts once: the same as what receives it, its
+    type and value (:meth:`received`), so ``0.1`` and ``.1`` are one value."""
+
+    def received(self, key: str, value: Any) -> Any:
+        return value  # timm.create_model receives the parsed value as it is
 
     def __call__(self, parser, namespace, values, option_string=None):
         pairs = list(getattr(namespace, self.dest, None) or [])
@@ -74,13 +86,35 @@ class _Pairs(argparse.Action):
             if key not in seen:
                 seen[key] = value
                 pairs.append((key, value))
-            elif json.dumps(seen[key]) != json.dumps(value):
+            elif json.dumps(self.received(key, seen[key])) != json.dumps(self.received(key, value)):
                 raise argparse.ArgumentError(
                     self,
                     f"{key} is given twice, as {key}={json.dumps(seen[key])} and "
                     f"{key}={json.dumps(value)}; give it once",
                 )
         setattr(namespace, self.dest, pairs)
+
+
+def _as_field(key: str, value: Any) -> Any:
+    """``value`` as the recipe field ``key`` takes it; a value it refuses (or an unknown field)
+    as given, for the recipe's own checks to refuse."""
+    try:
+        return coerce_field(key, value)
+    except ValueError:
+        return value
+
+
+class _RecipePairs(_Pairs):
+    """``--set FIELD=VALUE``: values compared as the recipe field takes them (``epochs=10`` and
+    ``epochs=10.0`` are one value, ``none`` and ``null`` too)."""
+
+    def received(self, key: str, value: Any) -> Any:
+        return _as_field(key, value)
+
+
+def recipe_values(pairs: list) -> dict[str, str]:
+    """``--set`` pairs as the recipe fields take them (JSON text, comparable)."""
+    return {k: json.dumps(_as_field(k, v)) for k, v in pairs}
 
 
 class _Repeatable(argparse.Action):
@@ -222,7 +256,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     r.add_argument(
         "--set",
         nargs="+",
-        action=_Pairs,
+        action=_RecipePairs,
         type=_model_arg,
         metavar="FIELD=VALUE",
         help="any recipe field; repeatable (--set epochs=50 --set momentum=0.8)",

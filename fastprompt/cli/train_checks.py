@@ -15,6 +15,7 @@ from fastprompt.cli.train import (
     explicit_args,
     is_given,
     method_args,
+    recipe_values,
     resolve_recipe,
 )
 from fastprompt.train.multi import spec_paths
@@ -23,6 +24,7 @@ __all__ = [
     "check_backend",
     "check_counts",
     "check_device",
+    "check_run_backend",
     "check_run_device",
     "check_train_args",
 ]
@@ -95,6 +97,17 @@ def check_backend(name: str | None, device: str | None) -> str | None:
         return f"--backend {name} does not run on {kind} (it runs on {', '.join(backend.devices)})"
     why = None if "status" in backend.hooks else backend.availability(kind)
     return None if why is None else f"--backend {name} cannot run on {kind} here: {why}"
+
+
+def check_run_backend(run: str, config: Any, device: str | None, way: str) -> str | None:
+    """Why the ``--backend`` the run ``config`` was trained with cannot run on ``device`` (else
+    the run's device) here, ``way`` saying what to do, or None: it failed at the first forward."""
+    name = config.method_args.get("backend")
+    problem = check_backend(name, device or config.device)
+    if problem is None:
+        return None
+    why = problem.removeprefix(f"--backend {name} ")
+    return f"{run} runs with --backend {name}, as it was trained, which {why}; {way}"
 
 
 def check_train_args(args: argparse.Namespace) -> str | None:
@@ -250,6 +263,11 @@ def _check_resume(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
+    problem = check_run_backend(
+        args.resume, config, args.device, "continue it where that backend runs"
+    )
+    if problem:
+        return problem
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
         return f"--out {args.out} differs from --resume {args.resume}; a run continues in place"
     before = saved.get("command", {}).get("explicit", {})
@@ -266,7 +284,11 @@ def _check_resume(args: argparse.Namespace) -> str | None:
         old = before[key]
         if isinstance(value, list):
             value = [list(v) if isinstance(v, tuple) else v for v in value]
-        if old != value:
+        if key == "set":  # as the recipe takes them: an older fastprompt kept lr=.1 as text
+            same = recipe_values(old) == recipe_values(value)
+        else:
+            same = old == value
+        if not same:
             return (
                 f"{flag} {value!r} differs from the run's ({old!r}); a resumed run keeps its "
                 "settings"

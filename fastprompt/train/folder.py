@@ -29,14 +29,22 @@ import os
 import random
 import shutil
 import tempfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
 
 from fastprompt.train.distributed import DistEnv
-from fastprompt.train.leftovers import SWAP_MARK, only_ours, retire, settle_swap, swap_dir
+from fastprompt.train.leftovers import (
+    SWAP_MARK,
+    only_ours,
+    ours_swap,
+    retire,
+    settle_swap,
+    swap_dir,
+)
 from fastprompt.train.recipes import Recipe
 
 __all__ = [
@@ -50,6 +58,8 @@ __all__ = [
     "RunError",
     "checkpoint_dir",
     "metrics_upto",
+    "no_checkpoint",
+    "read_checkpoint",
     "read_run",
     "save_dir",
     "write_metrics",
@@ -58,6 +68,8 @@ __all__ = [
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 FORMAT = "fastprompt.run/1"
+
+T = TypeVar("T")
 
 
 class RunError(ValueError):
@@ -207,11 +219,97 @@ def read_run(path: str) -> tuple[RunConfig, dict[str, Any]]:
 
 
 def checkpoint_dir(run: str, name: str) -> str | None:
-    """``run/name``, or its previous copy if a save was interrupted mid-swap."""
-    for candidate in (os.path.join(run, name), swap_dir(run, name)):
-        if os.path.isfile(os.path.join(candidate, "prompts.safetensors")):
-            return candidate
+    """``run/name``, or where an interrupted save left it, as a resume settles it: the previous
+    copy a swap moved aside (it bears the mark) or an older fastprompt's ``name.old``, when
+    ``run/name`` is gone. None when the run has no such checkpoint."""
+    final = os.path.join(run, name)
+    if os.path.isfile(os.path.join(final, "prompts.safetensors")):
+        return final
+    if os.path.lexists(final):
+        return None
+    swap, legacy = swap_dir(run, name), os.path.join(run, name + ".old")
+    if ours_swap(swap) and os.path.isfile(os.path.join(swap, "prompts.safetensors")):
+        return swap
+    if (
+        os.path.isdir(legacy)
+        and not os.path.islink(legacy)
+        and only_ours(legacy)
+        and os.path.isfile(os.path.join(legacy, "prompts.safetensors"))
+    ):
+        return legacy
     return None
+
+
+def no_checkpoint(run: str, name: str) -> str:
+    """Why :func:`checkpoint_dir` found no checkpoint ``name`` in ``run`` (a message)."""
+    swap = swap_dir(run, name)
+    if not os.path.lexists(os.path.join(run, name)) and os.path.lexists(swap):
+        return (
+            f"{run} has no {name}/ checkpoint, and {swap} is not one a save of fastprompt moved "
+            f"aside (it lacks the mark {SWAP_MARK}, or its prompts.safetensors): move it back to "
+            f"{os.path.join(run, name)} if it is the checkpoint"
+        )
+    return f"{run} has no {name}/ checkpoint yet"
+
+
+def read_checkpoint(run: str, name: str, read: Callable[[str], T], attempts: int = 5) -> T:
+    """``read(folder)`` of the checkpoint ``name`` of ``run`` (:func:`checkpoint_dir`), as one
+    save wrote it, without the run's lock: a `train` of the run may swap a new one in meanwhile.
+
+    A save never changes a checkpoint folder's files in place: it swaps a new folder in and then
+    removes the previous one's files. So a read during which the folder it read stayed where it
+    was (and, read from where a save left it, no new one appeared) read one save's files; any
+    other read is repeated.
+
+    Raises
+    ------
+    RunError
+        No such checkpoint, or one replaced during each of ``attempts`` reads.
+    """
+    for _ in range(attempts):
+        folder = checkpoint_dir(run, name)
+        if folder is None:
+            raise RunError(no_checkpoint(run, name))
+        try:
+            pin = os.open(folder, os.O_RDONLY)  # keeps its inode from being reused meanwhile
+        except FileNotFoundError:
+            continue
+        except OSError:  # a system that opens no folders (Windows): the identity alone
+            pin = None
+        try:
+            before = os.fstat(pin) if pin is not None else _stat(folder)
+            if before is None:
+                continue
+            try:
+                result = read(folder)
+            except (OSError, ValueError):
+                if _in_place(run, name, folder, before):
+                    raise
+                continue
+            if _in_place(run, name, folder, before):
+                return result
+        finally:
+            if pin is not None:
+                os.close(pin)
+    raise RunError(
+        f"{os.path.join(run, name)} was replaced during each of {attempts} reads (a train of the "
+        "run saving it): try again"
+    )
+
+
+def _stat(path: str) -> os.stat_result | None:
+    try:
+        return os.stat(path)
+    except FileNotFoundError:
+        return None
+
+
+def _in_place(run: str, name: str, folder: str, before: os.stat_result) -> bool:
+    now = _stat(folder)
+    if now is None or (now.st_dev, now.st_ino) != (before.st_dev, before.st_ino):
+        return False
+    # A previous copy stays whole until a new checkpoint is swapped in next to it.
+    return folder == os.path.join(run, name) or not os.path.lexists(os.path.join(run, name))
 
 
 def _umask() -> int:

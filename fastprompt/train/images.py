@@ -2,8 +2,9 @@
 
 :class:`ImageError` says why an image could not be read, with advice for that cause: a missing
 file (restore or remove it), one PIL cannot decode (replace or remove it), one over PIL's
-decompression-bomb limit (shrink it, or raise ``PIL.Image.MAX_IMAGE_PIXELS``), or an error of the
-system (the system's own words; retry, or check the file).
+decompression-bomb limit (shrink it, or raise the limit with ``FASTPROMPT_MAX_IMAGE_PIXELS``,
+:func:`fastprompt._config.max_image_pixels`), or an error of the system (the system's own words;
+retry, or check the file).
 
 Raised in a :class:`~torch.utils.data.DataLoader` worker, an exception reaches the main process
 as its type and its formatted traceback only (``torch._utils.ExceptionWrapper``: its attributes
@@ -15,9 +16,13 @@ too, and its message is one line again.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
+from collections.abc import Iterator
 from typing import Any
+
+from fastprompt import _config
 
 __all__ = ["CAUSES", "DataError", "ImageError", "read_rgb"]
 
@@ -88,9 +93,10 @@ class ImageError(DataError):
             return f"{head} does not exist ({self.detail}); restore it, or remove it from the data"
         if self.cause == "too-large":
             return (
-                f"{head} is too large to decode safely ({self.detail}); shrink it, or raise "
-                "PIL.Image.MAX_IMAGE_PIXELS (PIL's decompression-bomb limit) in the Python that "
-                "runs the training if the image is trusted"
+                f"{head} is too large to decode safely ({self.detail}); shrink it, or if the "
+                "images are trusted set FASTPROMPT_MAX_IMAGE_PIXELS in the environment to the "
+                "pixel count of the largest or more (none: no limit), which replaces PIL's "
+                "decompression-bomb limit for fastprompt's reads"
             )
         if self.cause == "system":
             return (
@@ -144,18 +150,48 @@ def _cause(e: BaseException) -> tuple[str, str]:
     return "undecodable", f"{type(e).__name__}: {e}"
 
 
+@contextlib.contextmanager
+def _pil_limit(off: bool) -> Iterator[None]:
+    """PIL's own limit off for one read (PIL has no per-call limit; a caller's setting is theirs
+    again after it)."""
+    from PIL import Image
+
+    if not off:
+        yield
+        return
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
+
+
 def read_rgb(path: str, where: str = ""):
     """The image at ``path`` as an RGB PIL image.
+
+    Larger than PIL's decompression-bomb limit, or than ``FASTPROMPT_MAX_IMAGE_PIXELS`` where it
+    is set (:func:`fastprompt._config.max_image_pixels`, which replaces PIL's limit), it is
+    refused before it is decoded.
 
     Raises
     ------
     ImageError
         It cannot be read: the cause and what to do about it.
+    ValueError
+        ``FASTPROMPT_MAX_IMAGE_PIXELS`` is malformed.
     """
     from PIL import Image
 
+    given, limit = _config.max_image_pixels()
     try:
-        with Image.open(path) as img:
+        # Opening reads the header only: the size is known before anything is decoded.
+        with _pil_limit(given), Image.open(path) as img:
+            pixels = img.width * img.height
+            if limit is not None and pixels > limit:
+                raise Image.DecompressionBombError(
+                    f"Image size ({pixels} pixels) exceeds FASTPROMPT_MAX_IMAGE_PIXELS={limit}"
+                )
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         cause, detail = _cause(e)

@@ -33,7 +33,7 @@ from fastprompt.batches import (
 )
 from fastprompt.prompted import PromptedViT
 from fastprompt.train.distributed import DistEnv, all_reduce_sum
-from fastprompt.train.multi import STAT_COLUMNS, domain_stats
+from fastprompt.train.multi import STAT_COLUMNS, domain_stats, upcast
 from fastprompt.train.recipes import Recipe, check_no_decay, classifier_name, make_optimizer
 from fastprompt.train.syncbn import count_batchnorm, sync_batchnorm
 
@@ -139,7 +139,7 @@ def evaluate_model(
             for batch in loader:
                 x, y = check_batch(*split_batch(batch, batch_fn), classes, "evaluate")
                 x, y = to_model(x, y, device, dtype)
-                logits = call(x).float()
+                logits = upcast(call(x))
                 loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
                 correct += (logits.argmax(-1) == y).sum()
                 count += y.numel()
@@ -310,7 +310,7 @@ class Trainer:
                 x, y = to_model(x, y, device, dtype)
                 with _autocast(device, self.precision):
                     logits = self.forward(x)
-                loss = F.cross_entropy(logits.float(), y)
+                loss = F.cross_entropy(upcast(logits), y)
                 self.optimizer.zero_grad(set_to_none=True)
                 self.scaler.scale(loss).backward()
                 self.scaler.step(self.optimizer)

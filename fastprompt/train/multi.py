@@ -56,6 +56,7 @@ __all__ = [
     "per_dataset",
     "report_domains",
     "spec_paths",
+    "upcast",
 ]
 
 SEP = "/"
@@ -313,6 +314,23 @@ def class_domains(classes: Sequence[str]) -> tuple[list[str], Tensor]:
 STAT_COLUMNS = ("samples", "correct", "loss_sum", "correct_within", "in_domain")
 
 
+def upcast(logits: Tensor) -> Tensor:
+    """``logits`` in at least float32 for the loss: half-precision (autocast) logits are
+    upcast, float32 and float64 ones kept (``.float()`` cut a float64 model's to float32).
+
+    Parameters
+    ----------
+    logits : Tensor, shape (B, C)
+
+    Returns
+    -------
+    Tensor, shape (B, C)
+    """
+    if logits.dtype.is_floating_point and logits.dtype.itemsize < 4:
+        return logits.float()
+    return logits
+
+
 def domain_stats(logits: Tensor, labels: Tensor, domains: Tensor) -> Tensor:
     """Per-dataset sums of one batch (:data:`STAT_COLUMNS`).
 
@@ -329,7 +347,7 @@ def domain_stats(logits: Tensor, labels: Tensor, domains: Tensor) -> Tensor:
     Tensor, shape (G, 5), float64
         G = number of datasets.
     """
-    logits = logits.float()
+    logits = upcast(logits)
     domains = domains.to(logits.device)
     groups = int(domains.max()) + 1
     own = domains[labels]  # (B,)

@@ -41,7 +41,9 @@ from fastprompt.train.folder import (
     checkpoint_dir,
     metrics_upto,
     native_rng,
+    no_checkpoint,
     portable_rng,
+    read_checkpoint,
     read_run,
     save_dir,
     seed_all,
@@ -226,8 +228,12 @@ def load_run_model(
     device: str | torch.device = "cpu",
     config: RunConfig | None = None,
     saved: dict[str, Any] | None = None,
+    run_options: dict[str, Any] | None = None,
 ) -> nn.Module:
     """The prompted model of a run folder at ``checkpoint`` (``best``, ``last`` or ``init``).
+
+    ``run_options`` replace how the run was built to run (``impl``, ``backend``: None is the
+    automatic choice); the results are the same.
 
     Raises
     ------
@@ -239,24 +245,36 @@ def load_run_model(
 
     if config is None or saved is None:
         config, saved = read_run(run)
-    folder = checkpoint_dir(run, checkpoint)
-    if folder is None:
-        raise RunError(f"{run} has no {checkpoint}/ checkpoint yet")
     spec = config.model
     if spec.weights is not None:
         if not os.path.isfile(spec.weights):
             raise RunError(f"the run's backbone weights {spec.weights} are gone")
         if spec.weights_sha256 and sha256(spec.weights) != spec.weights_sha256:
             raise RunError(f"the run's backbone weights {spec.weights} changed since the run began")
-    try:
+
+    backbones: list[nn.Module] = []  # a load that read a swapped checkpoint takes another
+
+    def load(folder: str) -> nn.Module:
         classes = checkpoint_info(folder).get("classes")
         if classes is not None and classes != saved["classes"]:
             raise RunError(
                 f"{folder} holds a checkpoint for classes {classes[:6]}, but {run}/{RUN_FILE} "
                 f"lists {saved['classes'][:6]}: was it copied from another run?"
             )
-        backbone = create_backbone(spec, len(saved["classes"]), config.seed)
-        return load_prompts(backbone, folder, **_run_options(config)).to(device)
+        backbone = backbones.pop() if backbones else fresh()
+        return load_prompts(backbone, folder, **{**_run_options(config), **(run_options or {})})
+
+    def fresh() -> nn.Module:
+        return create_backbone(spec, len(saved["classes"]), config.seed)
+
+    if checkpoint_dir(run, checkpoint) is None:  # said before a backbone is built for nothing
+        raise RunError(no_checkpoint(run, checkpoint))
+    # Built before the checkpoint is read: the read is short, and a save less likely to overlap.
+    backbones.append(fresh())
+
+    try:
+        # Without the run's lock (evaluate during training): a save may swap it meanwhile.
+        return read_checkpoint(run, checkpoint, load).to(device)
     except (ValueError, FileNotFoundError) as e:
         if isinstance(e, RunError):
             raise

@@ -269,6 +269,29 @@ def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
     assert main(["train", "--resume", str(run), "--device", "cpu", "--quiet"]) == 0
 
 
+def test_triton_on_the_cpu_of_a_cuda_host_is_refused_before_any_work(
+    tiny_csv, tmp_path, capsys, monkeypatch
+):
+    """`train --backend triton --device cpu` on a host with a GPU passed the checks (Triton was
+    available: CUDA was seen) and the run failed at its first forward on CPU tensors."""
+    from fastprompt.cli.train_checks import check_backend
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    base = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv), "--device"]
+    base += ["cpu", "--prompts", "2", "--epochs", "1", *FAST]
+    err = cli_error(capsys, [*base, "--backend", "triton", "--out", str(tmp_path / "t")])
+    assert err.endswith(
+        "--backend triton cannot run on cpu here: Triton kernels take CUDA tensors; CPU tensors "
+        "only under Triton's interpreter (TRITON_INTERPRET=1, for tests: it runs each kernel in "
+        "Python, very slowly)"
+    )
+    assert not (tmp_path / "t").exists()
+    assert check_backend("triton", "cuda") is None
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # what the tests run the kernels under
+    assert check_backend("triton", "cpu") is None
+
+
 def test_evaluate_reads_a_split_folders_test_part(tmp_path, capsys):
     """A folder with train/, val/ and test/ trains on train/, validates on val/, and `evaluate
     --data` reads test/ (it read val/ again, which the help calls the test part)."""

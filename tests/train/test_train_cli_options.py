@@ -35,6 +35,41 @@ def test_every_model_args_applies(capsys, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_value_given_twice_in_two_spellings_is_one_value(capsys, tmp_path):
+    """`--set lr=0.1 --set lr=.1` was refused as "given twice with different values": the
+    values were compared as parsed text (.1 is not JSON, so it stayed the string ".1");
+    `--model-args drop_rate=.1` reached timm as that string."""
+    for twice in (["lr=0.1", "lr=.1"], ["epochs=10", "epochs=10.0"], ["lr=1", "lr=+1."]):
+        argv = ["train", "--set", twice[0], "--set", twice[1], "--print-recipe"]
+        assert main(argv) == 0, twice
+        assert "given twice" not in capsys.readouterr().err
+    err = cli_error(capsys, ["train", "--set", "lr=0.1", "--set", "lr=.2", "--print-recipe"])
+    assert "lr is given twice, as lr=0.1 and lr=0.2; give it once" in err
+    base = ["train", "--model", "vit_tiny_patch16_224", "--no-pretrained", "--data", "digits"]
+    base += ["--out", str(tmp_path / "r"), "--model-args", "img_size=16", "drop_rate=0.1"]
+    # Past the pairs to timm's check (33 is no multiple of 2 heads): what timm would receive.
+    err = cli_error(capsys, [*base, "--model-args", "drop_rate=.1", "embed_dim=33", "num_heads=2"])
+    assert "--model-args img_size=16 drop_rate=0.1 embed_dim=33 num_heads=2: timm's" in err
+    err = cli_error(capsys, [*base, "--model-args", "drop_rate=.2"])
+    assert "drop_rate is given twice, as drop_rate=0.1 and drop_rate=0.2" in err
+
+
+def test_a_run_begun_with_set_in_another_spelling_resumes(tmp_path, capsys):
+    """A run begun with --set lr=.1 recorded the text ".1" (an older fastprompt's parse), now
+    read as 0.1: resuming with the same command must not call it a change."""
+    run = tmp_path / "run"
+    argv = ["train", *TINY_MODEL, "--data", "digits:0-1", "--prompts", "1", "--epochs", "1"]
+    argv += ["--workers", "0", "--no-progress", "--quiet", "--batch-size", "64"]
+    assert main([*argv, "--set", "lr=.1", "--out", str(run), "--stop-after", "1"]) == 0
+    saved = json.loads((run / "run.json").read_text())
+    assert saved["command"]["explicit"]["set"] == [["lr", 0.1]]
+    saved["command"]["explicit"]["set"] = [["lr", ".1"]]
+    (run / "run.json").write_text(json.dumps(saved))
+    assert main([*argv, "--set", "lr=.1", "--resume", str(run)]) == 0
+    err = cli_error(capsys, [*argv, "--set", "lr=.2", "--resume", str(run)])
+    assert "differs from the run's" in err
+
+
 def test_every_bench_list_applies(capsys):
     # --fits-models nope was dropped: the error named the missing --fits instead.
     err = cli_error(

@@ -5,12 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 from train_helpers import FAST, TINY_MODEL, another_writer, cli_error, write_images
 
 from fastprompt.cli import main
+from fastprompt.train import leftovers
+from fastprompt.train.folder import save_dir
+from fastprompt.train.run import RunError, load_run_model
 
 
 def _evaluations(run) -> list[dict]:
@@ -129,3 +134,108 @@ def test_evaluate_records_under_the_runs_lock(folder_run, capsys):
         assert _evaluations(run) == []
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     assert len(_evaluations(run)) == 1
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_evaluate_reads_best_where_a_killed_save_left_it(folder_run, capsys):
+    """A save killed between moving best/ aside and swapping the new one in leaves only the
+    marked .best.swap: evaluate refused the run ("has no best/ checkpoint"), while a resume
+    restores it as best/."""
+    run, _ = folder_run
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    before = _evaluations(run)[-1]
+    (run / "best" / leftovers.SWAP_MARK).write_text("")
+    (run / "best").rename(run / ".best.swap")
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    after = _evaluations(run)[-1]
+    assert (after["top1"], after["loss"]) == (before["top1"], before["loss"])
+    assert not (run / "best").exists()  # a reader leaves the folder as it found it
+
+
+def test_evaluate_refuses_a_swap_folder_fastprompt_did_not_make(folder_run, capsys):
+    """With best/ gone and an unmarked .best.swap (not a save's), the refusal said only "no
+    best/ checkpoint"; a resume refuses that folder too, so the message names it."""
+    run, _ = folder_run
+    (run / "best").rename(run / ".best.swap")
+    err = cli_error(capsys, ["evaluate", str(run), "--no-progress"])
+    assert f"{run} has no best/ checkpoint, and {run / '.best.swap'} is not one a save" in err
+    assert f"move it back to {run / 'best'}" in err
+
+
+def test_a_checkpoint_swapped_while_it_is_loaded_is_read_again(folder_run, monkeypatch):
+    """evaluate loads without the run's lock (a train may be running): a save that swapped
+    best/ in while the load read the previous copy removed its files under it
+    ("holds no prompts.safetensors"). Now a read the swap overlapped is repeated."""
+    from fastprompt import checkpoint
+
+    run, _ = folder_run
+    (run / "best" / leftovers.SWAP_MARK).write_text("")
+    (run / "best").rename(run / ".best.swap")  # a killed save's previous copy
+    real_info = checkpoint.checkpoint_info
+    saves = []
+
+    def copy_init(tmp):
+        for name in ("prompts.safetensors", "config.json"):
+            shutil.copy(run / "init" / name, tmp)
+
+    def info_then_save(path):
+        out = real_info(path)
+        if not saves:  # a train of the run saves a new best/ meanwhile (init's prompts)
+            save_dir(str(run), "best", copy_init)
+            saves.append(path)
+        return out
+
+    monkeypatch.setattr(checkpoint, "checkpoint_info", info_then_save)
+    model = load_run_model(str(run), "best")
+    assert saves == [str(run / ".best.swap")] and not (run / ".best.swap").exists()
+    monkeypatch.setattr(checkpoint, "checkpoint_info", real_info)
+    assert _same_weights(model, load_run_model(str(run), "init"))
+
+
+def test_a_damaged_checkpoint_that_stays_in_place_is_said_at_once(folder_run):
+    """A read that fails on a checkpoint no save swapped is not repeated: its own error."""
+    run, _ = folder_run
+    (run / "best" / "prompts.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(RunError, match=r"best/prompts\.safetensors") as info:
+        load_run_model(str(run), "best")
+    assert "replaced" not in str(info.value)
+
+
+def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with_another(
+    folder_run, capsys, monkeypatch
+):
+    """A run trained with --backend triton, evaluated, condensed or resumed on the CPU (as
+    the refusal of its CUDA device advises), died of NotImplementedError at the first forward;
+    evaluate had no way to run the checkpoint with another backend."""
+    run, _ = folder_run
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    plain = _evaluations(run)[-1]
+    saved = json.loads((run / "run.json").read_text())
+    saved["config"]["method_args"]["backend"] = "triton"
+    saved["config"]["device"] = "cpu"
+    (run / "run.json").write_text(json.dumps(saved))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host, a CPU run
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    said = f"{run} runs with --backend triton, as it was trained, which cannot run on cpu here: "
+    for argv, way in (
+        (["evaluate", str(run)], "evaluate it with --backend auto (or another backend)"),
+        (["condense", str(run)], "condense it where it runs"),
+        (["train", "--resume", str(run)], "continue it where that backend runs"),
+    ):
+        err = cli_error(capsys, argv)
+        assert said in err and err.endswith(way), err
+    err = cli_error(capsys, ["evaluate", str(run), "--backend", "triton"])
+    assert err.endswith(
+        "--backend triton cannot run on cpu here: Triton kernels take CUDA "
+        "tensors; CPU tensors only under Triton's interpreter (TRITON_INTERPRET=1, "
+        "for tests: it runs each kernel in Python, very slowly)"
+    )
+    for backend in ("auto", "torch"):
+        assert main(["evaluate", str(run), "--backend", backend, "--no-progress"]) == 0
+        again = _evaluations(run)[-1]
+        assert again["top1"] == plain["top1"]
+        assert again["loss"] == pytest.approx(plain["loss"], rel=1e-5)

@@ -12,9 +12,9 @@ from train_helpers import write_images
 from fastprompt.train import data as D
 
 
-def _read_all(dataset, workers: int):
+def _read_all(dataset, workers: int, context: str = "fork"):
     # fork: the worker inherits the test's patches (PIL's limit, a failing open).
-    context = "fork" if workers else None
+    context = context if workers else None
     loader = DataLoader(
         dataset, num_workers=workers, collate_fn=list, multiprocessing_context=context
     )
@@ -39,7 +39,7 @@ def test_each_cause_gets_its_own_advice(folder, monkeypatch, workers):
     dataset = D.open_dataset(str(folder))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 12x12 images: over twice the limit
     e = _read_all(dataset, workers)
-    assert "PIL.Image.MAX_IMAGE_PIXELS" in str(e) and "shrink it" in str(e)
+    assert "set FASTPROMPT_MAX_IMAGE_PIXELS in the environment" in str(e) and "shrink it" in str(e)
     assert "replace or remove" not in str(e) and "\n" not in str(e)
     assert isinstance(e, D.ImageError) and (e.cause, e.path) == ("too-large", first)
     monkeypatch.undo()
@@ -71,3 +71,31 @@ def test_a_list_says_which_row(tmp_path):
     e = _read_all(dataset, 1)
     assert str(e).startswith(f"the image {tmp_path / 'img' / '1.png'} (row 2 of ")
     assert e.where == f" (row 2 of {tmp_path / 'l.csv'})" and e.cause == "undecodable"
+
+
+def test_the_image_size_limit_is_set_by_an_environment_variable_workers_see(
+    folder, monkeypatch, capsys
+):
+    """The advice for an image over PIL's limit was to raise PIL.Image.MAX_IMAGE_PIXELS in the
+    Python that runs the training: not the CLI user's to change, and a DataLoader worker started
+    by spawn (or forkserver) would not see it. FASTPROMPT_MAX_IMAGE_PIXELS is the environment's,
+    which every worker inherits."""
+    from train_helpers import cli_error
+
+    dataset = D.open_dataset(str(folder))
+    monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", "143")  # 12x12 images: 144 pixels
+    e = _read_all(dataset, 1, "spawn")
+    assert (e.cause, e.path) == ("too-large", str(folder / "a" / "0.png"))
+    assert "(DecompressionBombError: Image size (144 pixels) exceeds " in str(e)
+    assert "FASTPROMPT_MAX_IMAGE_PIXELS=143); shrink it" in str(e)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL's own limit: replaced, not added to
+    for limit in ("144", "none"):
+        monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", limit)
+        assert len(dataset[0][0].getdata()) == 144
+        assert Image.MAX_IMAGE_PIXELS == 10  # a caller's own setting is theirs again
+    monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", "lots")
+    err = cli_error(capsys, ["evaluate", str(folder)])
+    assert err.endswith(
+        "evaluate: FASTPROMPT_MAX_IMAGE_PIXELS='lots' is not a positive whole number of pixels "
+        "or 'none' (no limit)"
+    )

@@ -157,3 +157,28 @@ def test_compiled_training_matches_eager_and_does_not_recompile_per_epoch():
         )
         graphs.append(counters["stats"]["unique_graphs"])
     assert graphs[1] == graphs[-1], graphs  # train + eval graphs, then nothing new
+
+
+def test_the_loss_is_taken_in_the_models_precision_or_float32_at_least(monkeypatch):
+    """The loops took the loss of ``logits.float()``: a float64 model's logits were cut to
+    float32 (its loss and gradients lost precision); half-precision ones are upcast."""
+    import torch.nn.functional as F
+
+    from fastprompt.train.multi import domain_stats
+
+    real, seen = F.cross_entropy, []
+
+    def recording(logits, *args, **kw):
+        seen.append(logits.dtype)
+        return real(logits, *args, **kw)
+
+    monkeypatch.setattr(F, "cross_entropy", recording)
+    for dtype, loss_dtype in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32)):
+        seen.clear()
+        model = _model().to(dtype)
+        trainer = Trainer(model, _recipe(warmup_epochs=0), progress=False)
+        trainer.train_epoch(_batches(n=1), 0)
+        domains = torch.tensor([0, 0, 1, 1, 1])
+        evaluate_model(model, _batches(n=1), progress=False, domains=domains)
+        domain_stats(torch.zeros(2, CLASSES, dtype=dtype), torch.tensor([0, 3]), domains)
+        assert seen and set(seen) == {loss_dtype}, (dtype, seen)

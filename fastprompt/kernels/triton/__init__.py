@@ -12,6 +12,7 @@ from __future__ import annotations
 
 __all__ = [
     "availability",
+    "device_availability",
     "precompile",
     "prompt_attention_bwd",
     "prompt_attention_bwd_scored",
@@ -51,6 +52,22 @@ def availability() -> str | None:
 
         return _interpreter.defect()
     return None
+
+
+def device_availability(device_type: str) -> str | None:
+    """None when Triton kernels can take tensors on ``device_type`` here, else why not.
+
+    Compiled, they take CUDA tensors only, even on a host with a GPU: CPU tensors need Triton's
+    interpreter, which runs every kernel in Python (for tests)."""
+    from fastprompt import _config
+
+    why = availability()
+    if why is None and device_type == "cpu" and not _config.get().triton_interpret:
+        return (
+            "Triton kernels take CUDA tensors; CPU tensors only under Triton's interpreter "
+            "(TRITON_INTERPRET=1, for tests: it runs each kernel in Python, very slowly)"
+        )
+    return why
 
 
 def prompt_attention_fwd(q, k, v, prompt_k, prompt_v, prompt_index, prompt_lengths, scale):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 
@@ -102,6 +103,17 @@ def _scoring(
         prompted.train(training)
 
 
+def _jvp(fn: Callable, primals: tuple, tangents: tuple):
+    """``torch.func.jvp``, without the FutureWarning about ``torch.jit.script`` that PyTorch's
+    own forward-mode decompositions raise on their first use (torch >= 2.10; nothing a caller
+    can change: it named PyTorch's line in every ``condense``)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning
+        )
+        return torch.func.jvp(fn, primals, tangents)
+
+
 def _score_vectors(prompted: PromptedViT) -> list[tuple[Tensor, Tensor]]:
     """Per block, (u_k, u_v) of shape (2, 1, H, P, d): [taylor, taylor_normed] directions.
 
@@ -122,11 +134,11 @@ def _score_vectors(prompted: PromptedViT) -> list[tuple[Tensor, Tensor]]:
             return parts.project(parts.normalize(proj(r).unsqueeze(0)))
 
         with torch.no_grad():
-            _, (tk, tv) = torch.func.jvp(kv_of_raw, (raw,), (raw,))
+            _, (tk, tv) = _jvp(kv_of_raw, (raw,), (raw,))
             h = parts.normalize(proj(raw).unsqueeze(0))
             beta = parts.norm_bias
             direction = h - beta if beta is not None else h
-            _, (nk, nv) = torch.func.jvp(parts.project, (h,), (direction,))
+            _, (nk, nv) = _jvp(parts.project, (h,), (direction,))
         vectors.append((torch.stack([tk, nk]).to(acc), torch.stack([tv, nv]).to(acc)))
     return vectors
 
@@ -252,7 +264,7 @@ def _token_vectors(prompted: PromptedViT, blocks: list[int]) -> dict[int, Tensor
     for i in blocks:
         raw = src.raw(i).detach().double()
         with torch.no_grad():
-            out[i] = torch.func.jvp(proj, (raw,), (raw,))[1]
+            out[i] = _jvp(proj, (raw,), (raw,))[1]
     return out
 
 
