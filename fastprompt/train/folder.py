@@ -28,6 +28,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
@@ -287,6 +288,12 @@ def read_checkpoint(run: str, name: str, read: Callable[[str], T], attempts: int
                     raise
                 continue
             if _in_place(run, name, folder, before):
+                if folder != os.path.join(run, name):
+                    print(
+                        f"note: read {folder}, where an interrupted save left {name}/ (a "
+                        f"train --resume of {run} puts it back)",
+                        file=sys.stderr,
+                    )
                 return result
         finally:
             if pin is not None:

@@ -150,7 +150,9 @@ def test_evaluate_reads_best_where_a_killed_save_left_it(folder_run, capsys):
     before = _evaluations(run)[-1]
     (run / "best" / leftovers.SWAP_MARK).write_text("")
     (run / "best").rename(run / ".best.swap")
+    capsys.readouterr()
     assert main(["evaluate", str(run), "--no-progress"]) == 0
+    assert "where an interrupted save left best/" in capsys.readouterr().err
     after = _evaluations(run)[-1]
     assert (after["top1"], after["loss"]) == (before["top1"], before["loss"])
     assert not (run / "best").exists()  # a reader leaves the folder as it found it
