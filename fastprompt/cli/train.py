@@ -54,7 +54,9 @@ def default_workers() -> int:
 
 
 # A number in Python's spelling that JSON does not read (.1, 1., +2, -.5): a number all the same.
-_NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
+# ASCII digits only, and no int with leading zeros (007: Python refuses it, JSON too): text.
+_INT = re.compile(r"[+-]?(0+|[1-9][0-9]*)")
+_FLOAT = re.compile(r"[+-]?(([0-9]+\.[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[0-9]+[eE][+-]?[0-9]+)")
 
 
 def _model_arg(text: str) -> tuple[str, Any]:
@@ -65,8 +67,11 @@ def _model_arg(text: str) -> tuple[str, Any]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         pass
-    if _NUMBER.fullmatch(value.strip()):
-        return key, int(value) if re.fullmatch(r"\s*[+-]?\d+\s*", value) else float(value)
+    number = value.strip()
+    if _INT.fullmatch(number):
+        return key, int(number)
+    if _FLOAT.fullmatch(number):
+        return key, float(number)
     return key, value
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -150,21 +151,33 @@ def _cause(e: BaseException) -> tuple[str, str]:
     return "undecodable", f"{type(e).__name__}: {e}"
 
 
+# Reads with PIL's limit off now, and the limit the first of them found (threads may overlap).
+_OFF_LOCK = threading.Lock()
+_off: list[Any] = [0, None]
+
+
 @contextlib.contextmanager
 def _pil_limit(off: bool) -> Iterator[None]:
     """PIL's own limit off for one read (PIL has no per-call limit; a caller's setting is theirs
-    again after it)."""
+    again after the last read that overlapped: one thread's read may not put it back under
+    another's, nor keep the None it found)."""
     from PIL import Image
 
     if not off:
         yield
         return
-    before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
+    with _OFF_LOCK:
+        if _off[0] == 0:
+            _off[1] = Image.MAX_IMAGE_PIXELS
+            Image.MAX_IMAGE_PIXELS = None
+        _off[0] += 1
     try:
         yield
     finally:
-        Image.MAX_IMAGE_PIXELS = before
+        with _OFF_LOCK:
+            _off[0] -= 1
+            if _off[0] == 0:
+                Image.MAX_IMAGE_PIXELS = _off[1]
 
 
 def read_rgb(path: str, where: str = ""):

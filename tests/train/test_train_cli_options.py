@@ -54,6 +54,20 @@ def test_a_value_given_twice_in_two_spellings_is_one_value(capsys, tmp_path):
     assert "drop_rate is given twice, as drop_rate=0.1 and drop_rate=0.2" in err
 
 
+def test_only_pythons_own_number_spellings_become_numbers():
+    """`.1`, `1.`, `+2` are read as Python reads them, but text that Python (and JSON) does not
+    read as a number stayed a number too: `007` became 7 and the Arabic-Indic digit `٣` became 3
+    (a regular expression's \\d and int() take any Unicode digit), where timm receives text."""
+    from fastprompt.cli.train import _model_arg
+
+    numbers = {".1": 0.1, "1.": 1.0, "+2": 2, "-.5": -0.5, "+1e5": 1e5, "007.5": 7.5, "00": 0}
+    for text, number in numbers.items():
+        value = _model_arg(f"k={text}")[1]
+        assert value == number and type(value) is type(number), (text, value)
+    for text in ("007", "-01", "\u0663", "\u0663.5", "1_000", "+ 2", "1e"):
+        assert _model_arg(f"k={text}") == ("k", text)
+
+
 def test_a_run_begun_with_set_in_another_spelling_resumes(tmp_path, capsys):
     """A run begun with --set lr=.1 recorded the text ".1" (an older fastprompt's parse), now
     read as 0.1: resuming with the same command must not call it a change."""

@@ -198,6 +198,38 @@ def test_a_checkpoint_swapped_while_it_is_loaded_is_read_again(folder_run, monke
     assert _same_weights(model, load_run_model(str(run), "init"))
 
 
+def test_a_read_of_best_that_a_save_swaps_midway_is_one_saves_files(tmp_path):
+    """The case evaluate meets while a run trains: best/ itself is swapped between the read of
+    one of its files and the next. The read must not return the old save's first file with the
+    new save's second (only the folder's identity tells them apart: both paths still exist)."""
+    from fastprompt.train.folder import read_checkpoint
+
+    def writer(tag):
+        def write(tmp):
+            for name in ("config.json", "prompts.safetensors"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write(tag)
+
+        return write
+
+    run = tmp_path / "run"
+    run.mkdir()
+    save_dir(str(run), "best", writer("first"))
+    tags = iter(["second", "third"])
+
+    def read(folder):
+        head = open(os.path.join(folder, "config.json")).read()
+        tag = next(tags, None)
+        if tag is not None:  # a train of the run saves best/ meanwhile
+            save_dir(str(run), "best", writer(tag))
+        return head, open(os.path.join(folder, "prompts.safetensors")).read()
+
+    assert read_checkpoint(str(run), "best", read) == ("third", "third")
+    tags = iter(["again"] * 5)
+    with pytest.raises(RunError, match="was replaced during each of 5 reads"):
+        read_checkpoint(str(run), "best", read)
+
+
 def test_a_damaged_checkpoint_that_stays_in_place_is_said_at_once(folder_run):
     """A read that fails on a checkpoint no save swapped is not repeated: its own error."""
     run, _ = folder_run

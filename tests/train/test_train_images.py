@@ -91,7 +91,7 @@ def test_the_image_size_limit_is_set_by_an_environment_variable_workers_see(
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # PIL's own limit: replaced, not added to
     for limit in ("144", "none"):
         monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", limit)
-        assert len(dataset[0][0].getdata()) == 144
+        assert dataset[0][0].size == (12, 12)
         assert Image.MAX_IMAGE_PIXELS == 10  # a caller's own setting is theirs again
     monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", "lots")
     err = cli_error(capsys, ["evaluate", str(folder)])
@@ -99,3 +99,49 @@ def test_the_image_size_limit_is_set_by_an_environment_variable_workers_see(
         "evaluate: FASTPROMPT_MAX_IMAGE_PIXELS='lots' is not a positive whole number of pixels "
         "or 'none' (no limit)"
     )
+
+
+def test_reads_in_threads_give_pils_own_limit_back(folder, monkeypatch):
+    """With FASTPROMPT_MAX_IMAGE_PIXELS set each read turned PIL's limit off and restored what it
+    found: two reads overlapping in threads, the second found the first's None and put it back
+    last, so the process's PIL was left without its decompression-bomb limit."""
+    import threading
+
+    from fastprompt.train.images import read_rgb
+
+    monkeypatch.setenv("FASTPROMPT_MAX_IMAGE_PIXELS", "1000")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    real_open = Image.open
+    first_in, second_in, first_done = (threading.Event() for _ in range(3))
+    turns = iter([(first_in, second_in), (second_in, first_done)])
+    lock = threading.Lock()
+
+    def overlapping_open(path, *args, **kw):
+        # The first read opens once the second is inside too; the second once the first is done.
+        with lock:
+            arrived, wait_for = next(turns)
+        arrived.set()
+        assert wait_for.wait(60)
+        return real_open(path, *args, **kw)
+
+    monkeypatch.setattr(Image, "open", overlapping_open)
+    image = str(folder / "a" / "0.png")
+    errors = []
+
+    def read(done=None):
+        try:
+            read_rgb(image)
+        except BaseException as e:
+            errors.append(e)
+        if done is not None:
+            done.set()
+
+    first = threading.Thread(target=read, args=(first_done,))
+    second = threading.Thread(target=read)
+    first.start()
+    assert first_in.wait(60)
+    second.start()
+    first.join()
+    second.join()
+    assert not errors
+    assert Image.MAX_IMAGE_PIXELS == 10
