@@ -85,6 +85,7 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.cli.train_checks import backend_option
     from fastprompt.train import data as D
     from fastprompt.train import multi as M
     from fastprompt.train.distributed import setup, teardown
@@ -96,9 +97,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     config, saved = read_run(args.run)
     env = setup(args.device or config.device)
     try:
-        options = {}
-        if args.backend is not None:  # auto: none asked for, the automatic choice
-            options["backend"] = None if args.backend == "auto" else args.backend
+        options = backend_option(args.backend)
         model = load_run_model(args.run, args.checkpoint, env.device, config, saved, options)
         if args.data is None:
             dataset = run_data(args.run, config, saved).val

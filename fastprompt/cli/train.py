@@ -43,6 +43,7 @@ RUNTIME = {
     "no_progress",
     "quiet",
     "device",
+    "backend",
     "command",
     "overwrite",
 }
@@ -388,6 +389,7 @@ def build_config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.cli.train_checks import backend_option
     from fastprompt.train.data import DataError
     from fastprompt.train.distributed import setup, teardown
     from fastprompt.train.loop import LabelError
@@ -430,6 +432,7 @@ def run_train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             workers=args.workers,
             progress=not args.no_progress,
             quiet=args.quiet,
+            run_options=backend_option(args.backend) if args.resume else None,
         )
     except (DataError, RunError, LabelError) as e:
         teardown(env)

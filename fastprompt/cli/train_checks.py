@@ -21,6 +21,7 @@ from fastprompt.cli.train import (
 from fastprompt.train.multi import spec_paths
 
 __all__ = [
+    "backend_option",
     "check_backend",
     "check_counts",
     "check_device",
@@ -89,7 +90,7 @@ def check_backend(name: str | None, device: str | None) -> str | None:
 
     from fastprompt import backends
 
-    if name is None:
+    if name is None or name == "auto":
         return None
     kind = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
     backend = backends.get(name)
@@ -97,6 +98,14 @@ def check_backend(name: str | None, device: str | None) -> str | None:
         return f"--backend {name} does not run on {kind} (it runs on {', '.join(backend.devices)})"
     why = None if "status" in backend.hooks else backend.availability(kind)
     return None if why is None else f"--backend {name} cannot run on {kind} here: {why}"
+
+
+def backend_option(name: str | None) -> dict[str, Any]:
+    """The ``run_options`` of :func:`fastprompt.train.run.load_run_model` that ``--backend name``
+    asks for: none when not given (the run's own), ``auto`` the automatic choice."""
+    if name is None:
+        return {}
+    return {"backend": None if name == "auto" else name}
 
 
 def check_run_backend(run: str, config: Any, device: str | None, way: str) -> str | None:
@@ -263,9 +272,11 @@ def _check_resume(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    problem = check_run_backend(
-        args.resume, config, args.device, "continue it where that backend runs"
-    )
+    if args.backend is None:
+        way = "continue it with --backend auto (or another backend), or where that one runs"
+        problem = check_run_backend(args.resume, config, args.device, way)
+    else:
+        problem = check_backend(args.backend, args.device or config.device)
     if problem:
         return problem
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):

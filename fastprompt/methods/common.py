@@ -231,7 +231,12 @@ def add_learned_prompt_options(
     group.add_argument("--project", type=int, help="prompt width before a projection")
     group.add_argument("--readout", choices=readouts(), help="default the model's own pooling")
     group.add_argument("--impl", choices=IMPLS, help="computation (default fused)")
-    group.add_argument("--backend", choices=list(BACKENDS), help="prompt-attention backend")
+    group.add_argument(
+        "--backend",
+        choices=["auto", *BACKENDS],
+        help="prompt-attention backend (default auto: the automatic choice; the same results); "
+        "with --resume, the one the run continues with",
+    )
     group.add_argument("--head-init", choices=list(head_inits), help="head initialisation")
 
 
@@ -250,7 +255,7 @@ def learned_prompt_kwargs(args: argparse.Namespace, method: str) -> dict[str, An
         "project": -1 if args.project is None else args.project,
         "readout": args.readout,
         "impl": args.impl or "fused",
-        "backend": args.backend,
+        "backend": None if args.backend == "auto" else args.backend,
         "head_init": args.head_init or "vpt",
     }
 

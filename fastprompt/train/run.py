@@ -299,6 +299,7 @@ def continue_run(
     workers: int | None = None,
     progress: bool = True,
     quiet: bool = False,
+    run_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train the run in ``run`` from its last checkpoint (or its start) to its last epoch.
 
@@ -314,6 +315,9 @@ def continue_run(
         Data-loading processes per training process (default the run's).
     progress, quiet : bool
         Progress bars; no printing (``log.txt`` is still written).
+    run_options : dict, optional
+        How to run it instead of as it was built (``backend``), as :func:`load_run_model` takes
+        them: the same results.
 
     Returns
     -------
@@ -328,7 +332,7 @@ def continue_run(
     config, saved = read_run(run)
     env = env or setup(config.device)
     if not env.main:
-        return _continue(run, env, config, saved, stop_after, workers, progress, quiet)
+        return _continue(run, env, config, saved, stop_after, workers, progress, quiet, run_options)
     _owned(owner.hold_lock, run, "--resume")
     try:
         owner.mark(run)  # a run folder written before markers existed becomes a marked one
@@ -339,12 +343,12 @@ def continue_run(
                 f"{left[0]} is in the way of the run's checkpoints (a folder fastprompt did not "
                 "make, or files clashing with the checkpoint's); move it away and resume again"
             )
-        return _continue(run, env, config, saved, stop_after, workers, progress, quiet)
+        return _continue(run, env, config, saved, stop_after, workers, progress, quiet, run_options)
     finally:
         owner.release(run)
 
 
-def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
+def _continue(run, env, config, saved, stop_after, workers, progress, quiet, run_options):
     log = Log(run, env, quiet)
     recipe = config.recipe
     if recipe.batch_size % env.world:
@@ -362,7 +366,7 @@ def _continue(run, env, config, saved, stop_after, workers, progress, quiet):
                 "from; restore last/ (an older fastprompt's interrupted save leaves last.old) "
                 "and resume again"
             )
-    model = load_run_model(run, start, env.device, config, saved)
+    model = load_run_model(run, start, env.device, config, saved, run_options)
     data = run_data(run, config, saved)
     train_tf, test_tf, _ = transforms_for(model.model, recipe)
     train_ds, val_ds = D.Transformed(data.train, train_tf), D.Transformed(data.val, test_tf)

@@ -97,6 +97,32 @@ def test_resume_continues_bit_for_bit(tiny_csv, tmp_path):
         assert {k: ra[k] for k in VALUES} == {k: rb[k] for k in VALUES}
 
 
+def test_a_run_whose_backend_cannot_run_here_resumes_with_another(
+    tiny_csv, tmp_path, capsys, monkeypatch
+):
+    """A run trained with --backend triton (on a GPU) could not be continued on a CPU: resume
+    refused it with no way round. --backend on a resume picks how it runs (the same numbers)."""
+    whole = _train(tiny_csv, tmp_path / "whole", "--epochs", "2", "--backend", "torch")
+    split = _train(tiny_csv, tmp_path / "split", "--epochs", "2", "--stop-after", "1")
+    saved = json.loads((split / "run.json").read_text())
+    saved["config"]["method_args"]["backend"] = "triton"
+    saved["config"]["device"] = "cpu"
+    (split / "run.json").write_text(json.dumps(saved))
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with monkeypatch.context() as gpu_host:  # a GPU host, a CPU run
+        gpu_host.setattr(torch.cuda, "is_available", lambda: True)
+        err = cli_error(capsys, ["train", "--resume", str(split)])
+        assert err.endswith(
+            "continue it with --backend auto (or another backend), or where that one runs"
+        )
+        err = cli_error(capsys, ["train", "--resume", str(split), "--backend", "triton"])
+        assert "train: --backend triton cannot run on cpu here" in err
+    assert main(["train", "--resume", str(split), "--backend", "auto", "--no-progress"]) == 0
+    for ra, rb in zip(_metrics(whole), _metrics(split), strict=True):
+        assert ra["val_acc"] == rb["val_acc"]
+        assert ra["val_loss"] == pytest.approx(rb["val_loss"], rel=1e-5)
+
+
 def test_a_pgn_run_with_augmentation_and_batchnorm_resumes_bit_for_bit(tiny_csv, tmp_path):
     """The pgn recipe: its augmentation draws random numbers, its generator's BatchNorm keeps
     running statistics (saved in the checkpoint); resume still replays the run exactly, even

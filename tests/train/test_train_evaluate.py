@@ -258,7 +258,10 @@ def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with
     for argv, way in (
         (["evaluate", str(run)], "evaluate it with --backend auto (or another backend)"),
         (["condense", str(run)], "condense it where it runs"),
-        (["train", "--resume", str(run)], "continue it where that backend runs"),
+        (
+            ["train", "--resume", str(run)],
+            "continue it with --backend auto (or another backend), or where that one runs",
+        ),
     ):
         err = cli_error(capsys, argv)
         assert said in err and err.endswith(way), err
