@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fastprompt.backends import NAMES as BACKENDS
+
 __all__ = ["add_condense_parser", "check_condense_args", "run_condense"]
 
 
@@ -52,6 +54,12 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
         "--device",
         help="cpu, cuda, cuda:N (default the run's); the condensed run keeps it when resumed",
     )
+    p.add_argument(
+        "--backend",
+        choices=["auto", *BACKENDS],
+        help="prompt-attention backend to condense and fine-tune with (the same results; auto: "
+        "the automatic choice); default the run's. The condensed run records it",
+    )
     p.add_argument("--out", help="the new run folder (default RUN-pc<keep>-<score>); new or empty")
     p.add_argument(
         "--overwrite",
@@ -64,7 +72,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_run_backend, check_run_device
+    from fastprompt.cli.train_checks import check_backend, check_run_backend, check_run_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
@@ -80,7 +88,11 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    problem = check_run_backend(args.run, config, args.device, "condense it where it runs")
+    if args.backend is None:
+        way = "condense it with --backend auto (or another backend)"
+        problem = check_run_backend(args.run, config, args.device, way)
+    else:
+        problem = check_backend(args.backend, args.device or config.device)
     if problem:
         return problem
     reason = not_condensable(config)
@@ -113,6 +125,7 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
 
 
 def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    from fastprompt.cli.train_checks import backend_option
     from fastprompt.train.condense import condense_run
     from fastprompt.train.data import DataError
     from fastprompt.train.distributed import setup, teardown
@@ -142,6 +155,7 @@ def run_condense(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
             weight_decay=args.weight_decay,
             momentum=args.momentum,
             device=args.device,
+            run_options=backend_option(args.backend),
         )
     except (DataError, RunError, ValueError) as e:
         teardown(env)

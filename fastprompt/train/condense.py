@@ -92,6 +92,7 @@ def condense_run(
     weight_decay: float | None = None,
     momentum: float | None = None,
     device: str | None = None,
+    run_options: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Condense the VPT-deep run in ``source`` and fine-tune the result in a new run folder.
 
@@ -130,6 +131,10 @@ def condense_run(
     device : str, optional
         Where to condense and fine-tune (``cpu``, ``cuda:1``); default the source run's. The
         new run records it, so ``--resume`` continues there.
+    run_options : dict, optional
+        How to run the source's checkpoint instead of as it was built (``backend``: None is the
+        automatic choice), as :func:`fastprompt.train.run.load_run_model` takes them; the new
+        run records it. The same results.
 
     Returns
     -------
@@ -173,7 +178,7 @@ def condense_run(
             **pipeline,
         )
         base_lr = lr if lr is not None else src_lr / 10
-        model = load_run_model(source, checkpoint, env.device, config, saved)
+        model = load_run_model(source, checkpoint, env.device, config, saved, run_options)
         data = run_data(source, config, saved)
     _, test_tf, _ = transforms_for(model.model, config.recipe)
     workers = config.data.workers if workers is None else workers
@@ -206,7 +211,7 @@ def condense_run(
     new = RunConfig(
         model=config.model,
         method=METHOD,
-        method_args=_run_options(config),
+        method_args={**_run_options(config), **(run_options or {})},
         data=config.data,
         recipe=recipe,
         base_lr=base_lr,

@@ -257,7 +257,7 @@ def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with
     said = f"{run} runs with --backend triton, as it was trained, which cannot run on cpu here: "
     for argv, way in (
         (["evaluate", str(run)], "evaluate it with --backend auto (or another backend)"),
-        (["condense", str(run)], "condense it where it runs"),
+        (["condense", str(run)], "condense it with --backend auto (or another backend)"),
         (
             ["train", "--resume", str(run)],
             "continue it with --backend auto (or another backend), or where that one runs",
@@ -276,3 +276,8 @@ def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with
         again = _evaluations(run)[-1]
         assert again["top1"] == plain["top1"]
         assert again["loss"] == pytest.approx(plain["loss"], rel=1e-5)
+    # condense with another backend, which the condensed run records (so it resumes here).
+    out = run.parent / "condensed"
+    argv = ["condense", str(run), "--backend", "torch", "--finetune-epochs", "1", "--out", str(out)]
+    assert main([*argv, "--workers", "0", "--no-progress", "--quiet"]) == 0
+    assert json.loads((out / "run.json").read_text())["config"]["method_args"]["backend"] == "torch"
