@@ -37,7 +37,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from fastprompt.train.distributed import DistEnv
+from fastprompt.train.distributed import DistEnv, env_rank
 from fastprompt.train.leftovers import (
     SWAP_MARK,
     only_ours,
@@ -288,7 +288,7 @@ def read_checkpoint(run: str, name: str, read: Callable[[str], T], attempts: int
                     raise
                 continue
             if _in_place(run, name, folder, before):
-                if folder != os.path.join(run, name):
+                if folder != os.path.join(run, name) and env_rank() == 0:  # once under torchrun
                     print(
                         f"note: read {folder}, where an interrupted save left {name}/ (a "
                         f"train --resume of {run} puts it back)",
