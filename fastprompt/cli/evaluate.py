@@ -89,6 +89,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     from fastprompt.train import data as D
     from fastprompt.train import multi as M
     from fastprompt.train.distributed import setup, teardown
+    from fastprompt.train.folder import check_one_save
     from fastprompt.train.heldout import check_held_out
     from fastprompt.train.loop import LabelError, evaluate_model
     from fastprompt.train.run import RunError, load_run_model, read_run, transforms_for
@@ -99,6 +100,7 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
     try:
         options = backend_option(args.backend)
         model = load_run_model(args.run, args.checkpoint, env.device, config, saved, options)
+        check_one_save(env, model, args.run, args.checkpoint)
         if args.data is None:
             dataset = run_data(args.run, config, saved).val
             name = "validation"

@@ -24,6 +24,7 @@ into the new one, never deleted.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
-from fastprompt.train.distributed import DistEnv, env_rank
+from fastprompt.train.distributed import DistEnv, all_gather_objects, env_rank
 from fastprompt.train.leftovers import (
     SWAP_MARK,
     only_ours,
@@ -57,6 +58,7 @@ __all__ = [
     "ModelSpec",
     "RunConfig",
     "RunError",
+    "check_one_save",
     "checkpoint_dir",
     "metrics_upto",
     "no_checkpoint",
@@ -302,6 +304,30 @@ def read_checkpoint(run: str, name: str, read: Callable[[str], T], attempts: int
         f"{os.path.join(run, name)} was replaced during each of {attempts} reads (a train of the "
         "run saving it): try again"
     )
+
+
+def check_one_save(env: DistEnv, model: torch.nn.Module, run: str, checkpoint: str) -> None:
+    """Refuse when the processes of a torchrun read different saves of ``checkpoint`` (each
+    reads it without the run's lock, and a `train` of the run may save between their reads):
+    their results would be summed as one model's.
+
+    Raises
+    ------
+    RunError
+        The trained parameters (prompts, head) differ between processes.
+    """
+    if not env.active:
+        return
+    digest = hashlib.sha256()
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            digest.update(name.encode())
+            digest.update(p.detach().float().cpu().numpy().tobytes())
+    if len(set(all_gather_objects(env, digest.hexdigest()))) > 1:
+        raise RunError(
+            f"the {env.world} processes read different saves of {os.path.join(run, checkpoint)} "
+            "(a train of the run saved it meanwhile): try again"
+        )
 
 
 def _stat(path: str) -> os.stat_result | None:

@@ -4,6 +4,9 @@ global batch, metrics are reduced across processes, and only rank 0 writes the r
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -35,3 +38,12 @@ def test_two_processes_equal_one_with_the_same_global_batch(tiny_csv, tmp_path):
     assert len(state["rng"]) == 2  # every process's random state, for resume
     log = (tmp_path / "two" / "log.txt").read_text()
     assert log.count("epoch 1/1") == 1  # rank 0 alone logs
+    # evaluate under torchrun: the processes check they read one save; the result is one model's.
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node"]
+    cmd = [*launcher, "2", "-m", "fastprompt", "evaluate", str(tmp_path / "two"), "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(["evaluate", str(tmp_path / "two"), "--no-progress"]) == 0
+    both, alone = (json.loads(line) for line in (tmp_path / "two" / "evaluations.jsonl").open())
+    assert both["samples"] == alone["samples"] == 24 and both["top1"] == alone["top1"]

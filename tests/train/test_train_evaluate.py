@@ -281,3 +281,19 @@ def test_a_run_whose_backend_cannot_run_here_is_refused_first_and_evaluates_with
     argv = ["condense", str(run), "--backend", "torch", "--finetune-epochs", "1", "--out", str(out)]
     assert main([*argv, "--workers", "0", "--no-progress", "--quiet"]) == 0
     assert json.loads((out / "run.json").read_text())["config"]["method_args"]["backend"] == "torch"
+
+
+def test_processes_that_read_different_saves_are_refused(folder_run, monkeypatch):
+    """Under torchrun each process read the checkpoint on its own, without the run's lock: a
+    save between two processes' reads summed the results of two models as one."""
+    from fastprompt.train import folder
+
+    run, _ = folder_run
+    model = load_run_model(str(run), "best")
+    env = folder.DistEnv(rank=0, world=2)
+    gathered = []
+    monkeypatch.setattr(folder, "all_gather_objects", lambda env, obj: gathered or [obj, obj])
+    folder.check_one_save(env, model, str(run), "best")
+    gathered.extend(["one save", "another"])
+    with pytest.raises(RunError, match=r"the 2 processes read different saves of .*best"):
+        folder.check_one_save(env, model, str(run), "best")
