@@ -317,3 +317,18 @@ def test_the_report_is_written_for_pgn_runs_that_leave_the_generator_default(mon
     M.report_domains("r", SimpleNamespace(method="pgn", method_args={"generator": None}), print)
     M.report_domains("r", SimpleNamespace(method="vpt", method_args={}), print)
     assert calls == ["r"] and "100.0%" in lines[0]
+
+
+def test_the_separation_of_a_saturated_generator_is_a_number_not_a_crash():
+    """A PGN run whose generator saturated (every image the same mixture weights) finished
+    training, then died in its domain report with scikit-learn's "All features have zero
+    variance" (NearestCentroid refuses constant features); `fastprompt domains` died the same."""
+    pytest.importorskip("sklearn")
+    from fastprompt.train import domains as DM
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    same = torch.zeros(10, 6)
+    same[:, 2] = 1.0  # one-hot: the same library token for every image
+    acc, chance, held = DM.separation(same, labels)
+    assert held == 5 and chance == pytest.approx(3 / 5)
+    assert acc == pytest.approx(2 / 5)  # every held-out image read as the first dataset
