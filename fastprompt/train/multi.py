@@ -234,6 +234,11 @@ def open_mixture_data(
     """
     from fastprompt.train.splits import RunData, open_data
 
+    if getattr(cfg, "num_classes", None) is not None and classes is None:
+        raise DataError(
+            f"--num-classes {cfg.num_classes} applies to one --data; a mixture's classes are its "
+            "datasets' classes, joined"
+        )
     pairs = parse_specs(cfg.train)
     vals: list[str | None] = [None] * len(pairs)
     if cfg.val is not None:
