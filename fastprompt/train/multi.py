@@ -204,6 +204,21 @@ def _stored_part(part: Mapping[str, Any], name: str, classes: Sequence[str], own
     return {"ids": ids, "labels": labels}
 
 
+def _check_distinct(pairs: Sequence[tuple[str, str]]) -> None:
+    """Refuse one dataset given twice under two names: each name's classes are classes of their
+    own, so every image would train as two classes."""
+    seen: dict[str, str] = {}
+    for name, spec in pairs:
+        key = spec if is_digits(spec) else os.path.realpath(spec)
+        if key in seen:
+            raise DataError(
+                f"--data: datasets {seen[key]!r} and {name!r} are the same data ({spec}): each "
+                "dataset's classes are classes of their own, so its images would train as two "
+                "classes at once; a path given twice?"
+            )
+        seen[key] = name
+
+
 def open_mixture_data(
     cfg,
     seed: int = 0,
@@ -240,6 +255,8 @@ def open_mixture_data(
             "datasets' classes, joined"
         )
     pairs = parse_specs(cfg.train)
+    if classes is None:  # a new run (a resumed one keeps the datasets it began with)
+        _check_distinct(pairs)
     vals: list[str | None] = [None] * len(pairs)
     if cfg.val is not None:
         given = [cfg.val] if isinstance(cfg.val, str) else list(cfg.val)

@@ -332,3 +332,17 @@ def test_the_separation_of_a_saturated_generator_is_a_number_not_a_crash():
     acc, chance, held = DM.separation(same, labels)
     assert held == 5 and chance == pytest.approx(3 / 5)
     assert acc == pytest.approx(2 / 5)  # every held-out image read as the first dataset
+
+
+def test_one_dataset_given_twice_under_two_names_is_refused(two_sets, tmp_path):
+    """`--data cifar=data/c --data dtd=data/c` (a path typo among several) trained every image as
+    two classes, cifar/x and dtd/x, without a word."""
+    a, b = two_sets
+    link = tmp_path / "same.csv"
+    link.symlink_to(a)
+    for twice in (a, str(link)):
+        with pytest.raises(DataError, match="datasets 'a' and 'c' are the same data"):
+            open_data(DataConfig(train=[f"a={a}", f"b={b}", f"c={twice}"], val_split="4"))
+    with pytest.raises(DataError, match="'x' and 'y' are the same data"):
+        open_data(DataConfig(train=["x=digits:0-2", "y=digits:0-2"], val_split="4"))
+    assert open_data(DataConfig(train=["x=digits:0-2", "y=digits:3-5"], val_split="4")).classes
