@@ -321,7 +321,15 @@ def open_data(
                 "out at least one image per class)"
             )
     train = DS.map_classes(train, run_classes, f"--data {cfg.train}")
-    val = DS.map_classes(val, run_classes, val_where)
+    try:
+        val = DS.map_classes(val, run_classes, val_where)
+    except DataError as e:
+        if classes is None and run_classes == [str(i) for i in range(len(run_classes))]:
+            raise DataError(
+                f"{e}; labels are class indices: if --data lacks images of the task's last "
+                "classes, give its class count (--num-classes N, or --preset vtab1k-TASK)"
+            ) from None
+        raise
     return RunData(train, val, run_classes, how, notes)
 
 

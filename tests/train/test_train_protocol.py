@@ -248,6 +248,10 @@ def test_a_vtab_preset_run_has_the_tasks_classes_though_train800_lacks_some(tmp_
     assert run["config"]["data"]["num_classes"] == 6
     assert main(["evaluate", str(tmp_path / "r"), "--data", str(tmp_path / "val200.txt")]) == 0
     capsys.readouterr()
+    # Without the class count the error says how to give it.
+    with pytest.raises(SystemExit):
+        main([*base, "--prompts", "2", "--out", str(tmp_path / "m")])
+    assert "give its class count (--num-classes N, or --preset" in capsys.readouterr().err
     # --num-classes says it without a preset; a label beyond it is refused, naming it.
     assert main([*base, "--prompts", "2", "--num-classes", "4", "--out", str(tmp_path / "n")]) == 0
     assert len(json.loads((tmp_path / "n" / "run.json").read_text())["classes"]) == 4
