@@ -46,6 +46,7 @@ from fastprompt.train.datasets import DataError, is_digits
 __all__ = [
     "SEP",
     "Mixture",
+    "check_distinct",
     "class_domains",
     "dataset_names",
     "domain_stats",
@@ -204,7 +205,7 @@ def _stored_part(part: Mapping[str, Any], name: str, classes: Sequence[str], own
     return {"ids": ids, "labels": labels}
 
 
-def _check_distinct(pairs: Sequence[tuple[str, str]]) -> None:
+def check_distinct(pairs: Sequence[tuple[str, str]]) -> None:
     """Refuse one dataset given twice under two names: each name's classes are classes of their
     own, so every image would train as two classes."""
     seen: dict[str, str] = {}
@@ -256,7 +257,7 @@ def open_mixture_data(
         )
     pairs = parse_specs(cfg.train)
     if classes is None:  # a new run (a resumed one keeps the datasets it began with)
-        _check_distinct(pairs)
+        check_distinct(pairs)
     vals: list[str | None] = [None] * len(pairs)
     if cfg.val is not None:
         given = [cfg.val] if isinstance(cfg.val, str) else list(cfg.val)

@@ -346,3 +346,17 @@ def test_one_dataset_given_twice_under_two_names_is_refused(two_sets, tmp_path):
     with pytest.raises(DataError, match="'x' and 'y' are the same data"):
         open_data(DataConfig(train=["x=digits:0-2", "y=digits:0-2"], val_split="4"))
     assert open_data(DataConfig(train=["x=digits:0-2", "y=digits:3-5"], val_split="4")).classes
+
+
+def test_the_cli_refuses_a_dataset_twice_and_num_classes_of_a_mixture_before_any_work(
+    two_sets, tmp_path, capsys
+):
+    a, b = two_sets
+    args = ["train", *TINY_MODEL, *PGN, *FAST, "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={a}"])
+    assert "datasets 'a' and 'b' are the same data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={b}", "--num-classes", "9"])
+    assert "--num-classes 9 applies to one --data" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")
