@@ -196,7 +196,7 @@ def _check_mixture(args: argparse.Namespace) -> str | None:
             "its datasets' classes, joined"
         )
     try:
-        check_distinct(parse_specs(args.data))
+        pairs = parse_specs(args.data)
     except DataError as e:
         return str(e)
     if args.val is not None and len(spec_paths(args.val)) != len(args.data):
@@ -204,6 +204,10 @@ def _check_mixture(args: argparse.Namespace) -> str | None:
             f"--val: {len(args.data)} datasets need one --val each (in --data's order), got "
             f"{len(spec_paths(args.val))}; or --val-split, or none for datasets with their own"
         )
+    try:
+        check_distinct(pairs)
+    except DataError as e:
+        return str(e)
     return None
 
 
