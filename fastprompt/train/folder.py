@@ -149,6 +149,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["recipe"] = self.recipe.to_dict()
+        if out["data"]["num_classes"] is None:  # run.json as before the field, which reads back
+            del out["data"]["num_classes"]
         return out
 
     @classmethod
