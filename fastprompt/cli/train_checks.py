@@ -204,8 +204,9 @@ def _check_mixture(args: argparse.Namespace) -> str | None:
             f"--val: {len(args.data)} datasets need one --val each (in --data's order), got "
             f"{len(spec_paths(args.val))}; or --val-split, or none for datasets with their own"
         )
+    vals = spec_paths(args.val) if args.val is not None else None
     try:
-        check_distinct(pairs)
+        check_distinct(pairs, vals)
     except DataError as e:
         return str(e)
     return None

@@ -205,19 +205,25 @@ def _stored_part(part: Mapping[str, Any], name: str, classes: Sequence[str], own
     return {"ids": ids, "labels": labels}
 
 
-def check_distinct(pairs: Sequence[tuple[str, str]]) -> None:
-    """Refuse one dataset given twice under two names: each name's classes are classes of their
-    own, so every image would train as two classes."""
-    seen: dict[str, str] = {}
-    for name, spec in pairs:
-        key = spec if is_digits(spec) else os.path.realpath(spec)
-        if key in seen:
-            raise DataError(
-                f"--data: datasets {seen[key]!r} and {name!r} are the same data ({spec}): each "
-                "dataset's classes are classes of their own, so its images would train as two "
-                "classes at once; a path given twice?"
-            )
-        seen[key] = name
+def check_distinct(
+    pairs: Sequence[tuple[str, str]], vals: Sequence[str | None] | None = None
+) -> None:
+    """Refuse one dataset given twice under two names, as ``--data`` or as ``--val``: each
+    name's classes are classes of their own, so every image would train (or be validated) as
+    two classes. ``vals``: the ``--val`` of each dataset, in ``pairs``' order (None: its own)."""
+    for flag, specs in (("--data", [s for _, s in pairs]), ("--val", vals or [])):
+        seen: dict[str, str] = {}
+        for (name, _), spec in zip(pairs, specs, strict=False):
+            if spec is None:
+                continue
+            key = spec if is_digits(spec) else os.path.realpath(spec)
+            if key in seen:
+                raise DataError(
+                    f"{flag}: datasets {seen[key]!r} and {name!r} are given the same data "
+                    f"({spec}): each dataset's classes are classes of their own, so its images "
+                    "would be read as two classes at once; a path given twice?"
+                )
+            seen[key] = name
 
 
 def open_mixture_data(
@@ -256,8 +262,6 @@ def open_mixture_data(
             "datasets' classes, joined"
         )
     pairs = parse_specs(cfg.train)
-    if classes is None:  # a new run (a resumed one keeps the datasets it began with)
-        check_distinct(pairs)
     vals: list[str | None] = [None] * len(pairs)
     if cfg.val is not None:
         given = [cfg.val] if isinstance(cfg.val, str) else list(cfg.val)
@@ -267,6 +271,8 @@ def open_mixture_data(
                 f"{len(given)}; or pass --val-split, or none for datasets with their own"
             )
         vals = [_split_name(v)[1] for v in given]
+    if classes is None:  # a new run (a resumed one keeps the datasets it began with)
+        check_distinct(pairs, vals)
     exclude = list(exclude)
     trains, valids, hows, notes = [], [], [], []
     for (name, spec), val in zip(pairs, vals, strict=True):

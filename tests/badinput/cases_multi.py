@@ -37,7 +37,7 @@ CASES = [
     Case(
         "mixture-one-dataset-twice-under-two-names",
         argv=["train", *MODEL, *DATA, "b={fx}/data.csv", *RUN],
-        error=r"datasets 'a' and 'b' are the same data",
+        error=r"datasets 'a' and 'b' are given the same data",
         names=["{fx}/data.csv"],
     ),
     Case(

@@ -341,11 +341,14 @@ def test_one_dataset_given_twice_under_two_names_is_refused(two_sets, tmp_path):
     link = tmp_path / "same.csv"
     link.symlink_to(a)
     for twice in (a, str(link)):
-        with pytest.raises(DataError, match="datasets 'a' and 'c' are the same data"):
+        with pytest.raises(DataError, match="datasets 'a' and 'c' are given the same data"):
             open_data(DataConfig(train=[f"a={a}", f"b={b}", f"c={twice}"], val_split="4"))
-    with pytest.raises(DataError, match="'x' and 'y' are the same data"):
+    with pytest.raises(DataError, match="'x' and 'y' are given the same data"):
         open_data(DataConfig(train=["x=digits:0-2", "y=digits:0-2"], val_split="4"))
     assert open_data(DataConfig(train=["x=digits:0-2", "y=digits:3-5"], val_split="4")).classes
+    # The same --val for two datasets validated the second on the first's images.
+    with pytest.raises(DataError, match=r"--val: datasets 'a' and 'b' are given the same data"):
+        open_data(DataConfig(train=[f"a={a}", f"b={b}"], val=[a, a]))
 
 
 def test_the_cli_refuses_a_dataset_twice_and_num_classes_of_a_mixture_before_any_work(
@@ -355,7 +358,10 @@ def test_the_cli_refuses_a_dataset_twice_and_num_classes_of_a_mixture_before_any
     args = ["train", *TINY_MODEL, *PGN, *FAST, "--out", str(tmp_path / "r")]
     with pytest.raises(SystemExit):
         main([*args, "--data", f"a={a}", "--data", f"b={a}"])
-    assert "datasets 'a' and 'b' are the same data" in capsys.readouterr().err
+    assert "datasets 'a' and 'b' are given the same data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={b}", "--val", a, "--val", a])
+    assert "--val: datasets 'a' and 'b' are given the same data" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main([*args, "--data", f"a={a}", "--data", f"b={b}", "--num-classes", "9"])
     assert "--num-classes 9 applies to one --data" in capsys.readouterr().err
