@@ -185,7 +185,7 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="the task's class count, the head's outputs: integer labels index classes 0 to N-1 "
         "even where --data lacks images of some (default the classes of --data; a --preset "
-        "vtab1k-TASK sets the task's, as the official VTAB code)",
+        "vtab1k-TASK sets the task's, as the official VTAB code, unless --num-classes is given)",
     )
     d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
     r = p.add_argument_group("recipe (overrides)")
