@@ -19,6 +19,7 @@ import sys
 from typing import Any
 
 from fastprompt import registry
+from fastprompt.train.data import VTAB1K_CLASSES
 from fastprompt.train.recipes import (
     MEMORY_POLICIES,
     NORMALIZATIONS,
@@ -218,6 +219,14 @@ def add_train_parser(sub: argparse._SubParsersAction) -> None:
     d.add_argument(
         "--val-split", help="hold out of --data: a fraction or a count (stratified), or vtab-1k"
     )
+    d.add_argument(
+        "--num-classes",
+        type=int,
+        metavar="N",
+        help="the task's class count, the head's outputs: integer labels index classes 0 to N-1 "
+        "even where --data lacks images of some (default the classes of --data; a --preset "
+        "vtab1k-TASK sets the task's, as the official VTAB code, unless --num-classes is given)",
+    )
     d.add_argument("--workers", type=int, help=f"loader processes (default {default_workers()})")
     r = p.add_argument_group("recipe (overrides)")
     r.add_argument("--recipe", choices=sorted(RECIPES), help="default: the method's")
@@ -296,13 +305,19 @@ def run_recipes(args: argparse.Namespace) -> int:
         print(RECIPES[name].describe())
         print()
     if not args.name:
+        from fastprompt.methods.e2vpt import VTAB1K_PROMPTS as E2VPT_PROMPTS
+
         print(
-            "presets (--preset, VTAB-1k): the official VPT-deep prompt counts, prompt dropout\n"
-            "0.1 (VPT-deep), a square resize without augmentation, ImageNet mean/std; not the\n"
-            "per-task batch size, lr and weight decay (the official tables are not published)"
+            "presets (--preset, VTAB-1k): the task's class count, the official prompt counts,\n"
+            "prompt dropout 0.1 (VPT-deep), a square resize without augmentation, ImageNet\n"
+            "mean/std; not the per-task batch size, lr and weight decay (the official tables\n"
+            "are not published)"
         )
+        print(f"  {'':<28} {'classes':>7}  {'vpt':>5}  e2vpt (visual/key-value)")
         for name, n in sorted(PRESETS.items()):
-            print(f"  {name:<28} {n}")
+            task = name.removeprefix("vtab1k-")
+            visual, kv = E2VPT_PROMPTS[task]
+            print(f"  {name:<28} {VTAB1K_CLASSES[task]:>7}  {n:>5}  {visual}/{kv}")
     return 0
 
 
@@ -365,6 +380,10 @@ def build_config(args: argparse.Namespace):
 
     method, margs = method_args(args)
     recipe, _ = resolve_recipe(args)
+    num_classes = args.num_classes
+    preset = getattr(args, "preset", None)
+    if num_classes is None and preset and isinstance(args.data, str):
+        num_classes = VTAB1K_CLASSES[preset.removeprefix("vtab1k-")]
     return RunConfig(
         model=ModelSpec(
             name=args.model,
@@ -379,6 +398,7 @@ def build_config(args: argparse.Namespace):
             val=args.val,
             val_split=args.val_split,
             workers=default_workers() if args.workers is None else args.workers,
+            num_classes=num_classes,
         ),
         recipe=recipe,
         precision=args.precision or "fp32",

@@ -129,6 +129,8 @@ def check_train_args(args: argparse.Namespace) -> str | None:
         value = getattr(args, name)
         if value is not None and value < 1:
             return f"--{name.replace('_', '-')} must be >= 1, got {value}"
+    if args.num_classes is not None and args.num_classes < 2:
+        return f"--num-classes must be >= 2 (a classifier's classes), got {args.num_classes}"
     for name in ("warmup_epochs", "workers", "seed"):
         value = getattr(args, name)
         if value is not None and value < 0:
@@ -204,14 +206,19 @@ def check_train_args(args: argparse.Namespace) -> str | None:
 
 
 def _check_mixture(args: argparse.Namespace) -> str | None:
-    from fastprompt.train.multi import DataError, parse_specs
+    from fastprompt.train.multi import DataError, check_distinct, parse_specs
 
     if not isinstance(args.data, list):
         if isinstance(args.val, list):
             return f"--val is given {len(args.val)} times for one --data"
         return None
+    if args.num_classes is not None:
+        return (
+            f"--num-classes {args.num_classes} applies to one --data; a mixture's classes are "
+            "its datasets' classes, joined"
+        )
     try:
-        parse_specs(args.data)
+        pairs = parse_specs(args.data)
     except DataError as e:
         return str(e)
     if args.val is not None and len(spec_paths(args.val)) != len(args.data):
@@ -219,6 +226,11 @@ def _check_mixture(args: argparse.Namespace) -> str | None:
             f"--val: {len(args.data)} datasets need one --val each (in --data's order), got "
             f"{len(spec_paths(args.val))}; or --val-split, or none for datasets with their own"
         )
+    vals = spec_paths(args.val) if args.val is not None else None
+    try:
+        check_distinct(pairs, vals)
+    except DataError as e:
+        return str(e)
     return None
 
 

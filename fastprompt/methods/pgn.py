@@ -374,9 +374,19 @@ def _rebuild(model: nn.Module, saved: Mapping[str, Any], overrides: Mapping[str,
 def _train_build(model: nn.Module, resolution: int | None = None, **kwargs: Any) -> PromptedViT:
     """:func:`pgn` as ``fastprompt train`` calls it: the generator's input defaults to the
     model's input size (the official ViT path resizes a 224 image to 224: no resize)."""
-    if resolution is None:
-        resolution = min(adapter_for(model, "fastprompt.pgn").image_size())
-    return pgn(model, resolution=resolution, **kwargs)
+    if resolution is not None:
+        return pgn(model, resolution=resolution, **kwargs)
+    resolution = min(adapter_for(model, "fastprompt.pgn").image_size())
+    try:
+        return pgn(model, resolution=resolution, **kwargs)
+    except ValueError as e:
+        if "generator can take" not in str(e):
+            raise
+        # The value came from the model, not the user: say which option sets it.
+        raise ValueError(
+            f"{e}; it is the model's input size, the default of --pgn-resolution (method_args "
+            "resolution): give one the generator takes (the image is resized for it)"
+        ) from None
 
 
 def _add_options(group: argparse._ArgumentGroup) -> None:

@@ -40,6 +40,7 @@ from fastprompt.train.transforms import MEANS, build_transform, image_size, norm
 __all__ = [
     "IMAGE_EXTENSIONS",
     "MEANS",
+    "VTAB1K_CLASSES",
     "ClassMapped",
     "DataError",
     "Dataset",
@@ -63,6 +64,32 @@ __all__ = [
     "split_folders",
     "stratified_counts",
 ]
+
+
+# The class count of every VTAB-1k task (the official tune_vtab.py's DATA2CLS, the head's
+# DATA.NUMBER_CLASSES), by the presets' task names: a task's train800 list may lack classes, which
+# the official head still has, and its test list holds images of them.
+VTAB1K_CLASSES: dict[str, int] = {
+    "cifar100": 100,
+    "caltech101": 102,
+    "dtd": 47,
+    "oxford_flowers102": 102,
+    "oxford_iiit_pet": 37,
+    "svhn": 10,
+    "sun397": 397,
+    "patch_camelyon": 2,
+    "eurosat": 10,
+    "resisc45": 45,
+    "diabetic_retinopathy": 5,
+    "clevr_count": 8,
+    "clevr_dist": 6,
+    "dmlab": 6,
+    "kitti": 4,
+    "dsprites_loc": 16,
+    "dsprites_ori": 16,
+    "smallnorb_azi": 18,
+    "smallnorb_ele": 9,
+}
 
 
 def split_dataset(

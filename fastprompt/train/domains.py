@@ -8,8 +8,9 @@ images (:mod:`fastprompt.train.multi`):
 - **features**: each image's mixture weights over the library, (L, M) flattened to L·M (the
   generator in eval mode: BatchNorm running statistics);
 - **separation**: nearest-centroid accuracy of the dataset label from those features, held out:
-  per dataset a seeded half of the images gives the centroids (scikit-learn's
-  ``NearestCentroid``, Euclidean) and the other half is classified; a number in [0, 1], printed
+  per dataset a seeded half of the images gives the centroids (Euclidean, as scikit-learn's
+  ``NearestCentroid``; features that are the same for every image, a saturated generator, classify
+  every image as the first dataset) and the other half is classified; a number in [0, 1], printed
   beside ``chance`` (the largest dataset's share of the held-out half) and beside the same number
   for the run's untrained model (``init/``). The baseline matters: a random generator already
   maps images of visibly different datasets (inverted digits, say) to different mixtures, so
@@ -171,8 +172,6 @@ def separation(features: Tensor, domains: Tensor, seed: int = 0) -> tuple[float,
         Fewer than two datasets, or a dataset with fewer than two images.
     """
     _require()
-    from sklearn.neighbors import NearestCentroid
-
     x = features.double().numpy()
     d = domains.numpy()
     present, counts = np.unique(d, return_counts=True)
@@ -190,9 +189,13 @@ def separation(features: Tensor, domains: Tensor, seed: int = 0) -> tuple[float,
         cut = max(1, len(idx) // 2)
         fit.append(idx[:cut])
         test.append(idx[cut:])
-    fit_i, test_i = np.concatenate(fit), np.concatenate(test)
-    clf = NearestCentroid().fit(x[fit_i], d[fit_i])
-    accuracy = float((clf.predict(x[test_i]) == d[test_i]).mean())
+    test_i = np.concatenate(test)
+    # Computed here rather than with scikit-learn's NearestCentroid, whose fit refuses features
+    # that are the same for every image (a saturated generator) instead of classifying them;
+    # ties go to the first dataset, as its predict would.
+    centroids = np.stack([x[f].mean(axis=0) for f in fit])
+    distances = ((x[test_i, None, :] - centroids[None]) ** 2).sum(-1)
+    accuracy = float((present[distances.argmin(1)] == d[test_i]).mean())
     chance = float(np.bincount(d[test_i]).max() / len(test_i))
     return accuracy, chance, len(test_i)
 

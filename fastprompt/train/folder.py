@@ -111,13 +111,18 @@ class DataConfig:
     """Where the images come from (:mod:`fastprompt.train.data`).
 
     ``train`` (and then ``val``) may be a list: a run over a mixture of datasets
-    (:mod:`fastprompt.train.multi`).
+    (:mod:`fastprompt.train.multi`). ``num_classes`` (one dataset only) is the task's class
+    count, the head's outputs, as the official VTAB code's ``DATA.NUMBER_CLASSES``: integer labels
+    index classes ``0 … num_classes − 1`` whether or not ``train`` holds images of every one
+    (a VTAB-1k ``train800`` list may lack a few that its ``test`` list has); None: the training
+    data's classes.
     """
 
     train: str | list[str]
     val: str | list[str] | None = None
     val_split: str | None = None
     workers: int = 0
+    num_classes: int | None = None
 
 
 @dataclass
@@ -159,6 +164,8 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         out["recipe"] = self.recipe.to_dict()
+        if out["data"]["num_classes"] is None:  # run.json as before the field, which reads back
+            del out["data"]["num_classes"]
         return out
 
     @classmethod

@@ -46,6 +46,7 @@ from fastprompt.train.datasets import DataError, is_digits
 __all__ = [
     "SEP",
     "Mixture",
+    "check_distinct",
     "class_domains",
     "dataset_names",
     "domain_stats",
@@ -205,6 +206,27 @@ def _stored_part(part: Mapping[str, Any], name: str, classes: Sequence[str], own
     return {"ids": ids, "labels": labels}
 
 
+def check_distinct(
+    pairs: Sequence[tuple[str, str]], vals: Sequence[str | None] | None = None
+) -> None:
+    """Refuse one dataset given twice under two names, as ``--data`` or as ``--val``: each
+    name's classes are classes of their own, so every image would train (or be validated) as
+    two classes. ``vals``: the ``--val`` of each dataset, in ``pairs``' order (None: its own)."""
+    for flag, specs in (("--data", [s for _, s in pairs]), ("--val", vals or [])):
+        seen: dict[str, str] = {}
+        for (name, _), spec in zip(pairs, specs, strict=False):
+            if spec is None:
+                continue
+            key = spec if is_digits(spec) else os.path.realpath(spec)
+            if key in seen:
+                raise DataError(
+                    f"{flag}: datasets {seen[key]!r} and {name!r} are given the same data "
+                    f"({spec}): each dataset's classes are classes of their own, so its images "
+                    "would be read as two classes at once; a path given twice?"
+                )
+            seen[key] = name
+
+
 def open_mixture_data(
     cfg,
     seed: int = 0,
@@ -235,6 +257,11 @@ def open_mixture_data(
     """
     from fastprompt.train.splits import RunData, open_data
 
+    if getattr(cfg, "num_classes", None) is not None and classes is None:
+        raise DataError(
+            f"--num-classes {cfg.num_classes} applies to one --data; a mixture's classes are its "
+            "datasets' classes, joined"
+        )
     pairs = parse_specs(cfg.train)
     vals: list[str | None] = [None] * len(pairs)
     if cfg.val is not None:
@@ -245,6 +272,8 @@ def open_mixture_data(
                 f"{len(given)}; or pass --val-split, or none for datasets with their own"
             )
         vals = [_split_name(v)[1] for v in given]
+    if classes is None:  # a new run (a resumed one keeps the datasets it began with)
+        check_distinct(pairs, vals)
     exclude = list(exclude)
     trains, valids, hows, notes = [], [], [], []
     for (name, spec), val in zip(pairs, vals, strict=True):

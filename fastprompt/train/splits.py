@@ -178,6 +178,39 @@ def _added(base: Dataset, kept: Iterable[str]) -> int:
     return len(set(base.ids) - set(kept))  # type: ignore[attr-defined]
 
 
+def _task_classes(base: Dataset, cfg) -> list[str]:
+    """A new run's class map: ``base``'s classes, or the ``cfg.num_classes`` classes of its task.
+
+    Raises
+    ------
+    DataError
+        A label that is no class of the task; classes named otherwise than by index, fewer than
+        the task's (the missing ones have no names to give them).
+    """
+    own = list(base.classes)  # type: ignore[attr-defined]
+    n = getattr(cfg, "num_classes", None)
+    if n is None:
+        return own
+    where = f"--data {cfg.train}"
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise DataError(f"--num-classes must be an int >= 2, got {n!r}")
+    if own == [str(i) for i in range(len(own))]:  # labelled by class index
+        if len(own) > n:
+            raise DataError(
+                f"{where} has label {len(own) - 1}, no class of a task of {n} classes (labels "
+                f"0 to {n - 1}; --num-classes, or the --preset's count): is it the task's data?"
+            )
+        return [str(i) for i in range(n)]
+    if len(own) != n:
+        raise DataError(
+            f"{where} names {len(own)} classes ({own[:3]}...), the task has {n} (--num-classes, "
+            "or the --preset's count): classes named rather than numbered cannot be added; label "
+            "them by index (a .txt/.csv list of integer labels) or give --num-classes "
+            f"{len(own)}"
+        )
+    return own
+
+
 def open_data(
     cfg,
     seed: int = 0,
@@ -257,7 +290,7 @@ def open_data(
                 f"began); the run keeps the split it began with ({SPLIT_FILE})"
             )
     else:
-        run_classes = list(classes) if classes is not None else list(base.classes)
+        run_classes = list(classes) if classes is not None else _task_classes(base, cfg)
         if cfg.val_split is not None:
             labels = [int(y) for _, y in base.samples] if stratify else None
             tr, va = split_dataset(len(base), cfg.val_split, seed, labels)
@@ -288,7 +321,15 @@ def open_data(
                 "out at least one image per class)"
             )
     train = DS.map_classes(train, run_classes, f"--data {cfg.train}")
-    val = DS.map_classes(val, run_classes, val_where)
+    try:
+        val = DS.map_classes(val, run_classes, val_where)
+    except DataError as e:
+        if classes is None and run_classes == [str(i) for i in range(len(run_classes))]:
+            raise DataError(
+                f"{e}; labels are class indices: if --data lacks images of the task's last "
+                "classes, give its class count (--num-classes N, or --preset vtab1k-TASK)"
+            ) from None
+        raise
     return RunData(train, val, run_classes, how, notes)
 
 

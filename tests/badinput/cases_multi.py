@@ -35,6 +35,18 @@ CASES = [
         names=["--val"],
     ),
     Case(
+        "mixture-one-dataset-twice-under-two-names",
+        argv=["train", *MODEL, *DATA, "b={fx}/data.csv", *RUN],
+        error=r"datasets 'a' and 'b' are given the same data",
+        names=["{fx}/data.csv"],
+    ),
+    Case(
+        "mixture-with-num-classes",
+        argv=["train", *MODEL, *DATA, "b={case}/x", "--num-classes", "5", *RUN],
+        error=r"--num-classes 5 applies to one --data",
+        names=["--num-classes"],
+    ),
+    Case(
         "mixture-second-dataset-missing",
         argv=["train", *MODEL, *DATA, "b={case}/nothing", *RUN],
         error=r"does not exist",

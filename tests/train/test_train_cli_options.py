@@ -111,3 +111,16 @@ def test_condense_takes_a_device(tiny_csv, tmp_path, capsys):
     assert main([*condense, "--device", "cpu"]) == 0
     # The condensed run stays where it was made: its resume needs no --device.
     assert json.loads((tmp_path / "pc" / "run.json").read_text())["config"]["device"] == "cpu"
+
+
+def test_a_generator_too_small_for_the_model_s_images_names_pgn_resolution(
+    tiny_csv, tmp_path, capsys
+):
+    """A 16-pixel model gave PGN's generator 16-pixel images, refused as "resolution=16", a
+    keyword the command line never showed: the error names --pgn-resolution, its default."""
+    args = ["train", *TINY_MODEL, *FAST, "--method", "pgn", "--prompts", "2", "--epochs", "1"]
+    args += ["--library-size", "4", "--data", str(tiny_csv), "--val", str(tiny_csv)]
+    err = cli_error(capsys, [*args, "--out", str(tmp_path / "r")])
+    assert "resolution=16 is smaller than the resnet10 generator" in err
+    assert "the default of --pgn-resolution" in err
+    assert main([*args, "--pgn-resolution", "32", "--out", str(tmp_path / "ok")]) == 0

@@ -317,3 +317,52 @@ def test_the_report_is_written_for_pgn_runs_that_leave_the_generator_default(mon
     M.report_domains("r", SimpleNamespace(method="pgn", method_args={"generator": None}), print)
     M.report_domains("r", SimpleNamespace(method="vpt", method_args={}), print)
     assert calls == ["r"] and "100.0%" in lines[0]
+
+
+def test_the_separation_of_a_saturated_generator_is_a_number_not_a_crash():
+    """A PGN run whose generator saturated (every image the same mixture weights) finished
+    training, then died in its domain report with scikit-learn's "All features have zero
+    variance" (NearestCentroid refuses constant features); `fastprompt domains` died the same."""
+    pytest.importorskip("sklearn")
+    from fastprompt.train import domains as DM
+
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    same = torch.zeros(10, 6)
+    same[:, 2] = 1.0  # one-hot: the same library token for every image
+    acc, chance, held = DM.separation(same, labels)
+    assert held == 5 and chance == pytest.approx(3 / 5)
+    assert acc == pytest.approx(2 / 5)  # every held-out image read as the first dataset
+
+
+def test_one_dataset_given_twice_under_two_names_is_refused(two_sets, tmp_path):
+    """`--data cifar=data/c --data dtd=data/c` (a path typo among several) trained every image as
+    two classes, cifar/x and dtd/x, without a word."""
+    a, b = two_sets
+    link = tmp_path / "same.csv"
+    link.symlink_to(a)
+    for twice in (a, str(link)):
+        with pytest.raises(DataError, match="datasets 'a' and 'c' are given the same data"):
+            open_data(DataConfig(train=[f"a={a}", f"b={b}", f"c={twice}"], val_split="4"))
+    with pytest.raises(DataError, match="'x' and 'y' are given the same data"):
+        open_data(DataConfig(train=["x=digits:0-2", "y=digits:0-2"], val_split="4"))
+    assert open_data(DataConfig(train=["x=digits:0-2", "y=digits:3-5"], val_split="4")).classes
+    # The same --val for two datasets validated the second on the first's images.
+    with pytest.raises(DataError, match=r"--val: datasets 'a' and 'b' are given the same data"):
+        open_data(DataConfig(train=[f"a={a}", f"b={b}"], val=[a, a]))
+
+
+def test_the_cli_refuses_a_dataset_twice_and_num_classes_of_a_mixture_before_any_work(
+    two_sets, tmp_path, capsys
+):
+    a, b = two_sets
+    args = ["train", *TINY_MODEL, *PGN, *FAST, "--out", str(tmp_path / "r")]
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={a}"])
+    assert "datasets 'a' and 'b' are given the same data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={b}", "--val", a, "--val", a])
+    assert "--val: datasets 'a' and 'b' are given the same data" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*args, "--data", f"a={a}", "--data", f"b={b}", "--num-classes", "9"])
+    assert "--num-classes 9 applies to one --data" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "r")

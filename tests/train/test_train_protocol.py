@@ -228,3 +228,33 @@ def test_best_can_be_the_lowest_validation_loss(tiny_csv, tmp_path):
     best = json.loads((run / "best" / "best.json").read_text())
     assert best["epoch"] == min(rows, key=lambda r: r["val_loss"])["epoch"]
     assert (run / "log.txt").read_text().rstrip().endswith("by val_loss)")
+
+
+def test_a_vtab_preset_run_has_the_tasks_classes_though_train800_lacks_some(tmp_path, capsys):
+    """A VTAB-1k train800 list may hold no image of a task's last classes (sun397: 800 images,
+    397 classes), which val200 and test have. The head had max label + 1 outputs and the run was
+    refused ("--val ... has 1 class(es) the run was not trained on"); the official head has the
+    task's DATA.NUMBER_CLASSES outputs and counts such images as errors."""
+    from train_helpers import write_images
+
+    rows = write_images(tmp_path / "images", 12, 4)
+    (tmp_path / "train800.txt").write_text("".join(f"{p} {y % 3}\n" for p, y in rows[:8]))
+    (tmp_path / "val200.txt").write_text("".join(f"{p} {y}\n" for p, y in rows[8:]))
+    base = ["train", *TINY_MODEL, *FAST, "--epochs", "1", "--data", str(tmp_path / "train800.txt")]
+    base += ["--val", str(tmp_path / "val200.txt")]
+    assert main([*base, "--preset", "vtab1k-clevr_dist", "--out", str(tmp_path / "r")]) == 0
+    run = json.loads((tmp_path / "r" / "run.json").read_text())
+    assert run["classes"] == [str(i) for i in range(6)]  # clevr_dist: 6 classes
+    assert run["config"]["data"]["num_classes"] == 6
+    assert main(["evaluate", str(tmp_path / "r"), "--data", str(tmp_path / "val200.txt")]) == 0
+    capsys.readouterr()
+    # Without the class count the error says how to give it.
+    with pytest.raises(SystemExit):
+        main([*base, "--prompts", "2", "--out", str(tmp_path / "m")])
+    assert "give its class count (--num-classes N, or --preset" in capsys.readouterr().err
+    # --num-classes says it without a preset; a label beyond it is refused, naming it.
+    assert main([*base, "--prompts", "2", "--num-classes", "4", "--out", str(tmp_path / "n")]) == 0
+    assert len(json.loads((tmp_path / "n" / "run.json").read_text())["classes"]) == 4
+    with pytest.raises(SystemExit):
+        main([*base, "--preset", "vtab1k-patch_camelyon", "--out", str(tmp_path / "p")])
+    assert "has label 2, no class of a task of 2 classes" in capsys.readouterr().err

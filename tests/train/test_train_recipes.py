@@ -175,6 +175,10 @@ def test_recipes_are_printed(capsys):
     for name in RECIPES:
         assert f"recipe {name}" in out
     assert "vtab1k-cifar100" in out and "lr by epoch" in out
+    # Each preset's class count and E2VPT's counts too, not VPT's alone.
+    assert " ".join(next(x for x in out.splitlines() if "vtab1k-sun397" in x).split()) == (
+        "vtab1k-sun397 397 5 10/5"
+    )
     main(["train", "--recipe", "pgn", "--epochs", "10", "--print-recipe"])
     out = capsys.readouterr().out
     # Shortening a run keeps the recipe's warmup share (PGN: half).
