@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["Outputs", "device_folder", "prepare_out"]
+__all__ = ["Outputs", "device_folder", "prepare_out", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -121,6 +121,27 @@ def _foreign(out: str, outputs: Outputs) -> str | None:
     )
 
 
+def refusal(out: str, outputs: Outputs) -> str | None:
+    """Why :func:`prepare_out` would refuse ``out``, removing nothing: for a tool that writes into
+    several folders, each of them checked before any is prepared.
+
+    Parameters
+    ----------
+    out : str
+        The folder.
+    outputs : Outputs
+        What the tool writes there.
+
+    Returns
+    -------
+    str or None
+        The problem, one line naming ``--out``; None when the folder may be prepared.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} exists and is not a folder"
+    return _foreign(out, outputs)
+
+
 def prepare_out(out: str, outputs: Outputs) -> str | None:
     """Make the folder ``out`` ready for ``outputs`` before anything is measured, or say why it
     cannot be: a person's files of those names are there, it is a file, it cannot be written.
@@ -141,9 +162,7 @@ def prepare_out(out: str, outputs: Outputs) -> str | None:
     str or None
         The problem, one line naming ``--out``; None when the folder is ready.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} exists and is not a folder"
-    problem = _foreign(out, outputs)
+    problem = refusal(out, outputs)
     if problem:
         return problem
     try:
