@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,15 @@ def test_tiny_runs_keep_the_options_given(tmp_path):
     report = json.loads((tmp_path / "e2vpt.json").read_text())
     assert report["batch"] == 2
     assert all(r["free"]["reps"] == 1 for r in report["rows"])
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_probe_cost_refuses_a_folder_for_out_before_measuring(existing, tmp_path, capsys):
+    """An --out ending in a separator was taken and failed only when writing, after measuring."""
+    folder = tmp_path / "probe"
+    if existing:
+        folder.mkdir()
+    argv = ["--device", "cpu", "--dtypes", "float32", "--out", f"{folder}{os.sep}"]
+    err = _refused(_script("probe_cost").main, argv, capsys)
+    assert "is a folder; it names the JSON file to write" in err
+    assert folder.exists() == existing
