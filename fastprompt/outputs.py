@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["Outputs", "device_folder", "prepare_out", "refusal"]
+__all__ = ["Outputs", "cpu_folder", "device_folder", "prepare_out", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -69,6 +69,12 @@ def device_folder(env: dict, *names: str) -> str:
     """``benchmarks/results/<device>/<names...>``: a script's default ``--out``, one folder per
     device as :func:`fastprompt.bench.environment` names it (spaces made ``_``)."""
     return os.path.join("benchmarks", "results", env["device"].replace(" ", "_"), *names)
+
+
+def cpu_folder(*names: str) -> str:
+    """``benchmarks/results/cpu-<cores>core/<names...>``: a CPU script's default ``--out``, one
+    folder per core count, so that a run elsewhere does not replace the committed 2-core figures."""
+    return os.path.join("benchmarks", "results", f"cpu-{os.cpu_count()}core", *names)
 
 
 def _report(path: str) -> object:
