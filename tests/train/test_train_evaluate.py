@@ -318,3 +318,18 @@ def test_evaluate_says_a_backend_has_no_effect_on_a_naive_run(tmp_path, capsys):
     assert main(["evaluate", str(run), "--no-progress"]) == 0
     assert "has no effect" not in capsys.readouterr().err
 
+
+def test_a_checkpoint_folder_without_its_prompts_is_said_damaged(folder_run, capsys):
+    """A best/ whose prompts.safetensors is gone read as "has no best/ checkpoint yet", as if
+    training had not reached it."""
+    run, _ = folder_run
+    (run / "best" / "prompts.safetensors").unlink()
+    said = (
+        f"{run / 'best'} is there but holds no prompts.safetensors: the checkpoint is damaged or "
+        "incomplete; restore it from a copy of the run, or use another of its checkpoints "
+        "(best, last, init)"
+    )
+    assert cli_error(capsys, ["evaluate", str(run)]).endswith(said)
+    with pytest.raises(RunError) as info:
+        load_run_model(str(run), "best")
+    assert str(info.value) == said
