@@ -54,6 +54,7 @@ runs the same steps on the CPU with tiny shapes in seconds (CI runs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -286,6 +287,9 @@ def prepare(out: Path) -> str | None:
         problem = prepare_out(folder, what)
         if problem:
             return problem
+    for folder, _ in folders[1:]:
+        with contextlib.suppress(OSError):  # a step's folder left empty: its step makes it
+            os.rmdir(folder)
     return None
 
 

@@ -199,7 +199,7 @@ def test_a_rerun_into_the_same_folder_shows_only_its_own_steps(tmp_path, capsys)
     summary = (out / "summary.md").read_text()
     assert "tests_first" not in summary and "## op" not in summary
     assert not (out / "tests_first.xml").exists() and not (out / "tests_first.log").exists()
-    assert not (out / "op" / "rows.jsonl").exists()
+    assert not (out / "op").exists()  # emptied, and removed
     assert (out / "notes.md").read_text() == "kept" and (out / "env.log").is_file()
 
 
