@@ -42,9 +42,8 @@ sys.path.insert(0, str(ROOT))
 from fastprompt.kernels import cpp  # noqa: E402
 from fastprompt.measure import git_commit  # noqa: E402
 from fastprompt.ops import prompt_attention, prompt_attention_ref  # noqa: E402
-from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
+from fastprompt.outputs import Outputs, cpu_folder, prepare_out  # noqa: E402
 
-CPU_FOLDER = f"cpu-{os.cpu_count()}core"
 OUTPUTS = Outputs(
     tool="benchmarks/bench_prompt_attention_cpu.py",
     report="report.json",
@@ -187,8 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--out",
-        # This machine's folder: a run elsewhere does not replace the committed 2-core figures.
-        default=str(ROOT / "benchmarks" / "results" / CPU_FOLDER / "prompt_attention_cpu"),
+        default=str(ROOT / cpu_folder("prompt_attention_cpu")),
     )
     args = parser.parse_args(argv)
     if args.quick:

@@ -28,6 +28,10 @@ from fastprompt.outputs import Outputs, prepare_out  # noqa: E402
 
 OUTPUTS = Outputs(
     tool="benchmarks/compare_cpp_builds.py",
+    # The environment and commit, as every script records them (results before it have none).
+    report="report.json",
+    keys=frozenset({"env", "old", "new"}),
+    more=frozenset({"rounds", "reps"}),
     rows="rows.jsonl",
     row_keys=frozenset({"build"}),
     others=("report.md",),
@@ -72,14 +76,14 @@ print(json.dumps(out))
 """
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("old", type=Path, help="the baseline build's library")
     ap.add_argument("new", type=Path, help="the build under test")
     ap.add_argument("--rounds", type=int, default=3, help="processes per build, alternating")
     ap.add_argument("--reps", type=int, default=15, help="timed calls per process (median)")
-    ap.add_argument("--out", type=Path, help="folder for rows.jsonl and report.md")
-    args = ap.parse_args()
+    ap.add_argument("--out", type=Path, help="folder for rows.jsonl, report.md and report.json")
+    args = ap.parse_args(argv)
     for which in ("old", "new"):
         lib = getattr(args, which)
         if not lib.is_file():
@@ -99,10 +103,17 @@ def main() -> None:
                 sys.exit(f"{which} ({lib}) failed:\n{result.stderr.strip()}")
             runs[which].append(json.loads(result.stdout.strip().splitlines()[-1]))
             print(which, runs[which][-1], flush=True)
+    import torch
+
+    from fastprompt.bench import environment
+
+    env = environment(torch.device("cpu"))
     lines = [
         f"CPU kernels, two builds: old {args.old}, new {args.new}; one thread, process CPU time, "
         f"median of {args.reps} calls per process, {args.rounds} processes per build "
-        "(alternating); the range is over processes.",
+        f"(alternating); the range is over processes. torch {env['torch']}, fastprompt "
+        f"{env['fastprompt']}, commit "
+        f"{env['commit']}, {env['date']}.",
         "",
         "| shape | mode | old ms | new ms | new / old |",
         "|---|---|---|---|---|",
@@ -123,6 +134,9 @@ def main() -> None:
                 for row in rows:
                     f.write(json.dumps({"build": which, **row}) + "\n")
         (args.out / "report.md").write_text("\n".join(lines) + "\n")
+        report = {"env": env, "old": str(args.old), "new": str(args.new)}
+        report |= {"rounds": args.rounds, "reps": args.reps}
+        (args.out / "report.json").write_text(json.dumps(report, indent=1))
 
 
 if __name__ == "__main__":

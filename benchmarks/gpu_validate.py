@@ -40,7 +40,11 @@ The full op matrix (P 50 too, Triton's default config, each SDPA kernel forced) 
 Everything lands in ``OUT`` (default ``benchmarks/results/<device>/validate``): ``steps.jsonl``
 (one line per step as it ends), each step's log, the op rows (``op/rows.jsonl``), each model
 step's rows as they are measured (``model_*/rows.jsonl``) and its report, the tests' JUnit XML,
-and ``summary.md`` (a model step cut by its timeout is summarised from its rows). ``--dry-run``
+and ``summary.md`` (a model step cut by its timeout is summarised from its rows). ``OUT`` follows
+the rule of every measuring tool's ``--out`` (:func:`fastprompt.outputs.prepare_out`): before the
+first step, an earlier run's files there (this script's, and its op and model steps' in their
+folders) are removed, so that a rerun, also one with other ``--steps``, shows only its own; a
+person's files of those names are left alone and the run is refused, naming them. ``--dry-run``
 runs the same steps on the CPU with tiny shapes in seconds (CI runs it).
 
     benchmarks/gpu_validate.sh [OUT]          # the same as python benchmarks/gpu_validate.py --out
@@ -50,6 +54,7 @@ runs the same steps on the CPU with tiny shapes in seconds (CI runs it).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -222,6 +227,72 @@ def steps(out: Path, dry_run: bool) -> list[Step]:
     ]
 
 
+# The folders of the steps that run another measuring tool with its own --out.
+SUBFOLDERS = {"op": "bench_op", "model_bf16": "bench", "model_swin": "bench", "model_fp32": "bench"}
+
+
+def outputs():
+    """What this script writes into OUT itself (:class:`fastprompt.outputs.Outputs`): its steps'
+    rows recognise an earlier run's folder, or its ``environment.json`` one cut short before the
+    first step ended."""
+    from fastprompt.outputs import Outputs
+
+    names = [s.name for s in steps(Path("."), dry_run=False)]
+    return Outputs(
+        tool="benchmarks/gpu_validate.py",
+        report="environment.json",
+        keys=frozenset({"device", "torch", "commit"}),
+        more=None,
+        rows="steps.jsonl",
+        row_keys=frozenset({"step", "command", "status"}),
+        others=(
+            "summary.md",
+            "nvidia-smi.txt",
+            "precompile.json",
+            *(f"{n}.log" for n in names),
+            *(f"{n}.xml" for n in names if n.startswith("tests_")),
+        ),
+    )
+
+
+def _subfolder_outputs(tool: str):
+    """The Outputs of the tool a step runs (``bench_op`` or ``fastprompt bench``)."""
+    if tool == "bench":
+        from fastprompt.cli.bench_checks import BENCH_OUTPUTS
+
+        return BENCH_OUTPUTS
+    spec = importlib.util.spec_from_file_location(tool, ROOT / "benchmarks" / f"{tool}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OUTPUTS
+
+
+def prepare(out: Path) -> str | None:
+    """Make OUT ready before anything runs (the rule every ``--out`` follows), or say why not: an
+    earlier run's files go, in OUT and in its steps' folders, whichever steps this run takes;
+    every folder is checked before anything is removed."""
+    from fastprompt.outputs import prepare_out, refusal
+
+    folders = [(str(out), outputs())]
+    folders += [
+        (str(out / name), _subfolder_outputs(tool))
+        for name, tool in SUBFOLDERS.items()
+        if (out / name).is_dir()
+    ]
+    for folder, what in folders:
+        problem = refusal(folder, what)
+        if problem:
+            return problem
+    for folder, what in folders:
+        problem = prepare_out(folder, what)
+        if problem:
+            return problem
+    for folder, _ in folders[1:]:
+        with contextlib.suppress(OSError):  # a step's folder left empty: its step makes it
+            os.rmdir(folder)
+    return None
+
+
 def _environment(out: Path, dry_run: bool) -> None:
     import torch
 
@@ -342,16 +413,20 @@ def summary(out: Path, records: list[dict], wall: float) -> str:
     models' (from a step's rows where its timeout cut it before its report)."""
     lines = ["# GPU validation summary", "", f"wall time {wall:.0f} s", ""]
     lines += ["| step | status | seconds | last line |", "|---|---|---|---|"]
+    # Only the files of steps that ran in this run: what else OUT holds is not this run's.
+    ran = {r["step"] for r in records if r["status"] != "skipped"}
     for r in records:
         last = str(r.get("last", r.get("why", ""))).replace("|", "/")[:120]
         lines.append(f"| {r['step']} | {r['status']} | {r.get('seconds', '')} | {last} |")
     for name in ("tests_first", "tests_rest"):
-        if (out / f"{name}.xml").is_file():
+        if name in ran and (out / f"{name}.xml").is_file():
             lines += ["", f"{name}: {_test_counts(out / f'{name}.xml')}"]
-    if (out / "op" / "rows.jsonl").is_file():
+    if "op" in ran and (out / "op" / "rows.jsonl").is_file():
         lines += _op_table(out / "op" / "rows.jsonl")
     status = {r["step"]: r["status"] for r in records}
-    for name in ("model_bf16", "model_swin", "model_fp32"):
+    for name in sorted(
+        ran & {"model_bf16", "model_swin", "model_fp32"}, key=list(SUBFOLDERS).index
+    ):
         report, rows = out / name / "report.md", out / name / "rows.jsonl"
         cut = status.get(name, "").startswith("timed out")  # a report there is an older run's
         if rows.is_file() and (cut or not report.is_file()):
@@ -382,7 +457,9 @@ def main(argv: list[str] | None = None) -> int:
         device = "cpu-dry-run" if args.dry_run else torch.cuda.get_device_name(0)
         args.out = str(ROOT / "benchmarks" / "results" / device.replace(" ", "_") / "validate")
     out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
+    problem = prepare(out)
+    if problem:
+        parser.error(problem)
     env = dict(os.environ, PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     if not args.dry_run:
         env.pop("TRITON_INTERPRET", None)

@@ -8,7 +8,7 @@ pixel values outside the valid normalised range, and the error once the patches 
 (what an RGB image can hold). With random weights these describe the mechanism, not a trained
 model: pretrained patch embeddings have other condition numbers, and trained prompts other scales.
 
-    python benchmarks/pgn_inversion_report.py [--out benchmarks/results/<device>/pgn]
+    python benchmarks/pgn_inversion_report.py [--out benchmarks/results/cpu-<cores>core/pgn]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 
 import fastprompt
 from fastprompt.bench import environment
-from fastprompt.outputs import Outputs, prepare_out
+from fastprompt.outputs import Outputs, cpu_folder, prepare_out
 
 MODELS = ("vit_base_patch32_224", "vit_base_patch16_224", "vit_large_patch16_224")
 OUTPUTS = Outputs(
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--models", nargs="+", default=list(MODELS))
     p.add_argument("--images", type=int, default=4)
-    p.add_argument("--out", default=os.path.join("benchmarks", "results", "cpu-2core", "pgn"))
+    p.add_argument("--out", default=cpu_folder("pgn"))
     args = p.parse_args(argv)
     problem = f"--images must be >= 1, got {args.images}" if args.images < 1 else None
     problem = problem or prepare_out(args.out, OUTPUTS)

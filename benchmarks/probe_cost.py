@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> None:
     if not problem and any(d < 1 for d in args.head_dims):
         problem = f"--head-dims must be >= 1, got {args.head_dims}"
     if not problem and args.out:
-        if os.path.isdir(args.out):
+        # A name ending in a separator is a folder too, also one not made yet.
+        if os.path.isdir(args.out) or not os.path.basename(args.out):
             problem = f"--out {args.out} is a folder; it names the JSON file to write"
         else:
             # The file's folder, under the rule every benchmark's --out follows.

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 
-__all__ = ["Outputs", "device_folder", "prepare_out"]
+__all__ = ["Outputs", "cpu_folder", "device_folder", "prepare_out", "refusal"]
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,12 @@ def device_folder(env: dict, *names: str) -> str:
     return os.path.join("benchmarks", "results", env["device"].replace(" ", "_"), *names)
 
 
+def cpu_folder(*names: str) -> str:
+    """``benchmarks/results/cpu-<cores>core/<names...>``: a CPU script's default ``--out``, one
+    folder per core count, so that a run elsewhere does not replace the committed 2-core figures."""
+    return os.path.join("benchmarks", "results", f"cpu-{os.cpu_count()}core", *names)
+
+
 def _report(path: str) -> object:
     with open(path) as f:
         return json.load(f)
@@ -121,6 +127,27 @@ def _foreign(out: str, outputs: Outputs) -> str | None:
     )
 
 
+def refusal(out: str, outputs: Outputs) -> str | None:
+    """Why :func:`prepare_out` would refuse ``out``, removing nothing: for a tool that writes into
+    several folders, each of them checked before any is prepared.
+
+    Parameters
+    ----------
+    out : str
+        The folder.
+    outputs : Outputs
+        What the tool writes there.
+
+    Returns
+    -------
+    str or None
+        The problem, one line naming ``--out``; None when the folder may be prepared.
+    """
+    if os.path.exists(out) and not os.path.isdir(out):
+        return f"--out {out} exists and is not a folder"
+    return _foreign(out, outputs)
+
+
 def prepare_out(out: str, outputs: Outputs) -> str | None:
     """Make the folder ``out`` ready for ``outputs`` before anything is measured, or say why it
     cannot be: a person's files of those names are there, it is a file, it cannot be written.
@@ -141,9 +168,7 @@ def prepare_out(out: str, outputs: Outputs) -> str | None:
     str or None
         The problem, one line naming ``--out``; None when the folder is ready.
     """
-    if os.path.exists(out) and not os.path.isdir(out):
-        return f"--out {out} exists and is not a folder"
-    problem = _foreign(out, outputs)
+    problem = refusal(out, outputs)
     if problem:
         return problem
     try:

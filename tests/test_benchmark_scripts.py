@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -313,3 +314,50 @@ def test_tiny_runs_keep_the_options_given(tmp_path):
     report = json.loads((tmp_path / "e2vpt.json").read_text())
     assert report["batch"] == 2
     assert all(r["free"]["reps"] == 1 for r in report["rows"])
+
+
+@pytest.mark.parametrize("existing", [True, False])
+def test_probe_cost_refuses_a_folder_for_out_before_measuring(existing, tmp_path, capsys):
+    """An --out ending in a separator was taken and failed only when writing, after measuring."""
+    folder = tmp_path / "probe"
+    if existing:
+        folder.mkdir()
+    argv = ["--device", "cpu", "--dtypes", "float32", "--out", f"{folder}{os.sep}"]
+    err = _refused(_script("probe_cost").main, argv, capsys)
+    assert "is a folder; it names the JSON file to write" in err
+    assert folder.exists() == existing
+
+
+def test_pgn_inversion_report_defaults_to_this_machines_cpu_folder(tmp_path, monkeypatch):
+    """It wrote into cpu-2core on any machine, where bench_prompt_attention_cpu.py uses the
+    machine's core count: one rule for both."""
+    from fastprompt.outputs import cpu_folder
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(os, "cpu_count", lambda: 3)
+    assert cpu_folder("pgn") == os.path.join("benchmarks", "results", "cpu-3core", "pgn")
+    _script("pgn_inversion_report").main(["--models", "vit_tiny_patch16_224", "--images", "1"])
+    assert (tmp_path / cpu_folder("pgn") / "inversion.json").is_file()
+
+
+def test_compare_cpp_builds_records_the_commit_and_environment(tmp_path, monkeypatch):
+    """Its report held the times alone: not which commit or torch measured them."""
+    from fastprompt.measure import git_commit
+
+    compare = _script("compare_cpp_builds")
+    libs = [tmp_path / "old.so", tmp_path / "new.so"]
+    for lib in libs:
+        lib.write_text("")
+
+    def child(cmd, **kwargs):  # what a child process prints: its medians in ms
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"vit fwd": 1.0}\n', stderr="")
+
+    monkeypatch.setattr(compare.subprocess, "run", child)
+    out = tmp_path / "x"
+    compare.main([*map(str, libs), "--rounds", "1", "--reps", "1", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["env"]["commit"] == git_commit() and report["env"]["torch"] == torch.__version__
+    assert f"commit {git_commit()}" in (out / "report.md").read_text()
+    # Its committed results, written before it recorded them, stay its own to write again.
+    assert compare.OUTPUTS.is_rows([{"build": "old"}])
+    compare.main([*map(str, libs), "--rounds", "1", "--reps", "1", "--out", str(out)])

@@ -174,3 +174,49 @@ def test_a_model_step_cut_by_its_timeout_is_summarised_from_its_rows(tmp_path):
     assert "an earlier run's report" not in text
     assert "## model_bf16" in text and "the 2 rows it finished" in text
     assert "| 200 | fused | 10.00 | 0.500 | - |" in text
+
+
+def _earlier_run(out: Path) -> None:
+    """What a run with tests_first and op left in OUT (their records, log, XML and rows)."""
+    (out / "op").mkdir(parents=True)
+    record = {"step": "tests_first", "command": "pytest", "status": "ok", "seconds": 1.0}
+    (out / "steps.jsonl").write_text(json.dumps(record) + "\n")
+    (out / "tests_first.log").write_text("1 passed\n")
+    (out / "tests_first.xml").write_text('<testsuite tests="7" failures="0" errors="0"/>')
+    row = {"dtype": "float32", "prompts": 4, "sets": 1, "mode": "fwd", "impl": "auto"}
+    (out / "op" / "rows.jsonl").write_text(json.dumps({**row, "ms_median": 1.0}) + "\n")
+
+
+def test_a_rerun_into_the_same_folder_shows_only_its_own_steps(tmp_path, capsys):
+    """steps.jsonl was appended to (two runs' records in one file), and a rerun with other
+    --steps put the earlier run's test counts and op rows into its summary as its own."""
+    out = tmp_path / "validate"
+    _earlier_run(out)
+    (out / "notes.md").write_text("kept")  # another name: not the script's to remove
+    assert gpu_validate.main(["--dry-run", "--out", str(out), "--steps", "env"]) == 0
+    records = [json.loads(x) for x in (out / "steps.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == ["env"]
+    summary = (out / "summary.md").read_text()
+    assert "tests_first" not in summary and "## op" not in summary
+    assert not (out / "tests_first.xml").exists() and not (out / "tests_first.log").exists()
+    assert not (out / "op").exists()  # emptied, and removed
+    assert (out / "notes.md").read_text() == "kept" and (out / "env.log").is_file()
+
+
+@pytest.mark.parametrize("where", ["summary.md", "op/report.md"])
+def test_a_persons_files_in_the_folder_are_refused_before_any_step(where, tmp_path, capsys):
+    """A summary.md in a folder no run wrote was replaced; op/report.md, a person's beside an
+    earlier run's files (which are kept too: every folder is checked before any is cleaned)."""
+    out = tmp_path / "validate"
+    _earlier_run(out)
+    # The rows there would say the folder is the tool's own.
+    (out / ("steps.jsonl" if where == "summary.md" else "op/rows.jsonl")).unlink()
+    (out / where).write_text("my notes")
+    with pytest.raises(SystemExit) as e:
+        gpu_validate.main(["--dry-run", "--out", str(out), "--steps", "env"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert Path(where).name in err and "did not write; choose another --out" in err
+    assert (out / where).read_text() == "my notes"
+    assert not (out / "environment.json").exists()
+    assert (out / "tests_first.xml").exists()

@@ -102,3 +102,31 @@ def test_a_merge_kernel_that_cannot_run_is_said_at_the_op_call(monkeypatch):
         line = inspect.currentframe().f_lineno + 1
         prompt_attention(*_op_inputs(torch.float32), backend="cascade")
     _said_here(said, "merge kernel cannot run here", line)
+
+
+def test_under_python_m_fastprompt_a_warning_names_the_command(tmp_path):
+    """Under ``python -m fastprompt`` every warning pointed at ``<frozen runpy>:88``: there is
+    no line of the person's code, so it names the command they typed."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    bad = tmp_path / "dispatch.json"
+    bad.write_text("{not json")
+    env = dict(os.environ, FASTPROMPT_DISPATCH_CACHE=str(bad), PYTHONPATH=str(root))
+    result = subprocess.run(
+        [sys.executable, "-m", "fastprompt", "info"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (
+        f"<fastprompt info>:0: RuntimeWarning: fastprompt: dispatch cache: cannot read {bad}"
+        in (result.stderr)
+    )
+    assert "runpy" not in result.stderr

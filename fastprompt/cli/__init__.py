@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Any
 
+from fastprompt._warnings import command_line
 from fastprompt.backends import NAMES
 from fastprompt.cli.bench_checks import (
     BENCH_OUTPUTS,
@@ -301,6 +302,12 @@ def main(argv: list[str] | None = None) -> int:
     _bench_parser(sub)
     sub.add_parser("info", help="versions, device and which backends can run here")
     args = parser.parse_args(argv)
+    with command_line(f"fastprompt {args.command}"):
+        return _run(args, parser)
+
+
+def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    """The command ``args`` asks for: its checks, then the command."""
     checks = {
         "bench": check_bench_args,
         "train": check_train_args,

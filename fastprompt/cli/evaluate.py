@@ -64,15 +64,18 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
+    # As a resume would find it: where an interrupted save left it, too.
+    folder = checkpoint_dir(args.run, args.checkpoint)
     if args.backend is None:
         way = "evaluate it with --backend auto (or another backend)"
         problem = check_run_backend(args.run, config, args.device, way)
     elif args.backend != "auto":
-        problem = check_backend(args.backend, args.device or config.device)
+        problem = _check_backend_fits(args, config, folder) or check_backend(
+            args.backend, args.device or config.device
+        )
     if problem:
         return problem
-    # As a resume would find it: where an interrupted save left it, too.
-    if checkpoint_dir(args.run, args.checkpoint) is None:
+    if folder is None:
         return no_checkpoint(args.run, args.checkpoint)
     if args.batch_size is not None and args.batch_size < 1:
         return f"--batch-size must be >= 1, got {args.batch_size}"
@@ -82,6 +85,69 @@ def check_evaluate_args(args: argparse.Namespace) -> str | None:
         if not (spec == "digits" or spec.startswith("digits:")) and not os.path.exists(spec):
             return f"--data {spec} does not exist"
     return None
+
+
+def _run_impl(config, folder: str | None) -> str | None:
+    """How the run's checkpoint runs (``fused`` or ``naive``): as the run was built, else as it
+    was saved; None where its description cannot be read (loading it says why)."""
+    from fastprompt.checkpoint import CheckpointError, checkpoint_info
+
+    impl = config.method_args.get("impl")
+    if impl is not None or folder is None:
+        return impl
+    try:
+        return checkpoint_info(folder).get("impl", "fused")
+    except (CheckpointError, OSError):
+        return None
+
+
+def _check_backend_fits(args: argparse.Namespace, config, folder: str | None) -> str | None:
+    """Why ``--backend`` cannot run the blocks of the run's model (a Swin's relative-position bias
+    on a backend that adds none), or None; the model is built on the meta device: nothing is
+    allocated, no weights are read."""
+    import timm
+    import torch
+
+    from fastprompt import backends
+    from fastprompt.backbones import adapter_for
+
+    if _run_impl(config, folder) != "fused":
+        return None  # the naive computation runs the model's own attention
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(
+                config.model.name, pretrained=False, num_classes=2, **dict(config.model.args)
+            )
+        adapter = adapter_for(model, "evaluate")
+    except Exception:
+        return None  # building it for real says what is wrong
+    entry = backends.get(args.backend)
+    lacking = sorted(adapter.op_features - entry.features)
+    if not lacking:
+        return None
+    able = [n for n in BACKENDS if not adapter.op_features - backends.get(n).features]
+    return (
+        f"--backend {args.backend} cannot run {args.run}'s model, a {adapter.description}: "
+        + "; ".join(f"no {f} ({entry.lacks[f]})" for f in lacking)
+        + f"; evaluate it with --backend auto or {' or '.join(able)}"
+    )
+
+
+def _backend_note(args: argparse.Namespace, model) -> str | None:
+    """The note that ``--backend`` has no effect on the model: its naive computation runs the
+    model's own attention, and its prompts bring no keys/values of their own (which the
+    backend would join)."""
+    from fastprompt.sources import PromptSource
+
+    source = getattr(model, "source", None)
+    if args.backend is None or getattr(model, "impl", None) != "naive" or source is None:
+        return None
+    if type(source).kv is not PromptSource.kv:
+        return None
+    return (
+        f"note: {args.run} runs with --impl naive, as it was trained, which uses no "
+        f"prompt-attention backend: --backend {args.backend} has no effect"
+    )
 
 
 def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
@@ -101,6 +167,9 @@ def run_evaluate(args: argparse.Namespace, parser: argparse.ArgumentParser) -> i
         options = backend_option(args.backend)
         model = load_run_model(args.run, args.checkpoint, env.device, config, saved, options)
         check_one_save(env, model, args.run, args.checkpoint)
+        note = _backend_note(args, model)
+        if note and env.main:
+            print(note, file=sys.stderr)
         if args.data is None:
             dataset = run_data(args.run, config, saved).val
             name = "validation"

@@ -252,8 +252,15 @@ def checkpoint_dir(run: str, name: str) -> str | None:
 
 def no_checkpoint(run: str, name: str) -> str:
     """Why :func:`checkpoint_dir` found no checkpoint ``name`` in ``run`` (a message)."""
-    swap = swap_dir(run, name)
-    if not os.path.lexists(os.path.join(run, name)) and os.path.lexists(swap):
+    swap, final = swap_dir(run, name), os.path.join(run, name)
+    if os.path.lexists(final):
+        # Not a checkpoint still to come: one whose files were removed, or a copy cut short.
+        return (
+            f"{final} is there but holds no prompts.safetensors: the checkpoint is damaged or "
+            "incomplete; restore it from a copy of the run, or use another of its checkpoints "
+            "(best, last, init)"
+        )
+    if os.path.lexists(swap):
         return (
             f"{run} has no {name}/ checkpoint, and {swap} is not one a save of fastprompt moved "
             f"aside (it lacks the mark {SWAP_MARK}, or its prompts.safetensors): move it back to "

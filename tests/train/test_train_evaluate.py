@@ -297,3 +297,39 @@ def test_processes_that_read_different_saves_are_refused(folder_run, monkeypatch
     gathered.extend(["one save", "another"])
     with pytest.raises(RunError, match=r"the 2 processes read different saves of .*best"):
         folder.check_one_save(env, model, str(run), "best")
+
+
+def test_evaluate_says_a_backend_has_no_effect_on_a_naive_run(tmp_path, capsys):
+    """--backend on a run with --impl naive was accepted and silently had no effect."""
+    root = tmp_path / "data"
+    for part, count in (("train", 2), ("val", 1)):
+        for i, cls in enumerate("ab"):
+            write_images(root / part / cls, count, 1, seed=10 * i + len(part))
+    args = ["train", *TINY_MODEL, "--data", str(root), "--prompts", "1", "--impl", "naive", *FAST]
+    assert main([*args, "--epochs", "1", "--out", str(tmp_path / "run")]) == 0
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--backend", "torch", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert (
+        f"note: {run} runs with --impl naive, as it was trained, which uses no prompt-attention "
+        "backend: --backend torch has no effect"
+    ) in err
+    assert main(["evaluate", str(run), "--no-progress"]) == 0
+    assert "has no effect" not in capsys.readouterr().err
+
+
+def test_a_checkpoint_folder_without_its_prompts_is_said_damaged(folder_run, capsys):
+    """A best/ whose prompts.safetensors is gone read as "has no best/ checkpoint yet", as if
+    training had not reached it."""
+    run, _ = folder_run
+    (run / "best" / "prompts.safetensors").unlink()
+    said = (
+        f"{run / 'best'} is there but holds no prompts.safetensors: the checkpoint is damaged or "
+        "incomplete; restore it from a copy of the run, or use another of its checkpoints "
+        "(best, last, init)"
+    )
+    assert cli_error(capsys, ["evaluate", str(run)]).endswith(said)
+    with pytest.raises(RunError) as info:
+        load_run_model(str(run), "best")
+    assert str(info.value) == said

@@ -90,3 +90,34 @@ def test_the_official_window_mixing_from_the_command_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", *vit, "--out", str(tmp_path / "vit")])
     assert "has no windows" in capsys.readouterr().err
+
+
+def test_evaluate_refuses_a_backend_the_swin_blocks_need_before_building(
+    tmp_path, monkeypatch, capsys
+):
+    """evaluate --backend triton on a Swin run failed only once the model was built, naming
+    "backend 'triton'" but not the option."""
+    import fastprompt.train.run as run_module
+
+    rows = write_images(tmp_path / "img", 6, 3)
+    data = tmp_path / "data.csv"
+    data.write_text("".join(f"{p},{y}\n" for p, y in rows))
+    run = tmp_path / "run"
+    args = ["train", *MODEL, "--data", str(data), "--val", str(data), "--prompts", "2"]
+    assert main([*args, "--batch-size", "6", "--epochs", "1", *FAST, "--out", str(run)]) == 0
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # where the Triton backend runs
+    built = []
+    real = run_module.load_run_model
+    monkeypatch.setattr(
+        run_module, "load_run_model", lambda *a, **k: built.append(1) or real(*a, **k)
+    )
+    with pytest.raises(SystemExit) as e:
+        main(["evaluate", str(run), "--backend", "triton", "--no-progress"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"--backend triton cannot run {run}'s model, a timm SwinTransformer" in err
+    assert "no key_bias" in err and err.endswith(
+        "evaluate it with --backend auto or cpp or cascade or torch"
+    )
+    assert not built
+    assert main(["evaluate", str(run), "--backend", "torch", "--no-progress"]) == 0
