@@ -198,6 +198,41 @@ def test_verbose_flag(monkeypatch, value, expected):
     assert _config.get().verbose is expected
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FASTPROMPT_VERBOSE",
+        "FASTPROMPT_EXT_JIT",
+        "FASTPROMPT_SKIP_CUDA_BUILD",
+        "FASTPROMPT_FORCE_CUDA",
+    ],
+)
+def test_a_switch_holding_no_switch_is_refused_not_read_as_on(monkeypatch, name):
+    """FASTPROMPT_EXT_JIT=disabled used to leave compilation allowed (anything not 0/false/no/off
+    was on)."""
+    monkeypatch.setenv(name, "OFF")
+    assert getattr(_config.get(), _SWITCHES[name]) is False
+    monkeypatch.setenv(name, "disabled")
+    with pytest.raises(ValueError, match=f"{name}='disabled' is not a switch: use 1 or 0"):
+        _config.get()
+
+
+_SWITCHES = {
+    "FASTPROMPT_VERBOSE": "verbose",
+    "FASTPROMPT_EXT_JIT": "ext_jit",
+    "FASTPROMPT_SKIP_CUDA_BUILD": "skip_cuda_build",
+    "FASTPROMPT_FORCE_CUDA": "force_cuda",
+}
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("y", True), ("2", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, expected):
+    """TRITON_INTERPRET=2 is off for Triton; fastprompt used to read it as on and send CPU
+    tensors to kernels Triton compiles for a GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _config.get().triton_interpret is expected
+
+
 def test_probe_and_measure_settings(monkeypatch):
     settings = _config.get()
     assert settings.probe == settings.measure == "auto"
@@ -498,6 +533,23 @@ def test_measured_and_probed_choice_inside_torch_compile(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # fastprompt info
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("FASTPROMPT_PROBE", "bogus"), ("FASTPROMPT_EXT_JIT", "nope")]
+)
+def test_info_reports_a_malformed_variable_and_goes_on(variable, value):
+    """`fastprompt info` used to end in a traceback on a bad FASTPROMPT_PROBE or MEASURE."""
+    import os
+
+    env = dict(os.environ, **{variable: value})
+    result = subprocess.run(
+        [sys.executable, "-m", "fastprompt", "info"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"  settings: {variable}={value!r}" in result.stdout
+    for name in backends.NAMES:
+        assert f"  {name}: " in result.stdout
 
 
 def test_info_reports_bad_settings_probe_results_and_measured_choices(monkeypatch, tmp_path):

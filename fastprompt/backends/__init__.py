@@ -468,7 +468,10 @@ def describe(probe: object = None) -> list[dict[str, object]]:
     """
     rows = []
     for b in BACKENDS:
-        why = probe(b) if callable(probe) else b.status()
+        try:
+            why = probe(b) if callable(probe) else b.status()
+        except ValueError as e:  # a malformed FASTPROMPT_* variable: describe, never fail
+            why = f"cannot tell: {e}"
         auto = ", ".join(f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.auto.items())
         cand = ", ".join(
             f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.candidate.items()

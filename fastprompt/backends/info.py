@@ -14,7 +14,7 @@ __all__ = ["lines"]
 def _settings() -> list[str]:
     try:
         settings = _config.get()
-    except ValueError as e:  # a malformed FASTPROMPT_PROBE/MEASURE: say it, go on
+    except ValueError as e:  # a malformed FASTPROMPT_* variable: say it, go on
         return [f"  settings: {e}"]
     out = []
     if settings.backend is None:
@@ -48,7 +48,11 @@ def lines() -> list[str]:
             f"    available here: {row['available']}",
         ]
     out += ["", "dispatch:", *_settings()]
-    if path() is None:
+    try:
+        cache = path()
+    except ValueError:  # a malformed setting, said by _settings above
+        return out
+    if cache is None:
         return out
     try:
         probes, measured = entries("probes"), entries("measured")

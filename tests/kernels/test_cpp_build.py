@@ -72,6 +72,24 @@ def test_no_toolkit_says_what_was_tried(tmp_path, monkeypatch):
     assert toolkit is None and "CUDA_HOME" in how and "no CUDA toolkit" in how
 
 
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_a_set_cuda_home_that_is_no_toolkit_is_not_replaced_by_another(
+    tmp_path, monkeypatch, variable
+):
+    """CUDA_HOME at a wrong folder used to be passed over for the nvcc on PATH, silently."""
+    _fake_toolkit(tmp_path / "on-path")
+    monkeypatch.setenv(
+        "PATH", f"{tmp_path / 'on-path' / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    )
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "cuda-12.4-typo"))
+    toolkit, how = _build.find_cuda_toolkit()
+    assert toolkit is None
+    assert f"{variable}={tmp_path / 'cuda-12.4-typo'} is not a CUDA toolkit" in how
+    assert f"point {variable} at one, or unset it" in how
+
+
 def _toolkit_of(monkeypatch, tmp_path: Path, toolkit: str, torch_cuda: str) -> None:
     """A CUDA ``toolkit`` version found by CUDA_HOME, and a torch built for ``torch_cuda``."""
     import torch
