@@ -126,6 +126,16 @@ def test_describe_reports_declarations_and_availability():
     assert all(r["summary"] and r["measured"] for r in rows)
 
 
+def test_describe_puts_the_gpu_capabilities_on_the_cuda_entries_only():
+    """`fastprompt info` used to print cpp as chosen on "cpu: float32/bfloat16 (sm_80, sm_90)",
+    a GPU restriction on its CPU choice, and nothing beside the CUDA candidate it narrows."""
+    by_name = {r["backend"]: r for r in describe(probe=lambda b: None)}
+    assert by_name["cpp"]["auto"] == "cpu: float32/bfloat16"
+    assert by_name["cpp"]["measured_candidate"] == (
+        "cpu: float16, cuda: float32/float16/bfloat16 (sm_80, sm_90)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Fixed-order choice
 # ----------------------------------------------------------------------------------------------

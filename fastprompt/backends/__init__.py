@@ -472,15 +472,7 @@ def describe(probe: object = None) -> list[dict[str, object]]:
             why = probe(b) if callable(probe) else b.status()
         except ValueError as e:  # a malformed FASTPROMPT_* variable: describe, never fail
             why = f"cannot tell: {e}"
-        auto = ", ".join(f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.auto.items())
-        cand = ", ".join(
-            f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.candidate.items()
-        )
-        narrow = []
-        if b.auto_head_dims is not None:
-            narrow.append(f"head dims {','.join(map(str, b.auto_head_dims))}")
-        if b.auto_capabilities is not None:
-            narrow.append(", ".join(f"sm_{x}{y}" for x, y in b.auto_capabilities))
+        auto, cand = _choice_entries(b, b.auto), _choice_entries(b, b.candidate)
         rows.append(
             {
                 "backend": b.name,
@@ -491,10 +483,26 @@ def describe(probe: object = None) -> list[dict[str, object]]:
                 "head_dims": "any" if b.head_dims is None else ",".join(map(str, b.head_dims)),
                 "features": ",".join(f for f in FEATURES if f in b.features),
                 "lacks": "; ".join(f"{f}: {why}" for f, why in b.lacks.items()) or "-",
-                "auto": (auto + (f" ({'; '.join(narrow)})" if narrow else ""))
-                or "never (explicit only)",
+                "auto": auto or "never (explicit only)",
                 "measured_candidate": cand or "-",
                 "available": why or "yes",
             }
         )
     return rows
+
+
+def _choice_entries(b: Backend, declared: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+    """``"cuda: float16/bfloat16 (head dims 32,64; sm_80, sm_90)"``: each device's dtypes with
+    what narrows them there (the capabilities narrow CUDA only, never a CPU entry)."""
+    entries = []
+    for dev, dtypes in declared.items():
+        narrow = []
+        if b.auto_head_dims is not None:
+            narrow.append(f"head dims {','.join(map(str, b.auto_head_dims))}")
+        if b.auto_capabilities is not None and dev == "cuda":
+            narrow.append(", ".join(f"sm_{x}{y}" for x, y in b.auto_capabilities))
+        entries.append(
+            f"{dev}: {'/'.join(_dtype_names(dtypes))}"
+            + (f" ({'; '.join(narrow)})" if narrow else "")
+        )
+    return ", ".join(entries)
