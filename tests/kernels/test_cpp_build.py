@@ -115,6 +115,19 @@ def test_plan_honours_skip_and_force(monkeypatch, tmp_path):
     assert not plain.with_cuda and "FASTPROMPT_FORCE_CUDA" in plain.cuda_reason
 
 
+@pytest.mark.parametrize("arch_list", ["Hopper", "sm_90", "8.0;9"])
+def test_an_arch_list_nvcc_cannot_take_is_refused_before_the_build(
+    monkeypatch, tmp_path, arch_list
+):
+    """TORCH_CUDA_ARCH_LIST=Hopper used to become -gencode=arch=compute_Hopper, refused by nvcc
+    only once a forced build had started; now the plan says why and keeps the CPU kernels."""
+    _toolkit_of(monkeypatch, tmp_path, "12.4", "12.1")
+    forced = _build.plan(skip_cuda=False, force_cuda=True, arch_list=arch_list)
+    assert not forced.with_cuda and all(not s.endswith(".cu") for s in forced.sources)
+    assert f"TORCH_CUDA_ARCH_LIST={arch_list!r}" in forced.cuda_reason
+    assert 'give numbers such as "8.0;9.0"' in forced.cuda_reason
+
+
 def test_a_toolkit_of_another_cuda_major_than_torchs_is_refused_with_what_to_do(
     monkeypatch, tmp_path
 ):

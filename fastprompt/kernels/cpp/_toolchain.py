@@ -146,9 +146,22 @@ def cuda_archs(explicit: str | None) -> list[str]:
 
     ``TORCH_CUDA_ARCH_LIST`` (``explicit``, numbers separated by ``;`` or spaces, ``+PTX``
     allowed) wins; otherwise the visible GPUs'; otherwise sm_80 and sm_90.
+
+    Raises
+    ------
+    ValueError
+        If ``explicit`` holds an entry that is no such number (PyTorch's names, "Hopper", or
+        "sm_90"), which nvcc would refuse only once the build has started.
     """
     if explicit:
-        return [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
+        archs = [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
+        bad = [a for a in archs if not re.fullmatch(r"\d+\.\d+[a-z]?(\+PTX)?", a)]
+        if bad or not archs:
+            raise ValueError(
+                f"TORCH_CUDA_ARCH_LIST={explicit!r}: {', '.join(map(repr, bad)) or 'nothing'} "
+                'is no architecture number; give numbers such as "8.0;9.0" (+PTX allowed)'
+            )
+        return archs
     try:
         import torch
 
