@@ -281,6 +281,20 @@ def test_jit_can_be_forbidden(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
 
 
+def test_first_use_builds_go_under_the_cache_root_the_dispatch_cache_uses(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME=~/cache used to put builds in a folder literally named ~ in the working
+    directory, while the dispatch cache expanded it."""
+    from fastprompt import _config
+    from fastprompt.kernels import cpp
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/cache")
+    monkeypatch.delenv("FASTPROMPT_EXT_CACHE", raising=False)
+    monkeypatch.delenv("FASTPROMPT_DISPATCH_CACHE", raising=False)
+    assert cpp._cache_root() == tmp_path / "cache" / "fastprompt" / "ext"
+    assert Path(_config.get().dispatch_cache).parent == cpp._cache_root().parent
+
+
 def test_file_lock_serialises(tmp_path):
     with _build.file_lock(tmp_path / "x.lock"):
         assert (tmp_path / "x.lock").exists()

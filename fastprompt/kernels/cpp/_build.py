@@ -230,11 +230,6 @@ def plan(
     )
 
 
-def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastprompt" / "ext"
-
-
 class FileLock:
     """An exclusive lock across processes (POSIX ``flock``; no-op where unavailable).
 
