@@ -243,6 +243,31 @@ def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, expecte
     assert _config.get().triton_interpret is expected
 
 
+def test_verbose_dispatch_lines_are_shown_without_any_logging_set_up():
+    """FASTPROMPT_VERBOSE=1 used to log at INFO to a logger nobody had configured: nothing
+    appeared."""
+    import os
+
+    code = (
+        "import torch; from fastprompt.ops import prompt_attention; "
+        "q = torch.randn(1, 2, 3, 8); p = torch.randn(1, 2, 2, 8); "
+        "prompt_attention(q, q, q, p, p, backend='torch')"
+    )
+    env = dict(os.environ, FASTPROMPT_VERBOSE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prompt_attention: backend 'torch' on cpu (torch.float32), requested by backend" in (
+        result.stderr
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace(", backend='torch'", "")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert "prompt_attention: backend " in result.stderr and ", chosen" in result.stderr
+
+
 def test_probe_and_measure_settings(monkeypatch):
     settings = _config.get()
     assert settings.probe == settings.measure == "auto"

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -379,6 +380,8 @@ def choose(
                 f"{op}: backend {requested!r} was requested but cannot run this call: "
                 + "; ".join(reasons or [failed])
             )
+        if settings.verbose:
+            _say_choice(op, backend, call, f"requested by {source}")
         return backend
     measuring = _active(settings.measure, call.device) and measure.measurable(shape)
     rejected: list[tuple[Backend, list[str], bool]] = []
@@ -457,7 +460,17 @@ def _say_fallback(
             RuntimeWarning,
         )
     if verbose:
-        logger.info("%s: backend %r on %s (%s)", op, chosen.name, call.device.type, call.dtype)
+        _say_choice(op, chosen, call, "chosen")
+
+
+def _say_choice(op: str, chosen: Backend, call: Call, how: str) -> None:
+    """One dispatch decision, for ``FASTPROMPT_VERBOSE=1``."""
+    line = f"fastprompt: {op}: backend {chosen.name!r} on {call.device.type} ({call.dtype}), {how}"
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(line)
+    else:
+        # Unconfigured logging drops INFO records, and FASTPROMPT_VERBOSE=1 asked for them.
+        print(line, file=sys.stderr)
 
 
 def describe(probe: object = None) -> list[dict[str, object]]:
