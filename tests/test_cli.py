@@ -412,3 +412,8 @@ def test_a_malformed_variable_is_refused_before_any_work(capsys, monkeypatch):
         main(["bench", "--quick"])
     assert exit_.value.code == 2
     assert "bench: FASTPROMPT_PROBE='sometimes' is not one of" in capsys.readouterr().err
+    monkeypatch.delenv("FASTPROMPT_PROBE")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "fast")
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick"])
+    assert "bench: FASTPROMPT_BACKEND='fast' does not exist" in capsys.readouterr().err

@@ -280,10 +280,12 @@ def _print_extension_info() -> None:
 
 def _check_environment(command: str) -> str | None:
     """A bad ``FASTPROMPT_*`` variable, said before any work (``bench`` reads no images)."""
-    from fastprompt import _config
+    from fastprompt import _config, backends
 
     try:
-        _config.get()
+        settings = _config.get()
+        if settings.backend is not None:
+            backends.get(settings.backend, "FASTPROMPT_BACKEND")
         if command != "bench":
             _config.max_image_pixels()
     except ValueError as e:
