@@ -15,8 +15,9 @@ import torch
 from helpers import make_prompts, make_qkv
 
 from fastprompt import _config, backends
-from fastprompt.backends import Backend, Call, choose, describe, measure, probe
+from fastprompt.backends import Backend, Call, choose, measure, probe
 from fastprompt.backends import cache as dispatch_cache
+from fastprompt.backends.info import describe
 from fastprompt.ops import prompt_attention
 
 CPU = torch.device("cpu")

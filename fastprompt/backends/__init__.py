@@ -39,7 +39,6 @@ __all__ = [
     "Call",
     "choose",
     "choose_name",
-    "describe",
     "get",
 ]
 
@@ -471,51 +470,3 @@ def _say_choice(op: str, chosen: Backend, call: Call, how: str) -> None:
     else:
         # Unconfigured logging drops INFO records, and FASTPROMPT_VERBOSE=1 asked for them.
         print(line, file=sys.stderr)
-
-
-def describe(probe: object = None) -> list[dict[str, object]]:
-    """Rows for ``fastprompt info``: each backend, what it declares, and whether it can run here.
-
-    Never builds anything. ``probe`` (a callable of a :class:`Backend`, tests) replaces
-    :meth:`Backend.status`.
-    """
-    rows = []
-    for b in BACKENDS:
-        try:
-            why = probe(b) if callable(probe) else b.status()
-        except ValueError as e:  # a malformed FASTPROMPT_* variable: describe, never fail
-            why = f"cannot tell: {e}"
-        auto, cand = _choice_entries(b, b.auto), _choice_entries(b, b.candidate)
-        rows.append(
-            {
-                "backend": b.name,
-                "summary": b.summary,
-                "measured": b.measured,
-                "devices": ",".join(b.devices),
-                "dtypes": ",".join(_dtype_names(b.dtypes)),
-                "head_dims": "any" if b.head_dims is None else ",".join(map(str, b.head_dims)),
-                "features": ",".join(f for f in FEATURES if f in b.features),
-                "lacks": "; ".join(f"{f}: {why}" for f, why in b.lacks.items()) or "-",
-                "auto": auto or "never (explicit only)",
-                "measured_candidate": cand or "-",
-                "available": why or "yes",
-            }
-        )
-    return rows
-
-
-def _choice_entries(b: Backend, declared: Mapping[str, tuple[torch.dtype, ...]]) -> str:
-    """``"cuda: float16/bfloat16 (head dims 32,64; sm_80, sm_90)"``: each device's dtypes with
-    what narrows them there (the capabilities narrow CUDA only, never a CPU entry)."""
-    entries = []
-    for dev, dtypes in declared.items():
-        narrow = []
-        if b.auto_head_dims is not None:
-            narrow.append(f"head dims {','.join(map(str, b.auto_head_dims))}")
-        if b.auto_capabilities is not None and dev == "cuda":
-            narrow.append(", ".join(f"sm_{x}{y}" for x, y in b.auto_capabilities))
-        entries.append(
-            f"{dev}: {'/'.join(_dtype_names(dtypes))}"
-            + (f" ({'; '.join(narrow)})" if narrow else "")
-        )
-    return ", ".join(entries)
