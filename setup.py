@@ -10,8 +10,8 @@ Knobs: ``TORCH_CUDA_ARCH_LIST`` (e.g. "8.0;9.0"; default: the visible GPUs', els
 ``MAX_JOBS`` (parallel compile jobs, read by torch's ninja build), ``FASTPROMPT_SKIP_CUDA_BUILD=1``
 (CPU kernels only), ``FASTPROMPT_FORCE_CUDA=1`` (compile the CUDA kernels without a visible GPU).
 
-This file reads those environment variables itself: it runs before the package is importable,
-so it cannot ask ``fastprompt._config`` (which documents the same variables for the package).
+This file runs before the package is importable: it loads ``fastprompt/_config.py`` by path to
+read its switches as the package does (a value that is no switch is refused).
 """
 
 from __future__ import annotations
@@ -31,18 +31,23 @@ ROOT = Path(__file__).resolve().parent
 EXT = "fastprompt.kernels.cpp._fastprompt_ext"
 
 
-def _flag(name: str) -> bool:
-    return os.environ.get(name, "0").strip().lower() not in ("", "0", "false", "no", "off")
-
-
-def _load_build_module():
-    """fastprompt/kernels/cpp/_build.py by path (stdlib + torch only; no package import)."""
-    path = ROOT / "fastprompt" / "kernels" / "cpp" / "_build.py"
-    spec = importlib.util.spec_from_file_location("_fastprompt_build", path)
+def _load(relative: str, name: str):
+    """A module of the package by path (stdlib + torch only; no package import)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / relative)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses resolve their module by name
     spec.loader.exec_module(module)
     return module
+
+
+def _load_build_module():
+    """fastprompt/kernels/cpp/_build.py by path."""
+    return _load("fastprompt/kernels/cpp/_build.py", "_fastprompt_build")
+
+
+def _flag(name: str) -> bool:
+    """A ``FASTPROMPT_*`` switch, read as the package reads it (a bad value is refused)."""
+    return _load("fastprompt/_config.py", "_fastprompt_config").flag(name)
 
 
 class BuildPyWithSources(build_py):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-__all__ = ["Settings", "default_cache_dir", "get", "max_image_pixels"]
+__all__ = ["Settings", "default_cache_dir", "flag", "get", "max_image_pixels"]
 
 
 @dataclass(frozen=True)
@@ -73,8 +73,38 @@ class Settings:
     dispatch_cache: str | None = None
 
 
-def _flag(name: str, default: str = "0") -> bool:
-    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def flag(name: str, default: bool = False) -> bool:
+    """A ``FASTPROMPT_*`` switch: 1/true/yes/on or 0/false/no/off (any case; unset or empty:
+    ``default``).
+
+    Anything else is refused rather than read as on: ``FASTPROMPT_EXT_JIT=disabled`` must not
+    leave compilation allowed. ``setup.py`` loads this module by path to read its switches the
+    same way.
+
+    Raises
+    ------
+    ValueError
+        Naming the variable, what it holds and what it takes.
+    """
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    if raw.lower() in _ON:
+        return True
+    if raw.lower() in _OFF:
+        return False
+    raise ValueError(f"{name}={raw!r} is not a switch: use 1 or 0 (or true/false, yes/no, on/off)")
+
+
+def _triton_flag(name: str) -> bool:
+    # Triton's own reading of its variables (triton.knobs): anything else is off for Triton, so
+    # fastprompt must not treat it as on (TRITON_INTERPRET=2 would send CPU tensors to kernels
+    # Triton then compiles for a GPU).
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on", "y")
 
 
 _MODES = ("auto", "off", "always")
@@ -104,7 +134,9 @@ def get() -> Settings:
     ------
     ValueError
         If ``FASTPROMPT_PROBE`` or ``FASTPROMPT_MEASURE`` holds something else than
-        auto/off/always.
+        auto/off/always, or a switch (``FASTPROMPT_VERBOSE``, ``FASTPROMPT_EXT_JIT``,
+        ``FASTPROMPT_SKIP_CUDA_BUILD``, ``FASTPROMPT_FORCE_CUDA``) something else than :func:`flag`
+        takes.
     """
     cache = os.environ.get("FASTPROMPT_DISPATCH_CACHE", "").strip()
     if cache.lower() == "off":
@@ -113,12 +145,12 @@ def get() -> Settings:
         cache_path = os.path.expanduser(cache) or os.path.join(default_cache_dir(), "dispatch.json")
     return Settings(
         backend=os.environ.get("FASTPROMPT_BACKEND", "").strip().lower() or None,
-        verbose=_flag("FASTPROMPT_VERBOSE"),
-        triton_interpret=_flag("TRITON_INTERPRET"),
-        ext_jit=_flag("FASTPROMPT_EXT_JIT", "1"),
+        verbose=flag("FASTPROMPT_VERBOSE"),
+        triton_interpret=_triton_flag("TRITON_INTERPRET"),
+        ext_jit=flag("FASTPROMPT_EXT_JIT", default=True),
         ext_cache=os.environ.get("FASTPROMPT_EXT_CACHE", "").strip() or None,
-        skip_cuda_build=_flag("FASTPROMPT_SKIP_CUDA_BUILD"),
-        force_cuda=_flag("FASTPROMPT_FORCE_CUDA"),
+        skip_cuda_build=flag("FASTPROMPT_SKIP_CUDA_BUILD"),
+        force_cuda=flag("FASTPROMPT_FORCE_CUDA"),
         cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip() or None,
         probe=_mode("FASTPROMPT_PROBE"),
         measure=_mode("FASTPROMPT_MEASURE"),

@@ -15,8 +15,9 @@ import torch
 from helpers import make_prompts, make_qkv
 
 from fastprompt import _config, backends
-from fastprompt.backends import Backend, Call, choose, describe, measure, probe
+from fastprompt.backends import Backend, Call, choose, measure, probe
 from fastprompt.backends import cache as dispatch_cache
+from fastprompt.backends.info import describe
 from fastprompt.ops import prompt_attention
 
 CPU = torch.device("cpu")
@@ -126,6 +127,16 @@ def test_describe_reports_declarations_and_availability():
     assert all(r["summary"] and r["measured"] for r in rows)
 
 
+def test_describe_puts_the_gpu_capabilities_on_the_cuda_entries_only():
+    """`fastprompt info` used to print cpp as chosen on "cpu: float32/bfloat16 (sm_80, sm_90)",
+    a GPU restriction on its CPU choice, and nothing beside the CUDA candidate it narrows."""
+    by_name = {r["backend"]: r for r in describe(probe=lambda b: None)}
+    assert by_name["cpp"]["auto"] == "cpu: float32/bfloat16"
+    assert by_name["cpp"]["measured_candidate"] == (
+        "cpu: float16, cuda: float32/float16/bfloat16 (sm_80, sm_90)"
+    )
+
+
 # ----------------------------------------------------------------------------------------------
 # Fixed-order choice
 # ----------------------------------------------------------------------------------------------
@@ -196,6 +207,66 @@ def test_environment_override(monkeypatch, no_gpu_no_interpreter):
 def test_verbose_flag(monkeypatch, value, expected):
     monkeypatch.setenv("FASTPROMPT_VERBOSE", value)
     assert _config.get().verbose is expected
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "FASTPROMPT_VERBOSE",
+        "FASTPROMPT_EXT_JIT",
+        "FASTPROMPT_SKIP_CUDA_BUILD",
+        "FASTPROMPT_FORCE_CUDA",
+    ],
+)
+def test_a_switch_holding_no_switch_is_refused_not_read_as_on(monkeypatch, name):
+    """FASTPROMPT_EXT_JIT=disabled used to leave compilation allowed (anything not 0/false/no/off
+    was on)."""
+    monkeypatch.setenv(name, "OFF")
+    assert getattr(_config.get(), _SWITCHES[name]) is False
+    monkeypatch.setenv(name, "disabled")
+    with pytest.raises(ValueError, match=f"{name}='disabled' is not a switch: use 1 or 0"):
+        _config.get()
+
+
+_SWITCHES = {
+    "FASTPROMPT_VERBOSE": "verbose",
+    "FASTPROMPT_EXT_JIT": "ext_jit",
+    "FASTPROMPT_SKIP_CUDA_BUILD": "skip_cuda_build",
+    "FASTPROMPT_FORCE_CUDA": "force_cuda",
+}
+
+
+@pytest.mark.parametrize("value, expected", [("1", True), ("y", True), ("2", False), ("", False)])
+def test_triton_interpret_is_read_as_triton_reads_it(monkeypatch, value, expected):
+    """TRITON_INTERPRET=2 is off for Triton; fastprompt used to read it as on and send CPU
+    tensors to kernels Triton compiles for a GPU."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert _config.get().triton_interpret is expected
+
+
+def test_verbose_dispatch_lines_are_shown_without_any_logging_set_up():
+    """FASTPROMPT_VERBOSE=1 used to log at INFO to a logger nobody had configured: nothing
+    appeared."""
+    import os
+
+    code = (
+        "import torch; from fastprompt.ops import prompt_attention; "
+        "q = torch.randn(1, 2, 3, 8); p = torch.randn(1, 2, 2, 8); "
+        "prompt_attention(q, q, q, p, p, backend='torch')"
+    )
+    env = dict(os.environ, FASTPROMPT_VERBOSE="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "prompt_attention: backend 'torch' on cpu (torch.float32), requested by backend" in (
+        result.stderr
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace(", backend='torch'", "")],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert "prompt_attention: backend " in result.stderr and ", chosen" in result.stderr
 
 
 def test_probe_and_measure_settings(monkeypatch):
@@ -498,6 +569,23 @@ def test_measured_and_probed_choice_inside_torch_compile(monkeypatch):
 # ----------------------------------------------------------------------------------------------
 # fastprompt info
 # ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "variable, value", [("FASTPROMPT_PROBE", "bogus"), ("FASTPROMPT_EXT_JIT", "nope")]
+)
+def test_info_reports_a_malformed_variable_and_goes_on(variable, value):
+    """`fastprompt info` used to end in a traceback on a bad FASTPROMPT_PROBE or MEASURE."""
+    import os
+
+    env = dict(os.environ, **{variable: value})
+    result = subprocess.run(
+        [sys.executable, "-m", "fastprompt", "info"], capture_output=True, text=True, env=env
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"  settings: {variable}={value!r}" in result.stdout
+    for name in backends.NAMES:
+        assert f"  {name}: " in result.stdout
 
 
 def test_info_reports_bad_settings_probe_results_and_measured_choices(monkeypatch, tmp_path):

@@ -396,3 +396,24 @@ def test_naive_vpt_reproduces_the_papers_gflops():
         prompted = fastprompt.vpt(model, prompts, impl="naive").eval()
         assert abs(flops(prompted, x) - paper) / paper < 0.02, prompts
         prompted.unwrap()
+
+
+def test_a_malformed_variable_is_refused_before_any_work(capsys, monkeypatch):
+    """A bad FASTPROMPT_PROBE used to surface as a traceback at the first op call, after the
+    command had started its work (bench: building models)."""
+    import fastprompt.cli as cli
+
+    def ran(_args):
+        raise AssertionError("bench ran despite the bad variable")
+
+    monkeypatch.setattr(cli, "_bench", ran)
+    monkeypatch.setenv("FASTPROMPT_PROBE", "sometimes")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "--quick"])
+    assert exit_.value.code == 2
+    assert "bench: FASTPROMPT_PROBE='sometimes' is not one of" in capsys.readouterr().err
+    monkeypatch.delenv("FASTPROMPT_PROBE")
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "fast")
+    with pytest.raises(SystemExit):
+        main(["bench", "--quick"])
+    assert "bench: FASTPROMPT_BACKEND='fast' does not exist" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -38,7 +39,6 @@ __all__ = [
     "Call",
     "choose",
     "choose_name",
-    "describe",
     "get",
 ]
 
@@ -379,6 +379,8 @@ def choose(
                 f"{op}: backend {requested!r} was requested but cannot run this call: "
                 + "; ".join(reasons or [failed])
             )
+        if settings.verbose:
+            _say_choice(op, backend, call, f"requested by {source}")
         return backend
     measuring = _active(settings.measure, call.device) and measure.measurable(shape)
     rejected: list[tuple[Backend, list[str], bool]] = []
@@ -457,41 +459,14 @@ def _say_fallback(
             RuntimeWarning,
         )
     if verbose:
-        logger.info("%s: backend %r on %s (%s)", op, chosen.name, call.device.type, call.dtype)
+        _say_choice(op, chosen, call, "chosen")
 
 
-def describe(probe: object = None) -> list[dict[str, object]]:
-    """Rows for ``fastprompt info``: each backend, what it declares, and whether it can run here.
-
-    Never builds anything. ``probe`` (a callable of a :class:`Backend`, tests) replaces
-    :meth:`Backend.status`.
-    """
-    rows = []
-    for b in BACKENDS:
-        why = probe(b) if callable(probe) else b.status()
-        auto = ", ".join(f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.auto.items())
-        cand = ", ".join(
-            f"{dev}: {'/'.join(_dtype_names(dts))}" for dev, dts in b.candidate.items()
-        )
-        narrow = []
-        if b.auto_head_dims is not None:
-            narrow.append(f"head dims {','.join(map(str, b.auto_head_dims))}")
-        if b.auto_capabilities is not None:
-            narrow.append(", ".join(f"sm_{x}{y}" for x, y in b.auto_capabilities))
-        rows.append(
-            {
-                "backend": b.name,
-                "summary": b.summary,
-                "measured": b.measured,
-                "devices": ",".join(b.devices),
-                "dtypes": ",".join(_dtype_names(b.dtypes)),
-                "head_dims": "any" if b.head_dims is None else ",".join(map(str, b.head_dims)),
-                "features": ",".join(f for f in FEATURES if f in b.features),
-                "lacks": "; ".join(f"{f}: {why}" for f, why in b.lacks.items()) or "-",
-                "auto": (auto + (f" ({'; '.join(narrow)})" if narrow else ""))
-                or "never (explicit only)",
-                "measured_candidate": cand or "-",
-                "available": why or "yes",
-            }
-        )
-    return rows
+def _say_choice(op: str, chosen: Backend, call: Call, how: str) -> None:
+    """One dispatch decision, for ``FASTPROMPT_VERBOSE=1``."""
+    line = f"fastprompt: {op}: backend {chosen.name!r} on {call.device.type} ({call.dtype}), {how}"
+    if logger.isEnabledFor(logging.INFO) and logger.hasHandlers():
+        logger.info(line)
+    else:
+        # Unconfigured logging drops INFO records, and FASTPROMPT_VERBOSE=1 asked for them.
+        print(line, file=sys.stderr)

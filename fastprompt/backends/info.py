@@ -4,17 +4,21 @@ fails on a bad setting (it reports it)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
+import torch
+
 from fastprompt import _config
-from fastprompt.backends import NAMES, describe
+from fastprompt.backends import BACKENDS, FEATURES, NAMES, Backend, _dtype_names
 from fastprompt.backends.cache import entries, path, versions_key
 
-__all__ = ["lines"]
+__all__ = ["describe", "lines"]
 
 
 def _settings() -> list[str]:
     try:
         settings = _config.get()
-    except ValueError as e:  # a malformed FASTPROMPT_PROBE/MEASURE: say it, go on
+    except ValueError as e:  # a malformed FASTPROMPT_* variable: say it, go on
         return [f"  settings: {e}"]
     out = []
     if settings.backend is None:
@@ -48,7 +52,11 @@ def lines() -> list[str]:
             f"    available here: {row['available']}",
         ]
     out += ["", "dispatch:", *_settings()]
-    if path() is None:
+    try:
+        cache = path()
+    except ValueError:  # a malformed setting, said by _settings above
+        return out
+    if cache is None:
         return out
     try:
         probes, measured = entries("probes"), entries("measured")
@@ -63,3 +71,51 @@ def lines() -> list[str]:
     for key, decision in sorted(measured.items()):
         out.append(f"    measured {key}: {decision.get('backend')} (ms {decision.get('ms')})")
     return out
+
+
+def describe(probe: object = None) -> list[dict[str, object]]:
+    """Rows for ``fastprompt info``: each backend, what it declares, and whether it can run here.
+
+    Never builds anything. ``probe`` (a callable of a :class:`Backend`, tests) replaces
+    :meth:`Backend.status`.
+    """
+    rows = []
+    for b in BACKENDS:
+        try:
+            why = probe(b) if callable(probe) else b.status()
+        except ValueError as e:  # a malformed FASTPROMPT_* variable: describe, never fail
+            why = f"cannot tell: {e}"
+        auto, cand = _choice_entries(b, b.auto), _choice_entries(b, b.candidate)
+        rows.append(
+            {
+                "backend": b.name,
+                "summary": b.summary,
+                "measured": b.measured,
+                "devices": ",".join(b.devices),
+                "dtypes": ",".join(_dtype_names(b.dtypes)),
+                "head_dims": "any" if b.head_dims is None else ",".join(map(str, b.head_dims)),
+                "features": ",".join(f for f in FEATURES if f in b.features),
+                "lacks": "; ".join(f"{f}: {why}" for f, why in b.lacks.items()) or "-",
+                "auto": auto or "never (explicit only)",
+                "measured_candidate": cand or "-",
+                "available": why or "yes",
+            }
+        )
+    return rows
+
+
+def _choice_entries(b: Backend, declared: Mapping[str, tuple[torch.dtype, ...]]) -> str:
+    """``"cuda: float16/bfloat16 (head dims 32,64; sm_80, sm_90)"``: each device's dtypes with
+    what narrows them there (the capabilities narrow CUDA only, never a CPU entry)."""
+    entries = []
+    for dev, dtypes in declared.items():
+        narrow = []
+        if b.auto_head_dims is not None:
+            narrow.append(f"head dims {','.join(map(str, b.auto_head_dims))}")
+        if b.auto_capabilities is not None and dev == "cuda":
+            narrow.append(", ".join(f"sm_{x}{y}" for x, y in b.auto_capabilities))
+        entries.append(
+            f"{dev}: {'/'.join(_dtype_names(dtypes))}"
+            + (f" ({'; '.join(narrow)})" if narrow else "")
+        )
+    return ", ".join(entries)

@@ -279,12 +279,16 @@ def _print_extension_info() -> None:
         print("  (not loaded in this process; it builds on first use, or see setup.py)")
 
 
-def _check_pixel_limit() -> str | None:
-    """A bad ``FASTPROMPT_MAX_IMAGE_PIXELS``, said before any image is read."""
-    from fastprompt import _config
+def _check_environment(command: str) -> str | None:
+    """A bad ``FASTPROMPT_*`` variable, said before any work (``bench`` reads no images)."""
+    from fastprompt import _config, backends
 
     try:
-        _config.max_image_pixels()
+        settings = _config.get()
+        if settings.backend is not None:
+            backends.get(settings.backend, "FASTPROMPT_BACKEND")
+        if command != "bench":
+            _config.max_image_pixels()
     except ValueError as e:
         return str(e)
     return None
@@ -316,8 +320,7 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         "domains": check_domains_args,
     }
     if args.command in checks:
-        problem = _check_pixel_limit() if args.command != "bench" else None
-        problem = problem or checks[args.command](args)
+        problem = _check_environment(args.command) or checks[args.command](args)
         if problem is not None:
             parser.error(f"{args.command}: {problem}")
     if args.command in ("train", "condense", "evaluate", "domains"):

@@ -84,20 +84,31 @@ def check_run_device(run: str, recorded: str | None, device: str | None, way: st
 
 def check_backend(name: str | None, device: str | None) -> str | None:
     """Why ``--backend name`` cannot run on ``device`` (default CUDA when available), or None.
-    A backend whose check would build its kernels (the C++ extension) is left to the first
-    forward, which names every reason too."""
+    Without ``name`` (or with ``auto``), ``FASTPROMPT_BACKEND``, which forces every call as
+    strictly. A backend whose check would build its kernels (the C++ extension) is left to the
+    first forward, which names every reason too."""
     import torch
 
-    from fastprompt import backends
+    from fastprompt import _config, backends
 
+    label = f"--backend {name}"
     if name is None or name == "auto":
+        try:
+            name = _config.get().backend
+        except ValueError as e:  # another malformed variable: said as it is
+            return str(e)
+        label = f"FASTPROMPT_BACKEND={name}"
+    if name is None:
         return None
     kind = torch.device(device).type if device else "cuda" if torch.cuda.is_available() else "cpu"
-    backend = backends.get(name)
+    try:
+        backend = backends.get(name, "FASTPROMPT_BACKEND" if label.startswith("F") else "backend")
+    except ValueError as e:
+        return str(e)
     if kind not in backend.devices:
-        return f"--backend {name} does not run on {kind} (it runs on {', '.join(backend.devices)})"
+        return f"{label} does not run on {kind} (it runs on {', '.join(backend.devices)})"
     why = None if "status" in backend.hooks else backend.availability(kind)
-    return None if why is None else f"--backend {name} cannot run on {kind} here: {why}"
+    return None if why is None else f"{label} cannot run on {kind} here: {why}"
 
 
 def backend_option(name: str | None) -> dict[str, Any]:
@@ -113,8 +124,8 @@ def check_run_backend(run: str, config: Any, device: str | None, way: str) -> st
     the run's device) here, ``way`` saying what to do, or None: it failed at the first forward."""
     name = config.method_args.get("backend")
     problem = check_backend(name, device or config.device)
-    if problem is None:
-        return None
+    if problem is None or name is None:  # FASTPROMPT_BACKEND's problem says itself
+        return problem
     why = problem.removeprefix(f"--backend {name} ")
     return f"{run} runs with --backend {name}, as it was trained, which {why}; {way}"
 

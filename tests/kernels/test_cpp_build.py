@@ -72,6 +72,24 @@ def test_no_toolkit_says_what_was_tried(tmp_path, monkeypatch):
     assert toolkit is None and "CUDA_HOME" in how and "no CUDA toolkit" in how
 
 
+@pytest.mark.parametrize("variable", ["CUDA_HOME", "CUDA_PATH"])
+def test_a_set_cuda_home_that_is_no_toolkit_is_not_replaced_by_another(
+    tmp_path, monkeypatch, variable
+):
+    """CUDA_HOME at a wrong folder used to be passed over for the nvcc on PATH, silently."""
+    _fake_toolkit(tmp_path / "on-path")
+    monkeypatch.setenv(
+        "PATH", f"{tmp_path / 'on-path' / 'bin'}{os.pathsep}/usr/bin{os.pathsep}/bin"
+    )
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "cuda-12.4-typo"))
+    toolkit, how = _build.find_cuda_toolkit()
+    assert toolkit is None
+    assert f"{variable}={tmp_path / 'cuda-12.4-typo'} is not a CUDA toolkit" in how
+    assert f"point {variable} at one, or unset it" in how
+
+
 def _toolkit_of(monkeypatch, tmp_path: Path, toolkit: str, torch_cuda: str) -> None:
     """A CUDA ``toolkit`` version found by CUDA_HOME, and a torch built for ``torch_cuda``."""
     import torch
@@ -95,6 +113,19 @@ def test_plan_honours_skip_and_force(monkeypatch, tmp_path):
     assert "-Xptxas" in forced.cuda_cflags and forced.key != skipped.key
     plain = _build.plan(skip_cuda=False, force_cuda=False, arch_list=None)
     assert not plain.with_cuda and "FASTPROMPT_FORCE_CUDA" in plain.cuda_reason
+
+
+@pytest.mark.parametrize("arch_list", ["Hopper", "sm_90", "8.0;9"])
+def test_an_arch_list_nvcc_cannot_take_is_refused_before_the_build(
+    monkeypatch, tmp_path, arch_list
+):
+    """TORCH_CUDA_ARCH_LIST=Hopper used to become -gencode=arch=compute_Hopper, refused by nvcc
+    only once a forced build had started; now the plan says why and keeps the CPU kernels."""
+    _toolkit_of(monkeypatch, tmp_path, "12.4", "12.1")
+    forced = _build.plan(skip_cuda=False, force_cuda=True, arch_list=arch_list)
+    assert not forced.with_cuda and all(not s.endswith(".cu") for s in forced.sources)
+    assert f"TORCH_CUDA_ARCH_LIST={arch_list!r}" in forced.cuda_reason
+    assert 'give numbers such as "8.0;9.0"' in forced.cuda_reason
 
 
 def test_a_toolkit_of_another_cuda_major_than_torchs_is_refused_with_what_to_do(
@@ -248,6 +279,20 @@ def test_jit_can_be_forbidden(tmp_path):
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert res.returncode == 0, res.stderr[-2000:]
+
+
+def test_first_use_builds_go_under_the_cache_root_the_dispatch_cache_uses(monkeypatch, tmp_path):
+    """XDG_CACHE_HOME=~/cache used to put builds in a folder literally named ~ in the working
+    directory, while the dispatch cache expanded it."""
+    from fastprompt import _config
+    from fastprompt.kernels import cpp
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CACHE_HOME", "~/cache")
+    monkeypatch.delenv("FASTPROMPT_EXT_CACHE", raising=False)
+    monkeypatch.delenv("FASTPROMPT_DISPATCH_CACHE", raising=False)
+    assert cpp._cache_root() == tmp_path / "cache" / "fastprompt" / "ext"
+    assert Path(_config.get().dispatch_cache).parent == cpp._cache_root().parent
 
 
 def test_file_lock_serialises(tmp_path):

@@ -295,6 +295,19 @@ def test_a_device_or_backend_this_machine_lacks_is_named_before_any_work(
     assert main(["train", "--resume", str(run), "--device", "cpu", "--quiet"]) == 0
 
 
+def test_a_forced_backend_from_the_environment_is_checked_before_any_work(
+    tiny_csv, tmp_path, capsys, monkeypatch
+):
+    """FASTPROMPT_BACKEND=triton without CUDA used to pass the checks of `--backend triton` and
+    fail at the first forward, after the run folder was made."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv("FASTPROMPT_BACKEND", "triton")
+    argv = ["train", *TINY_MODEL, "--data", str(tiny_csv), "--val", str(tiny_csv)]
+    err = cli_error(capsys, [*argv, "--prompts", "2", "--out", str(tmp_path / "t")])
+    assert "FASTPROMPT_BACKEND=triton cannot run on cpu here: " in err
+    assert not (tmp_path / "t").exists()
+
+
 def test_triton_on_the_cpu_of_a_cuda_host_is_refused_before_any_work(
     tiny_csv, tmp_path, capsys, monkeypatch
 ):

@@ -59,7 +59,8 @@ def _ops_registered() -> bool:
 
 def _cache_root() -> Path:
     custom = _config.get().ext_cache
-    return Path(custom).expanduser() if custom else _build.default_cache_root()
+    # The same root as the dispatch cache's (XDG_CACHE_HOME with ~ expanded).
+    return Path(custom).expanduser() if custom else Path(_config.default_cache_dir()) / "ext"
 
 
 def _load() -> str | None:

@@ -192,8 +192,13 @@ def plan(
         with_cuda, why = False, "no GPU visible (FASTPROMPT_FORCE_CUDA=1 builds the kernels anyway)"
     else:
         with_cuda, why = True, f"CUDA {toolkit.version} toolkit at {toolkit.home} ({how})"
+    archs: list[str] = []
+    if with_cuda:
+        try:
+            archs = cuda_archs(arch_list)
+        except ValueError as e:  # the CPU kernels need no architecture: build them, say why
+            with_cuda, why = False, f"{e}; the CPU kernels are built without the CUDA ones"
     isa = cpu_isa()
-    archs = cuda_archs(arch_list) if with_cuda else []
     cflags = cxx_flags(isa)
     cuda_cflags: list[str] = []
     ldflags: list[str] = list(openmp_flags())
@@ -223,11 +228,6 @@ def plan(
         ldflags=ldflags,
         key=f"torch{torch_tag}-{tag}-{isa}-{digest}",
     )
-
-
-def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "fastprompt" / "ext"
 
 
 class FileLock:

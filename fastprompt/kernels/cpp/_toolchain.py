@@ -91,12 +91,23 @@ def find_cuda_toolkit() -> tuple[CudaToolkit | None, str]:
 
     Order: ``CUDA_HOME``, ``CUDA_PATH``, the real location of ``nvcc`` on PATH (through symlinks
     and wrapper scripts), ``/usr/local/cuda``. A candidate counts only if it has ``bin/nvcc`` and
-    ``include/cuda_runtime.h``.
+    ``include/cuda_runtime.h``. A set ``CUDA_HOME`` (else ``CUDA_PATH``) is the user's choice, as
+    for PyTorch's own builder: when it is no toolkit, none is found (rather than another one
+    quietly taken in its place).
     """
-    candidates: list[tuple[str, Path | None]] = []
     for var in ("CUDA_HOME", "CUDA_PATH"):
-        if os.environ.get(var):
-            candidates.append((var, Path(os.environ[var])))
+        chosen = os.environ.get(var, "").strip()
+        if not chosen:
+            continue
+        root = Path(chosen).expanduser()
+        version = nvcc_version(str(root / "bin" / "nvcc")) if _is_toolkit(root) else None
+        if version is None:
+            return None, (
+                f"no CUDA toolkit found: {var}={chosen} is not a CUDA toolkit (it needs a "
+                f"working bin/nvcc and include/cuda_runtime.h); point {var} at one, or unset it"
+            )
+        return CudaToolkit(str(root.resolve()), str(root / "bin" / "nvcc"), version, var), var
+    candidates: list[tuple[str, Path | None]] = []
     nvcc = shutil.which("nvcc")
     if nvcc:
         candidates.append((f"nvcc on PATH ({nvcc})", _nvcc_home(nvcc)))
@@ -135,9 +146,22 @@ def cuda_archs(explicit: str | None) -> list[str]:
 
     ``TORCH_CUDA_ARCH_LIST`` (``explicit``, numbers separated by ``;`` or spaces, ``+PTX``
     allowed) wins; otherwise the visible GPUs'; otherwise sm_80 and sm_90.
+
+    Raises
+    ------
+    ValueError
+        If ``explicit`` holds an entry that is no such number (PyTorch's names, "Hopper", or
+        "sm_90"), which nvcc would refuse only once the build has started.
     """
     if explicit:
-        return [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
+        archs = [a for a in re.split(r"[;\s,]+", explicit.strip()) if a]
+        bad = [a for a in archs if not re.fullmatch(r"\d+\.\d+[a-z]?(\+PTX)?", a)]
+        if bad or not archs:
+            raise ValueError(
+                f"TORCH_CUDA_ARCH_LIST={explicit!r}: {', '.join(map(repr, bad)) or 'nothing'} "
+                'is no architecture number; give numbers such as "8.0;9.0" (+PTX allowed)'
+            )
+        return archs
     try:
         import torch
 
