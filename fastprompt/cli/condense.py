@@ -72,7 +72,7 @@ def add_condense_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def check_condense_args(args: argparse.Namespace) -> str | None:
-    from fastprompt.cli.train_checks import check_backend, check_run_backend, check_run_device
+    from fastprompt.cli.train_checks import check_run_backend, check_run_device
     from fastprompt.train import owner
     from fastprompt.train.condense import default_out, not_condensable
     from fastprompt.train.distributed import env_rank
@@ -88,11 +88,8 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    if args.backend is None:
-        way = "condense it with --backend auto (or another backend)"
-        problem = check_run_backend(args.run, config, args.device, way)
-    else:
-        problem = check_backend(args.backend, args.device or config.device)
+    way = "condense it with --backend auto (or another backend)"
+    problem = check_run_backend(args.run, config, args.device, way, args.backend)
     if problem:
         return problem
     reason = not_condensable(config)

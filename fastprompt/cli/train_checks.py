@@ -119,9 +119,14 @@ def backend_option(name: str | None) -> dict[str, Any]:
     return {"backend": None if name == "auto" else name}
 
 
-def check_run_backend(run: str, config: Any, device: str | None, way: str) -> str | None:
-    """Why the ``--backend`` the run ``config`` was trained with cannot run on ``device`` (else
-    the run's device) here, ``way`` saying what to do, or None: it failed at the first forward."""
+def check_run_backend(
+    run: str, config: Any, device: str | None, way: str, given: str | None = None
+) -> str | None:
+    """Why the ``--backend`` the run ``config`` was trained with, or the one ``given`` for it
+    (``--backend`` of evaluate, condense, resume), cannot run on ``device`` (else the run's
+    device) here, ``way`` saying what to do, or None: it failed at the first forward."""
+    if given is not None:
+        return check_backend(given, device or config.device)
     name = config.method_args.get("backend")
     problem = check_backend(name, device or config.device)
     if problem is None or name is None:  # FASTPROMPT_BACKEND's problem says itself
@@ -295,11 +300,8 @@ def _check_resume(args: argparse.Namespace) -> str | None:
     )
     if problem:
         return problem
-    if args.backend is None:
-        way = "continue it with --backend auto (or another backend), or where that one runs"
-        problem = check_run_backend(args.resume, config, args.device, way)
-    else:
-        problem = check_backend(args.backend, args.device or config.device)
+    way = "continue it with --backend auto (or another backend), or where that one runs"
+    problem = check_run_backend(args.resume, config, args.device, way, args.backend)
     if problem:
         return problem
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
