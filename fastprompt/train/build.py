@@ -21,7 +21,8 @@ def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Modu
     Raises
     ------
     RunError
-        ``--model-args`` timm refuses, ``--weights`` that is not a state dict of this model.
+        ``--model-args`` timm refuses, ``--weights`` that is not a state dict of this model,
+        pretrained weights timm cannot get (no connection and not cached).
     """
     import timm
 
@@ -32,6 +33,16 @@ def create_backbone(spec: ModelSpec, num_classes: int, seed: int = 0) -> nn.Modu
         model = timm.create_model(spec.name, pretrained=pretrained, num_classes=num_classes, **kw)
     except (TypeError, ValueError) as e:
         raise RunError(f"timm.create_model({spec.name!r}, {_kwargs(kw)}) failed: {e}") from None
+    except OSError as e:  # huggingface_hub's and urllib's download errors are OSErrors
+        if not pretrained:
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise RunError(
+            f"timm could not get the pretrained weights of {spec.name} ({type(e).__name__}: "
+            f"{reason}); download them once where the internet is reachable (timm caches them, "
+            "see HF_HOME; HF_HUB_OFFLINE=1 then reads the cache), give them with --weights FILE, "
+            "or train a random-init backbone with --no-pretrained"
+        ) from None
     if spec.weights is not None:
         _load_weights(model, spec)
     return model

@@ -124,3 +124,26 @@ def test_a_generator_too_small_for_the_model_s_images_names_pgn_resolution(
     assert "resolution=16 is smaller than the resnet10 generator" in err
     assert "the default of --pgn-resolution" in err
     assert main([*args, "--pgn-resolution", "32", "--out", str(tmp_path / "ok")]) == 0
+
+
+def test_pretrained_weights_that_cannot_be_fetched_are_said_with_the_ways_round(
+    tmp_path, capsys, monkeypatch
+):
+    """Offline (a cluster's compute node), `train --model M` ended in huggingface_hub's
+    traceback; the options that avoid the download were not named."""
+    import timm
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    create = timm.create_model
+
+    def offline(name, pretrained=False, **kw):
+        if pretrained:
+            raise LocalEntryNotFoundError("An error happened while trying to locate the file")
+        return create(name, pretrained=False, **kw)
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    argv = ["train", "--model", "vit_tiny_patch16_224", "--data", "digits", "--prompts", "1"]
+    err = cli_error(capsys, [*argv, *FAST, "--epochs", "1", "--out", str(tmp_path / "run")])
+    assert "timm could not get the pretrained weights of vit_tiny_patch16_224" in err
+    assert "LocalEntryNotFoundError" in err and "--no-pretrained" in err and "--weights" in err
+    assert not (tmp_path / "run").exists()
