@@ -85,11 +85,13 @@ def check_condense_args(args: argparse.Namespace) -> str | None:
         return str(e)
     problem = check_run_device(
         args.run, config.device, args.device, "condense it with --device (e.g. --device cpu)"
+    ) or check_run_backend(
+        args.run,
+        config,
+        args.device,
+        "condense it with --backend auto (or another backend)",
+        args.backend,
     )
-    if problem:
-        return problem
-    way = "condense it with --backend auto (or another backend)"
-    problem = check_run_backend(args.run, config, args.device, way, args.backend)
     if problem:
         return problem
     reason = not_condensable(config)

@@ -297,11 +297,13 @@ def _check_resume(args: argparse.Namespace) -> str | None:
         config.device,
         args.device,
         "continue it elsewhere with --device (e.g. --device cpu)",
+    ) or check_run_backend(
+        args.resume,
+        config,
+        args.device,
+        "continue it with --backend auto (or another backend), or where that one runs",
+        args.backend,
     )
-    if problem:
-        return problem
-    way = "continue it with --backend auto (or another backend), or where that one runs"
-    problem = check_run_backend(args.resume, config, args.device, way, args.backend)
     if problem:
         return problem
     if args.out is not None and os.path.abspath(args.out) != os.path.abspath(args.resume):
